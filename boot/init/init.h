@@ -1,0 +1,109 @@
+/*
+ * fuse-init: the PID 1 of a fuse image.
+ *
+ * Declarations shared by the init's translation units. The init is a static binary with no
+ * dependencies beyond libc; it runs from the initramfs, switches to the read-only squashfs
+ * root, configures the machine, starts the app described by /etc/fuse/spec and powers the VM
+ * off when the app exits, reporting the exit code on the console.
+ */
+#ifndef FUSE_INIT_H
+#define FUSE_INIT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Exit codes reported for the init's own failures (same meaning as in a POSIX shell). */
+#define EXIT_INIT_FAILURE 125
+#define EXIT_NOT_EXECUTABLE 126
+#define EXIT_NOT_FOUND 127
+
+/* Where things are: the contract with the image builder (rootfs) and the runner (QEMU). */
+#define SPEC_PATH "/etc/fuse/spec"
+#define OVERLAY_PATH "/sys/firmware/qemu_fw_cfg/by_name/opt/fuse/run/raw"
+#define SPEC_MAX_BYTES (1024 * 1024)
+
+/* ---- util.c ---------------------------------------------------------------------------- */
+
+/* Set by `fuse.debug=1` on the kernel command line: progress lines with timestamps. */
+extern bool debug_enabled;
+
+/* `fuse-init: error: ...` on the console, the exit line with `code`, then power off. */
+__attribute__((noreturn, format(printf, 2, 3))) void die(int code, const char *fmt, ...);
+/* `fuse-init: error: ...` on the console, nothing else (for the app's child process). */
+__attribute__((format(printf, 1, 2))) void error_line(const char *fmt, ...);
+/* `fuse-init: warning: ...` on the console; the boot continues. */
+__attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
+/* `fuse-init: debug: ...` with the time since boot, only with fuse.debug=1. */
+__attribute__((format(printf, 1, 2))) void debug(const char *fmt, ...);
+/* Print `<<fuse:exit N>>`, sync and power the machine off. Never returns. */
+__attribute__((noreturn)) void power_off(int code);
+
+/* Read a whole file (at most `max` bytes) into a malloc'ed, NUL-terminated buffer.
+ * Returns 0, or -errno (-EFBIG when larger than max). */
+int read_file(const char *path, size_t max, char **out, size_t *len);
+/* Create or truncate `path` with `len` bytes of `data`. Returns 0 or -errno. */
+int write_file(const char *path, const char *data, size_t len, mode_t mode);
+/* Monotonic clock in milliseconds. */
+long long now_ms(void);
+/* Sleep for `ms` milliseconds (restarted on EINTR). */
+void sleep_ms(long ms);
+/* malloc/strdup/realloc that never return NULL (they die instead). */
+void *xmalloc(size_t n);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+
+/* ---- cmdline.c ------------------------------------------------------------------------- */
+
+/* The `fuse.*` parameters of the kernel command line. */
+struct boot_params {
+	char *root;      /* fuse.root: /dev/NAME or PARTUUID=<uuid>; default /dev/vda */
+	char *rootfstype; /* fuse.rootfstype: default squashfs */
+	bool debug;      /* fuse.debug=1 */
+};
+/* Parse /proc/cmdline (proc must be mounted). */
+void read_boot_params(struct boot_params *p);
+
+/* ---- mounts.c -------------------------------------------------------------------------- */
+
+/* Mount devtmpfs, proc and sysfs in the initramfs. */
+void mount_early(void);
+/* Wait for the root device, mount it read-only on /newroot and make it the root (PID 1
+ * keeps running). /dev, /proc and /sys are moved along. */
+void switch_root(const struct boot_params *p);
+/* The run-time mounts of the new root: devpts, /dev/shm, /tmp, /run. */
+void mount_runtime(void);
+
+/* ---- spec.c ---------------------------------------------------------------------------- */
+
+/* What to run: /etc/fuse/spec with the fw_cfg run overlay applied. */
+struct app_spec {
+	char *exe;
+	char **argv; /* NULL-terminated */
+	size_t argc;
+	char **envp; /* NULL-terminated, `KEY=VALUE` */
+	size_t envc;
+	char *cwd;
+	uid_t uid;
+	gid_t gid;
+	char *hostname;
+};
+/* Parse the baked spec (overlay=false) or apply a run overlay to `s` (overlay=true).
+ * Returns 0, or -1 with a reason in `err`. */
+int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, char *err,
+	       size_t errlen);
+/* Load /etc/fuse/spec and the fw_cfg overlay; dies with a clear message on any problem. */
+void load_spec(struct app_spec *s);
+
+/* ---- app.c --------------------------------------------------------------------------- */
+
+/* Check the spec's exe and cwd, then fork and exec the app in its own session on the console
+ * with exactly the spec's environment. Returns the app's pid. */
+pid_t start_app(const struct app_spec *s);
+
+/* ---- net.c ----------------------------------------------------------------------------- */
+
+/* Bring up lo, configure eth0 by DHCP if it exists, write /run/hosts and /run/resolv.conf. */
+void net_setup(const char *hostname);
+
+#endif

@@ -1,0 +1,153 @@
+/*
+ * fuse-init: PID 1 of a fuse VM.
+ *
+ * Boot: mount the early filesystems in the initramfs, switch to the read-only root, mount the
+ * run-time filesystems, read the app spec, set the host name, configure the network, start
+ * the app. Then supervise: reap every zombie, forward termination signals to the app, and when
+ * the app exits stop everything else and power off, reporting its exit code on the console as
+ * `<<fuse:exit N>>`.
+ */
+#define _GNU_SOURCE
+#include "init.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* After the app exits: how long the other processes get between SIGTERM and SIGKILL, and how
+ * long to wait for them to go after SIGKILL. */
+#define GRACE_MS 2000
+#define KILL_WAIT_MS 1000
+
+/* The signals PID 1 takes through its signalfd. All but SIGCHLD are forwarded to the app. */
+static const int handled[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+
+static int status_code(int status)
+{
+	if (WIFEXITED(status))
+		return WEXITSTATUS(status);
+	if (WIFSIGNALED(status))
+		return 128 + WTERMSIG(status);
+	return EXIT_INIT_FAILURE;
+}
+
+/* Reap every exited child. Sets *app_status when it is the app. Returns true when the init
+ * has no children left. */
+static bool reap(pid_t app, int *app_status)
+{
+	for (;;) {
+		int status;
+		pid_t pid = waitpid(-1, &status, WNOHANG);
+		if (pid > 0) {
+			if (pid == app && app_status)
+				*app_status = status;
+			continue;
+		}
+		if (pid < 0 && errno == EINTR)
+			continue;
+		return pid < 0 && errno == ECHILD;
+	}
+}
+
+/* Wait for the next signal from the signalfd, at most `timeout_ms` (-1: forever).
+ * Returns the signal number, or 0 on timeout. */
+static int next_signal(int sfd, int timeout_ms)
+{
+	struct pollfd pfd = {.fd = sfd, .events = POLLIN};
+	int r = poll(&pfd, 1, timeout_ms);
+	if (r <= 0)
+		return 0;
+	struct signalfd_siginfo si;
+	if (read(sfd, &si, sizeof(si)) != sizeof(si))
+		return 0;
+	return (int)si.ssi_signo;
+}
+
+/* Run until the app exits; returns its wait status. */
+static int supervise(int sfd, pid_t app)
+{
+	int app_status = -1;
+	for (;;) {
+		/* Reap first: SIGCHLD may have arrived before we started reading. */
+		reap(app, &app_status);
+		if (app_status != -1)
+			return app_status;
+		int sig = next_signal(sfd, -1);
+		if (sig == 0 || sig == SIGCHLD)
+			continue;
+		/* To the app's process group (it is a session leader), so a shell-style app and
+		 * its children all hear it; fall back to the app alone if the group is gone. */
+		debug("forwarding signal %d to the app", sig);
+		if (kill(-app, sig) < 0)
+			(void)kill(app, sig);
+	}
+}
+
+/* Stop whatever the app left behind: SIGTERM, a grace period, SIGKILL. */
+static void stop_everything(int sfd)
+{
+	if (reap(0, NULL))
+		return;
+	/* kill(-1) reaches every process but PID 1 itself. */
+	if (kill(-1, SIGTERM) == 0) {
+		long long deadline = now_ms() + GRACE_MS;
+		while (!reap(0, NULL) && now_ms() < deadline)
+			(void)next_signal(sfd, (int)(deadline - now_ms()));
+	}
+	if (reap(0, NULL))
+		return;
+	(void)kill(-1, SIGKILL);
+	long long deadline = now_ms() + KILL_WAIT_MS;
+	while (!reap(0, NULL) && now_ms() < deadline)
+		(void)next_signal(sfd, (int)(deadline - now_ms()));
+}
+
+int main(void)
+{
+	/* Never act as init anywhere else: die() powers the machine off. */
+	if (getpid() != 1) {
+		fprintf(stderr, "fuse-init: error: this is the init of a fuse VM; it only runs as "
+				"PID 1\n");
+		return 1;
+	}
+
+	/* Block the handled signals before anything can send them, and read them from a
+	 * signalfd: no handlers, no races between a signal and waitpid. */
+	sigset_t set;
+	sigemptyset(&set);
+	for (size_t i = 0; i < sizeof(handled) / sizeof(handled[0]); i++)
+		sigaddset(&set, handled[i]);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+	if (sfd < 0)
+		die(EXIT_INIT_FAILURE, "cannot create a signalfd: %s (kernel without CONFIG_SIGNALFD?)",
+		    strerror(errno));
+	/* Ctrl-Alt-Del sends SIGINT to init (forwarded to the app) instead of rebooting. */
+	reboot(RB_DISABLE_CAD);
+
+	mount_early();
+	struct boot_params params;
+	read_boot_params(&params);
+	debug_enabled = params.debug;
+	debug("init started");
+	switch_root(&params);
+	mount_runtime();
+
+	struct app_spec spec;
+	load_spec(&spec);
+	if (sethostname(spec.hostname, strlen(spec.hostname)) < 0)
+		warn("cannot set the host name to %s: %s", spec.hostname, strerror(errno));
+	net_setup(spec.hostname);
+
+	pid_t app = start_app(&spec);
+	int status = supervise(sfd, app);
+	debug("app exited with status %d", status_code(status));
+	stop_everything(sfd);
+	power_off(status_code(status));
+}

@@ -1,0 +1,211 @@
+/*
+ * Mounts: the early pseudo-filesystems in the initramfs, the switch to the read-only root and
+ * the run-time mounts of that root.
+ *
+ * The switch keeps PID 1 running (no exec): the init binary exists only in the initramfs, and
+ * the new root holds nothing but the app. This is what busybox's switch_root does, minus the
+ * exec: move the new root over /, chroot into it.
+ */
+#define _GNU_SOURCE
+#include "init.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* How long to wait for the root device to appear: virtio probing is normally done before
+ * init starts, but the kernel may probe asynchronously. */
+#define ROOT_WAIT_MS 5000
+
+static void must_mount(const char *src, const char *target, const char *fstype,
+		       unsigned long flags, const char *data)
+{
+	if (mount(src, target, fstype, flags, data) == 0)
+		return;
+	int e = errno;
+	if (e == ENOENT)
+		die(EXIT_INIT_FAILURE, "cannot mount %s on %s: there is no %s directory", fstype,
+		    target, target);
+	if (e == ENODEV)
+		die(EXIT_INIT_FAILURE, "cannot mount %s on %s: the kernel has no %s support", fstype,
+		    target, fstype);
+	die(EXIT_INIT_FAILURE, "cannot mount %s on %s: %s", fstype, target, strerror(e));
+}
+
+void mount_early(void)
+{
+	/* EBUSY: the kernel already mounted it (CONFIG_DEVTMPFS_MOUNT on some configs). */
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY)
+		die(EXIT_INIT_FAILURE, "cannot mount devtmpfs on /dev: %s", strerror(errno));
+	/* The kernel opens /dev/console as fds 0-2 of init only if the initramfs has that node;
+	 * make sure the init can always report. */
+	if (fcntl(STDERR_FILENO, F_GETFD) < 0) {
+		int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+		if (fd >= 0) {
+			dup2(fd, 0);
+			dup2(fd, 1);
+			dup2(fd, 2);
+			if (fd > 2)
+				close(fd);
+		}
+	}
+	must_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	/* sysfs: to find a root given by PARTUUID. */
+	must_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+}
+
+/* The value of `key` (e.g. "PARTUUID=") in a uevent file, copied into out. */
+static bool uevent_value(const char *path, const char *key, char *out, size_t outlen)
+{
+	char *buf;
+	size_t len;
+	if (read_file(path, 64 * 1024, &buf, &len) < 0)
+		return false;
+	bool found = false;
+	size_t klen = strlen(key);
+	char *save = NULL;
+	for (char *l = strtok_r(buf, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+		if (strncmp(l, key, klen) == 0) {
+			snprintf(out, outlen, "%s", l + klen);
+			found = true;
+			break;
+		}
+	}
+	free(buf);
+	return found;
+}
+
+/* The /dev path of the partition with this PARTUUID, if the kernel knows it yet. */
+static bool find_partuuid(const char *uuid, char *dev, size_t devlen)
+{
+	DIR *d = opendir("/sys/class/block");
+	if (!d)
+		return false;
+	bool found = false;
+	struct dirent *e;
+	while (!found && (e = readdir(d)) != NULL) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[512], value[128], name[128];
+		snprintf(path, sizeof(path), "/sys/class/block/%s/uevent", e->d_name);
+		/* GPT partition UUIDs are printed in lower case; accept either. */
+		if (uevent_value(path, "PARTUUID=", value, sizeof(value)) &&
+		    strcasecmp(value, uuid) == 0 &&
+		    uevent_value(path, "DEVNAME=", name, sizeof(name))) {
+			snprintf(dev, devlen, "/dev/%s", name);
+			found = true;
+		}
+	}
+	closedir(d);
+	return found;
+}
+
+/* Resolve fuse.root to a block device path, waiting for it to appear. */
+static void wait_root(const char *spec, char *dev, size_t devlen)
+{
+	bool by_uuid = strncmp(spec, "PARTUUID=", 9) == 0;
+	if (!by_uuid && strncmp(spec, "/dev/", 5) != 0)
+		die(EXIT_INIT_FAILURE,
+		    "bad fuse.root=%s on the kernel command line: use /dev/NAME or PARTUUID=<uuid>",
+		    spec);
+	long long deadline = now_ms() + ROOT_WAIT_MS;
+	for (;;) {
+		if (by_uuid) {
+			if (find_partuuid(spec + 9, dev, devlen))
+				return;
+		} else {
+			struct stat st;
+			if (stat(spec, &st) == 0) {
+				if (!S_ISBLK(st.st_mode))
+					die(EXIT_INIT_FAILURE, "cannot use root device %s: not a block device",
+					    spec);
+				snprintf(dev, devlen, "%s", spec);
+				return;
+			}
+		}
+		if (now_ms() >= deadline)
+			die(EXIT_INIT_FAILURE,
+			    "no root device %s after %d s: is the root image attached as the first virtio disk?",
+			    spec, ROOT_WAIT_MS / 1000);
+		sleep_ms(10);
+	}
+}
+
+void switch_root(const struct boot_params *p)
+{
+	char dev[256];
+	wait_root(p->root, dev, sizeof(dev));
+	debug("root device %s is there", dev);
+
+	if (mount(dev, "/newroot", p->rootfstype, MS_RDONLY, NULL) < 0) {
+		int e = errno;
+		const char *why = strerror(e);
+		if (e == ENODEV)
+			why = "the kernel does not support this filesystem type";
+		else if (e == EINVAL)
+			why = "not a valid filesystem image of that type";
+		die(EXIT_INIT_FAILURE, "cannot mount root filesystem %s (%s): %s", dev, p->rootfstype,
+		    why);
+	}
+
+	/* Carry the early mounts into the new root rather than remounting them: devtmpfs keeps
+	 * its nodes and nothing has to be unmounted from under the initramfs. */
+	static const char *const carried[] = {"/dev", "/proc", "/sys"};
+	for (size_t i = 0; i < sizeof(carried) / sizeof(carried[0]); i++) {
+		char target[64];
+		snprintf(target, sizeof(target), "/newroot%s", carried[i]);
+		if (mount(carried[i], target, NULL, MS_MOVE, NULL) < 0) {
+			int e = errno;
+			if (e == ENOENT)
+				die(EXIT_INIT_FAILURE,
+				    "cannot switch to the root filesystem: it has no %s directory",
+				    carried[i]);
+			die(EXIT_INIT_FAILURE, "cannot move %s into the root filesystem: %s",
+			    carried[i], strerror(e));
+		}
+	}
+
+	/* The initramfs is not freed (it is the rootfs, which cannot be unmounted) but its
+	 * files can be: the binary's pages go once nothing maps them. */
+	unlink("/init");
+
+	if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+	    chdir("/") < 0)
+		die(EXIT_INIT_FAILURE, "cannot switch to the root filesystem: %s", strerror(errno));
+	debug("switched to the root filesystem");
+}
+
+/* Create a directory on a writable filesystem (devtmpfs); it may already exist. */
+static void must_mkdir(const char *path, mode_t mode)
+{
+	if (mkdir(path, mode) < 0 && errno != EEXIST)
+		die(EXIT_INIT_FAILURE, "cannot create %s: %s", path, strerror(errno));
+}
+
+void mount_runtime(void)
+{
+	const unsigned long nsd = MS_NOSUID | MS_NODEV;
+
+	must_mkdir("/dev/pts", 0755);
+	must_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		   "ptmxmode=0666,mode=0620");
+	must_mkdir("/dev/shm", 01777);
+	must_mount("tmpfs", "/dev/shm", "tmpfs", nsd, "mode=1777");
+	must_mount("tmpfs", "/tmp", "tmpfs", nsd, "mode=1777");
+	must_mount("tmpfs", "/run", "tmpfs", nsd, "mode=0755");
+
+	/* The conventional /dev links that devtmpfs does not create: shells and runtimes use
+	 * /dev/fd and /dev/std*. Failure only means the link is already there. */
+	(void)symlink("/proc/self/fd", "/dev/fd");
+	(void)symlink("/proc/self/fd/0", "/dev/stdin");
+	(void)symlink("/proc/self/fd/1", "/dev/stdout");
+	(void)symlink("/proc/self/fd/2", "/dev/stderr");
+	debug("run-time mounts done");
+}

@@ -1,0 +1,230 @@
+/*
+ * The app spec: what to run, baked into the image at /etc/fuse/spec, and the run overlay
+ * the runner injects per run through QEMU's fw_cfg.
+ *
+ * Format (both): a sequence of NUL-terminated strings read as (key, value) pairs. The first
+ * pair is `fuse-spec` = `1`, the format version. Keys of the spec:
+ *   exe       absolute path of the program to execute (once)
+ *   arg       argv entries in order, argv[0] first (repeated, at least one)
+ *   env       `KEY=VALUE`, the whole environment of the app (repeated; a later KEY wins)
+ *   cwd       absolute working directory (once, default /)
+ *   uid, gid  decimal ids to run as (once each, default 0)
+ *   hostname  the machine's host name (once, default "fuse")
+ * Keys of the overlay:
+ *   reset-args  `1`: argv[1..] of the spec is cleared (so an overlay can clear the args)
+ *   arg         replaces argv[1..] of the spec (the first one clears them), argv[0] stays
+ *   env         `KEY=VALUE`, added or overriding the spec's KEY
+ * Any other key is an error: a newer format gets a new version number, it is never silently
+ * half-understood. The Rust side (boot/src/spec.rs) writes this format.
+ */
+#define _GNU_SOURCE
+#include "init.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define HOSTNAME_MAX 64
+
+__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt,
+							 ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+/* Append to a NULL-terminated string vector. */
+static void vec_push(char ***vec, size_t *n, const char *s)
+{
+	*vec = xrealloc(*vec, (*n + 2) * sizeof(char *));
+	(*vec)[(*n)++] = xstrdup(s);
+	(*vec)[*n] = NULL;
+}
+
+/* Drop all entries from index `keep` on. */
+static void vec_truncate(char **vec, size_t *n, size_t keep)
+{
+	while (*n > keep) {
+		free(vec[--*n]);
+		vec[*n] = NULL;
+	}
+}
+
+/* Set KEY=VALUE, replacing an earlier entry with the same KEY. */
+static void env_set(struct app_spec *s, const char *kv)
+{
+	size_t klen = (size_t)(strchr(kv, '=') - kv);
+	for (size_t i = 0; i < s->envc; i++) {
+		if (strncmp(s->envp[i], kv, klen) == 0 && s->envp[i][klen] == '=') {
+			free(s->envp[i]);
+			s->envp[i] = xstrdup(kv);
+			return;
+		}
+	}
+	vec_push(&s->envp, &s->envc, kv);
+}
+
+/* A uid/gid: plain decimal, at most 4294967294 ((uid_t)-1 means "unchanged" to the kernel). */
+static bool parse_id(const char *v, unsigned int *out)
+{
+	if (*v == '\0' || strlen(v) > 10)
+		return false;
+	unsigned long long n = 0;
+	for (const char *c = v; *c; c++) {
+		if (*c < '0' || *c > '9')
+			return false;
+		n = n * 10 + (unsigned)(*c - '0');
+	}
+	if (n > 4294967294ULL)
+		return false;
+	*out = (unsigned int)n;
+	return true;
+}
+
+static int set_once(char **field, const char *key, const char *val, char *err, size_t errlen)
+{
+	if (*field)
+		return fail(err, errlen, "key '%s' is given twice", key);
+	*field = xstrdup(val);
+	return 0;
+}
+
+int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, char *err,
+	       size_t errlen)
+{
+	if (len == 0)
+		return fail(err, errlen, "it is empty");
+	if (buf[len - 1] != '\0')
+		return fail(err, errlen, "it is truncated (does not end with a NUL byte)");
+
+	const char *p = buf, *end = buf + len;
+	size_t pairs = 0;
+	bool args_reset = false, have_uid = false, have_gid = false;
+	while (p < end) {
+		const char *key = p;
+		p += strlen(p) + 1;
+		if (p >= end)
+			return fail(err, errlen, "key '%s' has no value", key);
+		const char *val = p;
+		p += strlen(p) + 1;
+
+		if (pairs++ == 0) {
+			if (strcmp(key, "fuse-spec") != 0)
+				return fail(err, errlen, "not a fuse spec (it must start with fuse-spec)");
+			if (strcmp(val, "1") != 0)
+				return fail(err, errlen,
+					    "format version %s is not supported by this init (it reads "
+					    "version 1): rebuild the image with the same fuse",
+					    val);
+			continue;
+		}
+
+		if (strcmp(key, "arg") == 0) {
+			/* An overlay's args replace argv[1..]; argv[0] names the program. */
+			if (overlay && !args_reset) {
+				vec_truncate(s->argv, &s->argc, 1);
+				args_reset = true;
+			}
+			vec_push(&s->argv, &s->argc, val);
+		} else if (strcmp(key, "env") == 0) {
+			const char *eq = strchr(val, '=');
+			if (!eq || eq == val)
+				return fail(err, errlen, "env entry '%s' is not KEY=VALUE", val);
+			env_set(s, val);
+		} else if (overlay) {
+			if (strcmp(key, "reset-args") != 0 || strcmp(val, "1") != 0)
+				return fail(err, errlen, "unknown key '%s' (not made by this fuse?)",
+					    key);
+			if (!args_reset) {
+				vec_truncate(s->argv, &s->argc, 1);
+				args_reset = true;
+			}
+		} else if (strcmp(key, "exe") == 0) {
+			if (set_once(&s->exe, key, val, err, errlen) < 0)
+				return -1;
+		} else if (strcmp(key, "cwd") == 0) {
+			if (set_once(&s->cwd, key, val, err, errlen) < 0)
+				return -1;
+		} else if (strcmp(key, "hostname") == 0) {
+			if (set_once(&s->hostname, key, val, err, errlen) < 0)
+				return -1;
+		} else if (strcmp(key, "uid") == 0 || strcmp(key, "gid") == 0) {
+			bool is_uid = key[0] == 'u';
+			bool *seen = is_uid ? &have_uid : &have_gid;
+			unsigned int id;
+			if (*seen)
+				return fail(err, errlen, "key '%s' is given twice", key);
+			if (!parse_id(val, &id))
+				return fail(err, errlen, "%s '%s' is not a decimal id", key, val);
+			*seen = true;
+			if (is_uid)
+				s->uid = id;
+			else
+				s->gid = id;
+		} else {
+			return fail(err, errlen, "unknown key '%s' (not made by this fuse?)", key);
+		}
+	}
+	if (overlay)
+		return 0;
+
+	/* The baked spec must be complete. */
+	if (!s->exe)
+		return fail(err, errlen, "no exe");
+	if (s->exe[0] != '/')
+		return fail(err, errlen, "exe '%s' is not an absolute path", s->exe);
+	if (s->argc == 0)
+		return fail(err, errlen, "no arg (argv[0] is required)");
+	if (!s->cwd)
+		s->cwd = xstrdup("/");
+	if (s->cwd[0] != '/')
+		return fail(err, errlen, "cwd '%s' is not an absolute path", s->cwd);
+	if (!s->hostname)
+		s->hostname = xstrdup("fuse");
+	/* It goes into /run/hosts: whitespace would corrupt that file. */
+	if (s->hostname[0] == '\0' || strlen(s->hostname) > HOSTNAME_MAX ||
+	    strpbrk(s->hostname, " \t\n\r\v\f"))
+		return fail(err, errlen,
+			    "hostname '%s' must be 1 to %d characters without whitespace",
+			    s->hostname, HOSTNAME_MAX);
+	return 0;
+}
+
+void load_spec(struct app_spec *s)
+{
+	memset(s, 0, sizeof(*s));
+	/* Vectors are always NULL-terminated, even when empty, for execve. */
+	s->argv = xmalloc(sizeof(char *));
+	s->argv[0] = NULL;
+	s->envp = xmalloc(sizeof(char *));
+	s->envp[0] = NULL;
+
+	char err[512];
+	char *buf;
+	size_t len;
+	int r = read_file(SPEC_PATH, SPEC_MAX_BYTES, &buf, &len);
+	if (r < 0)
+		die(EXIT_INIT_FAILURE, "cannot read the app spec %s: %s%s", SPEC_PATH, strerror(-r),
+		    r == -ENOENT ? " (is this a fuse image?)" : "");
+	if (spec_parse(s, buf, len, false, err, sizeof(err)) < 0)
+		die(EXIT_INIT_FAILURE, "bad app spec %s: %s", SPEC_PATH, err);
+	free(buf);
+
+	/* The overlay exists only when the runner passed -fw_cfg name=opt/fuse/run,... */
+	r = read_file(OVERLAY_PATH, SPEC_MAX_BYTES, &buf, &len);
+	if (r == -ENOENT)
+		return;
+	if (r < 0)
+		die(EXIT_INIT_FAILURE, "cannot read the run overlay %s: %s", OVERLAY_PATH,
+		    strerror(-r));
+	if (spec_parse(s, buf, len, true, err, sizeof(err)) < 0)
+		die(EXIT_INIT_FAILURE, "bad run overlay (fw_cfg opt/fuse/run): %s", err);
+	free(buf);
+	debug("run overlay applied");
+}

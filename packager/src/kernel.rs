@@ -1,0 +1,508 @@
+//! Building the minimal guest kernel from `kernel-config/` fragments, cached content-addressed.
+//!
+//! The cache key covers everything that changes the output: the kernel source's digest, the
+//! fragments, the arch and the compiler's version. A hit is a directory lookup, so `fuse run`
+//! pays for a kernel build once per host. Builds are reproducible: build timestamp, user, host
+//! and version are fixed, and the build directory is a fixed path under the cache.
+
+use crate::digest;
+use crate::lock::FileLock;
+use anyhow::{bail, Context, Result};
+use fuse_rootfs::Arch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Options shared by every fuse kernel.
+pub const BASE_FRAGMENT: &str = include_str!("../../kernel-config/fragments/base.config");
+/// x86_64 additions.
+pub const X86_64_FRAGMENT: &str = include_str!("../../kernel-config/fragments/x86_64.config");
+
+/// Debian's kernel source package, the default source.
+pub const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.12.tar.xz";
+
+/// Bump when the build recipe changes in a way that changes the output.
+const RECIPE_VERSION: &str = "fuse-kernel-recipe-1";
+
+/// A built kernel in the cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Kernel {
+    /// The bootable kernel file (bzImage on x86_64, Image on arm64).
+    pub path: PathBuf,
+    pub digest: String,
+    pub size: u64,
+    /// `uname -r` of the guest.
+    pub release: String,
+    #[serde(with = "crate::manifest::arch_name")]
+    pub arch: Arch,
+    /// The cache key it was found or built under.
+    pub key: String,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct KernelRequest {
+    pub arch: Arch,
+    /// A tarball or an unpacked source tree; `None` means Debian's linux-source-6.12.
+    pub source: Option<PathBuf>,
+}
+
+/// The fragments for an arch, base first, as one merged Kconfig fragment.
+pub fn fragments(arch: Arch) -> Result<String> {
+    let arch_fragment = match arch {
+        Arch::X86_64 => X86_64_FRAGMENT,
+        Arch::Aarch64 => bail!(
+            "No aarch64 kernel fragment yet: aarch64 images are not supported by this version"
+        ),
+    };
+    Ok(format!("{BASE_FRAGMENT}\n{arch_fragment}"))
+}
+
+/// The options a fragment sets: `CONFIG_X` -> value (`n` for `# CONFIG_X is not set`).
+pub fn parse_config(text: &str) -> BTreeMap<String, String> {
+    let mut options = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("# ") {
+            if let Some(name) = rest.strip_suffix(" is not set") {
+                if name.starts_with("CONFIG_") {
+                    options.insert(name.to_string(), "n".to_string());
+                }
+            }
+            continue;
+        }
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some((name, value)) = line.split_once('=') {
+            options.insert(name.trim().to_string(), value.trim().to_string());
+        }
+    }
+    options
+}
+
+/// Options of the fragment that the final `.config` did not take (unmet dependencies or typos),
+/// as `CONFIG_X: wanted V, got W` lines.
+pub fn unapplied_options(fragment: &str, final_config: &str) -> Vec<String> {
+    let have = parse_config(final_config);
+    parse_config(fragment)
+        .into_iter()
+        .filter_map(|(name, wanted)| {
+            let got = have.get(&name).map(String::as_str).unwrap_or("n");
+            (got != wanted).then(|| format!("{name}: wanted {wanted}, got {got}"))
+        })
+        .collect()
+}
+
+fn kernels_dir() -> PathBuf {
+    crate::paths::cache_dir().join("kernels")
+}
+
+fn source_path(request: &KernelRequest) -> PathBuf {
+    request
+        .source
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOURCE))
+}
+
+fn cross_compile_prefix(arch: Arch) -> Option<String> {
+    (arch != Arch::host()).then(|| format!("{}-", arch.gnu_triple()))
+}
+
+fn compiler_version(arch: Arch) -> Result<String> {
+    let gcc = format!("{}gcc", cross_compile_prefix(arch).unwrap_or_default());
+    let output = Command::new(&gcc).arg("--version").output().with_context(|| {
+        format!("Cannot run {gcc} to build the kernel: apt-get install build-essential (or gcc-{}-linux-gnu for cross builds)", arch.as_str())
+    })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+/// The digest of the kernel source: a tarball's bytes (memoised by path, size and mtime so a
+/// warm lookup does not rehash 140 MB), or a tree's file list with sizes and mtimes.
+fn source_digest(source: &Path) -> Result<String> {
+    let meta = std::fs::metadata(source).with_context(|| {
+        if source == Path::new(DEFAULT_SOURCE) {
+            format!("Kernel source {} not found: apt-get install linux-source-6.12, or pass --linux-src PATH", source.display())
+        } else {
+            format!("Kernel source {} not found: pass a Linux source tarball or tree with --linux-src", source.display())
+        }
+    })?;
+    if meta.is_dir() {
+        if !source.join("Makefile").is_file() || !source.join("Kconfig").is_file() {
+            bail!(
+                "{} is not a Linux source tree (no Makefile and Kconfig at its top)",
+                source.display()
+            );
+        }
+        return tree_digest(source);
+    }
+    use std::os::unix::fs::MetadataExt;
+    let memo_key = format!(
+        "{}|{}|{}.{}",
+        source.display(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
+    let memo_path = kernels_dir().join("source-digests.json");
+    let mut memo: BTreeMap<String, String> = std::fs::read(&memo_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some(d) = memo.get(&memo_key) {
+        return Ok(d.clone());
+    }
+    let d = digest::of_file(source)
+        .with_context(|| format!("Cannot read kernel source {}", source.display()))?;
+    memo.insert(memo_key, d.clone());
+    std::fs::create_dir_all(kernels_dir())?;
+    crate::fsutil::write_atomic(&memo_path, &serde_json::to_vec_pretty(&memo)?)?;
+    Ok(d)
+}
+
+fn tree_digest(root: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut lines = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("Cannot read {}", dir.display()))?
+        {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == ".git" {
+                continue;
+            }
+            let path = entry.path();
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                lines.push(format!(
+                    "{}\t{}\t{}",
+                    rel.display(),
+                    meta.len(),
+                    meta.mtime()
+                ));
+            }
+        }
+    }
+    lines.sort();
+    Ok(digest::of_bytes(lines.join("\n").as_bytes()))
+}
+
+/// The cache key of a request: source digest + fragments + arch + compiler version.
+pub fn cache_key(request: &KernelRequest) -> Result<String> {
+    let source = source_path(request);
+    let text = format!(
+        "{RECIPE_VERSION}\nsource {}\narch {}\ncompiler {}\n--- fragments\n{}",
+        source_digest(&source)?,
+        request.arch,
+        compiler_version(request.arch)?,
+        fragments(request.arch)?
+    );
+    Ok(digest::hex_part(&digest::of_bytes(text.as_bytes()))[..32].to_string())
+}
+
+fn image_file_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "bzImage",
+        Arch::Aarch64 => "Image",
+    }
+}
+
+fn load_cached(dir: &Path) -> Option<Kernel> {
+    let info = std::fs::read(dir.join("kernel.json")).ok()?;
+    let kernel: Kernel = serde_json::from_slice(&info).ok()?;
+    kernel.path.is_file().then_some(kernel)
+}
+
+/// The cached kernel for a request, if there is one.
+pub fn cached(request: &KernelRequest) -> Result<Option<Kernel>> {
+    Ok(load_cached(&kernels_dir().join(cache_key(request)?)))
+}
+
+/// Returns the cached kernel, building it first if needed. `progress` receives human-readable
+/// progress lines (the CLI prints them on stderr).
+pub fn ensure(request: &KernelRequest, progress: &mut dyn FnMut(&str)) -> Result<Kernel> {
+    let key = cache_key(request)?;
+    let final_dir = kernels_dir().join(&key);
+    if let Some(kernel) = load_cached(&final_dir) {
+        return Ok(kernel);
+    }
+    std::fs::create_dir_all(kernels_dir())
+        .with_context(|| format!("Cannot create {}", kernels_dir().display()))?;
+    // Concurrent fuse processes (parallel tests, two terminals) wait for one build.
+    let _lock = FileLock::exclusive(&kernels_dir().join(format!("{key}.lock")))?;
+    if let Some(kernel) = load_cached(&final_dir) {
+        return Ok(kernel);
+    }
+    build(request, &key, &final_dir, progress)
+}
+
+fn check_build_tools() -> Result<()> {
+    for tool in ["make", "flex", "bison", "bc", "tar"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            bail!("{tool} not found, needed to build the kernel: apt-get install build-essential flex bison bc libelf-dev libssl-dev (or run ci/setup)");
+        }
+    }
+    Ok(())
+}
+
+fn build(
+    request: &KernelRequest,
+    key: &str,
+    final_dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Kernel> {
+    check_build_tools()?;
+    let arch = request.arch;
+    let source = source_path(request);
+    // A fixed build path (no pid, no temp name) keeps paths that leak into the kernel stable.
+    let work = kernels_dir().join(format!("build-{key}"));
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("Cannot clean {}", work.display()))?;
+    }
+    let out = work.join("out");
+    std::fs::create_dir_all(&out)?;
+    let started = Instant::now();
+    progress(&format!(
+        "Building the {arch} kernel from {} (first use; cached afterwards in {})",
+        source.display(),
+        final_dir.display()
+    ));
+
+    let src_dir = if source.is_dir() {
+        source.clone()
+    } else {
+        let src_dir = work.join("src");
+        std::fs::create_dir_all(&src_dir)?;
+        progress("  unpacking kernel source");
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(&source)
+            .arg("-C")
+            .arg(&src_dir)
+            .arg("--strip-components=1")
+            .status()
+            .context("Cannot run tar")?;
+        if !status.success() {
+            bail!(
+                "Cannot unpack kernel source {}: tar failed ({status})",
+                source.display()
+            );
+        }
+        src_dir
+    };
+
+    let fragment = fragments(arch)?;
+    let fragment_path = work.join("fuse.config");
+    std::fs::write(&fragment_path, &fragment)?;
+
+    let make = |args: &[&str]| {
+        let mut cmd = Command::new("make");
+        cmd.arg("-C")
+            .arg(&src_dir)
+            .arg(format!("O={}", out.display()))
+            .arg(format!("ARCH={}", arch.kernel_arch()))
+            .args(args)
+            .env("KBUILD_BUILD_TIMESTAMP", "Thu Jan  1 00:00:00 UTC 1970")
+            .env("KBUILD_BUILD_USER", "fuse")
+            .env("KBUILD_BUILD_HOST", "fuse")
+            .env("KBUILD_BUILD_VERSION", "1")
+            .env("LC_ALL", "C");
+        if let Some(prefix) = cross_compile_prefix(arch) {
+            cmd.arg(format!("CROSS_COMPILE={prefix}"));
+        }
+        cmd
+    };
+
+    progress("  configuring (allnoconfig + kernel-config fragments)");
+    let config_out = make(&[
+        "allnoconfig",
+        &format!("KCONFIG_ALLCONFIG={}", fragment_path.display()),
+    ])
+    .output()
+    .context("Cannot run make")?;
+    if !config_out.status.success() {
+        bail!(
+            "Kernel configuration failed: {}",
+            String::from_utf8_lossy(&config_out.stderr).trim()
+        );
+    }
+    let final_config = std::fs::read_to_string(out.join(".config"))?;
+    let unapplied = unapplied_options(&fragment, &final_config);
+    if !unapplied.is_empty() {
+        bail!(
+            "Kernel fragments did not apply (unmet dependency or unknown option): {}",
+            unapplied.join("; ")
+        );
+    }
+
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let target = image_file_name(arch);
+    let mut child = make(&[&format!("-j{jobs}"), target])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("Cannot run make")?;
+    let stderr = child.stderr.take().expect("piped");
+    let stderr_reader = std::thread::spawn(move || {
+        let mut lines: Vec<String> = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.push(line);
+        }
+        lines
+    });
+    let stdout = child.stdout.take().expect("piped");
+    let mut compiled = 0usize;
+    let mut last_report = Instant::now();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if line.trim_start().starts_with("CC") || line.trim_start().starts_with("AS") {
+            compiled += 1;
+        }
+        if last_report.elapsed() >= Duration::from_secs(15) {
+            last_report = Instant::now();
+            progress(&format!(
+                "  compiling: {compiled} files done, {}s elapsed",
+                started.elapsed().as_secs()
+            ));
+        }
+    }
+    let status = child.wait()?;
+    let errors = stderr_reader.join().unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&String> = errors.iter().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
+        bail!(
+            "Kernel build failed (work dir {}): {}",
+            work.display(),
+            tail.join("\n")
+        );
+    }
+
+    let release_out = make(&["-s", "kernelrelease"]).output()?;
+    let release = String::from_utf8_lossy(&release_out.stdout)
+        .trim()
+        .to_string();
+    let built = out
+        .join("arch")
+        .join(match arch {
+            Arch::X86_64 => "x86",
+            Arch::Aarch64 => "arm64",
+        })
+        .join("boot")
+        .join(target);
+
+    let staging = kernels_dir().join(format!(".staging-{key}"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    std::fs::copy(&built, staging.join(target))
+        .with_context(|| format!("Kernel build produced no {}", built.display()))?;
+    std::fs::write(staging.join("config"), &final_config)?;
+    let kernel = Kernel {
+        path: final_dir.join(target),
+        digest: digest::of_file(&built)?,
+        size: std::fs::metadata(&built)?.len(),
+        release,
+        arch,
+        key: key.to_string(),
+    };
+    std::fs::write(
+        staging.join("kernel.json"),
+        serde_json::to_vec_pretty(&kernel)?,
+    )?;
+    std::fs::rename(&staging, final_dir)
+        .with_context(|| format!("Cannot move the kernel into {}", final_dir.display()))?;
+    std::fs::remove_dir_all(&work).ok();
+    progress(&format!(
+        "  kernel {} built in {}s ({} bytes)",
+        kernel.release,
+        started.elapsed().as_secs(),
+        kernel.size
+    ));
+    Ok(kernel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fragment_option_has_a_comment_saying_why() {
+        for (name, text) in [("base", BASE_FRAGMENT), ("x86_64", X86_64_FRAGMENT)] {
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                if line.starts_with("CONFIG_") {
+                    let previous = if i > 0 { lines[i - 1] } else { "" };
+                    assert!(
+                        previous.starts_with("# ") && previous.len() > 4,
+                        "{name}.config line {}: {line} has no comment above it",
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fragments_parse_and_cover_the_required_drivers() {
+        let options = parse_config(&fragments(Arch::X86_64).unwrap());
+        for required in [
+            "CONFIG_VIRTIO_PCI",
+            "CONFIG_VIRTIO_MMIO",
+            "CONFIG_VIRTIO_BLK",
+            "CONFIG_VIRTIO_NET",
+            "CONFIG_HW_RANDOM_VIRTIO",
+            "CONFIG_SERIAL_8250_CONSOLE",
+            "CONFIG_SQUASHFS",
+            "CONFIG_TMPFS",
+            "CONFIG_DEVTMPFS",
+            "CONFIG_IPV6",
+            "CONFIG_UNIX",
+            "CONFIG_FUTEX",
+            "CONFIG_EPOLL",
+            "CONFIG_EVENTFD",
+            "CONFIG_TIMERFD",
+            "CONFIG_SIGNALFD",
+            "CONFIG_FW_CFG_SYSFS",
+            "CONFIG_EFI_STUB",
+        ] {
+            assert_eq!(
+                options.get(required).map(String::as_str),
+                Some("y"),
+                "{required}"
+            );
+        }
+        assert!(!options.contains_key("CONFIG_MODULES"));
+    }
+
+    #[test]
+    fn unapplied_options_are_reported() {
+        let fragment = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_N=64\n";
+        let config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_N=32\n";
+        assert_eq!(
+            unapplied_options(fragment, config),
+            vec![
+                "CONFIG_B: wanted y, got n",
+                "CONFIG_C: wanted n, got y",
+                "CONFIG_N: wanted 64, got 32"
+            ]
+        );
+        assert!(unapplied_options(fragment, "CONFIG_A=y\nCONFIG_B=y\nCONFIG_N=64\n").is_empty());
+    }
+}

@@ -1,0 +1,293 @@
+//! The local image store: content-addressed blobs plus name:version references.
+//!
+//! Layout under `paths::data_dir()/images`:
+//! - `blobs/sha256/<hex>`: kernels, initramfs, root filesystems, manifests (shared by images)
+//! - `refs/<name>/<version>`: the manifest digest an image reference points at
+//!
+//! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
+
+use crate::digest;
+use crate::lock::FileLock;
+use crate::manifest::Manifest;
+use crate::naming::{self, ImageName};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The image store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// An image found in the store.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub name: ImageName,
+    pub digest: String,
+    pub manifest: Manifest,
+}
+
+impl Store {
+    /// The user's store.
+    pub fn open_default() -> Result<Store> {
+        Store::open(crate::paths::data_dir().join("images"))
+    }
+
+    pub fn open(root: PathBuf) -> Result<Store> {
+        for dir in [
+            root.join("blobs/sha256"),
+            root.join("refs"),
+            root.join("tmp"),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("Cannot create the image store at {}", dir.display()))?;
+        }
+        Ok(Store { root })
+    }
+
+    /// A scratch directory on the store's filesystem, so finished files can be renamed in.
+    pub fn temp_dir(&self) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(self.root.join("tmp"))
+            .context("Cannot create a temporary directory in the image store")
+    }
+
+    /// Where a blob lives.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.root
+            .join("blobs/sha256")
+            .join(digest::hex_part(digest))
+    }
+
+    /// Moves a finished file into the store under its digest; returns the digest.
+    pub fn put_file(&self, file: &Path) -> Result<String> {
+        let d = digest::of_file(file)?;
+        let target = self.blob_path(&d);
+        if target.exists() {
+            std::fs::remove_file(file).ok();
+        } else {
+            std::fs::rename(file, &target)
+                .with_context(|| format!("Cannot move {} into the store", file.display()))?;
+        }
+        Ok(d)
+    }
+
+    /// Copies a file into the store (for files owned elsewhere, like the cached kernel).
+    pub fn put_copy(&self, file: &Path) -> Result<String> {
+        let d = digest::of_file(file)?;
+        let target = self.blob_path(&d);
+        if !target.exists() {
+            let tmp = self.temp_dir()?;
+            let staged = tmp.path().join("blob");
+            std::fs::copy(file, &staged)
+                .with_context(|| format!("Cannot copy {} into the store", file.display()))?;
+            std::fs::rename(&staged, &target)?;
+        }
+        Ok(d)
+    }
+
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
+        let d = digest::of_bytes(bytes);
+        let target = self.blob_path(&d);
+        if !target.exists() {
+            crate::fsutil::write_atomic(&target, bytes)?;
+        }
+        Ok(d)
+    }
+
+    /// Stores a manifest and points `name:version` at it; returns the image digest.
+    pub fn tag(&self, manifest: &Manifest) -> Result<String> {
+        let _lock = self.lock()?;
+        let d = self.put_bytes(&manifest.to_bytes())?;
+        let reference = self
+            .root
+            .join("refs")
+            .join(&manifest.name)
+            .join(&manifest.version);
+        crate::fsutil::write_atomic(&reference, format!("{d}\n").as_bytes())?;
+        Ok(d)
+    }
+
+    fn lock(&self) -> Result<FileLock> {
+        FileLock::exclusive(&self.root.join("store.lock"))
+    }
+
+    fn load(&self, name: ImageName, d: String) -> Result<StoredImage> {
+        let bytes = std::fs::read(self.blob_path(&d)).with_context(|| {
+            format!(
+                "Image {name} points at a missing manifest {d}: run `fuse rm {name}` and rebuild"
+            )
+        })?;
+        let manifest = Manifest::from_bytes(&bytes)?;
+        Ok(StoredImage {
+            name,
+            digest: d,
+            manifest,
+        })
+    }
+
+    /// Every image, sorted by name and version.
+    pub fn list(&self) -> Result<Vec<StoredImage>> {
+        let mut images = Vec::new();
+        let refs = self.root.join("refs");
+        let mut names: Vec<_> = std::fs::read_dir(&refs)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for name in names {
+            let mut versions: Vec<_> = std::fs::read_dir(refs.join(&name))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|v| !v.starts_with('.'))
+                .collect();
+            versions.sort();
+            for version in versions {
+                let d = std::fs::read_to_string(refs.join(&name).join(&version))?
+                    .trim()
+                    .to_string();
+                let image_name = ImageName {
+                    name: name.clone(),
+                    version,
+                };
+                images.push(self.load(image_name, d)?);
+            }
+        }
+        Ok(images)
+    }
+
+    /// Finds an image by `name[:version]`, full digest or a digest prefix of 12+ hex digits.
+    /// A bare name with several versions and none called `latest` is ambiguous.
+    pub fn find(&self, reference: &str) -> Result<Option<StoredImage>> {
+        let hex = digest::hex_part(reference);
+        if hex.len() >= 12 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            let found: Vec<StoredImage> = self
+                .list()?
+                .into_iter()
+                .filter(|i| digest::hex_part(&i.digest).starts_with(hex))
+                .collect();
+            if let Some(first) = found.into_iter().next() {
+                return Ok(Some(first));
+            }
+        }
+        let Ok(wanted) = naming::parse(reference) else {
+            return Ok(None);
+        };
+        let matching: Vec<StoredImage> = self
+            .list()?
+            .into_iter()
+            .filter(|i| i.name.name == wanted.name)
+            .collect();
+        if reference.contains(':') {
+            return Ok(matching
+                .into_iter()
+                .find(|i| i.name.version == wanted.version));
+        }
+        if let Some(latest) = matching.iter().find(|i| i.name.version == "latest") {
+            return Ok(Some(latest.clone()));
+        }
+        match matching.len() {
+            0 => Ok(None),
+            1 => Ok(matching.into_iter().next()),
+            _ => bail!(
+                "Image name '{reference}' has several versions ({}): name one as {reference}:VERSION",
+                matching
+                    .iter()
+                    .map(|i| i.name.version.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Removes a reference, then every blob no remaining image uses. Returns bytes freed.
+    pub fn remove(&self, image: &StoredImage) -> Result<u64> {
+        let _lock = self.lock()?;
+        let reference = self
+            .root
+            .join("refs")
+            .join(&image.name.name)
+            .join(&image.name.version);
+        std::fs::remove_file(&reference)
+            .with_context(|| format!("Cannot remove {}", reference.display()))?;
+        let dir = reference.parent().expect("refs/<name>");
+        if std::fs::read_dir(dir)?.next().is_none() {
+            std::fs::remove_dir(dir).ok();
+        }
+        self.collect_garbage()
+    }
+
+    fn collect_garbage(&self) -> Result<u64> {
+        let mut live = BTreeSet::new();
+        for image in self.list()? {
+            live.insert(digest::hex_part(&image.digest).to_string());
+            for (_, d, _) in image.manifest.components() {
+                live.insert(digest::hex_part(d).to_string());
+            }
+        }
+        let mut freed = 0;
+        for entry in std::fs::read_dir(self.root.join("blobs/sha256"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live.contains(&name) {
+                freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+
+    fn store_with_blobs(manifest: &Manifest) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("images")).unwrap();
+        for body in [b"k", b"i", b"r"] {
+            store.put_bytes(body).unwrap();
+        }
+        store.tag(manifest).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn tag_find_and_remove() {
+        let m = sample();
+        let (_dir, store) = store_with_blobs(&m);
+        let found = store.find("hello:1.0").unwrap().unwrap();
+        assert_eq!(found.manifest, m);
+        assert_eq!(found.digest, m.digest());
+        assert!(
+            store.find("hello").unwrap().is_some(),
+            "single version resolves"
+        );
+        assert!(store.find(digest::short(&m.digest())).unwrap().is_some());
+        assert!(store.find("nope").unwrap().is_none());
+
+        let freed = store.remove(&found).unwrap();
+        assert!(freed > 3, "blobs and manifest collected, freed {freed}");
+        assert!(store.list().unwrap().is_empty());
+        assert!(!store.blob_path(&m.kernel.digest).exists());
+    }
+
+    #[test]
+    fn shared_blobs_survive_removing_one_image() {
+        let a = sample();
+        let mut b = sample();
+        b.version = "2.0".into();
+        let (_dir, store) = store_with_blobs(&a);
+        store.tag(&b).unwrap();
+        let err = store.find("hello").unwrap_err();
+        assert!(format!("{err}").contains("several versions"), "{err}");
+        store
+            .remove(&store.find("hello:1.0").unwrap().unwrap())
+            .unwrap();
+        assert!(store.blob_path(&b.kernel.digest).exists());
+        assert!(store.find("hello").unwrap().is_some());
+    }
+}

@@ -1,0 +1,389 @@
+//! A deterministic squashfs 4.0 writer for the read-only root filesystem, on top of the
+//! `backhand` crate.
+//!
+//! Everything that could vary between two builds of the same tree is pinned: mtime 0 in every
+//! inode and in the superblock, uid/gid 0 (a single-entry id table), entries in path order, no
+//! xattrs, single-threaded compression. The image is padded to a multiple of 4 KiB, as block
+//! devices want. The file is written next to `out` and renamed onto it, so a reader never sees
+//! half an image.
+
+use std::fs;
+use std::io::{self, BufWriter, Cursor, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use backhand::compression::{CompressionOptions, Compressor, Zstd};
+use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
+
+use crate::tree::{FileSource, Node, Tree};
+
+/// Errors writing a squashfs image.
+#[derive(Debug, thiserror::Error)]
+pub enum SquashfsError {
+    /// The image file could not be created, written or renamed.
+    #[error("Cannot write the root filesystem image {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// backhand refused an entry or failed to write.
+    #[error("Cannot build the root filesystem image {} ({context}): {message}", path.display())]
+    Backhand {
+        path: PathBuf,
+        context: String,
+        message: String,
+    },
+    /// An invalid option.
+    #[error("Invalid squashfs block size {0}: use a power of two from 4096 to 1048576")]
+    BlockSize(u32),
+    /// A host file in the tree is gone or unreadable.
+    #[error("Cannot read {} for {path} in the root filesystem: {source}", host.display())]
+    Read {
+        path: String,
+        host: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Result of squashfs operations.
+pub type Result<T> = std::result::Result<T, SquashfsError>;
+
+/// The compressor of the data and metadata blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// zstd: fast to decompress at boot, needs `CONFIG_SQUASHFS_ZSTD`.
+    #[default]
+    Zstd,
+    /// xz: smaller, slower to decompress, needs `CONFIG_SQUASHFS_XZ`.
+    Xz,
+}
+
+/// How to write the image.
+#[derive(Clone, Debug)]
+pub struct SquashfsOptions {
+    pub compression: Compression,
+    /// Compression level (zstd 1..=22, xz 0..=9); `None` for the compressor's default as
+    /// mksquashfs uses it (zstd 15, xz 6).
+    pub level: Option<u32>,
+    /// Data block size: a power of two from 4 KiB to 1 MiB.
+    pub block_size: u32,
+}
+
+impl Default for SquashfsOptions {
+    fn default() -> Self {
+        SquashfsOptions {
+            compression: Compression::Zstd,
+            level: None,
+            block_size: 128 * 1024,
+        }
+    }
+}
+
+/// The kernel's encoding of a device number in squashfs inodes (`new_encode_dev`).
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+/// Writes `tree` as a squashfs image at `out`, atomically.
+pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result<()> {
+    let bs = opts.block_size;
+    if !(4096..=1024 * 1024).contains(&bs) || !bs.is_power_of_two() {
+        return Err(SquashfsError::BlockSize(bs));
+    }
+    let bh_err = |context: String| {
+        move |e: backhand::BackhandError| SquashfsError::Backhand {
+            path: out.to_path_buf(),
+            context,
+            message: e.to_string(),
+        }
+    };
+    let io_err = |source| SquashfsError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+
+    let mut fs_writer = FilesystemWriter::default();
+    fs_writer.set_time(0);
+    fs_writer.set_block_size(bs);
+    fs_writer.set_only_root_id();
+    fs_writer.set_kib_padding(4);
+    let compressor = match opts.compression {
+        Compression::Zstd => FilesystemCompressor::new(
+            Compressor::Zstd,
+            Some(CompressionOptions::Zstd(Zstd {
+                compression_level: opts.level.unwrap_or(15),
+            })),
+        ),
+        Compression::Xz => {
+            let mut c = FilesystemCompressor::new(Compressor::Xz, None)
+                .map_err(bh_err("compressor".into()))?;
+            if let Some(level) = opts.level {
+                let mut extra = backhand::ExtraXz::default();
+                extra
+                    .level(level)
+                    .map_err(bh_err(format!("xz level {level}")))?;
+                c.extra(backhand::CompressionExtra::Xz(extra))
+                    .map_err(bh_err("xz options".into()))?;
+            }
+            Ok(c)
+        }
+    }
+    .map_err(bh_err("compressor".into()))?;
+    fs_writer.set_compressor(compressor);
+
+    for (path, node) in tree.iter() {
+        let header = |mode: u32| NodeHeader::new((mode & 0o7777) as u16, 0, 0, 0);
+        let ctx = || format!("adding {path}");
+        if path == "/" {
+            if let Node::Dir { mode } = node {
+                fs_writer.set_root_mode((mode & 0o7777) as u16);
+            }
+            fs_writer.set_root_uid(0);
+            fs_writer.set_root_gid(0);
+            continue;
+        }
+        match node {
+            Node::Dir { mode } => fs_writer
+                .push_dir(path, header(*mode))
+                .map_err(bh_err(ctx()))?,
+            Node::Symlink { target } => fs_writer
+                .push_symlink(target.as_str(), path, header(0o777))
+                .map_err(bh_err(ctx()))?,
+            Node::CharDevice { major, minor, mode } => fs_writer
+                .push_char_device(encode_dev(*major, *minor), path, header(*mode))
+                .map_err(bh_err(ctx()))?,
+            Node::File { source, mode } => match source {
+                FileSource::Host(host) => {
+                    // backhand opens the file only when writing; check now for a clear error.
+                    fs::metadata(host).map_err(|source| SquashfsError::Read {
+                        path: path.to_string(),
+                        host: host.clone(),
+                        source,
+                    })?;
+                    fs_writer
+                        .push_file_from_path(host.clone(), path, header(*mode))
+                        .map_err(bh_err(ctx()))?
+                }
+                FileSource::Bytes(bytes) => fs_writer
+                    .push_file(Cursor::new(bytes.clone()), path, header(*mode))
+                    .map_err(bh_err(ctx()))?,
+            },
+        }
+    }
+
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".fuse-rootfs-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err)?;
+    {
+        let mut w = BufWriter::new(tmp.as_file());
+        fs_writer.write(&mut w).map_err(bh_err("writing".into()))?;
+        w.flush().map_err(io_err)?;
+    }
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io_err)?;
+    tmp.as_file().sync_all().map_err(io_err)?;
+    tmp.persist(out).map_err(|e| io_err(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn tree_from(host: &Path) -> Tree {
+        let mut t = Tree::new();
+        t.add_host_dir_recursive("/app", host).unwrap();
+        t.add_bytes("/etc/hostname", &b"fuse\n"[..], 0o644).unwrap();
+        t.add_dir("/secret", 0o700).unwrap();
+        t.add_symlink("/bin", "app/bin").unwrap();
+        t
+    }
+
+    fn populate(dir: &Path) {
+        fs::create_dir_all(dir.join("bin")).unwrap();
+        fs::write(dir.join("bin/run"), b"#!/bin/sh\nexit 0\n").unwrap();
+        fs::set_permissions(dir.join("bin/run"), fs::Permissions::from_mode(0o700)).unwrap();
+        // Larger than a block, compressible and not, plus an empty file and a duplicate.
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(dir.join("big"), &big).unwrap();
+        let mut noise = Vec::new();
+        let mut x = 12345u32;
+        for _ in 0..50_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            noise.push((x >> 16) as u8);
+        }
+        fs::write(dir.join("noise"), &noise).unwrap();
+        fs::write(dir.join("empty"), b"").unwrap();
+        fs::write(dir.join("copy-of-big"), &big).unwrap();
+        std::os::unix::fs::symlink("bin/run", dir.join("run")).unwrap();
+    }
+
+    fn unsquashfs(args: &[&str]) -> String {
+        let out = Command::new("unsquashfs")
+            .args(args)
+            .env("TZ", "UTC")
+            .output()
+            .expect("unsquashfs must be installed");
+        assert!(
+            out.status.success(),
+            "unsquashfs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn image_extracts_to_the_same_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("src");
+        populate(&host);
+        let tree = tree_from(&host);
+        let img = dir.path().join("root.img");
+        write_squashfs(&tree, &img, &SquashfsOptions::default()).unwrap();
+        assert_eq!(fs::metadata(&img).unwrap().len() % 4096, 0);
+        let bytes = fs::read(&img).unwrap();
+        assert_eq!(&bytes[..4], b"hsqs");
+        // Superblock mkfs_time (offset 8) is 0, compression id (offset 20) is zstd (6).
+        assert_eq!(&bytes[8..12], &[0, 0, 0, 0]);
+        assert_eq!(u16::from_le_bytes([bytes[20], bytes[21]]), 6);
+
+        let listing = unsquashfs(&["-ll", "-n", img.to_str().unwrap()]);
+        let stats = unsquashfs(&["-s", img.to_str().unwrap()]);
+        assert!(stats.contains("Number of xattr ids 0"), "{stats}");
+        assert!(stats.contains("Number of ids 1"), "{stats}");
+        for line in listing.lines().filter(|l| l.contains("squashfs-root")) {
+            assert!(
+                line.contains(" root/root ") || line.contains(" 0/0 "),
+                "{line}"
+            );
+            assert!(line.contains("1970-01-01 00:00"), "{line}");
+        }
+        assert!(listing.contains("lrwxrwxrwx"), "{listing}");
+
+        let out = dir.path().join("out");
+        unsquashfs(&["-n", "-d", out.to_str().unwrap(), img.to_str().unwrap()]);
+        let mut seen = 0;
+        for (path, node) in tree.iter() {
+            let p = out.join(path.trim_start_matches('/'));
+            let meta = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{path}: {e}"));
+            match node {
+                Node::Dir { mode } => {
+                    assert!(meta.is_dir(), "{path}");
+                    assert_eq!(meta.permissions().mode() & 0o7777, *mode, "{path}");
+                }
+                Node::File { source, mode } => {
+                    assert_eq!(fs::read(&p).unwrap(), source.read().unwrap(), "{path}");
+                    assert_eq!(meta.permissions().mode() & 0o7777, *mode, "{path}");
+                }
+                Node::Symlink { target } => {
+                    assert_eq!(fs::read_link(&p).unwrap(), Path::new(target), "{path}");
+                }
+                Node::CharDevice { .. } => unreachable!(),
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, tree.len());
+        assert!(matches!(
+            tree.get("/app/bin/run"),
+            Some(Node::File { mode: 0o755, .. })
+        ));
+        // Nothing extra in the image.
+        let count = walk_count(&out);
+        assert_eq!(count, tree.len());
+    }
+
+    fn walk_count(p: &Path) -> usize {
+        let mut n = 1;
+        if fs::symlink_metadata(p).unwrap().is_dir() {
+            for e in fs::read_dir(p).unwrap() {
+                n += walk_count(&e.unwrap().path());
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn output_is_deterministic_across_host_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        populate(&a);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        populate(&b);
+        // Different mtimes and modes beyond the exec bit on the host copies.
+        fs::set_permissions(b.join("big"), fs::Permissions::from_mode(0o600)).unwrap();
+        for opts in [
+            SquashfsOptions::default(),
+            SquashfsOptions {
+                compression: Compression::Xz,
+                ..Default::default()
+            },
+        ] {
+            let ia = dir.path().join("a.img");
+            let ib = dir.path().join("b.img");
+            write_squashfs(&tree_from(&a), &ia, &opts).unwrap();
+            write_squashfs(&tree_from(&b), &ib, &opts).unwrap();
+            let (ba, bb) = (fs::read(&ia).unwrap(), fs::read(&ib).unwrap());
+            assert!(ba == bb, "{opts:?}: images differ");
+            write_squashfs(&tree_from(&a), &ia, &opts).unwrap();
+            assert!(fs::read(&ia).unwrap() == ba, "{opts:?}: rewrite differs");
+        }
+        // No temp files left behind.
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn char_device_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Tree::new();
+        t.add_char_device("/dev/console", 5, 1, 0o600).unwrap();
+        let img = dir.path().join("dev.img");
+        write_squashfs(&t, &img, &SquashfsOptions::default()).unwrap();
+        let listing = unsquashfs(&["-ll", "-n", img.to_str().unwrap()]);
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with("/dev/console"))
+            .unwrap_or_else(|| panic!("{listing}"));
+        assert!(line.starts_with("crw-------"), "{line}");
+        assert!(
+            line.contains(" 5,  1 ") || line.contains(" 5, 1 "),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = SquashfsOptions {
+            block_size: 1000,
+            ..Default::default()
+        };
+        let err = write_squashfs(&Tree::new(), &dir.path().join("x"), &bad).unwrap_err();
+        assert!(matches!(err, SquashfsError::BlockSize(1000)), "{err}");
+
+        let host = dir.path().join("f");
+        fs::write(&host, b"x").unwrap();
+        let mut t = Tree::new();
+        t.add_host_file("/f", &host, 0o644).unwrap();
+        fs::remove_file(&host).unwrap();
+        let out = dir.path().join("y.img");
+        let err = write_squashfs(&t, &out, &SquashfsOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("/f"), "{err}");
+        assert!(!out.exists());
+    }
+}

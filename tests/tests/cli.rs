@@ -1,0 +1,223 @@
+//! CLI tests without a boot: naming, digests, the store, inspect, and the error cases (each a
+//! one-line error, a non-zero exit, and nothing stored).
+
+mod common;
+
+use common::{Sandbox, HELLO};
+use std::process::Command;
+
+fn json(out: &fuse_tests::Output) -> serde_json::Value {
+    serde_json::from_str(&out.stdout_str()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
+fn rootfs_listing(sb: &Sandbox, image: &str) -> String {
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", image])
+            .run()
+            .assert_success(),
+    );
+    let digest = inspect["rootfs"]["digest"].as_str().unwrap();
+    let blob = sb
+        .home()
+        .join("images/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let out = Command::new("unsquashfs")
+        .arg("-lls")
+        .arg(&blob)
+        .output()
+        .expect("unsquashfs (squashfs-tools) is needed");
+    assert!(
+        out.status.success(),
+        "unsquashfs failed on {}",
+        blob.display()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn build_names_stores_and_inspects_an_image() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let out = sb.fuse().arg("build").arg(&app).run();
+    out.assert_success();
+    let line = out.stdout_str();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[0], "hello:1.0", "{out}");
+    assert!(
+        fields[1].starts_with("sha256:") && fields[1].len() == 71,
+        "{out}"
+    );
+
+    let built = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(&app)
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(built["image"], "hello:1.0");
+    assert_eq!(built["digest"], fields[1], "same input, same digest");
+    let size = built["size"].as_u64().unwrap();
+
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "hello:1.0"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspect["digest"], fields[1]);
+    assert_eq!(inspect["arch"], "x86_64");
+    assert_eq!(inspect["app"]["exe"], "/app/hello-1.0");
+    let parts: u64 = ["kernel", "init", "rootfs"]
+        .iter()
+        .map(|c| inspect[c]["size"].as_u64().unwrap())
+        .sum();
+    assert!(
+        parts < size && size - parts < 4096,
+        "sizes add up: {parts} vs {size}"
+    );
+    assert!(inspect["contents"]["largest"][0]["path"].is_string());
+
+    let human = sb.fuse().args(["inspect", "hello"]).run();
+    human
+        .assert_success()
+        .assert_stdout_contains("Largest files:");
+
+    let ls = json(sb.fuse().args(["ls", "--json"]).run().assert_success());
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    sb.fuse().args(["rm", "hello:1.0"]).run().assert_success();
+    let ls = json(sb.fuse().args(["ls", "--json"]).run().assert_success());
+    assert!(ls.as_array().unwrap().is_empty());
+    let blobs = std::fs::read_dir(sb.home().join("images/blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0, "rm collects unused blobs");
+}
+
+#[test]
+fn same_input_gives_the_same_digest_in_another_store() {
+    let a = Sandbox::new();
+    let b = Sandbox::new();
+    let app = a.program(HELLO, "hello", &["-static"]);
+    let da = json(
+        a.fuse()
+            .args(["build", "--json"])
+            .arg(&app)
+            .run()
+            .assert_success(),
+    );
+    // A copy elsewhere, with another mtime: the image must not notice.
+    let copy = b.dir.join("hello");
+    std::fs::copy(&app, &copy).unwrap();
+    let db = json(
+        b.fuse()
+            .args(["build", "--json"])
+            .arg(&copy)
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(da["digest"], db["digest"]);
+}
+
+#[test]
+fn root_filesystem_holds_the_app_and_its_libraries_only() {
+    let sb = Sandbox::new();
+    let app = sb.program("#include <math.h>\n#include <stdio.h>\nint main(int c, char **v){printf(\"%f\\n\", sqrt(c));return 0;}", "mathy", &["-lm"]);
+    sb.fuse().arg("build").arg(&app).run().assert_success();
+    let listing = rootfs_listing(&sb, "mathy");
+    for wanted in [
+        "/app/mathy",
+        "libm.so.6",
+        "libc.so.6",
+        "ld-linux-x86-64.so.2",
+        "/etc/fuse/spec",
+    ] {
+        assert!(
+            listing.contains(wanted),
+            "{wanted} missing from:\n{listing}"
+        );
+    }
+    for unwanted in ["/bin/sh", "busybox", "/usr/bin"] {
+        assert!(!listing.contains(unwanted), "{unwanted} in:\n{listing}");
+    }
+
+    let static_app = sb.program(HELLO, "lonely", &["-static"]);
+    sb.fuse()
+        .arg("build")
+        .arg(&static_app)
+        .run()
+        .assert_success();
+    let listing = rootfs_listing(&sb, "lonely");
+    assert!(
+        !listing.contains(".so"),
+        "a static binary gets no libraries:\n{listing}"
+    );
+}
+
+fn assert_refused(sb: &Sandbox, input: &std::path::Path, needles: &[&str]) {
+    let out = sb.fuse().arg("build").arg(input).run();
+    out.assert_code(1);
+    let stderr = out.stderr_str();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("fuse: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "'{needle}' not in: {}", lines[0]);
+    }
+    assert!(out.stdout_str().is_empty(), "{out}");
+    let refs = sb.home().join("images/refs");
+    let stored = std::fs::read_dir(&refs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(stored, 0, "nothing is stored for a refused input");
+}
+
+#[test]
+fn bad_inputs_are_refused_with_one_clear_line() {
+    let sb = Sandbox::new();
+    let text = sb.dir.write("notes.txt", "just text\n");
+    assert_refused(&sb, &text, &["notes.txt", "not an app"]);
+    assert_refused(&sb, sb.dir.path(), &["directory"]);
+    assert_refused(
+        &sb,
+        &sb.dir.join("missing-1.0"),
+        &["missing-1.0", "not found"],
+    );
+
+    // An aarch64 ELF into an x86_64 image.
+    let app = sb.program(HELLO, "foreign", &["-static"]);
+    let mut bytes = std::fs::read(&app).unwrap();
+    bytes[18..20].copy_from_slice(&183u16.to_le_bytes()); // e_machine = EM_AARCH64
+    let foreign = sb.dir.write("foreign-arm", &bytes);
+    assert_refused(&sb, &foreign, &["foreign-arm", "aarch64"]);
+}
+
+#[test]
+fn missing_library_is_named_with_the_binary_that_needs_it() {
+    let sb = Sandbox::new();
+    let lib_dir = sb.dir.join("lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    let lib_src = sb.dir.write("greet.c", "int greet(void) { return 42; }\n");
+    let status = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(lib_dir.join("libgreet.so"))
+        .arg(&lib_src)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let app = sb.program(
+        "int greet(void);\nint main(void){return greet() == 42 ? 0 : 1;}",
+        "needy",
+        &[
+            "-L",
+            lib_dir.to_str().unwrap(),
+            "-lgreet",
+            "-Wl,-rpath,$ORIGIN/lib",
+        ],
+    );
+    sb.fuse().arg("build").arg(&app).run().assert_success();
+    std::fs::remove_file(lib_dir.join("libgreet.so")).unwrap();
+    let other = Sandbox::new();
+    assert_refused(&other, &app, &["libgreet.so", "needy"]);
+}
