@@ -12,6 +12,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,24 +62,73 @@ void mount_early(void)
 	must_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 }
 
-/* The value of `key` (e.g. "PARTUUID=") in a uevent file, copied into out. */
-static bool uevent_value(const char *path, const char *key, char *out, size_t outlen)
+/* Read exactly `len` bytes at `off`; false on error or short read. */
+static bool pread_all(int fd, void *buf, size_t len, off_t off)
 {
+	ssize_t n = pread(fd, buf, len, off);
+	return n == (ssize_t)len;
+}
+
+static uint32_t le32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t le64(const uint8_t *p)
+{
+	return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
+}
+
+/* A GPT GUID as the kernel and blkid print it (first three fields little endian). */
+static void format_guid(const uint8_t *g, char *out, size_t outlen)
+{
+	snprintf(out, outlen,
+		 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", g[3], g[2],
+		 g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
+		 g[15]);
+}
+
+/* The number (1-based) of the partition with this unique GUID in the GPT of a whole disk,
+ * or 0. The kernel does not export PARTUUID in uevent files, so read the table: it is what
+ * the kernel itself does for root=PARTUUID=. */
+static unsigned gpt_find(const char *disk, const char *uuid)
+{
+	char path[512];
+	snprintf(path, sizeof(path), "/sys/class/block/%s/queue/logical_block_size", disk);
 	char *buf;
 	size_t len;
-	if (read_file(path, 64 * 1024, &buf, &len) < 0)
-		return false;
-	bool found = false;
-	size_t klen = strlen(key);
-	char *save = NULL;
-	for (char *l = strtok_r(buf, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
-		if (strncmp(l, key, klen) == 0) {
-			snprintf(out, outlen, "%s", l + klen);
-			found = true;
-			break;
+	long sector = 512;
+	if (read_file(path, 64, &buf, &len) == 0) {
+		sector = atol(buf);
+		free(buf);
+	}
+	if (sector < 512 || sector > 65536)
+		return 0;
+	snprintf(path, sizeof(path), "/dev/%s", disk);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	unsigned found = 0;
+	uint8_t hdr[92];
+	if (pread_all(fd, hdr, sizeof(hdr), sector) && memcmp(hdr, "EFI PART", 8) == 0) {
+		uint64_t entries_lba = le64(hdr + 72);
+		uint32_t count = le32(hdr + 80), size = le32(hdr + 84);
+		if (count > 1024)
+			count = 1024; /* larger tables are not what fuse writes */
+		uint8_t entry[128];
+		for (uint32_t i = 0; size >= 128 && size <= 4096 && i < count; i++) {
+			off_t off = (off_t)(entries_lba * (uint64_t)sector + (uint64_t)i * size);
+			if (!pread_all(fd, entry, sizeof(entry), off))
+				break;
+			char guid[40];
+			format_guid(entry + 16, guid, sizeof(guid));
+			if (strcasecmp(guid, uuid) == 0) {
+				found = i + 1;
+				break;
+			}
 		}
 	}
-	free(buf);
+	close(fd);
 	return found;
 }
 
@@ -93,15 +143,20 @@ static bool find_partuuid(const char *uuid, char *dev, size_t devlen)
 	while (!found && (e = readdir(d)) != NULL) {
 		if (e->d_name[0] == '.')
 			continue;
-		char path[512], value[128], name[128];
-		snprintf(path, sizeof(path), "/sys/class/block/%s/uevent", e->d_name);
-		/* GPT partition UUIDs are printed in lower case; accept either. */
-		if (uevent_value(path, "PARTUUID=", value, sizeof(value)) &&
-		    strcasecmp(value, uuid) == 0 &&
-		    uevent_value(path, "DEVNAME=", name, sizeof(name))) {
-			snprintf(dev, devlen, "/dev/%s", name);
-			found = true;
-		}
+		/* Whole disks only: partitions have a `partition` attribute. */
+		char path[512];
+		snprintf(path, sizeof(path), "/sys/class/block/%s/partition", e->d_name);
+		if (access(path, F_OK) == 0)
+			continue;
+		unsigned n = gpt_find(e->d_name, uuid);
+		if (n == 0)
+			continue;
+		/* Kernel naming: vda -> vda1, nvme0n1 -> nvme0n1p1. */
+		size_t l = strlen(e->d_name);
+		bool digit = l > 0 && e->d_name[l - 1] >= '0' && e->d_name[l - 1] <= '9';
+		snprintf(dev, devlen, "/dev/%s%s%u", e->d_name, digit ? "p" : "", n);
+		struct stat st;
+		found = stat(dev, &st) == 0 && S_ISBLK(st.st_mode);
 	}
 	closedir(d);
 	return found;
@@ -140,7 +195,7 @@ static void wait_root(const char *spec, char *dev, size_t devlen)
 
 void switch_root(const struct boot_params *p)
 {
-	char dev[256];
+	char dev[512];
 	wait_root(p->root, dev, sizeof(dev));
 	debug("root device %s is there", dev);
 

@@ -93,6 +93,21 @@ void debug(const char *fmt, ...)
 	va_end(ap);
 }
 
+/* In quiet runs (console loglevel 1, as fuse boots), the exit line must be the last thing on
+ * the console, but the kernel prints "reboot: Power down" at emergency level, which loglevel
+ * cannot hide: turn the console log off entirely. Verbose runs keep their messages. */
+static void quiet_kernel(void)
+{
+	char *buf;
+	size_t len;
+	if (debug_enabled || read_file("/proc/sys/kernel/printk", 256, &buf, &len) < 0)
+		return;
+	int level = atoi(buf);
+	free(buf);
+	if (level <= 1)
+		(void)write_file("/proc/sys/kernel/printk", "0", 1, 0644);
+}
+
 void power_off(int code)
 {
 	if (code < 0 || code > 255)
@@ -107,6 +122,7 @@ void power_off(int code)
 	/* Wait for the serial line to drain so the host sees the exit line before the VM
 	 * disappears. */
 	tcdrain(STDOUT_FILENO);
+	quiet_kernel();
 	reboot(RB_POWER_OFF);
 	/* No power-off support (no ACPI, say): a reboot also ends the VM under -no-reboot. */
 	reboot(RB_AUTOBOOT);

@@ -325,18 +325,33 @@ fn probe_x86(qemu: &Path) -> Verdict {
         let _ = err.read_to_string(&mut stderr);
     }
     let what = match (status.code(), status.signal()) {
+        (_, Some(libc::SIGABRT)) => "probe VM aborted".to_string(),
         (_, Some(signal)) => format!("probe VM killed by signal {signal}"),
         (code, _) => format!("probe VM exited with {}", code.unwrap_or(-1)),
     };
-    // QEMU's first error line says why, e.g. "failed to set MSR 0x10a to 0x69".
-    match stderr
+    // QEMU's error line says why, e.g. "qemu-system-x86_64: error: failed to set MSR 0x10a
+    // to 0x69"; keep what follows the last "error: " or the program name.
+    let line = stderr
         .lines()
         .find(|l| l.contains("error"))
         .or(stderr.lines().next())
-    {
-        Some(line) => Verdict::Unusable(format!("{what}: {}", line.trim())),
+        .map(|l| {
+            let l = l.rsplit_once("error: ").map_or(l, |(_, why)| why);
+            l.strip_prefix(&format!("{}: ", program_name(qemu)))
+                .unwrap_or(l)
+                .trim()
+        })
+        .filter(|l| !l.is_empty());
+    match line {
+        Some(line) => Verdict::Unusable(format!("{what}: {line}")),
         None => Verdict::Unusable(what),
     }
+}
+
+fn program_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -410,6 +425,7 @@ mod tests {
         fs::remove_file(&cache).unwrap();
         let started = Instant::now();
         let first = with_cache_dir(dir.path(), || cached_probe(Arch::X86_64, &qemu));
+        eprintln!("KVM probe: {first:?} in {:?}", started.elapsed());
         assert!(started.elapsed() < PROBE_TIMEOUT + Duration::from_secs(2));
         let stored: serde_json::Value = serde_json::from_slice(&fs::read(&cache).unwrap()).unwrap();
         assert_eq!(

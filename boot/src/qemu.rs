@@ -1210,6 +1210,69 @@ int main(void) {
         assert_eq!(fx.leftovers(), Vec::<String>::new());
     }
 
+    /// Env of the re-executed test binary in `test_boot_sigkill_of_runner_kills_vm`.
+    const CHILD_ENV: &str = "FUSE_TEST_RUNNER_CHILD";
+
+    /// Not a test on its own: the runner process that the next test SIGKILLs.
+    #[test]
+    fn child_runs_hanging_vm() {
+        let Some(dir) = std::env::var_os(CHILD_ENV) else {
+            return;
+        };
+        let fx = Fixture {
+            dir: tempfile::TempDir::with_prefix_in("unused", &dir).unwrap(),
+            kernel: std::env::var_os("FUSE_TEST_KERNEL").unwrap().into(),
+        };
+        let mut config = fx.config("hang");
+        let d = PathBuf::from(dir);
+        config.initrd = d.join("initrd");
+        config.root_disk = d.join("disk");
+        config.fw_cfg.clear();
+        let mut stdout = io::stdout();
+        let _ = run(&config, &mut stdout);
+    }
+
+    #[test]
+    fn test_boot_sigkill_of_runner_kills_vm() {
+        let _serial = signals::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fx) = fixture() else { return };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "qemu::boot_tests::child_runs_hanging_vm",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, fx.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("partial no newline") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "child ended early: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(fx.leftovers().len(), 1, "the VM should be running");
+        child.kill().unwrap(); // SIGKILL: no handler, no Drop runs in the child
+        child.wait().unwrap();
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            fx.leftovers().is_empty()
+        });
+        assert!(
+            gone,
+            "QEMU outlived its SIGKILLed runner: {:?}",
+            fx.leftovers()
+        );
+    }
+
     #[test]
     fn test_qemu_failure_reported() {
         let _serial = signals::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -3,11 +3,13 @@
 //! outlives a test.
 //!
 //! Every command started through [`FuseCmd`] gets `FUSE_TEST_RUN=<marker>` in its
-//! environment. QEMU inherits it, so [`leaked_qemus`] finds the VMs of this test process
-//! even after fuse died and they were reparented. The runner also names every VM
-//! `-name fuse,process=fuse-vm` (see `fuse_boot::qemu::VM_NAME_ARG`), which
-//! [`qemu_processes`] uses.
+//! environment, unique per command. QEMU inherits it, so [`leaked_qemus`] finds the VMs of
+//! commands of this test process that have finished (a finished fuse must leave no VM), even
+//! after they were reparented, without touching the VMs of tests still running in parallel.
+//! The runner also names every VM `-name fuse,process=fuse-vm` (see
+//! `fuse_boot::qemu::VM_NAME_ARG`), which [`qemu_processes`] uses.
 
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
@@ -16,7 +18,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,29 @@ pub const RUN_MARKER_ENV: &str = "FUSE_TEST_RUN";
 /// The default timeout of a [`FuseCmd`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// This test process's marker (unique per test binary run).
+/// The markers of the commands that have finished (their VMs must be gone).
+static FINISHED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+fn mark_finished(marker: &str) {
+    let mut finished = FINISHED.lock().unwrap_or_else(|e| e.into_inner());
+    finished
+        .get_or_insert_with(HashSet::new)
+        .insert(marker.to_string());
+}
+
+fn is_finished(marker: &str) -> bool {
+    let finished = FINISHED.lock().unwrap_or_else(|e| e.into_inner());
+    finished.as_ref().is_some_and(|f| f.contains(marker))
+}
+
+/// A fresh marker for one command: `<run marker>-<n>`.
+fn command_marker() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", run_marker(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// This test process's marker (unique per test binary run); commands get
+/// `<marker>-<n>`.
 pub fn run_marker() -> &'static str {
     static MARKER: OnceLock<String> = OnceLock::new();
     MARKER.get_or_init(|| {
@@ -233,7 +257,6 @@ impl FuseCmd {
     pub fn spawn(&self) -> Running {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
-            .env(RUN_MARKER_ENV, run_marker())
             .stdin(if self.stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -251,6 +274,8 @@ impl FuseCmd {
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
         }
+        let marker = command_marker();
+        cmd.env(RUN_MARKER_ENV, &marker);
         let started = Instant::now();
         let mut child = cmd
             .spawn()
@@ -266,6 +291,7 @@ impl FuseCmd {
         let stderr = collect(child.stderr.take());
         Running {
             command: self.describe(),
+            marker,
             child: Some(child),
             started,
             timeout: self.timeout,
@@ -301,6 +327,7 @@ fn collect(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8
 #[derive(Debug)]
 pub struct Running {
     command: String,
+    marker: String,
     child: Option<Child>,
     started: Instant,
     timeout: Duration,
@@ -329,6 +356,11 @@ impl Running {
             // SAFETY: signals the process group of a child we spawned and have not reaped.
             unsafe { libc::kill(-(child.id() as libc::pid_t), signal) };
         }
+    }
+
+    /// The `FUSE_TEST_RUN` value of this command (and so of its VMs).
+    pub fn marker(&self) -> &str {
+        &self.marker
     }
 
     /// Whether the process still runs.
@@ -362,6 +394,7 @@ impl Running {
         // SAFETY: the group id is that of our (now reaped) child; no memory is involved.
         // A reused id is possible in theory only, as the group lives as long as a member.
         unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        mark_finished(&self.marker);
         if let Some(stdin) = self.stdin.take() {
             let _ = stdin.join();
         }
@@ -383,6 +416,7 @@ impl Drop for Running {
         if let Some(mut child) = self.child.take() {
             kill_group(&mut child);
             let _ = child.wait();
+            mark_finished(&self.marker);
         }
     }
 }
@@ -397,14 +431,15 @@ fn kill_group(child: &mut Child) {
 pub struct QemuProcess {
     pub pid: u32,
     pub cmdline: String,
-    /// Whether its environment carries this test process's marker.
+    /// Its `FUSE_TEST_RUN` marker, if started by the test framework.
+    pub marker: Option<String>,
+    /// Whether it was started by a command of this test process.
     pub ours: bool,
 }
 
 /// Every live QEMU started by fuse (named `-name fuse,process=fuse-vm`, or carrying a
 /// `FUSE_TEST_RUN` marker), from any test run.
 pub fn qemu_processes() -> Vec<QemuProcess> {
-    let marker = format!("{RUN_MARKER_ENV}={}", run_marker());
     let mut found = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return found;
@@ -437,19 +472,22 @@ pub fn qemu_processes() -> Vec<QemuProcess> {
             continue;
         }
         let environ = fs::read(entry.path().join("environ")).unwrap_or_default();
-        let ours = environ.split(|&b| b == 0).any(|kv| kv == marker.as_bytes());
+        let prefix = format!("{RUN_MARKER_ENV}=");
+        let marker = environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+            .map(|m| String::from_utf8_lossy(m).into_owned());
+        let ours = marker
+            .as_deref()
+            .is_some_and(|m| m.starts_with(&format!("{}-", run_marker())));
         let named = argv
             .windows(2)
             .any(|w| w[0] == "-name" && w[1].starts_with("fuse,"));
-        if ours
-            || named
-            || environ
-                .windows(RUN_MARKER_ENV.len())
-                .any(|w| w == RUN_MARKER_ENV.as_bytes())
-        {
+        if named || marker.is_some() {
             found.push(QemuProcess {
                 pid,
                 cmdline: argv.join(" "),
+                marker,
                 ours,
             });
         }
@@ -457,12 +495,16 @@ pub fn qemu_processes() -> Vec<QemuProcess> {
     found
 }
 
-/// The QEMU processes started by this test process that are still alive. Waits up to 2 s
-/// for VMs that are being killed to go away.
+/// The QEMU processes started by commands of this test process that have finished, and so
+/// should be gone. Waits up to 2 s for VMs that are being killed to go away. VMs of commands
+/// still running (other tests in parallel) are not leaks.
 pub fn leaked_qemus() -> Vec<QemuProcess> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let ours: Vec<QemuProcess> = qemu_processes().into_iter().filter(|q| q.ours).collect();
+        let ours: Vec<QemuProcess> = qemu_processes()
+            .into_iter()
+            .filter(|q| q.ours && q.marker.as_deref().is_some_and(is_finished))
+            .collect();
         if ours.is_empty() || Instant::now() >= deadline {
             return ours;
         }
@@ -608,7 +650,7 @@ mod tests {
             .cwd(dir.path())
             .run();
         out.assert_success()
-            .assert_stdout_contains(&format!("hi {}", run_marker()));
+            .assert_stdout_contains(&format!("hi {}-", run_marker()));
         let canonical = fs::canonicalize(dir.path()).unwrap();
         out.assert_stdout_contains(canonical.to_str().unwrap());
     }
@@ -671,8 +713,32 @@ mod tests {
     }
 
     #[test]
-    fn test_no_qemu_of_ours_at_start() {
-        assert_eq!(leaked_qemus(), Vec::new());
-        assert_no_leaked_qemu();
+    fn test_leak_of_finished_command_is_found_and_killed() {
+        // A fake QEMU in its own session, so the group kill at the end of the command misses
+        // it, as it would a real leaked VM.
+        let script = "setsid bash -c 'exec -a qemu-system-leaktest sleep 100' \
+                      </dev/null >/dev/null 2>&1 & sleep 0.3";
+        let running = FuseCmd::program("bash").args(["-c", script]).spawn();
+        let marker = running.marker().to_string();
+        std::thread::sleep(Duration::from_millis(200));
+        // Still running: its VM is not a leak yet.
+        assert!(!leaked_qemus()
+            .iter()
+            .any(|q| q.marker.as_deref() == Some(&marker)));
+        running.wait().assert_success();
+        let leaked: Vec<QemuProcess> = leaked_qemus()
+            .into_iter()
+            .filter(|q| q.marker.as_deref() == Some(&marker))
+            .collect();
+        assert_eq!(leaked.len(), 1, "{leaked:?}");
+        assert!(leaked[0].cmdline.starts_with("qemu-system-leaktest"));
+        let pid = leaked[0].pid as i32;
+        let panicked = std::panic::catch_unwind(assert_no_leaked_qemu);
+        assert!(panicked.is_err());
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !pid_alive(pid)
+        });
+        assert!(gone);
     }
 }

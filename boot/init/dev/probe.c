@@ -94,10 +94,12 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	if (!strcmp(mode, "sigterm")) {
-		/* Have someone else ask init to stop; init must forward SIGTERM to us. */
-		signal(SIGTERM, on_signal);
+		/* Have someone else signal init (SIGTERM, or the signal number in argv[2]: 2 is
+		 * what Ctrl-Alt-Del sends); init must forward it to us. */
+		int sig = argc > 2 ? atoi(argv[2]) : SIGTERM;
+		signal(sig, on_signal);
 		if (fork() == 0) {
-			kill(1, SIGTERM);
+			kill(1, sig);
 			_exit(0);
 		}
 		while (!got)
