@@ -38,6 +38,11 @@ __attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
 __attribute__((format(printf, 1, 2))) void debug(const char *fmt, ...);
 /* Print `<<fuse:exit N>>`, sync and power the machine off. Never returns. */
 __attribute__((noreturn)) void power_off(int code);
+/* Where an initramfs lists kernel modules to load before the root is mounted, one path a
+ * line, in load order (see boot/src/initramfs.rs). */
+#define MODULE_LIST_PATH "/lib/modules/load"
+/* Load the modules of MODULE_LIST_PATH, if the initramfs has one. */
+void load_modules(void);
 
 /* Read a whole file (at most `max` bytes) into a malloc'ed, NUL-terminated buffer.
  * Returns 0, or -errno (-EFBIG when larger than max). */

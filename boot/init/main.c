@@ -132,6 +132,7 @@ int main(void)
 	reboot(RB_DISABLE_CAD);
 
 	mount_early();
+	load_modules();
 	struct boot_params params;
 	read_boot_params(&params);
 	debug_enabled = params.debug;

@@ -9,6 +9,11 @@ use fuse_rootfs::Arch;
 
 use crate::init::init_binary;
 
+/// Where an initramfs lists kernel modules for the init to load before it mounts the root, one
+/// path a line (`MODULE_LIST_PATH` in `boot/init/init.h`). fuse's kernels need none; a
+/// distribution kernel (the boot benchmark's baseline) needs its virtio and squashfs modules.
+pub const MODULE_LIST_PATH: &str = "/lib/modules/load";
+
 /// Why an initramfs could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 /// Modules Debian's cloud kernel needs to reach our root disk and network, in load order.
 const DEBIAN_MODULES: [&str; 10] = [
-    "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko",
@@ -141,6 +141,7 @@ fn run() -> Result<()> {
         let mut base = config.clone();
         base.kernel = kernel;
         base.initrd = initrd;
+        base.verbose = std::env::var_os("FUSE_BENCH_VERBOSE").is_some();
         all.push(Series::boot("debian cloud kernel", &base, runs)?);
     }
 
