@@ -5,14 +5,13 @@ use crate::layout;
 use crate::manifest::{
     AppSection, Component, Contents, FileSize, KernelComponent, Manifest, RootfsComponent, SCHEMA,
 };
-use crate::naming::{self, ImageName};
-use crate::payload::{self, Kind};
+use crate::naming;
+use crate::payload;
+use crate::runtimes::{self, RuntimeInput};
 use crate::store::{Store, StoredImage};
-use anyhow::{bail, Context, Result};
-use fuse_boot::spec::AppSpec;
-use fuse_rootfs::elf::{self, ClosureOptions};
+use anyhow::{Context, Result};
 use fuse_rootfs::Arch;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -52,9 +51,18 @@ pub fn build(
     let arch = request.arch.unwrap_or_else(Arch::host);
 
     // The app first: its errors (missing library, wrong arch) are the likeliest and cheapest.
-    let (tree, spec) = match kind {
-        Kind::Native => native_tree(input, &name, arch)?,
-    };
+    let app = runtimes::assemble(
+        kind,
+        &RuntimeInput {
+            input,
+            name: &name,
+            arch,
+        },
+        progress,
+    )?;
+    let mut tree = app.tree;
+    let spec = app.spec;
+    tree.add_bytes(layout::SPEC_PATH, spec.try_encode()?, 0o644)?;
 
     let kernel = kernel::ensure(
         &KernelRequest {
@@ -95,6 +103,7 @@ pub fn build(
             format: "squashfs+zstd".into(),
         },
         cmdline: kernel_cmdline(arch),
+        notes: app.notes.into_iter().collect(),
         app: AppSection {
             kind: kind.as_str().into(),
             exe: spec.exe.clone(),
@@ -121,46 +130,4 @@ pub fn build(
         digest,
         manifest,
     })
-}
-
-/// The default environment of every app: a PATH that covers the image and a writable HOME.
-fn default_env(name: &ImageName) -> Vec<(String, String)> {
-    vec![
-        ("PATH".into(), "/app:/usr/local/bin:/usr/bin:/bin".into()),
-        ("HOME".into(), "/root".into()),
-        ("HOSTNAME".into(), name.name.clone()),
-        ("LANG".into(), "C.UTF-8".into()),
-    ]
-}
-
-fn native_tree(
-    input: &Path,
-    name: &ImageName,
-    arch: Arch,
-) -> Result<(fuse_rootfs::tree::Tree, AppSpec)> {
-    let file_name = input
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| name.name.clone());
-    let exe = format!("{}/{file_name}", layout::APP_DIR);
-    let mut tree = layout::skeleton()?;
-    let options = ClosureOptions {
-        arch,
-        ..ClosureOptions::default()
-    };
-    elf::add_with_closure(&mut tree, input, &exe, &options)?;
-    if tree.get(&exe).is_none() {
-        bail!("Internal error: {exe} missing from the image tree");
-    }
-    let spec = AppSpec {
-        exe: exe.clone(),
-        args: vec![exe],
-        env: default_env(name),
-        cwd: layout::APP_DIR.into(),
-        uid: 0,
-        gid: 0,
-        hostname: name.name.clone(),
-    };
-    tree.add_bytes(layout::SPEC_PATH, spec.encode(), 0o644)?;
-    Ok((tree, spec))
 }

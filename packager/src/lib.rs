@@ -16,4 +16,5 @@ pub mod naming;
 pub mod paths;
 pub mod payload;
 pub mod run;
+pub mod runtimes;
 pub mod store;

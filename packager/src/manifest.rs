@@ -5,6 +5,7 @@ use crate::digest;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::Arch;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Bump on incompatible changes; readers reject versions they do not know.
 pub const SCHEMA: u32 = 1;
@@ -60,6 +61,9 @@ pub struct Manifest {
     /// The kernel command line the image boots with.
     pub cmdline: String,
     pub app: AppSection,
+    /// Runtime facts (JDK version, module set, node version...), sorted by key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub notes: BTreeMap<String, String>,
     pub contents: Contents,
 }
 
@@ -172,6 +176,7 @@ pub(crate) mod tests {
                 gid: 0,
                 hostname: "hello".into(),
             },
+            notes: BTreeMap::new(),
             contents: Contents {
                 files: 1,
                 bytes: 3,
