@@ -22,6 +22,15 @@
 #define SPEC_PATH "/etc/fuse/spec"
 #define OVERLAY_PATH "/sys/firmware/qemu_fw_cfg/by_name/opt/fuse/run/raw"
 #define SPEC_MAX_BYTES (1024 * 1024)
+/* Baked environments (see spec.c select_environment): one overlay file per environment, the
+ * default's name, each environment's config files, and the link the image's config paths go
+ * through to reach the selected environment's files. */
+#define ENV_DIR "/etc/fuse/env"
+#define DEFAULT_ENV_PATH "/etc/fuse/environment"
+#define FILES_DIR "/etc/fuse/files"
+#define CURRENT_DIR "/run/fuse"
+#define CURRENT_LINK "/run/fuse/current"
+#define ENV_NAME_MAX 63
 
 /* ---- util.c ---------------------------------------------------------------------------- */
 
@@ -78,6 +87,11 @@ void mount_early(void);
 void switch_root(const struct boot_params *p);
 /* The run-time mounts of the new root: devpts, /dev/shm, /tmp, /run. */
 void mount_runtime(void);
+struct app_spec;
+/* Mount the spec's volumes (ext4, read-write) on their mount points; dies when one fails. */
+void mount_volumes(const struct app_spec *s);
+/* Unmount them again (before power-off), so their filesystems are clean. */
+void unmount_volumes(const struct app_spec *s);
 
 /* ---- spec.c ---------------------------------------------------------------------------- */
 
@@ -92,6 +106,8 @@ struct app_spec {
 	uid_t uid;
 	gid_t gid;
 	char *hostname;
+	char **volumes; /* `/dev/NAME:/PATH` from the run overlay; NULL when there are none */
+	size_t volc;
 };
 /* Parse the baked spec (overlay=false) or apply a run overlay to `s` (overlay=true).
  * Returns 0, or -1 with a reason in `err`. */
@@ -110,5 +126,13 @@ pid_t start_app(const struct app_spec *s);
 
 /* Bring up lo, configure eth0 by DHCP if it exists, write /run/hosts and /run/resolv.conf. */
 void net_setup(const char *hostname);
+
+/* ---- powerkey.c ------------------------------------------------------------------------ */
+
+/* A non-blocking fd of the evdev device with a KEY_POWER key (arm64 virt's gpio-keys power
+ * button), or -1 when there is none (x86: the ACPI power button sends SIGTERM itself). */
+int power_key_open(void);
+/* Drain the device's queued events; true when they include a KEY_POWER press. */
+bool power_key_pressed(int fd);
 
 #endif

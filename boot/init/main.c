@@ -55,13 +55,23 @@ static bool reap(pid_t app, int *app_status)
 	}
 }
 
+/* The power button device (see powerkey.c), or -1. */
+static int power_fd = -1;
+
 /* Wait for the next signal from the signalfd, at most `timeout_ms` (-1: forever).
  * Returns the signal number, or 0 on timeout. */
 static int next_signal(int sfd, int timeout_ms)
 {
-	struct pollfd pfd = {.fd = sfd, .events = POLLIN};
-	int r = poll(&pfd, 1, timeout_ms);
+	struct pollfd pfd[2] = {{.fd = sfd, .events = POLLIN}, {.fd = power_fd, .events = POLLIN}};
+	int r = poll(pfd, power_fd >= 0 ? 2 : 1, timeout_ms);
 	if (r <= 0)
+		return 0;
+	/* A power button press (arm64 virt) means what SIGTERM from ACPI means on x86. */
+	if (power_fd >= 0 && (pfd[1].revents & POLLIN) && power_key_pressed(power_fd)) {
+		debug("power button pressed");
+		return SIGTERM;
+	}
+	if (!(pfd[0].revents & POLLIN))
 		return 0;
 	struct signalfd_siginfo si;
 	if (read(sfd, &si, sizeof(si)) != sizeof(si))
@@ -139,9 +149,11 @@ int main(void)
 	debug("init started");
 	switch_root(&params);
 	mount_runtime();
+	power_fd = power_key_open();
 
 	struct app_spec spec;
 	load_spec(&spec);
+	mount_volumes(&spec);
 	if (sethostname(spec.hostname, strlen(spec.hostname)) < 0)
 		warn("cannot set the host name to %s: %s", spec.hostname, strerror(errno));
 	net_setup(spec.hostname);
@@ -150,5 +162,6 @@ int main(void)
 	int status = supervise(sfd, app);
 	debug("app exited with status %d", status_code(status));
 	stop_everything(sfd);
+	unmount_volumes(&spec);
 	power_off(status_code(status));
 }

@@ -264,3 +264,54 @@ void mount_runtime(void)
 	(void)symlink("/proc/self/fd/2", "/dev/stderr");
 	debug("run-time mounts done");
 }
+
+/* How long to wait for a volume's disk to appear (probed with the root, normally there). */
+#define VOLUME_WAIT_MS 5000
+
+/* Split `/dev/NAME:/PATH` (checked by spec_parse) into its two parts. */
+static void volume_parts(const char *v, char *dev, size_t devlen, const char **path)
+{
+	const char *colon = strchr(v, ':');
+	snprintf(dev, devlen, "%.*s", (int)(colon - v), v);
+	*path = colon + 1;
+}
+
+void mount_volumes(const struct app_spec *s)
+{
+	for (size_t i = 0; i < s->volc; i++) {
+		char dev[128];
+		const char *path;
+		volume_parts(s->volumes[i], dev, sizeof(dev), &path);
+		long long deadline = now_ms() + VOLUME_WAIT_MS;
+		struct stat st;
+		while (stat(dev, &st) < 0) {
+			if (now_ms() >= deadline)
+				die(EXIT_INIT_FAILURE, "no volume disk %s for %s after %d s", dev, path,
+				    VOLUME_WAIT_MS / 1000);
+			sleep_ms(10);
+		}
+		/* The root is read-only: the mount point must be in the image (the runner checks
+		 * this before boot; this is the last line of defence). */
+		if (stat(path, &st) < 0 || !S_ISDIR(st.st_mode))
+			die(EXIT_INIT_FAILURE,
+			    "cannot mount volume %s on %s: there is no %s directory in the image", dev,
+			    path, path);
+		if (mount(dev, path, "ext4", MS_NOSUID | MS_NODEV, NULL) < 0)
+			die(EXIT_INIT_FAILURE, "cannot mount volume %s (ext4) on %s: %s", dev, path,
+			    strerror(errno));
+		debug("volume %s mounted on %s", dev, path);
+	}
+}
+
+void unmount_volumes(const struct app_spec *s)
+{
+	for (size_t i = s->volc; i-- > 0;) {
+		char dev[128];
+		const char *path;
+		volume_parts(s->volumes[i], dev, sizeof(dev), &path);
+		/* The app and its children are gone, so nothing keeps it busy; on failure the
+		 * journal makes the next mount consistent anyway. */
+		if (umount(path) < 0)
+			warn("cannot unmount volume %s: %s", path, strerror(errno));
+	}
+}

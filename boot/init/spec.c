@@ -14,18 +14,23 @@
  *   reset-args  `1`: argv[1..] of the spec is cleared (so an overlay can clear the args)
  *   arg         replaces argv[1..] of the spec (the first one clears them), argv[0] stays
  *   env         `KEY=VALUE`, added or overriding the spec's KEY
+ *   environment the name of the baked environment to select (once; see select_environment)
+ *   volume      `/dev/NAME:/PATH`: a data disk the init mounts read-write (ext4) at PATH
  * Any other key is an error: a newer format gets a new version number, it is never silently
  * half-understood. The Rust side (boot/src/spec.rs) writes this format.
  */
 #define _GNU_SOURCE
 #include "init.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define HOSTNAME_MAX 64
 
@@ -137,6 +142,14 @@ int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, ch
 			if (!eq || eq == val)
 				return fail(err, errlen, "env entry '%s' is not KEY=VALUE", val);
 			env_set(s, val);
+		} else if (overlay && strcmp(key, "environment") == 0) {
+			/* Applied by load_spec before this overlay: see select_environment. */
+		} else if (overlay && strcmp(key, "volume") == 0) {
+			/* DEV:PATH, mounted by mount_volumes (mounts.c). */
+			const char *colon = strchr(val, ':');
+			if (strncmp(val, "/dev/", 5) != 0 || !colon || colon[1] != '/')
+				return fail(err, errlen, "volume '%s' is not /dev/NAME:/PATH", val);
+			vec_push(&s->volumes, &s->volc, val);
 		} else if (overlay) {
 			if (strcmp(key, "reset-args") != 0 || strcmp(val, "1") != 0)
 				return fail(err, errlen, "unknown key '%s' (not made by this fuse?)",
@@ -196,6 +209,119 @@ int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, ch
 	return 0;
 }
 
+/* Environment names become file names under ENV_DIR: the builder's rule (config.rs). */
+static bool valid_environment_name(const char *name)
+{
+	size_t n = strlen(name);
+	if (n == 0 || n > ENV_NAME_MAX || !isalnum((unsigned char)name[0]))
+		return false;
+	for (const char *c = name; *c; c++)
+		if (!isalnum((unsigned char)*c) && *c != '-' && *c != '_' && *c != '.')
+			return false;
+	return true;
+}
+
+/* The value of the overlay's `environment` key, or NULL. Malformed overlays are left to
+ * spec_parse to report. A second `environment` key is an error. */
+static const char *overlay_environment(const char *buf, size_t len)
+{
+	if (len == 0 || buf[len - 1] != '\0')
+		return NULL;
+	const char *found = NULL, *p = buf, *end = buf + len;
+	while (p < end) {
+		const char *key = p;
+		p += strlen(p) + 1;
+		if (p >= end)
+			break;
+		const char *val = p;
+		p += strlen(p) + 1;
+		if (strcmp(key, "environment") == 0) {
+			if (found)
+				die(EXIT_INIT_FAILURE,
+				    "bad run overlay (fw_cfg opt/fuse/run): key 'environment' is given twice");
+			found = val;
+		}
+	}
+	return found;
+}
+
+/* The names under ENV_DIR, comma-separated, for error messages. */
+static void list_environments(char *out, size_t outlen)
+{
+	out[0] = '\0';
+	DIR *dir = opendir(ENV_DIR);
+	if (!dir) {
+		snprintf(out, outlen, "none");
+		return;
+	}
+	struct dirent *e;
+	size_t used = 0;
+	while ((e = readdir(dir)) != NULL) {
+		if (e->d_name[0] == '.')
+			continue;
+		int n = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", e->d_name);
+		if (n < 0 || (size_t)n >= outlen - used)
+			break;
+		used += (size_t)n;
+	}
+	closedir(dir);
+	if (used == 0)
+		snprintf(out, outlen, "none");
+}
+
+/*
+ * Select a baked environment: apply ENV_DIR/<name> (an overlay: its variables, maybe its
+ * arguments) to the spec, and point CURRENT_LINK at FILES_DIR/<name>. The image's
+ * per-environment config files are symlinks into CURRENT_LINK, so the root stays read-only
+ * and one image serves every environment. Applied before the run overlay, so values given at
+ * run win over the environment's.
+ */
+static void select_environment(struct app_spec *s, const char *name)
+{
+	char path[sizeof(ENV_DIR) + ENV_NAME_MAX + 2], err[512];
+	if (!valid_environment_name(name))
+		die(EXIT_INIT_FAILURE, "invalid environment name '%s'", name);
+	snprintf(path, sizeof(path), "%s/%s", ENV_DIR, name);
+	char *buf;
+	size_t len;
+	int r = read_file(path, SPEC_MAX_BYTES, &buf, &len);
+	if (r == -ENOENT) {
+		char names[512];
+		list_environments(names, sizeof(names));
+		die(EXIT_INIT_FAILURE, "environment '%s' is not in this image (it has: %s)", name,
+		    names);
+	}
+	if (r < 0)
+		die(EXIT_INIT_FAILURE, "cannot read environment %s: %s", path, strerror(-r));
+	if (spec_parse(s, buf, len, true, err, sizeof(err)) < 0)
+		die(EXIT_INIT_FAILURE, "bad environment %s: %s", path, err);
+	free(buf);
+
+	char target[sizeof(FILES_DIR) + ENV_NAME_MAX + 2];
+	snprintf(target, sizeof(target), "%s/%s", FILES_DIR, name);
+	if (mkdir(CURRENT_DIR, 0755) < 0 && errno != EEXIST)
+		die(EXIT_INIT_FAILURE, "cannot create %s: %s", CURRENT_DIR, strerror(errno));
+	if (symlink(target, CURRENT_LINK) < 0)
+		die(EXIT_INIT_FAILURE, "cannot link %s to %s: %s", CURRENT_LINK, target,
+		    strerror(errno));
+	debug("environment %s selected", name);
+}
+
+/* The image's default environment (DEFAULT_ENV_PATH holds its name), or NULL. */
+static char *default_environment(void)
+{
+	char *buf;
+	size_t len;
+	int r = read_file(DEFAULT_ENV_PATH, ENV_NAME_MAX + 2, &buf, &len);
+	if (r == -ENOENT)
+		return NULL;
+	if (r < 0)
+		die(EXIT_INIT_FAILURE, "cannot read %s: %s", DEFAULT_ENV_PATH, strerror(-r));
+	while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\0'))
+		buf[--len] = '\0';
+	return buf;
+}
+
 void load_spec(struct app_spec *s)
 {
 	memset(s, 0, sizeof(*s));
@@ -218,11 +344,17 @@ void load_spec(struct app_spec *s)
 
 	/* The overlay exists only when the runner passed -fw_cfg name=opt/fuse/run,... */
 	r = read_file(OVERLAY_PATH, SPEC_MAX_BYTES, &buf, &len);
-	if (r == -ENOENT)
-		return;
-	if (r < 0)
+	if (r < 0 && r != -ENOENT)
 		die(EXIT_INIT_FAILURE, "cannot read the run overlay %s: %s", OVERLAY_PATH,
 		    strerror(-r));
+	/* The environment first: the overlay's own values override the environment's. */
+	const char *selected = r == 0 ? overlay_environment(buf, len) : NULL;
+	char *fallback = selected ? NULL : default_environment();
+	if (selected || fallback)
+		select_environment(s, selected ? selected : fallback);
+	free(fallback);
+	if (r == -ENOENT)
+		return;
 	if (spec_parse(s, buf, len, true, err, sizeof(err)) < 0)
 		die(EXIT_INIT_FAILURE, "bad run overlay (fw_cfg opt/fuse/run): %s", err);
 	free(buf);

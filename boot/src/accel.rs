@@ -9,6 +9,10 @@
 //! The x86 probe is a 64 KiB firmware blob whose reset vector writes 0x2a to an
 //! `isa-debug-exit` port: QEMU then exits with status `(0x2a << 1) | 1` = 85. Anything else
 //! (an error, another status, no exit within [`PROBE_TIMEOUT`]) means KVM is not usable.
+//!
+//! The aarch64 probe (arm64 hosts) is a 4 KiB firmware blob for `-M virt` that calls PSCI
+//! `SYSTEM_OFF` through `hvc`: QEMU then exits with status 0. An aarch64 guest on an x86_64
+//! host (and the reverse) always runs under TCG: `auto` picks it without a probe or notice.
 
 use std::fmt;
 use std::fs;
@@ -29,6 +33,8 @@ use crate::qemu::ProcessGuard;
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// The status QEMU exits with when the probe ran to its end.
 const PROBE_OK_STATUS: i32 = (0x2a << 1) | 1;
+/// The status QEMU exits with when the aarch64 probe powered the machine off through PSCI.
+const AARCH64_PROBE_OK_STATUS: i32 = 0;
 /// Version of the cache file layout.
 const CACHE_VERSION: u64 = 1;
 
@@ -256,10 +262,31 @@ fn cache_key(arch: Arch, qemu: &Path) -> Option<String> {
 pub fn probe_kvm(arch: Arch, qemu: &Path) -> Verdict {
     match arch {
         Arch::X86_64 => probe_x86(qemu),
-        // An aarch64 probe would run a PSCI SYSTEM_OFF blob on `-M virt`; until it exists,
-        // KVM on arm hosts is only used when asked for with --accel kvm.
-        Arch::Aarch64 => Verdict::Unusable("no KVM probe for aarch64 yet".to_string()),
+        Arch::Aarch64 => probe_aarch64(qemu),
     }
+}
+
+/// The aarch64 probe firmware for `-M virt`: PSCI `SYSTEM_OFF` (function id 0x84000008) through
+/// `hvc`, the conduit QEMU's virt machine uses for a guest without EL2/EL3 firmware.
+pub fn aarch64_probe_firmware() -> Vec<u8> {
+    let code: [u32; 4] = [
+        0x5280_0100, // movz w0, #0x0008
+        0x72b0_8000, // movk w0, #0x8400, lsl #16
+        0xd400_0002, // hvc #0
+        0x1400_0000, // b . (only reached if SYSTEM_OFF returned)
+    ];
+    let mut blob: Vec<u8> = code.iter().flat_map(|w| w.to_le_bytes()).collect();
+    blob.resize(4096, 0);
+    blob
+}
+
+fn probe_aarch64(qemu: &Path) -> Verdict {
+    run_probe(
+        qemu,
+        &aarch64_probe_firmware(),
+        &["-accel", "kvm", "-cpu", "host", "-M", "virt"],
+        AARCH64_PROBE_OK_STATUS,
+    )
 }
 
 /// The x86 probe firmware: `mov al, 0x2a; out 0xf4, al; hlt` at the reset vector.
@@ -276,32 +303,43 @@ pub fn x86_probe_firmware() -> Vec<u8> {
 }
 
 fn probe_x86(qemu: &Path) -> Verdict {
+    // Same CPU model and machine as real runs: `-cpu host` is what fails under some
+    // nested hypervisors.
+    run_probe(
+        qemu,
+        &x86_probe_firmware(),
+        &[
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-M",
+            crate::qemu::X86_MACHINE,
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+        ],
+        PROBE_OK_STATUS,
+    )
+}
+
+/// Boots `firmware` with `machine_args`; usable when QEMU exits with `ok_status` in time.
+fn run_probe(qemu: &Path, firmware_bytes: &[u8], machine_args: &[&str], ok_status: i32) -> Verdict {
     let dir = match tempfile::Builder::new().prefix("fuse-kvm-probe").tempdir() {
         Ok(dir) => dir,
         Err(e) => return Verdict::Unusable(format!("probe not possible: {e}")),
     };
     let firmware = dir.path().join("probe.bin");
-    if let Err(e) = fs::write(&firmware, x86_probe_firmware()) {
+    if let Err(e) = fs::write(&firmware, firmware_bytes) {
         return Verdict::Unusable(format!("probe not possible: {e}"));
     }
     let mut cmd = Command::new(qemu);
-    // Same CPU model and machine as real runs: `-cpu host` is what fails under some
-    // nested hypervisors.
-    cmd.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-M",
-        crate::qemu::X86_MACHINE,
-    ])
-    .args(["-nodefaults", "-no-user-config", "-display", "none"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-    .arg("-bios")
-    .arg(&firmware)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(machine_args)
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-bios")
+        .arg(&firmware)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut probe = match ProcessGuard::spawn(&mut cmd) {
         Ok(probe) => probe,
         Err(e) => return Verdict::Unusable(format!("cannot start {}: {e}", qemu.display())),
@@ -317,7 +355,7 @@ fn probe_x86(qemu: &Path) -> Verdict {
             _ => return Verdict::Unusable("probe timed out".to_string()),
         }
     };
-    if status.code() == Some(PROBE_OK_STATUS) {
+    if status.code() == Some(ok_status) {
         return Verdict::Usable;
     }
     let mut stderr = String::new();
@@ -399,6 +437,58 @@ mod tests {
             .status()
             .unwrap();
         assert_eq!(status.code(), Some(PROBE_OK_STATUS));
+    }
+
+    /// The aarch64 probe firmware powers `-M virt` off through PSCI under TCG.
+    #[test]
+    fn test_aarch64_probe_firmware_under_tcg() {
+        let Ok(qemu) = crate::qemu::find_qemu(Arch::Aarch64) else {
+            eprintln!("skipped: qemu-system-aarch64 not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let fw = dir.path().join("probe.bin");
+        fs::write(&fw, aarch64_probe_firmware()).unwrap();
+        let mut cmd = Command::new(qemu);
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-M", "virt"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-bios",
+            ])
+            .arg(&fw)
+            .stdin(Stdio::null());
+        let mut probe = ProcessGuard::spawn(&mut cmd).unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = probe.try_wait().unwrap() {
+                break status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "probe hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(AARCH64_PROBE_OK_STATUS));
+    }
+
+    #[test]
+    fn test_foreign_arch_is_tcg_without_notice() {
+        let foreign = if Arch::host() == Arch::X86_64 {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        };
+        let sel = select(AccelChoice::Auto, foreign, Path::new("/nonexistent")).unwrap();
+        assert_eq!(
+            sel,
+            AccelSelection {
+                accel: Accel::Tcg,
+                notice: None
+            }
+        );
+        let err = select(AccelChoice::Kvm, foreign, Path::new("/nonexistent")).unwrap_err();
+        assert!(err.to_string().contains("--accel tcg"), "{err}");
     }
 
     #[test]

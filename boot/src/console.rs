@@ -38,7 +38,13 @@ pub struct ConsoleParser {
     /// The last lines, kernel messages included, for error reports.
     tail: VecDeque<String>,
     tail_len: usize,
+    /// While set, lines are the firmware's (a UEFI boot), kept for error reports but not passed
+    /// on, until a line holding this text (the firmware's last) has passed.
+    firmware_until: Option<&'static [u8]>,
 }
+
+/// The last line OVMF and AAVMF (EDK2's boot manager) print before starting the boot loader.
+pub const EDK2_LAST_LINE: &[u8] = b"BdsDxe: starting ";
 
 impl ConsoleParser {
     /// A parser that keeps the last `tail_len` lines for error reports.
@@ -50,7 +56,15 @@ impl ConsoleParser {
             panic_line: None,
             tail: VecDeque::with_capacity(tail_len),
             tail_len,
+            firmware_until: None,
         }
+    }
+
+    /// Hides the firmware's output (screen clears, boot manager lines) up to and including the
+    /// line holding `last`: the console then carries only the app's output, as with direct boot.
+    pub fn skip_firmware_output(mut self, last: &'static [u8]) -> Self {
+        self.firmware_until = Some(last);
+        self
     }
 
     /// Feeds console bytes; returns what they complete.
@@ -68,7 +82,7 @@ impl ConsoleParser {
     /// Passes on the part of the current line that cannot be the start of the exit marker,
     /// so prompts and progress output the app leaves unterminated show up live.
     pub fn flush_partial(&mut self) -> Vec<ConsoleEvent> {
-        if self.exit.is_some() {
+        if self.exit.is_some() || self.firmware_until.is_some() {
             return Vec::new();
         }
         let pending = &self.partial[self.emitted..];
@@ -133,6 +147,16 @@ impl ConsoleParser {
         if self.exit.is_some() {
             // After the marker only the kernel speaks (e.g. "reboot: Power down").
             return;
+        }
+        if let Some(last) = self.firmware_until {
+            // The exit marker always counts, even if the firmware's last line never came.
+            if find_exit_marker(&line).is_none() {
+                if find(&line, last).is_some() {
+                    self.firmware_until = None;
+                }
+                return;
+            }
+            self.firmware_until = None;
         }
         let mut body = &line[..];
         let terminated = body.ends_with(b"\n");
@@ -309,6 +333,22 @@ mod tests {
         let mut p = ConsoleParser::new(2);
         p.feed(b"one\r\ntwo\r\nhalf");
         assert_eq!(p.tail(), vec!["two", "half"]);
+    }
+
+    #[test]
+    fn test_firmware_output_is_hidden_until_its_last_line() {
+        let mut p = ConsoleParser::new(10).skip_firmware_output(EDK2_LAST_LINE);
+        let mut events = p.feed(b"\x1b[2J\x1b[01;01HBdsDxe: loading Boot0001\r\n");
+        events.extend(p.flush_partial());
+        events.extend(p.feed(b"BdsDxe: starting Boot0001 \"UEFI Misc Device\"\r\nhello\r\n"));
+        events.extend(p.feed(b"<<fuse:exit 3>>\r\n"));
+        assert_eq!(output(&events), b"hello\n");
+        assert_eq!(p.exit_code(), Some(3));
+        assert!(p.tail()[0].contains("BdsDxe: loading"), "{:?}", p.tail());
+        // Without the firmware's last line, the exit marker still counts.
+        let mut p = ConsoleParser::new(10).skip_firmware_output(EDK2_LAST_LINE);
+        p.feed(b"something else\r\n<<fuse:exit 0>>\r\n");
+        assert_eq!(p.exit_code(), Some(0));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! What boots.
 pub mod accel;
 pub mod console;
+pub mod disk;
 pub mod init;
 pub mod initramfs;
 pub mod qemu;
+pub mod qmp;
 pub mod signals;
 pub mod spec;

@@ -20,9 +20,16 @@
 //! QEMU runs in its own process group (so the terminal's Ctrl-C reaches fuse only), with
 //! `PR_SET_PDEATHSIG = SIGKILL` (so it dies with fuse, even when fuse is SIGKILLed), owned by
 //! a [`ProcessGuard`] whose `Drop` kills the group and reaps it (panics, early returns).
-//! SIGINT/SIGTERM/SIGHUP while a VM runs stop the VM, and [`run`] returns
-//! [`RunError::Interrupted`]. QEMU is named with `-name fuse,process=fuse-vm` so leak checks
-//! can find it.
+//! QEMU is named with `-name fuse,process=fuse-vm` so leak checks can find it.
+//!
+//! # Stopping
+//!
+//! SIGINT/SIGTERM/SIGHUP while a VM runs stop it gracefully: the runner presses the ACPI power
+//! button through QMP (see [`crate::qmp`]), the guest kernel sends SIGTERM to the init, which
+//! forwards it to the app and powers off when the app has exited. If the app exits within
+//! [`VmConfig::stop_grace`], [`run`] returns its exit code as usual; otherwise the VM is
+//! killed and [`run`] returns [`RunError::StopTimeout`]. A second stop signal kills the VM at
+//! once ([`RunError::Interrupted`]), as does the first when the grace period is zero.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -32,12 +39,15 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fuse_rootfs::Arch;
 
 use crate::accel::{self, Accel, AccelChoice, AccelError, AccelSelection};
 use crate::console::{ConsoleEvent, ConsoleParser};
+use crate::qmp;
 use crate::signals::{self, SignalWatch};
 
 /// The x86_64 machine type (see the module documentation for why).
@@ -57,6 +67,12 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 const PANIC_GRACE: Duration = Duration::from_secs(2);
 /// How long QEMU may take to exit after closing the console.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// The default time an app gets between SIGTERM (graceful stop) and the VM being killed.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long to wait for QEMU's QMP socket when asking for a graceful stop.
+const QMP_PATIENCE: Duration = Duration::from_secs(1);
+/// How often the power button is pressed again while the guest shows no sign of life.
+const REPRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A forwarded port of the VM's user-mode network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +134,18 @@ impl fmt::Display for PortForward {
     }
 }
 
+/// How the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// QEMU loads `kernel` and `initrd` itself (`-kernel`), with `cmdline`: the fastest path.
+    #[default]
+    Direct,
+    /// UEFI firmware (OVMF, AAVMF) in pflash boots the root disk's ESP, as a cloud does;
+    /// `kernel`, `initrd` and `cmdline` are not used. `vars` is written by the firmware: give
+    /// each run its own copy.
+    Uefi { code: PathBuf, vars: PathBuf },
+}
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -127,7 +155,9 @@ pub struct VmConfig {
     /// The kernel command line. `console=` and `panic=-1` are added when missing;
     /// `loglevel=7` is appended when `verbose`.
     pub cmdline: String,
-    /// The raw squashfs root, attached read-only as the first virtio-blk disk (`/dev/vda`).
+    /// The root disk, attached read-only as the first virtio-blk disk (`/dev/vda`): the
+    /// image's GPT disk (the init finds the root partition by `fuse.root=PARTUUID=`), or a
+    /// bare squashfs with `fuse.root=/dev/vda`.
     pub root_disk: PathBuf,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -142,6 +172,14 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Show kernel messages on the console.
     pub verbose: bool,
+    /// Where QEMU listens for QMP (graceful stop); `None`: a socket in a private temporary
+    /// directory.
+    pub qmp_socket: Option<PathBuf>,
+    /// How long the app gets to exit after a stop signal before the VM is killed.
+    pub stop_grace: Duration,
+    /// Raw disk images attached read-write after the root, as `/dev/vdb`, `/dev/vdc`, ...
+    pub data_disks: Vec<PathBuf>,
+    pub firmware: Firmware,
 }
 
 impl VmConfig {
@@ -167,6 +205,10 @@ impl VmConfig {
             port_forwards: Vec::new(),
             timeout: None,
             verbose: false,
+            qmp_socket: None,
+            stop_grace: DEFAULT_STOP_GRACE,
+            data_disks: Vec::new(),
+            firmware: Firmware::Direct,
         }
     }
 }
@@ -257,14 +299,26 @@ pub enum RunError {
     },
     #[error("Interrupted by {}; the VM was stopped", signals::signal_name(*.signal))]
     Interrupted { signal: i32 },
+    #[error(
+        "Stopped by {}: the app did not exit within {}s of SIGTERM, so the VM was killed \
+         (give it longer with --grace SECONDS)",
+        signals::signal_name(*.signal),
+        .grace.as_secs_f64()
+    )]
+    StopTimeout { signal: i32, grace: Duration },
+    #[error("{reason}; the VM was stopped")]
+    Aborted { reason: String },
     #[error("Cannot write the app's output: {0}; the VM was stopped")]
     Output(#[source] io::Error),
 }
 
 impl RunError {
-    /// Whether a stop signal ended the run (the CLI then exits with 130).
+    /// Whether a stop signal ended the run (the CLI then exits with 128 + signal, or 137).
     pub fn is_interrupted(&self) -> bool {
-        matches!(self, RunError::Interrupted { .. })
+        matches!(
+            self,
+            RunError::Interrupted { .. } | RunError::StopTimeout { .. }
+        )
     }
 }
 
@@ -376,21 +430,53 @@ pub fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     ] {
         arg(&mut args, a);
     }
-    arg(&mut args, "-kernel");
-    args.push(config.kernel.clone().into());
-    arg(&mut args, "-initrd");
-    args.push(config.initrd.clone().into());
-    arg(&mut args, "-append");
-    arg(&mut args, effective_cmdline(config));
+    let root_boot = match &config.firmware {
+        Firmware::Direct => {
+            arg(&mut args, "-kernel");
+            args.push(config.kernel.clone().into());
+            arg(&mut args, "-initrd");
+            args.push(config.initrd.clone().into());
+            arg(&mut args, "-append");
+            arg(&mut args, effective_cmdline(config));
+            ""
+        }
+        Firmware::Uefi { code, vars } => {
+            for (unit, file, ro) in [(0, code, ",readonly=on"), (1, vars, "")] {
+                let mut drive =
+                    OsString::from(format!("if=pflash,format=raw,unit={unit}{ro},file="));
+                drive.push(escape_option(file.as_os_str()));
+                arg(&mut args, "-drive");
+                args.push(drive);
+            }
+            // The firmware boots the root disk first, without trying the network.
+            ",bootindex=0"
+        }
+    };
 
     let mut drive = OsString::from("if=none,id=root,format=raw,readonly=on,file=");
     drive.push(escape_option(config.root_disk.as_os_str()));
     arg(&mut args, "-drive");
     args.push(drive);
     arg(&mut args, "-device");
-    arg(&mut args, format!("virtio-blk-{bus},drive=root"));
+    arg(&mut args, format!("virtio-blk-{bus},drive=root{root_boot}"));
+    // Data disks next, so the guest names them vdb, vdc, ... in this order (PCI slot order).
+    for (i, disk) in config.data_disks.iter().enumerate() {
+        let mut drive = OsString::from(format!("if=none,id=data{i},format=raw,file="));
+        drive.push(escape_option(disk.as_os_str()));
+        arg(&mut args, "-drive");
+        args.push(drive);
+        arg(&mut args, "-device");
+        arg(&mut args, format!("virtio-blk-{bus},drive=data{i}"));
+    }
     arg(&mut args, "-device");
     arg(&mut args, format!("virtio-rng-{bus}"));
+    if let Some(socket) = &config.qmp_socket {
+        let mut qmp = OsString::from("unix:");
+        qmp.push(escape_option(socket.as_os_str()));
+        qmp.push(",server=on,wait=off");
+        arg(&mut args, "-qmp");
+        args.push(qmp);
+    }
 
     if config.network {
         let mut netdev = String::from("user,id=n0");
@@ -478,10 +564,86 @@ pub fn run_with(
     out: &mut dyn Write,
     notice: &mut dyn FnMut(&str),
 ) -> Result<VmOutcome, RunError> {
+    run_controlled(config, out, notice, RunControl::default())
+}
+
+/// What a caller learns when QEMU has been spawned (before the guest boots).
+#[derive(Debug, Clone)]
+pub struct Spawned {
+    /// QEMU's pid (also its process group id).
+    pub pid: u32,
+    /// When QEMU was spawned: the origin of every time the runner reports.
+    pub started: Instant,
+    /// Where QEMU listens for QMP.
+    pub qmp_socket: PathBuf,
+}
+
+/// Lets other threads stop a running VM (a failed health check, for one). The run loop looks
+/// at it at least every 250 ms.
+#[derive(Debug, Default)]
+pub struct StopRequest {
+    requested: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl StopRequest {
+    pub fn new() -> Arc<StopRequest> {
+        Arc::new(StopRequest::default())
+    }
+
+    /// Asks the run loop to kill the VM; [`run_controlled`] then returns
+    /// [`RunError::Aborted`] with `reason` (the first reason given wins).
+    pub fn abort(&self, reason: impl Into<String>) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| reason.into());
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    fn taken(&self) -> Option<String> {
+        if !self.requested.load(Ordering::SeqCst) {
+            return None;
+        }
+        let slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        Some(slot.clone().unwrap_or_else(|| "Stopped".into()))
+    }
+}
+
+/// Hooks into a run: see [`run_controlled`].
+#[derive(Default)]
+pub struct RunControl<'a> {
+    /// Polled by the run loop: lets another thread stop the VM.
+    pub stop: Option<Arc<StopRequest>>,
+    /// Called once, right after QEMU is spawned.
+    pub on_spawn: Option<&'a mut dyn FnMut(&Spawned)>,
+}
+
+impl fmt::Debug for RunControl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunControl")
+            .field("stop", &self.stop)
+            .field("on_spawn", &self.on_spawn.is_some())
+            .finish()
+    }
+}
+
+/// [`run_with`], with hooks: a callback when QEMU is spawned (health checks, instance state)
+/// and a [`StopRequest`] other threads can use to stop the VM.
+pub fn run_controlled(
+    config: &VmConfig,
+    out: &mut dyn Write,
+    notice: &mut dyn FnMut(&str),
+    control: RunControl<'_>,
+) -> Result<VmOutcome, RunError> {
     let qemu = find_qemu(config.arch)?;
-    for path in [&config.kernel, &config.initrd, &config.root_disk]
+    let boot_files = match &config.firmware {
+        Firmware::Direct => vec![&config.kernel, &config.initrd],
+        Firmware::Uefi { code, vars } => vec![code, vars],
+    };
+    for path in boot_files
         .into_iter()
+        .chain([&config.root_disk])
         .chain(config.fw_cfg.iter().map(|(_, p)| p))
+        .chain(config.data_disks.iter())
     {
         std::fs::metadata(path).map_err(|source| RunError::MissingInput {
             path: path.clone(),
@@ -495,6 +657,23 @@ pub fn run_with(
     if let Some(text) = accel_notice {
         notice(&text);
     }
+    // Every VM gets a QMP socket: it is how a stop signal becomes a graceful stop.
+    let mut private_dir = None;
+    let mut config = config.clone();
+    let qmp_socket = match &config.qmp_socket {
+        Some(path) => path.clone(),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("fuse-qmp-")
+                .tempdir()
+                .map_err(RunError::Io)?;
+            let path = dir.path().join("qmp.sock");
+            private_dir = Some(dir);
+            config.qmp_socket = Some(path.clone());
+            path
+        }
+    };
+    let config = &config;
     let args = qemu_args(config, accel);
     let command = shell_join(
         &std::iter::once(qemu.display().to_string())
@@ -514,6 +693,14 @@ pub fn run_with(
         binary: qemu.display().to_string(),
         source,
     })?;
+    let RunControl { stop, on_spawn } = control;
+    if let Some(on_spawn) = on_spawn {
+        on_spawn(&Spawned {
+            pid: vm.child.id(),
+            started,
+            qmp_socket: qmp_socket.clone(),
+        });
+    }
     let mut session = Session {
         vm,
         watch,
@@ -521,11 +708,24 @@ pub fn run_with(
         config,
         accel,
         command,
-        parser: ConsoleParser::new(TAIL_LINES),
+        parser: match config.firmware {
+            Firmware::Direct => ConsoleParser::new(TAIL_LINES),
+            Firmware::Uefi { .. } => {
+                ConsoleParser::new(TAIL_LINES).skip_firmware_output(crate::console::EDK2_LAST_LINE)
+            }
+        },
         stderr: Vec::new(),
         first_output: None,
+        qmp_socket,
+        stop_request: stop,
+        stopping: None,
+        notice,
     };
-    session.run(out)
+    let result = session.run(out);
+    // The socket's directory goes only after QEMU is reaped (the session's guard).
+    drop(session);
+    drop(private_dir);
+    result
 }
 
 /// One running VM and what the run loop tracks about it.
@@ -539,6 +739,11 @@ struct Session<'a> {
     parser: ConsoleParser,
     stderr: Vec<u8>,
     first_output: Option<Duration>,
+    qmp_socket: PathBuf,
+    stop_request: Option<Arc<StopRequest>>,
+    /// A graceful stop in progress: the signal that asked for it, and when the VM is killed.
+    stopping: Option<(i32, Instant)>,
+    notice: &'a mut dyn FnMut(&str),
 }
 
 /// Why the run loop ended.
@@ -553,14 +758,26 @@ enum Ending {
     Panicked,
     /// The init reported the exit code but QEMU did not power off in time.
     NoPowerOff,
+    /// A graceful stop asked by this signal did not finish within the grace period.
+    StopTimedOut(i32),
+    /// Another thread asked to stop the VM ([`StopRequest`]).
+    Aborted(String),
 }
 
 impl Session<'_> {
     fn run(&mut self, out: &mut dyn Write) -> Result<VmOutcome, RunError> {
         let ending = self.pump(out)?;
         let total = self.started.elapsed();
-        if let Ending::Signal(signal) = ending {
-            return Err(RunError::Interrupted { signal });
+        match ending {
+            Ending::Signal(signal) => return Err(RunError::Interrupted { signal }),
+            Ending::StopTimedOut(signal) => {
+                return Err(RunError::StopTimeout {
+                    signal,
+                    grace: self.config.stop_grace,
+                })
+            }
+            Ending::Aborted(reason) => return Err(RunError::Aborted { reason }),
+            _ => {}
         }
         if let Some(exit_code) = self.parser.exit_code() {
             return Ok(VmOutcome {
@@ -588,6 +805,11 @@ impl Session<'_> {
                     diagnostics,
                 }
             }
+            // Asked to stop, and the VM went without the app reporting: the init itself
+            // ended (or QEMU quit) on the power button.
+            Ending::Exited(_) if self.stopping.is_some() => RunError::Interrupted {
+                signal: self.stopping.map(|(s, _)| s).unwrap_or(libc::SIGTERM),
+            },
             Ending::Exited(status) => RunError::BootFailed {
                 reason: format!(
                     "QEMU {} without an exit line from the init",
@@ -595,7 +817,11 @@ impl Session<'_> {
                 ),
                 diagnostics,
             },
-            Ending::Signal(_) | Ending::NoPowerOff | Ending::Panicked => {
+            Ending::Signal(_)
+            | Ending::NoPowerOff
+            | Ending::Panicked
+            | Ending::StopTimedOut(_)
+            | Ending::Aborted(_) => {
                 unreachable!("handled above")
             }
         })
@@ -610,10 +836,21 @@ impl Session<'_> {
         let mut closed_at: Option<Instant> = None;
         let deadline = self.config.timeout.map(|t| self.started + t);
         let mut buf = vec![0u8; 16 * 1024];
+        let mut signals_seen = 0;
+        let mut last_press = Instant::now();
         loop {
-            if let Some(signal) = self.watch.received() {
+            let received = self.watch.count();
+            if received != signals_seen {
+                signals_seen = received;
+                let signal = self.watch.received().unwrap_or(libc::SIGTERM);
+                if let Some(ending) = self.on_stop_signal(signal) {
+                    return Ok(ending);
+                }
+                last_press = Instant::now();
+            }
+            if let Some(reason) = self.stop_request.as_ref().and_then(|r| r.taken()) {
                 self.stop();
-                return Ok(Ending::Signal(signal));
+                return Ok(Ending::Aborted(reason));
             }
             if let Some(status) = self.vm.try_wait().map_err(RunError::Io)? {
                 // Drain what QEMU wrote before exiting.
@@ -634,6 +871,20 @@ impl Session<'_> {
             if deadline.is_some_and(|d| now >= d) {
                 self.stop();
                 return Ok(Ending::TimedOut);
+            }
+            if let Some((signal, kill_at)) = self.stopping {
+                // Once the app has reported, the power-off grace below applies instead.
+                if now >= kill_at && self.parser.exit_code().is_none() {
+                    self.stop();
+                    return Ok(Ending::StopTimedOut(signal));
+                }
+                // A power button pressed while the guest still boots goes unheard (no ACPI
+                // driver yet, or an init that does not take signals yet): while nothing has
+                // shown that the app runs, press it again every second.
+                if self.first_output.is_none() && now >= last_press + REPRESS_INTERVAL {
+                    last_press = now;
+                    let _ = qmp::powerdown(&self.qmp_socket, Duration::ZERO);
+                }
             }
             if panic_at.is_some_and(|t| now >= t + PANIC_GRACE) {
                 self.stop();
@@ -658,6 +909,10 @@ impl Session<'_> {
             }
             if let Some(d) = deadline {
                 wait = wait.min(d.saturating_duration_since(now));
+            }
+            if let Some((_, kill_at)) = self.stopping {
+                wait = wait.min(kill_at.saturating_duration_since(now));
+                wait = wait.min(REPRESS_INTERVAL);
             }
             if console.is_none() && stderr.is_none() {
                 wait = wait.min(Duration::from_millis(10));
@@ -759,10 +1014,40 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Stops the VM now.
-    ///
-    /// The seam for a graceful stop: a later version asks the guest to shut down (ACPI power
-    /// button through QMP) and waits a little before this kill.
+    /// A stop signal arrived. The first one starts a graceful stop (ACPI power button: the
+    /// app gets SIGTERM) and returns `None`: the loop goes on passing output until the VM
+    /// powers off or the grace period ends. A second one, a zero grace period or a VM that
+    /// cannot be asked (no QMP) stop it now.
+    fn on_stop_signal(&mut self, signal: i32) -> Option<Ending> {
+        if self.parser.exit_code().is_some() {
+            // The app is done; the VM is powering off anyway.
+            return None;
+        }
+        if self.stopping.is_some() || self.config.stop_grace.is_zero() {
+            self.stop();
+            return Some(Ending::Signal(signal));
+        }
+        let grace = self.config.stop_grace;
+        match qmp::powerdown(&self.qmp_socket, QMP_PATIENCE) {
+            Ok(()) => {
+                (self.notice)(&format!(
+                    "Interrupted by {}: stopping the app (SIGTERM, up to {}s; again to force)",
+                    signals::signal_name(signal),
+                    grace.as_secs_f64()
+                ));
+                self.stopping = Some((signal, Instant::now() + grace));
+                None
+            }
+            Err(e) => {
+                (self.notice)(&format!("Cannot stop the VM gracefully ({e}): killing it"));
+                self.stop();
+                Some(Ending::Signal(signal))
+            }
+        }
+    }
+
+    /// Stops the VM now: SIGKILL to QEMU's process group, then reaps it. The graceful path
+    /// ([`Session::on_stop_signal`]) ends here too when the grace period runs out.
     fn stop(&mut self) {
         self.vm.kill();
     }
@@ -911,6 +1196,8 @@ mod tests {
         c.port_forwards = vec!["8080:80".parse().unwrap(), "53:53/udp".parse().unwrap()];
         c.fw_cfg = vec![("opt/fuse/run".into(), "/tmp/run".into())];
         c.cpus = 2;
+        c.data_disks = vec!["/v/a.ext4".into(), "/v/b,c.ext4".into()];
+        c.qmp_socket = Some("/run/x/qmp.sock".into());
         let args: Vec<String> = qemu_args(&c, Accel::Tcg)
             .into_iter()
             .map(|a| a.into_string().unwrap())
@@ -921,7 +1208,11 @@ mod tests {
             "-M q35 -accel tcg -cpu max -m 512M -smp 2",
             "-nodefaults -no-user-config -display none -no-reboot",
             "-drive if=none,id=root,format=raw,readonly=on,file=/img/root,,1.sqfs",
-            "-device virtio-blk-pci,drive=root -device virtio-rng-pci",
+            "-device virtio-blk-pci,drive=root \
+             -drive if=none,id=data0,format=raw,file=/v/a.ext4 -device virtio-blk-pci,drive=data0 \
+             -drive if=none,id=data1,format=raw,file=/v/b,,c.ext4 -device virtio-blk-pci,drive=data1 \
+             -device virtio-rng-pci",
+            "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
             "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:53-:53",
             "-device virtio-net-pci,netdev=n0,romfile=",
             "-fw_cfg name=opt/fuse/run,file=/tmp/run",
@@ -1197,7 +1488,10 @@ int main(void) {
         let _serial = signals::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let Some(fx) = fixture() else { return };
         let started = Instant::now();
-        let err = run(&fx.config("hang"), &mut TermOnFirstWrite(Vec::new())).unwrap_err();
+        // No grace: the first signal kills at once.
+        let mut config = fx.config("hang");
+        config.stop_grace = Duration::ZERO;
+        let err = run(&config, &mut TermOnFirstWrite(Vec::new())).unwrap_err();
         assert!(
             matches!(err, RunError::Interrupted { signal } if signal == libc::SIGTERM),
             "{err}"
@@ -1207,6 +1501,23 @@ int main(void) {
             "Interrupted by SIGTERM; the VM was stopped"
         );
         assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(fx.leftovers(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn test_boot_signal_with_grace_kills_an_app_that_does_not_stop() {
+        let _serial = signals::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fx) = fixture() else { return };
+        // The test init ignores SIGTERM (PID 1 without a handler): the grace period ends it.
+        let mut config = fx.config("hang");
+        config.stop_grace = Duration::from_secs(2);
+        let started = Instant::now();
+        let err = run(&config, &mut TermOnFirstWrite(Vec::new())).unwrap_err();
+        assert!(
+            matches!(err, RunError::StopTimeout { signal, .. } if signal == libc::SIGTERM),
+            "{err}"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(2));
         assert_eq!(fx.leftovers(), Vec::<String>::new());
     }
 

@@ -104,6 +104,11 @@ impl SignalWatch {
         while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
     }
 
+    /// How many stop signals arrived since this watch was installed (a second one forces).
+    pub fn count(&self) -> u64 {
+        RECEIVED.load(Ordering::SeqCst) - self.baseline
+    }
+
     /// The stop signal received since this watch was installed, if any.
     pub fn received(&self) -> Option<libc::c_int> {
         if RECEIVED.load(Ordering::SeqCst) != self.baseline {

@@ -19,13 +19,28 @@
 //!
 //! Keys of the overlay: `reset-args` = `1` (argv\[1..\] is cleared), `arg` (replaces
 //! argv\[1..\]: the first one clears them; argv\[0\] stays), `env` (`KEY=VALUE`, added or
-//! overriding the spec's `KEY`). Any other key is an error for the init: a change of meaning
+//! overriding the spec's `KEY`), `environment` (the baked environment to select: the init
+//! applies `/etc/fuse/env/<name>` before the rest of the overlay, so run-time values win; see
+//! [`ENV_DIR`]). Any other key is an error for the init: a change of meaning
 //! takes a new version, it is never half-understood. The C side is `boot/init/spec.c`.
 
 /// Where the init reads the app spec in the image.
 pub const SPEC_PATH: &str = "/etc/fuse/spec";
 /// The fw_cfg file name of the run overlay (`-fw_cfg name=opt/fuse/run,file=...`).
 pub const RUN_OVERLAY_FW_CFG_NAME: &str = "opt/fuse/run";
+/// Baked environments: `<ENV_DIR>/<name>` is an overlay (its `env`, maybe `arg` entries) the
+/// init applies when `<name>` is selected (by the run overlay's `environment`, else the name in
+/// [`DEFAULT_ENV_PATH`]). The init then links [`CURRENT_ENV_LINK`] to `<ENV_FILES_DIR>/<name>`.
+/// Mirrors `boot/init/init.h`.
+pub const ENV_DIR: &str = "/etc/fuse/env";
+/// Holds the name of the environment selected when the run overlay names none.
+pub const DEFAULT_ENV_PATH: &str = "/etc/fuse/environment";
+/// Per-environment config files: `<ENV_FILES_DIR>/<name>/<path in the image>`.
+pub const ENV_FILES_DIR: &str = "/etc/fuse/files";
+/// The link to the selected environment's files directory, made by the init in `/run`.
+pub const CURRENT_ENV_LINK: &str = "/run/fuse/current";
+/// Longest environment name (it is a file name in the image).
+pub const MAX_ENVIRONMENT_LEN: usize = 63;
 /// The format version this fuse writes and its init reads.
 pub const SPEC_VERSION: &str = "1";
 /// The host name when the spec gives none.
@@ -74,6 +89,12 @@ pub enum SpecError {
     Duplicate(&'static str),
     #[error("Unknown key '{0}' in the app spec")]
     UnknownKey(String),
+    #[error(
+        "Invalid environment name '{0}': use 1 to {MAX_ENVIRONMENT_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit"
+    )]
+    BadEnvironmentName(String),
+    #[error("Invalid volume '{0}': it must be /dev/NAME:/PATH")]
+    BadVolume(String),
 }
 
 /// Result of spec operations.
@@ -228,18 +249,31 @@ pub struct RunOverlay {
     pub args: Option<Vec<String>>,
     /// Variables added to the image's environment or overriding it, by name.
     pub env: Vec<(String, String)>,
+    /// The baked environment to select; `None` leaves the image's default.
+    pub environment: Option<String>,
+    /// Data disks the init mounts read-write (ext4): (`/dev/NAME`, absolute mount point).
+    pub volumes: Vec<(String, String)>,
 }
 
 impl RunOverlay {
     /// True when the overlay changes nothing (the runner then passes no fw_cfg file).
     pub fn is_empty(&self) -> bool {
-        self.args.is_none() && self.env.is_empty()
+        self.args.is_none()
+            && self.env.is_empty()
+            && self.environment.is_none()
+            && self.volumes.is_empty()
     }
 
     /// Checks everything the init checks.
     pub fn validate(&self) -> Result<()> {
         for arg in self.args.iter().flatten() {
             no_nul("argument", arg)?;
+        }
+        if let Some(name) = &self.environment {
+            validate_environment_name(name)?;
+        }
+        for (device, path) in &self.volumes {
+            validate_volume(device, path)?;
         }
         validate_env(&self.env)
     }
@@ -248,6 +282,9 @@ impl RunOverlay {
     pub fn try_encode(&self) -> Result<Vec<u8>> {
         self.validate()?;
         let mut out = Writer::new();
+        if let Some(name) = &self.environment {
+            out.pair("environment", name);
+        }
         if let Some(args) = &self.args {
             out.pair("reset-args", "1");
             for arg in args {
@@ -256,6 +293,9 @@ impl RunOverlay {
         }
         for (k, v) in &self.env {
             out.pair("env", &format!("{k}={v}"));
+        }
+        for (device, path) in &self.volumes {
+            out.pair("volume", &format!("{device}:{path}"));
         }
         Ok(out.0)
     }
@@ -285,13 +325,28 @@ impl RunOverlay {
                     .get_or_insert_with(Vec::new)
                     .push(value.to_string()),
                 ("env", value) => env_set(&mut overlay.env, parse_env(value)?),
+                ("environment", value) => {
+                    if overlay.environment.is_some() {
+                        return Err(SpecError::Duplicate("environment"));
+                    }
+                    validate_environment_name(value)?;
+                    overlay.environment = Some(value.to_string());
+                }
+                ("volume", value) => {
+                    let (device, path) = value
+                        .split_once(':')
+                        .ok_or_else(|| SpecError::BadVolume(value.to_string()))?;
+                    validate_volume(device, path)?;
+                    overlay.volumes.push((device.into(), path.into()));
+                }
                 (other, _) => return Err(SpecError::UnknownKey(other.to_string())),
             }
         }
         Ok(overlay)
     }
 
-    /// The spec the init runs: `spec` with this overlay applied.
+    /// The spec the init runs: `spec` with this overlay applied. The environment's own
+    /// overlay (baked in the image) is not known here: apply it to `spec` first.
     pub fn apply(&self, spec: &AppSpec) -> AppSpec {
         let mut out = spec.clone();
         if let Some(args) = &self.args {
@@ -302,6 +357,20 @@ impl RunOverlay {
             env_set(&mut out.env, kv.clone());
         }
         out
+    }
+}
+
+/// A volume as the init checks it: `/dev/NAME` (no `:`) and an absolute path, no NUL bytes.
+fn validate_volume(device: &str, path: &str) -> Result<()> {
+    let ok = device.starts_with("/dev/")
+        && device.len() > 5
+        && !device.contains([':', '\0'])
+        && path.starts_with('/')
+        && !path.contains('\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadVolume(format!("{device}:{path}")))
     }
 }
 
@@ -365,6 +434,21 @@ fn validate_env(env: &[(String, String)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The init's rule for environment names (they are file names in the image).
+pub fn validate_environment_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_ENVIRONMENT_LEN
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadEnvironmentName(name.to_string()))
+    }
 }
 
 fn validate_hostname(name: &str) -> Result<()> {
@@ -471,7 +555,7 @@ mod tests {
 
         let overlay = RunOverlay {
             args: Some(vec!["x\0y".into()]),
-            env: Vec::new(),
+            ..RunOverlay::default()
         };
         assert!(overlay.try_encode().is_err());
     }
@@ -576,6 +660,7 @@ mod tests {
         let overlay = RunOverlay {
             args: Some(vec!["--port".into(), "9090".into()]),
             env: vec![("PATH".into(), "/bin".into()), ("NEW".into(), "1".into())],
+            ..RunOverlay::default()
         };
         let bytes = overlay.encode();
         assert_eq!(RunOverlay::decode(&bytes).unwrap(), overlay);
@@ -597,7 +682,7 @@ mod tests {
     fn overlay_can_clear_or_keep_args() {
         let clear = RunOverlay {
             args: Some(Vec::new()),
-            env: Vec::new(),
+            ..RunOverlay::default()
         };
         let bytes = clear.encode();
         assert_eq!(RunOverlay::decode(&bytes).unwrap(), clear);
@@ -610,10 +695,67 @@ mod tests {
     }
 
     #[test]
+    fn overlay_selects_an_environment_first() {
+        let overlay = RunOverlay {
+            args: None,
+            env: vec![("SECRET".into(), "s3cr3t".into())],
+            environment: Some("prod".into()),
+            volumes: Vec::new(),
+        };
+        let bytes = overlay.encode();
+        // First after the version pair: the init applies it before the overlay's own values.
+        assert!(bytes.starts_with(b"fuse-spec\x001\x00environment\x00prod\x00env\x00"));
+        assert_eq!(RunOverlay::decode(&bytes).unwrap(), overlay);
+        assert!(!overlay.is_empty());
+        assert_eq!(
+            RunOverlay::decode(b"fuse-spec\x001\x00environment\x00a\x00environment\x00b\x00"),
+            Err(SpecError::Duplicate("environment"))
+        );
+        for bad in ["", "../etc", "a/b", ".hidden", "two words", &"x".repeat(64)] {
+            let overlay = RunOverlay {
+                environment: Some(bad.to_string()),
+                ..RunOverlay::default()
+            };
+            assert!(
+                matches!(overlay.try_encode(), Err(SpecError::BadEnvironmentName(_))),
+                "{bad:?}"
+            );
+        }
+        validate_environment_name("prod-eu_1.2").unwrap();
+    }
+
+    #[test]
     fn overlay_rejects_spec_keys() {
         assert_eq!(
             RunOverlay::decode(b"fuse-spec\x001\x00exe\x00/b\x00"),
             Err(SpecError::UnknownKey("exe".into()))
         );
+    }
+}
+
+#[cfg(test)]
+mod volume_tests {
+    use super::*;
+
+    #[test]
+    fn volumes_round_trip_and_are_checked() {
+        let overlay = RunOverlay {
+            volumes: vec![("/dev/vdb".into(), "/data".into())],
+            ..RunOverlay::default()
+        };
+        assert!(!overlay.is_empty());
+        let bytes = overlay.encode();
+        assert!(bytes.windows(16).any(|w| w == b"volume\0/dev/vdb:"));
+        assert_eq!(RunOverlay::decode(&bytes).unwrap(), overlay);
+        for (device, path) in [("vdb", "/data"), ("/dev/vdb", "data"), ("/dev/a:b", "/x")] {
+            let bad = RunOverlay {
+                volumes: vec![(device.into(), path.into())],
+                ..RunOverlay::default()
+            };
+            assert!(
+                matches!(bad.try_encode(), Err(SpecError::BadVolume(_))),
+                "{device}:{path}"
+            );
+        }
     }
 }

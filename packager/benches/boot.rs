@@ -1,9 +1,12 @@
 //! Boot benchmark: boots the bundled hello image N times (FUSE_BENCH_RUNS, default 5) and prints
 //! the median time from QEMU spawn to the app's first output and to QEMU's exit; in the same run
 //! it boots the same root filesystem on Debian's `linux-image-cloud-amd64` kernel (with the
-//! virtio and squashfs modules it needs loaded by our init) and prints the ratio.
+//! virtio and squashfs modules it needs loaded by our init) and prints the ratio. The same again
+//! for aarch64 (hello cross-compiled with aarch64-linux-gnu-gcc, `-M virt` under TCG, Debian's
+//! `linux-image-cloud-arm64` as the baseline) when this fuse has an aarch64 init.
 //!
-//! `cargo bench -p fuse-packager --bench boot` (add `-- --no-baseline` to skip Debian's kernel).
+//! `cargo bench -p fuse-packager --bench boot` (add `-- --no-baseline` to skip Debian's kernels,
+//! `-- --arch aarch64` for one arch only).
 
 use anyhow::{bail, Context, Result};
 use fuse_boot::accel::AccelChoice;
@@ -16,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Modules Debian's cloud kernel needs to reach our root disk and network, in load order.
+/// Modules Debian's cloud kernel needs to reach our root disk and network, in load order (the
+/// same on amd64 and arm64; arm64's PCI host bridge and PL011 are built in).
 const DEBIAN_MODULES: [&str; 10] = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
@@ -90,32 +94,97 @@ fn run() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let with_baseline = !std::env::args().any(|a| a == "--no-baseline");
+    // `--arch A` benchmarks one arch only; by default every arch this fuse has an init for.
+    let only: Option<Arch> = std::env::args()
+        .skip_while(|a| a != "--arch")
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?;
     let work = tempfile::tempdir()?;
-    let hello = work.path().join("hello-1.0");
+    let store = Store::open(work.path().join("store"))?;
+    let mut all = Vec::new();
+    for arch in Arch::ALL {
+        if only.is_some_and(|o| o != arch) {
+            continue;
+        }
+        if fuse_boot::init::init_binary(arch).is_none() {
+            eprintln!(
+                "bench-boot: skipping {arch}: this fuse has no init for it (no cross compiler)"
+            );
+            continue;
+        }
+        all.extend(bench_arch(arch, &store, work.path(), runs, with_baseline)?);
+    }
+
+    println!("\nboot to app output, {runs} runs each, median (QEMU spawn -> first app output / -> QEMU exit):");
+    for s in &all {
+        println!(
+            "  {:<30} {:>7.3}s  {:>7.3}s",
+            s.label,
+            median(s.first_output.clone()).as_secs_f64(),
+            median(s.total.clone()).as_secs_f64()
+        );
+    }
+    for pair in all.chunks(2) {
+        if let [ours, base] = pair {
+            println!(
+                "  {:<30} {:>7.2}x  {:>7.2}x",
+                format!(
+                    "ratio {}",
+                    base.label.replace("debian cloud kernel", "debian/fuse")
+                ),
+                median(base.first_output.clone()).as_secs_f64()
+                    / median(ours.first_output.clone()).as_secs_f64(),
+                median(base.total.clone()).as_secs_f64() / median(ours.total.clone()).as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Builds the hello example for `arch` and boots it `runs` times on the fuse kernel, then (with
+/// `baseline`) on Debian's cloud kernel for that arch.
+fn bench_arch(
+    arch: Arch,
+    store: &Store,
+    work: &Path,
+    runs: usize,
+    baseline: bool,
+) -> Result<Vec<Series>> {
+    let hello = work.join(format!("{arch}/hello-1.0"));
+    std::fs::create_dir_all(hello.parent().unwrap())?;
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/hello.c");
-    let status = Command::new("gcc")
+    let gcc = if arch == Arch::host() {
+        "gcc".to_string()
+    } else {
+        format!("{}-gcc", arch.gnu_triple())
+    };
+    let status = Command::new(&gcc)
         .args(["-O2", "-static", "-o"])
         .arg(&hello)
         .arg(&src)
         .status()
-        .context("gcc")?;
+        .with_context(|| format!("Cannot run {gcc}"))?;
     if !status.success() {
-        bail!("Cannot compile {}", src.display());
+        bail!("Cannot compile {} with {gcc}", src.display());
     }
-    let store = Store::open(work.path().join("store"))?;
     let image = builder::build(
-        &store,
+        store,
         &BuildRequest {
             input: hello,
             name: None,
-            arch: Some(Arch::X86_64),
+            arch: Some(arch),
             kernel_source: None,
+            kind: None,
+            jdk: None,
+            config: None,
+            interpreters: Default::default(),
         },
         &mut |l| eprintln!("fuse: {l}"),
     )?;
     let m = &image.manifest;
     println!(
-        "hello image {}: {} (kernel {}, init {}, rootfs {})",
+        "{arch} hello image {}: {} (kernel {}, init {}, rootfs {})",
         image.name,
         human_size(m.total_size()),
         human_size(m.kernel.size),
@@ -123,7 +192,7 @@ fn run() -> Result<()> {
         human_size(m.rootfs.size)
     );
     let mut config = VmConfig::new(
-        Arch::X86_64,
+        arch,
         store.blob_path(&m.kernel.digest),
         store.blob_path(&m.init.digest),
         store.blob_path(&m.rootfs.digest),
@@ -134,64 +203,66 @@ fn run() -> Result<()> {
     config.memory_mib = 256;
     config.timeout = Some(Duration::from_secs(120));
 
-    let ours = Series::boot("fuse kernel", &config, runs)?;
-    let mut all = vec![ours];
-    if with_baseline {
-        let (kernel, initrd) = debian_baseline(work.path())?;
+    let mut series = vec![Series::boot(&format!("{arch} fuse kernel"), &config, runs)?];
+    if baseline {
+        let (kernel, initrd) = debian_baseline(arch, work)?;
         let mut base = config.clone();
         base.kernel = kernel;
         base.initrd = initrd;
         base.verbose = std::env::var_os("FUSE_BENCH_VERBOSE").is_some();
-        all.push(Series::boot("debian cloud kernel", &base, runs)?);
+        series.push(Series::boot(
+            &format!("{arch} debian cloud kernel"),
+            &base,
+            runs,
+        )?);
     }
-
-    println!("\nboot to app output, {runs} runs each, median (QEMU spawn -> first app output / -> QEMU exit):");
-    for s in &all {
-        println!(
-            "  {:<22} {:>7.3}s  {:>7.3}s",
-            s.label,
-            median(s.first_output.clone()).as_secs_f64(),
-            median(s.total.clone()).as_secs_f64()
-        );
-    }
-    if let [ours, base] = &all[..] {
-        println!(
-            "  ratio debian/fuse     {:>7.2}x  {:>7.2}x",
-            median(base.first_output.clone()).as_secs_f64()
-                / median(ours.first_output.clone()).as_secs_f64(),
-            median(base.total.clone()).as_secs_f64() / median(ours.total.clone()).as_secs_f64()
-        );
-    }
-    Ok(())
+    Ok(series)
 }
 
-/// Debian's cloud kernel and an initramfs of our init plus the modules it needs, unpacked from
-/// the Debian package into the cache (`apt-get download`, no install).
-fn debian_baseline(work: &Path) -> Result<(PathBuf, PathBuf)> {
-    let cache = fuse_packager::paths::cache_dir().join("bench/debian-cloud-amd64");
+/// Debian's cloud kernel for `arch` and an initramfs of our init plus the modules it needs,
+/// unpacked from the Debian package into the cache (`apt-get download`, no install; the arm64
+/// package through fuse's private arm64 apt state, see `fuse_packager::sysroot`).
+fn debian_baseline(arch: Arch, work: &Path) -> Result<(PathBuf, PathBuf)> {
+    let darch = fuse_packager::sysroot::debian_arch(arch);
+    let cache = fuse_packager::paths::cache_dir().join(format!("bench/debian-cloud-{darch}"));
     if !cache.join("done").exists() {
         std::fs::create_dir_all(&cache)?;
-        let dl = work.join("deb");
+        let dl = work.join(format!("deb-{darch}"));
         std::fs::create_dir_all(&dl)?;
-        let depends = Command::new("apt-cache")
-            .args(["depends", "linux-image-cloud-amd64"])
-            .output()?;
-        let package = String::from_utf8_lossy(&depends.stdout)
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string))
-            .context("apt-cache depends linux-image-cloud-amd64 named no kernel package")?;
-        let status = Command::new("apt-get")
-            .args(["download", &package])
-            .current_dir(&dl)
-            .status()?;
-        if !status.success() {
-            bail!("apt-get download {package} failed");
-        }
-        let deb = std::fs::read_dir(&dl)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("no .deb downloaded")?;
+        let meta = format!("linux-image-cloud-{darch}");
+        let deb = if arch == Arch::host() {
+            let depends = Command::new("apt-cache")
+                .args(["depends", &meta])
+                .output()?;
+            let package = String::from_utf8_lossy(&depends.stdout)
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string))
+                .with_context(|| format!("apt-cache depends {meta} named no kernel package"))?;
+            let status = Command::new("apt-get")
+                .args(["download", &package])
+                .current_dir(&dl)
+                .status()?;
+            if !status.success() {
+                bail!("apt-get download {package} failed");
+            }
+            std::fs::read_dir(&dl)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|e| e == "deb"))
+                .context("no .deb downloaded")?
+        } else {
+            use fuse_packager::sysroot::{deb_field, download_debs};
+            let meta_deb = download_debs(arch, &[&meta], &dl)?.remove(0);
+            // `linux-image-6.1.0-NN-cloud-arm64 (= VERSION)`: the real kernel package.
+            let depends = deb_field(&meta_deb, "Depends")?;
+            let package = depends
+                .split([' ', ','])
+                .next()
+                .filter(|p| !p.is_empty())
+                .with_context(|| format!("{meta} depends on no kernel package"))?
+                .to_string();
+            download_debs(arch, &[&package], &dl)?.remove(0)
+        };
         let status = Command::new("dpkg")
             .arg("-x")
             .arg(&deb)
@@ -200,7 +271,7 @@ fn debian_baseline(work: &Path) -> Result<(PathBuf, PathBuf)> {
         if !status.success() {
             bail!("dpkg -x {} failed", deb.display());
         }
-        std::fs::write(cache.join("done"), package)?;
+        std::fs::write(cache.join("done"), deb.display().to_string())?;
     }
     let root = cache.join("root");
     let vmlinuz = std::fs::read_dir(root.join("boot"))?
@@ -216,7 +287,7 @@ fn debian_baseline(work: &Path) -> Result<(PathBuf, PathBuf)> {
         .map(|e| e.path().join("kernel"))
         .next()
         .context("no modules in the Debian package")?;
-    let mut tree = fuse_boot::initramfs::initramfs_tree(Arch::X86_64)?;
+    let mut tree = fuse_boot::initramfs::initramfs_tree(arch)?;
     let mut list = String::new();
     for (i, module) in DEBIAN_MODULES.iter().enumerate() {
         let image_path = format!("/lib/modules/{i:02}-{}", module.rsplit('/').next().unwrap());
@@ -229,7 +300,7 @@ fn debian_baseline(work: &Path) -> Result<(PathBuf, PathBuf)> {
         list.into_bytes(),
         0o644,
     )?;
-    let initrd = work.join("debian-initrd.cpio");
+    let initrd = work.join(format!("debian-initrd-{darch}.cpio"));
     let mut out = std::fs::File::create(&initrd)?;
     fuse_rootfs::cpio::write_newc(&tree, &mut out)?;
     Ok((vmlinuz, initrd))

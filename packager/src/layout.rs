@@ -11,6 +11,9 @@ use fuse_rootfs::tree::Tree;
 pub const SPEC_PATH: &str = fuse_boot::spec::SPEC_PATH;
 /// Where the app's own files go.
 pub const APP_DIR: &str = "/app";
+/// Empty directories every image has for volumes (`fuse run --volume NAME:/data`): the root
+/// is read-only, so a mount point cannot be made at boot. Listed in the manifest.
+pub const VOLUME_MOUNT_POINTS: &[&str] = &["/data"];
 
 /// The skeleton: mount points, /etc basics for glibc and runtimes, the app directory.
 pub fn skeleton() -> Result<Tree> {
@@ -24,6 +27,9 @@ pub fn skeleton() -> Result<Tree> {
         "/etc/fuse",
         APP_DIR,
     ] {
+        tree.add_dir(dir, 0o755)?;
+    }
+    for dir in VOLUME_MOUNT_POINTS {
         tree.add_dir(dir, 0o755)?;
     }
     tree.add_dir("/tmp", 0o1777)?;

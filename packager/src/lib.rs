@@ -6,8 +6,15 @@
 
 pub mod builder;
 pub mod cli;
+pub mod config;
 pub mod digest;
+pub mod disk_image;
+pub mod dotenv;
+pub mod environments;
 pub mod fsutil;
+pub mod health;
+pub mod instance_cli;
+pub mod instances;
 pub mod kernel;
 pub mod layout;
 pub mod lock;
@@ -15,6 +22,10 @@ pub mod manifest;
 pub mod naming;
 pub mod paths;
 pub mod payload;
+pub mod ports;
 pub mod run;
 pub mod runtimes;
 pub mod store;
+pub mod sysroot;
+pub mod testing;
+pub mod volumes;

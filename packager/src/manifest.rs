@@ -1,6 +1,7 @@
 //! The image manifest: what an image is made of, each part by digest. The image's digest is the
 //! digest of the manifest's canonical bytes, so it changes exactly when any part changes.
 
+use crate::config::ImageConfig;
 use crate::digest;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::Arch;
@@ -44,6 +45,10 @@ pub struct Contents {
     pub files: u64,
     pub bytes: u64,
     pub largest: Vec<FileSize>,
+    /// Uncompressed bytes by part: `app` (under /app), `runtime` (a runtime's directory, such
+    /// as the JVM's /opt/java), `system` (everything else: libraries, /etc).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, u64>,
 }
 
 /// The manifest of an image.
@@ -65,6 +70,12 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub notes: BTreeMap<String, String>,
     pub contents: Contents,
+    /// Empty directories of the root where volumes can be mounted (`--volume NAME:/PATH`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_points: Vec<String>,
+    /// What the image keeps of its `fuse.toml`: environments, ports, health check, resources.
+    #[serde(default, skip_serializing_if = "ImageConfig::is_empty")]
+    pub config: ImageConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +195,10 @@ pub(crate) mod tests {
                     path: "/app/hello".into(),
                     size: 3,
                 }],
+                parts: BTreeMap::new(),
             },
+            mount_points: vec!["/data".into()],
+            config: ImageConfig::default(),
         }
     }
 

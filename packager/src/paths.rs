@@ -15,6 +15,20 @@ pub fn data_dir() -> PathBuf {
     from_env("FUSE_HOME", "XDG_DATA_HOME", ".local/share")
 }
 
+/// Per-user state of running instances (`fuse run --detach`, `fuse ps`): `$FUSE_RUNTIME_DIR`,
+/// else `$XDG_RUNTIME_DIR/fuse`, else `/tmp/fuse-<uid>`. Nothing in it outlives its VM.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FUSE_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("fuse");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/fuse-{uid}"))
+}
+
 fn from_env(own: &str, xdg: &str, home_relative: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os(own).filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);

@@ -9,13 +9,41 @@ use std::path::Path;
 pub enum Kind {
     /// A Linux ELF executable (static or dynamic), packaged with its shared-library closure.
     Native,
+    /// An executable jar (`Main-Class`), packaged with a jlink runtime made for it.
+    Jvm,
+    /// A Node.js app: a `.js` file, or a directory with `package.json` and its `node_modules`.
+    Node,
+    /// A Python app: a `.py` file, or a directory with `__main__.py` or `pyproject.toml`.
+    Python,
 }
 
 impl Kind {
+    /// Every kind, for `--kind` and messages.
+    pub const ALL: &'static [Kind] = &[Kind::Native, Kind::Jvm, Kind::Node, Kind::Python];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Native => "native",
+            Kind::Node => "node",
+            Kind::Python => "python",
+            Kind::Jvm => "jvm",
         }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+
+    /// The `--kind` names: what [`Kind::as_str`] gives.
+    fn from_str(s: &str) -> std::result::Result<Kind, String> {
+        Kind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown kind '{s}': use one of {}", names.join(", "))
+            })
     }
 }
 
@@ -28,10 +56,16 @@ pub fn detect(input: &Path) -> Result<Kind> {
         )
     })?;
     if meta.is_dir() {
+        if let Some(kind) = detect_dir(input) {
+            return Ok(kind);
+        }
         bail!(
             "{} is a directory without an entry point: give the program to run (an ELF executable) instead",
             input.display()
         );
+    }
+    if let Some(kind) = detect_script(input) {
+        return Ok(kind);
     }
     let mut magic = [0u8; 4];
     let n = std::fs::File::open(input)
@@ -40,10 +74,33 @@ pub fn detect(input: &Path) -> Result<Kind> {
     if n == 4 && magic == *b"\x7fELF" {
         return Ok(Kind::Native);
     }
+    if crate::runtimes::jar::looks_like_jar(input, &magic[..n]) {
+        return Ok(Kind::Jvm);
+    }
     bail!(
-        "{} is not an app fuse can package: expected an ELF executable",
+        "{} is not an app fuse can package: expected an ELF executable or an executable jar",
         input.display()
     )
+}
+
+/// A directory app, by the file that says how to start it.
+fn detect_dir(dir: &Path) -> Option<Kind> {
+    if dir.join("package.json").is_file() {
+        Some(Kind::Node)
+    } else if dir.join("__main__.py").is_file() || dir.join("pyproject.toml").is_file() {
+        Some(Kind::Python)
+    } else {
+        None
+    }
+}
+
+/// A script, by its extension (what `node` and `python3` themselves go by).
+fn detect_script(file: &Path) -> Option<Kind> {
+    match file.extension()?.to_str()? {
+        "js" | "mjs" | "cjs" => Some(Kind::Node),
+        "py" => Some(Kind::Python),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -62,5 +119,25 @@ mod tests {
         let err = detect(&dir.path().join("missing")).unwrap_err().to_string();
         assert!(err.contains("not found"), "{err}");
         assert_eq!(detect(Path::new("/bin/true")).unwrap(), Kind::Native);
+    }
+
+    #[test]
+    fn scripts_and_app_directories_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, "").unwrap();
+            path
+        };
+        assert_eq!(detect(&write("server.js")).unwrap(), Kind::Node);
+        assert_eq!(detect(&write("esm.mjs")).unwrap(), Kind::Node);
+        assert_eq!(detect(&write("app.py")).unwrap(), Kind::Python);
+        write("web/package.json");
+        assert_eq!(detect(&dir.path().join("web")).unwrap(), Kind::Node);
+        write("tool/__main__.py");
+        assert_eq!(detect(&dir.path().join("tool")).unwrap(), Kind::Python);
+        write("proj/pyproject.toml");
+        assert_eq!(detect(&dir.path().join("proj")).unwrap(), Kind::Python);
     }
 }

@@ -1,8 +1,11 @@
 //! The local image store: content-addressed blobs plus name:version references.
 //!
 //! Layout under `paths::data_dir()/images`:
-//! - `blobs/sha256/<hex>`: kernels, initramfs, root filesystems, manifests (shared by images)
-//! - `refs/<name>/<version>`: the manifest digest an image reference points at
+//! - `blobs/sha256/<hex>`: disks, kernels, initramfs, root filesystems, manifests (shared by
+//!   images)
+//! - `refs/<name>/<version>`: the digest of the image's disk, which is the image's digest
+//! - `index/<disk hex>`: the digest of that disk's manifest, so listing and inspecting images
+//!   never parse a disk (the manifest is also inside the disk, as the UKI's `.fuse` section)
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
@@ -38,6 +41,7 @@ impl Store {
         for dir in [
             root.join("blobs/sha256"),
             root.join("refs"),
+            root.join("index"),
             root.join("tmp"),
         ] {
             std::fs::create_dir_all(&dir)
@@ -97,25 +101,40 @@ impl Store {
         Ok(d)
     }
 
-    /// Stores a manifest and points `name:version` at it; returns the image digest.
-    pub fn tag(&self, manifest: &Manifest) -> Result<String> {
+    /// Stores a manifest, indexes the (stored) disk built from it, and points `name:version`
+    /// at the disk; returns the image digest (the disk's).
+    pub fn tag(&self, manifest: &Manifest, disk: &str) -> Result<String> {
         let _lock = self.lock()?;
-        let d = self.put_bytes(&manifest.to_bytes())?;
+        let m = self.put_bytes(&manifest.to_bytes())?;
+        crate::fsutil::write_atomic(&self.index_path(disk), format!("{m}\n").as_bytes())?;
         let reference = self
             .root
             .join("refs")
             .join(&manifest.name)
             .join(&manifest.version);
-        crate::fsutil::write_atomic(&reference, format!("{d}\n").as_bytes())?;
-        Ok(d)
+        crate::fsutil::write_atomic(&reference, format!("{disk}\n").as_bytes())?;
+        Ok(disk.to_string())
+    }
+
+    fn index_path(&self, disk: &str) -> PathBuf {
+        self.root.join("index").join(digest::hex_part(disk))
     }
 
     fn lock(&self) -> Result<FileLock> {
         FileLock::exclusive(&self.root.join("store.lock"))
     }
 
+    /// The manifest digest of an image digest (a disk's); `None` for a reference an older
+    /// fuse wrote, which names the manifest itself.
+    fn manifest_digest(&self, d: &str) -> Option<String> {
+        std::fs::read_to_string(self.index_path(d))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
     fn load(&self, name: ImageName, d: String) -> Result<StoredImage> {
-        let bytes = std::fs::read(self.blob_path(&d)).with_context(|| {
+        let m = self.manifest_digest(&d).unwrap_or_else(|| d.clone());
+        let bytes = std::fs::read(self.blob_path(&m)).with_context(|| {
             format!(
                 "Image {name} points at a missing manifest {d}: run `fuse rm {name}` and rebuild"
             )
@@ -223,11 +242,20 @@ impl Store {
         let mut live = BTreeSet::new();
         for image in self.list()? {
             live.insert(digest::hex_part(&image.digest).to_string());
+            if let Some(m) = self.manifest_digest(&image.digest) {
+                live.insert(digest::hex_part(&m).to_string());
+            }
             for (_, d, _) in image.manifest.components() {
                 live.insert(digest::hex_part(d).to_string());
             }
         }
         let mut freed = 0;
+        for entry in std::fs::read_dir(self.root.join("index"))? {
+            let entry = entry?;
+            if !live.contains(&*entry.file_name().to_string_lossy()) {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
         for entry in std::fs::read_dir(self.root.join("blobs/sha256"))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -245,13 +273,21 @@ mod tests {
     use super::*;
     use crate::manifest::tests::sample;
 
+    /// A stand-in for the disk of `manifest` (its bytes are not read by the store).
+    fn disk_of(store: &Store, manifest: &Manifest) -> String {
+        store
+            .put_bytes(format!("disk of {}", manifest.digest()).as_bytes())
+            .unwrap()
+    }
+
     fn store_with_blobs(manifest: &Manifest) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("images")).unwrap();
         for body in [b"k", b"i", b"r"] {
             store.put_bytes(body).unwrap();
         }
-        store.tag(manifest).unwrap();
+        let disk = disk_of(&store, manifest);
+        store.tag(manifest, &disk).unwrap();
         (dir, store)
     }
 
@@ -261,18 +297,25 @@ mod tests {
         let (_dir, store) = store_with_blobs(&m);
         let found = store.find("hello:1.0").unwrap().unwrap();
         assert_eq!(found.manifest, m);
-        assert_eq!(found.digest, m.digest());
+        let disk = disk_of(&store, &m);
+        assert_eq!(found.digest, disk, "the image digest is the disk's");
         assert!(
             store.find("hello").unwrap().is_some(),
             "single version resolves"
         );
-        assert!(store.find(digest::short(&m.digest())).unwrap().is_some());
+        assert!(store.find(digest::short(&disk)).unwrap().is_some());
         assert!(store.find("nope").unwrap().is_none());
 
         let freed = store.remove(&found).unwrap();
         assert!(freed > 3, "blobs and manifest collected, freed {freed}");
         assert!(store.list().unwrap().is_empty());
         assert!(!store.blob_path(&m.kernel.digest).exists());
+        assert!(!store.blob_path(&disk).exists());
+        assert!(!store.blob_path(&m.digest()).exists(), "manifest collected");
+        assert_eq!(
+            std::fs::read_dir(store.root.join("index")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -281,7 +324,8 @@ mod tests {
         let mut b = sample();
         b.version = "2.0".into();
         let (_dir, store) = store_with_blobs(&a);
-        store.tag(&b).unwrap();
+        let disk_b = disk_of(&store, &b);
+        store.tag(&b, &disk_b).unwrap();
         let err = store.find("hello").unwrap_err();
         assert!(format!("{err}").contains("several versions"), "{err}");
         store

@@ -614,6 +614,56 @@ pub fn compile_c(dir: &Path, src: &str, name: &str, extra_args: &[&str]) -> Path
     exe
 }
 
+/// Compiles `src` like [`compile_c`] for `arch` (`x86_64` or `aarch64`): with `$CC` (else
+/// `gcc`) when it is the host's arch, else with the cross compiler `<arch>-linux-gnu-gcc`
+/// (gcc-aarch64-linux-gnu, which ci/setup installs).
+pub fn compile_c_for(
+    dir: &Path,
+    arch: &str,
+    src: &str,
+    name: &str,
+    extra_args: &[&str],
+) -> PathBuf {
+    if arch == std::env::consts::ARCH {
+        return compile_c(dir, src, name, extra_args);
+    }
+    let source = dir.join(format!("{name}.c"));
+    fs::write(&source, src).expect("cannot write the C source");
+    let exe = dir.join(name);
+    let cc = format!("{arch}-linux-gnu-gcc");
+    let out = Command::new(&cc)
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&exe)
+        .arg(&source)
+        .args(extra_args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cc} (run ci/setup): {e}"));
+    assert!(
+        out.status.success(),
+        "compiling {name}.c for {arch} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// Defines `NAME::x86_64` and `NAME::aarch64`, two tests calling `BODY(arch)`: the same boot
+/// test, with the same assertions, for each architecture fuse builds images for.
+#[macro_export]
+macro_rules! on_every_arch {
+    ($($name:ident => $body:ident;)+) => {$(
+        mod $name {
+            #[test]
+            fn x86_64() {
+                super::$body("x86_64")
+            }
+            #[test]
+            fn aarch64() {
+                super::$body("aarch64")
+            }
+        }
+    )+};
+}
+
 /// Reads a file of /proc for a pid, for tests that inspect processes.
 pub fn proc_file(pid: u32, name: &str) -> io::Result<String> {
     fs::read_to_string(format!("/proc/{pid}/{name}"))

@@ -6,7 +6,7 @@ use anyhow::Result;
 use fuse_boot::spec::AppSpec;
 use fuse_rootfs::elf::{self, ClosureOptions};
 
-pub fn assemble(input: &RuntimeInput<'_>) -> Result<AppImage> {
+pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
     let file_name = input
         .input
         .file_name()
@@ -14,10 +14,30 @@ pub fn assemble(input: &RuntimeInput<'_>) -> Result<AppImage> {
         .unwrap_or_else(|| input.name.name.clone());
     let exe = format!("{}/{file_name}", layout::APP_DIR);
     let mut tree = layout::skeleton()?;
-    let options = ClosureOptions {
+    // The arch check comes before any sysroot download: an x86_64 program in an arm64 image
+    // is a one-line error, not a package fetch followed by one.
+    let info = elf::inspect(input.input)?;
+    if info.arch != Some(input.arch) || !info.is_64 {
+        return Err(elf::ElfError::WrongArch {
+            path: input.input.to_path_buf(),
+            found: info.arch_name(),
+            expected: input.arch,
+        }
+        .into());
+    }
+    let mut options = ClosureOptions {
         arch: input.arch,
         ..ClosureOptions::default()
     };
+    let mut notes = Vec::new();
+    // A static program needs no libraries, hence no sysroot.
+    if !info.is_static {
+        if let Some(sysroot) = crate::sysroot::for_build(input.arch, input.sysroot, &[], progress)?
+        {
+            options.sysroot = sysroot.path.clone();
+            notes = sysroot.notes();
+        }
+    }
     elf::add_with_closure(&mut tree, input.input, &exe, &options)?;
     let spec = AppSpec {
         exe: exe.clone(),
@@ -28,9 +48,5 @@ pub fn assemble(input: &RuntimeInput<'_>) -> Result<AppImage> {
         gid: 0,
         hostname: input.name.name.clone(),
     };
-    Ok(AppImage {
-        tree,
-        spec,
-        notes: Vec::new(),
-    })
+    Ok(AppImage { tree, spec, notes })
 }

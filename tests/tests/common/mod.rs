@@ -34,6 +34,11 @@ impl Sandbox {
     pub fn program(&self, src: &str, name: &str, extra_args: &[&str]) -> PathBuf {
         self.dir.compile_c(src, name, extra_args)
     }
+
+    /// Compiles a C program for `arch` (`x86_64`, `aarch64`) into the sandbox.
+    pub fn program_for(&self, arch: &str, src: &str, name: &str, extra_args: &[&str]) -> PathBuf {
+        fuse_tests::compile_c_for(self.dir.path(), arch, src, name, extra_args)
+    }
 }
 
 pub const HELLO: &str = r#"
@@ -51,3 +56,165 @@ pub const NEVER_EXITS: &str = r#"
 #include <unistd.h>
 int main(void) { printf("running forever\n"); fflush(stdout); for (;;) pause(); }
 "#;
+
+/// The JSON a `--json` command printed.
+pub fn json(out: &fuse_tests::Output) -> serde_json::Value {
+    serde_json::from_str(&out.stdout_str()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
+impl Sandbox {
+    /// `unsquashfs -lls` of the root filesystem of `image` in this sandbox's store.
+    pub fn rootfs_listing(&self, image: &str) -> String {
+        let inspect = json(
+            self.fuse()
+                .args(["inspect", "--json", image])
+                .run()
+                .assert_success(),
+        );
+        let digest = inspect["rootfs"]["digest"].as_str().unwrap();
+        let blob = self
+            .home()
+            .join("images/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        let out = std::process::Command::new("unsquashfs")
+            .arg("-lls")
+            .arg(&blob)
+            .output()
+            .expect("unsquashfs (squashfs-tools) is needed");
+        assert!(
+            out.status.success(),
+            "unsquashfs failed on {}",
+            blob.display()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `fuse ARGS` and asserts it was refused: exit 1, exactly one `fuse: error:` line
+    /// holding every needle, nothing on stdout, nothing stored. Returns the error line.
+    #[track_caller]
+    pub fn assert_refused<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: impl IntoIterator<Item = S>,
+        needles: &[&str],
+    ) -> String {
+        let out = self.fuse().args(args).run();
+        out.assert_code(1);
+        let stderr = out.stderr_str();
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("fuse: error:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
+        for needle in needles {
+            assert!(lines[0].contains(needle), "'{needle}' not in: {}", lines[0]);
+        }
+        assert!(out.stdout_str().is_empty(), "{out}");
+        let stored = std::fs::read_dir(self.home().join("images/refs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(stored, 0, "nothing is stored for a refused input");
+        lines[0].to_string()
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released: another process could take it first,
+/// which a test then sees as a clear failure to publish).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("cannot bind 127.0.0.1:0")
+        .port()
+}
+
+/// Polls `http://127.0.0.1:port/` with HTTP/1.0 until it answers or `timeout` passes, while
+/// `running` is alive. Returns the whole response (status line, headers, body).
+pub fn http_get_until(
+    running: &mut fuse_tests::Running,
+    port: u16,
+    timeout: Duration,
+) -> Option<String> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline && running.is_running() {
+        let attempt = (|| -> std::io::Result<String> {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })();
+        // QEMU's forwarder accepts before the guest listens and then closes: empty means
+        // "not yet".
+        match attempt {
+            Ok(response) if response.starts_with("HTTP/") => return Some(response),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+    None
+}
+
+/// Compiles the Java `sources` (`(file name, text)`) with `javac` and packs the classes, plus
+/// `extra` files (`(entry name, host file)`), into `dir/<name>` with `jar`, `Main-Class: main`
+/// (none when `main` is empty). Panics with the tools' output on failure.
+pub fn java_jar(
+    dir: &std::path::Path,
+    name: &str,
+    main: &str,
+    sources: &[(&str, &str)],
+    extra: &[(&str, &std::path::Path)],
+) -> PathBuf {
+    let jdk = std::path::Path::new("/usr/lib/jvm/java-17-openjdk-amd64/bin");
+    let tool = |t: &str| {
+        let p = jdk.join(t);
+        if p.is_file() {
+            p
+        } else {
+            PathBuf::from(t)
+        }
+    };
+    let work = dir.join(format!("{name}.build"));
+    let src = work.join("src");
+    let classes = work.join("classes");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&classes).unwrap();
+    let mut javac = std::process::Command::new(tool("javac"));
+    javac.args(["--release", "17", "-d"]).arg(&classes);
+    for (file, text) in sources {
+        let path = src.join(file);
+        std::fs::write(&path, text).unwrap();
+        javac.arg(path);
+    }
+    let out = javac
+        .output()
+        .expect("javac (openjdk-17-jdk-headless) is needed");
+    assert!(
+        out.status.success(),
+        "javac failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (entry, host) in extra {
+        let target = classes.join(entry);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(host, target).unwrap();
+    }
+    let jar = dir.join(name);
+    let mut cmd = std::process::Command::new(tool("jar"));
+    cmd.arg("--create").arg("--file").arg(&jar);
+    if !main.is_empty() {
+        cmd.arg("--main-class").arg(main);
+    }
+    let out = cmd
+        .arg("-C")
+        .arg(&classes)
+        .arg(".")
+        .output()
+        .expect("jar is needed");
+    assert!(
+        out.status.success(),
+        "jar failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    jar
+}

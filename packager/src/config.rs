@@ -1,0 +1,1165 @@
+//! `fuse.toml`: the optional configuration file of an app (reference: `docs/config.md`).
+//!
+//! Where it is: beside a file input (`dir/app` reads `dir/fuse.toml`), inside a directory
+//! input (`dir/fuse.toml`), or wherever `--config PATH` says. Layering, lowest first:
+//!
+//! 1. `fuse.toml` (the main file);
+//! 2. `fuse-<env>.toml` beside it (for `--config dir/x.toml`: `dir/x-<env>.toml`): the
+//!    settings of environment `<env>`, with the schema of an `[environments.<env>]` table
+//!    (`env`, `files`, `args`), merged over it key by key; such a file alone defines `<env>`.
+//!    They are read only when the main file exists;
+//! 3. command-line flags (`--name`, `--memory`, `-e`...), applied by their commands.
+//!
+//! Every error names the file and, when it is about a place in it, `file:line:column`.
+//! Unknown keys are errors: a typo must not silently do nothing.
+
+use crate::naming::{self, ImageName};
+use anyhow::{bail, Context, Result};
+use fuse_boot::spec::validate_environment_name;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// The main configuration file's name.
+pub const FILE_NAME: &str = "fuse.toml";
+/// Runtime option tables (`[jvm]`...), read by the runtime of that kind.
+pub const RUNTIME_TABLES: &[&str] = &["jvm", "node", "python"];
+/// Variables fuse sets itself from the selected environment; the config cannot set them.
+pub const RESERVED_ENV: &[&str] = &["FUSE_ENV"];
+/// How long a health check waits by default.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `--config PATH` of the commands that build.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// The app's configuration file (default: fuse.toml beside the app file, or inside an app
+    /// directory); fuse-<env>.toml files beside it are merged too.
+    #[arg(long = "config", value_name = "PATH")]
+    pub path: Option<PathBuf>,
+}
+
+/// A place in a configuration file, `file:line:column`, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin(pub String);
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A file of the image that comes from the host: `image path = "host path"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// Resolved against the directory of the file that named it.
+    pub host: PathBuf,
+    pub origin: Origin,
+}
+
+/// One environment's settings (`[environments.<name>]` merged with `fuse-<name>.toml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// Variables set in this environment, over the top-level `[env]`.
+    pub env: BTreeMap<String, String>,
+    /// Config files by absolute image path.
+    pub files: BTreeMap<String, ConfigFile>,
+    /// Arguments replacing the image's `args` in this environment.
+    pub args: Option<Vec<String>>,
+}
+
+/// What a health check probes (ports resolved to guest port numbers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthProbe {
+    /// An HTTP GET of `path` that must answer `status` (default: any 2xx).
+    Http {
+        path: String,
+        port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+    },
+    /// A TCP connection that must be accepted.
+    Tcp { port: u16 },
+}
+
+/// `healthcheck = { ... }`, as baked into the image manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Healthcheck {
+    pub probe: HealthProbe,
+    pub timeout_secs: u64,
+}
+
+/// The `[test]` table: what `fuse test` checks when no expectation flag is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestConfig {
+    pub exit_code: Option<i32>,
+    /// Regular expressions the output must match.
+    pub output: Vec<String>,
+    /// Substrings the output must contain.
+    pub contains: Vec<String>,
+    /// `GET path` must answer this status.
+    pub http: Option<TestHttp>,
+    pub environment: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+}
+
+/// `[test] http = { path = "/health", status = 200, port = "http" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestHttp {
+    pub path: String,
+    pub status: u16,
+    /// Guest port; `None`: the health check's port, else the only named port.
+    pub port: Option<u16>,
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// The main file (the directory of relative paths in it).
+    pub path: PathBuf,
+    /// The `fuse-<env>.toml` files that were merged, in order.
+    pub layers: Vec<PathBuf>,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub kind: Option<(String, Origin)>,
+    /// Arguments after argv\[0\], replacing the runtime's.
+    pub args: Option<Vec<String>>,
+    /// Named guest ports.
+    pub ports: BTreeMap<String, u16>,
+    pub healthcheck: Option<Healthcheck>,
+    pub memory: Option<u32>,
+    pub cpus: Option<u32>,
+    /// Variables for every environment (and for images without environments).
+    pub env: BTreeMap<String, String>,
+    /// Files for every environment, at their path in the image.
+    pub files: BTreeMap<String, ConfigFile>,
+    pub environments: BTreeMap<String, Environment>,
+    /// Resolved: the configured one, else `dev` if defined, else the only one.
+    pub default_environment: Option<String>,
+    /// `[jvm]`, `[node]`, `[python]`: left for the runtime of that kind to read.
+    pub runtime: BTreeMap<String, toml::Table>,
+    pub test: TestConfig,
+    /// Where `default_environment` was set, for the message when it names no environment.
+    default_origin: Option<Origin>,
+}
+
+/// The parts of a configuration an image carries (in its manifest), so `fuse run IMAGE` knows
+/// them without the app's files. Empty for images built without a configuration, which keeps
+/// their manifests (and digests) as they were.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// The baked environments, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_environment: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+}
+
+impl ImageConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == ImageConfig::default()
+    }
+}
+
+impl Config {
+    /// Finds and loads the configuration of `input`: `explicit` (`--config`) if given, else
+    /// `fuse.toml` beside a file input or inside a directory input. `None` when there is none.
+    pub fn discover(input: &Path, explicit: Option<&Path>) -> Result<Option<Config>> {
+        if let Some(path) = explicit {
+            if !path.is_file() {
+                bail!(
+                    "Configuration file {} not found: check the --config path",
+                    path.display()
+                );
+            }
+            return Config::load(path).map(Some);
+        }
+        let dir = if input.is_dir() {
+            input.to_path_buf()
+        } else {
+            match input.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            }
+        };
+        let path = dir.join(FILE_NAME);
+        if path.is_file() {
+            Config::load(&path).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Loads `path` and its `<stem>-<env>.toml` layers.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = read(path)?;
+        let raw: RawConfig = parse(path, &text)?;
+        let mut config = Config::from_raw(path, &text, raw)?;
+        for (env_name, layer) in layer_files(path)? {
+            let text = read(&layer)?;
+            let raw: RawEnvironment = parse(&layer, &text)?;
+            let src = Source::new(&layer, &text);
+            let target = config.environments.entry(env_name.clone()).or_default();
+            merge_environment(&src, target, raw)?;
+            config.layers.push(layer);
+        }
+        config.finish()?;
+        Ok(config)
+    }
+
+    /// Parses a configuration from text (for tests; `path` names it in messages and anchors
+    /// relative paths). No layers are read.
+    pub fn from_str(path: &Path, text: &str) -> Result<Config> {
+        let raw: RawConfig = parse(path, text)?;
+        let mut config = Config::from_raw(path, text, raw)?;
+        config.finish()?;
+        Ok(config)
+    }
+
+    fn from_raw(path: &Path, text: &str, raw: RawConfig) -> Result<Config> {
+        let src = Source::new(path, text);
+        let mut config = Config {
+            path: path.to_path_buf(),
+            ..Config::default()
+        };
+        if let Some(name) = raw.name {
+            let origin = src.origin(name.span());
+            let checked =
+                naming::parse(name.get_ref()).with_context(|| format!("{origin}: invalid name"))?;
+            if name.get_ref().contains(':') {
+                bail!(
+                    "{origin}: name '{}' has a version: put it in `version = \"{}\"`",
+                    name.get_ref(),
+                    checked.version
+                );
+            }
+            config.name = Some(checked.name);
+        }
+        if let Some(version) = raw.version {
+            let origin = src.origin(version.span());
+            let probe = format!("x:{}", version.get_ref());
+            naming::parse(&probe).with_context(|| format!("{origin}: invalid version"))?;
+            config.version = Some(version.into_inner());
+        }
+        config.kind = raw.kind.map(|k| {
+            let origin = src.origin(k.span());
+            (k.into_inner(), origin)
+        });
+        config.args = raw.args;
+        for (name, port) in raw.ports {
+            let origin = src.origin(name.span());
+            check_identifier(&origin, "port name", name.get_ref())?;
+            if *port.get_ref() == 0 {
+                bail!(
+                    "{}: port {} must be 1 to 65535",
+                    src.origin(port.span()),
+                    name.get_ref()
+                );
+            }
+            config.ports.insert(name.into_inner(), port.into_inner());
+        }
+        config.memory = positive(&src, "memory", raw.memory)?;
+        config.cpus = positive(&src, "cpus", raw.cpus)?;
+        config.env = env_table(&src, raw.env)?;
+        config.files = files_table(&src, raw.files)?;
+        for (name, table) in raw.environments {
+            let origin = src.origin(name.span());
+            validate_environment_name(name.get_ref()).with_context(|| origin.to_string())?;
+            let target = config.environments.entry(name.into_inner()).or_default();
+            merge_environment(&src, target, table)?;
+        }
+        if let Some(healthcheck) = raw.healthcheck {
+            config.healthcheck = Some(healthcheck_from(&src, &config.ports, healthcheck)?);
+        }
+        if let Some(default) = raw.default_environment {
+            // Checked against the environments in finish(), after the layers are read.
+            config.default_origin = Some(src.origin(default.span()));
+            config.default_environment = Some(default.into_inner());
+        }
+        for (table, value) in [("jvm", raw.jvm), ("node", raw.node), ("python", raw.python)] {
+            if let Some(value) = value {
+                config.runtime.insert(table.to_string(), value);
+            }
+        }
+        if let Some(test) = raw.test {
+            config.test = test_from(&src, &config.ports, test)?;
+        }
+        Ok(config)
+    }
+
+    /// Checks what needs the whole picture and resolves the default environment.
+    fn finish(&mut self) -> Result<()> {
+        let origin = self
+            .default_origin
+            .clone()
+            .unwrap_or_else(|| Origin(self.path.display().to_string()));
+        let names = self.environment_names();
+        self.default_environment = match self.default_environment.take() {
+            Some(name) if self.environments.contains_key(&name) => Some(name),
+            Some(name) => bail!(
+                "{origin}: default_environment '{name}' is not defined (defined: {}): add [environments.{name}]",
+                list_or_none(&names)
+            ),
+            None if self.environments.is_empty() => None,
+            None if self.environments.contains_key("dev") => Some("dev".into()),
+            None if self.environments.len() == 1 => Some(names[0].clone()),
+            None => bail!(
+                "{}: several environments ({}) and none is the default: set default_environment = \"{}\" (or define `dev`)",
+                self.path.display(),
+                names.join(", "),
+                names[0]
+            ),
+        };
+        if let Some(env) = &self.test.environment {
+            if !self.environments.contains_key(env) {
+                bail!(
+                    "{}: [test] environment '{env}' is not defined (defined: {})",
+                    self.path.display(),
+                    list_or_none(&names)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The environment names, sorted.
+    pub fn environment_names(&self) -> Vec<String> {
+        self.environments.keys().cloned().collect()
+    }
+
+    /// `name:version` from the configuration, for images built without `--name`: each part
+    /// configured, else derived from the input.
+    pub fn image_name(&self, derived: &ImageName) -> Option<ImageName> {
+        if self.name.is_none() && self.version.is_none() {
+            return None;
+        }
+        Some(ImageName {
+            name: self.name.clone().unwrap_or_else(|| derived.name.clone()),
+            version: self
+                .version
+                .clone()
+                .unwrap_or_else(|| derived.version.clone()),
+        })
+    }
+
+    /// A runtime's option table (`[jvm]`...), if the configuration has one.
+    pub fn runtime_table(&self, runtime: &str) -> Option<&toml::Table> {
+        self.runtime.get(runtime)
+    }
+
+    /// The `options = [...]` of a runtime's table (`[jvm] options = ["-Xmx256m"]`).
+    pub fn runtime_options(&self, runtime: &str) -> Result<Vec<String>> {
+        let Some(value) = self.runtime_table(runtime).and_then(|t| t.get("options")) else {
+            return Ok(Vec::new());
+        };
+        let items = value.as_array().map(|a| {
+            a.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        });
+        match items {
+            Some(Some(options)) => Ok(options),
+            _ => bail!(
+                "{}: [{runtime}] options must be a list of strings",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// What the image records of this configuration.
+    pub fn image_config(&self) -> ImageConfig {
+        ImageConfig {
+            environments: self.environment_names(),
+            default_environment: self.default_environment.clone(),
+            ports: self.ports.clone(),
+            healthcheck: self.healthcheck.clone(),
+            memory: self.memory,
+            cpus: self.cpus,
+        }
+    }
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Parses a duration: `30s`, `2m`, `500ms`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit.trim() {
+        "" | "s" => Some(Duration::from_secs(n)),
+        "ms" => Some(Duration::from_millis(n)),
+        "m" | "min" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+// ---- raw schema (what serde reads; spans kept where messages need them) ----------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    ports: BTreeMap<Spanned<String>, Spanned<u16>>,
+    healthcheck: Option<Spanned<RawHealthcheck>>,
+    memory: Option<Spanned<u32>>,
+    cpus: Option<Spanned<u32>>,
+    default_environment: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
+    #[serde(default)]
+    files: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    environments: BTreeMap<Spanned<String>, RawEnvironment>,
+    jvm: Option<toml::Table>,
+    node: Option<toml::Table>,
+    python: Option<toml::Table>,
+    test: Option<RawTest>,
+}
+
+/// `[environments.<name>]`, and the whole of a `fuse-<name>.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
+    #[serde(default)]
+    files: BTreeMap<Spanned<String>, Spanned<String>>,
+    args: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthcheck {
+    http: Option<String>,
+    tcp: Option<PortRef>,
+    port: Option<PortRef>,
+    status: Option<u16>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    exit_code: Option<i32>,
+    output: Option<OneOrMany>,
+    contains: Option<OneOrMany>,
+    http: Option<Spanned<RawTestHttp>>,
+    environment: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTestHttp {
+    path: String,
+    #[serde(default = "ok_status")]
+    status: u16,
+    port: Option<PortRef>,
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+/// A port by name (`"http"`, from `[ports]`) or number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// An environment value: a string, or a number or boolean written without quotes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EnvValue {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl EnvValue {
+    fn into_string(self) -> String {
+        match self {
+            EnvValue::String(s) => s,
+            EnvValue::Integer(n) => n.to_string(),
+            EnvValue::Float(x) => x.to_string(),
+            EnvValue::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+// ---- from raw to checked -----------------------------------------------------------------------
+
+/// A file's text, to turn byte spans into `file:line:column`.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl<'a> Source<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        Source { path, text }
+    }
+
+    fn origin(&self, span: Range<usize>) -> Origin {
+        let (line, column) = line_column(self.text, span.start);
+        Origin(format!("{}:{line}:{column}", self.path.display()))
+    }
+
+    /// Where relative paths in this file are resolved.
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("Cannot read the configuration file {}", path.display()))
+}
+
+/// Deserializes with errors as one line: `file:line:column: message`.
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let message = e.message().trim().replace('\n', " ");
+        match e.span() {
+            Some(span) => {
+                let (line, column) = line_column(text, span.start);
+                anyhow::anyhow!("{}:{line}:{column}: {message}", path.display())
+            }
+            None => anyhow::anyhow!("{}: {message}", path.display()),
+        }
+    })
+}
+
+/// The `<stem>-<env>.toml` files beside `main`, sorted by environment name.
+fn layer_files(main: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let Some(stem) = main.file_stem().and_then(|s| s.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let dir = match main.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = format!("{stem}-");
+    let mut layers = Vec::new();
+    let entries = std::fs::read_dir(&dir)
+        .with_context(|| format!("Cannot list {} for {prefix}<env>.toml", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(env_name) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".toml"))
+        else {
+            continue;
+        };
+        let path = entry.path();
+        validate_environment_name(env_name).with_context(|| {
+            format!(
+                "{}: the file name gives environment '{env_name}'",
+                path.display()
+            )
+        })?;
+        layers.push((env_name.to_string(), path));
+    }
+    layers.sort();
+    Ok(layers)
+}
+
+fn positive(src: &Source<'_>, key: &str, value: Option<Spanned<u32>>) -> Result<Option<u32>> {
+    match value {
+        Some(v) if *v.get_ref() == 0 => {
+            bail!("{}: {key} must be at least 1", src.origin(v.span()))
+        }
+        v => Ok(v.map(Spanned::into_inner)),
+    }
+}
+
+fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !ok {
+        bail!("{origin}: invalid {what} '{name}': use letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Checks an environment variable name: what a process environment can hold, without the
+/// surprises (no `=`, whitespace or NUL).
+pub fn check_env_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("the variable name is empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| *c == '=' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("variable name '{name}' contains {c:?}"));
+    }
+    if RESERVED_ENV.contains(&name) {
+        return Err(format!(
+            "{name} is set by fuse from the selected environment: select it with --env"
+        ));
+    }
+    Ok(())
+}
+
+fn env_table(
+    src: &Source<'_>,
+    table: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (name, value) in table {
+        if let Err(why) = check_env_name(name.get_ref()) {
+            bail!("{}: {why}", src.origin(name.span()));
+        }
+        let value_origin = src.origin(value.span());
+        let value = value.into_inner().into_string();
+        if value.contains('\0') {
+            bail!(
+                "{value_origin}: the value of {} contains a NUL byte",
+                name.get_ref()
+            );
+        }
+        out.insert(name.into_inner(), value);
+    }
+    Ok(out)
+}
+
+/// Image paths where a config file would be hidden or would break the image.
+const FORBIDDEN_PREFIXES: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp", "/etc/fuse"];
+
+fn files_table(
+    src: &Source<'_>,
+    table: BTreeMap<Spanned<String>, Spanned<String>>,
+) -> Result<BTreeMap<String, ConfigFile>> {
+    let mut out = BTreeMap::new();
+    for (image_path, host) in table {
+        let origin = src.origin(image_path.span());
+        let path = image_path.get_ref();
+        fuse_rootfs::tree::validate_path(path)
+            .map_err(|e| anyhow::anyhow!("{origin}: invalid image path '{path}': {e}"))?;
+        if path == "/"
+            || FORBIDDEN_PREFIXES
+                .iter()
+                .any(|p| path == p || path.starts_with(&format!("{p}/")))
+        {
+            bail!("{origin}: a config file cannot go to {path}: /proc, /sys, /dev, /run, /tmp and /etc/fuse are not part of the image's files");
+        }
+        let host_origin = src.origin(host.span());
+        let host_path = src.dir().join(host.get_ref());
+        if !host_path.is_file() {
+            bail!(
+                "{host_origin}: file {} not found (paths are relative to {})",
+                host_path.display(),
+                src.dir().display()
+            );
+        }
+        out.insert(
+            path.clone(),
+            ConfigFile {
+                host: host_path,
+                origin: host_origin,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn merge_environment(
+    src: &Source<'_>,
+    target: &mut Environment,
+    raw: RawEnvironment,
+) -> Result<()> {
+    target.env.extend(env_table(src, raw.env)?);
+    target.files.extend(files_table(src, raw.files)?);
+    if raw.args.is_some() {
+        target.args = raw.args;
+    }
+    Ok(())
+}
+
+fn resolve_port(
+    src: &Source<'_>,
+    span: Range<usize>,
+    ports: &BTreeMap<String, u16>,
+    port: &PortRef,
+) -> Result<u16> {
+    match port {
+        PortRef::Number(0) => bail!("{}: port 0 is not a port", src.origin(span)),
+        PortRef::Number(n) => Ok(*n),
+        PortRef::Name(name) => ports.get(name).copied().with_context(|| {
+            format!(
+                "{}: port '{name}' is not in [ports] (defined: {})",
+                src.origin(span),
+                list_or_none(&ports.keys().cloned().collect::<Vec<_>>())
+            )
+        }),
+    }
+}
+
+/// The port a check uses when none is named: the only named port.
+fn only_port(ports: &BTreeMap<String, u16>) -> Option<u16> {
+    (ports.len() == 1).then(|| *ports.values().next().expect("one port"))
+}
+
+fn healthcheck_from(
+    src: &Source<'_>,
+    ports: &BTreeMap<String, u16>,
+    raw: Spanned<RawHealthcheck>,
+) -> Result<Healthcheck> {
+    let span = raw.span();
+    let origin = src.origin(span.clone());
+    let raw = raw.into_inner();
+    let timeout = match &raw.timeout {
+        None => DEFAULT_HEALTH_TIMEOUT,
+        Some(t) => parse_duration(t).with_context(|| {
+            format!("{origin}: healthcheck timeout '{t}' is not a duration like 30s or 2m")
+        })?,
+    };
+    let probe = match (raw.http, raw.tcp) {
+        (Some(path), None) => {
+            if !path.starts_with('/') {
+                bail!("{origin}: healthcheck http path '{path}' must start with /");
+            }
+            let port = match &raw.port {
+                Some(p) => resolve_port(src, span.clone(), ports, p)?,
+                None => only_port(ports).with_context(|| {
+                    format!("{origin}: healthcheck needs `port = \"NAME\"` (one of [ports])")
+                })?,
+            };
+            HealthProbe::Http {
+                path,
+                port,
+                status: raw.status,
+            }
+        }
+        (None, Some(port)) => {
+            if raw.port.is_some() || raw.status.is_some() {
+                bail!("{origin}: a tcp healthcheck takes only `tcp = PORT` and `timeout`");
+            }
+            HealthProbe::Tcp {
+                port: resolve_port(src, span.clone(), ports, &port)?,
+            }
+        }
+        _ => bail!(
+            "{origin}: healthcheck needs exactly one of `http = \"/path\"` or `tcp = \"PORT\"`"
+        ),
+    };
+    Ok(Healthcheck {
+        probe,
+        timeout_secs: timeout.as_secs().max(1),
+    })
+}
+
+fn test_from(src: &Source<'_>, ports: &BTreeMap<String, u16>, raw: RawTest) -> Result<TestConfig> {
+    let output = raw.output.map(OneOrMany::into_vec).unwrap_or_default();
+    for pattern in &output {
+        regex::Regex::new(pattern).with_context(|| {
+            format!(
+                "{}: [test] output '{pattern}' is not a valid regular expression",
+                src.path.display()
+            )
+        })?;
+    }
+    let http = match raw.http {
+        None => None,
+        Some(h) => {
+            let span = h.span();
+            let h = h.into_inner();
+            if !h.path.starts_with('/') {
+                bail!(
+                    "{}: [test] http path '{}' must start with /",
+                    src.origin(span),
+                    h.path
+                );
+            }
+            let port = match &h.port {
+                Some(p) => Some(resolve_port(src, span, ports, p)?),
+                None => None,
+            };
+            Some(TestHttp {
+                path: h.path,
+                status: h.status,
+                port,
+            })
+        }
+    };
+    let timeout = match raw.timeout {
+        None => None,
+        Some(t) => Some(parse_duration(t.get_ref()).with_context(|| {
+            format!(
+                "{}: [test] timeout '{}' is not a duration like 30s or 2m",
+                src.origin(t.span()),
+                t.get_ref()
+            )
+        })?),
+    };
+    Ok(TestConfig {
+        exit_code: raw.exit_code,
+        output,
+        contains: raw.contains.map(OneOrMany::into_vec).unwrap_or_default(),
+        http,
+        environment: raw.environment,
+        env: env_table(src, raw.env)?,
+        timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, body).unwrap();
+        }
+        dir
+    }
+
+    fn load_err(files: &[(&str, &str)]) -> String {
+        let dir = dir_with(files);
+        format!(
+            "{:#}",
+            Config::load(&dir.path().join(FILE_NAME)).unwrap_err()
+        )
+    }
+
+    const FULL: &str = r#"
+name = "shop"
+version = "2.1"
+kind = "native"
+args = ["--serve"]
+memory = 512
+cpus = 2
+default_environment = "prod"
+
+[ports]
+http = 8080
+admin = 9090
+
+[healthcheck]
+http = "/health"
+port = "http"
+timeout = "30s"
+
+[env]
+LOG_LEVEL = "info"
+WORKERS = 4
+DEBUG = false
+
+[files]
+"/etc/shop/common.conf" = "conf/common.conf"
+
+[environments.dev.env]
+LOG_LEVEL = "debug"
+
+[environments.prod]
+args = ["--serve", "--fast"]
+env = { DB_URL = "postgres://db/shop" }
+files = { "/etc/shop/app.conf" = "conf/prod.conf" }
+
+[jvm]
+options = ["-Xmx256m"]
+
+[test]
+exit_code = 0
+output = "listening on \\d+"
+contains = ["ready"]
+http = { path = "/health", status = 200, port = "http" }
+environment = "dev"
+timeout = "2m"
+"#;
+
+    #[test]
+    fn full_file_parses() {
+        let dir = dir_with(&[
+            ("fuse.toml", FULL),
+            ("conf/common.conf", "c"),
+            ("conf/prod.conf", "p"),
+        ]);
+        let c = Config::load(&dir.path().join("fuse.toml")).unwrap();
+        assert_eq!(c.name.as_deref(), Some("shop"));
+        assert_eq!(c.version.as_deref(), Some("2.1"));
+        assert_eq!(c.kind.as_ref().unwrap().0, "native");
+        assert_eq!(c.args, Some(vec!["--serve".to_string()]));
+        assert_eq!((c.memory, c.cpus), (Some(512), Some(2)));
+        assert_eq!(c.ports["admin"], 9090);
+        assert_eq!(
+            c.healthcheck,
+            Some(Healthcheck {
+                probe: HealthProbe::Http {
+                    path: "/health".into(),
+                    port: 8080,
+                    status: None
+                },
+                timeout_secs: 30
+            })
+        );
+        assert_eq!(c.env["WORKERS"], "4");
+        assert_eq!(c.env["DEBUG"], "false");
+        assert_eq!(
+            c.files["/etc/shop/common.conf"].host,
+            dir.path().join("conf/common.conf")
+        );
+        assert_eq!(c.environment_names(), vec!["dev", "prod"]);
+        assert_eq!(c.environments["dev"].env["LOG_LEVEL"], "debug");
+        let prod = &c.environments["prod"];
+        assert_eq!(prod.env["DB_URL"], "postgres://db/shop");
+        assert_eq!(prod.args.as_ref().unwrap()[1], "--fast");
+        assert!(prod.files.contains_key("/etc/shop/app.conf"));
+        assert_eq!(c.default_environment.as_deref(), Some("prod"));
+        assert_eq!(c.runtime_options("jvm").unwrap(), vec!["-Xmx256m"]);
+        assert!(c.runtime_options("node").unwrap().is_empty());
+        assert_eq!(c.test.exit_code, Some(0));
+        assert_eq!(c.test.output, vec!["listening on \\d+"]);
+        assert_eq!(c.test.http.as_ref().unwrap().port, Some(8080));
+        assert_eq!(c.test.timeout, Some(Duration::from_secs(120)));
+        let image = c.image_config();
+        assert_eq!(image.environments, vec!["dev", "prod"]);
+        assert!(!image.is_empty());
+    }
+
+    #[test]
+    fn layers_merge_over_the_main_file() {
+        let dir = dir_with(&[
+            (
+                "fuse.toml",
+                "default_environment = \"prod\"\n[env]\nA = \"1\"\n[environments.prod.env]\nX = \"main\"\nY = \"main\"\n",
+            ),
+            ("fuse-prod.toml", "args = [\"--prod\"]\n[env]\nY = \"layer\"\n"),
+            ("fuse-staging.toml", "[files]\n\"/etc/a.conf\" = \"a.conf\"\n"),
+            ("a.conf", "staging"),
+            ("other-dev.toml", "bogus = 1\n"),
+        ]);
+        let c = Config::load(&dir.path().join("fuse.toml")).unwrap();
+        assert_eq!(c.environment_names(), vec!["prod", "staging"]);
+        let prod = &c.environments["prod"];
+        assert_eq!(prod.env["X"], "main");
+        assert_eq!(prod.env["Y"], "layer", "the layer wins");
+        assert_eq!(prod.args, Some(vec!["--prod".to_string()]));
+        assert!(c.environments["staging"].files.contains_key("/etc/a.conf"));
+        assert_eq!(c.layers.len(), 2);
+    }
+
+    #[test]
+    fn default_environment_rules() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        assert_eq!(load("").unwrap().default_environment, None);
+        let one = load("[environments.prod.env]\nA = \"1\"\n").unwrap();
+        assert_eq!(one.default_environment.as_deref(), Some("prod"));
+        let dev = load("[environments.prod]\n[environments.dev]\n").unwrap();
+        assert_eq!(dev.default_environment.as_deref(), Some("dev"));
+        let err = format!(
+            "{:#}",
+            load("[environments.prod]\n[environments.qa]\n").unwrap_err()
+        );
+        assert!(
+            err.contains("none is the default") && err.contains("prod, qa"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            load("default_environment = \"live\"\n[environments.prod]\n").unwrap_err()
+        );
+        assert!(
+            err.contains("/x/fuse.toml:1:23") && err.contains("defined: prod"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_give_file_line_column() {
+        let err = load_err(&[("fuse.toml", "name = \"a\"\nmemory = = 3\n")]);
+        assert!(err.contains("fuse.toml:2:10:"), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_place() {
+        let err = load_err(&[("fuse.toml", "name = \"a\"\nmemroy = 3\n")]);
+        assert!(
+            err.contains("fuse.toml:2:1:") && err.contains("unknown field `memroy`"),
+            "{err}"
+        );
+        let err = load_err(&[("fuse.toml", "[environments.prod]\nenvs = {}\n")]);
+        assert!(
+            err.contains("fuse.toml:2:1:") && err.contains("`envs`"),
+            "{err}"
+        );
+        let err = load_err(&[("fuse.toml", ""), ("fuse-prod.toml", "\nmemory = 1\n")]);
+        assert!(
+            err.contains("fuse-prod.toml:2:1:") && err.contains("`memory`"),
+            "{err}"
+        );
+        let err = load_err(&[("fuse.toml", "[healthcheck]\nhttp = \"/\"\npath = \"/x\"\n")]);
+        assert!(
+            err.contains("fuse.toml:3:1:") && err.contains("`path`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_value() {
+        let cases: &[(&str, &str)] = &[
+            ("[env]\nFUSE_ENV = \"x\"\n", ":2:1: FUSE_ENV is set by fuse"),
+            (
+                "[environments.\"../x\"]\n",
+                ":1:15: Invalid environment name '../x'",
+            ),
+            (
+                "[files]\n\"/etc/a.conf\" = \"missing.conf\"\n",
+                ":2:17: file ",
+            ),
+            ("[files]\n\"etc/a.conf\" = \"x\"\n", "invalid image path"),
+            (
+                "[files]\n\"/run/a.conf\" = \"x\"\n",
+                "cannot go to /run/a.conf",
+            ),
+            ("memory = 0\n", ":1:10: memory must be at least 1"),
+            ("[ports]\nhttp = 0\n", "port http must be 1 to 65535"),
+            ("[ports]\nhttp = 70000\n", ":2:8:"),
+            (
+                "healthcheck = { http = \"/h\", port = \"web\" }\n",
+                "port 'web' is not in [ports]",
+            ),
+            (
+                "[ports]\na = 1\nb = 2\n[healthcheck]\nhttp = \"/h\"\n",
+                "needs `port",
+            ),
+            (
+                "healthcheck = { tcp = 80, timeout = \"soon\" }\n",
+                "not a duration",
+            ),
+            ("name = \"a:1\"\n", "put it in `version"),
+            ("[test]\noutput = \"(\"\n", "not a valid regular expression"),
+            (
+                "[test]\nenvironment = \"prod\"\n",
+                "[test] environment 'prod' is not defined",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = match Config::from_str(Path::new("/x/fuse.toml"), text) {
+                Ok(_) => panic!("accepted: {text}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(err.contains("/x/fuse.toml"), "names the file: {err}");
+        }
+    }
+
+    #[test]
+    fn discovery_beside_a_file_or_inside_a_directory() {
+        let dir = dir_with(&[("fuse.toml", "name = \"found\"\n"), ("app", "x")]);
+        let from_file = Config::discover(&dir.path().join("app"), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_file.name.as_deref(), Some("found"));
+        let from_dir = Config::discover(dir.path(), None).unwrap().unwrap();
+        assert_eq!(from_dir.name.as_deref(), Some("found"));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(Config::discover(&empty.path().join("app"), None)
+            .unwrap()
+            .is_none());
+        let err = Config::discover(Path::new("/x/app"), Some(Path::new("/nope/fuse.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nope/fuse.toml not found"), "{err}");
+    }
+
+    #[test]
+    fn image_name_from_config() {
+        let derived = ImageName {
+            name: "hello".into(),
+            version: "1.0".into(),
+        };
+        let c = Config::from_str(Path::new("fuse.toml"), "version = \"3\"\n").unwrap();
+        assert_eq!(c.image_name(&derived).unwrap().to_string(), "hello:3");
+        let c = Config::from_str(Path::new("fuse.toml"), "name = \"web\"\n").unwrap();
+        assert_eq!(c.image_name(&derived).unwrap().to_string(), "web:1.0");
+        let c = Config::from_str(Path::new("fuse.toml"), "").unwrap();
+        assert!(c.image_name(&derived).is_none());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! Health checks: `fuse run` waits until the app answers through its published port.
+//!
+//! The probe runs in its own thread while the runner's loop passes the console on; it goes
+//! through the forwarded host port, as a client would. Healthy: a line
+//! `ready in N ms at http://localhost:PORT` on stderr (N from QEMU's spawn). Not healthy
+//! within the timeout: the VM is stopped through a [`StopRequest`] and the run fails.
+//!
+//! With QEMU's user-mode network a TCP connect to the host port always succeeds at once (QEMU
+//! accepts, then connects to the guest, and keeps trying while the guest boots). So a `tcp`
+//! check opens a connection and asks QEMU (QMP `info usernet`) whether the guest accepted it;
+//! an `http` check needs a real HTTP status line.
+
+use anyhow::{bail, Result};
+use fuse_boot::qemu::{PortForward, Proto, StopRequest};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The default time an app gets to become healthy (boots under TCG take seconds).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Between two probes.
+const INTERVAL: Duration = Duration::from_millis(200);
+/// How long a `tcp` connection must stay open to count (see the module documentation).
+const TCP_SETTLE: Duration = Duration::from_millis(500);
+/// Connect, read and write timeouts of one probe.
+const PROBE_IO: Duration = Duration::from_secs(2);
+
+/// What to probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// `GET path` must answer with a 2xx or 3xx status.
+    Http { path: String },
+    /// A TCP connection must be accepted by the guest.
+    Tcp,
+}
+
+/// A health check: what to probe, on which guest port, for how long at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// The port in the guest; `None`: the guest port of the first published TCP port.
+    pub guest_port: Option<u16>,
+    pub timeout: Duration,
+}
+
+impl FromStr for HealthCheck {
+    type Err = String;
+
+    /// `http:/PATH[@PORT]`, `tcp[@PORT]` (the `--health` flag); the timeout is the default.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!("invalid health check '{s}': use http:/PATH[@GUEST_PORT] or tcp[@GUEST_PORT], e.g. http:/healthz@8080")
+        };
+        let (what, port) = match s.rsplit_once('@') {
+            Some((what, port)) => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(invalid)?;
+                (what, Some(port))
+            }
+            None => (s, None),
+        };
+        let kind = if what == "tcp" {
+            HealthKind::Tcp
+        } else if let Some(path) = what.strip_prefix("http:") {
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return Err(invalid());
+            }
+            HealthKind::Http { path: path.into() }
+        } else {
+            return Err(invalid());
+        };
+        Ok(HealthCheck {
+            kind,
+            guest_port: port,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+}
+
+impl HealthCheck {
+    /// The host port that reaches the checked guest port.
+    pub fn host_port(&self, forwards: &[PortForward]) -> Result<u16> {
+        self.ports(forwards).map(|(host, _)| host)
+    }
+
+    /// The checked (host port, guest port).
+    pub fn ports(&self, forwards: &[PortForward]) -> Result<(u16, u16)> {
+        let tcp = || forwards.iter().filter(|f| f.proto == Proto::Tcp);
+        let Some(guest) = self.guest_port.or_else(|| tcp().next().map(|f| f.guest)) else {
+            bail!("The health check needs a published TCP port: add -p HOST:GUEST");
+        };
+        match tcp().find(|f| f.guest == guest) {
+            Some(f) => Ok((f.host, guest)),
+            None => bail!(
+                "The health check probes guest port {guest}, but no -p publishes it: add -p HOST:{guest}"
+            ),
+        }
+    }
+
+    /// Where the app is reached from the host, for the ready line.
+    pub fn url(&self, host_port: u16) -> String {
+        match &self.kind {
+            HealthKind::Http { .. } => format!("http://localhost:{host_port}"),
+            HealthKind::Tcp => format!("tcp://localhost:{host_port}"),
+        }
+    }
+
+    /// One probe through `host_port`; the error says what was seen. `usernet` (the guest
+    /// port and QEMU's QMP socket) makes a `tcp` check exact: the connection must be one the
+    /// guest accepted, in QEMU's `info usernet`.
+    pub fn probe(&self, host_port: u16, usernet: Option<(u16, &Path)>) -> Result<(), String> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, host_port));
+        let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
+        let _ = stream.set_write_timeout(Some(PROBE_IO));
+        match &self.kind {
+            HealthKind::Tcp if usernet.is_some() => {
+                let (guest, qmp) = usernet.expect("checked");
+                // Our connection (kept open) makes QEMU connect to the guest.
+                let until = Instant::now() + TCP_SETTLE;
+                loop {
+                    let info = fuse_boot::qmp::human_monitor(qmp, "info usernet")
+                        .map_err(|e| e.to_string())?;
+                    if fuse_boot::qmp::usernet_established(&info, guest) {
+                        return Ok(());
+                    }
+                    if Instant::now() >= until {
+                        return Err(format!("guest port {guest} does not accept connections"));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            HealthKind::Tcp => {
+                let _ = stream.set_read_timeout(Some(TCP_SETTLE));
+                let mut byte = [0u8; 1];
+                match stream.read(&mut byte) {
+                    Ok(0) => Err("connection closed (nothing listens in the guest yet)".into()),
+                    Ok(_) => Ok(()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            HealthKind::Http { path } => {
+                let _ = stream.set_read_timeout(Some(PROBE_IO));
+                let request = format!(
+                    "GET {path} HTTP/1.0\r\nHost: localhost:{host_port}\r\nUser-Agent: fuse-health\r\nConnection: close\r\n\r\n"
+                );
+                stream
+                    .write_all(request.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                let mut head = Vec::new();
+                let mut buf = [0u8; 512];
+                while !head.contains(&b'\n') && head.len() < 4096 {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let line = line.lines().next().unwrap_or("").trim();
+                if line.is_empty() {
+                    return Err("connection closed without an answer".into());
+                }
+                let status = line
+                    .strip_prefix("HTTP/")
+                    .and_then(|rest| rest.split_whitespace().nth(1))
+                    .and_then(|code| code.parse::<u16>().ok());
+                match status {
+                    Some(200..=399) => Ok(()),
+                    Some(_) => Err(format!("answered '{line}'")),
+                    None => Err(format!("not an HTTP answer: '{line}'")),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for HealthCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            HealthKind::Http { path } => write!(f, "GET {path}")?,
+            HealthKind::Tcp => write!(f, "TCP connect")?,
+        }
+        if let Some(port) = self.guest_port {
+            write!(f, " on guest port {port}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A probe running in its own thread; see [`spawn`].
+#[derive(Debug)]
+pub struct Probe {
+    done: Arc<AtomicBool>,
+    ready: Arc<Mutex<Option<Duration>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Probe {
+    /// When the app became healthy (from QEMU's spawn), if it did.
+    pub fn ready_after(&self) -> Option<Duration> {
+        *self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops probing (the VM is gone) and waits for the thread.
+    pub fn finish(mut self) -> Option<Duration> {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.ready_after()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Probes `check` through `host_port` every 200 ms from now until healthy (then calls
+/// `on_ready` with the time since `started`), or until `started + check.timeout` (then asks
+/// the run loop to stop the VM through `stop`).
+pub fn spawn(
+    check: HealthCheck,
+    host_port: u16,
+    usernet: Option<(u16, PathBuf)>,
+    started: Instant,
+    stop: Arc<StopRequest>,
+    on_ready: Box<dyn FnOnce(Duration) + Send>,
+) -> Probe {
+    let done = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Mutex::new(None));
+    let thread = {
+        let (done, ready) = (done.clone(), ready.clone());
+        std::thread::spawn(move || {
+            let deadline = started + check.timeout;
+            while !done.load(Ordering::SeqCst) {
+                let usernet = usernet.as_ref().map(|(g, p)| (*g, p.as_path()));
+                let last = match check.probe(host_port, usernet) {
+                    Ok(()) => {
+                        let after = started.elapsed();
+                        *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(after);
+                        on_ready(after);
+                        return;
+                    }
+                    Err(e) => e,
+                };
+                if Instant::now() >= deadline {
+                    stop.abort(format!(
+                        "Health check failed: {check} at {} did not succeed within {}s (last: {last})",
+                        check.url(host_port),
+                        check.timeout.as_secs_f64()
+                    ));
+                    return;
+                }
+                std::thread::sleep(INTERVAL);
+            }
+        })
+    };
+    Probe {
+        done,
+        ready,
+        thread: Some(thread),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn parses_the_flag() {
+        let h: HealthCheck = "http:/healthz@8080".parse().unwrap();
+        assert_eq!(
+            h.kind,
+            HealthKind::Http {
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(h.guest_port, Some(8080));
+        let t: HealthCheck = "tcp".parse().unwrap();
+        assert_eq!((t.kind, t.guest_port), (HealthKind::Tcp, None));
+        for bad in ["http:healthz", "udp", "tcp@0", "http:/a@x", ""] {
+            assert!(bad.parse::<HealthCheck>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn finds_the_host_port() {
+        let fwds: Vec<PortForward> = vec![
+            "53:53/udp".parse().unwrap(),
+            "8080:80".parse().unwrap(),
+            "9000:9001".parse().unwrap(),
+        ];
+        let mut h: HealthCheck = "tcp".parse().unwrap();
+        assert_eq!(h.host_port(&fwds).unwrap(), 8080);
+        h.guest_port = Some(9001);
+        assert_eq!(h.host_port(&fwds).unwrap(), 9000);
+        h.guest_port = Some(53);
+        let err = h.host_port(&fwds).unwrap_err().to_string();
+        assert!(err.contains("no -p publishes it"), "{err}");
+        assert!(h.host_port(&[]).is_err());
+    }
+
+    #[test]
+    fn http_probe_needs_a_good_status() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for answer in [
+                "HTTP/1.0 503 Unavailable\r\n\r\n",
+                "HTTP/1.0 200 OK\r\n\r\nok",
+            ] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).unwrap();
+                assert!(buf.starts_with(b"GET /healthz HTTP/1.0\r\n"));
+                s.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let h: HealthCheck = "http:/healthz".parse().unwrap();
+        assert!(h.probe(port, None).unwrap_err().contains("503"));
+        h.probe(port, None).unwrap();
+        server.join().unwrap();
+        assert_eq!(h.url(port), format!("http://localhost:{port}"));
+    }
+}

@@ -1,0 +1,601 @@
+//! Running instances: `fuse run --detach`, `fuse ps`, `fuse logs`, `fuse kill`.
+//!
+//! `fuse run -d` resolves (builds) the image in the foreground, then re-executes itself as a
+//! hidden supervisor (`fuse __supervise DIR --image DIGEST -- run ARGS...`) in a new session,
+//! with stdout going to the instance's `console.log` and stderr to `supervisor.log`. The
+//! supervisor runs the VM with the same runner as `fuse run`, so QEMU is still tied to it
+//! (process group, `PR_SET_PDEATHSIG`): kill the supervisor, even with SIGKILL, and the VM goes.
+//!
+//! State lives in `paths::runtime_dir()/<id>/`: `state.json` (written atomically), the logs
+//! and the QMP socket. The supervisor removes the directory when the VM ends. A supervisor
+//! that was SIGKILLed leaves it behind: `fuse ps` (and every other command here) checks that
+//! the recorded supervisor and QEMU are alive and are the processes recorded (their start
+//! time, and QEMU's command line naming this directory), and removes stale entries.
+//!
+//! `fuse kill` sends the supervisor SIGTERM, which stops the VM gracefully (the app gets
+//! SIGTERM, see `fuse_boot::qemu`), then waits for the supervisor; past the grace period and
+//! a margin, it SIGKILLs the supervisor (and so QEMU).
+
+use crate::paths;
+use crate::run::{self, RunHooks, RunRequest};
+use crate::store::Store;
+use anyhow::{bail, Context, Result};
+use fuse_boot::qemu::Spawned;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The state file of an instance directory.
+pub const STATE_FILE: &str = "state.json";
+/// The app's console output.
+pub const CONSOLE_LOG: &str = "console.log";
+/// The supervisor's own messages (fuse notices and errors).
+pub const SUPERVISOR_LOG: &str = "supervisor.log";
+/// QEMU's QMP socket.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// How long a directory without a state file may be "being created" before it is stale.
+const CREATION_WINDOW: Duration = Duration::from_secs(60);
+/// Added to the grace period before `fuse kill` gives up waiting and SIGKILLs.
+const KILL_MARGIN: Duration = Duration::from_secs(10);
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The supervisor runs; QEMU is not spawned yet.
+    Starting,
+    /// QEMU runs.
+    Running,
+    /// QEMU runs and the health check passed.
+    Ready,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Ready => "ready",
+        }
+    }
+}
+
+/// A process, identified beyond its pid (pids are reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// The process `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // rest starts at field 3 (state); zombies are gone as far as we care.
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        let start_time = fields.get(19)?.parse().ok()?;
+        Some(ProcessId { pid, start_time })
+    }
+
+    /// Whether this very process still runs.
+    pub fn is_alive(&self) -> bool {
+        ProcessId::of(self.pid).is_some_and(|now| now == *self)
+    }
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceState {
+    pub id: String,
+    /// `name:version`.
+    pub image: String,
+    pub digest: String,
+    /// Published ports, `HOST:GUEST/PROTO`.
+    pub ports: Vec<String>,
+    /// Volumes, `NAME:/PATH`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    pub supervisor: ProcessId,
+    pub qemu: Option<ProcessId>,
+    /// Seconds since the epoch when the instance was started.
+    pub started_at: u64,
+    pub status: Status,
+    /// Where the app answers, once healthy.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How long the app took to become healthy, from QEMU's spawn.
+    #[serde(default)]
+    pub ready_ms: Option<u64>,
+    /// The grace period of a graceful stop, in seconds.
+    pub grace_secs: f64,
+}
+
+/// An instance directory and its state.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub dir: PathBuf,
+    pub state: InstanceState,
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A new instance id: 12 random hex digits.
+pub fn new_id() -> Result<String> {
+    let mut bytes = [0u8; 6];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("Cannot read /dev/urandom for an instance id")?;
+    Ok(hex::encode(bytes))
+}
+
+/// Writes `state` to `dir/state.json` atomically (readers never see half a file).
+pub fn write_state(dir: &Path, state: &InstanceState) -> Result<()> {
+    let tmp = dir.join(".state.json.tmp");
+    let mut bytes = serde_json::to_vec_pretty(state)?;
+    bytes.push(b'\n');
+    fs::write(&tmp, bytes).with_context(|| format!("Cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, dir.join(STATE_FILE))
+        .with_context(|| format!("Cannot write the state of instance {}", state.id))
+}
+
+pub fn read_state(dir: &Path) -> Result<InstanceState> {
+    let path = dir.join(STATE_FILE);
+    let bytes = fs::read(&path).with_context(|| format!("Cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))
+}
+
+/// Whether QEMU `q` is the VM of the instance in `dir`: alive, same start time, and its
+/// command line names the instance's QMP socket.
+fn is_instance_qemu(q: &ProcessId, dir: &Path) -> bool {
+    if !q.is_alive() {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{}/cmdline", q.pid)).unwrap_or_default();
+    let needle = dir.join(QMP_SOCKET);
+    let needle = needle.to_string_lossy();
+    String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
+}
+
+/// What `fuse ps` concludes about an instance directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// The supervisor (and QEMU, once spawned) run.
+    Alive,
+    /// Being created or wound down by a live process: leave it alone, do not list it.
+    Transient,
+    /// Nothing runs it any more: remove it.
+    Stale,
+}
+
+/// Decides from the state (if readable) and the directory's age.
+pub fn liveness(dir: &Path, state: Option<&InstanceState>, dir_age: Duration) -> Liveness {
+    let Some(state) = state else {
+        return if dir_age < CREATION_WINDOW {
+            Liveness::Transient
+        } else {
+            Liveness::Stale
+        };
+    };
+    if !state.supervisor.is_alive() {
+        return Liveness::Stale;
+    }
+    match &state.qemu {
+        None if state.status == Status::Starting => Liveness::Alive,
+        None => Liveness::Transient,
+        Some(q) if is_instance_qemu(q, dir) => Liveness::Alive,
+        // The supervisor lives but its VM is gone: it is cleaning up.
+        Some(_) => Liveness::Transient,
+    }
+}
+
+/// The live instances, oldest first; stale directories are removed on the way.
+pub fn list() -> Result<Vec<Instance>> {
+    let root = paths::runtime_dir();
+    let entries = match fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("Cannot read {}", root.display())),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let state = read_state(&dir).ok();
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        match liveness(&dir, state.as_ref(), age) {
+            Liveness::Alive => found.push(Instance {
+                dir,
+                state: state.expect("alive instances have a state"),
+            }),
+            Liveness::Transient => {}
+            Liveness::Stale => {
+                // A QEMU that outlived its supervisor (it cannot, with PDEATHSIG, but the
+                // state says exactly which process it would be) must not run on unseen.
+                if let Some(q) = state.as_ref().and_then(|s| s.qemu) {
+                    if is_instance_qemu(&q, &dir) {
+                        // SAFETY: kill(2) on a pid verified just now to be this instance's
+                        // QEMU (start time and command line); no memory is involved.
+                        unsafe { libc::kill(q.pid as libc::pid_t, libc::SIGKILL) };
+                    }
+                }
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    found.sort_by_key(|i| (i.state.started_at, i.state.id.clone()));
+    Ok(found)
+}
+
+/// The live instance whose id starts with `prefix` (unique).
+pub fn find(prefix: &str) -> Result<Instance> {
+    if prefix.is_empty() {
+        bail!("No instance id given: see `fuse ps`");
+    }
+    let matching: Vec<Instance> = list()?
+        .into_iter()
+        .filter(|i| i.state.id.starts_with(prefix))
+        .collect();
+    match matching.len() {
+        0 => bail!("No running instance '{prefix}': see `fuse ps`"),
+        1 => Ok(matching.into_iter().next().expect("one")),
+        n => bail!("'{prefix}' matches {n} instances: give more of the id (see `fuse ps`)"),
+    }
+}
+
+/// `3s`, `4m`, `2h5m`, `3d`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Starts the supervisor for a new instance and waits until the VM runs (and, with a health
+/// check, is healthy). `run_argv` is the `run` command line (`run` first), `digest` the image
+/// it resolved to. Returns the instance's state.
+pub fn detach(
+    digest: &str,
+    run_argv: &[std::ffi::OsString],
+    wait_ready: bool,
+    patience: Duration,
+) -> Result<InstanceState> {
+    let root = paths::runtime_dir();
+    fs::create_dir_all(&root).with_context(|| format!("Cannot create {}", root.display()))?;
+    // The state names processes and ports, not secrets, but it is nobody else's business.
+    let _ = fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let id = new_id()?;
+    let dir = root.join(&id);
+    fs::create_dir(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    let console = fs::File::create(dir.join(CONSOLE_LOG))?;
+    let log = fs::File::create(dir.join(SUPERVISOR_LOG))?;
+    let exe = std::env::current_exe().context("Cannot find the fuse executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__supervise")
+        .arg(&dir)
+        .arg("--image")
+        .arg(digest)
+        .arg("--")
+        .args(run_argv)
+        .stdin(Stdio::null())
+        .stdout(console)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it runs between fork and exec and touches no
+    // memory of the parent. Its own session: the terminal's Ctrl-C and hang-up do not reach
+    // the supervisor, and it outlives this command.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("Cannot start the fuse supervisor")?;
+    wait_started(&dir, &mut child, wait_ready, patience).inspect_err(|_| {
+        // The supervisor may be stuck or gone: make sure nothing of it runs on.
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_dir_all(&dir);
+    })
+}
+
+/// Waits for the supervisor's state to say the VM runs (or is ready), or for it to fail.
+fn wait_started(
+    dir: &Path,
+    child: &mut Child,
+    wait_ready: bool,
+    patience: Duration,
+) -> Result<InstanceState> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Ok(state) = read_state(dir) {
+            let done = match state.status {
+                Status::Ready => true,
+                Status::Running => !wait_ready,
+                Status::Starting => false,
+            };
+            if done {
+                return Ok(state);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = fs::read_to_string(dir.join(SUPERVISOR_LOG)).unwrap_or_default();
+            let message = log
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("fuse: error: "))
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("the supervisor exited ({status}): {}", log.trim()));
+            bail!("The instance did not start: {message}");
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "The instance did not start within {}s; see {}",
+                patience.as_secs(),
+                dir.join(SUPERVISOR_LOG).display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops an instance gracefully (SIGTERM to its supervisor: the app gets SIGTERM), forcing
+/// after its grace period and a margin. Returns whether it stopped without being forced.
+pub fn kill(instance: &Instance) -> Result<bool> {
+    let state = &instance.state;
+    let sup = state.supervisor;
+    // SAFETY: kill(2) on the supervisor, verified alive with its recorded start time by
+    // `list`; no memory is involved.
+    unsafe { libc::kill(sup.pid as libc::pid_t, libc::SIGTERM) };
+    let grace = Duration::from_secs_f64(state.grace_secs.max(0.0));
+    let deadline = Instant::now() + grace + KILL_MARGIN;
+    let mut graceful = true;
+    while sup.is_alive() {
+        if Instant::now() >= deadline {
+            graceful = false;
+            // SAFETY: as above; QEMU dies with it (PR_SET_PDEATHSIG).
+            unsafe { libc::kill(sup.pid as libc::pid_t, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // QEMU dies with its supervisor; wait for that, so "stopped" means gone.
+    if let Some(q) = state.qemu {
+        let until = Instant::now() + Duration::from_secs(5);
+        while q.is_alive() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = fs::remove_dir_all(&instance.dir);
+    Ok(graceful)
+}
+
+/// Writes the console output so far to `out`; with `follow`, goes on until the instance ends.
+pub fn logs(instance: &Instance, follow: bool, out: &mut dyn Write) -> Result<()> {
+    let path = instance.dir.join(CONSOLE_LOG);
+    let mut file =
+        fs::File::open(&path).with_context(|| format!("Cannot read {}", path.display()))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos = 0u64;
+    loop {
+        file.seek(SeekFrom::Start(pos))?;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            out.write_all(&buf[..n])?;
+        }
+        out.flush()?;
+        // The file stays readable after the supervisor removes the directory: one last read
+        // after that gets everything.
+        if !follow || !instance.dir.exists() || !instance.state.supervisor.is_alive() {
+            if follow {
+                let mut rest = Vec::new();
+                file.seek(SeekFrom::Start(pos))?;
+                file.read_to_end(&mut rest)?;
+                out.write_all(&rest)?;
+                out.flush()?;
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The hidden `fuse __supervise`: runs the VM of the instance in `dir` (created by
+/// [`detach`]) like `fuse run`, keeping `state.json` up to date, and removes `dir` at the end.
+/// Its stdout is the console log, its stderr the supervisor log.
+pub fn supervise(store: &Store, request: &RunRequest, dir: &Path, digest: &str) -> Result<u8> {
+    let image = store
+        .find(digest)?
+        .with_context(|| format!("Image {digest} is no longer in the store"))?;
+    let supervisor = ProcessId::of(std::process::id()).context("Cannot read /proc/self/stat")?;
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let state = InstanceState {
+        id,
+        image: image.name.to_string(),
+        digest: image.digest.clone(),
+        ports: request.publish.iter().map(|p| p.to_string()).collect(),
+        volumes: request
+            .volumes
+            .iter()
+            .map(|v| format!("{}:{}", v.name, v.mount))
+            .collect(),
+        supervisor,
+        qemu: None,
+        started_at: now_secs(),
+        status: Status::Starting,
+        url: None,
+        ready_ms: None,
+        grace_secs: request.grace.as_secs_f64(),
+    };
+    write_state(dir, &state)?;
+    let shared = Arc::new(Mutex::new(state));
+    let update = |f: &dyn Fn(&mut InstanceState)| {
+        let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut state);
+        if let Err(e) = write_state(dir, &state) {
+            eprintln!("fuse: warning: {e:#}");
+        }
+    };
+    let mut on_spawn = |s: &Spawned| {
+        let qemu = ProcessId::of(s.pid);
+        update(&|state| {
+            state.qemu = qemu;
+            state.status = Status::Running;
+        });
+    };
+    let ready_state = (shared.clone(), dir.to_path_buf());
+    let on_ready = Arc::new(move |after: Duration, url: &str| {
+        let (shared, dir) = &ready_state;
+        let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+        state.status = Status::Ready;
+        state.ready_ms = Some(after.as_millis() as u64);
+        state.url = Some(url.to_string());
+        if let Err(e) = write_state(dir, &state) {
+            eprintln!("fuse: warning: {e:#}");
+        }
+    });
+    let hooks = RunHooks {
+        on_spawn: Some(&mut on_spawn),
+        on_ready: Some(on_ready),
+        qmp_socket: Some(dir.join(QMP_SOCKET)),
+    };
+    let result = run::run_hooked(store, request, &mut |l| eprintln!("fuse: {l}"), hooks);
+    // A VM that never started leaves its logs for `fuse run -d` to report; it removes them.
+    let started = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .qemu
+        .is_some();
+    if started {
+        let _ = fs::remove_dir_all(dir);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(supervisor: ProcessId) -> InstanceState {
+        InstanceState {
+            id: "0123456789ab".into(),
+            image: "web:1.0".into(),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            ports: vec!["8080:80/tcp".into()],
+            volumes: vec!["db:/data".into()],
+            supervisor,
+            qemu: None,
+            started_at: 1_700_000_000,
+            status: Status::Starting,
+            url: None,
+            ready_ms: None,
+            grace_secs: 10.0,
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = ProcessId::of(std::process::id()).unwrap();
+        let mut state = sample(me);
+        state.qemu = Some(me);
+        state.status = Status::Ready;
+        state.url = Some("http://localhost:8080".into());
+        write_state(dir.path(), &state).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), state);
+        let text = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(text.contains("\"status\": \"ready\""), "{text}");
+    }
+
+    #[test]
+    fn process_identity_includes_start_time() {
+        let me = ProcessId::of(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        let reused = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(
+            !reused.is_alive(),
+            "same pid, other start time: another process"
+        );
+        assert!(ProcessId::of(u32::MAX / 2).is_none());
+    }
+
+    #[test]
+    fn stale_and_live_entries_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = ProcessId::of(std::process::id()).unwrap();
+        // No state yet: being created, then stale once old.
+        assert_eq!(
+            liveness(dir.path(), None, Duration::ZERO),
+            Liveness::Transient
+        );
+        assert_eq!(
+            liveness(dir.path(), None, Duration::from_secs(3600)),
+            Liveness::Stale
+        );
+        let starting = sample(me);
+        assert_eq!(
+            liveness(dir.path(), Some(&starting), Duration::ZERO),
+            Liveness::Alive
+        );
+        // A dead supervisor (SIGKILLed fuse): stale, whatever the state says.
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let dead = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 1 });
+        child.wait().unwrap();
+        assert_eq!(
+            liveness(dir.path(), Some(&sample(dead)), Duration::ZERO),
+            Liveness::Stale
+        );
+        // A recorded QEMU that is some other process (this test binary): not alive.
+        let mut running = sample(me);
+        running.status = Status::Running;
+        running.qemu = Some(me);
+        assert_eq!(
+            liveness(dir.path(), Some(&running), Duration::ZERO),
+            Liveness::Transient
+        );
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(125), "2m5s");
+        assert_eq!(human_duration(7300), "2h1m");
+        assert_eq!(human_duration(90000), "1d1h");
+    }
+}

@@ -1,0 +1,529 @@
+//! Reading executable jars: the manifest's `Main-Class`, nested jars (fat jars such as Spring
+//! Boot's `BOOT-INF/lib/*.jar`), and the JDK classes the bytecode refers to.
+//!
+//! Every entry name is checked before anything else is done with the archive: an entry that
+//! would escape its directory when extracted (`../x`, `/etc/x`) makes the whole jar refused, even
+//! though fuse itself extracts only nested jars under names of its own. Such an archive is either
+//! broken or hostile, and the JVM or a later tool may extract it.
+
+use std::collections::BTreeSet;
+use std::io::{self, Cursor, Read, Seek};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use zip::result::ZipError;
+use zip::ZipArchive;
+
+/// Where the manifest lives in a jar.
+const MANIFEST: &str = "META-INF/MANIFEST.MF";
+
+/// Package prefixes (internal form) of the classes a JDK provides. A reference to any class
+/// under them may need a module beyond `java.base`; everything else is the app's own or a
+/// library's. Covers every package the JDK 17 modules export plus the internal ones apps reach
+/// for (`sun/misc`, `com/sun/...`).
+const JDK_PREFIXES: &[&str] = &[
+    "java/",
+    "javax/",
+    "jdk/",
+    "sun/",
+    "com/sun/",
+    "org/w3c/",
+    "org/xml/",
+    "org/ietf/",
+    "netscape/",
+];
+
+/// Errors reading a jar. Each is one line: what, where, how to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum JarError {
+    #[error("Cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not a valid jar ({source}): the archive is corrupt, rebuild it", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: ZipError,
+    },
+    #[error("{} has an entry that escapes its directory ('{entry}'): refusing it, rebuild the jar from trusted sources", path.display())]
+    UnsafeEntry { path: PathBuf, entry: String },
+    #[error("{} has no Main-Class in {MANIFEST}: build an executable jar (jar --main-class, or your build tool's manifest setting)", path.display())]
+    NoMainClass { path: PathBuf },
+}
+
+pub type Result<T> = std::result::Result<T, JarError>;
+
+/// A jar nested in another (a fat jar's dependency).
+#[derive(Debug, Clone)]
+pub struct NestedJar {
+    /// Its entry name in the outer jar.
+    pub entry: String,
+    pub bytes: Vec<u8>,
+}
+
+/// What fuse needs to know about an executable jar.
+#[derive(Debug, Clone)]
+pub struct JarInfo {
+    pub main_class: String,
+    /// Whether the manifest says `Multi-Release: true`.
+    pub multi_release: bool,
+    /// Spring Boot (reflection-heavy: jdeps cannot see all it loads).
+    pub spring_boot: bool,
+    /// Nested jars, in entry order.
+    pub nested: Vec<NestedJar>,
+    /// The JDK classes (internal names, e.g. `java/net/http/HttpClient`) referred to by the
+    /// bytecode of the jar and its nested jars: what the module set depends on.
+    pub jdk_refs: BTreeSet<String>,
+}
+
+impl JarInfo {
+    /// A digest of everything jdeps' answer depends on (the JDK classes referred to), so a
+    /// rebuilt jar whose code changed but which uses the same JDK classes reuses the answer.
+    pub fn refs_digest(&self) -> String {
+        let mut h = Sha256::new();
+        for r in &self.jdk_refs {
+            h.update(r.as_bytes());
+            h.update(b"\n");
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// Whether `path` looks like a jar: zip magic and a `.jar` name or a manifest entry.
+pub fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
+    if !magic.starts_with(b"PK\x03\x04") {
+        return false;
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("jar"))
+    {
+        return true;
+    }
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|f| ZipArchive::new(f).ok())
+        .is_some_and(|mut z| z.by_name(MANIFEST).is_ok())
+}
+
+/// Reads the jar at `path`: checks every entry name, finds `Main-Class`, loads nested jars,
+/// collects the JDK classes the bytecode refers to.
+pub fn read(path: &Path) -> Result<JarInfo> {
+    let file = std::fs::File::open(path).map_err(|source| JarError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |source| JarError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut zip = ZipArchive::new(io::BufReader::new(file)).map_err(corrupt)?;
+    check_names(path, &mut zip)?;
+    let manifest = match zip.by_name(MANIFEST) {
+        Ok(mut entry) => {
+            let mut text = Vec::new();
+            entry
+                .read_to_end(&mut text)
+                .map_err(|e| corrupt(e.into()))?;
+            String::from_utf8_lossy(&text).into_owned()
+        }
+        Err(ZipError::FileNotFound) => String::new(),
+        Err(e) => return Err(corrupt(e)),
+    };
+    let attr = |name| manifest_attribute(&manifest, name);
+    let main_class = attr("Main-Class")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| JarError::NoMainClass {
+            path: path.to_path_buf(),
+        })?;
+    let multi_release = attr("Multi-Release").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let mut info = JarInfo {
+        main_class,
+        multi_release,
+        spring_boot: attr("Spring-Boot-Version").is_some(),
+        nested: Vec::new(),
+        jdk_refs: BTreeSet::new(),
+    };
+    scan(path, &mut zip, &mut info, true)?;
+    Ok(info)
+}
+
+/// Refuses archives with entry names that are absolute or climb out with `..`.
+fn check_names<R: Read + Seek>(path: &Path, zip: &mut ZipArchive<R>) -> Result<()> {
+    for i in 0..zip.len() {
+        let entry = zip.by_index_raw(i).map_err(|source| JarError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !is_enclosed(entry.name()) || entry.enclosed_name().is_none() {
+            return Err(JarError::UnsafeEntry {
+                path: path.to_path_buf(),
+                entry: entry.name().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether an entry name stays inside the directory it is extracted to: relative, no `..`
+/// component, no backslash (a separator on Windows), no NUL. Stricter than the zip crate's
+/// `enclosed_name`, which accepts `/etc/passwd` as `etc/passwd`.
+pub fn is_enclosed(name: &str) -> bool {
+    !name.starts_with('/')
+        && !name.contains(['\\', '\0'])
+        && name.split('/').all(|part| part != "..")
+}
+
+/// Reads the class files (for JDK references) and, in the outer jar, the nested jars.
+fn scan<R: Read + Seek>(
+    path: &Path,
+    zip: &mut ZipArchive<R>,
+    info: &mut JarInfo,
+    outer: bool,
+) -> Result<()> {
+    let corrupt = |source| JarError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    };
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(corrupt)?;
+        let name = entry.name().to_string();
+        if entry.is_dir() {
+            continue;
+        }
+        if outer && name.starts_with("BOOT-INF/") {
+            info.spring_boot = true;
+        }
+        let is_class = name.ends_with(".class");
+        let is_jar = outer && name.ends_with(".jar");
+        if !is_class && !is_jar {
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(entry.size().min(64 << 20) as usize);
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| corrupt(e.into()))?;
+        drop(entry);
+        if is_class {
+            // A class file that does not parse is not ours to judge (the JVM will); jdeps reports
+            // it if it matters.
+            let _ = class_refs(&bytes, &mut info.jdk_refs);
+        } else {
+            let nested_path = path.join(&name);
+            let mut inner =
+                ZipArchive::new(Cursor::new(&bytes[..])).map_err(|source| JarError::Corrupt {
+                    path: nested_path.clone(),
+                    source,
+                })?;
+            check_names(&nested_path, &mut inner)?;
+            scan(&nested_path, &mut inner, info, false)?;
+            info.nested.push(NestedJar { entry: name, bytes });
+        }
+    }
+    Ok(())
+}
+
+/// The value of a main-section attribute of a manifest (continuation lines joined).
+pub fn manifest_attribute(manifest: &str, name: &str) -> Option<String> {
+    // Continuation lines start with one space and continue the previous line's value.
+    let mut lines: Vec<String> = Vec::new();
+    for raw in manifest.split('\n') {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if line.is_empty() {
+            // The main section ends at the first blank line.
+            if !lines.is_empty() {
+                break;
+            }
+            continue;
+        }
+        match (line.strip_prefix(' '), lines.last_mut()) {
+            (Some(more), Some(last)) => last.push_str(more),
+            _ => lines.push(line.to_string()),
+        }
+    }
+    lines.iter().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_string())
+    })
+}
+
+/// Why a class file could not be read (internal: such files are skipped).
+#[derive(Debug)]
+pub struct BadClass;
+
+/// Adds the JDK classes the class file `bytes` refers to (class constants and the class names
+/// in descriptors and signatures, all of which are UTF-8 constants) to `out`.
+pub fn class_refs(bytes: &[u8], out: &mut BTreeSet<String>) -> std::result::Result<(), BadClass> {
+    let mut r = Reader { bytes, pos: 0 };
+    if r.u32()? != 0xCAFE_BABE {
+        return Err(BadClass);
+    }
+    r.skip(4)?; // minor, major
+    let count = r.u16()?;
+    let mut i = 1;
+    while i < count {
+        let tag = r.u8()?;
+        match tag {
+            1 => {
+                let len = r.u16()? as usize;
+                let s = r.take(len)?;
+                utf8_refs(s, out);
+            }
+            3 | 4 | 9 | 10 | 11 | 12 | 17 | 18 => r.skip(4)?,
+            5 | 6 => {
+                r.skip(8)?;
+                // Longs and doubles take two constant-pool slots.
+                i += 1;
+            }
+            7 | 8 | 16 | 19 | 20 => r.skip(2)?,
+            15 => r.skip(3)?,
+            _ => return Err(BadClass),
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The JDK class names inside one UTF-8 constant: a plain internal name (`java/lang/String`),
+/// a descriptor (`(ILjava/lang/String;)V`) or a generic signature.
+fn utf8_refs(s: &[u8], out: &mut BTreeSet<String>) {
+    if !s.contains(&b'/') {
+        return;
+    }
+    let Ok(s) = std::str::from_utf8(s) else {
+        return;
+    };
+    for token in s.split(['(', ')', ';', '[', '<', '>', ':', '+', '-', '*']) {
+        // Descriptor letters (I, J, L, T...) are upper case; JDK package names are lower case.
+        let name = token.trim_start_matches(|c: char| c.is_ascii_uppercase());
+        let name = name.split('.').next().unwrap_or(name);
+        if JDK_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            out.insert(name.to_string());
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], BadClass> {
+        let end = self.pos.checked_add(n).ok_or(BadClass)?;
+        let s = self.bytes.get(self.pos..end).ok_or(BadClass)?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn skip(&mut self, n: usize) -> std::result::Result<(), BadClass> {
+        self.take(n).map(|_| ())
+    }
+    fn u8(&mut self) -> std::result::Result<u8, BadClass> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> std::result::Result<u16, BadClass> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, BadClass> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use zip::write::SimpleFileOptions;
+
+    /// Writes a jar (stored entries: the zip crate here has no deflate writer) with `entries`.
+    pub fn write_jar(path: &Path, entries: &[(&str, &[u8])]) {
+        let file = std::fs::File::create(path).unwrap();
+        let mut zip = zip::ZipWriter::new(file);
+        let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in entries {
+            zip.start_file(*name, opts).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    /// A minimal class file whose constant pool holds `utf8` strings (plus a long, to check
+    /// the two-slot rule).
+    fn class_file(utf8: &[&str]) -> Vec<u8> {
+        let mut b = vec![0xCA, 0xFE, 0xBA, 0xBE, 0, 0, 0, 61];
+        let count = 1 + utf8.len() as u16 + 2 + 1;
+        b.extend(count.to_be_bytes());
+        b.extend([5, 0, 0, 0, 0, 0, 0, 0, 42]); // a long: two slots
+        for s in utf8 {
+            b.push(1);
+            b.extend((s.len() as u16).to_be_bytes());
+            b.extend(s.as_bytes());
+        }
+        b.extend([7, 0, 3]); // a class constant
+        b.extend([0; 10]); // the rest of the class file, unread
+        b
+    }
+
+    fn replace_all(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        assert_eq!(from.len(), to.len());
+        let mut out = bytes.to_vec();
+        let mut i = 0;
+        while i + from.len() <= out.len() {
+            if &out[i..i + from.len()] == from {
+                out[i..i + from.len()].copy_from_slice(to);
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn manifest_attributes_with_continuations() {
+        let m = "Manifest-Version: 1.0\r\nMain-Class: com.example.a.very.long.pack\r\n age.Main\r\nmulti-release: true\r\n\r\nName: x\r\nMain-Class: no\r\n";
+        assert_eq!(
+            manifest_attribute(m, "Main-Class").as_deref(),
+            Some("com.example.a.very.long.package.Main")
+        );
+        assert_eq!(
+            manifest_attribute(m, "Multi-Release").as_deref(),
+            Some("true")
+        );
+        assert_eq!(manifest_attribute(m, "Start-Class"), None);
+    }
+
+    #[test]
+    fn jdk_references_come_from_constants_and_descriptors() {
+        let mut refs = BTreeSet::new();
+        class_refs(
+            &class_file(&[
+                "com/example/Main",
+                "java/net/http/HttpClient",
+                "(ILjava/sql/Connection;[Lcom/example/X;)Ljava/util/List;",
+                "Ljava/util/Map<Ljava/lang/String;+Ljavax/naming/Context;>;",
+                "hello world",
+            ]),
+            &mut refs,
+        )
+        .unwrap();
+        let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        assert_eq!(
+            refs,
+            [
+                "java/lang/String",
+                "java/net/http/HttpClient",
+                "java/sql/Connection",
+                "java/util/List",
+                "java/util/Map",
+                "javax/naming/Context"
+            ]
+        );
+        assert!(class_refs(b"not a class", &mut BTreeSet::new()).is_err());
+        let truncated = &class_file(&["java/lang/Object"])[..14];
+        assert!(class_refs(truncated, &mut BTreeSet::new()).is_err());
+    }
+
+    #[test]
+    fn reads_main_class_nested_jars_and_refs() {
+        let dir = tempfile::tempdir().unwrap();
+        let dep = dir.path().join("dep.jar");
+        write_jar(
+            &dep,
+            &[("dep/Lib.class", &class_file(&["java/sql/Driver"]))],
+        );
+        let dep_bytes = std::fs::read(&dep).unwrap();
+        let app = dir.path().join("app.jar");
+        write_jar(
+            &app,
+            &[
+                (MANIFEST, b"Manifest-Version: 1.0\nMain-Class: app.Main\n\n"),
+                ("app/Main.class", &class_file(&["java/lang/System"])),
+                ("lib/dep.jar", &dep_bytes),
+            ],
+        );
+        let info = read(&app).unwrap();
+        assert_eq!(info.main_class, "app.Main");
+        assert!(!info.spring_boot && !info.multi_release);
+        assert_eq!(info.nested.len(), 1);
+        assert_eq!(info.nested[0].entry, "lib/dep.jar");
+        assert!(info.jdk_refs.contains("java/sql/Driver"), "{info:?}");
+        assert!(info.jdk_refs.contains("java/lang/System"));
+        assert!(looks_like_jar(&app, b"PK\x03\x04"));
+
+        // Same JDK references, different code: same digest; one more reference: another.
+        let again = dir.path().join("again.jar");
+        write_jar(
+            &again,
+            &[
+                (MANIFEST, b"Main-Class: app.Other\n"),
+                (
+                    "app/Other.class",
+                    &class_file(&["app/Other", "java/lang/System", "java/sql/Driver"]),
+                ),
+            ],
+        );
+        assert_eq!(read(&again).unwrap().refs_digest(), info.refs_digest());
+        let more = dir.path().join("more.jar");
+        write_jar(
+            &more,
+            &[
+                (MANIFEST, b"Main-Class: app.Main\n"),
+                ("app/Main.class", &class_file(&["java/net/http/HttpClient"])),
+            ],
+        );
+        assert_ne!(read(&more).unwrap().refs_digest(), info.refs_digest());
+    }
+
+    #[test]
+    fn refuses_missing_main_class_corrupt_and_escaping_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let no_main = dir.path().join("lib.jar");
+        write_jar(&no_main, &[(MANIFEST, b"Manifest-Version: 1.0\n")]);
+        assert!(matches!(read(&no_main), Err(JarError::NoMainClass { .. })));
+
+        let corrupt = dir.path().join("corrupt.jar");
+        std::fs::write(&corrupt, b"PK\x03\x04 and then nothing a zip reader wants").unwrap();
+        assert!(matches!(read(&corrupt), Err(JarError::Corrupt { .. })));
+
+        for bad in ["../evil.class", "a/../../evil", "/etc/passwd"] {
+            // The zip writer cleans names: write a placeholder of the same length, then patch
+            // the name in the local and central headers (the CRC covers the data only).
+            let placeholder = bad.replace(['.', '/'], "X");
+            let slip = dir.path().join("slip.jar");
+            write_jar(
+                &slip,
+                &[(MANIFEST, b"Main-Class: a.B\n"), (&placeholder, b"x")],
+            );
+            let bytes = std::fs::read(&slip).unwrap();
+            let patched = replace_all(&bytes, placeholder.as_bytes(), bad.as_bytes());
+            assert_ne!(patched, bytes);
+            std::fs::write(&slip, patched).unwrap();
+            let err = read(&slip).unwrap_err();
+            assert!(matches!(err, JarError::UnsafeEntry { .. }), "{bad}: {err}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+
+        // Inside a nested jar too.
+        let inner = dir.path().join("inner.jar");
+        write_jar(&inner, &[("XXXXXXx.class", b"x")]);
+        let bytes = replace_all(&std::fs::read(&inner).unwrap(), b"XXXXXX", b"../../");
+        std::fs::write(&inner, bytes).unwrap();
+        let outer = dir.path().join("outer.jar");
+        write_jar(
+            &outer,
+            &[
+                (MANIFEST, b"Main-Class: a.B\n"),
+                ("lib/inner.jar", &std::fs::read(&inner).unwrap()),
+            ],
+        );
+        let err = read(&outer).unwrap_err();
+        assert!(matches!(err, JarError::UnsafeEntry { .. }), "{err}");
+        assert!(err.to_string().contains("lib/inner.jar"), "{err}");
+    }
+}

@@ -1,0 +1,840 @@
+//! JVM apps: an executable jar plus a Java runtime made for it by `jdeps` + `jlink` from the
+//! host's JDK, holding only the modules the app needs.
+//!
+//! Image layout: the runtime at [`RUNTIME_DIR`] (`/opt/java`), the jar at `/app/<name>.jar`,
+//! the runtime's native closure (libc, libz, libstdc++...) where the host's loader expects it.
+//! The spec runs `java <JvmOptions> -jar /app/<name>.jar`.
+//!
+//! Two caches keep a warm build (only the jar changed) fast, both under
+//! `paths::cache_dir()/jlink`: the module set, keyed by the JDK and the set of JDK classes the
+//! bytecode refers to (jdeps is a JVM start plus a scan: seconds; reading the jar's constant
+//! pools is milliseconds), and the jlink runtime, keyed by the JDK, the module set and the jlink
+//! options.
+
+use super::jar::{self, JarInfo};
+use super::{default_env, AppImage, RuntimeInput};
+use crate::layout;
+use crate::lock::FileLock;
+use crate::paths;
+use anyhow::{bail, Context, Result};
+use fuse_boot::spec::AppSpec;
+use fuse_rootfs::elf::{self, ClosureOptions};
+use fuse_rootfs::tree::Tree;
+use fuse_rootfs::Arch;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the runtime goes in the image.
+pub const RUNTIME_DIR: &str = "/opt/java";
+
+/// The manifest note giving the directory of the runtime (inspect counts its bytes apart).
+pub const NOTE_RUNTIME_DIR: &str = "runtime.dir";
+/// The manifest note giving how many arguments after argv\[0\] belong to the launcher
+/// (`<options> -jar /app/x.jar`): run-time arguments go after them instead of replacing them.
+pub const NOTE_FIXED_ARGS: &str = "args.fixed";
+
+/// Bumped when what fuse does to a jlink output changes, so old cache entries are not reused.
+const CACHE_VERSION: &str = "fuse-jlink-4";
+
+/// The modules used when jdeps cannot decide (it failed, or the app loads classes by
+/// reflection beyond what static analysis sees, as Spring Boot does).
+///
+/// `java.se` is the whole Java SE API an app can portably be written against, `java.desktop`
+/// included: `java.beans` lives there and frameworks introspect beans with it. Beyond it, the
+/// JDK modules apps reach through reflection or `ServiceLoader`, where jdeps cannot see them:
+/// `jdk.unsupported` (`sun.misc.Unsafe`: Netty, serializers), `jdk.crypto.ec` (the TLS
+/// elliptic-curve provider), `jdk.zipfs` (`FileSystems.newFileSystem` on a jar),
+/// `jdk.management` (the platform MXBeans actuators read), `jdk.httpserver`, `jdk.naming.dns`.
+/// Left out on purpose: the compiler, jshell, jlink, debuggers and agents (tools, not a runtime
+/// for an app) and `jdk.localedata` (10 MB of locales; `LANG` is C.UTF-8).
+pub const SAFE_MODULES: &[&str] = &[
+    "java.se",
+    "jdk.unsupported",
+    "jdk.crypto.ec",
+    "jdk.zipfs",
+    "jdk.management",
+    "jdk.httpserver",
+    "jdk.naming.dns",
+];
+
+/// JDK classes whose use means TLS: the elliptic-curve provider is then added, as modern
+/// servers negotiate ECDHE and the provider is found through `ServiceLoader` (jdeps cannot
+/// see it). It is small (a few hundred KB).
+const TLS_CLASS_PREFIXES: &[&str] = &["javax/net/ssl/", "java/net/http/", "java/net/URL"];
+
+/// How the JVM is started: options suited to a small, single-purpose VM. Kept in one place
+/// (a config file will set them later); passed on the command line, never via
+/// `JAVA_TOOL_OPTIONS`, so the app's environment is exactly the spec's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JvmOptions {
+    /// Maximum heap as a share of the guest's RAM. The JVM's default (25%) is for a machine
+    /// shared with other processes; here the app is alone, 75% leaves room for metaspace,
+    /// thread stacks, code cache and the page cache.
+    pub max_ram_percentage: u32,
+    /// The garbage collector flag. Serial: the VM has 1 vCPU by default and little RAM, where
+    /// G1's concurrent threads and remembered sets cost more than they give; it is also what
+    /// ergonomics picks below 2 CPUs / 1792 MB, made explicit so `--cpus 2` does not switch.
+    /// Start is the same (hello under TCG: 4.47 s Serial, 4.48 s G1).
+    pub gc: String,
+    /// Class data sharing: `auto` uses the runtime's archive when it is there and valid.
+    pub share: String,
+    /// `-XX:TieredStopAtLevel=1` (C1 only). Off: it saves 0.16 s of the hello's start under
+    /// TCG (4.31 s against 4.47 s of run CPU), but costs a long-running server its C2 peak.
+    pub c1_only: bool,
+    /// Anything else, appended last.
+    pub extra: Vec<String>,
+}
+
+impl Default for JvmOptions {
+    /// Measured under TCG (see `ci/bench-java` and [`JlinkOptions::default`]).
+    fn default() -> Self {
+        JvmOptions {
+            max_ram_percentage: 75,
+            gc: "-XX:+UseSerialGC".into(),
+            share: "auto".into(),
+            c1_only: false,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl JvmOptions {
+    /// The options as `java` arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("-XX:MaxRAMPercentage={}", self.max_ram_percentage),
+            self.gc.clone(),
+            format!("-Xshare:{}", self.share),
+            // Nobody attaches jstat inside the VM: no hsperfdata file in /tmp.
+            "-XX:-UsePerfData".into(),
+            // A 12-factor process that ran out of memory should die and be restarted, not limp.
+            "-XX:+ExitOnOutOfMemoryError".into(),
+        ];
+        if self.c1_only {
+            args.push("-XX:TieredStopAtLevel=1".into());
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
+/// How jlink builds the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JlinkOptions {
+    /// `--compress=0|1|2`: 0 stores resources as they are (the squashfs compresses them),
+    /// 1 shares strings, 2 zips them.
+    pub compress: u8,
+    /// `--generate-cds-archive`: a class-data-sharing archive of the default classes.
+    pub cds: bool,
+}
+
+impl Default for JlinkOptions {
+    /// The defaults, by measurement (java.base runtime, hello jar, TCG, 1 vCPU; CPU seconds of
+    /// `fuse run` incl. QEMU, median of 5; the native hello takes 1.44 s on the same machine):
+    ///
+    /// | variant               | image   | run CPU |
+    /// |-----------------------|---------|---------|
+    /// | `--compress=0`        | 19.3 MB | 4.47 s  |
+    /// | `--compress=1`        | 18.9 MB | 4.46 s  |
+    /// | `--compress=2`        | +3.1 MB | (zip-compressed resources do not compress again) |
+    /// | `=0` + CDS archive    | 22.3 MB | 3.96 s  |
+    ///
+    /// * `--compress=1` (string sharing): same start, 0.4 MB smaller, and 6.5 MB less for the
+    ///   squashfs to compress on every build; `=2` (zip) only makes the zstd'd image bigger.
+    /// * no CDS archive, though it saves 0.5 s of start: JDK 17 writes a different
+    ///   `classes.jsa` on every run (37,619 bytes differ between two jlink runs of the same
+    ///   input), which breaks "same jar, same image digest" for anyone without our cache, and
+    ///   it adds 3 MB, past the 20 MB budget of a hello image. (JDK 19+ dumps
+    ///   deterministically: worth revisiting there.)
+    fn default() -> Self {
+        JlinkOptions {
+            compress: 1,
+            cds: false,
+        }
+    }
+}
+
+impl JlinkOptions {
+    /// The jlink arguments (without modules and output).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--strip-debug".to_string(),
+            "--no-header-files".into(),
+            "--no-man-pages".into(),
+            format!("--compress={}", self.compress),
+        ];
+        if self.cds {
+            args.push("--generate-cds-archive".into());
+        }
+        args
+    }
+}
+
+/// A JDK on the host.
+#[derive(Debug, Clone)]
+pub struct Jdk {
+    pub home: PathBuf,
+    /// `JAVA_RUNTIME_VERSION` (or `JAVA_VERSION`) from its `release` file.
+    pub version: String,
+    /// The feature release (17), for `jdeps --multi-release`.
+    pub feature: u32,
+    /// The modules it has (`MODULES` of its release file).
+    pub modules: BTreeSet<String>,
+    /// Its jmods directory; `None` for a JDK that links from its own runtime (JEP 493).
+    pub jmods: Option<PathBuf>,
+    /// Identifies the JDK's bits: the `release` file and the name, size and mtime of every
+    /// jmod (what jlink reads).
+    pub digest: String,
+}
+
+/// Where JDKs are looked for when `--jdk` is not given: `$JAVA_HOME`, the JDK of the `jlink`
+/// on `PATH` (Debian's alternatives: what the user's `java` is), Debian's `default-java`, then
+/// every `/usr/lib/jvm/*` (last name first).
+pub fn jdk_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(home) = std::env::var_os("JAVA_HOME").filter(|h| !h.is_empty()) {
+        out.push(PathBuf::from(home));
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("jlink"))
+            .find(|jlink| jlink.is_file())
+    });
+    if let Some(home) = on_path
+        .and_then(|jlink| std::fs::canonicalize(jlink).ok())
+        .and_then(|jlink| Some(jlink.parent()?.parent()?.to_path_buf()))
+    {
+        out.push(home);
+    }
+    out.push(PathBuf::from("/usr/lib/jvm/default-java"));
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/jvm") {
+        let mut dirs: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        dirs.sort();
+        dirs.reverse();
+        out.extend(dirs);
+    }
+    out
+}
+
+/// The JDK to use: `explicit` (from `--jdk`) or the first of `candidates` with jlink.
+pub fn find_jdk(explicit: Option<&Path>, candidates: &[PathBuf]) -> Result<Jdk> {
+    if let Some(home) = explicit {
+        if !home.join("bin/jlink").is_file() || !home.join("bin/jdeps").is_file() {
+            bail!(
+                "No JDK at {} (no bin/jlink or bin/jdeps): give --jdk the home of a full JDK, not a JRE",
+                home.display()
+            );
+        }
+        return open_jdk(home);
+    }
+    match candidates
+        .iter()
+        .find(|c| c.join("bin/jlink").is_file() && c.join("bin/jdeps").is_file())
+    {
+        Some(home) => open_jdk(home),
+        None => bail!(
+            "No JDK found to build a Java runtime with (jlink and jdeps are needed): apt-get install openjdk-17-jdk-headless, or pass --jdk PATH"
+        ),
+    }
+}
+
+fn open_jdk(home: &Path) -> Result<Jdk> {
+    let home = std::fs::canonicalize(home)
+        .with_context(|| format!("Cannot open the JDK at {}", home.display()))?;
+    let release = std::fs::read_to_string(home.join("release")).with_context(|| {
+        format!(
+            "JDK at {} has no release file: give --jdk the home of a full JDK",
+            home.display()
+        )
+    })?;
+    let field = |key: &str| {
+        release.lines().find_map(|l| {
+            let v = l.strip_prefix(key)?.strip_prefix('=')?;
+            Some(v.trim_matches('"').to_string())
+        })
+    };
+    let version = field("JAVA_RUNTIME_VERSION")
+        .or_else(|| field("JAVA_VERSION"))
+        .unwrap_or_else(|| "unknown".into());
+    let feature = field("JAVA_VERSION")
+        .and_then(|v| v.split(['.', '+', '-']).next()?.parse().ok())
+        .unwrap_or(17);
+    // jlink reads the jmods, or (JDK 24+ without them, JEP 493) the runtime's own modules.
+    let jmods = home.join("jmods");
+    let linked_from = if jmods.is_dir() {
+        std::fs::read_dir(&jmods)
+            .with_context(|| format!("Cannot read {}", jmods.display()))?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .collect()
+    } else {
+        vec![home.join("lib/modules")]
+    };
+    let mut listing: Vec<String> = Vec::new();
+    for path in linked_from {
+        let meta = std::fs::metadata(&path).with_context(|| {
+            format!(
+                "JDK at {} has neither jmods/ nor lib/modules: apt-get install openjdk-17-jdk-headless, or pass --jdk a full JDK",
+                home.display()
+            )
+        })?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        listing.push(format!("{} {} {mtime}", path.display(), meta.len()));
+    }
+    listing.sort();
+    let modules = field("MODULES")
+        .map(|m| m.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(release.as_bytes());
+    h.update(listing.join("\n").as_bytes());
+    Ok(Jdk {
+        jmods: jmods.is_dir().then_some(jmods),
+        home,
+        version,
+        modules,
+        feature,
+        digest: hex::encode(h.finalize()),
+    })
+}
+
+impl Jdk {
+    fn tool(&self, name: &str) -> PathBuf {
+        self.home.join("bin").join(name)
+    }
+
+    /// Whether the JDK has module `name`.
+    fn has_module(&self, name: &str) -> bool {
+        self.modules.contains(name)
+    }
+
+    /// The arch the JDK's native code is for (`OS_ARCH` of its release file).
+    fn check_arch(&self, arch: Arch) -> Result<()> {
+        let release = std::fs::read_to_string(self.home.join("release")).unwrap_or_default();
+        let os_arch = release
+            .lines()
+            .find_map(|l| l.strip_prefix("OS_ARCH=").map(|v| v.trim_matches('"')))
+            .unwrap_or("");
+        let matches = match arch {
+            Arch::X86_64 => matches!(os_arch, "x86_64" | "amd64"),
+            Arch::Aarch64 => matches!(os_arch, "aarch64" | "arm64"),
+        };
+        if !os_arch.is_empty() && !matches {
+            bail!(
+                "JDK at {} is for {os_arch}, the image is for {arch}: pass --jdk a JDK for {arch}",
+                self.home.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How the module set was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleSource {
+    Jdeps,
+    /// jdeps failed: the safe set.
+    Fallback,
+    /// jdeps' answer plus the safe set (a reflection-heavy framework).
+    JdepsAndSafe,
+}
+
+impl ModuleSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            ModuleSource::Jdeps => "jdeps",
+            ModuleSource::Fallback => "fallback",
+            ModuleSource::JdepsAndSafe => "jdeps+safe",
+        }
+    }
+}
+
+/// Parses jdeps' `--print-module-deps` output: one line of comma-separated module names.
+pub fn parse_module_deps(stdout: &str) -> Option<BTreeSet<String>> {
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty())?;
+    let modules: BTreeSet<String> = line.trim().split(',').map(str::to_string).collect();
+    let valid = |m: &String| {
+        !m.is_empty()
+            && m.split('.').all(|part| {
+                !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+    };
+    modules.iter().all(valid).then_some(modules)
+}
+
+/// The modules the app gets: jdeps' answer (or the safe set), plus what jdeps cannot see.
+pub fn complete_modules(
+    detected: Option<BTreeSet<String>>,
+    info: &JarInfo,
+) -> (BTreeSet<String>, ModuleSource) {
+    let safe = || SAFE_MODULES.iter().map(|m| m.to_string());
+    let (mut modules, source) = match detected {
+        None => (safe().collect(), ModuleSource::Fallback),
+        Some(mut found) if info.spring_boot => {
+            found.extend(safe());
+            (found, ModuleSource::JdepsAndSafe)
+        }
+        Some(found) => (found, ModuleSource::Jdeps),
+    };
+    modules.insert("java.base".into());
+    if info
+        .jdk_refs
+        .iter()
+        .any(|r| TLS_CLASS_PREFIXES.iter().any(|p| r.starts_with(p)))
+    {
+        modules.insert("jdk.crypto.ec".into());
+    }
+    (modules, source)
+}
+
+/// A cache key: sha256 over the parts, each length-prefixed so no two part lists collide.
+pub fn cache_key(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The cache directory of jlink runtimes and module sets.
+fn cache_root() -> PathBuf {
+    paths::cache_dir().join("jlink")
+}
+
+/// Runs jdeps over the jar and its nested jars; `Err` is the reason it gave no answer.
+fn run_jdeps(
+    jdk: &Jdk,
+    jar_path: &Path,
+    info: &JarInfo,
+) -> std::result::Result<BTreeSet<String>, String> {
+    let scratch = tempfile::tempdir().map_err(|e| format!("no temp dir: {e}"))?;
+    let mut cmd = Command::new(jdk.tool("jdeps"));
+    cmd.args([
+        "--print-module-deps",
+        "--ignore-missing-deps",
+        "--multi-release",
+    ])
+    .arg(jdk.feature.to_string())
+    .arg(jar_path);
+    for (i, nested) in info.nested.iter().enumerate() {
+        // Names of our own: the entry names were checked, but need not be valid file names.
+        let file = scratch.path().join(format!("nested-{i:04}.jar"));
+        std::fs::write(&file, &nested.bytes).map_err(|e| format!("cannot extract: {e}"))?;
+        cmd.arg(file);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", jdk.tool("jdeps").display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let reason = stderr
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no message");
+        return Err(format!("exit {}: {}", out.status, reason.trim()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let modules = parse_module_deps(&stdout)
+        .ok_or_else(|| format!("unexpected output: {}", stdout.trim()))?;
+    match modules.iter().find(|m| !jdk.has_module(m)) {
+        Some(m) => Err(format!("module {m} is not in the JDK")),
+        None => Ok(modules),
+    }
+}
+
+/// The module set of the app, from the cache or jdeps.
+fn modules_for(
+    jdk: &Jdk,
+    jar_path: &Path,
+    info: &JarInfo,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(BTreeSet<String>, ModuleSource)> {
+    let key = cache_key(&[
+        CACHE_VERSION,
+        "jdeps",
+        &jdk.digest,
+        &info.refs_digest(),
+        &jdk.feature.to_string(),
+    ]);
+    let cached = cache_root().join(format!("modules-{key}"));
+    let detected = match std::fs::read_to_string(&cached)
+        .ok()
+        .and_then(|s| parse_module_deps(&s))
+    {
+        Some(modules) => Some(modules),
+        None => match run_jdeps(jdk, jar_path, info) {
+            Ok(modules) => {
+                let line = modules.iter().cloned().collect::<Vec<_>>().join(",");
+                // A cache that cannot be written only costs the next build a jdeps run.
+                let _ = crate::fsutil::write_atomic(&cached, format!("{line}\n").as_bytes());
+                Some(modules)
+            }
+            Err(reason) => {
+                progress(&format!(
+                    "warning: jdeps could not find the modules of {} ({reason}): using the safe set {}",
+                    jar_path.display(),
+                    SAFE_MODULES.join(",")
+                ));
+                None
+            }
+        },
+    };
+    let (modules, source) = complete_modules(detected, info);
+    if source == ModuleSource::JdepsAndSafe {
+        progress(&format!(
+            "warning: {} is a Spring Boot jar (classes loaded by reflection, beyond jdeps): adding the safe set {}",
+            jar_path.display(),
+            SAFE_MODULES.join(",")
+        ));
+    }
+    Ok((modules, source))
+}
+
+/// The jlink runtime for `modules`, from the cache or built now. Returns its directory.
+fn ensure_runtime(
+    jdk: &Jdk,
+    modules: &BTreeSet<String>,
+    options: &JlinkOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let module_list = modules.iter().cloned().collect::<Vec<_>>().join(",");
+    let key = cache_key(&[
+        CACHE_VERSION,
+        "runtime",
+        &jdk.digest,
+        &module_list,
+        &options.args().join(" "),
+    ]);
+    let root = cache_root();
+    let dir = root.join(&key);
+    if dir.join("release").is_file() {
+        return Ok(dir);
+    }
+    // One jlink per key at a time: parallel builds wait and then find the result.
+    let _lock = FileLock::exclusive(&root.join(format!("{key}.lock")))?;
+    if dir.join("release").is_file() {
+        return Ok(dir);
+    }
+    progress(&format!(
+        "jlink: building runtime ({} modules)...",
+        modules.len()
+    ));
+    let staging = root.join(format!("{key}.tmp"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("Cannot clear {}", staging.display()))?;
+    }
+    let mut jlink = Command::new(jdk.tool("jlink"));
+    if let Some(jmods) = &jdk.jmods {
+        jlink.arg("--module-path").arg(jmods);
+    }
+    let out = jlink
+        .arg("--add-modules")
+        .arg(&module_list)
+        .args(options.args())
+        .arg("--output")
+        .arg(&staging)
+        .output()
+        .with_context(|| format!("Cannot run {}", jdk.tool("jlink").display()))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&staging);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let reason = stderr
+            .lines()
+            .chain(stdout.lines())
+            .find(|l| l.starts_with("Error"))
+            .or_else(|| stderr.lines().find(|l| !l.trim().is_empty()))
+            .unwrap_or("no message");
+        bail!(
+            "jlink failed for modules {module_list} ({}): {}",
+            out.status,
+            reason.trim()
+        );
+    }
+    // Used only when the heap is above 32 GB (no compressed oops): never in our VMs.
+    let _ = std::fs::remove_file(staging.join("lib/server/classes_nocoops.jsa"));
+    strip_symbols(&staging.join("lib/server/libjvm.so"));
+    std::fs::rename(&staging, &dir)
+        .with_context(|| format!("Cannot store the runtime in {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Drops the symbol table of `lib` (libjvm.so: 4 of its 24 MB, 1.2 MB of the compressed image;
+/// the dynamic symbols stay, only `hs_err` crash reports lose function names). Best effort: a
+/// host without objcopy (binutils) keeps the symbols.
+fn strip_symbols(lib: &Path) {
+    let tmp = lib.with_extension("so.stripped");
+    let stripped = Command::new("objcopy")
+        .arg("--strip-unneeded")
+        .arg(lib)
+        .arg(&tmp)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !stripped || std::fs::rename(&tmp, lib).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Adds the runtime at `runtime` to the tree at [`RUNTIME_DIR`], and the native closure of its
+/// programs and libraries (libc, libz, libstdc++...) at the host loader's paths.
+fn add_runtime(tree: &mut Tree, runtime: &Path, arch: Arch) -> Result<()> {
+    // Closure paths are symlink-resolved: compare with the runtime's real path.
+    let runtime = &std::fs::canonicalize(runtime)
+        .with_context(|| format!("Cannot open the Java runtime at {}", runtime.display()))?;
+    tree.add_host_dir_recursive(RUNTIME_DIR, runtime)
+        .with_context(|| format!("Cannot add the Java runtime from {}", runtime.display()))?;
+    // Libraries of the runtime find each other through $ORIGIN RPATHs, except libjvm.so in
+    // lib/server, which the launcher loads by path: searched explicitly, and left where the
+    // runtime has them (skipped below) rather than copied to the system directory.
+    let options = ClosureOptions {
+        arch,
+        extra_library_paths: vec![runtime.join("lib/server"), runtime.join("lib")],
+        ..ClosureOptions::default()
+    };
+    let mut elves = Vec::new();
+    collect_elves(runtime, &mut elves)?;
+    for host in elves {
+        let rel = host.strip_prefix(runtime).unwrap_or(&host);
+        let image = format!("{RUNTIME_DIR}/{}", rel.display());
+        let closure = elf::resolve_closure(&host, &image, &options)
+            .with_context(|| format!("Cannot package the Java runtime's {}", rel.display()))?;
+        if let Some(interp) = &closure.interpreter {
+            tree.add_host_file(&interp.image_path, &interp.host_path, 0o755)?;
+        }
+        for lib in &closure.libraries {
+            // The runtime's own libraries are there already; libjvm.so names the loader as
+            // a library too, which is already in at its PT_INTERP path.
+            let is_interp = closure
+                .interpreter
+                .as_ref()
+                .is_some_and(|i| i.host_path == lib.host_path);
+            if lib.host_path.starts_with(runtime) || is_interp {
+                continue;
+            }
+            tree.add_host_file(&lib.image_path, &lib.host_path, 0o644)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every ELF file under `dir`, sorted.
+fn collect_elves(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("Cannot read {}", dir.display()))?
+        .collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let ft = e.file_type()?;
+        let path = e.path();
+        if ft.is_dir() {
+            collect_elves(&path, out)?;
+        } else if ft.is_file() {
+            let mut magic = [0u8; 4];
+            use std::io::Read;
+            let n = std::fs::File::open(&path)
+                .and_then(|mut f| f.read(&mut magic))
+                .unwrap_or(0);
+            if n == 4 && magic == *b"\x7fELF" {
+                out.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The image's jar file name: the input's name with `.jar` (an input without the extension
+/// that was detected as a jar gets it).
+fn jar_file_name(input: &RuntimeInput<'_>) -> String {
+    let name = input
+        .input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| input.name.name.clone());
+    if name.to_ascii_lowercase().ends_with(".jar") {
+        name
+    } else {
+        format!("{name}.jar")
+    }
+}
+
+pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
+    // The jar first: a broken jar is the user's likeliest mistake and needs no JDK to report.
+    let info = jar::read(input.input)?;
+    let jdk = find_jdk(input.jdk, &jdk_candidates())?;
+    jdk.check_arch(input.arch)?;
+    let (modules, source) = modules_for(&jdk, input.input, &info, progress)?;
+    let jlink = JlinkOptions::default();
+    let runtime = ensure_runtime(&jdk, &modules, &jlink, progress)?;
+
+    let mut tree = layout::skeleton()?;
+    add_runtime(&mut tree, &runtime, input.arch)?;
+    let jar_image = format!("{}/{}", layout::APP_DIR, jar_file_name(input));
+    tree.add_host_file(&jar_image, input.input, 0o644)?;
+
+    let java = format!("{RUNTIME_DIR}/bin/java");
+    let mut args = vec!["java".to_string()];
+    args.extend(JvmOptions::default().args());
+    args.push("-jar".into());
+    args.push(jar_image);
+    let fixed = args.len() - 1;
+    let mut env = default_env(input.name);
+    for (key, value) in env.iter_mut() {
+        if key == "PATH" {
+            *value = format!("{RUNTIME_DIR}/bin:{value}");
+        }
+    }
+    env.push(("JAVA_HOME".into(), RUNTIME_DIR.into()));
+    let spec = AppSpec {
+        exe: java,
+        args,
+        env,
+        cwd: layout::APP_DIR.into(),
+        uid: 0,
+        gid: 0,
+        hostname: input.name.name.clone(),
+    };
+    let notes = vec![
+        ("jdk.version".to_string(), jdk.version.clone()),
+        (
+            "jdk.modules".to_string(),
+            modules.iter().cloned().collect::<Vec<_>>().join(","),
+        ),
+        (
+            "jdk.modules.source".to_string(),
+            source.as_str().to_string(),
+        ),
+        ("jlink.options".to_string(), jlink.args().join(" ")),
+        ("jar.main-class".to_string(), info.main_class.clone()),
+        (NOTE_RUNTIME_DIR.to_string(), RUNTIME_DIR.to_string()),
+        (NOTE_FIXED_ARGS.to_string(), fixed.to_string()),
+    ];
+    Ok(AppImage { tree, spec, notes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(refs: &[&str], spring_boot: bool) -> JarInfo {
+        JarInfo {
+            main_class: "a.Main".into(),
+            multi_release: false,
+            spring_boot,
+            nested: Vec::new(),
+            jdk_refs: refs.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn jdeps_output_is_parsed_or_refused() {
+        assert_eq!(
+            parse_module_deps("java.base,java.net.http\n"),
+            Some(set(&["java.base", "java.net.http"]))
+        );
+        assert_eq!(
+            parse_module_deps("Warning: split package\njava.base,jdk.httpserver\n"),
+            Some(set(&["java.base", "jdk.httpserver"]))
+        );
+        assert_eq!(parse_module_deps(""), None);
+        assert_eq!(parse_module_deps("Error: something broke"), None);
+        assert_eq!(parse_module_deps("java.base,,java.sql"), None);
+    }
+
+    #[test]
+    fn module_set_adds_base_tls_and_the_safe_set_when_needed() {
+        let (m, s) = complete_modules(Some(set(&["java.sql"])), &info(&["java/sql/Driver"], false));
+        assert_eq!(s, ModuleSource::Jdeps);
+        assert_eq!(m, set(&["java.base", "java.sql"]));
+
+        let (m, _) = complete_modules(
+            Some(set(&["java.net.http"])),
+            &info(&["java/net/http/HttpClient"], false),
+        );
+        assert!(m.contains("jdk.crypto.ec"), "{m:?}");
+
+        let (m, s) = complete_modules(None, &info(&[], false));
+        assert_eq!(s, ModuleSource::Fallback);
+        assert!(
+            m.contains("java.se") && m.contains("jdk.unsupported"),
+            "{m:?}"
+        );
+
+        let (m, s) = complete_modules(Some(set(&["java.logging"])), &info(&[], true));
+        assert_eq!(s, ModuleSource::JdepsAndSafe);
+        assert!(m.contains("java.logging") && m.contains("java.se"), "{m:?}");
+    }
+
+    #[test]
+    fn cache_keys_separate_their_parts() {
+        assert_ne!(cache_key(&["ab", "c"]), cache_key(&["a", "bc"]));
+        assert_eq!(cache_key(&["a", "b"]), cache_key(&["a", "b"]));
+        assert_eq!(cache_key(&["a"]).len(), 64);
+        // Every jlink option is part of the runtime's key.
+        let a = JlinkOptions::default().args().join(" ");
+        let b = JlinkOptions {
+            cds: true,
+            ..JlinkOptions::default()
+        }
+        .args()
+        .join(" ");
+        assert_ne!(cache_key(&["k", &a]), cache_key(&["k", &b]));
+    }
+
+    #[test]
+    fn jvm_options_are_explicit_and_overridable() {
+        let args = JvmOptions::default().args();
+        assert!(
+            args.contains(&"-XX:MaxRAMPercentage=75".to_string()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"-XX:+UseSerialGC".to_string()), "{args:?}");
+        assert!(args.contains(&"-Xshare:auto".to_string()), "{args:?}");
+        let custom = JvmOptions {
+            max_ram_percentage: 50,
+            c1_only: true,
+            extra: vec!["-Dx=y".into()],
+            ..JvmOptions::default()
+        }
+        .args();
+        assert!(custom.contains(&"-XX:MaxRAMPercentage=50".to_string()));
+        assert!(custom.contains(&"-XX:TieredStopAtLevel=1".to_string()));
+        assert_eq!(custom.last().unwrap(), "-Dx=y");
+    }
+
+    #[test]
+    fn jdk_is_found_or_the_error_says_how_to_get_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = find_jdk(None, &[dir.path().to_path_buf()]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("apt-get install openjdk-17-jdk-headless"),
+            "{msg}"
+        );
+        assert!(msg.contains("--jdk"), "{msg}");
+        let err = find_jdk(Some(dir.path()), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("no bin/jlink"), "{err:#}");
+
+        let host = Path::new("/usr/lib/jvm/java-17-openjdk-amd64");
+        if host.join("bin/jlink").is_file() {
+            let jdk = find_jdk(None, &[dir.path().to_path_buf(), host.to_path_buf()]).unwrap();
+            assert_eq!(jdk.feature, 17);
+            assert!(jdk.version.starts_with("17"), "{}", jdk.version);
+            assert!(jdk.has_module("java.net.http") && !jdk.has_module("no.such"));
+            assert_eq!(jdk.digest, find_jdk(Some(host), &[]).unwrap().digest);
+            jdk.check_arch(Arch::X86_64).unwrap();
+            assert!(jdk.check_arch(Arch::Aarch64).is_err());
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! Node.js apps: the `node` binary with its shared-library closure, and the app with its
+//! production `node_modules`, nothing else (no npm, no package caches, no dev dependencies).
+//!
+//! Input: a script (`server.js`, `.mjs`, `.cjs`), or a directory with `package.json` whose entry
+//! is its `main`, else its `start` script when that is a plain `node <file>` (anything a shell
+//! would have to run is refused: the image has no shell). The directory is taken as the user
+//! installed it: `npm ci --omit=dev` is the way to get exactly the production dependencies.
+//! Packages the lockfile marks as dev-only are left out even if installed (see
+//! [`dev_only_packages`]).
+//!
+//! Image layout: `/usr/bin/node` (stripped), its libraries where the host's loader has them
+//! (`/lib/...`, `/lib64/...`), the app at `/app` (a single script at `/app/<file>`). The spec runs
+//! `node /app/<entry>` in `/app` with `NODE_ENV=production`.
+
+use super::appdir;
+use super::{default_env, AppImage, RuntimeInput};
+use crate::layout;
+use anyhow::{bail, Context, Result};
+use fuse_boot::spec::AppSpec;
+use fuse_rootfs::elf::{self, ClosureOptions};
+use fuse_rootfs::tree::Tree;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where node goes in the image.
+pub const NODE_PATH: &str = "/usr/bin/node";
+/// The manifest note with `node --version`.
+pub const NOTE_VERSION: &str = "node.version";
+
+pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
+    let mut tree = layout::skeleton()?;
+    let entry = add_app(&mut tree, input.input, progress)?;
+    let node = find_node(input.node)?;
+    let version = add_node(&mut tree, &node, input, progress)?;
+
+    let entry = format!("{}/{entry}", layout::APP_DIR);
+    let mut env = default_env(input.name);
+    // Express and most frameworks switch off dev-time behaviour (verbose errors, template
+    // recompilation) on this.
+    env.push(("NODE_ENV".into(), "production".into()));
+    let spec = AppSpec {
+        exe: NODE_PATH.into(),
+        args: vec!["node".into(), entry],
+        env,
+        cwd: layout::APP_DIR.into(),
+        uid: 0,
+        gid: 0,
+        hostname: input.name.name.clone(),
+    };
+    Ok(AppImage {
+        tree,
+        spec,
+        notes: vec![
+            (NOTE_VERSION.into(), version),
+            // `fuse run app -- ARGS` gives ARGS to the script, after `node /app/<entry>`.
+            (super::jvm::NOTE_FIXED_ARGS.into(), "1".into()),
+        ],
+    })
+}
+
+/// Adds the app to `/app` and returns its entry file relative to `/app`.
+fn add_app(tree: &mut Tree, input: &Path, progress: &mut dyn FnMut(&str)) -> Result<String> {
+    let meta = std::fs::metadata(input).with_context(|| {
+        format!(
+            "App {} not found: give a .js file or a directory with package.json",
+            input.display()
+        )
+    })?;
+    if !meta.is_dir() {
+        let name = input
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("File name of {} is not UTF-8: rename it", input.display()))?;
+        tree.add_host_file(&format!("{}/{name}", layout::APP_DIR), input, 0o644)?;
+        return Ok(name.to_string());
+    }
+
+    if !input.join("package.json").exists() {
+        bail!(
+            "Directory {} has no package.json: give the app's .js file, or add a package.json whose \"main\" names it",
+            input.display()
+        );
+    }
+    let package = read_package_json(input)?;
+    let entry = entry_point(input, &package)?;
+    let skipped = dev_only_packages(input, &package)?;
+    if !skipped.is_empty() {
+        let names: Vec<&str> = skipped
+            .iter()
+            .map(|p| p.trim_start_matches("node_modules/"))
+            .collect();
+        progress(&format!(
+            "leaving out {} dev-only package(s) installed in node_modules ({}): install with `npm ci --omit=dev` to match",
+            skipped.len(),
+            abbreviate(&names, 5)
+        ));
+    }
+    check_dependencies_installed(input, &package)?;
+    appdir::add_app_dir(tree, input, layout::APP_DIR, &mut |rel, is_dir| {
+        keep_entry(rel, is_dir, &skipped)
+    })?;
+    Ok(entry)
+}
+
+/// Whether an entry of a Node app directory belongs in the image.
+fn keep_entry(rel: &str, is_dir: bool, dev_only: &BTreeSet<String>) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    if is_dir && (name == ".npm" || name == ".cache") {
+        // npm's download cache and the tool caches (babel, eslint, terser) that build tools
+        // keep in node_modules/.cache: written by tools, never read by the app.
+        return false;
+    }
+    if rel.ends_with("node_modules/.bin") {
+        // Links to the packages' command-line tools, which start with `#!/usr/bin/env node`:
+        // the image has no /usr/bin/env, so they cannot run there anyway.
+        return false;
+    }
+    !dev_only.contains(rel)
+}
+
+fn read_package_json(dir: &Path) -> Result<Value> {
+    let path = dir.join("package.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("Cannot read {}: make it readable", path.display()))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}:{}:{} is not valid JSON ({}): fix the file",
+            path.display(),
+            e.line(),
+            e.column(),
+            strip_position(&e.to_string())
+        )
+    })?;
+    if !value.is_object() {
+        bail!("{} is not a JSON object: fix the file", path.display());
+    }
+    Ok(value)
+}
+
+/// serde_json's message without its own " at line L column C" (the location is given first).
+fn strip_position(message: &str) -> &str {
+    message.split(" at line ").next().unwrap_or(message)
+}
+
+/// The entry file, relative to the app directory: `main`, else a `start` script that is a plain
+/// `node <file>`.
+fn entry_point(dir: &Path, package: &Value) -> Result<String> {
+    let manifest = dir.join("package.json");
+    let (declared, source) = if let Some(main) = package.get("main").and_then(Value::as_str) {
+        (main.to_string(), "\"main\"")
+    } else if let Some(start) = package.pointer("/scripts/start").and_then(Value::as_str) {
+        let file = plain_node_command(start).with_context(|| {
+            format!(
+                "{}: the start script '{start}' is not a plain `node <file>` (the image has no shell or npm): set \"main\" to the entry file",
+                manifest.display()
+            )
+        })?;
+        (file.to_string(), "start script")
+    } else {
+        bail!(
+            "{} has no entry point: set \"main\" to the file to run (or a start script `node <file>`)",
+            manifest.display()
+        );
+    };
+    let relative = clean_relative(&declared).with_context(|| {
+        format!(
+            "{}: the {source} '{declared}' must be a path inside the app directory",
+            manifest.display()
+        )
+    })?;
+    // Node's own resolution of a package entry, as far as a file on disk goes.
+    let candidates = [
+        relative.clone(),
+        format!("{relative}.js"),
+        format!("{relative}.mjs"),
+        format!("{relative}.cjs"),
+        format!("{relative}/index.js"),
+    ];
+    candidates
+        .into_iter()
+        .find(|c| dir.join(c).is_file())
+        .with_context(|| {
+            format!(
+                "Entry file '{declared}' (the {source} of {}) does not exist: create it or fix package.json",
+                manifest.display()
+            )
+        })
+}
+
+/// The file of `node <file>`, when that is the whole command.
+fn plain_node_command(command: &str) -> Option<&str> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    match words.as_slice() {
+        ["node", file]
+            if !file.starts_with('-')
+                && !file.contains(|c: char| "&|;<>$`'\"()*?{}\\".contains(c)) =>
+        {
+            Some(file)
+        }
+        _ => None,
+    }
+}
+
+/// `path` as a normalised relative path that stays inside its directory.
+fn clean_relative(path: &str) -> Option<String> {
+    if path.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+/// The installed packages (paths like `node_modules/a/node_modules/b`) that only dev
+/// dependencies need.
+///
+/// With a lockfile (`package-lock.json`, else npm's hidden `node_modules/.package-lock.json`)
+/// this is exact: npm marks every package reachable only through `devDependencies` with
+/// `"dev": true`, which is what `npm ci --omit=dev` leaves out. Without one, only the direct
+/// `devDependencies` that no other dependency list names are known to be dev-only; their own
+/// dependencies cannot be told apart and stay. Leaving them out rather than just warning: code
+/// that needs a dev-only package would fail the same way after `npm ci --omit=dev`, the
+/// documented way to install for production, so the image matches a production install.
+pub fn dev_only_packages(dir: &Path, package: &Value) -> Result<BTreeSet<String>> {
+    for lock in ["package-lock.json", "node_modules/.package-lock.json"] {
+        let path = dir.join(lock);
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("Cannot read {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{} is not valid JSON ({}): fix it or delete it and run `npm install`",
+                path.display(),
+                e.line(),
+                e.column(),
+                strip_position(&e.to_string())
+            )
+        })?;
+        // lockfileVersion 2 and 3 (npm 7+) have "packages"; npm 6's v1 files do not.
+        if let Some(packages) = value.get("packages").and_then(Value::as_object) {
+            return Ok(packages
+                .iter()
+                .filter(|(key, meta)| {
+                    key.starts_with("node_modules/")
+                        && meta.get("dev").and_then(Value::as_bool) == Some(true)
+                        && dir.join(key).exists()
+                })
+                .map(|(key, _)| key.clone())
+                .collect());
+        }
+    }
+    let names = |field: &str| -> BTreeSet<String> {
+        package
+            .get(field)
+            .and_then(Value::as_object)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut production = names("dependencies");
+    production.extend(names("optionalDependencies"));
+    production.extend(names("peerDependencies"));
+    Ok(names("devDependencies")
+        .into_iter()
+        .filter(|n| !production.contains(n))
+        .map(|n| format!("node_modules/{n}"))
+        .filter(|p| dir.join(p).exists())
+        .collect())
+}
+
+/// Refuses an app whose `dependencies` are not installed: it would only fail at `require`.
+fn check_dependencies_installed(dir: &Path, package: &Value) -> Result<()> {
+    let Some(deps) = package.get("dependencies").and_then(Value::as_object) else {
+        return Ok(());
+    };
+    if let Some(missing) = deps
+        .keys()
+        .find(|n| !dir.join("node_modules").join(n).exists())
+    {
+        bail!(
+            "Dependency '{missing}' of {} is not installed in node_modules: run `npm ci --omit=dev` in {}",
+            dir.join("package.json").display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn abbreviate(names: &[&str], max: usize) -> String {
+    let mut shown = names
+        .iter()
+        .take(max)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > max {
+        shown.push_str(&format!(", and {} more", names.len() - max));
+    }
+    shown
+}
+
+/// The node binary: `--node`, else `node` (or Debian's `nodejs`) on PATH, symlinks resolved.
+fn find_node(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = given {
+        if !path.is_file() {
+            bail!(
+                "Node.js binary {} given with --node does not exist: give the path of a node executable",
+                path.display()
+            );
+        }
+        return path
+            .canonicalize()
+            .with_context(|| format!("Cannot read {}", path.display()));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["node", "nodejs"] {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate
+                    .canonicalize()
+                    .with_context(|| format!("Cannot read {}", candidate.display()));
+            }
+        }
+    }
+    bail!("Node.js not found on PATH: install it (Debian: apt-get install nodejs) or give --node PATH")
+}
+
+/// Adds node (stripped) and its libraries; returns `node --version`.
+fn add_node(
+    tree: &mut Tree,
+    node: &Path,
+    input: &RuntimeInput<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<String> {
+    let options = ClosureOptions {
+        arch: input.arch,
+        ..ClosureOptions::default()
+    };
+    let closure = elf::resolve_closure(node, NODE_PATH, &options)?;
+    let version = node_version(node)?;
+    match strip(node) {
+        Ok(bytes) => tree.add_bytes(NODE_PATH, bytes, 0o755)?,
+        Err(err) => {
+            progress(&format!(
+                "node is packaged unstripped ({err:#}): install binutils for a smaller image"
+            ));
+            tree.add_host_file(NODE_PATH, node, 0o755)?;
+        }
+    }
+    if let Some(interp) = &closure.interpreter {
+        tree.add_host_file(&interp.image_path, &interp.host_path, 0o755)?;
+    }
+    for lib in &closure.libraries {
+        tree.add_host_file(&lib.image_path, &lib.host_path, 0o644)?;
+    }
+    Ok(version)
+}
+
+/// `node --version` (`v20.11.1`).
+fn node_version(node: &Path) -> Result<String> {
+    let out = Command::new(node)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!(
+                "Cannot run {} --version: give a working node with --node",
+                node.display()
+            )
+        })?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || !version.starts_with('v') {
+        bail!(
+            "{} --version failed ({}): give a working node with --node",
+            node.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(version)
+}
+
+/// node without its symbol table and debug info. Release builds from nodesource and nodejs.org
+/// ship both (~13 MB, 2.5 MB compressed) and the image never needs them: crash reports and
+/// native addons use the dynamic symbol table, which stays. `strip` is deterministic, so the
+/// same node gives the same bytes.
+fn strip(node: &Path) -> Result<Vec<u8>> {
+    let scratch = tempfile::tempdir().context("Cannot create a temporary directory")?;
+    let out = scratch.path().join("node");
+    let result = Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&out)
+        .arg(node)
+        .output()
+        .context("Cannot run strip")?;
+    if !result.status.success() {
+        bail!(
+            "strip failed: {}",
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
+    }
+    std::fs::read(&out).with_context(|| format!("Cannot read {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn start_script_must_be_plain_node() {
+        assert_eq!(plain_node_command("node server.js"), Some("server.js"));
+        assert_eq!(
+            plain_node_command("  node   lib/app.js "),
+            Some("lib/app.js")
+        );
+        for bad in [
+            "nodemon server.js",
+            "node --inspect server.js",
+            "node a.js && node b.js",
+            "NODE_ENV=x node a.js",
+            "node",
+            "node $FILE",
+        ] {
+            assert_eq!(plain_node_command(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn relative_entries_stay_inside() {
+        assert_eq!(
+            clean_relative("./lib/../server.js").as_deref(),
+            Some("server.js")
+        );
+        assert_eq!(clean_relative("/etc/passwd"), None);
+        assert_eq!(clean_relative("../x.js"), None);
+        assert_eq!(clean_relative("."), None);
+    }
+
+    #[test]
+    fn entry_follows_main_then_start_and_node_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("lib")).unwrap();
+        std::fs::write(dir.path().join("lib/index.js"), "").unwrap();
+        std::fs::write(dir.path().join("server.js"), "").unwrap();
+        let entry = |v: Value| entry_point(dir.path(), &v);
+        assert_eq!(entry(json!({"main": "lib"})).unwrap(), "lib/index.js");
+        assert_eq!(entry(json!({"main": "server"})).unwrap(), "server.js");
+        assert_eq!(
+            entry(json!({"scripts": {"start": "node server.js"}})).unwrap(),
+            "server.js"
+        );
+        let err = format!("{:#}", entry(json!({"name": "x"})).unwrap_err());
+        assert!(err.contains("has no entry point"), "{err}");
+        let err = format!("{:#}", entry(json!({"main": "gone.js"})).unwrap_err());
+        assert!(
+            err.contains("'gone.js'") && err.contains("does not exist"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            entry(json!({"scripts": {"start": "nodemon server.js"}})).unwrap_err()
+        );
+        assert!(err.contains("not a plain `node <file>`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_package_json_gives_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("package.json"),
+            "{\n  \"main\": \"a.js\",\n}\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", read_package_json(dir.path()).unwrap_err());
+        assert!(err.contains("package.json:3:1 is not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn dev_only_packages_from_the_lockfile_or_package_json() {
+        let dir = tempfile::tempdir().unwrap();
+        for p in [
+            "node_modules/prod",
+            "node_modules/devtool",
+            "node_modules/devdep-of-dev",
+        ] {
+            std::fs::create_dir_all(dir.path().join(p)).unwrap();
+        }
+        let package = json!({
+            "dependencies": {"prod": "1"},
+            "devDependencies": {"devtool": "1"}
+        });
+        let without_lock = dev_only_packages(dir.path(), &package).unwrap();
+        assert_eq!(
+            without_lock.into_iter().collect::<Vec<_>>(),
+            ["node_modules/devtool"]
+        );
+        let lock = json!({"lockfileVersion": 3, "packages": {
+            "": {"name": "app"},
+            "node_modules/prod": {"version": "1"},
+            "node_modules/devtool": {"version": "1", "dev": true},
+            "node_modules/devdep-of-dev": {"version": "1", "dev": true},
+            "node_modules/not-installed": {"version": "1", "dev": true}
+        }});
+        std::fs::write(dir.path().join("package-lock.json"), lock.to_string()).unwrap();
+        let with_lock = dev_only_packages(dir.path(), &package).unwrap();
+        assert_eq!(
+            with_lock.into_iter().collect::<Vec<_>>(),
+            ["node_modules/devdep-of-dev", "node_modules/devtool"]
+        );
+    }
+}

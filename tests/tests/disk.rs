@@ -1,0 +1,323 @@
+//! The bootable disk: UEFI boots through OVMF, direct boot out of the disk, reproducibility,
+//! `fuse verify` locating corruption, the ESP checked by fsck.vfat, and a qcow2 export booting.
+
+mod common;
+
+use common::{json, Sandbox, EXIT_7, HELLO};
+use fuse_tests::{assert_no_leaked_qemu, FuseCmd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// OVMF under TCG is slow (firmware init alone is seconds): be generous.
+const UEFI_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn flip(path: &Path, at: u64) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    file.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x01;
+    file.write_all_at(&b, at).unwrap();
+}
+
+fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Builds `app` and exports its raw disk; returns (image digest, disk file).
+fn build_and_export(sb: &Sandbox, app: &Path) -> (String, PathBuf) {
+    let built = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(app)
+            .run()
+            .assert_success(),
+    );
+    let image = built["image"].as_str().unwrap().to_string();
+    let disk = sb.dir.join("disk.raw");
+    sb.fuse()
+        .args(["export", &image, "--format", "raw", "-o"])
+        .arg(&disk)
+        .run()
+        .assert_success();
+    (built["digest"].as_str().unwrap().to_string(), disk)
+}
+
+#[test]
+fn uefi_boot_through_ovmf_prints_and_exits_with_the_apps_code() {
+    let sb = Sandbox::new();
+    let app = sb.program(EXIT_7, "seven", &["-static"]);
+    let out = sb
+        .fuse()
+        .timeout(UEFI_TIMEOUT)
+        .args(["run", "--accel", "tcg", "--firmware", "uefi"])
+        .arg(&app)
+        .run();
+    out.assert_code(7);
+    // Only the app's output: the firmware's screen clears and boot manager lines are hidden.
+    assert_eq!(out.stdout_str().trim_end(), "about to exit 7", "{out}");
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn direct_boot_reads_kernel_and_init_out_of_the_disk() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let inspect = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(&app)
+            .run()
+            .assert_success(),
+    );
+    let image = inspect["image"].as_str().unwrap();
+    let manifest = json(
+        sb.fuse()
+            .args(["inspect", "--json", image])
+            .run()
+            .assert_success(),
+    );
+    // The kernel, init and root blobs go: only the disk is left to boot from.
+    for part in ["kernel", "init", "rootfs"] {
+        let d = manifest[part]["digest"].as_str().unwrap();
+        let blob = sb
+            .home()
+            .join("images/blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        std::fs::remove_file(&blob).unwrap();
+    }
+    let out = sb.fuse().args(["run", image]).run();
+    out.assert_success();
+    assert_eq!(out.stdout_str().trim_end(), "hello from the guest", "{out}");
+    // The disk's layout as inspect shows it: ESP then root, 1 MiB aligned, root by PARTUUID.
+    let disk = &manifest["disk"];
+    let parts = disk["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[0]["type_name"], "EFI System");
+    assert_eq!(parts[1]["type"], "4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
+    for p in parts {
+        assert_eq!(p["offset"].as_u64().unwrap() % (1 << 20), 0, "{p}");
+    }
+    let cmdline = manifest["cmdline"].as_str().unwrap();
+    assert!(
+        cmdline.contains(&format!(
+            "fuse.root=PARTUUID={}",
+            parts[1]["guid"].as_str().unwrap()
+        )),
+        "{cmdline}"
+    );
+    assert_eq!(disk["esp"]["files"][0]["path"], "/EFI/BOOT/BOOTX64.EFI");
+    let sections: Vec<&str> = disk["uki"]["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        sections.ends_with(&[".osrel", ".cmdline", ".linux", ".initrd", ".fuse"]),
+        "{sections:?}"
+    );
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn same_inputs_give_the_same_disk_anywhere_anytime() {
+    let a = Sandbox::new();
+    let b = Sandbox::new();
+    let app_a = a.program(HELLO, "hello-1.0", &["-static"]);
+    // The same bytes, in another directory, with another mtime.
+    let other_dir = b.dir.join("elsewhere");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let app_b = other_dir.join("hello-1.0");
+    std::fs::copy(&app_a, &app_b).unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "2001-02-03 04:05:06"])
+        .arg(&app_b)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+
+    let build = |sb: &Sandbox, app: &Path, epoch: &str, tz: &str| {
+        json(
+            sb.fuse()
+                .env("SOURCE_DATE_EPOCH", epoch)
+                .env("TZ", tz)
+                .args(["build", "--json"])
+                .arg(app)
+                .run()
+                .assert_success(),
+        )["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let da = build(&a, &app_a, "1", "UTC");
+    std::thread::sleep(Duration::from_millis(1100));
+    let db = build(&b, &app_b, "1700000000", "Pacific/Auckland");
+    assert_eq!(da, db, "image digests differ");
+    // The digest is the disk's: the stored blobs are byte for byte the same.
+    let blob = |sb: &Sandbox, d: &str| {
+        sb.home()
+            .join("images/blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    assert_eq!(sha256(&blob(&a, &da)), da.trim_start_matches("sha256:"));
+    assert_eq!(sha256(&blob(&a, &da)), sha256(&blob(&b, &db)));
+}
+
+#[test]
+fn verify_reports_each_corruption_with_its_location() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let (_, disk) = build_and_export(&sb, &app);
+    sb.fuse()
+        .args(["verify", "hello:1.0"])
+        .run()
+        .assert_success();
+    sb.fuse()
+        .arg("verify")
+        .arg(&disk)
+        .run()
+        .assert_success()
+        .assert_stdout_contains(": ok");
+    let layout = json(
+        sb.fuse()
+            .args(["inspect", "--json"])
+            .arg(&disk)
+            .run()
+            .assert_success(),
+    )["disk"]
+        .clone();
+    let root = layout["partitions"][1]["offset"].as_u64().unwrap();
+    let linux = layout["uki"]["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == ".linux")
+        .unwrap()["disk_offset"]
+        .as_u64()
+        .unwrap();
+    let cases = [
+        (root + 100_000, "root partition", Some(100_000)),
+        (linux + 5_000, "UKI section .linux", Some(5_000)),
+        (512 + 60, "GPT primary header", Some(60)),
+    ];
+    for (at, part, part_offset) in cases {
+        let bad = sb.dir.join("bad.raw");
+        std::fs::copy(&disk, &bad).unwrap();
+        flip(&bad, at);
+        let out = sb.fuse().arg("verify").arg(&bad).run();
+        out.assert_code(1);
+        let stderr = out.stderr_str();
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("fuse: corrupt: ") && l.contains(part))
+            .unwrap_or_else(|| panic!("no problem reported in {part}:\n{out}"));
+        match part_offset {
+            Some(o) => assert!(
+                line.contains(&format!("byte {o} (disk byte {at})")),
+                "{line}"
+            ),
+            None => assert!(line.contains(&format!("disk byte {at}")), "{line}"),
+        }
+        assert!(stderr.contains("fuse: error:"), "{out}");
+    }
+}
+
+#[test]
+fn fsck_vfat_finds_the_esp_clean() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let (_, disk) = build_and_export(&sb, &app);
+    let layout = json(
+        sb.fuse()
+            .args(["inspect", "--json"])
+            .arg(&disk)
+            .run()
+            .assert_success(),
+    )["disk"]
+        .clone();
+    let esp = &layout["partitions"][0];
+    let (offset, size) = (
+        esp["offset"].as_u64().unwrap(),
+        esp["size"].as_u64().unwrap(),
+    );
+    let bytes = std::fs::read(&disk).unwrap();
+    let esp_file = sb.dir.join("esp.img");
+    std::fs::write(&esp_file, &bytes[offset as usize..(offset + size) as usize]).unwrap();
+    let out = FuseCmd::program("fsck.vfat").arg("-n").arg(&esp_file).run();
+    out.assert_success();
+    assert!(!out.stdout_str().to_lowercase().contains("dirty"), "{out}");
+}
+
+#[test]
+fn qcow2_export_boots_through_uefi() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let qcow2 = sb.dir.join("hello.qcow2");
+    sb.fuse()
+        .args(["build", "--format", "qcow2", "-o"])
+        .arg(&qcow2)
+        .arg(&app)
+        .run()
+        .assert_success();
+    let info = FuseCmd::program("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&qcow2)
+        .run();
+    info.assert_success();
+    assert!(
+        info.stdout_str().contains("\"format\": \"qcow2\""),
+        "{info}"
+    );
+    // Booted by QEMU itself, as a hypervisor that was handed the file would.
+    let vars = sb.dir.join("vars.fd");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars).unwrap();
+    let out = FuseCmd::program("qemu-system-x86_64")
+        .timeout(UEFI_TIMEOUT)
+        .args([
+            "-M",
+            "q35",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-drive",
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
+            "-drive",
+        ])
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=none,id=d,format=qcow2,readonly=on,file={}",
+            qcow2.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d,bootindex=0"])
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    assert!(stdout.contains("hello from the guest"), "{out}");
+    assert!(stdout.contains("<<fuse:exit 0>>"), "{out}");
+    assert_no_leaked_qemu();
+}

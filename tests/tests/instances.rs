@@ -1,0 +1,284 @@
+//! Instances and stopping: `fuse run --detach`, `ps`, `logs`, `kill`, a crashed supervisor,
+//! graceful stop (SIGTERM in the guest) with and without a cooperative app, and volumes that
+//! outlive images. Real boots; every test checks that no QEMU it started survives.
+
+mod common;
+
+use common::{Sandbox, NEVER_EXITS};
+use fuse_tests::{assert_no_leaked_qemu, qemu_processes, FuseCmd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Traps SIGTERM, says goodbye, exits 0.
+const COOPERATIVE: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile sig_atomic_t stop;
+static void on_term(int s) { (void)s; stop = 1; }
+int main(void) {
+    signal(SIGTERM, on_term);
+    printf("waiting for SIGTERM\n");
+    fflush(stdout);
+    while (!stop) pause();
+    printf("bye\n");
+    fflush(stdout);
+    return 0;
+}
+"#;
+
+/// Ignores SIGTERM: only the grace period ends it.
+const STUBBORN: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    signal(SIGTERM, SIG_IGN);
+    printf("ignoring SIGTERM\n");
+    fflush(stdout);
+    for (;;) pause();
+}
+"#;
+
+/// A sandbox whose instances live in its own runtime directory.
+struct Instances {
+    sb: Sandbox,
+}
+
+impl Instances {
+    fn new() -> Instances {
+        Instances { sb: Sandbox::new() }
+    }
+
+    fn runtime(&self) -> PathBuf {
+        self.sb.dir.join("run")
+    }
+
+    fn fuse(&self) -> FuseCmd {
+        self.sb.fuse().env("FUSE_RUNTIME_DIR", self.runtime())
+    }
+
+    fn ps(&self) -> Vec<serde_json::Value> {
+        let out = self.fuse().args(["ps", "--json"]).run();
+        out.assert_success();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("ps --json: {e}\n{out}"))
+            .as_array()
+            .cloned()
+            .unwrap()
+    }
+
+    /// `fuse run -d ARGS APP`; returns the instance id.
+    fn detach(&self, app: &std::path::Path, args: &[&str]) -> String {
+        let out = self
+            .fuse()
+            .args(["run", "-d", "--accel", "tcg"])
+            .args(args)
+            .arg(app)
+            .run();
+        out.assert_success();
+        let id = out.stdout_str().trim().to_string();
+        assert_eq!(id.len(), 12, "{out}");
+        id
+    }
+
+    /// Waits until `fuse logs ID` shows `needle`.
+    fn wait_for_log(&self, id: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let out = self.fuse().args(["logs", id]).run();
+            out.assert_success();
+            if out.stdout_str().contains(needle) {
+                return out.stdout_str();
+            }
+            assert!(Instant::now() < deadline, "{needle:?} never logged\n{out}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn pid_alive(pid: u64) -> bool {
+    fuse_tests::proc_file(pid as u32, "stat")
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.starts_with(" Z")))
+}
+
+#[test]
+fn detach_ps_logs_kill() {
+    let inst = Instances::new();
+    let app = inst.sb.program(COOPERATIVE, "coop-1.2", &["-static"]);
+    let id = inst.detach(&app, &["--grace", "20"]);
+
+    let list = inst.ps();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["image"], "coop:1.2");
+    let qemu_pid = list[0]["pid"].as_u64().expect("QEMU pid");
+    assert!(pid_alive(qemu_pid));
+    let table = inst.fuse().arg("ps").run();
+    table
+        .assert_success()
+        .assert_stdout_contains(&id)
+        .assert_stdout_contains("coop:1.2");
+
+    inst.wait_for_log(&id, "waiting for SIGTERM");
+    // A follower sees the rest, up to the end of the instance.
+    let follower = inst.fuse().args(["logs", "-f", &id[..6]]).spawn();
+    let kill = inst.fuse().args(["kill", &id]).run();
+    kill.assert_success()
+        .assert_stdout_contains(&format!("stopped {id}"));
+    let followed = follower.wait();
+    followed
+        .assert_success()
+        .assert_stdout_contains("waiting for SIGTERM\nbye\n");
+
+    assert!(!pid_alive(qemu_pid), "QEMU {qemu_pid} survived fuse kill");
+    assert!(inst.ps().is_empty());
+    let gone = inst.fuse().args(["logs", &id]).run();
+    gone.assert_code(1)
+        .assert_stderr_contains(&format!("No running instance '{id}'"));
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn crashed_supervisor_leaves_nothing_listed() {
+    let inst = Instances::new();
+    let app = inst.sb.program(NEVER_EXITS, "forever", &["-static"]);
+    let id = inst.detach(&app, &[]);
+    let list = inst.ps();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let supervisor = list[0]["supervisor_pid"].as_u64().unwrap();
+    let qemu_pid = list[0]["pid"].as_u64().unwrap();
+    // SAFETY: SIGKILL to the supervisor this test started (its pid comes from its state).
+    unsafe { libc::kill(supervisor as libc::pid_t, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(qemu_pid) {
+        assert!(Instant::now() < deadline, "QEMU outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The directory is still there (nobody cleaned up): ps must see through it.
+    assert!(inst.runtime().join(&id).exists());
+    assert!(inst.ps().is_empty());
+    assert!(
+        !inst.runtime().join(&id).exists(),
+        "stale entry not removed"
+    );
+    inst.fuse()
+        .args(["kill", &id])
+        .run()
+        .assert_code(1)
+        .assert_stderr_contains("No running instance");
+    assert_no_leaked_qemu();
+}
+
+/// Starts `fuse run APP ARGS` and waits for `needle` on its stdout... approximated by waiting
+/// for its QEMU and then for the guest to boot.
+fn run_until_booted(sb: &Sandbox, app: &std::path::Path, args: &[&str]) -> fuse_tests::Running {
+    sb.fuse().arg("build").arg(app).run().assert_success();
+    let running = sb
+        .fuse()
+        .args(["run", "--accel", "tcg"])
+        .args(args)
+        .arg(app)
+        .spawn();
+    let marker = running.marker().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !qemu_processes()
+        .iter()
+        .any(|q| q.marker.as_deref() == Some(&marker))
+    {
+        assert!(Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Time for the guest to boot and the app to set up its handler (TCG, loaded host).
+    std::thread::sleep(Duration::from_secs(8));
+    running
+}
+
+#[test]
+fn ctrl_c_stops_a_cooperative_app_gracefully() {
+    let sb = Sandbox::new();
+    let app = sb.program(COOPERATIVE, "coop", &["-static"]);
+    let running = run_until_booted(&sb, &app, &[]);
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    out.assert_success()
+        .assert_stdout_contains("waiting for SIGTERM\nbye\n")
+        .assert_stderr_contains("Interrupted by SIGINT: stopping the app");
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn app_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let sb = Sandbox::new();
+    let app = sb.program(STUBBORN, "stubborn", &["-static"]);
+    let running = run_until_booted(&sb, &app, &["--grace", "3"]);
+    let stopped = Instant::now();
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    let took = stopped.elapsed();
+    out.assert_code(137)
+        .assert_stdout_contains("ignoring SIGTERM")
+        .assert_stderr_contains("did not exit within 3s of SIGTERM");
+    assert!(took >= Duration::from_secs(3), "stopped after {took:?}");
+    assert!(took < Duration::from_secs(30), "stopped after {took:?}");
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn volume_keeps_data_across_images() {
+    let sb = Sandbox::new();
+    let counter = r#"
+#include <stdio.h>
+int main(void) {
+    int n = 0;
+    FILE *f = fopen("/data/counter", "r");
+    if (f) { if (fscanf(f, "%d", &n) != 1) n = -100; fclose(f); }
+    n++;
+    f = fopen("/data/counter", "w");
+    if (!f) { perror("/data/counter"); return 2; }
+    fprintf(f, "%d\n", n);
+    if (fclose(f) != 0) { perror("close"); return 3; }
+    printf("count=%d\n", n);
+    return 0;
+}
+"#;
+    let reader = r#"
+#include <stdio.h>
+int main(void) {
+    char buf[64] = "none";
+    FILE *f = fopen("/data/counter", "r");
+    if (f) { if (!fgets(buf, sizeof buf, f)) buf[0] = 0; fclose(f); }
+    printf("image 2 reads %s", buf);
+    return 0;
+}
+"#;
+    let one = sb.program(counter, "counter-1", &["-static"]);
+    let two = sb.program(reader, "reader-2", &["-static"]);
+    for expected in ["count=1", "count=2"] {
+        let out = sb
+            .fuse()
+            .args(["run", "--accel", "tcg", "--volume", "state:/data:64M"])
+            .arg(&one)
+            .run();
+        out.assert_success().assert_stdout_contains(expected);
+    }
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "-v", "state:/data"])
+        .arg(&two)
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("image 2 reads 2\n");
+    assert!(sb.home().join("volumes/state.ext4").is_file());
+
+    // Not a mount point of the image: refused before boot.
+    let out = sb
+        .fuse()
+        .args(["run", "--volume", "state:/srv"])
+        .arg(&two)
+        .run();
+    out.assert_code(1)
+        .assert_stderr_contains("/srv is not a volume mount point of image reader:2")
+        .assert_stderr_contains("use one of /data");
+    assert_no_leaked_qemu();
+}

@@ -1,0 +1,388 @@
+//! JVM apps: real jars compiled by the test (javac + jar from the host JDK), real jlink
+//! runtimes, real boots under QEMU.
+
+mod common;
+
+use common::{free_port, http_get_until, java_jar, json, Sandbox};
+use fuse_tests::assert_no_leaked_qemu;
+use std::path::Path;
+use std::time::Duration;
+
+const EXIT_WITH: &str = r#"
+public class Hello {
+    public static void main(String[] args) {
+        System.out.println("hello from java " + System.getProperty("java.version")
+            + " home=" + System.getProperty("java.home"));
+        System.exit(args.length > 0 ? Integer.parseInt(args[0]) : 7);
+    }
+}
+"#;
+
+fn modules(sb: &Sandbox, image: &str) -> Vec<String> {
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", image])
+            .run()
+            .assert_success(),
+    );
+    inspect["notes"]["jdk.modules"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no jdk.modules note: {inspect}"))
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn jar_prints_and_exits_with_its_code() {
+    let sb = Sandbox::new();
+    let jar = java_jar(
+        sb.dir.path(),
+        "hello-1.0.jar",
+        "Hello",
+        &[("Hello.java", EXIT_WITH)],
+        &[],
+    );
+    let out = sb.fuse().args(["run", "--accel", "tcg"]).arg(&jar).run();
+    out.assert_code(7)
+        .assert_stdout_contains("hello from java 17")
+        .assert_stdout_contains("home=/opt/java");
+    // Run-time arguments follow `-jar /app/x.jar` instead of replacing the JVM's.
+    let out = sb.fuse().args(["run", "hello:1.0", "--", "3"]).run();
+    out.assert_code(3).assert_stdout_contains("hello from java");
+
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "hello:1.0"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspect["app"]["kind"], "jvm");
+    assert_eq!(inspect["app"]["exe"], "/opt/java/bin/java");
+    let args: Vec<&str> = inspect["app"]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &args[args.len() - 2..],
+        ["-jar", "/app/hello-1.0.jar"],
+        "{args:?}"
+    );
+    assert!(args.contains(&"-XX:MaxRAMPercentage=75"), "{args:?}");
+    assert!(inspect["app"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "JAVA_HOME=/opt/java"));
+    assert_eq!(inspect["notes"]["jdk.modules"], "java.base");
+    assert!(inspect["notes"]["jdk.version"]
+        .as_str()
+        .unwrap()
+        .starts_with("17"));
+    let parts = &inspect["contents"]["parts"];
+    assert!(parts["runtime"].as_u64().unwrap() > 10_000_000, "{parts}");
+    assert_eq!(
+        parts["app"].as_u64().unwrap(),
+        std::fs::metadata(&jar).unwrap().len()
+    );
+    let size = inspect["size"].as_u64().unwrap();
+    assert!(
+        size < 20_000_000,
+        "a Java hello image is at most 20 MB: {size}"
+    );
+
+    // The same jar in another store: the same image, byte for byte.
+    let other = Sandbox::new();
+    let again = json(
+        other
+            .fuse()
+            .args(["build", "--json"])
+            .arg(&jar)
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["digest"], inspect["digest"]);
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn modules_beyond_base_are_detected_and_work() {
+    let sb = Sandbox::new();
+    let src = r#"
+import java.net.http.HttpClient;
+import java.sql.DriverManager;
+public class Uses {
+    public static void main(String[] args) throws Exception {
+        HttpClient client = HttpClient.newBuilder().build();
+        System.out.println("http client " + client.version());
+        System.out.println("login timeout " + DriverManager.getLoginTimeout());
+    }
+}
+"#;
+    let jar = java_jar(
+        sb.dir.path(),
+        "uses.jar",
+        "Uses",
+        &[("Uses.java", src)],
+        &[],
+    );
+    let out = sb.fuse().arg("run").arg(&jar).run();
+    out.assert_success()
+        .assert_stdout_contains("http client HTTP_2")
+        .assert_stdout_contains("login timeout 0");
+    let m = modules(&sb, "uses:latest");
+    for needed in ["java.base", "java.net.http", "java.sql"] {
+        assert!(m.iter().any(|x| x == needed), "{needed} missing from {m:?}");
+    }
+    assert!(!m.iter().any(|x| x == "java.desktop"), "{m:?}");
+    assert_no_leaked_qemu();
+}
+
+/// A fat jar: the app's own classes plus `lib/dep.jar`, a dependency jar stored inside it,
+/// which the Main class loads with a small class loader reading the nested jar from its own
+/// resources (what Spring Boot's launcher does, minus everything else). The dependency uses
+/// java.logging, which the app's own classes do not: fuse must scan the nested jar.
+#[test]
+fn fat_jar_with_a_nested_dependency_runs() {
+    let sb = Sandbox::new();
+    let dep_src = r#"
+package dep;
+import java.util.logging.Logger;
+public class Greeter {
+    public static String greet() {
+        Logger log = Logger.getLogger("dep");
+        return "greetings from the nested jar via " + log.getName() + " logger";
+    }
+}
+"#;
+    let dep = java_jar(
+        sb.dir.path(),
+        "dep.jar",
+        "",
+        &[("Greeter.java", dep_src)],
+        &[],
+    );
+    let main_src = r#"
+import java.io.*;
+import java.util.*;
+import java.util.jar.*;
+public class Fat {
+    static class NestedLoader extends ClassLoader {
+        private final Map<String, byte[]> classes = new HashMap<>();
+        NestedLoader(InputStream nested) throws IOException {
+            super(Fat.class.getClassLoader());
+            try (JarInputStream in = new JarInputStream(nested)) {
+                for (JarEntry e; (e = in.getNextJarEntry()) != null; ) {
+                    if (e.getName().endsWith(".class")) {
+                        String name = e.getName().replace('/', '.').replaceAll("\\.class$", "");
+                        classes.put(name, in.readAllBytes());
+                    }
+                }
+            }
+        }
+        @Override protected Class<?> findClass(String name) throws ClassNotFoundException {
+            byte[] b = classes.get(name);
+            if (b == null) throw new ClassNotFoundException(name);
+            return defineClass(name, b, 0, b.length);
+        }
+    }
+    public static void main(String[] args) throws Exception {
+        InputStream nested = Fat.class.getResourceAsStream("/lib/dep.jar");
+        ClassLoader loader = new NestedLoader(nested);
+        Class<?> greeter = loader.loadClass("dep.Greeter");
+        System.out.println(greeter.getMethod("greet").invoke(null));
+    }
+}
+"#;
+    let jar = java_jar(
+        sb.dir.path(),
+        "fat.jar",
+        "Fat",
+        &[("Fat.java", main_src)],
+        &[("lib/dep.jar", &dep)],
+    );
+    let out = sb.fuse().arg("run").arg(&jar).run();
+    out.assert_success()
+        .assert_stdout_contains("greetings from the nested jar via dep logger");
+    let m = modules(&sb, "fat:latest");
+    assert!(
+        m.iter().any(|x| x == "java.logging"),
+        "nested jar not scanned: {m:?}"
+    );
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn http_server_is_reachable_through_a_published_port() {
+    let sb = Sandbox::new();
+    let src = r#"
+import com.sun.net.httpserver.HttpServer;
+import java.net.InetSocketAddress;
+import java.nio.charset.StandardCharsets;
+public class Web {
+    public static void main(String[] args) throws Exception {
+        HttpServer server = HttpServer.create(new InetSocketAddress(8080), 0);
+        server.createContext("/", exchange -> {
+            byte[] body = "hello from the JVM in a VM\n".getBytes(StandardCharsets.UTF_8);
+            exchange.sendResponseHeaders(200, body.length);
+            exchange.getResponseBody().write(body);
+            exchange.close();
+        });
+        server.start();
+        System.out.println("listening on 8080");
+    }
+}
+"#;
+    let jar = java_jar(sb.dir.path(), "web.jar", "Web", &[("Web.java", src)], &[]);
+    sb.fuse().arg("build").arg(&jar).run().assert_success();
+    assert!(modules(&sb, "web:latest")
+        .iter()
+        .any(|m| m == "jdk.httpserver"));
+    let port = free_port();
+    let mut running = sb
+        .fuse()
+        .args(["run", "-p", &format!("{port}:8080"), "web:latest"])
+        .spawn();
+    let response = http_get_until(&mut running, port, Duration::from_secs(120));
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.ends_with("hello from the JVM in a VM\n"),
+        "{response}"
+    );
+    assert!(!out.timed_out, "{out}");
+    out.assert_stdout_contains("listening on 8080");
+    assert_no_leaked_qemu();
+}
+
+/// A stored zip (what `jar` cannot make): entries with any name, for the zip-slip case.
+fn raw_zip(path: &Path, entries: &[(&str, &[u8])]) {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    for (name, data) in entries {
+        let offset = out.len() as u32;
+        let crc = crc32(data);
+        let len = data.len() as u32;
+        let common = |v: &mut Vec<u8>| {
+            v.extend(20u16.to_le_bytes()); // version needed
+            v.extend(0u16.to_le_bytes()); // flags
+            v.extend(0u16.to_le_bytes()); // stored
+            v.extend(0u32.to_le_bytes()); // time, date
+            v.extend(crc.to_le_bytes());
+            v.extend(len.to_le_bytes());
+            v.extend(len.to_le_bytes());
+            v.extend((name.len() as u16).to_le_bytes());
+            v.extend(0u16.to_le_bytes()); // extra
+        };
+        out.extend(0x0403_4b50u32.to_le_bytes());
+        common(&mut out);
+        out.extend(name.as_bytes());
+        out.extend(*data);
+        central.extend(0x0201_4b50u32.to_le_bytes());
+        central.extend(20u16.to_le_bytes()); // version made by
+        common(&mut central);
+        central.extend([0u8; 8]); // comment len, disk, internal attrs, external attrs (part)
+        central.extend([0u8; 2]);
+        central.extend(offset.to_le_bytes());
+        central.extend(name.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    let cd_len = central.len() as u32;
+    out.extend(&central);
+    out.extend(0x0605_4b50u32.to_le_bytes());
+    out.extend([0u8; 4]);
+    out.extend((entries.len() as u16).to_le_bytes());
+    out.extend((entries.len() as u16).to_le_bytes());
+    out.extend(cd_len.to_le_bytes());
+    out.extend(cd_offset.to_le_bytes());
+    out.extend(0u16.to_le_bytes());
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn bad_jars_and_missing_jdks_are_refused_with_one_clear_line() {
+    let sb = Sandbox::new();
+    let lib = java_jar(
+        sb.dir.path(),
+        "library.jar",
+        "",
+        &[("Hello.java", EXIT_WITH)],
+        &[],
+    );
+    sb.assert_refused(
+        [Path::new("build"), lib.as_path()],
+        &["library.jar", "no Main-Class"],
+    );
+
+    let corrupt = sb
+        .dir
+        .write("broken.jar", b"PK\x03\x04 this is not the rest of a zip");
+    sb.assert_refused(
+        [Path::new("build"), corrupt.as_path()],
+        &["broken.jar", "corrupt"],
+    );
+
+    let slip = sb.dir.join("slip.jar");
+    raw_zip(
+        &slip,
+        &[
+            (
+                "META-INF/MANIFEST.MF",
+                b"Manifest-Version: 1.0\nMain-Class: Hello\n",
+            ),
+            ("../../escape.class", b"\xca\xfe\xba\xbe"),
+        ],
+    );
+    sb.assert_refused(
+        [Path::new("build"), slip.as_path()],
+        &["slip.jar", "escapes its directory", "../../escape.class"],
+    );
+
+    let good = java_jar(
+        sb.dir.path(),
+        "good.jar",
+        "Hello",
+        &[("Hello.java", EXIT_WITH)],
+        &[],
+    );
+    let not_a_jdk = sb.dir.join("jre");
+    std::fs::create_dir_all(not_a_jdk.join("bin")).unwrap();
+    sb.assert_refused(
+        [
+            Path::new("build"),
+            good.as_path(),
+            Path::new("--jdk"),
+            not_a_jdk.as_path(),
+        ],
+        &["No JDK at", "jre", "--jdk"],
+    );
+
+    // --kind overrides detection: a jar forced to be native is refused as a non-ELF.
+    let err = sb.assert_refused(
+        [
+            Path::new("build"),
+            good.as_path(),
+            Path::new("--kind"),
+            Path::new("native"),
+        ],
+        &["good.jar"],
+    );
+    assert!(!err.contains("Main-Class"), "{err}");
+}

@@ -1,0 +1,282 @@
+//! Node.js apps: real node from the host, real boots. What the guest printed, the exit code,
+//! what the image holds (listed with unsquashfs), its size, and the one-line refusals.
+
+mod common;
+
+use common::{free_port, http_get_until, json, Sandbox};
+use fuse_tests::{assert_no_leaked_qemu, TestDir};
+use std::time::Duration;
+
+/// The ceiling of a Node hello image (kernel + init + root filesystem + manifest), in bytes.
+/// The issue's target is 30 MB, which the host's nodesource node v20 (86 MB stripped, 33 MB of
+/// it ICU data) cannot meet with a zstd root filesystem: 38.1 MB at the build's zstd level 6,
+/// 34.9 MB at level 15; only xz (mksquashfs: 27.9 MB, needs CONFIG_SQUASHFS_XZ in the kernel)
+/// gets under. This guards against growth until that is decided.
+const NODE_HELLO_BUDGET: u64 = 40_000_000;
+
+fn host_node_version() -> String {
+    let out = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .expect("node must be installed (ci/setup installs nodejs)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn script_prints_and_its_exit_code_propagates() {
+    let sb = Sandbox::new();
+    let script = sb.dir.write(
+        "hello-2.1.js",
+        "console.log(`hello from node ${process.version} in ${process.cwd()} env=${process.env.NODE_ENV}`);\n\
+         console.log(`argv ${process.argv.slice(2).join(',')}`);\n\
+         process.exit(3);\n",
+    );
+    let built = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(&script)
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(built["image"], "hello:2.1");
+    let size = built["size"].as_u64().unwrap();
+    assert!(
+        size <= NODE_HELLO_BUDGET,
+        "Node hello image is {size} bytes, over the {NODE_HELLO_BUDGET} budget"
+    );
+
+    let out = sb
+        .fuse()
+        .arg("run")
+        .arg(&script)
+        .args(["--", "a", "b"])
+        .run();
+    out.assert_code(3).assert_stdout_contains(&format!(
+        "hello from node {} in /app env=production",
+        host_node_version()
+    ));
+    // Run-time arguments go to the script, after `node /app/hello-2.1.js`.
+    out.assert_stdout_contains("argv a,b");
+
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "hello:2.1"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspect["app"]["kind"], "node");
+    assert_eq!(inspect["app"]["exe"], "/usr/bin/node");
+    assert_eq!(
+        inspect["app"]["args"],
+        serde_json::json!(["node", "/app/hello-2.1.js"])
+    );
+    assert_eq!(inspect["notes"]["node.version"], host_node_version());
+    let listing = sb.rootfs_listing("hello:2.1");
+    for wanted in [
+        "/usr/bin/node",
+        "/app/hello-2.1.js",
+        "libstdc++.so.6",
+        "libc.so.6",
+    ] {
+        assert!(listing.contains(wanted), "{wanted} missing:\n{listing}");
+    }
+    for unwanted in ["npm", "corepack", "/include/"] {
+        assert!(!listing.contains(unwanted), "{unwanted} in:\n{listing}");
+    }
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn same_script_gives_the_same_digest() {
+    let a = Sandbox::new();
+    let b = Sandbox::new();
+    let src = "console.log('same');\n";
+    let build = |sb: &Sandbox| {
+        let script = sb.dir.write("same.js", src);
+        json(
+            sb.fuse()
+                .args(["build", "--json"])
+                .arg(&script)
+                .run()
+                .assert_success(),
+        )["digest"]
+            .clone()
+    };
+    assert_eq!(build(&a), build(&b));
+}
+
+/// A package.json app: `leftpad-lite` (a production dependency, written by hand) and
+/// `devtool` (a dev dependency, also installed) in node_modules, plus what never belongs in an
+/// image: `.git`, `node_modules/.cache`, `node_modules/.bin`.
+fn package_app(dir: &TestDir) -> std::path::PathBuf {
+    let app = dir.join("shop");
+    let w = |rel: &str, text: &str| dir.write(app.join(rel), text);
+    w(
+        "package.json",
+        r#"{
+  "name": "shop",
+  "version": "1.0.0",
+  "scripts": { "start": "node src/main.js", "test": "devtool check" },
+  "dependencies": { "leftpad-lite": "^1.0.0" },
+  "devDependencies": { "devtool": "^2.0.0" }
+}
+"#,
+    );
+    w(
+        "src/main.js",
+        "const pad = require('leftpad-lite');\n\
+         let dev = 'devtool absent';\n\
+         try { require('devtool'); dev = 'devtool PRESENT'; } catch (e) {}\n\
+         console.log(`[${pad('42', 6, '0')}] ${dev}`);\n",
+    );
+    w(
+        "node_modules/leftpad-lite/package.json",
+        r#"{ "name": "leftpad-lite", "version": "1.0.0", "main": "index.js" }"#,
+    );
+    w(
+        "node_modules/leftpad-lite/index.js",
+        "module.exports = (s, n, c) => String(s).padStart(n, c || ' ');\n",
+    );
+    w(
+        "node_modules/devtool/package.json",
+        r#"{ "name": "devtool", "version": "2.0.0", "main": "cli.js" }"#,
+    );
+    w("node_modules/devtool/cli.js", "module.exports = 'dev';\n");
+    w("node_modules/.cache/devtool/state", "cache");
+    w(".git/HEAD", "ref: refs/heads/main\n");
+    std::fs::create_dir_all(app.join("node_modules/.bin")).unwrap();
+    std::os::unix::fs::symlink("../devtool/cli.js", app.join("node_modules/.bin/devtool")).unwrap();
+    app
+}
+
+#[test]
+fn package_app_gets_production_dependencies_only() {
+    let sb = Sandbox::new();
+    let app = package_app(&sb.dir);
+    let out = sb.fuse().arg("run").arg(&app).run();
+    out.assert_success()
+        .assert_stdout_contains("[000042] devtool absent")
+        .assert_stderr_contains("leaving out 1 dev-only package(s)");
+    let listing = sb.rootfs_listing("shop");
+    for wanted in [
+        "/app/package.json",
+        "/app/src/main.js",
+        "/app/node_modules/leftpad-lite/index.js",
+        "/usr/bin/node",
+    ] {
+        assert!(listing.contains(wanted), "{wanted} missing:\n{listing}");
+    }
+    for unwanted in ["devtool", ".git", ".cache", ".bin"] {
+        assert!(!listing.contains(unwanted), "{unwanted} in:\n{listing}");
+    }
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn http_server_is_reachable_through_a_published_port() {
+    let sb = Sandbox::new();
+    let server = sb.dir.write(
+        "web.js",
+        "const http = require('http');\n\
+         http.createServer((req, res) => res.end(`hello over http from ${require('os').hostname()}\\n`))\n\
+           .listen(8080, () => console.log('listening'));\n",
+    );
+    // Built first and run by name, so the wait below is the boot only.
+    sb.fuse().arg("build").arg(&server).run().assert_success();
+    let port = free_port();
+    let mut running = sb
+        .fuse()
+        .arg("run")
+        .args(["-p", &format!("{port}:8080"), "web"])
+        .spawn();
+    let response = http_get_until(&mut running, port, Duration::from_secs(120));
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    assert!(
+        response.ends_with("hello over http from web\n"),
+        "{response}\n{out}"
+    );
+    // Ctrl-C stops the app with SIGTERM first: node dies of it (143); 130 when the VM had to
+    // be stopped from outside.
+    assert!(
+        !out.timed_out && matches!(out.code(), Some(130 | 143)),
+        "{out}"
+    );
+    out.assert_stdout_contains("listening");
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn bad_node_apps_are_refused_with_one_clear_line() {
+    let sb = Sandbox::new();
+    let dir = |name: &str, package_json: &str| {
+        let app = sb.dir.join(name);
+        sb.dir.write(app.join("package.json"), package_json);
+        app
+    };
+    let no_entry = dir("noentry", r#"{ "name": "x", "scripts": { "test": "x" } }"#);
+    sb.assert_refused(
+        ["build".as_ref(), no_entry.as_os_str()],
+        &["package.json", "no entry point", "main"],
+    );
+
+    let missing = dir("missing", r#"{ "main": "server.js" }"#);
+    sb.assert_refused(
+        ["build".as_ref(), missing.as_os_str()],
+        &["'server.js'", "does not exist"],
+    );
+
+    let invalid = dir("invalid", "{\n  \"main\": \"a.js\",\n}\n");
+    sb.assert_refused(
+        ["build".as_ref(), invalid.as_os_str()],
+        &["package.json:3:1", "not valid JSON"],
+    );
+
+    let shell = dir("shell", r#"{ "scripts": { "start": "nodemon app.js" } }"#);
+    sb.assert_refused(
+        ["build".as_ref(), shell.as_os_str()],
+        &["nodemon app.js", "plain `node <file>`"],
+    );
+
+    let escaping = dir("escaping", r#"{ "main": "a.js" }"#);
+    sb.dir.write(escaping.join("a.js"), "");
+    sb.dir.write("secret.txt", "s3cret");
+    std::os::unix::fs::symlink("../secret.txt", escaping.join("config.txt")).unwrap();
+    sb.assert_refused(
+        ["build".as_ref(), escaping.as_os_str()],
+        &["config.txt", "outside the app directory"],
+    );
+
+    let script = sb.dir.write("ok.js", "console.log(1)\n");
+    let out = sb
+        .fuse()
+        .env("PATH", "/nonexistent")
+        .arg("build")
+        .arg(&script)
+        .run();
+    out.assert_code(1)
+        .assert_stderr_contains("Node.js not found")
+        .assert_stderr_contains("apt-get install nodejs");
+    sb.assert_refused(
+        [
+            "build".as_ref(),
+            "--node".as_ref(),
+            "/nonexistent/node".as_ref(),
+            script.as_os_str(),
+        ],
+        &["/nonexistent/node", "--node"],
+    );
+    // `--kind node` on a directory that is not a Node app.
+    let empty = sb.dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    sb.assert_refused(
+        [
+            "build".as_ref(),
+            "--kind".as_ref(),
+            "node".as_ref(),
+            empty.as_os_str(),
+        ],
+        &["package.json"],
+    );
+}
