@@ -50,6 +50,19 @@ mod tests {
         }
     }
 
+    /// ci/setup installs gcc-aarch64-linux-gnu and libc6-dev-arm64-cross: with them, fuse
+    /// embeds an arm64 init (installed after fuse was built: `cargo clean -p fuse-boot`).
+    #[test]
+    fn aarch64_init_is_embedded_when_the_cross_compiler_is_installed() {
+        let cross_gcc = std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|d| d.join("aarch64-linux-gnu-gcc").is_file())
+        });
+        if cross_gcc || Arch::host() == Arch::Aarch64 {
+            let bin = init_binary(Arch::Aarch64).expect("no aarch64 init embedded");
+            assert_eq!(elf_machine(bin), Arch::Aarch64.elf_machine());
+        }
+    }
+
     #[test]
     fn every_embedded_init_matches_its_arch() {
         for arch in Arch::ALL {

@@ -195,7 +195,8 @@ fn bench_arch(
         arch,
         store.blob_path(&m.kernel.digest),
         store.blob_path(&m.init.digest),
-        store.blob_path(&m.rootfs.digest),
+        // The image's disk: the command line names its root partition by PARTUUID.
+        fuse_packager::disk_image::disk_path(store, &image)?,
         m.cmdline.clone(),
     );
     config.accel = AccelChoice::Auto;

@@ -16,7 +16,7 @@ use fuse_rootfs::Arch;
 use std::path::PathBuf;
 
 /// What to build.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BuildRequest {
     pub input: PathBuf,
     /// `name[:version]` overriding the name derived from the input file.

@@ -84,18 +84,23 @@ pub fn resolve_request(
     request: &RunRequest,
     progress: &mut dyn FnMut(&str),
 ) -> Result<StoredImage> {
-    resolve_image(
-        store,
-        &request.target,
-        request.name.clone(),
-        request.arch,
-        request.kernel_source.clone(),
-        request.kind,
-        request.jdk.clone(),
-        request.config.clone(),
-        request.interpreters.clone(),
-        progress,
-    )
+    resolve_image(store, &request.target, request.build_request(), progress)
+}
+
+impl RunRequest {
+    /// The build flags of this run, for when its target is an app.
+    pub fn build_request(&self) -> BuildRequest {
+        BuildRequest {
+            input: PathBuf::new(),
+            name: self.name.clone(),
+            arch: self.arch,
+            kernel_source: self.kernel_source.clone(),
+            kind: self.kind,
+            jdk: self.jdk.clone(),
+            interpreters: self.interpreters.clone(),
+            config: self.config.clone(),
+        }
+    }
 }
 
 /// The checks of `-p` and `--health` that need no image: made before anything is built.
@@ -108,38 +113,21 @@ pub fn check_ports(request: &RunRequest) -> Result<Option<u16>> {
         .transpose()
 }
 
-/// The image `target` names: a path to an app is built (cheap when nothing changed), anything
-/// else is looked up in the store.
-// One parameter per build flag; taking a `BuildRequest` instead is the tidy follow-up.
-#[allow(clippy::too_many_arguments)]
+/// The image `target` names: a path to an app is built with `build`'s flags (cheap when
+/// nothing changed; `build.input` is ignored), anything else is looked up in the store.
 pub fn resolve_image(
     store: &Store,
     target: &str,
-    name: Option<String>,
-    arch: Option<Arch>,
-    kernel_source: Option<PathBuf>,
-    kind: Option<Kind>,
-    jdk: Option<PathBuf>,
-    config: Option<PathBuf>,
-    interpreters: crate::runtimes::Interpreters,
+    build: BuildRequest,
     progress: &mut dyn FnMut(&str),
 ) -> Result<StoredImage> {
     let path = Path::new(target);
     if path.exists() {
-        return builder::build(
-            store,
-            &BuildRequest {
-                input: path.to_path_buf(),
-                name,
-                arch,
-                kernel_source,
-                kind,
-                jdk,
-                config,
-                interpreters,
-            },
-            progress,
-        );
+        let request = BuildRequest {
+            input: path.to_path_buf(),
+            ..build
+        };
+        return builder::build(store, &request, progress);
     }
     store.find(target)?.with_context(|| {
         format!("No app file or image named '{target}': give the path of an app, or an image from `fuse ls`")
@@ -171,18 +159,7 @@ pub fn run_hooked(
     hooks: RunHooks<'_>,
 ) -> Result<u8> {
     let health_port = check_ports(request)?;
-    let image = resolve_image(
-        store,
-        &request.target,
-        request.name.clone(),
-        request.arch,
-        request.kernel_source.clone(),
-        request.kind,
-        request.jdk.clone(),
-        request.config.clone(),
-        request.interpreters.clone(),
-        notice,
-    )?;
+    let image = resolve_image(store, &request.target, request.build_request(), notice)?;
     let manifest = &image.manifest;
     let scratch = store.temp_dir()?;
     let mut fw_cfg = Vec::new();

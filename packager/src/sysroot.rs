@@ -31,6 +31,9 @@ pub const NOTE_PACKAGES: &str = "sysroot.packages";
 #[derive(Debug, Clone)]
 pub struct Sysroot {
     pub path: PathBuf,
+    /// What the manifest records: the user's path, or `debian12/arm64` for a fuse-made one (not
+    /// its cache path, so the same input gives the same digest on every host).
+    pub label: String,
     /// Packages unpacked into it (`name` -> `version`), empty for a user-given sysroot.
     pub packages: BTreeMap<String, String>,
 }
@@ -38,7 +41,7 @@ pub struct Sysroot {
 impl Sysroot {
     /// The manifest notes that say where the libraries came from.
     pub fn notes(&self) -> Vec<(String, String)> {
-        let mut notes = vec![(NOTE_SYSROOT.to_string(), self.path.display().to_string())];
+        let mut notes = vec![(NOTE_SYSROOT.to_string(), self.label.clone())];
         if !self.packages.is_empty() {
             let list: Vec<String> = self
                 .packages
@@ -77,6 +80,7 @@ pub fn for_build(
         }
         return Ok(Some(Sysroot {
             path: path.to_path_buf(),
+            label: path.display().to_string(),
             packages: BTreeMap::new(),
         }));
     }
@@ -106,7 +110,34 @@ pub fn debian_dir(arch: Arch) -> PathBuf {
 
 /// The fuse-made Debian sysroot of `arch` with `packages` and their dependencies unpacked.
 pub fn debian(arch: Arch, packages: &[&str], progress: &mut dyn FnMut(&str)) -> Result<Sysroot> {
+    debian_with(arch, packages, true, progress)
+}
+
+/// [`debian`] with exactly `packages` added (no dependencies: for packages that bring files,
+/// not libraries, like a JDK whose ELF closure is resolved later, library by library).
+pub fn debian_exact(
+    arch: Arch,
+    packages: &[&str],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Sysroot> {
+    debian_with(arch, packages, false, progress)
+}
+
+fn debian_with(
+    arch: Arch,
+    packages: &[&str],
+    recursive: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Sysroot> {
     let dir = debian_dir(arch);
+    // Requests remember their closure under a key that says which kind they were.
+    let key = |p: &str| {
+        if recursive {
+            p.to_string()
+        } else {
+            format!("{p} (exact)")
+        }
+    };
     let _lock = FileLock::exclusive(&dir.join("lock"))?;
     let state_path = dir.join("sysroot.json");
     let mut state: State = std::fs::read(&state_path)
@@ -116,6 +147,7 @@ pub fn debian(arch: Arch, packages: &[&str], progress: &mut dyn FnMut(&str)) -> 
     let root = dir.join("root");
     let sysroot = |state: &State, names: &BTreeSet<String>| Sysroot {
         path: root.clone(),
+        label: format!("{DEBIAN_RELEASE}/{}", debian_arch(arch)),
         packages: names
             .iter()
             .filter_map(|n| state.unpacked.get(n).map(|v| (n.clone(), v.clone())))
@@ -124,7 +156,7 @@ pub fn debian(arch: Arch, packages: &[&str], progress: &mut dyn FnMut(&str)) -> 
     let closure_of = |state: &State| -> Option<BTreeSet<String>> {
         let mut all = BTreeSet::new();
         for p in packages {
-            all.extend(state.requested.get(*p)?.iter().cloned());
+            all.extend(state.requested.get(&key(p))?.iter().cloned());
         }
         Some(all)
     };
@@ -135,15 +167,14 @@ pub fn debian(arch: Arch, packages: &[&str], progress: &mut dyn FnMut(&str)) -> 
     }
 
     let apt = Apt::new(arch, &dir)?;
-    progress(&format!(
-        "Making the {arch} sysroot in {} from Debian packages (once; cached)",
-        root.display()
-    ));
     apt.update()?;
     for p in packages {
-        if !state.requested.contains_key(*p) {
-            let closure = apt.depends(p)?;
-            state.requested.insert(p.to_string(), closure);
+        if let std::collections::btree_map::Entry::Vacant(entry) = state.requested.entry(key(p)) {
+            entry.insert(if recursive {
+                apt.depends(p)?
+            } else {
+                vec![p.to_string()]
+            });
         }
     }
     let names = closure_of(&state).expect("every package was just resolved");
@@ -154,7 +185,14 @@ pub fn debian(arch: Arch, packages: &[&str], progress: &mut dyn FnMut(&str)) -> 
     let debs = dir.join("debs");
     std::fs::create_dir_all(&debs)?;
     std::fs::create_dir_all(&root)?;
-    progress(&format!("  downloading {} packages", missing.len()));
+    if !missing.is_empty() {
+        progress(&format!(
+            "Adding {} Debian {} package(s) to the sysroot in {} (once; cached)",
+            missing.len(),
+            debian_arch(arch),
+            root.display()
+        ));
+    }
     apt.download(&missing, &debs)?;
     for name in missing {
         let deb = find_deb(&debs, name, debian_arch(arch))?;
@@ -321,6 +359,8 @@ impl Apt {
 
 /// The downloaded `.deb` of `name` in `dir` (`name_version_arch.deb`).
 fn find_deb(dir: &Path, name: &str, arch: &str) -> Result<PathBuf> {
+    // `name=version` asks apt for one version; the file is still `name_<version>_<arch>.deb`.
+    let name = name.split('=').next().unwrap_or(name);
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let file = path.file_name().unwrap_or_default().to_string_lossy();
@@ -354,7 +394,8 @@ mod tests {
     #[test]
     fn notes_name_the_sysroot_and_its_packages() {
         let sysroot = Sysroot {
-            path: PathBuf::from("/s"),
+            path: PathBuf::from("/cache/s"),
+            label: "/s".into(),
             packages: [("libc6", "2.36-9"), ("libgcc-s1", "12.2.0-14")]
                 .into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -493,14 +493,14 @@ pub fn command(args: TestArgs, progress: &mut dyn FnMut(&str)) -> Result<i32> {
     let image = run::resolve_image(
         &store,
         &args.target,
-        args.name.clone(),
-        args.arch,
-        None,
-        None,
-        None,
-        args.config.path.clone(),
-        crate::runtimes::Interpreters {
-            sysroot: args.sysroot.clone(),
+        crate::builder::BuildRequest {
+            name: args.name.clone(),
+            arch: args.arch,
+            config: args.config.path.clone(),
+            interpreters: crate::runtimes::Interpreters {
+                sysroot: args.sysroot.clone(),
+                ..Default::default()
+            },
             ..Default::default()
         },
         progress,

@@ -152,3 +152,26 @@ fn ctrl_c_stops(arch: &str) {
     assert!(out.duration < Duration::from_secs(100), "{out}");
     assert_no_leaked_qemu();
 }
+
+/// A program for the other arch is refused with one line before anything is built or stored,
+/// both ways (and no sysroot is fetched for it).
+#[test]
+fn program_of_the_wrong_arch_is_a_one_line_error() {
+    let sb = Sandbox::new();
+    for (program_arch, image_arch) in [("x86_64", "aarch64"), ("aarch64", "x86_64")] {
+        let app = sb.program_for(program_arch, HELLO, &format!("hello-{program_arch}"), &[]);
+        let line = sb.assert_refused(
+            [
+                std::ffi::OsStr::new("build"),
+                "--arch".as_ref(),
+                image_arch.as_ref(),
+                app.as_os_str(),
+            ],
+            &[
+                &format!("is an ELF for {program_arch}, but the image is for {image_arch}"),
+                "--arch",
+            ],
+        );
+        assert!(!line.contains('\n'));
+    }
+}

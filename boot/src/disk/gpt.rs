@@ -269,7 +269,7 @@ pub fn read_one(
     primary: bool,
     read_at: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Result<Table, GptError>> {
-    if disk_size < (2 * (2 + ENTRY_SECTORS) + 1) * SECTOR || disk_size % SECTOR != 0 {
+    if disk_size < (2 * (2 + ENTRY_SECTORS) + 1) * SECTOR || disk_size & (SECTOR - 1) != 0 {
         return Ok(Err(GptError::TooSmall { size: disk_size }));
     }
     let disk_sectors = disk_size / SECTOR;

@@ -389,6 +389,17 @@ pub(crate) mod tests {
         .unwrap();
         let pe = PeFile64::parse(&*uki).unwrap();
         assert_eq!(pe.sections().count(), 8 + 5);
+        // The arm64 stub (NOP-padded header area) takes the same sections.
+        if let Ok(stub) = std::fs::read(super::super::stub_path(fuse_rootfs::Arch::Aarch64)) {
+            let uki = append_sections(&stub, &[(LINUX, b"k"), (FUSE, b"{}")]).unwrap();
+            let pe = PeFile64::parse(&*uki).unwrap();
+            let names: Vec<_> = pe
+                .sections()
+                .map(|s| s.name().unwrap().to_string())
+                .collect();
+            assert_eq!(names, [".text", ".data", ".linux", ".fuse"]);
+            assert_eq!(uki[0x1000..stub.len()], stub[0x1000..], "code untouched");
+        }
         assert_eq!(
             pe.section_by_name(".fuse").unwrap().data().unwrap()[..2],
             *b"{}"

@@ -187,6 +187,9 @@ pub struct Jdk {
     /// Identifies the JDK's bits: the `release` file and the name, size and mtime of every
     /// jmod (what jlink reads).
     pub digest: String,
+    /// The home of the JDK whose jlink and jdeps run (a host JDK of the same version), when
+    /// this one is for another arch (see `jvm_cross`); `None`: this JDK's own.
+    pub tools: Option<PathBuf>,
 }
 
 /// Where JDKs are looked for when `--jdk` is not given: `$JAVA_HOME`, the JDK of the `jlink`
@@ -301,12 +304,17 @@ fn open_jdk(home: &Path) -> Result<Jdk> {
         modules,
         feature,
         digest: hex::encode(h.finalize()),
+        tools: None,
     })
 }
 
 impl Jdk {
     fn tool(&self, name: &str) -> PathBuf {
-        self.home.join("bin").join(name)
+        self.tools
+            .as_ref()
+            .unwrap_or(&self.home)
+            .join("bin")
+            .join(name)
     }
 
     /// Whether the JDK has module `name`.
@@ -572,12 +580,21 @@ fn ensure_runtime(
 /// host without objcopy (binutils) keeps the symbols.
 fn strip_symbols(lib: &Path) {
     let tmp = lib.with_extension("so.stripped");
-    let stripped = Command::new("objcopy")
-        .arg("--strip-unneeded")
-        .arg(lib)
-        .arg(&tmp)
-        .output()
-        .is_ok_and(|o| o.status.success());
+    // The host's objcopy only reads the host's arch; a foreign libjvm needs its cross binutils.
+    let stripped = [
+        "objcopy",
+        "aarch64-linux-gnu-objcopy",
+        "x86_64-linux-gnu-objcopy",
+    ]
+    .iter()
+    .any(|objcopy| {
+        Command::new(objcopy)
+            .arg("--strip-unneeded")
+            .arg(lib)
+            .arg(&tmp)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     if !stripped || std::fs::rename(&tmp, lib).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -585,7 +602,7 @@ fn strip_symbols(lib: &Path) {
 
 /// Adds the runtime at `runtime` to the tree at [`RUNTIME_DIR`], and the native closure of its
 /// programs and libraries (libc, libz, libstdc++...) at the host loader's paths.
-fn add_runtime(tree: &mut Tree, runtime: &Path, arch: Arch) -> Result<()> {
+fn add_runtime(tree: &mut Tree, runtime: &Path, arch: Arch, sysroot: Option<&Path>) -> Result<()> {
     // Closure paths are symlink-resolved: compare with the runtime's real path.
     let runtime = &std::fs::canonicalize(runtime)
         .with_context(|| format!("Cannot open the Java runtime at {}", runtime.display()))?;
@@ -594,11 +611,14 @@ fn add_runtime(tree: &mut Tree, runtime: &Path, arch: Arch) -> Result<()> {
     // Libraries of the runtime find each other through $ORIGIN RPATHs, except libjvm.so in
     // lib/server, which the launcher loads by path: searched explicitly, and left where the
     // runtime has them (skipped below) rather than copied to the system directory.
-    let options = ClosureOptions {
+    let mut options = ClosureOptions {
         arch,
         extra_library_paths: vec![runtime.join("lib/server"), runtime.join("lib")],
         ..ClosureOptions::default()
     };
+    if let Some(sysroot) = sysroot {
+        options.sysroot = sysroot.to_path_buf();
+    }
     let mut elves = Vec::new();
     collect_elves(runtime, &mut elves)?;
     for host in elves {
@@ -668,14 +688,24 @@ fn jar_file_name(input: &RuntimeInput<'_>) -> String {
 pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
     // The jar first: a broken jar is the user's likeliest mistake and needs no JDK to report.
     let info = jar::read(input.input)?;
-    let jdk = find_jdk(input.jdk, &jdk_candidates())?;
+    // Another arch (or --sysroot): the target's JDK, linked by a host JDK of its version.
+    let (jdk, sysroot) = if input.arch != Arch::host() || input.sysroot.is_some() {
+        super::jvm_cross::target_jdk(input.arch, input.jdk, input.sysroot, progress)?
+    } else {
+        (find_jdk(input.jdk, &jdk_candidates())?, None)
+    };
     jdk.check_arch(input.arch)?;
     let (modules, source) = modules_for(&jdk, input.input, &info, progress)?;
     let jlink = JlinkOptions::default();
     let runtime = ensure_runtime(&jdk, &modules, &jlink, progress)?;
 
     let mut tree = layout::skeleton()?;
-    add_runtime(&mut tree, &runtime, input.arch)?;
+    add_runtime(
+        &mut tree,
+        &runtime,
+        input.arch,
+        sysroot.as_ref().map(|s| s.path.as_path()),
+    )?;
     let jar_image = format!("{}/{}", layout::APP_DIR, jar_file_name(input));
     tree.add_host_file(&jar_image, input.input, 0o644)?;
 
@@ -716,6 +746,8 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         (NOTE_RUNTIME_DIR.to_string(), RUNTIME_DIR.to_string()),
         (NOTE_FIXED_ARGS.to_string(), fixed.to_string()),
     ];
+    let mut notes = notes;
+    notes.extend(sysroot.iter().flat_map(|s| s.notes()));
     Ok(AppImage { tree, spec, notes })
 }
 

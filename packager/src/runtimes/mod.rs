@@ -7,6 +7,7 @@
 pub mod appdir;
 pub mod jar;
 pub mod jvm;
+pub mod jvm_cross;
 pub mod native;
 pub mod node;
 pub mod python;

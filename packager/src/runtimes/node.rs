@@ -32,8 +32,23 @@ pub const NOTE_VERSION: &str = "node.version";
 pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
     let mut tree = layout::skeleton()?;
     let entry = add_app(&mut tree, input.input, progress)?;
-    let node = find_node(input.node)?;
-    let version = add_node(&mut tree, &node, input, progress)?;
+    // Another arch (or --sysroot): node and its libraries come from the target's root; with no
+    // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::sysroot`).
+    let sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
+        let packages: &[&str] = if input.node.is_none() {
+            &["nodejs"]
+        } else {
+            &[]
+        };
+        crate::sysroot::for_build(input.arch, input.sysroot, packages, progress)?
+    } else {
+        None
+    };
+    let node = match (input.node, &sysroot) {
+        (None, Some(sysroot)) => find_node(Some(&sysroot.path.join("usr/bin/node")))?,
+        _ => find_node(input.node)?,
+    };
+    let version = add_node(&mut tree, &node, input, sysroot.as_ref(), progress)?;
 
     let entry = format!("{}/{entry}", layout::APP_DIR);
     let mut env = default_env(input.name);
@@ -49,15 +64,13 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         gid: 0,
         hostname: input.name.name.clone(),
     };
-    Ok(AppImage {
-        tree,
-        spec,
-        notes: vec![
-            (NOTE_VERSION.into(), version),
-            // `fuse run app -- ARGS` gives ARGS to the script, after `node /app/<entry>`.
-            (super::jvm::NOTE_FIXED_ARGS.into(), "1".into()),
-        ],
-    })
+    let mut notes = vec![
+        (NOTE_VERSION.into(), version),
+        // `fuse run app -- ARGS` gives ARGS to the script, after `node /app/<entry>`.
+        (super::jvm::NOTE_FIXED_ARGS.into(), "1".into()),
+    ];
+    notes.extend(sysroot.iter().flat_map(|s| s.notes()));
+    Ok(AppImage { tree, spec, notes })
 }
 
 /// Adds the app to `/app` and returns its entry file relative to `/app`.
@@ -342,15 +355,32 @@ fn add_node(
     tree: &mut Tree,
     node: &Path,
     input: &RuntimeInput<'_>,
+    sysroot: Option<&crate::sysroot::Sysroot>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let options = ClosureOptions {
+    let mut options = ClosureOptions {
         arch: input.arch,
         ..ClosureOptions::default()
     };
+    if let Some(sysroot) = sysroot {
+        options.sysroot = sysroot.path.clone();
+        // Debian's node loads some of its built-in modules from these files at run time (its
+        // `--shared-builtin-*-path`s); the rest of their packages (6.8 MB) is never read.
+        for file in DEBIAN_SHARED_BUILTINS {
+            let host = sysroot.path.join(file.trim_start_matches('/'));
+            if host.is_file() {
+                tree.add_host_file(file, &host, 0o644)?;
+            }
+        }
+    }
     let closure = elf::resolve_closure(node, NODE_PATH, &options)?;
-    let version = node_version(node)?;
-    match strip(node) {
+    let version = match sysroot.and_then(|s| s.packages.get("nodejs")) {
+        // A foreign node cannot run here: its Debian version says which it is.
+        Some(package) if input.arch != fuse_rootfs::Arch::host() => debian_node_version(package),
+        _ if input.arch != fuse_rootfs::Arch::host() => "unknown".to_string(),
+        _ => node_version(node)?,
+    };
+    match strip(node, input.arch) {
         Ok(bytes) => tree.add_bytes(NODE_PATH, bytes, 0o755)?,
         Err(err) => {
             progress(&format!(
@@ -366,6 +396,22 @@ fn add_node(
         tree.add_host_file(&lib.image_path, &lib.host_path, 0o644)?;
     }
     Ok(version)
+}
+
+/// The built-in modules Debian's node (18, bookworm) reads from files, as its libnode names them.
+const DEBIAN_SHARED_BUILTINS: [&str; 5] = [
+    "/usr/share/nodejs/acorn/dist/acorn.js",
+    "/usr/share/nodejs/acorn-walk/dist/walk.js",
+    "/usr/share/nodejs/cjs-module-lexer/lexer.js",
+    "/usr/share/nodejs/cjs-module-lexer/dist/lexer.js",
+    "/usr/share/nodejs/undici/undici-fetch.js",
+];
+
+/// `v18.20.4` from Debian's package version `18.20.4+dfsg-1~deb12u3`.
+fn debian_node_version(package: &str) -> String {
+    let upstream = package.rsplit_once(':').map_or(package, |(_, v)| v);
+    let upstream = upstream.split(['+', '-', '~']).next().unwrap_or(upstream);
+    format!("v{upstream}")
 }
 
 /// `node --version` (`v20.11.1`).
@@ -394,16 +440,22 @@ fn node_version(node: &Path) -> Result<String> {
 /// ship both (~13 MB, 2.5 MB compressed) and the image never needs them: crash reports and
 /// native addons use the dynamic symbol table, which stays. `strip` is deterministic, so the
 /// same node gives the same bytes.
-fn strip(node: &Path) -> Result<Vec<u8>> {
+fn strip(node: &Path, arch: fuse_rootfs::Arch) -> Result<Vec<u8>> {
     let scratch = tempfile::tempdir().context("Cannot create a temporary directory")?;
     let out = scratch.path().join("node");
-    let result = Command::new("strip")
+    // The host's strip only knows the host's arch: binutils-aarch64-linux-gnu has the other.
+    let program = if arch == fuse_rootfs::Arch::host() {
+        "strip".to_string()
+    } else {
+        format!("{}-strip", arch.gnu_triple())
+    };
+    let result = Command::new(&program)
         .arg("--strip-all")
         .arg("-o")
         .arg(&out)
         .arg(node)
         .output()
-        .context("Cannot run strip")?;
+        .with_context(|| format!("Cannot run {program}"))?;
     if !result.status.success() {
         bail!(
             "strip failed: {}",
