@@ -118,6 +118,12 @@ impl HealthCheck {
     /// port and QEMU's QMP socket) makes a `tcp` check exact: the connection must be one the
     /// guest accepted, in QEMU's `info usernet`.
     pub fn probe(&self, host_port: u16, usernet: Option<(u16, &Path)>) -> Result<(), String> {
+        if let HealthKind::Http { path } = &self.kind {
+            return match http_status(host_port, path)? {
+                200..=399 => Ok(()),
+                status => Err(format!("answered HTTP {status}")),
+            };
+        }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, host_port));
         let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
         let _ = stream.set_write_timeout(Some(PROBE_IO));
@@ -155,40 +161,43 @@ impl HealthCheck {
                     Err(e) => Err(e.to_string()),
                 }
             }
-            HealthKind::Http { path } => {
-                let _ = stream.set_read_timeout(Some(PROBE_IO));
-                let request = format!(
-                    "GET {path} HTTP/1.0\r\nHost: localhost:{host_port}\r\nUser-Agent: fuse-health\r\nConnection: close\r\n\r\n"
-                );
-                stream
-                    .write_all(request.as_bytes())
-                    .map_err(|e| e.to_string())?;
-                let mut head = Vec::new();
-                let mut buf = [0u8; 512];
-                while !head.contains(&b'\n') && head.len() < 4096 {
-                    match stream.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                        Err(e) => return Err(e.to_string()),
-                    }
-                }
-                let line = String::from_utf8_lossy(&head);
-                let line = line.lines().next().unwrap_or("").trim();
-                if line.is_empty() {
-                    return Err("connection closed without an answer".into());
-                }
-                let status = line
-                    .strip_prefix("HTTP/")
-                    .and_then(|rest| rest.split_whitespace().nth(1))
-                    .and_then(|code| code.parse::<u16>().ok());
-                match status {
-                    Some(200..=399) => Ok(()),
-                    Some(_) => Err(format!("answered '{line}'")),
-                    None => Err(format!("not an HTTP answer: '{line}'")),
-                }
-            }
+            HealthKind::Http { .. } => unreachable!("answered above"),
         }
     }
+}
+
+/// One HTTP/1.0 GET of `path` through `127.0.0.1:port`: the status code, or why there is none.
+/// Shared by the health wait of `fuse run` and the HTTP expectation of `fuse test`.
+pub fn http_status(port: u16, path: &str) -> Result<u16, String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
+    let _ = stream.set_read_timeout(Some(PROBE_IO));
+    let _ = stream.set_write_timeout(Some(PROBE_IO));
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: localhost:{port}\r\nUser-Agent: fuse\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        // QEMU's user network accepts, then closes when nothing listens in the guest yet.
+        return Err("connection closed without an answer".into());
+    }
+    line.strip_prefix("HTTP/")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP answer: '{line}'"))
 }
 
 impl fmt::Display for HealthCheck {
@@ -341,5 +350,26 @@ mod tests {
         h.probe(port, None).unwrap();
         server.join().unwrap();
         assert_eq!(h.url(port), format!("http://localhost:{port}"));
+    }
+
+    #[test]
+    fn http_status_reads_the_status_line() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for answer in ["HTTP/1.1 404 Not Found\r\n\r\n", "", "garbage\r\n"] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).unwrap();
+                assert!(buf[..n].starts_with(b"GET /x HTTP/1.0\r\n"));
+                s.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        assert_eq!(http_status(port, "/x"), Ok(404));
+        assert!(http_status(port, "/x").unwrap_err().contains("closed"));
+        assert!(http_status(port, "/x")
+            .unwrap_err()
+            .contains("not an HTTP answer"));
+        server.join().unwrap();
     }
 }

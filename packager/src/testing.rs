@@ -19,8 +19,8 @@ use fuse_boot::qemu::{
 };
 use regex::Regex;
 use serde_json::json;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Between two HTTP probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// Connect, read and write limit of one probe.
-const PROBE_IO: Duration = Duration::from_secs(3);
 /// Output lines shown on stderr under a failed output check.
 const OUTPUT_TAIL: usize = 20;
 
@@ -377,39 +375,6 @@ pub fn xml_escape(text: &str) -> String {
     out
 }
 
-/// One HTTP/1.0 GET through `127.0.0.1:port`: the status code, or why there is none.
-pub fn http_status(port: u16, path: &str) -> std::result::Result<u16, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
-    let _ = stream.set_read_timeout(Some(PROBE_IO));
-    let _ = stream.set_write_timeout(Some(PROBE_IO));
-    let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: localhost:{port}\r\nUser-Agent: fuse-test\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.contains(&b'\n') && head.len() < 4096 {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let line = text.lines().next().unwrap_or("").trim();
-    if line.is_empty() {
-        // QEMU's user network accepts, then closes when nothing listens in the guest yet.
-        return Err("connection closed without an answer".into());
-    }
-    line.strip_prefix("HTTP/")
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| format!("not an HTTP answer: '{line}'"))
-}
-
 /// A host port nobody listens on now (the kernel's pick), for the forwarded test port.
 fn free_host_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -658,7 +623,7 @@ fn run_test(
             let deadline = started + timeout;
             let mut last = Err("no probe finished".to_string());
             while Instant::now() < deadline && !vm_done.load(Ordering::SeqCst) {
-                last = http_status(host, &h.path);
+                last = crate::health::http_status(host, &h.path);
                 if last.is_ok() {
                     break;
                 }
@@ -801,27 +766,6 @@ mod tests {
         for bad in ["health", "/a=99", "/a@0", "/a=200@x", "/a b"] {
             assert!(parse_http(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn http_status_reads_the_status_line() {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            for answer in ["HTTP/1.1 404 Not Found\r\n\r\n", "", "garbage\r\n"] {
-                let (mut s, _) = listener.accept().unwrap();
-                let mut buf = [0u8; 1024];
-                let n = s.read(&mut buf).unwrap();
-                assert!(buf[..n].starts_with(b"GET /x HTTP/1.0\r\n"));
-                s.write_all(answer.as_bytes()).unwrap();
-            }
-        });
-        assert_eq!(http_status(port, "/x"), Ok(404));
-        assert!(http_status(port, "/x").unwrap_err().contains("closed"));
-        assert!(http_status(port, "/x")
-            .unwrap_err()
-            .contains("not an HTTP answer"));
-        server.join().unwrap();
     }
 
     fn report(passed: bool) -> Report {

@@ -3,37 +3,8 @@
 
 mod common;
 
-use common::{Sandbox, HELLO};
+use common::{json, Sandbox, HELLO};
 use std::process::Command;
-
-fn json(out: &fuse_tests::Output) -> serde_json::Value {
-    serde_json::from_str(&out.stdout_str()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
-}
-
-fn rootfs_listing(sb: &Sandbox, image: &str) -> String {
-    let inspect = json(
-        sb.fuse()
-            .args(["inspect", "--json", image])
-            .run()
-            .assert_success(),
-    );
-    let digest = inspect["rootfs"]["digest"].as_str().unwrap();
-    let blob = sb
-        .home()
-        .join("images/blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"));
-    let out = Command::new("unsquashfs")
-        .arg("-lls")
-        .arg(&blob)
-        .output()
-        .expect("unsquashfs (squashfs-tools) is needed");
-    assert!(
-        out.status.success(),
-        "unsquashfs failed on {}",
-        blob.display()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn build_names_stores_and_inspects_an_image() {
@@ -125,7 +96,7 @@ fn root_filesystem_holds_the_app_and_its_libraries_only() {
     let sb = Sandbox::new();
     let app = sb.program("#include <math.h>\n#include <stdio.h>\nint main(int c, char **v){printf(\"%f\\n\", sqrt(c));return 0;}", "mathy", &["-lm"]);
     sb.fuse().arg("build").arg(&app).run().assert_success();
-    let listing = rootfs_listing(&sb, "mathy");
+    let listing = sb.rootfs_listing("mathy");
     for wanted in [
         "/app/mathy",
         "libm.so.6",
@@ -148,38 +119,26 @@ fn root_filesystem_holds_the_app_and_its_libraries_only() {
         .arg(&static_app)
         .run()
         .assert_success();
-    let listing = rootfs_listing(&sb, "lonely");
+    let listing = sb.rootfs_listing("lonely");
     assert!(
         !listing.contains(".so"),
         "a static binary gets no libraries:\n{listing}"
     );
 }
 
-fn assert_refused(sb: &Sandbox, input: &std::path::Path, needles: &[&str]) {
-    let out = sb.fuse().arg("build").arg(input).run();
-    out.assert_code(1);
-    let stderr = out.stderr_str();
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("fuse: error:"))
-        .collect();
-    assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "'{needle}' not in: {}", lines[0]);
-    }
-    assert!(out.stdout_str().is_empty(), "{out}");
-    let refs = sb.home().join("images/refs");
-    let stored = std::fs::read_dir(&refs).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(stored, 0, "nothing is stored for a refused input");
+/// `fuse build INPUT` is refused (see `Sandbox::assert_refused`).
+#[track_caller]
+fn assert_build_refused(sb: &Sandbox, input: &std::path::Path, needles: &[&str]) {
+    sb.assert_refused([std::ffi::OsStr::new("build"), input.as_os_str()], needles);
 }
 
 #[test]
 fn bad_inputs_are_refused_with_one_clear_line() {
     let sb = Sandbox::new();
     let text = sb.dir.write("notes.txt", "just text\n");
-    assert_refused(&sb, &text, &["notes.txt", "not an app"]);
-    assert_refused(&sb, sb.dir.path(), &["directory"]);
-    assert_refused(
+    assert_build_refused(&sb, &text, &["notes.txt", "not an app"]);
+    assert_build_refused(&sb, sb.dir.path(), &["directory"]);
+    assert_build_refused(
         &sb,
         &sb.dir.join("missing-1.0"),
         &["missing-1.0", "not found"],
@@ -190,7 +149,7 @@ fn bad_inputs_are_refused_with_one_clear_line() {
     let mut bytes = std::fs::read(&app).unwrap();
     bytes[18..20].copy_from_slice(&183u16.to_le_bytes()); // e_machine = EM_AARCH64
     let foreign = sb.dir.write("foreign-arm", &bytes);
-    assert_refused(&sb, &foreign, &["foreign-arm", "aarch64"]);
+    assert_build_refused(&sb, &foreign, &["foreign-arm", "aarch64"]);
 }
 
 #[test]
@@ -219,5 +178,5 @@ fn missing_library_is_named_with_the_binary_that_needs_it() {
     sb.fuse().arg("build").arg(&app).run().assert_success();
     std::fs::remove_file(lib_dir.join("libgreet.so")).unwrap();
     let other = Sandbox::new();
-    assert_refused(&other, &app, &["libgreet.so", "needy"]);
+    assert_build_refused(&other, &app, &["libgreet.so", "needy"]);
 }
