@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{json, Sandbox, EXIT_7, HELLO};
-use fuse_tests::{assert_no_leaked_qemu, FuseCmd};
+use common::{java_jar, json, Sandbox, EXIT_7, HELLO};
+use fuse_tests::{assert_no_leaked_qemu, on_every_arch, FuseCmd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,6 +68,60 @@ fn uefi_boot_through_ovmf_prints_and_exits_with_the_apps_code() {
     out.assert_code(7);
     // Only the app's output: the firmware's screen clears and boot manager lines are hidden.
     assert_eq!(out.stdout_str().trim_end(), "about to exit 7", "{out}");
+    assert_no_leaked_qemu();
+}
+
+on_every_arch! {
+    uefi_boot_of_the_bundled_native_example => uefi_native_example;
+    uefi_boot_of_the_bundled_java_example => uefi_java_example;
+}
+
+/// The bundled examples, as a cloud boots them: the disk through the arch's UEFI firmware.
+fn uefi_native_example(arch: &str) {
+    let sb = Sandbox::new();
+    let src = include_str!("../../examples/hello/hello.c");
+    let app = sb.program_for(arch, src, "hello-1.0", &["-static"]);
+    let out = sb
+        .fuse()
+        .timeout(UEFI_TIMEOUT)
+        .args(["run", "--accel=tcg", "--firmware=uefi", "--arch", arch])
+        .arg(&app)
+        .args(["--", "from-uefi"])
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "only the app's output:\n{out}");
+    assert!(
+        lines[0].starts_with("Hello from fuse! Linux 6.12") && lines[0].contains(arch),
+        "{out}"
+    );
+    assert_eq!(lines[1], "arg 1: from-uefi", "{out}");
+    assert_no_leaked_qemu();
+}
+
+fn uefi_java_example(arch: &str) {
+    let sb = Sandbox::new();
+    let jar = java_jar(
+        sb.dir.path(),
+        "hello-1.0.jar",
+        "Hello",
+        &[(
+            "Hello.java",
+            include_str!("../../examples/java-hello/Hello.java"),
+        )],
+        &[],
+    );
+    let out = sb
+        .fuse()
+        .timeout(UEFI_TIMEOUT)
+        .args(["run", "--accel=tcg", "--firmware=uefi", "--arch", arch])
+        .arg(&jar)
+        .run();
+    out.assert_success();
+    let os_arch = if arch == "x86_64" { "amd64" } else { "aarch64" };
+    out.assert_stdout_contains("Hello from fuse! Java 17")
+        .assert_stdout_contains(&format!("({os_arch})"));
     assert_no_leaked_qemu();
 }
 
