@@ -221,7 +221,10 @@ fn image_file_name(arch: Arch) -> &'static str {
 
 fn load_cached(dir: &Path) -> Option<Kernel> {
     let info = std::fs::read(dir.join("kernel.json")).ok()?;
-    let kernel: Kernel = serde_json::from_slice(&info).ok()?;
+    let mut kernel: Kernel = serde_json::from_slice(&info).ok()?;
+    // The file is found next to its record, so a cache directory can be moved or copied
+    // (another user's cache, a CI cache restored elsewhere) and still hit.
+    kernel.path = dir.join(image_file_name(kernel.arch));
     kernel.path.is_file().then_some(kernel)
 }
 

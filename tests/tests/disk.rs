@@ -375,3 +375,79 @@ fn qcow2_export_boots_through_uefi() {
     assert!(stdout.contains("<<fuse:exit 0>>"), "{out}");
     assert_no_leaked_qemu();
 }
+
+/// The fuse cache the tests share (where the kernels were built), as fuse finds it.
+fn shared_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FUSE_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("fuse");
+    }
+    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuse")
+}
+
+#[test]
+fn another_user_builds_the_same_disk() {
+    // Root builds...
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let ours = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(&app)
+            .run()
+            .assert_success(),
+    )["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // ...and `nobody` builds from its own copies: binary, app, home, store and cache. The
+    // kernel cache entries are copied so it need not rebuild the kernel (6 minutes).
+    let other = Sandbox::new();
+    let root = other.dir.path();
+    let kernels = root.join("cache/kernels");
+    std::fs::create_dir_all(&kernels).unwrap();
+    for entry in std::fs::read_dir(shared_cache_dir().join("kernels")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().join("kernel.json").is_file() {
+            let copied = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(entry.path())
+                .arg(&kernels)
+                .status()
+                .unwrap();
+            assert!(copied.success());
+        }
+    }
+    let fuse = root.join("fuse");
+    std::fs::copy(fuse_tests::fuse_bin(), &fuse).unwrap();
+    let their_app = root.join("hello-1.0");
+    std::fs::copy(&app, &their_app).unwrap();
+    for dir in ["home", "store"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let chowned = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(root)
+        .status()
+        .unwrap();
+    assert!(chowned.success());
+    let out = FuseCmd::program("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&fuse)
+        .args(["build", "--json"])
+        .arg(&their_app)
+        .env("HOME", root.join("home"))
+        .env("FUSE_HOME", root.join("store"))
+        .env("FUSE_CACHE_DIR", root.join("cache"))
+        .env("USER", "nobody")
+        .env("LOGNAME", "nobody")
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .timeout(Duration::from_secs(300))
+        .run();
+    out.assert_success();
+    assert_eq!(json(&out)["digest"].as_str().unwrap(), ours, "{out}");
+}
