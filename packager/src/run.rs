@@ -103,6 +103,47 @@ impl RunRequest {
     }
 }
 
+/// `request` completed with what the image's configuration asks for when the command line
+/// says nothing: its named ports published on the same host ports (127.0.0.1), and its
+/// health check waited on.
+pub fn with_image_defaults(
+    request: &RunRequest,
+    manifest: &crate::manifest::Manifest,
+) -> RunRequest {
+    use crate::config::HealthProbe;
+    use crate::health::{HealthCheck, HealthKind};
+    let mut request = request.clone();
+    if request.publish.is_empty() {
+        let mut guest_ports: Vec<u16> = manifest.config.ports.values().copied().collect();
+        guest_ports.sort_unstable();
+        guest_ports.dedup();
+        request.publish = guest_ports
+            .into_iter()
+            .map(|port| PortForward {
+                host: port,
+                guest: port,
+                proto: fuse_boot::qemu::Proto::Tcp,
+            })
+            .collect();
+    }
+    if request.health.is_none() {
+        request.health = manifest.config.healthcheck.as_ref().map(|h| {
+            let (kind, port) = match &h.probe {
+                HealthProbe::Http { path, port, .. } => {
+                    (HealthKind::Http { path: path.clone() }, *port)
+                }
+                HealthProbe::Tcp { port } => (HealthKind::Tcp, *port),
+            };
+            HealthCheck {
+                kind,
+                guest_port: Some(port),
+                timeout: Duration::from_secs(h.timeout_secs),
+            }
+        });
+    }
+    request
+}
+
 /// The checks of `-p` and `--health` that need no image: made before anything is built.
 pub fn check_ports(request: &RunRequest) -> Result<Option<u16>> {
     crate::ports::check_host_ports(&request.publish)?;
@@ -158,9 +199,13 @@ pub fn run_hooked(
     notice: &mut dyn FnMut(&str),
     hooks: RunHooks<'_>,
 ) -> Result<u8> {
-    let health_port = check_ports(request)?;
+    // Flags are checked before anything is built; the image's own ports and health check
+    // (from its fuse.toml) only once it is known.
+    check_ports(request)?;
     let image = resolve_image(store, &request.target, request.build_request(), notice)?;
     let manifest = &image.manifest;
+    let request = &with_image_defaults(request, manifest);
+    let health_port = check_ports(request)?;
     let scratch = store.temp_dir()?;
     let mut fw_cfg = Vec::new();
     let args = (!request.args.is_empty()).then(|| run_args(manifest, &request.args));

@@ -177,3 +177,46 @@ fn tcp_health_check_passes_once_the_guest_listens_detached() {
         .assert_success();
     assert_no_leaked_qemu();
 }
+
+#[test]
+fn image_config_publishes_its_ports_and_waits_on_its_health_check() {
+    let sb = Sandbox::new();
+    // The guest listens on a port free on the host too: the image's named ports are published
+    // on the same host port.
+    let port = free_port();
+    let app = sb.program(&WEB.replace("8080", &port.to_string()), "web", &["-static"]);
+    sb.dir.write(
+        "fuse.toml",
+        format!(
+            "[ports]\nhttp = {port}\n\n[healthcheck]\nhttp = \"/health\"\nport = \"http\"\ntimeout = \"120s\"\n"
+        ),
+    );
+    // No -p and no --health on the command line: both come from the image.
+    let mut running = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--grace", "2"])
+        .arg(&app)
+        .spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(200);
+    loop {
+        assert!(running.is_running(), "fuse exited early");
+        assert!(std::time::Instant::now() < deadline, "never answered");
+        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            if body.starts_with("HTTP/1.0 200") {
+                assert!(body.ends_with("hello over the forwarded port\n"), "{body}");
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    running.signal(libc::SIGTERM);
+    let out = running.wait();
+    out.assert_code(143)
+        .assert_stderr_contains("ready in ")
+        .assert_stderr_contains(&format!(" ms at http://localhost:{port}\n"));
+    assert_no_leaked_qemu();
+}
