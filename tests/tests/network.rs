@@ -50,6 +50,26 @@ fn http_get(port: u16, path: &str) -> String {
     body
 }
 
+/// Polls `GET /` on the host port until it answers 200 (bounded), while fuse keeps running;
+/// returns the whole answer.
+fn wait_for_200(running: &mut fuse_tests::Running, port: u16) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(200);
+    loop {
+        assert!(running.is_running(), "fuse exited early");
+        assert!(std::time::Instant::now() < deadline, "never answered");
+        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            if body.starts_with("HTTP/1.0 200") {
+                return body;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn published_port_with_health_wait_serves_the_host() {
     let sb = Sandbox::new();
@@ -63,21 +83,7 @@ fn published_port_with_health_wait_serves_the_host() {
         .arg(&app)
         .spawn();
     // The command runs until stopped; watch for the host side to answer.
-    let deadline = std::time::Instant::now() + Duration::from_secs(200);
-    let body = loop {
-        assert!(running.is_running(), "fuse exited early");
-        assert!(std::time::Instant::now() < deadline, "never answered");
-        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut body = String::new();
-            let _ = s.read_to_string(&mut body);
-            if body.starts_with("HTTP/1.0 200") {
-                break body;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let body = wait_for_200(&mut running, port);
     assert!(body.ends_with("hello over the forwarded port\n"), "{body}");
     assert!(http_get(port, "/again").contains("forwarded port"));
     // Stopped by SIGTERM (default action in the app): 128 + 15, in time.
@@ -197,22 +203,8 @@ fn image_config_publishes_its_ports_and_waits_on_its_health_check() {
         .args(["run", "--accel", "tcg", "--grace", "2"])
         .arg(&app)
         .spawn();
-    let deadline = std::time::Instant::now() + Duration::from_secs(200);
-    loop {
-        assert!(running.is_running(), "fuse exited early");
-        assert!(std::time::Instant::now() < deadline, "never answered");
-        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut body = String::new();
-            let _ = s.read_to_string(&mut body);
-            if body.starts_with("HTTP/1.0 200") {
-                assert!(body.ends_with("hello over the forwarded port\n"), "{body}");
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let body = wait_for_200(&mut running, port);
+    assert!(body.ends_with("hello over the forwarded port\n"), "{body}");
     running.signal(libc::SIGTERM);
     let out = running.wait();
     out.assert_code(143)
