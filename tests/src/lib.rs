@@ -595,23 +595,7 @@ impl Default for TestDir {
 /// Compiles the C program `src` with `gcc` (`$CC` if set) into `dir/name` and returns the
 /// executable's path; panics with gcc's output on failure.
 pub fn compile_c(dir: &Path, src: &str, name: &str, extra_args: &[&str]) -> PathBuf {
-    let source = dir.join(format!("{name}.c"));
-    fs::write(&source, src).expect("cannot write the C source");
-    let exe = dir.join(name);
-    let cc = std::env::var_os("CC").unwrap_or_else(|| "gcc".into());
-    let out = Command::new(&cc)
-        .args(["-O2", "-Wall", "-o"])
-        .arg(&exe)
-        .arg(&source)
-        .args(extra_args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cc.to_string_lossy()));
-    assert!(
-        out.status.success(),
-        "compiling {name}.c failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
+    compile_c_for(dir, std::env::consts::ARCH, src, name, extra_args)
 }
 
 /// Compiles `src` like [`compile_c`] for `arch` (`x86_64` or `aarch64`): with `$CC` (else
@@ -624,20 +608,21 @@ pub fn compile_c_for(
     name: &str,
     extra_args: &[&str],
 ) -> PathBuf {
-    if arch == std::env::consts::ARCH {
-        return compile_c(dir, src, name, extra_args);
-    }
     let source = dir.join(format!("{name}.c"));
     fs::write(&source, src).expect("cannot write the C source");
     let exe = dir.join(name);
-    let cc = format!("{arch}-linux-gnu-gcc");
+    let cc: std::ffi::OsString = if arch == std::env::consts::ARCH {
+        std::env::var_os("CC").unwrap_or_else(|| "gcc".into())
+    } else {
+        format!("{arch}-linux-gnu-gcc").into()
+    };
     let out = Command::new(&cc)
         .args(["-O2", "-Wall", "-o"])
         .arg(&exe)
         .arg(&source)
         .args(extra_args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cc} (run ci/setup): {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {} (run ci/setup): {e}", cc.to_string_lossy()));
     assert!(
         out.status.success(),
         "compiling {name}.c for {arch} failed:\n{}",

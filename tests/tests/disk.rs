@@ -376,17 +376,6 @@ fn qcow2_export_boots_through_uefi() {
     assert_no_leaked_qemu();
 }
 
-/// The fuse cache the tests share (where the kernels were built), as fuse finds it.
-fn shared_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FUSE_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("fuse");
-    }
-    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuse")
-}
-
 #[test]
 fn another_user_builds_the_same_disk() {
     // Root builds...
@@ -409,7 +398,19 @@ fn another_user_builds_the_same_disk() {
     let root = other.dir.path();
     let kernels = root.join("cache/kernels");
     std::fs::create_dir_all(&kernels).unwrap();
-    for entry in std::fs::read_dir(shared_cache_dir().join("kernels")).unwrap() {
+    // Where this fuse keeps its kernels: it says so itself (a cache hit, instant).
+    let kernel = json(
+        sb.fuse()
+            .args(["kernel", "build", "--json"])
+            .run()
+            .assert_success(),
+    );
+    let shared_kernels = Path::new(kernel["path"].as_str().unwrap())
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_path_buf();
+    for entry in std::fs::read_dir(shared_kernels).unwrap() {
         let entry = entry.unwrap();
         if entry.path().join("kernel.json").is_file() {
             let copied = std::process::Command::new("cp")

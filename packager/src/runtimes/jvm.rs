@@ -17,7 +17,6 @@ use crate::layout;
 use crate::lock::FileLock;
 use crate::paths;
 use anyhow::{bail, Context, Result};
-use fuse_boot::spec::AppSpec;
 use fuse_rootfs::elf::{self, ClosureOptions};
 use fuse_rootfs::tree::Tree;
 use fuse_rootfs::Arch;
@@ -722,15 +721,7 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         }
     }
     env.push(("JAVA_HOME".into(), RUNTIME_DIR.into()));
-    let spec = AppSpec {
-        exe: java,
-        args,
-        env,
-        cwd: layout::APP_DIR.into(),
-        uid: 0,
-        gid: 0,
-        hostname: input.name.name.clone(),
-    };
+    let spec = super::app_spec(input, java, args, env);
     let notes = vec![
         ("jdk.version".to_string(), jdk.version.clone()),
         (

@@ -80,6 +80,24 @@ pub fn assemble(
     }
 }
 
+/// The spec every runtime starts its app with: run from `/app` as root, named after the image.
+pub fn app_spec(
+    input: &RuntimeInput<'_>,
+    exe: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+) -> AppSpec {
+    AppSpec {
+        exe,
+        args,
+        env,
+        cwd: crate::layout::APP_DIR.into(),
+        uid: 0,
+        gid: 0,
+        hostname: input.name.name.clone(),
+    }
+}
+
 /// The environment every app starts with: a PATH that covers the image and a HOME.
 pub fn default_env(name: &ImageName) -> Vec<(String, String)> {
     vec![

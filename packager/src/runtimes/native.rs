@@ -3,7 +3,6 @@
 use super::{default_env, AppImage, RuntimeInput};
 use crate::layout;
 use anyhow::Result;
-use fuse_boot::spec::AppSpec;
 use fuse_rootfs::elf::{self, ClosureOptions};
 
 pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
@@ -39,14 +38,6 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         }
     }
     elf::add_with_closure(&mut tree, input.input, &exe, &options)?;
-    let spec = AppSpec {
-        exe: exe.clone(),
-        args: vec![exe],
-        env: default_env(input.name),
-        cwd: layout::APP_DIR.into(),
-        uid: 0,
-        gid: 0,
-        hostname: input.name.name.clone(),
-    };
+    let spec = super::app_spec(input, exe.clone(), vec![exe], default_env(input.name));
     Ok(AppImage { tree, spec, notes })
 }

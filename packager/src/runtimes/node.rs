@@ -16,7 +16,6 @@ use super::appdir;
 use super::{default_env, AppImage, RuntimeInput};
 use crate::layout;
 use anyhow::{bail, Context, Result};
-use fuse_boot::spec::AppSpec;
 use fuse_rootfs::elf::{self, ClosureOptions};
 use fuse_rootfs::tree::Tree;
 use serde_json::Value;
@@ -55,15 +54,7 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
     // Express and most frameworks switch off dev-time behaviour (verbose errors, template
     // recompilation) on this.
     env.push(("NODE_ENV".into(), "production".into()));
-    let spec = AppSpec {
-        exe: NODE_PATH.into(),
-        args: vec!["node".into(), entry],
-        env,
-        cwd: layout::APP_DIR.into(),
-        uid: 0,
-        gid: 0,
-        hostname: input.name.name.clone(),
-    };
+    let spec = super::app_spec(input, NODE_PATH.into(), vec!["node".into(), entry], env);
     let mut notes = vec![
         (NOTE_VERSION.into(), version),
         // `fuse run app -- ARGS` gives ARGS to the script, after `node /app/<entry>`.

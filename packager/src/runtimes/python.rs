@@ -23,7 +23,6 @@ use super::appdir;
 use super::{default_env, AppImage, RuntimeInput};
 use crate::layout;
 use anyhow::{bail, Context, Result};
-use fuse_boot::spec::AppSpec;
 use fuse_rootfs::elf::{self, ClosureOptions};
 use fuse_rootfs::tree::Tree;
 use std::path::{Path, PathBuf};
@@ -96,15 +95,7 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         // A src-layout project that is not installed in the venv imports from /app/src.
         env.push(("PYTHONPATH".into(), format!("{}/src", layout::APP_DIR)));
     }
-    let spec = AppSpec {
-        exe,
-        args,
-        env,
-        cwd: layout::APP_DIR.into(),
-        uid: 0,
-        gid: 0,
-        hostname: input.name.name.clone(),
-    };
+    let spec = super::app_spec(input, exe, args, env);
     Ok(AppImage {
         tree,
         spec,
