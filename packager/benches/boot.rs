@@ -178,6 +178,7 @@ fn bench_arch(
             kind: None,
             jdk: None,
             config: None,
+            compression: None,
             interpreters: Default::default(),
         },
         &mut |l| eprintln!("fuse: {l}"),

@@ -147,6 +147,9 @@ struct PayloadArgs {
     /// The Python interpreter for a Python app (default: /usr/bin/python3).
     #[arg(long, value_name = "PATH")]
     python: Option<PathBuf>,
+    /// Root filesystem compression (default: small for Node.js apps, fast for the others).
+    #[arg(long, value_enum)]
+    compression: Option<crate::builder::RootfsCompression>,
     /// The virtualenv whose site-packages a Python app imports from.
     #[arg(long, value_name = "PATH")]
     venv: Option<PathBuf>,
@@ -348,6 +351,7 @@ fn build(args: BuildArgs) -> Result<i32> {
             interpreters: args.payload.interpreters(),
             jdk: args.payload.jdk,
             config: args.config.path,
+            compression: args.payload.compression,
         },
         &mut |l| progress_line(l),
     )?;
@@ -395,6 +399,7 @@ fn run_command(args: RunArgs, supervised: Option<(&std::path::Path, &str)>) -> R
         kind: args.payload.kind,
         interpreters: args.payload.interpreters(),
         jdk: args.payload.jdk,
+        compression: args.payload.compression,
         config: args.config.path,
         selection: args.selection.selection()?,
         accel: match args.accel {

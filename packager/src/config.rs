@@ -128,6 +128,8 @@ pub struct Config {
     pub name: Option<String>,
     pub version: Option<String>,
     pub kind: Option<(String, Origin)>,
+    /// Root filesystem compression (`--compression` wins).
+    pub compression: Option<crate::builder::RootfsCompression>,
     /// Arguments after argv\[0\], replacing the runtime's.
     pub args: Option<Vec<String>>,
     /// Named guest ports.
@@ -260,6 +262,18 @@ impl Config {
             let origin = src.origin(k.span());
             (k.into_inner(), origin)
         });
+        if let Some(c) = raw.compression {
+            use clap::ValueEnum;
+            let origin = src.origin(c.span());
+            let parsed =
+                crate::builder::RootfsCompression::from_str(c.get_ref(), false).map_err(|_| {
+                    anyhow::anyhow!(
+                        "{origin}: unknown compression '{}': use \"fast\" (zstd) or \"small\" (xz)",
+                        c.get_ref()
+                    )
+                })?;
+            config.compression = Some(parsed);
+        }
         config.args = raw.args;
         for (name, port) in raw.ports {
             let origin = src.origin(name.span());
@@ -427,6 +441,7 @@ struct RawConfig {
     name: Option<Spanned<String>>,
     version: Option<Spanned<String>>,
     kind: Option<Spanned<String>>,
+    compression: Option<Spanned<String>>,
     args: Option<Vec<String>>,
     #[serde(default)]
     ports: BTreeMap<Spanned<String>, Spanned<u16>>,
@@ -901,6 +916,7 @@ mod tests {
 name = "shop"
 version = "2.1"
 kind = "native"
+compression = "small"
 args = ["--serve"]
 memory = 512
 cpus = 2
@@ -954,6 +970,10 @@ timeout = "2m"
         assert_eq!(c.name.as_deref(), Some("shop"));
         assert_eq!(c.version.as_deref(), Some("2.1"));
         assert_eq!(c.kind.as_ref().unwrap().0, "native");
+        assert_eq!(
+            c.compression,
+            Some(crate::builder::RootfsCompression::Small)
+        );
         assert_eq!(c.args, Some(vec!["--serve".to_string()]));
         assert_eq!((c.memory, c.cpus), (Some(512), Some(2)));
         assert_eq!(c.ports["admin"], 9090);
@@ -1018,6 +1038,11 @@ timeout = "2m"
     fn default_environment_rules() {
         let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
         assert_eq!(load("").unwrap().default_environment, None);
+        let err = format!("{:#}", load("compression = \"tiny\"\n").unwrap_err());
+        assert!(
+            err.contains("fuse.toml:1:15: unknown compression 'tiny'") && err.contains("\"small\""),
+            "{err}"
+        );
         let one = load("[environments.prod.env]\nA = \"1\"\n").unwrap();
         assert_eq!(one.default_environment.as_deref(), Some("prod"));
         let dev = load("[environments.prod]\n[environments.dev]\n").unwrap();

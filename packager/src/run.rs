@@ -28,6 +28,8 @@ pub struct RunRequest {
     /// `--kind` and `--jdk` when building (see `BuildRequest`).
     pub kind: Option<Kind>,
     pub jdk: Option<PathBuf>,
+    /// `--compression` when building.
+    pub compression: Option<crate::builder::RootfsCompression>,
     /// `--node`, `--python`, `--venv` when building.
     pub interpreters: crate::runtimes::Interpreters,
     pub accel: AccelChoice,
@@ -99,6 +101,7 @@ impl RunRequest {
             jdk: self.jdk.clone(),
             interpreters: self.interpreters.clone(),
             config: self.config.clone(),
+            compression: self.compression,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! filesystem, cpio for the initramfs). Same tree in, same bytes out.
 
 pub mod arch;
+pub mod block_cache;
 pub mod cpio;
 pub mod elf;
 pub mod squashfs;
@@ -13,5 +14,5 @@ pub use cpio::write_newc;
 pub use elf::{
     add_with_closure, inspect, resolve_closure, Closure, ClosureOptions, ElfInfo, Library,
 };
-pub use squashfs::{write_squashfs, Compression, SquashfsOptions};
+pub use squashfs::{write_squashfs, BranchFilter, Compression, SquashfsOptions};
 pub use tree::{FileSource, Node, Tree};

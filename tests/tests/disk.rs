@@ -398,18 +398,7 @@ fn another_user_builds_the_same_disk() {
     let root = other.dir.path();
     let kernels = root.join("cache/kernels");
     std::fs::create_dir_all(&kernels).unwrap();
-    // Where this fuse keeps its kernels: it says so itself (a cache hit, instant).
-    let kernel = json(
-        sb.fuse()
-            .args(["kernel", "build", "--json"])
-            .run()
-            .assert_success(),
-    );
-    let shared_kernels = Path::new(kernel["path"].as_str().unwrap())
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf();
+    let shared_kernels = sb.kernels_dir(std::env::consts::ARCH);
     for entry in std::fs::read_dir(shared_kernels).unwrap() {
         let entry = entry.unwrap();
         if entry.path().join("kernel.json").is_file() {

@@ -10,13 +10,44 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Sandbox {
     pub dir: TestDir,
+    /// A private cache (FUSE_CACHE_DIR) whose `kernels` links to the shared kernel cache.
+    cache: Option<PathBuf>,
 }
 
 impl Sandbox {
     pub fn new() -> Sandbox {
         Sandbox {
             dir: TestDir::new(),
+            cache: None,
         }
+    }
+
+    /// A sandbox whose caches (compressed blocks, jlink runtimes) start empty; kernels are
+    /// still the shared ones, found by asking fuse where its kernel for `arch` is.
+    pub fn with_private_cache(arch: &str) -> Sandbox {
+        let mut sb = Sandbox::new();
+        let shared = sb.kernels_dir(arch);
+        let cache = sb.dir.join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::os::unix::fs::symlink(shared, cache.join("kernels")).unwrap();
+        sb.cache = Some(cache);
+        sb
+    }
+
+    /// The directory of this sandbox's fuse's kernel cache: fuse says where its kernel for
+    /// `arch` is (a cache hit, instant), in `<kernels>/<key>/`.
+    pub fn kernels_dir(&self, arch: &str) -> PathBuf {
+        let kernel = json(
+            self.fuse()
+                .args(["kernel", "build", "--json", "--arch", arch])
+                .run()
+                .assert_success(),
+        );
+        std::path::Path::new(kernel["path"].as_str().unwrap())
+            .ancestors()
+            .nth(2)
+            .expect("a kernel lives in <cache>/kernels/<key>/")
+            .to_path_buf()
     }
 
     pub fn home(&self) -> PathBuf {
@@ -25,9 +56,13 @@ impl Sandbox {
 
     /// `fuse` with this sandbox's store. Boots under TCG are slow: allow for it.
     pub fn fuse(&self) -> FuseCmd {
-        FuseCmd::new()
+        let cmd = FuseCmd::new()
             .env("FUSE_HOME", self.home())
-            .timeout(Duration::from_secs(300))
+            .timeout(Duration::from_secs(300));
+        match &self.cache {
+            Some(cache) => cmd.env("FUSE_CACHE_DIR", cache),
+            None => cmd,
+        }
     }
 
     /// Compiles a C program into the sandbox.
