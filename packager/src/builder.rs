@@ -12,6 +12,7 @@ use crate::payload;
 use crate::runtimes::{self, RuntimeInput};
 use crate::store::{Store, StoredImage};
 use anyhow::{Context, Result};
+use fuse_rootfs::block_cache::BlockCache;
 use fuse_rootfs::Arch;
 use std::path::PathBuf;
 
@@ -61,7 +62,7 @@ impl RootfsCompression {
     fn squashfs_options(
         self,
         arch: Arch,
-        block_cache: PathBuf,
+        block_cache: BlockCache,
     ) -> fuse_rootfs::squashfs::SquashfsOptions {
         use fuse_rootfs::squashfs::{BranchFilter, Compression, SquashfsOptions};
         match self {
@@ -92,7 +93,8 @@ impl RootfsCompression {
 /// The xz preset of `--compression small`.
 pub const ROOTFS_XZ_PRESET: u32 = 6;
 
-/// The compressed-block cache is pruned to this size (least recently used first) after a build.
+/// The compressed-block cache is pruned to this size (least recently used first) after a build
+/// that added to it.
 const BLOCK_CACHE_MAX_BYTES: u64 = 1 << 30;
 
 /// The zstd level of `--compression fast`. A build with a cold block cache compresses the whole
@@ -222,12 +224,13 @@ pub fn build(
     if compression == RootfsCompression::Small {
         progress("compressing the root filesystem (xz; unchanged blocks come from the cache)...");
     }
-    let block_cache = crate::paths::cache_dir().join("blocks");
-    let squashfs = compression.squashfs_options(arch, block_cache.clone());
+    let block_cache = BlockCache {
+        dir: crate::paths::cache_dir().join("blocks"),
+        max_bytes: BLOCK_CACHE_MAX_BYTES,
+    };
+    let squashfs = compression.squashfs_options(arch, block_cache);
     fuse_rootfs::squashfs::write_squashfs(&tree, &rootfs_file, &squashfs)
         .context("Cannot write the root filesystem")?;
-    // A cache that cannot be pruned only costs disk space; the build has succeeded.
-    let _ = fuse_rootfs::block_cache::prune(&block_cache, BLOCK_CACHE_MAX_BYTES);
     let rootfs_size = std::fs::metadata(&rootfs_file)?.len();
     let rootfs_digest = store.put_file(&rootfs_file)?;
 

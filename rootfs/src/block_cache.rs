@@ -12,10 +12,10 @@
 //! on read, so a truncated or damaged entry is recompressed, never copied into an image.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
@@ -24,9 +24,17 @@ use sha2::{Digest, Sha256};
 
 use crate::tree::FileSource;
 
-/// Blocks smaller than this (metadata blocks, short fragment blocks) are cheap to compress and
-/// would only fill the cache with small files.
+/// Blocks smaller than this (metadata blocks, short fragment blocks, short last pieces of
+/// files) are cheap to compress and would only fill the cache with small files.
 const MIN_CACHED_BLOCK: usize = 64 * 1024;
+
+/// Where the cache lives and how large it may grow.
+#[derive(Clone, Debug)]
+pub struct BlockCache {
+    pub dir: PathBuf,
+    /// After a write that added entries, the least recently used are removed down to this.
+    pub max_bytes: u64,
+}
 
 /// Everything besides a block's bytes that its compressed form depends on. Bump the tag when
 /// the way blocks are compressed changes.
@@ -36,34 +44,53 @@ const KEY_TAG: &str = concat!(
     "; backhand 0.25"
 );
 
-/// A compressor that looks blocks up in (and adds them to) the cache at `dir` before and after
+/// A compressor that looks blocks up in (and adds them to) the cache before and after
 /// compressing them with backhand's own compressor.
 pub(crate) struct CachingCompressor {
-    dir: PathBuf,
+    cache: BlockCache,
+    /// Whether this write added an entry: only then can the cache have outgrown its limit.
+    added: AtomicBool,
 }
 
 impl CachingCompressor {
     /// A compressor for one image write. backhand wants a `&'static` compressor; the few bytes
     /// of this one are leaked, once per image written.
-    pub(crate) fn leaked(dir: &Path) -> &'static CachingCompressor {
+    pub(crate) fn leaked(cache: &BlockCache) -> &'static CachingCompressor {
         Box::leak(Box::new(CachingCompressor {
-            dir: dir.to_path_buf(),
+            cache: cache.clone(),
+            added: AtomicBool::new(false),
         }))
+    }
+
+    /// Prunes the cache to its limit if this write added to it (a warm build skips the walk).
+    /// A cache that cannot be pruned only costs disk space, so errors are ignored.
+    pub(crate) fn prune_if_grown(&self) {
+        if self.added.load(Ordering::Relaxed) {
+            let _ = prune(&self.cache.dir, self.cache.max_bytes);
+        }
+    }
+
+    /// Stores a new entry, remembering that the cache grew.
+    fn add(&self, path: &Path, compressed: &[u8]) {
+        write_entry(path, compressed);
+        self.added.store(true, Ordering::Relaxed);
     }
 
     /// Compresses into the cache, on every core, the full-size data blocks of `files` that it
     /// lacks, so that backhand's single-threaded pass over the tree then only hits. The blocks
     /// are those backhand will ask for: each file of at least one block, cut at multiples of
     /// `block_size` (the last piece too; squashfs-tools' tail-end packing is off), all-zero
-    /// blocks excepted (holes). Smaller files go to fragment blocks, compressed in that pass.
-    /// Unreadable files are skipped here; the pass reports them.
+    /// blocks (holes) and pieces the cache does not keep excepted. Smaller files go to
+    /// fragment blocks, compressed in that pass. Unreadable files are skipped here; the pass
+    /// reports them.
     pub(crate) fn prefill(&self, files: &[&FileSource], fc: FilesystemCompressor, block_size: u32) {
         let bs = u64::from(block_size);
         let mut jobs = Vec::new();
         for (i, file) in files.iter().enumerate() {
             let len = file.len().unwrap_or(0);
             if len >= bs {
-                jobs.extend((0..len.div_ceil(bs)).map(|b| (i, b * bs, bs.min(len - b * bs))));
+                let pieces = (0..len.div_ceil(bs)).map(|b| (i, b * bs, bs.min(len - b * bs)));
+                jobs.extend(pieces.filter(|&(_, _, n)| n >= MIN_CACHED_BLOCK as u64));
             }
         }
         let next = AtomicUsize::new(0);
@@ -85,7 +112,7 @@ impl CachingCompressor {
                         if !path.exists() {
                             if let Ok(compressed) = DefaultCompressor.compress(&buf, fc, block_size)
                             {
-                                write_entry(&path, &compressed);
+                                self.add(&path, &compressed);
                             }
                         }
                     }
@@ -100,7 +127,7 @@ impl CachingCompressor {
         h.update(format!("{fc:?} block {block_size}").as_bytes());
         h.update(bytes);
         let key = hex::encode(h.finalize());
-        self.dir.join(&key[..2]).join(&key[2..])
+        self.cache.dir.join(&key[..2]).join(&key[2..])
     }
 }
 
@@ -121,16 +148,21 @@ fn read_at(file: &FileSource, offset: u64, buf: &mut [u8]) -> std::io::Result<()
 
 /// The compressed bytes stored at `path`, if the entry is whole (its SHA-256 trailer matches).
 fn read_entry(path: &Path) -> Option<Vec<u8>> {
-    let mut data = fs::read(path).ok()?;
+    // Opened for appending (never done) so that the same handle can touch the mtime.
+    let mut file = fs::File::options()
+        .read(true)
+        .append(true)
+        .open(path)
+        .ok()?;
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).ok()?;
     let split = data.len().checked_sub(32)?;
     if Sha256::digest(&data[..split]).as_slice() != &data[split..] {
         return None;
     }
     data.truncate(split);
     // A hit counts as a use: pruning removes the least recently used entries first.
-    if let Ok(f) = fs::File::options().append(true).open(path) {
-        let _ = f.set_modified(SystemTime::now());
-    }
+    let _ = file.set_modified(SystemTime::now());
     Some(data)
 }
 
@@ -180,7 +212,7 @@ impl CompressionAction for CachingCompressor {
             return Ok(hit);
         }
         let compressed = DefaultCompressor.compress(bytes, fc, block_size)?;
-        write_entry(&path, &compressed);
+        self.add(&path, &compressed);
         Ok(compressed)
     }
 
@@ -241,10 +273,26 @@ mod tests {
         (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
     }
 
+    fn cache_at(dir: &Path) -> &'static CachingCompressor {
+        CachingCompressor::leaked(&BlockCache {
+            dir: dir.to_path_buf(),
+            max_bytes: u64::MAX,
+        })
+    }
+
+    fn entry_count(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|d| d.unwrap().path())
+            .filter(|p| p.is_dir())
+            .map(|p| fs::read_dir(p).unwrap().count())
+            .sum()
+    }
+
     #[test]
     fn hit_returns_what_the_compressor_made_and_damaged_entries_are_recompressed() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = CachingCompressor::leaked(dir.path());
+        let cache = cache_at(dir.path());
         let fc = FilesystemCompressor::new(Compressor::Xz, None).unwrap();
         let block = compressible(128 * 1024, 7);
         let fresh = DefaultCompressor.compress(&block, fc, 128 * 1024).unwrap();
@@ -273,16 +321,19 @@ mod tests {
     #[test]
     fn prefill_caches_the_blocks_backhand_will_ask_for() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = CachingCompressor::leaked(dir.path());
+        let cache = cache_at(dir.path());
         let fc = FilesystemCompressor::new(Compressor::Xz, None).unwrap();
-        let bs = 64 * 1024;
-        // A full block, a block of zeros (a hole: never compressed), and a last, short piece.
-        let (first, last) = (compressible(bs, 3), compressible(bs / 2, 4));
-        let data = [first.clone(), vec![0; bs], last.clone()].concat();
+        let bs = 128 * 1024;
+        // A full block, a block of zeros (a hole: never compressed), a last piece the cache
+        // keeps (96 KiB) and, in a second file, one it does not (16 KiB, under 64 KiB).
+        let (first, last) = (compressible(bs, 3), compressible(bs * 3 / 4, 4));
+        let short = compressible(bs / 8, 6);
         let host = dir.path().join("host-file");
-        fs::write(&host, &data).unwrap();
+        fs::write(&host, [first.clone(), vec![0; bs], last.clone()].concat()).unwrap();
+        let with_short_tail =
+            FileSource::Bytes([compressible(bs, 7), short.clone()].concat().into());
         let small = FileSource::Bytes(compressible(bs - 1, 5).into());
-        let sources = [FileSource::Host(host), small];
+        let sources = [FileSource::Host(host), with_short_tail, small];
         let files: Vec<&FileSource> = sources.iter().collect();
         cache.prefill(&files, fc, bs as u32);
 
@@ -290,20 +341,16 @@ mod tests {
         let fresh = DefaultCompressor.compress(&first, fc, bs as u32).unwrap();
         assert_eq!(cached(&first).unwrap(), fresh);
         assert!(cached(&last).is_some());
-        // Only those two: no hole, nothing of the file smaller than a block.
-        let entries: usize = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|d| d.unwrap().path())
-            .filter(|p| p.is_dir())
-            .map(|p| fs::read_dir(p).unwrap().count())
-            .sum();
-        assert_eq!(entries, 2);
+        assert!(cached(&compressible(bs, 7)).is_some());
+        assert!(cached(&short).is_none());
+        // Only those three: no hole, no short tail, nothing of the file smaller than a block.
+        assert_eq!(entry_count(dir.path()), 3);
     }
 
     #[test]
     fn prune_removes_the_least_recently_used_first() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = CachingCompressor::leaked(dir.path());
+        let cache = cache_at(dir.path());
         let fc = FilesystemCompressor::new(Compressor::Xz, None).unwrap();
         let blocks: Vec<_> = (0..3).map(|i| compressible(64 * 1024, i)).collect();
         let paths: Vec<_> = blocks
@@ -332,6 +379,7 @@ mod tests {
             .map(|p| fs::metadata(p).unwrap().len())
             .collect();
         let removed = prune(dir.path(), sizes[0] + sizes[1]).unwrap();
+        assert_eq!(entry_count(dir.path()), 2);
         assert_eq!(removed, sizes[2]);
         assert!(paths[0].exists() && paths[1].exists() && !paths[2].exists());
         assert_eq!(prune(dir.path(), u64::MAX).unwrap(), 0);

@@ -13,12 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use backhand::compression::{CompressionOptions, Compressor, Xz, Zstd};
+use backhand::kind::Kind;
 use backhand::v4::compressor::XzFilter;
 use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
 
-use crate::block_cache::CachingCompressor;
+use crate::block_cache::{BlockCache, CachingCompressor};
 use crate::tree::{FileSource, Node, Tree};
-use backhand::kind::Kind;
 
 /// Errors writing a squashfs image.
 #[derive(Debug, thiserror::Error)]
@@ -85,9 +85,9 @@ pub struct SquashfsOptions {
     pub block_size: u32,
     /// xz only: the branch filter applied to every block.
     pub branch_filter: Option<BranchFilter>,
-    /// A directory caching compressed data blocks across writes (see `block_cache`); `None`
-    /// compresses every block.
-    pub block_cache: Option<PathBuf>,
+    /// A cache of compressed data blocks across writes (see `block_cache`); `None` compresses
+    /// every block.
+    pub block_cache: Option<BlockCache>,
 }
 
 impl Default for SquashfsOptions {
@@ -166,8 +166,8 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
     }
     .map_err(bh_err("compressor".into()))?;
     fs_writer.set_compressor(compressor);
-    if let Some(dir) = &opts.block_cache {
-        let cache = CachingCompressor::leaked(dir);
+    let cache = opts.block_cache.as_ref().map(CachingCompressor::leaked);
+    if let Some(cache) = cache {
         let files: Vec<&FileSource> = tree
             .iter()
             .filter_map(|(_, node)| match node {
@@ -232,6 +232,9 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
         let mut w = BufWriter::new(tmp.as_file());
         fs_writer.write(&mut w).map_err(bh_err("writing".into()))?;
         w.flush().map_err(io_err)?;
+    }
+    if let Some(cache) = cache {
+        cache.prune_if_grown();
     }
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(0o644))
@@ -412,15 +415,42 @@ mod tests {
         let plain = dir.path().join("plain.img");
         write_squashfs(&tree, &plain, &opts).unwrap();
         let cache = dir.path().join("cache");
-        let cached = SquashfsOptions {
-            block_cache: Some(cache.clone()),
+        // A limit of 0 bytes: the cache is pruned empty after any write that added to it.
+        let cached = |dir: &Path| SquashfsOptions {
+            block_cache: Some(BlockCache {
+                dir: dir.to_path_buf(),
+                max_bytes: 0,
+            }),
+            ..opts.clone()
+        };
+        let unlimited = SquashfsOptions {
+            block_cache: Some(BlockCache {
+                dir: cache.clone(),
+                max_bytes: u64::MAX,
+            }),
             ..opts.clone()
         };
         let (cold, warm) = (dir.path().join("cold.img"), dir.path().join("warm.img"));
-        write_squashfs(&tree, &cold, &cached).unwrap();
-        assert!(fs::read_dir(&cache).unwrap().count() > 0, "nothing cached");
-        write_squashfs(&tree, &warm, &cached).unwrap();
+        write_squashfs(&tree, &cold, &unlimited).unwrap();
+        let entries = fs::read_dir(&cache).unwrap().count();
+        assert!(entries > 0, "nothing cached");
+        // A warm write adds nothing, so it does not prune, even over the limit.
+        write_squashfs(&tree, &warm, &cached(&cache)).unwrap();
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), entries);
+        // A write that adds entries prunes to the limit.
+        let pruned_cache = dir.path().join("pruned-cache");
+        let pruned = dir.path().join("pruned.img");
+        write_squashfs(&tree, &pruned, &cached(&pruned_cache)).unwrap();
+        let left: usize = fs::read_dir(&pruned_cache)
+            .unwrap()
+            .map(|shard| fs::read_dir(shard.unwrap().path()).unwrap().count())
+            .sum();
+        assert_eq!(left, 0, "not pruned");
         let bytes = fs::read(&plain).unwrap();
+        assert!(
+            fs::read(&pruned).unwrap() == bytes,
+            "pruned-cache write differs"
+        );
         assert!(
             fs::read(&cold).unwrap() == bytes,
             "cold cached write differs"

@@ -22,8 +22,8 @@ impl Sandbox {
         }
     }
 
-    /// A sandbox whose caches (compressed blocks, jlink runtimes) start empty; kernels are
-    /// still the shared ones, found by asking fuse where its kernel for `arch` is.
+    /// A sandbox whose cache starts empty (compressed blocks, jlink runtimes, sysroots) but for
+    /// its kernels, the shared ones, found by asking fuse where its kernel for `arch` is.
     pub fn with_private_cache(arch: &str) -> Sandbox {
         let mut sb = Sandbox::new();
         let shared = sb.kernels_dir(arch);
