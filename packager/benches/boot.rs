@@ -11,9 +11,7 @@
 use anyhow::{bail, Context, Result};
 use fuse_boot::accel::AccelChoice;
 use fuse_boot::qemu::{self, VmConfig, VmOutcome};
-use fuse_packager::builder::{self, BuildRequest};
-use fuse_packager::fsutil::human_size;
-use fuse_packager::store::Store;
+use fuse_packager::bench::{self, BenchImage};
 use fuse_rootfs::Arch;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -101,7 +99,7 @@ fn run() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?;
     let work = tempfile::tempdir()?;
-    let store = Store::open(work.path().join("store"))?;
+    let store = work.path().join("store");
     let mut all = Vec::new();
     for arch in Arch::ALL {
         if only.is_some_and(|o| o != arch) {
@@ -146,7 +144,7 @@ fn run() -> Result<()> {
 /// `baseline`) on Debian's cloud kernel for that arch.
 fn bench_arch(
     arch: Arch,
-    store: &Store,
+    store: &Path,
     work: &Path,
     runs: usize,
     baseline: bool,
@@ -168,38 +166,9 @@ fn bench_arch(
     if !status.success() {
         bail!("Cannot compile {} with {gcc}", src.display());
     }
-    let image = builder::build(
-        store,
-        &BuildRequest {
-            input: hello,
-            name: None,
-            arch: Some(arch),
-            kernel_source: None,
-            kind: None,
-            jdk: None,
-            config: None,
-            compression: None,
-            interpreters: Default::default(),
-        },
-        &mut |l| eprintln!("fuse: {l}"),
-    )?;
-    let m = &image.manifest;
-    println!(
-        "{arch} hello image {}: {} (kernel {}, init {}, rootfs {})",
-        image.name,
-        human_size(m.total_size()),
-        human_size(m.kernel.size),
-        human_size(m.init.size),
-        human_size(m.rootfs.size)
-    );
-    let mut config = VmConfig::new(
-        arch,
-        store.blob_path(&m.kernel.digest),
-        store.blob_path(&m.init.digest),
-        // The image's disk: the command line names its root partition by PARTUUID.
-        fuse_packager::disk_image::disk_path(store, &image)?,
-        m.cmdline.clone(),
-    );
+    let image: BenchImage = bench::build_image(store, &hello, arch)?;
+    println!("{arch} hello image {}", image.summary);
+    let mut config = VmConfig::new(arch, image.kernel, image.initrd, image.disk, image.cmdline);
     config.accel = AccelChoice::Auto;
     config.network = true;
     config.memory_mib = 256;
@@ -223,10 +192,10 @@ fn bench_arch(
 
 /// Debian's cloud kernel for `arch` and an initramfs of our init plus the modules it needs,
 /// unpacked from the Debian package into the cache (`apt-get download`, no install; the arm64
-/// package through fuse's private arm64 apt state, see `fuse_packager::sysroot`).
+/// package through fuse's private arm64 apt state, see fuse's `host::sysroot`).
 fn debian_baseline(arch: Arch, work: &Path) -> Result<(PathBuf, PathBuf)> {
-    let darch = fuse_packager::sysroot::debian_arch(arch);
-    let cache = fuse_packager::paths::cache_dir().join(format!("bench/debian-cloud-{darch}"));
+    let darch = fuse_packager::bench::debian_arch(arch);
+    let cache = fuse_packager::bench::cache_dir().join(format!("bench/debian-cloud-{darch}"));
     if !cache.join("done").exists() {
         std::fs::create_dir_all(&cache)?;
         let dl = work.join(format!("deb-{darch}"));
@@ -253,7 +222,7 @@ fn debian_baseline(arch: Arch, work: &Path) -> Result<(PathBuf, PathBuf)> {
                 .find(|p| p.extension().is_some_and(|e| e == "deb"))
                 .context("no .deb downloaded")?
         } else {
-            use fuse_packager::sysroot::{deb_field, download_debs};
+            use fuse_packager::bench::{deb_field, download_debs};
             let meta_deb = download_debs(arch, &[&meta], &dl)?.remove(0);
             // `linux-image-6.1.0-NN-cloud-arm64 (= VERSION)`: the real kernel package.
             let depends = deb_field(&meta_deb, "Depends")?;

@@ -1,31 +1,67 @@
-//! The fuse packaging library: the `fuse` binary is a thin shim over [`cli::main`].
+//! The fuse packaging library: the `fuse` binary is a thin shim over [`main`].
 //!
-//! - [`builder`]: app -> image (kernel, init, root filesystem, manifest) in the [`store`]
-//! - [`run`]: boot an image under QEMU through `fuse_boot::qemu`
-//! - [`kernel`]: the minimal kernel, built from `kernel-config/` and cached content-addressed
+//! Data flows one way, `cli → build → image ← run`, with `host` used by all:
+//! - `cli`: parses the command line, dispatches, prints, maps errors to exit codes;
+//! - `build`: app → stored image (configuration, detection, runtimes, environments, the disk);
+//! - `image`: what an image is and where it lives (manifest, store, names, disk, export);
+//! - `run`: boots a stored image through one launch path (`fuse run`, `run -d`, `test`);
+//! - `host`: fuse's state on the host (kernel cache, sysroots, paths, locks, digests).
 
-pub mod builder;
-pub mod cli;
-pub mod config;
-pub mod digest;
-pub mod disk_image;
-pub mod dotenv;
-pub mod environments;
-pub mod fsutil;
-pub mod health;
-pub mod instance_cli;
-pub mod instances;
-pub mod kernel;
-pub mod layout;
-pub mod lock;
-pub mod manifest;
-pub mod naming;
-pub mod paths;
-pub mod payload;
-pub mod ports;
-pub mod run;
-pub mod runtimes;
-pub mod store;
-pub mod sysroot;
-pub mod testing;
-pub mod volumes;
+mod build;
+mod cli;
+mod host;
+mod image;
+mod run;
+
+pub use cli::main;
+
+/// What the benchmarks in `benches/` use: an image built and stored, and the host's Debian
+/// packages (for the baseline kernels they compare with).
+pub mod bench {
+    pub use crate::host::paths::cache_dir;
+    pub use crate::host::sysroot::{deb_field, debian_arch, download_debs};
+    use std::path::{Path, PathBuf};
+
+    /// An image as a benchmark boots it directly: its parts and disk, in a store of its own.
+    #[derive(Debug, Clone)]
+    pub struct BenchImage {
+        /// `name:version`, total size and the parts' sizes, for the benchmark's report.
+        pub summary: String,
+        pub kernel: PathBuf,
+        pub initrd: PathBuf,
+        /// The disk: the command line names its root partition by PARTUUID.
+        pub disk: PathBuf,
+        pub cmdline: String,
+    }
+
+    /// Builds the app at `app` for `arch` into the store at `store_dir`.
+    pub fn build_image(
+        store_dir: &Path,
+        app: &Path,
+        arch: fuse_rootfs::Arch,
+    ) -> anyhow::Result<BenchImage> {
+        use crate::host::fs::human_size;
+        let store = crate::image::store::Store::open(store_dir.to_path_buf())?;
+        let request = crate::build::BuildRequest {
+            input: app.to_path_buf(),
+            arch: Some(arch),
+            ..Default::default()
+        };
+        let image = crate::build::build(&store, &request, &mut |l| eprintln!("fuse: {l}"))?;
+        let m = &image.manifest;
+        Ok(BenchImage {
+            summary: format!(
+                "{}: {} (kernel {}, init {}, rootfs {})",
+                image.name,
+                human_size(m.total_size()),
+                human_size(m.kernel.size),
+                human_size(m.init.size),
+                human_size(m.rootfs.size)
+            ),
+            kernel: store.blob_path(&m.kernel.digest),
+            initrd: store.blob_path(&m.init.digest),
+            disk: crate::image::disk::disk_path(&store, &image)?,
+            cmdline: m.cmdline.clone(),
+        })
+    }
+}

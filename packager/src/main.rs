@@ -1,3 +1,3 @@
 fn main() {
-    std::process::exit(fuse_packager::cli::main());
+    std::process::exit(fuse_packager::main());
 }

@@ -37,6 +37,51 @@ fn no_import_circle_between_modules() {
     );
 }
 
+/// The packager's rooms and the rooms each may use: data flows `cli → build → image ← run`,
+/// and `host` (fuse's state on the host) is used by all and uses none.
+const PACKAGER_ROOMS: [(&str, &[&str]); 5] = [
+    ("cli", &["build", "image", "run", "host"]),
+    ("build", &["image", "host"]),
+    ("run", &["image", "host"]),
+    ("image", &["host"]),
+    ("host", &[]),
+];
+
+#[test]
+fn packager_rooms_depend_one_way() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let src = workspace.join("packager/src");
+    let mut files = Vec::new();
+    read_sources(&src, &src, &mut files);
+    let graph = module_graph("packager", &files);
+    let room = |module: &str| module.split("::").next().unwrap_or("crate").to_string();
+    let mut wrong = Vec::new();
+    for (from, edges) in &graph {
+        let Some((_, allowed)) = PACKAGER_ROOMS.iter().find(|(r, _)| *r == room(from)) else {
+            continue;
+        };
+        for (to, example) in edges {
+            let target = room(to);
+            if target != room(from) && !allowed.contains(&target.as_str()) {
+                wrong.push(format!("{} -> {target}: {example}", room(from)));
+            }
+        }
+    }
+    let rooms: BTreeSet<String> = graph.keys().map(|m| room(m)).collect();
+    for r in &rooms {
+        let known = r == "crate" || PACKAGER_ROOMS.iter().any(|(name, _)| name == r);
+        assert!(
+            known,
+            "packager/src/{r} is not a room of PACKAGER_ROOMS: add it, with its rule"
+        );
+    }
+    assert!(
+        wrong.is_empty(),
+        "packager rooms used against the flow:\n{}",
+        wrong.join("\n")
+    );
+}
+
 /// Adds `(path relative to src, contents)` of every `.rs` file under `dir` to `out`.
 fn read_sources(src: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
     let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -61,6 +106,16 @@ type Graph = BTreeMap<String, BTreeMap<String, String>>;
 
 /// One message per import circle between the modules of `files` (`(path in src, code)`).
 fn import_circles(krate: &str, files: &[(String, String)]) -> Vec<String> {
+    let graph = module_graph(krate, files);
+    strongly_connected(&graph)
+        .into_iter()
+        .filter(|component| component.len() > 1)
+        .map(|component| describe(krate, &graph, &component))
+        .collect()
+}
+
+/// The references between the modules of `files` (`(path in src, code)`).
+fn module_graph(krate: &str, files: &[(String, String)]) -> Graph {
     let parsed: Vec<_> = files
         .iter()
         .map(|(rel, code)| {
@@ -96,11 +151,7 @@ fn import_circles(krate: &str, files: &[(String, String)]) -> Vec<String> {
             }
         }
     }
-    strongly_connected(&graph)
-        .into_iter()
-        .filter(|component| component.len() > 1)
-        .map(|component| describe(krate, &graph, &component))
-        .collect()
+    graph
 }
 
 /// `a/b.rs` and `a/b/mod.rs` are `["a", "b"]`; `lib.rs` and `main.rs` are `[]`, the crate root.

@@ -13,10 +13,12 @@
 //! Every error names the file and, when it is about a place in it, `file:line:column`.
 //! Unknown keys are errors: a typo must not silently do nothing.
 
-use crate::naming::{self, ImageName};
+use crate::build::compression::RootfsCompression;
+use crate::image::config::{check_env_name, HealthProbe, Healthcheck, ImageConfig};
+use crate::image::naming::{self, ImageName};
 use anyhow::{bail, Context, Result};
 use fuse_boot::spec::validate_environment_name;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
@@ -25,26 +27,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// The main configuration file's name.
-pub const FILE_NAME: &str = "fuse.toml";
-/// Runtime option tables (`[jvm]`...), read by the runtime of that kind.
-pub const RUNTIME_TABLES: &[&str] = &["jvm", "node", "python"];
-/// Variables fuse sets itself from the selected environment; the config cannot set them.
-pub const RESERVED_ENV: &[&str] = &["FUSE_ENV"];
+pub(crate) const FILE_NAME: &str = "fuse.toml";
 /// How long a health check waits by default.
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// `--config PATH` of the commands that build.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ConfigArgs {
-    /// The app's configuration file (default: fuse.toml beside the app file, or inside an app
-    /// directory); fuse-<env>.toml files beside it are merged too.
-    #[arg(long = "config", value_name = "PATH")]
-    pub path: Option<PathBuf>,
-}
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A place in a configuration file, `file:line:column`, for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin(pub String);
+pub(crate) struct Origin(pub String);
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -54,134 +43,84 @@ impl fmt::Display for Origin {
 
 /// A file of the image that comes from the host: `image path = "host path"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     /// Resolved against the directory of the file that named it.
-    pub host: PathBuf,
-    pub origin: Origin,
+    pub(crate) host: PathBuf,
+    pub(crate) origin: Origin,
 }
 
 /// One environment's settings (`[environments.<name>]` merged with `fuse-<name>.toml`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Environment {
+pub(crate) struct Environment {
     /// Variables set in this environment, over the top-level `[env]`.
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
     /// Config files by absolute image path.
-    pub files: BTreeMap<String, ConfigFile>,
+    pub(crate) files: BTreeMap<String, ConfigFile>,
     /// Arguments replacing the image's `args` in this environment.
-    pub args: Option<Vec<String>>,
-}
-
-/// What a health check probes (ports resolved to guest port numbers).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum HealthProbe {
-    /// An HTTP GET of `path` that must answer `status` (default: any 2xx).
-    Http {
-        path: String,
-        port: u16,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        status: Option<u16>,
-    },
-    /// A TCP connection that must be accepted.
-    Tcp { port: u16 },
-}
-
-/// `healthcheck = { ... }`, as baked into the image manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Healthcheck {
-    pub probe: HealthProbe,
-    pub timeout_secs: u64,
+    pub(crate) args: Option<Vec<String>>,
 }
 
 /// The `[test]` table: what `fuse test` checks when no expectation flag is given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TestConfig {
-    pub exit_code: Option<i32>,
+pub(crate) struct TestConfig {
+    pub(crate) exit_code: Option<i32>,
     /// Regular expressions the output must match.
-    pub output: Vec<String>,
+    pub(crate) output: Vec<String>,
     /// Substrings the output must contain.
-    pub contains: Vec<String>,
+    pub(crate) contains: Vec<String>,
     /// `GET path` must answer this status.
-    pub http: Option<TestHttp>,
-    pub environment: Option<String>,
-    pub env: BTreeMap<String, String>,
-    pub timeout: Option<Duration>,
+    pub(crate) http: Option<TestHttp>,
+    pub(crate) environment: Option<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 /// `[test] http = { path = "/health", status = 200, port = "http" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TestHttp {
-    pub path: String,
-    pub status: u16,
+pub(crate) struct TestHttp {
+    pub(crate) path: String,
+    pub(crate) status: u16,
     /// Guest port; `None`: the health check's port, else the only named port.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
 }
 
 /// A loaded, validated configuration.
 #[derive(Debug, Clone, Default)]
-pub struct Config {
+pub(crate) struct Config {
     /// The main file (the directory of relative paths in it).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The `fuse-<env>.toml` files that were merged, in order.
-    pub layers: Vec<PathBuf>,
-    pub name: Option<String>,
-    pub version: Option<String>,
-    pub kind: Option<(String, Origin)>,
+    pub(crate) layers: Vec<PathBuf>,
+    pub(crate) name: Option<String>,
+    pub(crate) version: Option<String>,
+    pub(crate) kind: Option<(String, Origin)>,
     /// Root filesystem compression (`--compression` wins).
-    pub compression: Option<crate::builder::RootfsCompression>,
+    pub(crate) compression: Option<RootfsCompression>,
     /// Arguments after argv\[0\], replacing the runtime's.
-    pub args: Option<Vec<String>>,
+    pub(crate) args: Option<Vec<String>>,
     /// Named guest ports.
-    pub ports: BTreeMap<String, u16>,
-    pub healthcheck: Option<Healthcheck>,
-    pub memory: Option<u32>,
-    pub cpus: Option<u32>,
+    pub(crate) ports: BTreeMap<String, u16>,
+    pub(crate) healthcheck: Option<Healthcheck>,
+    pub(crate) memory: Option<u32>,
+    pub(crate) cpus: Option<u32>,
     /// Variables for every environment (and for images without environments).
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
     /// Files for every environment, at their path in the image.
-    pub files: BTreeMap<String, ConfigFile>,
-    pub environments: BTreeMap<String, Environment>,
+    pub(crate) files: BTreeMap<String, ConfigFile>,
+    pub(crate) environments: BTreeMap<String, Environment>,
     /// Resolved: the configured one, else `dev` if defined, else the only one.
-    pub default_environment: Option<String>,
+    pub(crate) default_environment: Option<String>,
     /// `[jvm]`, `[node]`, `[python]`: left for the runtime of that kind to read.
-    pub runtime: BTreeMap<String, toml::Table>,
-    pub test: TestConfig,
+    pub(crate) runtime: BTreeMap<String, toml::Table>,
+    pub(crate) test: TestConfig,
     /// Where `default_environment` was set, for the message when it names no environment.
     default_origin: Option<Origin>,
-}
-
-/// The parts of a configuration an image carries (in its manifest), so `fuse run IMAGE` knows
-/// them without the app's files. Empty for images built without a configuration, which keeps
-/// their manifests (and digests) as they were.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageConfig {
-    /// The baked environments, sorted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub environments: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_environment: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub ports: BTreeMap<String, u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub healthcheck: Option<Healthcheck>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<u32>,
-}
-
-impl ImageConfig {
-    pub fn is_empty(&self) -> bool {
-        *self == ImageConfig::default()
-    }
 }
 
 impl Config {
     /// Finds and loads the configuration of `input`: `explicit` (`--config`) if given, else
     /// `fuse.toml` beside a file input or inside a directory input. `None` when there is none.
-    pub fn discover(input: &Path, explicit: Option<&Path>) -> Result<Option<Config>> {
+    pub(crate) fn discover(input: &Path, explicit: Option<&Path>) -> Result<Option<Config>> {
         if let Some(path) = explicit {
             if !path.is_file() {
                 bail!(
@@ -208,7 +147,7 @@ impl Config {
     }
 
     /// Loads `path` and its `<stem>-<env>.toml` layers.
-    pub fn load(path: &Path) -> Result<Config> {
+    pub(crate) fn load(path: &Path) -> Result<Config> {
         let text = read(path)?;
         let raw: RawConfig = parse(path, &text)?;
         let mut config = Config::from_raw(path, &text, raw)?;
@@ -226,7 +165,8 @@ impl Config {
 
     /// Parses a configuration from text (for tests; `path` names it in messages and anchors
     /// relative paths). No layers are read.
-    pub fn from_str(path: &Path, text: &str) -> Result<Config> {
+    #[cfg(test)]
+    pub(crate) fn from_str(path: &Path, text: &str) -> Result<Config> {
         let raw: RawConfig = parse(path, text)?;
         let mut config = Config::from_raw(path, text, raw)?;
         config.finish()?;
@@ -263,15 +203,13 @@ impl Config {
             (k.into_inner(), origin)
         });
         if let Some(c) = raw.compression {
-            use clap::ValueEnum;
             let origin = src.origin(c.span());
-            let parsed =
-                crate::builder::RootfsCompression::from_str(c.get_ref(), false).map_err(|_| {
-                    anyhow::anyhow!(
-                        "{origin}: unknown compression '{}': use \"fast\" (zstd) or \"small\" (xz)",
-                        c.get_ref()
-                    )
-                })?;
+            let parsed = c.get_ref().parse::<RootfsCompression>().map_err(|_| {
+                anyhow::anyhow!(
+                    "{origin}: unknown compression '{}': use \"fast\" (zstd) or \"small\" (xz)",
+                    c.get_ref()
+                )
+            })?;
             config.compression = Some(parsed);
         }
         config.args = raw.args;
@@ -352,13 +290,13 @@ impl Config {
     }
 
     /// The environment names, sorted.
-    pub fn environment_names(&self) -> Vec<String> {
+    pub(crate) fn environment_names(&self) -> Vec<String> {
         self.environments.keys().cloned().collect()
     }
 
     /// `name:version` from the configuration, for images built without `--name`: each part
     /// configured, else derived from the input.
-    pub fn image_name(&self, derived: &ImageName) -> Option<ImageName> {
+    pub(crate) fn image_name(&self, derived: &ImageName) -> Option<ImageName> {
         if self.name.is_none() && self.version.is_none() {
             return None;
         }
@@ -372,12 +310,12 @@ impl Config {
     }
 
     /// A runtime's option table (`[jvm]`...), if the configuration has one.
-    pub fn runtime_table(&self, runtime: &str) -> Option<&toml::Table> {
+    pub(crate) fn runtime_table(&self, runtime: &str) -> Option<&toml::Table> {
         self.runtime.get(runtime)
     }
 
     /// The `options = [...]` of a runtime's table (`[jvm] options = ["-Xmx256m"]`).
-    pub fn runtime_options(&self, runtime: &str) -> Result<Vec<String>> {
+    pub(crate) fn runtime_options(&self, runtime: &str) -> Result<Vec<String>> {
         let Some(value) = self.runtime_table(runtime).and_then(|t| t.get("options")) else {
             return Ok(Vec::new());
         };
@@ -396,7 +334,7 @@ impl Config {
     }
 
     /// What the image records of this configuration.
-    pub fn image_config(&self) -> ImageConfig {
+    pub(crate) fn image_config(&self) -> ImageConfig {
         ImageConfig {
             environments: self.environment_names(),
             default_environment: self.default_environment.clone(),
@@ -417,7 +355,7 @@ fn list_or_none(names: &[String]) -> String {
 }
 
 /// Parses a duration: `30s`, `2m`, `500ms`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -664,26 +602,6 @@ fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !ok {
         bail!("{origin}: invalid {what} '{name}': use letters, digits, '_' and '-'");
-    }
-    Ok(())
-}
-
-/// Checks an environment variable name: what a process environment can hold, without the
-/// surprises (no `=`, whitespace or NUL).
-pub fn check_env_name(name: &str) -> std::result::Result<(), String> {
-    if name.is_empty() {
-        return Err("the variable name is empty".into());
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| *c == '=' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!("variable name '{name}' contains {c:?}"));
-    }
-    if RESERVED_ENV.contains(&name) {
-        return Err(format!(
-            "{name} is set by fuse from the selected environment: select it with --env"
-        ));
     }
     Ok(())
 }
@@ -970,10 +888,7 @@ timeout = "2m"
         assert_eq!(c.name.as_deref(), Some("shop"));
         assert_eq!(c.version.as_deref(), Some("2.1"));
         assert_eq!(c.kind.as_ref().unwrap().0, "native");
-        assert_eq!(
-            c.compression,
-            Some(crate::builder::RootfsCompression::Small)
-        );
+        assert_eq!(c.compression, Some(RootfsCompression::Small));
         assert_eq!(c.args, Some(vec!["--serve".to_string()]));
         assert_eq!((c.memory, c.cpus), (Some(512), Some(2)));
         assert_eq!(c.ports["admin"], 9090);

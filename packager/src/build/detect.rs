@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The payload kinds fuse can package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A Linux ELF executable (static or dynamic), packaged with its shared-library closure.
     Native,
     /// An executable jar (`Main-Class`), packaged with a jlink runtime made for it.
@@ -19,9 +19,9 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for `--kind` and messages.
-    pub const ALL: &'static [Kind] = &[Kind::Native, Kind::Jvm, Kind::Node, Kind::Python];
+    pub(crate) const ALL: &'static [Kind] = &[Kind::Native, Kind::Jvm, Kind::Node, Kind::Python];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Native => "native",
             Kind::Node => "node",
@@ -48,7 +48,7 @@ impl std::str::FromStr for Kind {
 }
 
 /// Detects the payload kind of `input`, or says clearly why it cannot be packaged.
-pub fn detect(input: &Path) -> Result<Kind> {
+pub(crate) fn detect(input: &Path) -> Result<Kind> {
     let meta = std::fs::metadata(input).with_context(|| {
         format!(
             "App {} not found: give the path of the program to package",
@@ -74,7 +74,7 @@ pub fn detect(input: &Path) -> Result<Kind> {
     if n == 4 && magic == *b"\x7fELF" {
         return Ok(Kind::Native);
     }
-    if crate::runtimes::jar::looks_like_jar(input, &magic[..n]) {
+    if crate::build::runtimes::jar::looks_like_jar(input, &magic[..n]) {
         return Ok(Kind::Jvm);
     }
     bail!(

@@ -8,15 +8,15 @@ use anyhow::Result;
 use fuse_rootfs::tree::Tree;
 
 /// Where the init reads the app spec from (see `fuse_boot::spec`).
-pub const SPEC_PATH: &str = fuse_boot::spec::SPEC_PATH;
+pub(crate) const SPEC_PATH: &str = fuse_boot::spec::SPEC_PATH;
 /// Where the app's own files go.
-pub const APP_DIR: &str = "/app";
+pub(crate) const APP_DIR: &str = "/app";
 /// Empty directories every image has for volumes (`fuse run --volume NAME:/data`): the root
 /// is read-only, so a mount point cannot be made at boot. Listed in the manifest.
-pub const VOLUME_MOUNT_POINTS: &[&str] = &["/data"];
+pub(crate) const VOLUME_MOUNT_POINTS: &[&str] = &["/data"];
 
 /// The skeleton: mount points, /etc basics for glibc and runtimes, the app directory.
-pub fn skeleton() -> Result<Tree> {
+pub(crate) fn skeleton() -> Result<Tree> {
     let mut tree = Tree::new();
     for dir in [
         "/dev",

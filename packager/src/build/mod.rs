@@ -1,108 +1,54 @@
-//! `fuse build`: from an app to a stored image (kernel + init + root filesystem + manifest).
+//! `fuse build`: from an app to a stored image (kernel + init + root filesystem + manifest,
+//! assembled into the disk that is the image).
+//!
+//! `config` reads fuse.toml, `detect` decides the app's kind, `runtimes` turn the app into a
+//! root-filesystem tree and an app spec, `environments` bakes every environment into it,
+//! `compression` and `disk` write the root filesystem and the disk.
 
-use crate::config::Config;
-use crate::environments;
-use crate::kernel::{self, KernelRequest};
-use crate::layout;
-use crate::manifest::{
+pub(crate) mod compression;
+pub(crate) mod config;
+pub(crate) mod detect;
+pub(crate) mod disk;
+pub(crate) mod environments;
+pub(crate) mod layout;
+pub(crate) mod runtimes;
+
+use crate::build::compression::{RootfsCompression, BLOCK_CACHE_MAX_BYTES};
+use crate::build::config::Config;
+use crate::host::kernel::{self, KernelRequest};
+use crate::image::manifest::{
     AppSection, Component, Contents, FileSize, KernelComponent, Manifest, RootfsComponent, SCHEMA,
 };
-use crate::naming;
-use crate::payload;
-use crate::runtimes::{self, RuntimeInput};
-use crate::store::{Store, StoredImage};
+use crate::image::naming;
+
+use crate::image::store::{Store, StoredImage};
 use anyhow::{Context, Result};
 use fuse_rootfs::block_cache::BlockCache;
 use fuse_rootfs::Arch;
+use runtimes::RuntimeInput;
 use std::path::PathBuf;
 
 /// What to build.
 #[derive(Debug, Clone, Default)]
-pub struct BuildRequest {
-    pub input: PathBuf,
+pub(crate) struct BuildRequest {
+    pub(crate) input: PathBuf,
     /// `name[:version]` overriding the name derived from the input file.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Target arch; `None` means the host's.
-    pub arch: Option<Arch>,
-    pub kernel_source: Option<PathBuf>,
+    pub(crate) arch: Option<Arch>,
+    pub(crate) kernel_source: Option<PathBuf>,
     /// The payload kind (`--kind`), overriding detection.
-    pub kind: Option<payload::Kind>,
+    pub(crate) kind: Option<detect::Kind>,
     /// The JDK for Java apps (`--jdk`); `None` searches the host.
-    pub jdk: Option<PathBuf>,
+    pub(crate) jdk: Option<PathBuf>,
     /// `--node`, `--python`, `--venv` for script apps.
-    pub interpreters: runtimes::Interpreters,
+    pub(crate) interpreters: runtimes::Interpreters,
     /// The configuration file (`--config`); `None`: `fuse.toml` beside (or in) the input.
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// `--compression`; `None`: the configuration's `compression`, else the app kind's default
     /// ([`RootfsCompression::default_for`]).
-    pub compression: Option<RootfsCompression>,
+    pub(crate) compression: Option<RootfsCompression>,
 }
-
-/// How the root filesystem is compressed: image size traded against build and boot time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RootfsCompression {
-    /// zstd, 128 KiB blocks: the fastest build and boot.
-    Fast,
-    /// xz, 1 MiB blocks, with the x86 branch filter on x86_64: the smallest image.
-    Small,
-}
-
-impl RootfsCompression {
-    /// The compression an app of `kind` gets unless asked otherwise: xz where zstd misses the
-    /// size target (Node.js: 38.1 MB against 30), zstd, which boots faster, everywhere else.
-    /// The README's "Root filesystem compression" has the measurements.
-    pub fn default_for(kind: payload::Kind) -> Self {
-        match kind {
-            payload::Kind::Node => RootfsCompression::Small,
-            _ => RootfsCompression::Fast,
-        }
-    }
-
-    /// The squashfs writer's options for `arch`, caching compressed blocks in `block_cache`.
-    fn squashfs_options(
-        self,
-        arch: Arch,
-        block_cache: BlockCache,
-    ) -> fuse_rootfs::squashfs::SquashfsOptions {
-        use fuse_rootfs::squashfs::{BranchFilter, Compression, SquashfsOptions};
-        match self {
-            RootfsCompression::Fast => SquashfsOptions {
-                level: Some(ROOTFS_ZSTD_LEVEL),
-                block_cache: Some(block_cache),
-                ..Default::default()
-            },
-            RootfsCompression::Small => SquashfsOptions {
-                compression: Compression::Xz,
-                level: Some(ROOTFS_XZ_PRESET),
-                block_size: 1024 * 1024,
-                branch_filter: (arch == Arch::X86_64).then_some(BranchFilter::X86),
-                block_cache: Some(block_cache),
-            },
-        }
-    }
-
-    /// The manifest's name for the root filesystem's format.
-    fn format(self) -> &'static str {
-        match self {
-            RootfsCompression::Fast => "squashfs+zstd",
-            RootfsCompression::Small => "squashfs+xz",
-        }
-    }
-}
-
-/// The xz preset of `--compression small`.
-pub const ROOTFS_XZ_PRESET: u32 = 6;
-
-/// The compressed-block cache is pruned to this size (least recently used first) after a build
-/// that added to it.
-const BLOCK_CACHE_MAX_BYTES: u64 = 1 << 30;
-
-/// The zstd level of `--compression fast`. A build with a cold block cache compresses the whole
-/// tree (a Java app: 47 MB, the jlink runtime included), so the level is that build's time.
-/// Measured on that tree (backhand, 1 thread): level 15 (mksquashfs' default) 10.2 s, level 6
-/// 0.97 s, level 3 0.25 s; the image grows by 0.9 MB from 15 to 6 and by another 1 MB from 6
-/// to 3. Level 6 is where the size curve flattens; decompression at boot is as fast for all.
-pub const ROOTFS_ZSTD_LEVEL: u32 = 6;
 
 /// Uncompressed bytes of the tree by part (see `Contents::parts`).
 fn content_parts(
@@ -131,7 +77,7 @@ fn content_parts(
 /// partition, see `disk_image::root_spec`). `quiet loglevel=1` keeps the console to the app's
 /// output (panics still print); `panic=-1` turns a panic into an immediate reboot, which ends
 /// the VM.
-pub fn kernel_cmdline(arch: Arch, root: &str) -> String {
+pub(crate) fn kernel_cmdline(arch: Arch, root: &str) -> String {
     let console = match arch {
         Arch::X86_64 => "ttyS0",
         Arch::Aarch64 => "ttyAMA0",
@@ -142,7 +88,7 @@ pub fn kernel_cmdline(arch: Arch, root: &str) -> String {
 }
 
 /// Builds the image for `request` into `store`. `progress` gets human-readable lines.
-pub fn build(
+pub(crate) fn build(
     store: &Store,
     request: &BuildRequest,
     progress: &mut dyn FnMut(&str),
@@ -152,7 +98,7 @@ pub fn build(
     // --kind wins over the configuration's `kind`, which wins over detection.
     let configured_kind = match config.as_ref().and_then(|c| c.kind.as_ref()) {
         Some((kind, origin)) => Some(
-            kind.parse::<payload::Kind>()
+            kind.parse::<detect::Kind>()
                 .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?,
         ),
         None => None,
@@ -168,7 +114,7 @@ pub fn build(
             })?;
             kind
         }
-        None => payload::detect(input)?,
+        None => detect::detect(input)?,
     };
     let name = match &request.name {
         Some(n) => naming::parse(n).context("Invalid --name")?,
@@ -210,7 +156,9 @@ pub fn build(
         },
         progress,
     )?;
-    let kernel_digest = store.put_copy(&kernel.path)?;
+    let kernel_bytes = std::fs::read(&kernel.path)
+        .with_context(|| format!("Cannot read the kernel {}", kernel.path.display()))?;
+    let kernel_digest = store.put_bytes(&kernel_bytes)?;
     let initramfs = fuse_boot::initramfs::initramfs(arch)
         .with_context(|| format!("Cannot assemble the init for {arch}"))?;
     let init_digest = store.put_bytes(&initramfs)?;
@@ -225,19 +173,20 @@ pub fn build(
         progress("compressing the root filesystem (xz; unchanged blocks come from the cache)...");
     }
     let block_cache = BlockCache {
-        dir: crate::paths::cache_dir().join("blocks"),
+        dir: crate::host::paths::cache_dir().join("blocks"),
         max_bytes: BLOCK_CACHE_MAX_BYTES,
     };
     let squashfs = compression.squashfs_options(arch, block_cache);
     fuse_rootfs::squashfs::write_squashfs(&tree, &rootfs_file, &squashfs)
         .context("Cannot write the root filesystem")?;
     let rootfs_size = std::fs::metadata(&rootfs_file)?.len();
+    // Moved, not copied, into the store: the disk is assembled from the blob's file.
     let rootfs_digest = store.put_file(&rootfs_file)?;
 
     let runtime_dir = app
         .notes
         .iter()
-        .find(|(k, _)| k == runtimes::jvm::NOTE_RUNTIME_DIR)
+        .find(|(k, _)| k == crate::image::manifest::NOTE_RUNTIME_DIR)
         .map(|(_, v)| v.as_str());
     let parts = content_parts(&tree, runtime_dir);
     let manifest = Manifest {
@@ -259,7 +208,7 @@ pub fn build(
             size: rootfs_size,
             format: compression.format().into(),
         },
-        cmdline: kernel_cmdline(arch, &crate::disk_image::root_spec(&rootfs_digest)),
+        cmdline: kernel_cmdline(arch, &crate::image::disk::root_spec(&rootfs_digest)),
         notes: app.notes.into_iter().collect(),
         app: AppSection {
             kind: kind.as_str().into(),
@@ -288,7 +237,14 @@ pub fn build(
         config: image_config,
     };
     // The image is its disk: the digest is the disk's, the manifest rides inside it.
-    let (disk, _) = crate::disk_image::build(store, &manifest)?;
+    let disk_file = scratch.path().join("disk.raw");
+    let parts = disk::Parts {
+        kernel: &kernel_bytes,
+        initrd: &initramfs,
+        rootfs: &store.blob_path(&rootfs_digest),
+    };
+    disk::write(&manifest, &parts, &disk_file)?;
+    let disk = store.put_file(&disk_file)?;
     let digest = store.tag(&manifest, &disk)?;
     Ok(StoredImage {
         name,

@@ -1,11 +1,14 @@
-//! The instance commands of the CLI: `fuse run --detach`, `ps`, `logs`, `kill` (the logic is
-//! in [`crate::instances`]).
+//! The VM commands: `fuse run` (foreground and `--detach`), `ps`, `logs`, `kill`, and the
+//! hidden supervisor (the logic is in `crate::run`).
 
-use crate::digest;
-use crate::instances::{self, human_duration, now_secs};
-use crate::run::{self, RunRequest};
-use crate::store::Store;
+use super::args::{BuildFlags, VmFlags};
+use super::print::progress_line;
+use crate::host::digest;
+use crate::image::store::{Store, StoredImage};
+use crate::run::instances::{self, human_duration, now_secs, SupervisorRequest};
+use crate::run::{Hooks, RunOptions};
 use anyhow::Result;
+use clap::Args;
 use serde_json::json;
 use std::time::Duration;
 
@@ -13,17 +16,55 @@ use std::time::Duration;
 /// happened already; QEMU starts in well under a second).
 const START_PATIENCE: Duration = Duration::from_secs(60);
 
-/// `fuse run --detach`: builds in the foreground, starts the supervisor, prints the id.
-pub fn detach(store: &Store, request: &RunRequest) -> Result<i32> {
+#[derive(Debug, Args)]
+pub(super) struct RunArgs {
+    /// An app (built first) or an image name[:version] or digest.
+    target: String,
+    #[command(flatten)]
+    build: BuildFlags,
+    #[command(flatten)]
+    vm: VmFlags,
+    /// Run in the background: print the instance id and return (see `fuse ps`, `logs`, `kill`).
+    #[arg(long, short)]
+    detach: bool,
+}
+
+/// `fuse run`: builds (given an app) or finds the image, then boots it in the foreground, or
+/// with `-d` under a supervisor. Flags are checked before anything is built; the image's own
+/// ports and health check (from its fuse.toml) only once it is known.
+pub(super) fn run(args: RunArgs) -> Result<i32> {
+    let store = Store::open_default()?;
+    let options = RunOptions::try_from(&args.vm)?;
+    options.check_ports()?;
+    let image = super::images::resolve(&store, &args.target, &args.build)?;
+    if args.detach {
+        return detach(&image, options);
+    }
+    let outcome = crate::run::launch(
+        &store,
+        &image,
+        &options,
+        Hooks::default(),
+        &mut std::io::stdout(),
+        &mut |l| progress_line(l),
+    )?;
+    Ok(i32::from(outcome.exit_code))
+}
+
+/// `fuse run --detach`: starts the supervisor, prints the id once the VM runs (or is healthy).
+fn detach(image: &StoredImage, options: RunOptions) -> Result<i32> {
     // Everything that can fail early fails here, in the foreground, as one line.
-    run::check_ports(request)?;
-    let image = run::resolve_request(store, request, &mut |l| eprintln!("fuse: {l}"))?;
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let patience = match &request.health {
+    let options = options.with_image_defaults(&image.manifest);
+    options.check_ports()?;
+    let patience = match &options.health {
         Some(h) => h.timeout + START_PATIENCE,
         None => START_PATIENCE,
     };
-    let state = instances::detach(&image.digest, &argv, request.health.is_some(), patience)?;
+    let request = SupervisorRequest {
+        digest: image.digest.clone(),
+        options,
+    };
+    let state = instances::detach(&request, patience)?;
     if let (Some(ms), Some(url)) = (state.ready_ms, &state.url) {
         eprintln!("ready in {ms} ms at {url}");
     }
@@ -31,8 +72,14 @@ pub fn detach(store: &Store, request: &RunRequest) -> Result<i32> {
     Ok(0)
 }
 
+/// The hidden `fuse __supervise DIR`.
+pub(super) fn supervise(dir: &std::path::Path) -> Result<i32> {
+    let store = Store::open_default()?;
+    Ok(i32::from(instances::supervise(&store, dir)?))
+}
+
 /// `fuse ps [--json]`.
-pub fn ps(json_output: bool) -> Result<i32> {
+pub(super) fn ps(json_output: bool) -> Result<i32> {
     let list = instances::list()?;
     let now = now_secs();
     if json_output {
@@ -85,14 +132,14 @@ pub fn ps(json_output: bool) -> Result<i32> {
 }
 
 /// `fuse logs ID [-f]`.
-pub fn logs(id: &str, follow: bool) -> Result<i32> {
+pub(super) fn logs(id: &str, follow: bool) -> Result<i32> {
     let instance = instances::find(id)?;
     instances::logs(&instance, follow, &mut std::io::stdout())?;
     Ok(0)
 }
 
 /// `fuse kill ID...`: stops each, gracefully first.
-pub fn kill(ids: &[String]) -> Result<i32> {
+pub(super) fn kill(ids: &[String]) -> Result<i32> {
     // Resolve every id first: a typo stops nothing.
     let found = ids
         .iter()

@@ -6,12 +6,12 @@ use std::io::{self, Read};
 use std::path::Path;
 
 /// The `sha256:<hex>` digest of some bytes.
-pub fn of_bytes(bytes: &[u8]) -> String {
+pub(crate) fn of_bytes(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// The `sha256:<hex>` digest of a file's bytes, streamed.
-pub fn of_file(path: &Path) -> io::Result<String> {
+pub(crate) fn of_file(path: &Path) -> io::Result<String> {
     let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -26,12 +26,12 @@ pub fn of_file(path: &Path) -> io::Result<String> {
 }
 
 /// The hex part of a `sha256:<hex>` digest (for file names).
-pub fn hex_part(digest: &str) -> &str {
+pub(crate) fn hex_part(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
 /// A short form for tables: the first 12 hex digits.
-pub fn short(digest: &str) -> &str {
+pub(crate) fn short(digest: &str) -> &str {
     let hex = hex_part(digest);
     &hex[..hex.len().min(12)]
 }

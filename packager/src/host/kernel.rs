@@ -5,8 +5,8 @@
 //! pays for a kernel build once per host. Builds are reproducible: build timestamp, user, host
 //! and version are fixed, and the build directory is a fixed path under the cache.
 
-use crate::digest;
-use crate::lock::FileLock;
+use crate::host::digest;
+use crate::host::lock::FileLock;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::Arch;
 use serde::{Deserialize, Serialize};
@@ -17,43 +17,45 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Options shared by every fuse kernel.
-pub const BASE_FRAGMENT: &str = include_str!("../../kernel-config/fragments/base.config");
+pub(crate) const BASE_FRAGMENT: &str = include_str!("../../../kernel-config/fragments/base.config");
 /// x86_64 additions.
-pub const X86_64_FRAGMENT: &str = include_str!("../../kernel-config/fragments/x86_64.config");
+pub(crate) const X86_64_FRAGMENT: &str =
+    include_str!("../../../kernel-config/fragments/x86_64.config");
 /// aarch64 (arm64) additions.
-pub const AARCH64_FRAGMENT: &str = include_str!("../../kernel-config/fragments/aarch64.config");
+pub(crate) const AARCH64_FRAGMENT: &str =
+    include_str!("../../../kernel-config/fragments/aarch64.config");
 
 /// Debian's kernel source package, the default source.
-pub const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.12.tar.xz";
+pub(crate) const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.12.tar.xz";
 
 /// Bump when the build recipe changes in a way that changes the output.
 const RECIPE_VERSION: &str = "fuse-kernel-recipe-1";
 
 /// A built kernel in the cache.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// The bootable kernel file (bzImage on x86_64, Image on arm64).
-    pub path: PathBuf,
-    pub digest: String,
-    pub size: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     /// `uname -r` of the guest.
-    pub release: String,
-    #[serde(with = "crate::manifest::arch_name")]
-    pub arch: Arch,
+    pub(crate) release: String,
+    #[serde(with = "crate::host::serde_text::one")]
+    pub(crate) arch: Arch,
     /// The cache key it was found or built under.
-    pub key: String,
+    pub(crate) key: String,
 }
 
 /// What to build.
 #[derive(Debug, Clone)]
-pub struct KernelRequest {
-    pub arch: Arch,
+pub(crate) struct KernelRequest {
+    pub(crate) arch: Arch,
     /// A tarball or an unpacked source tree; `None` means Debian's linux-source-6.12.
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
 }
 
 /// The fragments for an arch, base first, as one merged Kconfig fragment.
-pub fn fragments(arch: Arch) -> Result<String> {
+pub(crate) fn fragments(arch: Arch) -> Result<String> {
     let arch_fragment = match arch {
         Arch::X86_64 => X86_64_FRAGMENT,
         Arch::Aarch64 => AARCH64_FRAGMENT,
@@ -62,7 +64,7 @@ pub fn fragments(arch: Arch) -> Result<String> {
 }
 
 /// The options a fragment sets: `CONFIG_X` -> value (`n` for `# CONFIG_X is not set`).
-pub fn parse_config(text: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_config(text: &str) -> BTreeMap<String, String> {
     let mut options = BTreeMap::new();
     for line in text.lines() {
         let line = line.trim();
@@ -86,7 +88,7 @@ pub fn parse_config(text: &str) -> BTreeMap<String, String> {
 
 /// Options of the fragment that the final `.config` did not take (unmet dependencies or typos),
 /// as `CONFIG_X: wanted V, got W` lines.
-pub fn unapplied_options(fragment: &str, final_config: &str) -> Vec<String> {
+pub(crate) fn unapplied_options(fragment: &str, final_config: &str) -> Vec<String> {
     let have = parse_config(final_config);
     parse_config(fragment)
         .into_iter()
@@ -98,7 +100,7 @@ pub fn unapplied_options(fragment: &str, final_config: &str) -> Vec<String> {
 }
 
 fn kernels_dir() -> PathBuf {
-    crate::paths::cache_dir().join("kernels")
+    crate::host::paths::cache_dir().join("kernels")
 }
 
 fn source_path(request: &KernelRequest) -> PathBuf {
@@ -160,7 +162,7 @@ fn source_digest(source: &Path) -> Result<String> {
         .with_context(|| format!("Cannot read kernel source {}", source.display()))?;
     memo.insert(memo_key, d.clone());
     std::fs::create_dir_all(kernels_dir())?;
-    crate::fsutil::write_atomic(&memo_path, &serde_json::to_vec_pretty(&memo)?)?;
+    crate::host::fs::write_atomic(&memo_path, &serde_json::to_vec_pretty(&memo)?)?;
     Ok(d)
 }
 
@@ -197,7 +199,7 @@ fn tree_digest(root: &Path) -> Result<String> {
 }
 
 /// The cache key of a request: source digest + fragments + arch + compiler version.
-pub fn cache_key(request: &KernelRequest) -> Result<String> {
+pub(crate) fn cache_key(request: &KernelRequest) -> Result<String> {
     let source = source_path(request);
     let text = format!(
         "{RECIPE_VERSION}\nsource {}\narch {}\ncompiler {}\n--- fragments\n{}",
@@ -228,14 +230,9 @@ fn load_cached(dir: &Path) -> Option<Kernel> {
     kernel.path.is_file().then_some(kernel)
 }
 
-/// The cached kernel for a request, if there is one.
-pub fn cached(request: &KernelRequest) -> Result<Option<Kernel>> {
-    Ok(load_cached(&kernels_dir().join(cache_key(request)?)))
-}
-
 /// Returns the cached kernel, building it first if needed. `progress` receives human-readable
 /// progress lines (the CLI prints them on stderr).
-pub fn ensure(request: &KernelRequest, progress: &mut dyn FnMut(&str)) -> Result<Kernel> {
+pub(crate) fn ensure(request: &KernelRequest, progress: &mut dyn FnMut(&str)) -> Result<Kernel> {
     let key = cache_key(request)?;
     let final_dir = kernels_dir().join(&key);
     if let Some(kernel) = load_cached(&final_dir) {

@@ -8,13 +8,13 @@ use std::path::Path;
 
 /// An exclusive `flock` held until dropped.
 #[derive(Debug)]
-pub struct FileLock {
+pub(crate) struct FileLock {
     _file: File,
 }
 
 impl FileLock {
     /// Blocks until the lock at `path` (created if needed) is ours.
-    pub fn exclusive(path: &Path) -> Result<FileLock> {
+    pub(crate) fn exclusive(path: &Path) -> Result<FileLock> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("Cannot create {}", parent.display()))?;

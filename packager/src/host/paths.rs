@@ -11,13 +11,13 @@ pub fn cache_dir() -> PathBuf {
 
 /// The data root holding the image store: `$FUSE_HOME`, else `$XDG_DATA_HOME/fuse`, else
 /// `~/.local/share/fuse`.
-pub fn data_dir() -> PathBuf {
+pub(crate) fn data_dir() -> PathBuf {
     from_env("FUSE_HOME", "XDG_DATA_HOME", ".local/share")
 }
 
 /// Per-user state of running instances (`fuse run --detach`, `fuse ps`): `$FUSE_RUNTIME_DIR`,
 /// else `$XDG_RUNTIME_DIR/fuse`, else `/tmp/fuse-<uid>`. Nothing in it outlives its VM.
-pub fn runtime_dir() -> PathBuf {
+pub(crate) fn runtime_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FUSE_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);
     }

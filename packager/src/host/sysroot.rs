@@ -9,7 +9,7 @@
 //! host's dpkg configuration is not touched: no `dpkg --add-architecture`, no root needed) and
 //! unpacked with `dpkg-deb -x`. Their names and versions go to the manifest's notes.
 
-use crate::lock::FileLock;
+use crate::host::lock::FileLock;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::Arch;
 use serde::{Deserialize, Serialize};
@@ -18,29 +18,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The distribution release of fuse-made sysroots.
-pub const DEBIAN_RELEASE: &str = "debian12";
+pub(crate) const DEBIAN_RELEASE: &str = "debian12";
 /// What every dynamically linked program needs: the C library and the loader, the GCC
 /// runtime, the C++ library.
-pub const BASE_PACKAGES: &[&str] = &["libc6", "libgcc-s1", "libstdc++6"];
+pub(crate) const BASE_PACKAGES: &[&str] = &["libc6", "libgcc-s1", "libstdc++6"];
 /// Manifest note: where the libraries came from.
-pub const NOTE_SYSROOT: &str = "sysroot";
+pub(crate) const NOTE_SYSROOT: &str = "sysroot";
 /// Manifest note: the Debian packages of a fuse-made sysroot, `name=version` comma-separated.
-pub const NOTE_PACKAGES: &str = "sysroot.packages";
+pub(crate) const NOTE_PACKAGES: &str = "sysroot.packages";
 
 /// A sysroot to resolve an image's libraries in.
 #[derive(Debug, Clone)]
-pub struct Sysroot {
-    pub path: PathBuf,
+pub(crate) struct Sysroot {
+    pub(crate) path: PathBuf,
     /// What the manifest records: the user's path, or `debian12/arm64` for a fuse-made one (not
     /// its cache path, so the same input gives the same digest on every host).
-    pub label: String,
+    pub(crate) label: String,
     /// Packages unpacked into it (`name` -> `version`), empty for a user-given sysroot.
-    pub packages: BTreeMap<String, String>,
+    pub(crate) packages: BTreeMap<String, String>,
 }
 
 impl Sysroot {
     /// The manifest notes that say where the libraries came from.
-    pub fn notes(&self) -> Vec<(String, String)> {
+    pub(crate) fn notes(&self) -> Vec<(String, String)> {
         let mut notes = vec![(NOTE_SYSROOT.to_string(), self.label.clone())];
         if !self.packages.is_empty() {
             let list: Vec<String> = self
@@ -65,7 +65,7 @@ pub fn debian_arch(arch: Arch) -> &'static str {
 /// The sysroot of a build: `explicit` (`--sysroot`) if given; none (the host's own `/`) for
 /// the host's arch; else the fuse-made Debian sysroot of `arch` holding at least `packages`
 /// (plus [`BASE_PACKAGES`]) and everything they depend on.
-pub fn for_build(
+pub(crate) fn for_build(
     arch: Arch,
     explicit: Option<&Path>,
     packages: &[&str],
@@ -102,20 +102,24 @@ struct State {
 }
 
 /// The directory of the fuse-made Debian sysroot of `arch` (the root is its `root/`).
-pub fn debian_dir(arch: Arch) -> PathBuf {
-    crate::paths::cache_dir()
+pub(crate) fn debian_dir(arch: Arch) -> PathBuf {
+    crate::host::paths::cache_dir()
         .join("sysroots")
         .join(format!("{arch}-{DEBIAN_RELEASE}"))
 }
 
 /// The fuse-made Debian sysroot of `arch` with `packages` and their dependencies unpacked.
-pub fn debian(arch: Arch, packages: &[&str], progress: &mut dyn FnMut(&str)) -> Result<Sysroot> {
+pub(crate) fn debian(
+    arch: Arch,
+    packages: &[&str],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Sysroot> {
     debian_with(arch, packages, true, progress)
 }
 
 /// [`debian`] with exactly `packages` added (no dependencies: for packages that bring files,
 /// not libraries, like a JDK whose ELF closure is resolved later, library by library).
-pub fn debian_exact(
+pub(crate) fn debian_exact(
     arch: Arch,
     packages: &[&str],
     progress: &mut dyn FnMut(&str),
@@ -212,7 +216,7 @@ fn debian_with(
         state.unpacked.insert(name.clone(), version);
         std::fs::remove_file(&deb).ok();
     }
-    crate::fsutil::write_atomic(&state_path, &serde_json::to_vec_pretty(&state)?)?;
+    crate::host::fs::write_atomic(&state_path, &serde_json::to_vec_pretty(&state)?)?;
     Ok(sysroot(&state, &names))
 }
 

@@ -1,107 +1,113 @@
 //! The image manifest: what an image is made of, each part by digest. The image's digest is the
 //! digest of the manifest's canonical bytes, so it changes exactly when any part changes.
 
-use crate::config::ImageConfig;
-use crate::digest;
+use crate::host::digest;
+use crate::image::config::ImageConfig;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::Arch;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bump on incompatible changes; readers reject versions they do not know.
-pub const SCHEMA: u32 = 1;
+pub(crate) const SCHEMA: u32 = 1;
+
+/// The manifest note giving the directory of the runtime (inspect counts its bytes apart).
+pub(crate) const NOTE_RUNTIME_DIR: &str = "runtime.dir";
+/// The manifest note giving how many arguments after argv\[0\] belong to the launcher
+/// (`<options> -jar /app/x.jar`): run-time arguments go after them instead of replacing them.
+pub(crate) const NOTE_FIXED_ARGS: &str = "args.fixed";
 
 /// One stored part of an image (a blob in the store).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Component {
-    pub digest: String,
-    pub size: u64,
+pub(crate) struct Component {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
 }
 
 /// The app as the init starts it (mirrors `fuse_boot::spec::AppSpec`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppSection {
+pub(crate) struct AppSection {
     /// What kind of payload it was built from (`native`, ...).
-    pub kind: String,
-    pub exe: String,
-    pub args: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub hostname: String,
+    pub(crate) kind: String,
+    pub(crate) exe: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<String>,
+    pub(crate) cwd: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) hostname: String,
 }
 
 /// A file of the root filesystem, for "where do the megabytes go".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileSize {
-    pub path: String,
-    pub size: u64,
+pub(crate) struct FileSize {
+    pub(crate) path: String,
+    pub(crate) size: u64,
 }
 
 /// A summary of the root filesystem's contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Contents {
-    pub files: u64,
-    pub bytes: u64,
-    pub largest: Vec<FileSize>,
+pub(crate) struct Contents {
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
+    pub(crate) largest: Vec<FileSize>,
     /// Uncompressed bytes by part: `app` (under /app), `runtime` (a runtime's directory, such
     /// as the JVM's /opt/java), `system` (everything else: libraries, /etc).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub parts: BTreeMap<String, u64>,
+    pub(crate) parts: BTreeMap<String, u64>,
 }
 
 /// The manifest of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub schema: u32,
-    pub name: String,
-    pub version: String,
-    #[serde(with = "arch_name")]
-    pub arch: Arch,
-    pub kernel: KernelComponent,
+pub(crate) struct Manifest {
+    pub(crate) schema: u32,
+    pub(crate) name: String,
+    pub(crate) version: String,
+    #[serde(with = "crate::host::serde_text::one")]
+    pub(crate) arch: Arch,
+    pub(crate) kernel: KernelComponent,
     /// The initramfs holding fuse's init.
-    pub init: Component,
-    pub rootfs: RootfsComponent,
+    pub(crate) init: Component,
+    pub(crate) rootfs: RootfsComponent,
     /// The kernel command line the image boots with.
-    pub cmdline: String,
-    pub app: AppSection,
+    pub(crate) cmdline: String,
+    pub(crate) app: AppSection,
     /// Runtime facts (JDK version, module set, node version...), sorted by key.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub notes: BTreeMap<String, String>,
-    pub contents: Contents,
+    pub(crate) notes: BTreeMap<String, String>,
+    pub(crate) contents: Contents,
     /// Empty directories of the root where volumes can be mounted (`--volume NAME:/PATH`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mount_points: Vec<String>,
+    pub(crate) mount_points: Vec<String>,
     /// What the image keeps of its `fuse.toml`: environments, ports, health check, resources.
     #[serde(default, skip_serializing_if = "ImageConfig::is_empty")]
-    pub config: ImageConfig,
+    pub(crate) config: ImageConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KernelComponent {
-    pub digest: String,
-    pub size: u64,
-    pub release: String,
+pub(crate) struct KernelComponent {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
+    pub(crate) release: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RootfsComponent {
-    pub digest: String,
-    pub size: u64,
+pub(crate) struct RootfsComponent {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     /// Filesystem and compression, e.g. `squashfs+zstd`.
-    pub format: String,
+    pub(crate) format: String,
 }
 
 impl Manifest {
     /// The canonical bytes: pretty JSON with fields in declaration order, newline-terminated.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
         bytes.push(b'\n');
         bytes
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Manifest> {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Manifest> {
         let manifest: Manifest =
             serde_json::from_slice(bytes).context("Image manifest is not valid")?;
         if manifest.schema != SCHEMA {
@@ -114,17 +120,17 @@ impl Manifest {
     }
 
     /// The image digest.
-    pub fn digest(&self) -> String {
+    pub(crate) fn digest(&self) -> String {
         digest::of_bytes(&self.to_bytes())
     }
 
     /// `name:version`.
-    pub fn reference(&self) -> String {
+    pub(crate) fn reference(&self) -> String {
         format!("{}:{}", self.name, self.version)
     }
 
     /// Every blob the image is made of, with its size.
-    pub fn components(&self) -> [(&'static str, &str, u64); 3] {
+    pub(crate) fn components(&self) -> [(&'static str, &str, u64); 3] {
         [
             ("kernel", &self.kernel.digest, self.kernel.size),
             ("init", &self.init.digest, self.init.size),
@@ -133,22 +139,8 @@ impl Manifest {
     }
 
     /// Total size of the image: its parts plus the manifest.
-    pub fn total_size(&self) -> u64 {
+    pub(crate) fn total_size(&self) -> u64 {
         self.components().iter().map(|c| c.2).sum::<u64>() + self.to_bytes().len() as u64
-    }
-}
-
-pub(crate) mod arch_name {
-    use fuse_rootfs::Arch;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(arch: &Arch, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(arch.as_str())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arch, D::Error> {
-        let name = String::deserialize(d)?;
-        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -156,7 +148,7 @@ pub(crate) mod arch_name {
 pub(crate) mod tests {
     use super::*;
 
-    pub fn sample() -> Manifest {
+    pub(crate) fn sample() -> Manifest {
         Manifest {
             schema: SCHEMA,
             name: "hello".into(),

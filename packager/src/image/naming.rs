@@ -5,9 +5,9 @@ use std::path::Path;
 
 /// An image's name and version.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageName {
-    pub name: String,
-    pub version: String,
+pub(crate) struct ImageName {
+    pub(crate) name: String,
+    pub(crate) version: String,
 }
 
 impl std::fmt::Display for ImageName {
@@ -21,7 +21,7 @@ const PAYLOAD_EXTENSIONS: [&str; 6] = ["jar", "war", "js", "py", "bin", "elf"];
 
 /// The name derived from an input path: the file name without a payload extension, split at the
 /// last `-` that is followed by a digit; no version gives `latest`.
-pub fn from_input(path: &Path) -> Result<ImageName> {
+pub(crate) fn from_input(path: &Path) -> Result<ImageName> {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -48,7 +48,7 @@ pub fn from_input(path: &Path) -> Result<ImageName> {
 }
 
 /// Parses `name[:version]` as given to `--name` or on the command line.
-pub fn parse(reference: &str) -> Result<ImageName> {
+pub(crate) fn parse(reference: &str) -> Result<ImageName> {
     let (name, version) = reference.split_once(':').unwrap_or((reference, "latest"));
     validate(name, version)?;
     Ok(ImageName {

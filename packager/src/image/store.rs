@@ -9,35 +9,35 @@
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
-use crate::digest;
-use crate::lock::FileLock;
-use crate::manifest::Manifest;
-use crate::naming::{self, ImageName};
+use crate::host::digest;
+use crate::host::lock::FileLock;
+use crate::image::manifest::Manifest;
+use crate::image::naming::{self, ImageName};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The image store.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(crate) struct Store {
     root: PathBuf,
 }
 
 /// An image found in the store.
 #[derive(Debug, Clone)]
-pub struct StoredImage {
-    pub name: ImageName,
-    pub digest: String,
-    pub manifest: Manifest,
+pub(crate) struct StoredImage {
+    pub(crate) name: ImageName,
+    pub(crate) digest: String,
+    pub(crate) manifest: Manifest,
 }
 
 impl Store {
     /// The user's store.
-    pub fn open_default() -> Result<Store> {
-        Store::open(crate::paths::data_dir().join("images"))
+    pub(crate) fn open_default() -> Result<Store> {
+        Store::open(crate::host::paths::data_dir().join("images"))
     }
 
-    pub fn open(root: PathBuf) -> Result<Store> {
+    pub(crate) fn open(root: PathBuf) -> Result<Store> {
         for dir in [
             root.join("blobs/sha256"),
             root.join("refs"),
@@ -51,7 +51,7 @@ impl Store {
     }
 
     /// A scratch directory on the store's filesystem, so finished files can be renamed in.
-    pub fn temp_dir(&self) -> Result<tempfile::TempDir> {
+    pub(crate) fn temp_dir(&self) -> Result<tempfile::TempDir> {
         tempfile::Builder::new()
             .prefix("build-")
             .tempdir_in(self.root.join("tmp"))
@@ -59,14 +59,14 @@ impl Store {
     }
 
     /// Where a blob lives.
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
+    pub(crate) fn blob_path(&self, digest: &str) -> PathBuf {
         self.root
             .join("blobs/sha256")
             .join(digest::hex_part(digest))
     }
 
     /// Moves a finished file into the store under its digest; returns the digest.
-    pub fn put_file(&self, file: &Path) -> Result<String> {
+    pub(crate) fn put_file(&self, file: &Path) -> Result<String> {
         let d = digest::of_file(file)?;
         let target = self.blob_path(&d);
         if target.exists() {
@@ -78,41 +78,27 @@ impl Store {
         Ok(d)
     }
 
-    /// Copies a file into the store (for files owned elsewhere, like the cached kernel).
-    pub fn put_copy(&self, file: &Path) -> Result<String> {
-        let d = digest::of_file(file)?;
-        let target = self.blob_path(&d);
-        if !target.exists() {
-            let tmp = self.temp_dir()?;
-            let staged = tmp.path().join("blob");
-            std::fs::copy(file, &staged)
-                .with_context(|| format!("Cannot copy {} into the store", file.display()))?;
-            std::fs::rename(&staged, &target)?;
-        }
-        Ok(d)
-    }
-
-    pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
+    pub(crate) fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         let d = digest::of_bytes(bytes);
         let target = self.blob_path(&d);
         if !target.exists() {
-            crate::fsutil::write_atomic(&target, bytes)?;
+            crate::host::fs::write_atomic(&target, bytes)?;
         }
         Ok(d)
     }
 
     /// Stores a manifest, indexes the (stored) disk built from it, and points `name:version`
     /// at the disk; returns the image digest (the disk's).
-    pub fn tag(&self, manifest: &Manifest, disk: &str) -> Result<String> {
+    pub(crate) fn tag(&self, manifest: &Manifest, disk: &str) -> Result<String> {
         let _lock = self.lock()?;
         let m = self.put_bytes(&manifest.to_bytes())?;
-        crate::fsutil::write_atomic(&self.index_path(disk), format!("{m}\n").as_bytes())?;
+        crate::host::fs::write_atomic(&self.index_path(disk), format!("{m}\n").as_bytes())?;
         let reference = self
             .root
             .join("refs")
             .join(&manifest.name)
             .join(&manifest.version);
-        crate::fsutil::write_atomic(&reference, format!("{disk}\n").as_bytes())?;
+        crate::host::fs::write_atomic(&reference, format!("{disk}\n").as_bytes())?;
         Ok(disk.to_string())
     }
 
@@ -148,7 +134,7 @@ impl Store {
     }
 
     /// Every image, sorted by name and version.
-    pub fn list(&self) -> Result<Vec<StoredImage>> {
+    pub(crate) fn list(&self) -> Result<Vec<StoredImage>> {
         let mut images = Vec::new();
         let refs = self.root.join("refs");
         let mut names: Vec<_> = std::fs::read_dir(&refs)?
@@ -179,7 +165,7 @@ impl Store {
 
     /// Finds an image by `name[:version]`, full digest or a digest prefix of 12+ hex digits.
     /// A bare name with several versions and none called `latest` is ambiguous.
-    pub fn find(&self, reference: &str) -> Result<Option<StoredImage>> {
+    pub(crate) fn find(&self, reference: &str) -> Result<Option<StoredImage>> {
         let hex = digest::hex_part(reference);
         if hex.len() >= 12 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
             let found: Vec<StoredImage> = self
@@ -222,7 +208,7 @@ impl Store {
     }
 
     /// Removes a reference, then every blob no remaining image uses. Returns bytes freed.
-    pub fn remove(&self, image: &StoredImage) -> Result<u64> {
+    pub(crate) fn remove(&self, image: &StoredImage) -> Result<u64> {
         let _lock = self.lock()?;
         let reference = self
             .root
@@ -271,7 +257,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::sample;
+    use crate::image::manifest::tests::sample;
 
     /// A stand-in for the disk of `manifest` (its bytes are not read by the store).
     fn disk_of(store: &Store, manifest: &Manifest) -> String {

@@ -9,19 +9,19 @@
 //! No variable expansion and no multi-line values: what is in the file is what the app gets.
 //! Errors are one line, `FILE:LINE: what is wrong`.
 
-use crate::config::check_env_name;
+use crate::image::config::check_env_name;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 /// Reads and parses a dotenv file.
-pub fn load(path: &Path) -> Result<Vec<(String, String)>> {
+pub(crate) fn load(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("Cannot read the env file {}", path.display()))?;
     parse(&text, &path.display().to_string())
 }
 
 /// Parses dotenv text; `origin` names it in errors. Later lines win over earlier ones.
-pub fn parse(text: &str, origin: &str) -> Result<Vec<(String, String)>> {
+pub(crate) fn parse(text: &str, origin: &str) -> Result<Vec<(String, String)>> {
     let mut vars: Vec<(String, String)> = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let at = || format!("{origin}:{}", index + 1);

@@ -12,6 +12,7 @@
 
 use anyhow::{bail, Result};
 use fuse_boot::qemu::{PortForward, Proto, StopRequest};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -23,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The default time an app gets to become healthy (boots under TCG take seconds).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between two probes.
 const INTERVAL: Duration = Duration::from_millis(200);
 /// How long a `tcp` connection must stay open to count (see the module documentation).
@@ -32,8 +33,9 @@ const TCP_SETTLE: Duration = Duration::from_millis(500);
 const PROBE_IO: Duration = Duration::from_secs(2);
 
 /// What to probe.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthKind {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum HealthKind {
     /// `GET path` must answer with a 2xx or 3xx status.
     Http { path: String },
     /// A TCP connection must be accepted by the guest.
@@ -41,12 +43,12 @@ pub enum HealthKind {
 }
 
 /// A health check: what to probe, on which guest port, for how long at most.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub kind: HealthKind,
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HealthCheck {
+    pub(crate) kind: HealthKind,
     /// The port in the guest; `None`: the guest port of the first published TCP port.
-    pub guest_port: Option<u16>,
-    pub timeout: Duration,
+    pub(crate) guest_port: Option<u16>,
+    pub(crate) timeout: Duration,
 }
 
 impl FromStr for HealthCheck {
@@ -88,12 +90,12 @@ impl FromStr for HealthCheck {
 
 impl HealthCheck {
     /// The host port that reaches the checked guest port.
-    pub fn host_port(&self, forwards: &[PortForward]) -> Result<u16> {
+    pub(crate) fn host_port(&self, forwards: &[PortForward]) -> Result<u16> {
         self.ports(forwards).map(|(host, _)| host)
     }
 
     /// The checked (host port, guest port).
-    pub fn ports(&self, forwards: &[PortForward]) -> Result<(u16, u16)> {
+    pub(crate) fn ports(&self, forwards: &[PortForward]) -> Result<(u16, u16)> {
         let tcp = || forwards.iter().filter(|f| f.proto == Proto::Tcp);
         let Some(guest) = self.guest_port.or_else(|| tcp().next().map(|f| f.guest)) else {
             bail!("The health check needs a published TCP port: add -p HOST:GUEST");
@@ -107,7 +109,7 @@ impl HealthCheck {
     }
 
     /// Where the app is reached from the host, for the ready line.
-    pub fn url(&self, host_port: u16) -> String {
+    pub(crate) fn url(&self, host_port: u16) -> String {
         match &self.kind {
             HealthKind::Http { .. } => format!("http://localhost:{host_port}"),
             HealthKind::Tcp => format!("tcp://localhost:{host_port}"),
@@ -117,7 +119,11 @@ impl HealthCheck {
     /// One probe through `host_port`; the error says what was seen. `usernet` (the guest
     /// port and QEMU's QMP socket) makes a `tcp` check exact: the connection must be one the
     /// guest accepted, in QEMU's `info usernet`.
-    pub fn probe(&self, host_port: u16, usernet: Option<(u16, &Path)>) -> Result<(), String> {
+    pub(crate) fn probe(
+        &self,
+        host_port: u16,
+        usernet: Option<(u16, &Path)>,
+    ) -> Result<(), String> {
         if let HealthKind::Http { path } = &self.kind {
             return match http_status(host_port, path)? {
                 200..=399 => Ok(()),
@@ -168,7 +174,7 @@ impl HealthCheck {
 
 /// One HTTP/1.0 GET of `path` through `127.0.0.1:port`: the status code, or why there is none.
 /// Shared by the health wait of `fuse run` and the HTTP expectation of `fuse test`.
-pub fn http_status(port: u16, path: &str) -> Result<u16, String> {
+pub(crate) fn http_status(port: u16, path: &str) -> Result<u16, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
     let _ = stream.set_read_timeout(Some(PROBE_IO));
@@ -215,7 +221,7 @@ impl fmt::Display for HealthCheck {
 
 /// A probe running in its own thread; see [`spawn`].
 #[derive(Debug)]
-pub struct Probe {
+pub(crate) struct Probe {
     done: Arc<AtomicBool>,
     ready: Arc<Mutex<Option<Duration>>>,
     thread: Option<JoinHandle<()>>,
@@ -223,12 +229,12 @@ pub struct Probe {
 
 impl Probe {
     /// When the app became healthy (from QEMU's spawn), if it did.
-    pub fn ready_after(&self) -> Option<Duration> {
+    pub(crate) fn ready_after(&self) -> Option<Duration> {
         *self.ready.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops probing (the VM is gone) and waits for the thread.
-    pub fn finish(mut self) -> Option<Duration> {
+    pub(crate) fn finish(mut self) -> Option<Duration> {
         self.done.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -246,7 +252,7 @@ impl Drop for Probe {
 /// Probes `check` through `host_port` every 200 ms from now until healthy (then calls
 /// `on_ready` with the time since `started`), or until `started + check.timeout` (then asks
 /// the run loop to stop the VM through `stop`).
-pub fn spawn(
+pub(crate) fn spawn(
     check: HealthCheck,
     host_port: u16,
     usernet: Option<(u16, PathBuf)>,

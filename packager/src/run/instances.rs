@@ -1,13 +1,16 @@
 //! Running instances: `fuse run --detach`, `fuse ps`, `fuse logs`, `fuse kill`.
 //!
-//! `fuse run -d` resolves (builds) the image in the foreground, then re-executes itself as a
-//! hidden supervisor (`fuse __supervise DIR --image DIGEST -- run ARGS...`) in a new session,
-//! with stdout going to the instance's `console.log` and stderr to `supervisor.log`. The
-//! supervisor runs the VM with the same runner as `fuse run`, so QEMU is still tied to it
-//! (process group, `PR_SET_PDEATHSIG`): kill the supervisor, even with SIGKILL, and the VM goes.
+//! `fuse run -d` resolves (builds) the image in the foreground, writes what to run (the image's
+//! digest and the [`RunOptions`], injected values included) to `request.json` (0600) in a new
+//! instance directory, then re-executes itself as a hidden supervisor (`fuse __supervise DIR`)
+//! in a new session, with stdout going to the instance's `console.log` and stderr to
+//! `supervisor.log`. Nothing of the request is on a command line (`ps` shows every local user
+//! those); the supervisor reads the file, removes it, and boots through the same
+//! [`crate::run::launch`] as `fuse run`, so QEMU is still tied to it (process group,
+//! `PR_SET_PDEATHSIG`): kill the supervisor, even with SIGKILL, and the VM goes.
 //!
-//! State lives in `paths::runtime_dir()/<id>/`: `state.json` (written atomically), the logs
-//! and the QMP socket. The supervisor removes the directory when the VM ends. A supervisor
+//! State lives in `paths::runtime_dir()/<id>/` (0700): `state.json` (written atomically), the
+//! logs and the QMP socket. The supervisor removes the directory when the VM ends. A supervisor
 //! that was SIGKILLed leaves it behind: `fuse ps` (and every other command here) checks that
 //! the recorded supervisor and QEMU are alive and are the processes recorded (their start
 //! time, and QEMU's command line naming this directory), and removes stale entries.
@@ -16,9 +19,9 @@
 //! SIGTERM, see `fuse_boot::qemu`), then waits for the supervisor; past the grace period and
 //! a margin, it SIGKILLs the supervisor (and so QEMU).
 
-use crate::paths;
-use crate::run::{self, RunHooks, RunRequest};
-use crate::store::Store;
+use crate::host::paths;
+use crate::image::store::Store;
+use crate::run::{launch, Hooks, RunOptions};
 use anyhow::{bail, Context, Result};
 use fuse_boot::qemu::Spawned;
 use serde::{Deserialize, Serialize};
@@ -31,13 +34,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The state file of an instance directory.
-pub const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 /// The app's console output.
-pub const CONSOLE_LOG: &str = "console.log";
+pub(crate) const CONSOLE_LOG: &str = "console.log";
 /// The supervisor's own messages (fuse notices and errors).
-pub const SUPERVISOR_LOG: &str = "supervisor.log";
+pub(crate) const SUPERVISOR_LOG: &str = "supervisor.log";
 /// QEMU's QMP socket.
-pub const QMP_SOCKET: &str = "qmp.sock";
+pub(crate) const QMP_SOCKET: &str = "qmp.sock";
+/// What the supervisor runs ([`SupervisorRequest`]), 0600, removed once read.
+pub(crate) const REQUEST_FILE: &str = "request.json";
 /// How long a directory without a state file may be "being created" before it is stale.
 const CREATION_WINDOW: Duration = Duration::from_secs(60);
 /// Added to the grace period before `fuse kill` gives up waiting and SIGKILLs.
@@ -46,7 +51,7 @@ const KILL_MARGIN: Duration = Duration::from_secs(10);
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub(crate) enum Status {
     /// The supervisor runs; QEMU is not spawned yet.
     Starting,
     /// QEMU runs.
@@ -56,7 +61,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Starting => "starting",
             Status::Running => "running",
@@ -67,15 +72,15 @@ impl Status {
 
 /// A process, identified beyond its pid (pids are reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessId {
-    pub pid: u32,
+pub(crate) struct ProcessId {
+    pub(crate) pid: u32,
     /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22).
-    pub start_time: u64,
+    pub(crate) start_time: u64,
 }
 
 impl ProcessId {
     /// The process `pid` as it is now, if it exists.
-    pub fn of(pid: u32) -> Option<ProcessId> {
+    pub(crate) fn of(pid: u32) -> Option<ProcessId> {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let (_, rest) = stat.rsplit_once(')')?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -88,47 +93,47 @@ impl ProcessId {
     }
 
     /// Whether this very process still runs.
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         ProcessId::of(self.pid).is_some_and(|now| now == *self)
     }
 }
 
 /// `state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceState {
-    pub id: String,
+pub(crate) struct InstanceState {
+    pub(crate) id: String,
     /// `name:version`.
-    pub image: String,
-    pub digest: String,
+    pub(crate) image: String,
+    pub(crate) digest: String,
     /// Published ports, `HOST:GUEST/PROTO`.
-    pub ports: Vec<String>,
+    pub(crate) ports: Vec<String>,
     /// Volumes, `NAME:/PATH`.
     #[serde(default)]
-    pub volumes: Vec<String>,
-    pub supervisor: ProcessId,
-    pub qemu: Option<ProcessId>,
+    pub(crate) volumes: Vec<String>,
+    pub(crate) supervisor: ProcessId,
+    pub(crate) qemu: Option<ProcessId>,
     /// Seconds since the epoch when the instance was started.
-    pub started_at: u64,
-    pub status: Status,
+    pub(crate) started_at: u64,
+    pub(crate) status: Status,
     /// Where the app answers, once healthy.
     #[serde(default)]
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// How long the app took to become healthy, from QEMU's spawn.
     #[serde(default)]
-    pub ready_ms: Option<u64>,
+    pub(crate) ready_ms: Option<u64>,
     /// The grace period of a graceful stop, in seconds.
-    pub grace_secs: f64,
+    pub(crate) grace_secs: f64,
 }
 
 /// An instance directory and its state.
 #[derive(Debug, Clone)]
-pub struct Instance {
-    pub dir: PathBuf,
-    pub state: InstanceState,
+pub(crate) struct Instance {
+    pub(crate) dir: PathBuf,
+    pub(crate) state: InstanceState,
 }
 
 /// Seconds since the epoch.
-pub fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -136,7 +141,7 @@ pub fn now_secs() -> u64 {
 }
 
 /// A new instance id: 12 random hex digits.
-pub fn new_id() -> Result<String> {
+pub(crate) fn new_id() -> Result<String> {
     let mut bytes = [0u8; 6];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -145,7 +150,7 @@ pub fn new_id() -> Result<String> {
 }
 
 /// Writes `state` to `dir/state.json` atomically (readers never see half a file).
-pub fn write_state(dir: &Path, state: &InstanceState) -> Result<()> {
+pub(crate) fn write_state(dir: &Path, state: &InstanceState) -> Result<()> {
     let tmp = dir.join(".state.json.tmp");
     let mut bytes = serde_json::to_vec_pretty(state)?;
     bytes.push(b'\n');
@@ -154,7 +159,7 @@ pub fn write_state(dir: &Path, state: &InstanceState) -> Result<()> {
         .with_context(|| format!("Cannot write the state of instance {}", state.id))
 }
 
-pub fn read_state(dir: &Path) -> Result<InstanceState> {
+pub(crate) fn read_state(dir: &Path) -> Result<InstanceState> {
     let path = dir.join(STATE_FILE);
     let bytes = fs::read(&path).with_context(|| format!("Cannot read {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))
@@ -174,7 +179,7 @@ fn is_instance_qemu(q: &ProcessId, dir: &Path) -> bool {
 
 /// What `fuse ps` concludes about an instance directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Liveness {
+pub(crate) enum Liveness {
     /// The supervisor (and QEMU, once spawned) run.
     Alive,
     /// Being created or wound down by a live process: leave it alone, do not list it.
@@ -184,7 +189,7 @@ pub enum Liveness {
 }
 
 /// Decides from the state (if readable) and the directory's age.
-pub fn liveness(dir: &Path, state: Option<&InstanceState>, dir_age: Duration) -> Liveness {
+pub(crate) fn liveness(dir: &Path, state: Option<&InstanceState>, dir_age: Duration) -> Liveness {
     let Some(state) = state else {
         return if dir_age < CREATION_WINDOW {
             Liveness::Transient
@@ -205,7 +210,7 @@ pub fn liveness(dir: &Path, state: Option<&InstanceState>, dir_age: Duration) ->
 }
 
 /// The live instances, oldest first; stale directories are removed on the way.
-pub fn list() -> Result<Vec<Instance>> {
+pub(crate) fn list() -> Result<Vec<Instance>> {
     let root = paths::runtime_dir();
     let entries = match fs::read_dir(&root) {
         Ok(entries) => entries,
@@ -250,7 +255,7 @@ pub fn list() -> Result<Vec<Instance>> {
 }
 
 /// The live instance whose id starts with `prefix` (unique).
-pub fn find(prefix: &str) -> Result<Instance> {
+pub(crate) fn find(prefix: &str) -> Result<Instance> {
     if prefix.is_empty() {
         bail!("No instance id given: see `fuse ps`");
     }
@@ -266,7 +271,7 @@ pub fn find(prefix: &str) -> Result<Instance> {
 }
 
 /// `3s`, `4m`, `2h5m`, `3d`.
-pub fn human_duration(secs: u64) -> String {
+pub(crate) fn human_duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
         s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
@@ -275,32 +280,70 @@ pub fn human_duration(secs: u64) -> String {
     }
 }
 
-/// Starts the supervisor for a new instance and waits until the VM runs (and, with a health
-/// check, is healthy). `run_argv` is the `run` command line (`run` first), `digest` the image
-/// it resolved to. Returns the instance's state.
-pub fn detach(
-    digest: &str,
-    run_argv: &[std::ffi::OsString],
-    wait_ready: bool,
-    patience: Duration,
-) -> Result<InstanceState> {
+/// What `fuse run -d` hands its supervisor, through [`REQUEST_FILE`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SupervisorRequest {
+    /// The image, resolved (built) by `fuse run -d` already.
+    pub(crate) digest: String,
+    pub(crate) options: RunOptions,
+}
+
+/// Writes `request` to `dir/request.json`, readable by its owner only.
+fn write_request(dir: &Path, request: &SupervisorRequest) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(REQUEST_FILE);
+    let bytes = serde_json::to_vec(request)?;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&bytes))
+        .with_context(|| format!("Cannot write {}", path.display()))
+}
+
+/// Reads the supervisor's request from `dir` and removes the file: the values it holds live
+/// on in the supervisor's memory only.
+pub(crate) fn take_request(dir: &Path) -> Result<SupervisorRequest> {
+    let path = dir.join(REQUEST_FILE);
+    let bytes = fs::read(&path).with_context(|| format!("Cannot read {}", path.display()))?;
+    fs::remove_file(&path).with_context(|| format!("Cannot remove {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))
+}
+
+/// Starts the supervisor for a new instance of `request` and waits until the VM runs (and,
+/// with a health check, is healthy). Returns the instance's state.
+pub(crate) fn detach(request: &SupervisorRequest, patience: Duration) -> Result<InstanceState> {
+    use std::os::unix::fs::DirBuilderExt;
     let root = paths::runtime_dir();
     fs::create_dir_all(&root).with_context(|| format!("Cannot create {}", root.display()))?;
     // The state names processes and ports, not secrets, but it is nobody else's business.
     let _ = fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700));
     let id = new_id()?;
     let dir = root.join(&id);
-    fs::create_dir(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("Cannot create {}", dir.display()))?;
+    let started = start_supervisor(&dir, request, patience);
+    if started.is_err() {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    started
+}
+
+fn start_supervisor(
+    dir: &Path,
+    request: &SupervisorRequest,
+    patience: Duration,
+) -> Result<InstanceState> {
+    write_request(dir, request)?;
     let console = fs::File::create(dir.join(CONSOLE_LOG))?;
     let log = fs::File::create(dir.join(SUPERVISOR_LOG))?;
     let exe = std::env::current_exe().context("Cannot find the fuse executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("__supervise")
-        .arg(&dir)
-        .arg("--image")
-        .arg(digest)
-        .arg("--")
-        .args(run_argv)
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(console)
         .stderr(log);
@@ -316,11 +359,11 @@ pub fn detach(
         });
     }
     let mut child = cmd.spawn().context("Cannot start the fuse supervisor")?;
-    wait_started(&dir, &mut child, wait_ready, patience).inspect_err(|_| {
+    let wait_ready = request.options.health.is_some();
+    wait_started(dir, &mut child, wait_ready, patience).inspect_err(|_| {
         // The supervisor may be stuck or gone: make sure nothing of it runs on.
         let _ = child.kill();
         let _ = child.wait();
-        let _ = fs::remove_dir_all(&dir);
     })
 }
 
@@ -366,7 +409,7 @@ fn wait_started(
 
 /// Stops an instance gracefully (SIGTERM to its supervisor: the app gets SIGTERM), forcing
 /// after its grace period and a margin. Returns whether it stopped without being forced.
-pub fn kill(instance: &Instance) -> Result<bool> {
+pub(crate) fn kill(instance: &Instance) -> Result<bool> {
     let state = &instance.state;
     let sup = state.supervisor;
     // SAFETY: kill(2) on the supervisor, verified alive with its recorded start time by
@@ -396,7 +439,7 @@ pub fn kill(instance: &Instance) -> Result<bool> {
 }
 
 /// Writes the console output so far to `out`; with `follow`, goes on until the instance ends.
-pub fn logs(instance: &Instance, follow: bool, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn logs(instance: &Instance, follow: bool, out: &mut dyn Write) -> Result<()> {
     let path = instance.dir.join(CONSOLE_LOG);
     let mut file =
         fs::File::open(&path).with_context(|| format!("Cannot read {}", path.display()))?;
@@ -429,12 +472,14 @@ pub fn logs(instance: &Instance, follow: bool, out: &mut dyn Write) -> Result<()
     }
 }
 
-/// The hidden `fuse __supervise`: runs the VM of the instance in `dir` (created by
-/// [`detach`]) like `fuse run`, keeping `state.json` up to date, and removes `dir` at the end.
-/// Its stdout is the console log, its stderr the supervisor log.
-pub fn supervise(store: &Store, request: &RunRequest, dir: &Path, digest: &str) -> Result<u8> {
+/// The hidden `fuse __supervise DIR`: runs the VM of the instance in `dir` (created by
+/// [`detach`], with its request) like `fuse run`, keeping `state.json` up to date, and removes
+/// `dir` at the end. Its stdout is the console log, its stderr the supervisor log.
+pub(crate) fn supervise(store: &Store, dir: &Path) -> Result<u8> {
+    let SupervisorRequest { digest, options } = take_request(dir)?;
+    let request = &options;
     let image = store
-        .find(digest)?
+        .find(&digest)?
         .with_context(|| format!("Image {digest} is no longer in the store"))?;
     let supervisor = ProcessId::of(std::process::id()).context("Cannot read /proc/self/stat")?;
     let id = dir
@@ -486,12 +531,20 @@ pub fn supervise(store: &Store, request: &RunRequest, dir: &Path, digest: &str) 
             eprintln!("fuse: warning: {e:#}");
         }
     });
-    let hooks = RunHooks {
+    let hooks = Hooks {
         on_spawn: Some(&mut on_spawn),
         on_ready: Some(on_ready),
         qmp_socket: Some(dir.join(QMP_SOCKET)),
+        stop: None,
     };
-    let result = run::run_hooked(store, request, &mut |l| eprintln!("fuse: {l}"), hooks);
+    let result = launch(
+        store,
+        &image,
+        request,
+        hooks,
+        &mut std::io::stdout(),
+        &mut |l| eprintln!("fuse: {l}"),
+    );
     // A VM that never started leaves its logs for `fuse run -d` to report; it removes them.
     let started = shared
         .lock()
@@ -501,7 +554,7 @@ pub fn supervise(store: &Store, request: &RunRequest, dir: &Path, digest: &str) 
     if started {
         let _ = fs::remove_dir_all(dir);
     }
-    result
+    Ok(result?.exit_code)
 }
 
 #[cfg(test)]

@@ -1,261 +1,244 @@
-//! `fuse run`: boot an image (building it first when given an app) and report the app's exit.
+//! Booting a stored image. [`launch`] is the one launch path: `fuse run` (foreground),
+//! the supervisor of `fuse run -d`, and `fuse test` all boot through it, with the same
+//! [`RunOptions`] and defaults; they differ only in the [`Hooks`] they pass and where the
+//! console output goes.
+//!
+//! `overlay` carries what one run selects and injects, `boot` chooses direct or UEFI boot,
+//! `ports`, `health` and `volumes` are the run's network, readiness and data, `instances`
+//! keeps the state of detached runs, `check` evaluates what `fuse test` expects.
 
-use crate::builder::{self, BuildRequest};
-use crate::payload::Kind;
-use crate::store::{Store, StoredImage};
+pub(crate) mod boot;
+pub(crate) mod check;
+pub(crate) mod dotenv;
+pub(crate) mod health;
+pub(crate) mod instances;
+pub(crate) mod overlay;
+pub(crate) mod ports;
+pub(crate) mod volumes;
+
+use crate::image::config::HealthProbe;
+use crate::image::manifest::{Manifest, NOTE_FIXED_ARGS};
+use crate::image::store::{Store, StoredImage};
 use anyhow::{Context, Result};
+use boot::BootMode;
 use fuse_boot::accel::AccelChoice;
-use fuse_boot::qemu::VmConfig;
-use fuse_boot::qemu::{PortForward, RunControl, Spawned, StopRequest};
-use fuse_rootfs::Arch;
-use std::path::{Path, PathBuf};
+use fuse_boot::qemu::{PortForward, Proto, RunControl, Spawned, StopRequest, VmConfig, VmOutcome};
+use health::{HealthCheck, HealthKind};
+use overlay::Selection;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use volumes::VolumeSpec;
 
 /// Guest memory when neither `--memory` nor the image's configuration gives it.
-pub const DEFAULT_MEMORY_MIB: u32 = 256;
+pub(crate) const DEFAULT_MEMORY_MIB: u32 = 256;
+/// How long the app gets after SIGTERM when nothing says otherwise.
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
-/// How to run.
-#[derive(Debug, Clone)]
-pub struct RunRequest {
-    /// An app (built first) or an image reference in the store.
-    pub target: String,
-    /// Arguments replacing the image's baked arguments (after argv[0]); empty keeps them.
-    pub args: Vec<String>,
-    pub name: Option<String>,
-    pub arch: Option<Arch>,
-    pub kernel_source: Option<PathBuf>,
-    /// `--kind` and `--jdk` when building (see `BuildRequest`).
-    pub kind: Option<Kind>,
-    pub jdk: Option<PathBuf>,
-    /// `--compression` when building.
-    pub compression: Option<crate::builder::RootfsCompression>,
-    /// `--node`, `--python`, `--venv` when building.
-    pub interpreters: crate::runtimes::Interpreters,
-    pub accel: AccelChoice,
-    /// `None`: the image's (fuse.toml `memory`), else [`DEFAULT_MEMORY_MIB`].
-    pub memory_mib: Option<u32>,
-    /// `None`: the image's (fuse.toml `cpus`), else 1.
-    pub cpus: Option<u32>,
-    pub timeout: Option<Duration>,
-    pub verbose: bool,
-    /// The configuration file when building (`--config`).
-    pub config: Option<PathBuf>,
+/// How to boot an image: what `fuse run`, `fuse run -d` and `fuse test` share. The supervisor
+/// of a detached run reads it from a 0600 file in its instance directory (it holds the run's
+/// injected values), never from its command line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RunOptions {
+    /// Arguments replacing the image's baked arguments (after the launcher's); empty keeps
+    /// them.
+    pub(crate) args: Vec<String>,
     /// The environment to boot and the values injected for this run (`--env`, `-e`).
-    pub selection: crate::environments::Selection,
+    pub(crate) selection: Selection,
+    #[serde(with = "serde_accel")]
+    pub(crate) accel: AccelChoice,
+    /// `None`: the image's (fuse.toml `memory`), else [`DEFAULT_MEMORY_MIB`].
+    pub(crate) memory_mib: Option<u32>,
+    /// `None`: the image's (fuse.toml `cpus`), else 1.
+    pub(crate) cpus: Option<u32>,
+    pub(crate) timeout: Option<Duration>,
+    /// Kernel messages and the QEMU command line.
+    pub(crate) verbose: bool,
     /// Host ports forwarded to the guest (`-p`), on 127.0.0.1.
-    pub publish: Vec<PortForward>,
-    /// What `fuse run` waits for before it reports the app ready (`--health`).
-    pub health: Option<crate::health::HealthCheck>,
+    #[serde(with = "crate::host::serde_text::many")]
+    pub(crate) publish: Vec<PortForward>,
+    /// What the run waits for before it reports the app ready (`--health`).
+    pub(crate) health: Option<HealthCheck>,
     /// How long the app gets after SIGTERM (Ctrl-C, `fuse kill`) before the VM is killed.
-    pub grace: Duration,
+    pub(crate) grace: Duration,
     /// Host-backed disks mounted in the guest (`--volume`).
-    pub volumes: Vec<crate::volumes::VolumeSpec>,
+    pub(crate) volumes: Vec<VolumeSpec>,
     /// Direct boot (kernel and initramfs out of the disk) or through UEFI firmware.
-    pub firmware: crate::disk_image::BootMode,
+    pub(crate) firmware: BootMode,
+    /// Publish the image's named ports and wait on its health check when the options give
+    /// none (`fuse run`); `fuse test` publishes only its own check's port.
+    pub(crate) image_defaults: bool,
 }
 
-/// Called when the health check passes: time since QEMU's spawn, and the app's URL.
-pub type OnReady = Arc<dyn Fn(Duration, &str) + Send + Sync>;
-
-/// Hooks for the instance supervisor (`fuse run --detach`): instance state follows the VM.
-#[derive(Default)]
-pub struct RunHooks<'a> {
-    /// Called once QEMU is spawned.
-    pub on_spawn: Option<&'a mut dyn FnMut(&Spawned)>,
-    /// Called (from the probe's thread) when the health check passes: time since QEMU's
-    /// spawn, and the app's URL.
-    pub on_ready: Option<OnReady>,
-    /// Where QEMU's QMP socket goes (default: a private temporary directory).
-    pub qmp_socket: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for RunHooks<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunHooks")
-            .field("on_spawn", &self.on_spawn.is_some())
-            .field("on_ready", &self.on_ready.is_some())
-            .field("qmp_socket", &self.qmp_socket)
-            .finish()
-    }
-}
-
-/// The image a request runs, built first when it names an app (as [`run`] does).
-pub fn resolve_request(
-    store: &Store,
-    request: &RunRequest,
-    progress: &mut dyn FnMut(&str),
-) -> Result<StoredImage> {
-    resolve_image(store, &request.target, request.build_request(), progress)
-}
-
-impl RunRequest {
-    /// The build flags of this run, for when its target is an app.
-    pub fn build_request(&self) -> BuildRequest {
-        BuildRequest {
-            input: PathBuf::new(),
-            name: self.name.clone(),
-            arch: self.arch,
-            kernel_source: self.kernel_source.clone(),
-            kind: self.kind,
-            jdk: self.jdk.clone(),
-            interpreters: self.interpreters.clone(),
-            config: self.config.clone(),
-            compression: self.compression,
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            args: Vec::new(),
+            selection: Selection::default(),
+            accel: AccelChoice::Auto,
+            memory_mib: None,
+            cpus: None,
+            timeout: None,
+            verbose: false,
+            publish: Vec::new(),
+            health: None,
+            grace: DEFAULT_GRACE,
+            volumes: Vec::new(),
+            firmware: BootMode::Direct,
+            image_defaults: true,
         }
     }
 }
 
-/// `request` completed with what the image's configuration asks for when the command line
-/// says nothing: its named ports published on the same host ports (127.0.0.1), and its
-/// health check waited on.
-pub fn with_image_defaults(
-    request: &RunRequest,
-    manifest: &crate::manifest::Manifest,
-) -> RunRequest {
-    use crate::config::HealthProbe;
-    use crate::health::{HealthCheck, HealthKind};
-    let mut request = request.clone();
-    if request.publish.is_empty() {
-        let mut guest_ports: Vec<u16> = manifest.config.ports.values().copied().collect();
-        guest_ports.sort_unstable();
-        guest_ports.dedup();
-        request.publish = guest_ports
-            .into_iter()
-            .map(|port| PortForward {
-                host: port,
-                guest: port,
-                proto: fuse_boot::qemu::Proto::Tcp,
-            })
-            .collect();
+impl RunOptions {
+    /// The checks of `-p` and `--health` that need no image, made before anything is built;
+    /// returns the health check's host port.
+    pub(crate) fn check_ports(&self) -> Result<Option<u16>> {
+        ports::check_host_ports(&self.publish)?;
+        self.health
+            .as_ref()
+            .map(|h| h.host_port(&self.publish))
+            .transpose()
     }
-    if request.health.is_none() {
-        request.health = manifest.config.healthcheck.as_ref().map(|h| {
-            let (kind, port) = match &h.probe {
-                HealthProbe::Http { path, port, .. } => {
-                    (HealthKind::Http { path: path.clone() }, *port)
+
+    /// These options completed with what the image's configuration asks for when the command
+    /// line says nothing: its named ports published on the same host ports (127.0.0.1), and
+    /// its health check waited on.
+    pub(crate) fn with_image_defaults(&self, manifest: &Manifest) -> RunOptions {
+        let mut options = self.clone();
+        if !options.image_defaults {
+            return options;
+        }
+        if options.publish.is_empty() {
+            let mut guest_ports: Vec<u16> = manifest.config.ports.values().copied().collect();
+            guest_ports.sort_unstable();
+            guest_ports.dedup();
+            options.publish = guest_ports
+                .into_iter()
+                .map(|port| PortForward {
+                    host: port,
+                    guest: port,
+                    proto: Proto::Tcp,
+                })
+                .collect();
+        }
+        if options.health.is_none() {
+            options.health = manifest.config.healthcheck.as_ref().map(|h| {
+                let (kind, port) = match &h.probe {
+                    HealthProbe::Http { path, port, .. } => {
+                        (HealthKind::Http { path: path.clone() }, *port)
+                    }
+                    HealthProbe::Tcp { port } => (HealthKind::Tcp, *port),
+                };
+                HealthCheck {
+                    kind,
+                    guest_port: Some(port),
+                    timeout: Duration::from_secs(h.timeout_secs),
                 }
-                HealthProbe::Tcp { port } => (HealthKind::Tcp, *port),
-            };
-            HealthCheck {
-                kind,
-                guest_port: Some(port),
-                timeout: Duration::from_secs(h.timeout_secs),
-            }
-        });
+            });
+        }
+        options
     }
-    request
 }
 
-/// The checks of `-p` and `--health` that need no image: made before anything is built.
-pub fn check_ports(request: &RunRequest) -> Result<Option<u16>> {
-    crate::ports::check_host_ports(&request.publish)?;
-    request
-        .health
-        .as_ref()
-        .map(|h| h.host_port(&request.publish))
-        .transpose()
+/// Called when the health check passes: time since QEMU's spawn, and the app's URL.
+pub(crate) type OnReady = Arc<dyn Fn(Duration, &str) + Send + Sync>;
+
+/// What a caller hooks into a run.
+#[derive(Default)]
+pub(crate) struct Hooks<'a> {
+    /// Called once QEMU is spawned.
+    pub(crate) on_spawn: Option<&'a mut dyn FnMut(&Spawned)>,
+    /// Called (from the probe's thread) when the health check passes.
+    pub(crate) on_ready: Option<OnReady>,
+    /// Where QEMU's QMP socket goes (default: a private temporary directory).
+    pub(crate) qmp_socket: Option<PathBuf>,
+    /// Lets the caller stop the VM from another thread (`fuse test` after its HTTP check).
+    pub(crate) stop: Option<Arc<StopRequest>>,
 }
 
-/// The image `target` names: a path to an app is built with `build`'s flags (cheap when
-/// nothing changed; `build.input` is ignored), anything else is looked up in the store.
-pub fn resolve_image(
-    store: &Store,
-    target: &str,
-    build: BuildRequest,
-    progress: &mut dyn FnMut(&str),
-) -> Result<StoredImage> {
-    let path = Path::new(target);
-    if path.exists() {
-        let request = BuildRequest {
-            input: path.to_path_buf(),
-            ..build
-        };
-        return builder::build(store, &request, progress);
+impl std::fmt::Debug for Hooks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("on_spawn", &self.on_spawn.is_some())
+            .field("on_ready", &self.on_ready.is_some())
+            .field("qmp_socket", &self.qmp_socket)
+            .field("stop", &self.stop)
+            .finish()
     }
-    store.find(target)?.with_context(|| {
-        format!("No app file or image named '{target}': give the path of an app, or an image from `fuse ls`")
-    })
 }
 
 /// The argv\[1..\] of a run with `args`: a runtime's launcher arguments (`java <options> -jar
 /// /app/x.jar`, counted by the `args.fixed` note) stay, the run's arguments follow them.
-fn run_args(manifest: &crate::manifest::Manifest, args: &[String]) -> Vec<String> {
+fn run_args(manifest: &Manifest, args: &[String]) -> Vec<String> {
     let fixed = manifest
         .notes
-        .get(crate::runtimes::jvm::NOTE_FIXED_ARGS)
+        .get(NOTE_FIXED_ARGS)
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(0);
     let baked = manifest.app.args.iter().skip(1).take(fixed).cloned();
     baked.chain(args.iter().cloned()).collect()
 }
 
-/// Boots the image; returns the app's exit code. App output streams to stdout.
-pub fn run(store: &Store, request: &RunRequest, notice: &mut dyn FnMut(&str)) -> Result<u8> {
-    run_hooked(store, request, notice, RunHooks::default())
-}
-
-/// [`run`], with the supervisor's hooks.
-pub fn run_hooked(
+/// Boots `image` with `options` and waits for it to end: the app's console output goes to
+/// `out`, fuse's notices to `notice`. Returns how the VM ended; a VM that did not report an
+/// exit code is an error whose chain holds the runner's `RunError`.
+pub(crate) fn launch(
     store: &Store,
-    request: &RunRequest,
+    image: &StoredImage,
+    options: &RunOptions,
+    hooks: Hooks<'_>,
+    out: &mut dyn Write,
     notice: &mut dyn FnMut(&str),
-    hooks: RunHooks<'_>,
-) -> Result<u8> {
-    // Flags are checked before anything is built; the image's own ports and health check
-    // (from its fuse.toml) only once it is known.
-    check_ports(request)?;
-    let image = resolve_image(store, &request.target, request.build_request(), notice)?;
+) -> Result<VmOutcome> {
     let manifest = &image.manifest;
-    let request = &with_image_defaults(request, manifest);
-    let health_port = check_ports(request)?;
+    let options = &options.with_image_defaults(manifest);
+    let health_port = options.check_ports()?;
     let scratch = store.temp_dir()?;
-    let mut fw_cfg = Vec::new();
-    let args = (!request.args.is_empty()).then(|| run_args(manifest, &request.args));
-    let overlay = crate::environments::run_overlay(manifest, &request.selection, args)?;
-    let volumes =
-        crate::volumes::prepare(&request.volumes, manifest, &image.name.to_string(), notice)?;
-    let overlay = crate::volumes::add_to_overlay(overlay, &volumes);
-    fw_cfg.extend(crate::environments::write_overlay(
-        scratch.path(),
-        &overlay,
-    )?);
-    // Both paths boot the image's disk: its bytes are the image's digest.
-    let (root_disk, boot, firmware) =
-        crate::disk_image::vm_boot(store, &image, request.firmware, scratch.path())?;
+    let args = (!options.args.is_empty()).then(|| run_args(manifest, &options.args));
+    let overlay = overlay::run_overlay(manifest, &options.selection, args)?;
+    let volumes = volumes::prepare(&options.volumes, manifest, &image.name.to_string(), notice)?;
+    let overlay = volumes::add_to_overlay(overlay, &volumes);
+    let fw_cfg: Vec<_> = overlay::write_overlay(scratch.path(), &overlay)?
+        .into_iter()
+        .collect();
+    // Both boot modes boot the image's disk: its bytes are the image's digest.
+    let (root_disk, boot_files, firmware) =
+        boot::vm_boot(store, image, options.firmware, scratch.path())?;
     let config = VmConfig {
         arch: manifest.arch,
-        kernel: boot.kernel,
-        initrd: boot.initrd,
-        cmdline: boot.cmdline,
+        kernel: boot_files.kernel,
+        initrd: boot_files.initrd,
+        cmdline: boot_files.cmdline,
         root_disk,
         firmware,
-        memory_mib: request
+        memory_mib: options
             .memory_mib
             .or(manifest.config.memory)
             .unwrap_or(DEFAULT_MEMORY_MIB),
-        cpus: request.cpus.or(manifest.config.cpus).unwrap_or(1),
-        accel: request.accel,
+        cpus: options.cpus.or(manifest.config.cpus).unwrap_or(1),
+        accel: options.accel,
         fw_cfg,
         network: true,
-        port_forwards: request.publish.clone(),
-        timeout: request.timeout,
-        verbose: request.verbose,
+        port_forwards: options.publish.clone(),
+        timeout: options.timeout,
+        verbose: options.verbose,
         qmp_socket: hooks.qmp_socket.clone(),
-        stop_grace: request.grace,
+        stop_grace: options.grace,
         data_disks: volumes.iter().map(|v| v.file.clone()).collect(),
     };
-    let mut stdout = std::io::stdout();
     // The health probe runs in its own thread from QEMU's spawn on; a failed check stops
     // the VM through `stop`.
-    let stop = StopRequest::new();
-    let health = request.health.clone().zip(health_port);
-    let RunHooks {
+    let stop = hooks.stop.clone().unwrap_or_default();
+    let health = options.health.clone().zip(health_port);
+    let Hooks {
         mut on_spawn,
         on_ready,
         ..
     } = hooks;
-    let mut probe: Option<crate::health::Probe> = None;
+    let mut probe: Option<health::Probe> = None;
     let mut spawned = |s: &Spawned| {
         if let Some((check, port)) = &health {
             let url = check.url(*port);
@@ -266,8 +249,8 @@ pub fn run_hooked(
                     f(after, &url);
                 }
             };
-            let guest = check.ports(&request.publish).ok().map(|(_, g)| g);
-            probe = Some(crate::health::spawn(
+            let guest = check.ports(&options.publish).ok().map(|(_, g)| g);
+            probe = Some(health::spawn(
                 check.clone(),
                 *port,
                 guest.map(|g| (g, s.qmp_socket.clone())),
@@ -284,7 +267,7 @@ pub fn run_hooked(
         stop: Some(stop.clone()),
         on_spawn: Some(&mut spawned),
     };
-    let result = fuse_boot::qemu::run_controlled(&config, &mut stdout, notice, control);
+    let result = fuse_boot::qemu::run_controlled(&config, out, notice, control);
     let ready = probe.take().and_then(|p| p.finish());
     let outcome =
         result.with_context(|| format!("Image {} did not run to completion", image.name))?;
@@ -294,5 +277,52 @@ pub fn run_hooked(
             outcome.exit_code
         );
     }
-    Ok(outcome.exit_code)
+    Ok(outcome)
+}
+
+/// `AccelChoice` as `auto`, `kvm` or `tcg` (it has no `Display` to go through).
+mod serde_accel {
+    use fuse_boot::accel::AccelChoice;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(a: &AccelChoice, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match a {
+            AccelChoice::Auto => "auto",
+            AccelChoice::Kvm => "kvm",
+            AccelChoice::Tcg => "tcg",
+        })
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<AccelChoice, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_survive_the_supervisor_file() {
+        let options = RunOptions {
+            args: vec!["a b".into()],
+            selection: Selection {
+                environment: Some("prod".into()),
+                env: vec![("TOKEN".into(), "s3cret".into())],
+            },
+            accel: AccelChoice::Tcg,
+            memory_mib: Some(300),
+            timeout: Some(Duration::from_millis(2500)),
+            publish: vec!["8080:80".parse().unwrap(), "5353:53/udp".parse().unwrap()],
+            health: Some("http:/healthz@80".parse().unwrap()),
+            volumes: vec!["db:/data:64M".parse().unwrap()],
+            firmware: BootMode::Uefi,
+            ..RunOptions::default()
+        };
+        let text = serde_json::to_string(&options).unwrap();
+        let back: RunOptions = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, options);
+    }
 }

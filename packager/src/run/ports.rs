@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 const CAP_NET_BIND_SERVICE: u32 = 10;
 
 /// Parses `HOST:GUEST[/tcp|/udp]` or `PORT`, saying which part is wrong (clap value parser).
-pub fn parse_publish(s: &str) -> Result<PortForward, String> {
+pub(crate) fn parse_publish(s: &str) -> Result<PortForward, String> {
     let ports = s.split_once('/').map_or(s, |(ports, _)| ports);
     for part in ports.split(':') {
         match part.parse::<u64>() {
@@ -48,13 +48,13 @@ fn effective_capabilities() -> u64 {
 }
 
 /// Whether a process with this euid and effective capabilities may bind `port`.
-pub fn may_bind(port: u16, euid: u32, cap_eff: u64, unprivileged_start: u16) -> bool {
+pub(crate) fn may_bind(port: u16, euid: u32, cap_eff: u64, unprivileged_start: u16) -> bool {
     port >= unprivileged_start || euid == 0 || cap_eff & (1 << CAP_NET_BIND_SERVICE) != 0
 }
 
 /// Checks every forward before boot: no host port twice, no privileged port without the
 /// privilege, no port already in use on 127.0.0.1.
-pub fn check_host_ports(forwards: &[PortForward]) -> Result<()> {
+pub(crate) fn check_host_ports(forwards: &[PortForward]) -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     let caps = effective_capabilities();

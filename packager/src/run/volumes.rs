@@ -9,26 +9,27 @@
 //! another image keeps its data: that is the point. QEMU locks the file, so two running VMs
 //! cannot share one volume.
 
-use crate::manifest::Manifest;
-use crate::paths;
+use crate::host::paths;
+use crate::image::manifest::Manifest;
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
 /// Size of a new volume unless given.
-pub const DEFAULT_SIZE: u64 = 1 << 30;
+pub(crate) const DEFAULT_SIZE: u64 = 1 << 30;
 /// Smallest volume mkfs.ext4 handles comfortably.
 const MIN_SIZE: u64 = 8 << 20;
 
 /// One `--volume NAME:/PATH[:SIZE]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeSpec {
-    pub name: String,
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VolumeSpec {
+    pub(crate) name: String,
     /// Absolute mount point in the guest.
-    pub mount: String,
+    pub(crate) mount: String,
     /// Size when the volume is created (ignored when it exists).
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
 }
 
 impl FromStr for VolumeSpec {
@@ -67,7 +68,7 @@ impl FromStr for VolumeSpec {
 }
 
 /// `1G`, `512M`, `2GiB`, `1048576` (bytes): binary units.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let invalid = || format!("invalid volume size '{s}': use a size like 512M or 2G");
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -90,17 +91,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// A volume ready to attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreparedVolume {
-    pub name: String,
+pub(crate) struct PreparedVolume {
+    pub(crate) name: String,
     /// The host file.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// The guest's device (`/dev/vdb`, ...).
-    pub device: String,
-    pub mount: String,
+    pub(crate) device: String,
+    pub(crate) mount: String,
 }
 
 /// `overlay` plus the `volume` entries telling the init which disk to mount where.
-pub fn add_to_overlay(
+pub(crate) fn add_to_overlay(
     mut overlay: fuse_boot::spec::RunOverlay,
     volumes: &[PreparedVolume],
 ) -> fuse_boot::spec::RunOverlay {
@@ -111,13 +112,13 @@ pub fn add_to_overlay(
 }
 
 /// Where volumes live on the host.
-pub fn volumes_dir() -> PathBuf {
+pub(crate) fn volumes_dir() -> PathBuf {
     paths::data_dir().join("volumes")
 }
 
 /// Checks `specs` against the image and creates missing volumes. `progress` gets a line per
 /// created volume.
-pub fn prepare(
+pub(crate) fn prepare(
     specs: &[VolumeSpec],
     manifest: &Manifest,
     image: &str,
@@ -147,7 +148,7 @@ pub fn prepare(
             progress(&format!(
                 "created volume {} ({})",
                 spec.name,
-                crate::fsutil::human_size(spec.size.unwrap_or(DEFAULT_SIZE))
+                crate::host::fs::human_size(spec.size.unwrap_or(DEFAULT_SIZE))
             ));
         }
         prepared.push(PreparedVolume {
@@ -162,7 +163,7 @@ pub fn prepare(
 }
 
 /// The root is read-only: the mount point must be one the image was built with.
-pub fn check_mount_point(manifest: &Manifest, image: &str, mount: &str) -> Result<()> {
+pub(crate) fn check_mount_point(manifest: &Manifest, image: &str, mount: &str) -> Result<()> {
     if manifest.mount_points.iter().any(|m| m == mount) {
         return Ok(());
     }
@@ -249,7 +250,7 @@ mod tests {
 
     #[test]
     fn mount_point_must_be_in_the_image() {
-        let m = crate::manifest::tests::sample();
+        let m = crate::image::manifest::tests::sample();
         check_mount_point(&m, "hello:1.0", "/data").unwrap();
         let err = check_mount_point(&m, "hello:1.0", "/srv").unwrap_err();
         assert!(err.to_string().contains("use one of /data"), "{err}");

@@ -16,18 +16,18 @@ const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn"];
 
 /// Whether an entry of the app directory is copied. Gets the path relative to the app root
 /// (`node_modules/x`, `/`-separated) and whether it is a directory.
-pub type Filter<'a> = dyn FnMut(&str, bool) -> bool + 'a;
+pub(crate) type Filter<'a> = dyn FnMut(&str, bool) -> bool + 'a;
 
 /// What was copied.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CopyStats {
-    pub files: u64,
-    pub bytes: u64,
+pub(crate) struct CopyStats {
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
 }
 
 /// Copies the app directory `host_root` to `image_root` (`/app`), skipping VCS directories and
 /// whatever `keep` refuses.
-pub fn add_app_dir(
+pub(crate) fn add_app_dir(
     tree: &mut Tree,
     host_root: &Path,
     image_root: &str,

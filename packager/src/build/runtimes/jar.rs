@@ -35,7 +35,7 @@ const JDK_PREFIXES: &[&str] = &[
 
 /// Errors reading a jar. Each is one line: what, where, how to fix.
 #[derive(Debug, thiserror::Error)]
-pub enum JarError {
+pub(crate) enum JarError {
     #[error("Cannot read {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -54,35 +54,31 @@ pub enum JarError {
     NoMainClass { path: PathBuf },
 }
 
-pub type Result<T> = std::result::Result<T, JarError>;
+pub(crate) type Result<T> = std::result::Result<T, JarError>;
 
 /// A jar nested in another (a fat jar's dependency).
 #[derive(Debug, Clone)]
-pub struct NestedJar {
-    /// Its entry name in the outer jar.
-    pub entry: String,
-    pub bytes: Vec<u8>,
+pub(crate) struct NestedJar {
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// What fuse needs to know about an executable jar.
 #[derive(Debug, Clone)]
-pub struct JarInfo {
-    pub main_class: String,
-    /// Whether the manifest says `Multi-Release: true`.
-    pub multi_release: bool,
+pub(crate) struct JarInfo {
+    pub(crate) main_class: String,
     /// Spring Boot (reflection-heavy: jdeps cannot see all it loads).
-    pub spring_boot: bool,
+    pub(crate) spring_boot: bool,
     /// Nested jars, in entry order.
-    pub nested: Vec<NestedJar>,
+    pub(crate) nested: Vec<NestedJar>,
     /// The JDK classes (internal names, e.g. `java/net/http/HttpClient`) referred to by the
     /// bytecode of the jar and its nested jars: what the module set depends on.
-    pub jdk_refs: BTreeSet<String>,
+    pub(crate) jdk_refs: BTreeSet<String>,
 }
 
 impl JarInfo {
     /// A digest of everything jdeps' answer depends on (the JDK classes referred to), so a
     /// rebuilt jar whose code changed but which uses the same JDK classes reuses the answer.
-    pub fn refs_digest(&self) -> String {
+    pub(crate) fn refs_digest(&self) -> String {
         let mut h = Sha256::new();
         for r in &self.jdk_refs {
             h.update(r.as_bytes());
@@ -93,7 +89,7 @@ impl JarInfo {
 }
 
 /// Whether `path` looks like a jar: zip magic and a `.jar` name or a manifest entry.
-pub fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
+pub(crate) fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
     if !magic.starts_with(b"PK\x03\x04") {
         return false;
     }
@@ -111,7 +107,7 @@ pub fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
 
 /// Reads the jar at `path`: checks every entry name, finds `Main-Class`, loads nested jars,
 /// collects the JDK classes the bytecode refers to.
-pub fn read(path: &Path) -> Result<JarInfo> {
+pub(crate) fn read(path: &Path) -> Result<JarInfo> {
     let file = std::fs::File::open(path).map_err(|source| JarError::Io {
         path: path.to_path_buf(),
         source,
@@ -139,10 +135,8 @@ pub fn read(path: &Path) -> Result<JarInfo> {
         .ok_or_else(|| JarError::NoMainClass {
             path: path.to_path_buf(),
         })?;
-    let multi_release = attr("Multi-Release").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let mut info = JarInfo {
         main_class,
-        multi_release,
         spring_boot: attr("Spring-Boot-Version").is_some(),
         nested: Vec::new(),
         jdk_refs: BTreeSet::new(),
@@ -171,7 +165,7 @@ fn check_names<R: Read + Seek>(path: &Path, zip: &mut ZipArchive<R>) -> Result<(
 /// Whether an entry name stays inside the directory it is extracted to: relative, no `..`
 /// component, no backslash (a separator on Windows), no NUL. Stricter than the zip crate's
 /// `enclosed_name`, which accepts `/etc/passwd` as `etc/passwd`.
-pub fn is_enclosed(name: &str) -> bool {
+pub(crate) fn is_enclosed(name: &str) -> bool {
     !name.starts_with('/')
         && !name.contains(['\\', '\0'])
         && name.split('/').all(|part| part != "..")
@@ -220,14 +214,14 @@ fn scan<R: Read + Seek>(
                 })?;
             check_names(&nested_path, &mut inner)?;
             scan(&nested_path, &mut inner, info, false)?;
-            info.nested.push(NestedJar { entry: name, bytes });
+            info.nested.push(NestedJar { bytes });
         }
     }
     Ok(())
 }
 
 /// The value of a main-section attribute of a manifest (continuation lines joined).
-pub fn manifest_attribute(manifest: &str, name: &str) -> Option<String> {
+pub(crate) fn manifest_attribute(manifest: &str, name: &str) -> Option<String> {
     // Continuation lines start with one space and continue the previous line's value.
     let mut lines: Vec<String> = Vec::new();
     for raw in manifest.split('\n') {
@@ -254,11 +248,14 @@ pub fn manifest_attribute(manifest: &str, name: &str) -> Option<String> {
 
 /// Why a class file could not be read (internal: such files are skipped).
 #[derive(Debug)]
-pub struct BadClass;
+pub(crate) struct BadClass;
 
 /// Adds the JDK classes the class file `bytes` refers to (class constants and the class names
 /// in descriptors and signatures, all of which are UTF-8 constants) to `out`.
-pub fn class_refs(bytes: &[u8], out: &mut BTreeSet<String>) -> std::result::Result<(), BadClass> {
+pub(crate) fn class_refs(
+    bytes: &[u8],
+    out: &mut BTreeSet<String>,
+) -> std::result::Result<(), BadClass> {
     let mut r = Reader { bytes, pos: 0 };
     if r.u32()? != 0xCAFE_BABE {
         return Err(BadClass);
@@ -343,7 +340,7 @@ mod tests {
     use zip::write::SimpleFileOptions;
 
     /// Writes a jar (stored entries: the zip crate here has no deflate writer) with `entries`.
-    pub fn write_jar(path: &Path, entries: &[(&str, &[u8])]) {
+    pub(crate) fn write_jar(path: &Path, entries: &[(&str, &[u8])]) {
         let file = std::fs::File::create(path).unwrap();
         let mut zip = zip::ZipWriter::new(file);
         let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -449,9 +446,9 @@ mod tests {
         );
         let info = read(&app).unwrap();
         assert_eq!(info.main_class, "app.Main");
-        assert!(!info.spring_boot && !info.multi_release);
+        assert!(!info.spring_boot);
         assert_eq!(info.nested.len(), 1);
-        assert_eq!(info.nested[0].entry, "lib/dep.jar");
+        assert!(info.nested[0].bytes.starts_with(b"PK\x03\x04"), "a zip");
         assert!(info.jdk_refs.contains("java/sql/Driver"), "{info:?}");
         assert!(info.jdk_refs.contains("java/lang/System"));
         assert!(looks_like_jar(&app, b"PK\x03\x04"));

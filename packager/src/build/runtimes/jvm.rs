@@ -11,11 +11,13 @@
 //! pools is milliseconds), and the jlink runtime, keyed by the JDK, the module set and the jlink
 //! options.
 
+use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::jar::{self, JarInfo};
-use super::{default_env, AppImage, RuntimeInput};
-use crate::layout;
-use crate::lock::FileLock;
-use crate::paths;
+use super::jdk::{find_jdk, jdk_candidates, target_jdk, Jdk};
+use crate::build::layout;
+use crate::host::lock::FileLock;
+use crate::host::paths;
+use crate::image::manifest;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::elf::{self, ClosureOptions};
 use fuse_rootfs::tree::Tree;
@@ -26,13 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Where the runtime goes in the image.
-pub const RUNTIME_DIR: &str = "/opt/java";
-
-/// The manifest note giving the directory of the runtime (inspect counts its bytes apart).
-pub const NOTE_RUNTIME_DIR: &str = "runtime.dir";
-/// The manifest note giving how many arguments after argv\[0\] belong to the launcher
-/// (`<options> -jar /app/x.jar`): run-time arguments go after them instead of replacing them.
-pub const NOTE_FIXED_ARGS: &str = "args.fixed";
+pub(crate) const RUNTIME_DIR: &str = "/opt/java";
 
 /// Bumped when what fuse does to a jlink output changes, so old cache entries are not reused.
 const CACHE_VERSION: &str = "fuse-jlink-4";
@@ -48,7 +44,7 @@ const CACHE_VERSION: &str = "fuse-jlink-4";
 /// `jdk.management` (the platform MXBeans actuators read), `jdk.httpserver`, `jdk.naming.dns`.
 /// Left out on purpose: the compiler, jshell, jlink, debuggers and agents (tools, not a runtime
 /// for an app) and `jdk.localedata` (10 MB of locales; `LANG` is C.UTF-8).
-pub const SAFE_MODULES: &[&str] = &[
+pub(crate) const SAFE_MODULES: &[&str] = &[
     "java.se",
     "jdk.unsupported",
     "jdk.crypto.ec",
@@ -67,23 +63,23 @@ const TLS_CLASS_PREFIXES: &[&str] = &["javax/net/ssl/", "java/net/http/", "java/
 /// (a config file will set them later); passed on the command line, never via
 /// `JAVA_TOOL_OPTIONS`, so the app's environment is exactly the spec's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JvmOptions {
+pub(crate) struct JvmOptions {
     /// Maximum heap as a share of the guest's RAM. The JVM's default (25%) is for a machine
     /// shared with other processes; here the app is alone, 75% leaves room for metaspace,
     /// thread stacks, code cache and the page cache.
-    pub max_ram_percentage: u32,
+    pub(crate) max_ram_percentage: u32,
     /// The garbage collector flag. Serial: the VM has 1 vCPU by default and little RAM, where
     /// G1's concurrent threads and remembered sets cost more than they give; it is also what
     /// ergonomics picks below 2 CPUs / 1792 MB, made explicit so `--cpus 2` does not switch.
     /// Start is the same (hello under TCG: 4.47 s Serial, 4.48 s G1).
-    pub gc: String,
+    pub(crate) gc: String,
     /// Class data sharing: `auto` uses the runtime's archive when it is there and valid.
-    pub share: String,
+    pub(crate) share: String,
     /// `-XX:TieredStopAtLevel=1` (C1 only). Off: it saves 0.16 s of the hello's start under
     /// TCG (4.31 s against 4.47 s of run CPU), but costs a long-running server its C2 peak.
-    pub c1_only: bool,
+    pub(crate) c1_only: bool,
     /// Anything else, appended last.
-    pub extra: Vec<String>,
+    pub(crate) extra: Vec<String>,
 }
 
 impl Default for JvmOptions {
@@ -101,7 +97,7 @@ impl Default for JvmOptions {
 
 impl JvmOptions {
     /// The options as `java` arguments.
-    pub fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         let mut args = vec![
             format!("-XX:MaxRAMPercentage={}", self.max_ram_percentage),
             self.gc.clone(),
@@ -121,12 +117,12 @@ impl JvmOptions {
 
 /// How jlink builds the runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JlinkOptions {
+pub(crate) struct JlinkOptions {
     /// `--compress=0|1|2`: 0 stores resources as they are (the squashfs compresses them),
     /// 1 shares strings, 2 zips them.
-    pub compress: u8,
+    pub(crate) compress: u8,
     /// `--generate-cds-archive`: a class-data-sharing archive of the default classes.
-    pub cds: bool,
+    pub(crate) cds: bool,
 }
 
 impl Default for JlinkOptions {
@@ -157,7 +153,7 @@ impl Default for JlinkOptions {
 
 impl JlinkOptions {
     /// The jlink arguments (without modules and output).
-    pub fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         let mut args = vec![
             "--strip-debug".to_string(),
             "--no-header-files".into(),
@@ -171,180 +167,9 @@ impl JlinkOptions {
     }
 }
 
-/// A JDK on the host.
-#[derive(Debug, Clone)]
-pub struct Jdk {
-    pub home: PathBuf,
-    /// `JAVA_RUNTIME_VERSION` (or `JAVA_VERSION`) from its `release` file.
-    pub version: String,
-    /// The feature release (17), for `jdeps --multi-release`.
-    pub feature: u32,
-    /// The modules it has (`MODULES` of its release file).
-    pub modules: BTreeSet<String>,
-    /// Its jmods directory; `None` for a JDK that links from its own runtime (JEP 493).
-    pub jmods: Option<PathBuf>,
-    /// Identifies the JDK's bits: the `release` file and the name, size and mtime of every
-    /// jmod (what jlink reads).
-    pub digest: String,
-    /// The home of the JDK whose jlink and jdeps run (a host JDK of the same version), when
-    /// this one is for another arch (see `jvm_cross`); `None`: this JDK's own.
-    pub tools: Option<PathBuf>,
-}
-
-/// Where JDKs are looked for when `--jdk` is not given: `$JAVA_HOME`, the JDK of the `jlink`
-/// on `PATH` (Debian's alternatives: what the user's `java` is), Debian's `default-java`, then
-/// every `/usr/lib/jvm/*` (last name first).
-pub fn jdk_candidates() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(home) = std::env::var_os("JAVA_HOME").filter(|h| !h.is_empty()) {
-        out.push(PathBuf::from(home));
-    }
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("jlink"))
-            .find(|jlink| jlink.is_file())
-    });
-    if let Some(home) = on_path
-        .and_then(|jlink| std::fs::canonicalize(jlink).ok())
-        .and_then(|jlink| Some(jlink.parent()?.parent()?.to_path_buf()))
-    {
-        out.push(home);
-    }
-    out.push(PathBuf::from("/usr/lib/jvm/default-java"));
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/jvm") {
-        let mut dirs: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
-        dirs.sort();
-        dirs.reverse();
-        out.extend(dirs);
-    }
-    out
-}
-
-/// The JDK to use: `explicit` (from `--jdk`) or the first of `candidates` with jlink.
-pub fn find_jdk(explicit: Option<&Path>, candidates: &[PathBuf]) -> Result<Jdk> {
-    if let Some(home) = explicit {
-        if !home.join("bin/jlink").is_file() || !home.join("bin/jdeps").is_file() {
-            bail!(
-                "No JDK at {} (no bin/jlink or bin/jdeps): give --jdk the home of a full JDK, not a JRE",
-                home.display()
-            );
-        }
-        return open_jdk(home);
-    }
-    match candidates
-        .iter()
-        .find(|c| c.join("bin/jlink").is_file() && c.join("bin/jdeps").is_file())
-    {
-        Some(home) => open_jdk(home),
-        None => bail!(
-            "No JDK found to build a Java runtime with (jlink and jdeps are needed): apt-get install openjdk-17-jdk-headless, or pass --jdk PATH"
-        ),
-    }
-}
-
-fn open_jdk(home: &Path) -> Result<Jdk> {
-    let home = std::fs::canonicalize(home)
-        .with_context(|| format!("Cannot open the JDK at {}", home.display()))?;
-    let release = std::fs::read_to_string(home.join("release")).with_context(|| {
-        format!(
-            "JDK at {} has no release file: give --jdk the home of a full JDK",
-            home.display()
-        )
-    })?;
-    let field = |key: &str| {
-        release.lines().find_map(|l| {
-            let v = l.strip_prefix(key)?.strip_prefix('=')?;
-            Some(v.trim_matches('"').to_string())
-        })
-    };
-    let version = field("JAVA_RUNTIME_VERSION")
-        .or_else(|| field("JAVA_VERSION"))
-        .unwrap_or_else(|| "unknown".into());
-    let feature = field("JAVA_VERSION")
-        .and_then(|v| v.split(['.', '+', '-']).next()?.parse().ok())
-        .unwrap_or(17);
-    // jlink reads the jmods, or (JDK 24+ without them, JEP 493) the runtime's own modules.
-    let jmods = home.join("jmods");
-    let linked_from = if jmods.is_dir() {
-        std::fs::read_dir(&jmods)
-            .with_context(|| format!("Cannot read {}", jmods.display()))?
-            .filter_map(|e| Some(e.ok()?.path()))
-            .collect()
-    } else {
-        vec![home.join("lib/modules")]
-    };
-    let mut listing: Vec<String> = Vec::new();
-    for path in linked_from {
-        let meta = std::fs::metadata(&path).with_context(|| {
-            format!(
-                "JDK at {} has neither jmods/ nor lib/modules: apt-get install openjdk-17-jdk-headless, or pass --jdk a full JDK",
-                home.display()
-            )
-        })?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        listing.push(format!("{} {} {mtime}", path.display(), meta.len()));
-    }
-    listing.sort();
-    let modules = field("MODULES")
-        .map(|m| m.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default();
-    let mut h = Sha256::new();
-    h.update(release.as_bytes());
-    h.update(listing.join("\n").as_bytes());
-    Ok(Jdk {
-        jmods: jmods.is_dir().then_some(jmods),
-        home,
-        version,
-        modules,
-        feature,
-        digest: hex::encode(h.finalize()),
-        tools: None,
-    })
-}
-
-impl Jdk {
-    fn tool(&self, name: &str) -> PathBuf {
-        self.tools
-            .as_ref()
-            .unwrap_or(&self.home)
-            .join("bin")
-            .join(name)
-    }
-
-    /// Whether the JDK has module `name`.
-    fn has_module(&self, name: &str) -> bool {
-        self.modules.contains(name)
-    }
-
-    /// The arch the JDK's native code is for (`OS_ARCH` of its release file).
-    fn check_arch(&self, arch: Arch) -> Result<()> {
-        let release = std::fs::read_to_string(self.home.join("release")).unwrap_or_default();
-        let os_arch = release
-            .lines()
-            .find_map(|l| l.strip_prefix("OS_ARCH=").map(|v| v.trim_matches('"')))
-            .unwrap_or("");
-        let matches = match arch {
-            Arch::X86_64 => matches!(os_arch, "x86_64" | "amd64"),
-            Arch::Aarch64 => matches!(os_arch, "aarch64" | "arm64"),
-        };
-        if !os_arch.is_empty() && !matches {
-            bail!(
-                "JDK at {} is for {os_arch}, the image is for {arch}: pass --jdk a JDK for {arch}",
-                self.home.display()
-            );
-        }
-        Ok(())
-    }
-}
-
 /// How the module set was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModuleSource {
+pub(crate) enum ModuleSource {
     Jdeps,
     /// jdeps failed: the safe set.
     Fallback,
@@ -363,7 +188,7 @@ impl ModuleSource {
 }
 
 /// Parses jdeps' `--print-module-deps` output: one line of comma-separated module names.
-pub fn parse_module_deps(stdout: &str) -> Option<BTreeSet<String>> {
+pub(crate) fn parse_module_deps(stdout: &str) -> Option<BTreeSet<String>> {
     let line = stdout.lines().rev().find(|l| !l.trim().is_empty())?;
     let modules: BTreeSet<String> = line.trim().split(',').map(str::to_string).collect();
     let valid = |m: &String| {
@@ -376,7 +201,7 @@ pub fn parse_module_deps(stdout: &str) -> Option<BTreeSet<String>> {
 }
 
 /// The modules the app gets: jdeps' answer (or the safe set), plus what jdeps cannot see.
-pub fn complete_modules(
+pub(crate) fn complete_modules(
     detected: Option<BTreeSet<String>>,
     info: &JarInfo,
 ) -> (BTreeSet<String>, ModuleSource) {
@@ -401,7 +226,7 @@ pub fn complete_modules(
 }
 
 /// A cache key: sha256 over the parts, each length-prefixed so no two part lists collide.
-pub fn cache_key(parts: &[&str]) -> String {
+pub(crate) fn cache_key(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());
@@ -480,7 +305,7 @@ fn modules_for(
             Ok(modules) => {
                 let line = modules.iter().cloned().collect::<Vec<_>>().join(",");
                 // A cache that cannot be written only costs the next build a jdeps run.
-                let _ = crate::fsutil::write_atomic(&cached, format!("{line}\n").as_bytes());
+                let _ = crate::host::fs::write_atomic(&cached, format!("{line}\n").as_bytes());
                 Some(modules)
             }
             Err(reason) => {
@@ -684,12 +509,15 @@ fn jar_file_name(input: &RuntimeInput<'_>) -> String {
     }
 }
 
-pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
+pub(crate) fn assemble(
+    input: &RuntimeInput<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<AppImage> {
     // The jar first: a broken jar is the user's likeliest mistake and needs no JDK to report.
     let info = jar::read(input.input)?;
     // Another arch (or --sysroot): the target's JDK, linked by a host JDK of its version.
     let (jdk, sysroot) = if input.arch != Arch::host() || input.sysroot.is_some() {
-        super::jvm_cross::target_jdk(input.arch, input.jdk, input.sysroot, progress)?
+        target_jdk(input.arch, input.jdk, input.sysroot, progress)?
     } else {
         (find_jdk(input.jdk, &jdk_candidates())?, None)
     };
@@ -711,6 +539,11 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
     let java = format!("{RUNTIME_DIR}/bin/java");
     let mut args = vec!["java".to_string()];
     args.extend(JvmOptions::default().args());
+    // `[jvm] options` of fuse.toml come after the defaults: the JVM takes the last of a
+    // repeated option, so they override.
+    if let Some(config) = input.config {
+        args.extend(config.runtime_options("jvm")?);
+    }
     args.push("-jar".into());
     args.push(jar_image);
     let fixed = args.len() - 1;
@@ -721,7 +554,7 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         }
     }
     env.push(("JAVA_HOME".into(), RUNTIME_DIR.into()));
-    let spec = super::app_spec(input, java, args, env);
+    let spec = app_spec(input, java, args, env);
     let notes = vec![
         ("jdk.version".to_string(), jdk.version.clone()),
         (
@@ -734,8 +567,11 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         ),
         ("jlink.options".to_string(), jlink.args().join(" ")),
         ("jar.main-class".to_string(), info.main_class.clone()),
-        (NOTE_RUNTIME_DIR.to_string(), RUNTIME_DIR.to_string()),
-        (NOTE_FIXED_ARGS.to_string(), fixed.to_string()),
+        (
+            manifest::NOTE_RUNTIME_DIR.to_string(),
+            RUNTIME_DIR.to_string(),
+        ),
+        (manifest::NOTE_FIXED_ARGS.to_string(), fixed.to_string()),
     ];
     let mut notes = notes;
     notes.extend(sysroot.iter().flat_map(|s| s.notes()));
@@ -749,7 +585,6 @@ mod tests {
     fn info(refs: &[&str], spring_boot: bool) -> JarInfo {
         JarInfo {
             main_class: "a.Main".into(),
-            multi_release: false,
             spring_boot,
             nested: Vec::new(),
             jdk_refs: refs.iter().map(|r| r.to_string()).collect(),

@@ -1,11 +1,14 @@
 //! Native apps: an ELF executable plus its shared-library closure, nothing else.
 
-use super::{default_env, AppImage, RuntimeInput};
-use crate::layout;
+use super::app::{app_spec, default_env, AppImage, RuntimeInput};
+use crate::build::layout;
 use anyhow::Result;
 use fuse_rootfs::elf::{self, ClosureOptions};
 
-pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
+pub(crate) fn assemble(
+    input: &RuntimeInput<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<AppImage> {
     let file_name = input
         .input
         .file_name()
@@ -31,13 +34,14 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
     let mut notes = Vec::new();
     // A static program needs no libraries, hence no sysroot.
     if !info.is_static {
-        if let Some(sysroot) = crate::sysroot::for_build(input.arch, input.sysroot, &[], progress)?
+        if let Some(sysroot) =
+            crate::host::sysroot::for_build(input.arch, input.sysroot, &[], progress)?
         {
             options.sysroot = sysroot.path.clone();
             notes = sysroot.notes();
         }
     }
     elf::add_with_closure(&mut tree, input.input, &exe, &options)?;
-    let spec = super::app_spec(input, exe.clone(), vec![exe], default_env(input.name));
+    let spec = app_spec(input, exe.clone(), vec![exe], default_env(input.name));
     Ok(AppImage { tree, spec, notes })
 }

@@ -12,9 +12,9 @@
 //! (`/lib/...`, `/lib64/...`), the app at `/app` (a single script at `/app/<file>`). The spec runs
 //! `node /app/<entry>` in `/app` with `NODE_ENV=production`.
 
+use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::appdir;
-use super::{default_env, AppImage, RuntimeInput};
-use crate::layout;
+use crate::build::layout;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::elf::{self, ClosureOptions};
 use fuse_rootfs::tree::Tree;
@@ -24,22 +24,25 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Where node goes in the image.
-pub const NODE_PATH: &str = "/usr/bin/node";
+pub(crate) const NODE_PATH: &str = "/usr/bin/node";
 /// The manifest note with `node --version`.
-pub const NOTE_VERSION: &str = "node.version";
+pub(crate) const NOTE_VERSION: &str = "node.version";
 
-pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
+pub(crate) fn assemble(
+    input: &RuntimeInput<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<AppImage> {
     let mut tree = layout::skeleton()?;
     let entry = add_app(&mut tree, input.input, progress)?;
     // Another arch (or --sysroot): node and its libraries come from the target's root; with no
-    // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::sysroot`).
+    // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::host::sysroot`).
     let sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
         let packages: &[&str] = if input.node.is_none() {
             &["nodejs"]
         } else {
             &[]
         };
-        crate::sysroot::for_build(input.arch, input.sysroot, packages, progress)?
+        crate::host::sysroot::for_build(input.arch, input.sysroot, packages, progress)?
     } else {
         None
     };
@@ -54,11 +57,11 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
     // Express and most frameworks switch off dev-time behaviour (verbose errors, template
     // recompilation) on this.
     env.push(("NODE_ENV".into(), "production".into()));
-    let spec = super::app_spec(input, NODE_PATH.into(), vec!["node".into(), entry], env);
+    let spec = app_spec(input, NODE_PATH.into(), vec!["node".into(), entry], env);
     let mut notes = vec![
         (NOTE_VERSION.into(), version),
         // `fuse run app -- ARGS` gives ARGS to the script, after `node /app/<entry>`.
-        (super::jvm::NOTE_FIXED_ARGS.into(), "1".into()),
+        (crate::image::manifest::NOTE_FIXED_ARGS.into(), "1".into()),
     ];
     notes.extend(sysroot.iter().flat_map(|s| s.notes()));
     Ok(AppImage { tree, spec, notes })
@@ -235,7 +238,7 @@ fn clean_relative(path: &str) -> Option<String> {
 /// dependencies cannot be told apart and stay. Leaving them out rather than just warning: code
 /// that needs a dev-only package would fail the same way after `npm ci --omit=dev`, the
 /// documented way to install for production, so the image matches a production install.
-pub fn dev_only_packages(dir: &Path, package: &Value) -> Result<BTreeSet<String>> {
+pub(crate) fn dev_only_packages(dir: &Path, package: &Value) -> Result<BTreeSet<String>> {
     for lock in ["package-lock.json", "node_modules/.package-lock.json"] {
         let path = dir.join(lock);
         if !path.is_file() {
@@ -346,7 +349,7 @@ fn add_node(
     tree: &mut Tree,
     node: &Path,
     input: &RuntimeInput<'_>,
-    sysroot: Option<&crate::sysroot::Sysroot>,
+    sysroot: Option<&crate::host::sysroot::Sysroot>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
     let mut options = ClosureOptions {

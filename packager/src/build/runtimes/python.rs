@@ -19,9 +19,9 @@
 //! not reproducible byte for byte across runs, and the measured boot cost of compiling what a
 //! small app imports is small (see `ci/bench-runtimes`).
 
+use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::appdir;
-use super::{default_env, AppImage, RuntimeInput};
-use crate::layout;
+use crate::build::layout;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::elf::{self, ClosureOptions};
 use fuse_rootfs::tree::Tree;
@@ -29,11 +29,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The interpreter when `--python` is not given.
-pub const DEFAULT_PYTHON: &str = "/usr/bin/python3";
+pub(crate) const DEFAULT_PYTHON: &str = "/usr/bin/python3";
 /// Where a virtualenv's packages go.
-pub const VENV_DIR: &str = "/opt/venv";
+pub(crate) const VENV_DIR: &str = "/opt/venv";
 /// The manifest note with the interpreter's version.
-pub const NOTE_VERSION: &str = "python.version";
+pub(crate) const NOTE_VERSION: &str = "python.version";
 
 /// Top-level parts of the standard library an app server never imports: the test suite, the
 /// IDE, Tk and its demos, pip's bootstrap wheels, 2to3, `help()` topics, the static library
@@ -71,7 +71,10 @@ struct Interpreter {
     dynload: PathBuf,
 }
 
-pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Result<AppImage> {
+pub(crate) fn assemble(
+    input: &RuntimeInput<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<AppImage> {
     let python = probe(input.python)?;
     let mut tree = layout::skeleton()?;
     let (mut args, fixed, src) = add_app(&mut tree, input.input)?;
@@ -95,17 +98,20 @@ pub fn assemble(input: &RuntimeInput<'_>, progress: &mut dyn FnMut(&str)) -> Res
         // A src-layout project that is not installed in the venv imports from /app/src.
         env.push(("PYTHONPATH".into(), format!("{}/src", layout::APP_DIR)));
     }
-    let spec = super::app_spec(input, exe, args, env);
+    let spec = app_spec(input, exe, args, env);
     Ok(AppImage {
         tree,
         spec,
         notes: vec![
             (NOTE_VERSION.into(), python.version.clone()),
             // `fuse run app -- ARGS` gives ARGS to the app, after its launcher arguments.
-            (super::jvm::NOTE_FIXED_ARGS.into(), fixed.to_string()),
+            (
+                crate::image::manifest::NOTE_FIXED_ARGS.into(),
+                fixed.to_string(),
+            ),
             // `fuse inspect` counts the standard library as the runtime's bytes.
             (
-                super::jvm::NOTE_RUNTIME_DIR.into(),
+                crate::image::manifest::NOTE_RUNTIME_DIR.into(),
                 format!("/usr/lib/python{}", python.short),
             ),
         ],

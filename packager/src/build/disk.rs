@@ -1,0 +1,66 @@
+//! The image's disk, assembled from its parts: the UKI (EFI stub + kernel, initramfs, command
+//! line, os-release, manifest) on the ESP and the root filesystem in its own partition. The
+//! layout itself (GPT, FAT, PE sections) is `fuse_boot::disk`.
+
+use crate::image::manifest::Manifest;
+use anyhow::{Context, Result};
+use fuse_boot::disk;
+use fuse_rootfs::Arch;
+use std::path::{Path, PathBuf};
+
+/// The `.osrel` of an image's UKI: what a boot menu or `bootctl` shows.
+fn osrel(manifest: &Manifest) -> String {
+    format!(
+        "ID=fuse\nNAME=fuse\nIMAGE_ID={}\nIMAGE_VERSION={}\nPRETTY_NAME=\"fuse {}\"\n",
+        manifest.name,
+        manifest.version,
+        manifest.reference()
+    )
+}
+
+/// The EFI stub for `arch`: `$FUSE_EFI_STUB`, else systemd's from `systemd-boot-efi`.
+fn stub(arch: Arch) -> Result<Vec<u8>> {
+    let path = std::env::var_os("FUSE_EFI_STUB")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| disk::stub_path(arch));
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "No EFI stub at {}: install Debian's systemd-boot-efi (bash ci/setup), or set FUSE_EFI_STUB",
+            path.display()
+        )
+    })
+}
+
+/// The parts of an image, in hand: the disk is assembled from these bytes, never from
+/// copies read back out of the store.
+#[derive(Debug)]
+pub(crate) struct Parts<'a> {
+    pub(crate) kernel: &'a [u8],
+    pub(crate) initrd: &'a [u8],
+    /// The root filesystem image (a file: it can be hundreds of MB).
+    pub(crate) rootfs: &'a Path,
+}
+
+/// Writes the disk of `manifest`, made of `parts`, to `out`.
+pub(crate) fn write(manifest: &Manifest, parts: &Parts<'_>, out: &Path) -> Result<()> {
+    let stub = stub(manifest.arch)?;
+    let manifest_bytes = manifest.to_bytes();
+    let osrel = osrel(manifest);
+    disk::build_disk(
+        &disk::DiskInputs {
+            arch: manifest.arch,
+            stub: &stub,
+            kernel: parts.kernel,
+            initrd: parts.initrd,
+            cmdline: &manifest.cmdline,
+            osrel: &osrel,
+            manifest: &manifest_bytes,
+            rootfs: parts.rootfs,
+            rootfs_digest: &manifest.rootfs.digest,
+        },
+        out,
+    )
+    .context("Cannot write the image's disk")?;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The run overlay: what one run selects (a baked environment) and injects (`-e`,
+//! `--env-file`), handed to the init through QEMU fw_cfg `opt/fuse/run` and never stored in
+//! the image (see `crate::build::environments` for what is baked).
+
+use crate::image::config::check_env_name;
+use crate::image::manifest::Manifest;
+use crate::run::dotenv;
+use anyhow::{bail, Context, Result};
+use fuse_boot::spec::{RunOverlay, RUN_OVERLAY_FW_CFG_NAME};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What a run selects and injects.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Selection {
+    /// The environment; `None`: the image's default.
+    pub(crate) environment: Option<String>,
+    /// Variables injected for this run only, in order (a later one wins).
+    pub(crate) env: Vec<(String, String)>,
+}
+
+impl Selection {
+    /// The selection of `--env environment`, `--env-file env_files` and `-e set`: env files
+    /// in order, then `-e` in order (a later value wins).
+    pub(crate) fn from_flags(
+        environment: Option<&str>,
+        set: &[String],
+        env_files: &[PathBuf],
+    ) -> Result<Selection> {
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut put = |key: String, value: String| match env.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => env.push((key, value)),
+        };
+        for file in env_files {
+            for (key, value) in dotenv::load(file)? {
+                put(key, value);
+            }
+        }
+        for item in set {
+            let (key, value) = parse_set(item, |k| std::env::var(k).ok())?;
+            put(key, value);
+        }
+        if let Some(name) = environment {
+            if name.contains('=') {
+                bail!("--env selects an environment by name, not '{name}': inject a variable with -e {name}");
+            }
+        }
+        Ok(Selection {
+            environment: environment.map(str::to_string),
+            env,
+        })
+    }
+}
+
+/// `-e KEY=VALUE`, or `-e KEY` with the value from `lookup` (the caller's environment).
+fn parse_set(item: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<(String, String)> {
+    let (key, value) = match item.split_once('=') {
+        Some((key, value)) => (key, value.to_string()),
+        None => {
+            let value = lookup(item).with_context(|| {
+                format!(
+                    "-e {item}: {item} is not set in your environment: give -e {item}=VALUE (to select an environment, use --env {item})"
+                )
+            })?;
+            (item, value)
+        }
+    };
+    if let Err(why) = check_env_name(key) {
+        bail!("Invalid -e {item}: {why}");
+    }
+    if value.contains('\0') {
+        bail!("Invalid -e {key}: the value contains a NUL byte");
+    }
+    Ok((key.to_string(), value))
+}
+
+/// The run overlay for `manifest`: the checked environment, the injected variables and the
+/// argument replacement. An environment the image does not have is an error before boot.
+pub(crate) fn run_overlay(
+    manifest: &Manifest,
+    selection: &Selection,
+    args: Option<Vec<String>>,
+) -> Result<RunOverlay> {
+    check_environment(manifest, selection.environment.as_deref())?;
+    let overlay = RunOverlay {
+        args,
+        env: selection.env.clone(),
+        environment: selection.environment.clone(),
+        ..RunOverlay::default()
+    };
+    overlay.validate().context("Invalid run-time value")?;
+    Ok(overlay)
+}
+
+/// Writes the overlay for QEMU's fw_cfg into `dir` (a private scratch directory that goes with
+/// the run) and returns the `(name, file)` entry; `None` when the overlay changes nothing. The
+/// file is 0600: it may hold secrets.
+pub(crate) fn write_overlay(dir: &Path, overlay: &RunOverlay) -> Result<Option<(String, PathBuf)>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if overlay.is_empty() {
+        return Ok(None);
+    }
+    let bytes = overlay.try_encode().context("Invalid run-time value")?;
+    let path = dir.join("run-overlay");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(&bytes))
+        .with_context(|| format!("Cannot write the run overlay {}", path.display()))?;
+    Ok(Some((RUN_OVERLAY_FW_CFG_NAME.to_string(), path)))
+}
+
+/// Checks that the image has `environment` (when one is given).
+pub(crate) fn check_environment(manifest: &Manifest, environment: Option<&str>) -> Result<()> {
+    let Some(name) = environment else {
+        return Ok(());
+    };
+    let image = manifest.reference();
+    let baked = &manifest.config.environments;
+    if baked.is_empty() {
+        bail!("Image {image} has no environments, so --env {name} cannot select one: define [environments.{name}] in fuse.toml and rebuild");
+    }
+    if !baked.iter().any(|e| e == name) {
+        bail!(
+            "Environment '{name}' is not defined in image {image} (defined: {}): pick one of them, or add [environments.{name}] to fuse.toml and rebuild",
+            baked.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The environment a run of `manifest` boots with `selection`, for messages and reports.
+pub(crate) fn effective_environment(manifest: &Manifest, selection: &Selection) -> Option<String> {
+    selection
+        .environment
+        .clone()
+        .or_else(|| manifest.config.default_environment.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(envs: &[&str]) -> Manifest {
+        let mut m = crate::image::manifest::tests::sample();
+        m.config.environments = envs.iter().map(|s| s.to_string()).collect();
+        m
+    }
+
+    #[test]
+    fn overlay_checks_the_environment_against_the_image() {
+        let m = manifest(&["dev", "prod"]);
+        let selection = Selection {
+            environment: Some("prod".into()),
+            env: vec![("TOKEN".into(), "t".into())],
+        };
+        let overlay = run_overlay(&m, &selection, None).unwrap();
+        assert_eq!(overlay.environment.as_deref(), Some("prod"));
+        let decoded = RunOverlay::decode(&overlay.encode()).unwrap();
+        assert_eq!(decoded, overlay);
+
+        let staging = Selection {
+            environment: Some("staging".into()),
+            ..Selection::default()
+        };
+        let err = run_overlay(&m, &staging, None).unwrap_err().to_string();
+        assert!(
+            err.contains("'staging' is not defined") && err.contains("dev, prod"),
+            "{err}"
+        );
+        let err = run_overlay(&manifest(&[]), &staging, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no environments"), "{err}");
+        assert!(run_overlay(&manifest(&[]), &Selection::default(), None).is_ok());
+    }
+
+    #[test]
+    fn selection_from_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.env");
+        std::fs::write(&file, "A=file\nB=file\n").unwrap();
+        let set = ["B=flag".to_string(), "C=x=y".to_string()];
+        let s = Selection::from_flags(Some("prod"), &set, &[file]).unwrap();
+        assert_eq!(
+            s.env,
+            vec![
+                ("A".into(), "file".into()),
+                ("B".into(), "flag".into()),
+                ("C".into(), "x=y".into())
+            ]
+        );
+        let lookup = |k: &str| (k == "HOME_TOKEN").then(|| "from-host".to_string());
+        assert_eq!(
+            parse_set("HOME_TOKEN", lookup).unwrap(),
+            ("HOME_TOKEN".into(), "from-host".into())
+        );
+        let err = parse_set("prod", lookup).unwrap_err().to_string();
+        assert!(err.contains("use --env prod"), "{err}");
+        let err = parse_set("FUSE_ENV=x", lookup).unwrap_err().to_string();
+        assert!(err.contains("select it with --env"), "{err}");
+        assert!(Selection::from_flags(Some("KEY=VALUE"), &[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("-e KEY=VALUE"));
+        assert!(
+            Selection::from_flags(None, &[], &[Path::new("/nonexistent.env").into()])
+                .unwrap_err()
+                .to_string()
+                .contains("/nonexistent.env")
+        );
+    }
+}
