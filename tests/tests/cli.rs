@@ -4,6 +4,7 @@
 mod common;
 
 use common::{json, Sandbox, HELLO};
+use fuse_tests::FuseCmd;
 use std::process::Command;
 
 #[test]
@@ -179,4 +180,62 @@ fn missing_library_is_named_with_the_binary_that_needs_it() {
     std::fs::remove_file(lib_dir.join("libgreet.so")).unwrap();
     let other = Sandbox::new();
     assert_build_refused(&other, &app, &["libgreet.so", "needy"]);
+}
+
+/// The long flags a command's `--help` lists.
+fn long_flags(command: &str) -> std::collections::BTreeSet<String> {
+    let help = FuseCmd::new().args([command, "--help"]).run();
+    help.assert_success();
+    help.stdout_str()
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| {
+            w.trim_end_matches([',', '.', ')', '`'])
+                .split(['=', '[', '<'])
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// `fuse test` boots through the same launch path as `fuse run`, with the same flag groups:
+/// every flag of `fuse run` but `--detach` is a flag of `fuse test`.
+#[test]
+fn fuse_test_accepts_every_flag_of_fuse_run() {
+    let run = long_flags("run");
+    let test = long_flags("test");
+    assert!(run.len() > 20, "run's flags were read: {run:?}");
+    let missing: Vec<&String> = run
+        .iter()
+        .filter(|f| *f != "--detach" && !test.contains(*f))
+        .collect();
+    assert!(missing.is_empty(), "fuse test lacks {missing:?}");
+}
+
+/// A cause is printed once: `fuse: error: <what failed>: <why>`, not `<why>: <why>`.
+#[test]
+fn a_missing_qemu_is_reported_with_its_cause_once() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello", &["-static"]);
+    let out = sb
+        .fuse()
+        .env("FUSE_QEMU", "/nonexistent/qemu-system-x86_64")
+        .args(["run", "--accel", "tcg"])
+        .arg(&app)
+        .run();
+    out.assert_code(1);
+    let stderr = out.stderr_str();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("fuse: error: "))
+        .unwrap_or_else(|| panic!("no error line\n{out}"));
+    assert!(line.contains("/nonexistent/qemu-system-x86_64"), "{line}");
+    let parts: Vec<&str> = line.split(": ").map(str::trim).collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..].contains(part),
+            "'{part}' is printed twice: {line}"
+        );
+    }
 }

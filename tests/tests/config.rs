@@ -288,3 +288,69 @@ fn fuse_test_checks_an_http_answer_through_a_forwarded_port() {
         .assert_stdout_contains("FAIL GET /missing answers 200: answered 404");
     assert_no_leaked_qemu();
 }
+
+/// Reports what the VM and the run gave it: memory, vCPUs, an injected variable, a volume.
+const REPORTS_ITS_MACHINE: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    long kb = 0;
+    char line[256];
+    FILE *m = fopen("/proc/meminfo", "r");
+    while (m && fgets(line, sizeof line, m))
+        if (sscanf(line, "MemTotal: %ld kB", &kb) == 1) break;
+    printf("mem_mb=%ld cpus=%ld greeting=%s\n", kb / 1024, sysconf(_SC_NPROCESSORS_ONLN),
+           getenv("GREETING") ? getenv("GREETING") : "-");
+    FILE *f = fopen("/data/probe", "w");
+    if (f && fputs("written", f) >= 0 && fclose(f) == 0) printf("volume ok\n");
+    return 0;
+}
+"#;
+
+/// `fuse test` takes the build and VM flags of `fuse run` (one flag group): the app is built
+/// with `--kind` and `--compression`, booted with `--memory`, `--cpus`, `--env-file`, `-v`,
+/// `--grace` and `--firmware`, and the checks see their effect.
+#[test]
+fn fuse_test_takes_the_build_and_vm_flags_of_fuse_run() {
+    let sb = Sandbox::new();
+    let app = sb.program(REPORTS_ITS_MACHINE, "machine-1.0", &["-static"]);
+    let env_file = sb.dir.write("run.env", "GREETING=hello-from-file\n");
+    let out = sb
+        .fuse()
+        .args([
+            "test",
+            "--accel",
+            "tcg",
+            "--kind",
+            "native",
+            "--compression",
+            "small",
+        ])
+        .args(["--memory", "200", "--cpus", "2", "-v", "probe:/data:16M"])
+        .args(["--grace", "3", "--firmware", "direct", "--env-file"])
+        .arg(&env_file)
+        .args(["--expect-output", r"mem_mb=1[5-9][0-9] cpus=2 "])
+        .args(["--expect-contains", "greeting=hello-from-file"])
+        .args(["--expect-contains", "volume ok", "--expect-exit", "0"])
+        .arg(&app)
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("PASSED machine:1.0: 4 of 4 checks passed");
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "machine:1.0"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(
+        inspect["rootfs"]["format"], "squashfs+xz",
+        "--compression reached the build"
+    );
+    assert!(
+        sb.home().join("volumes/probe.ext4").exists(),
+        "-v made the volume"
+    );
+    assert_no_leaked_qemu();
+}

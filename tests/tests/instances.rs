@@ -282,3 +282,72 @@ int main(void) {
         .assert_stderr_contains("use one of /data");
     assert_no_leaked_qemu();
 }
+
+/// Says how long its DB_PASSWORD is (not the value: the console log is a file), then waits.
+const TAKES_A_SECRET: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    const char *p = getenv("DB_PASSWORD");
+    printf("password of %zu bytes\n", p ? strlen(p) : 0);
+    fflush(stdout);
+    for (;;) pause();
+}
+"#;
+
+/// Every process's command line, as `pid: argv` (NULs as spaces).
+fn all_command_lines() -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.chars().all(|c| c.is_ascii_digit()) {
+            if let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) {
+                let argv = String::from_utf8_lossy(&bytes).replace('\0', " ");
+                lines.push(format!("{name}: {argv}"));
+            }
+        }
+    }
+    lines
+}
+
+/// `fuse run -d -e SECRET=…`: the value reaches the app, but no process's command line (the
+/// supervisor's, QEMU's) holds it while the instance runs, and its request file is gone.
+#[test]
+fn a_detached_run_keeps_its_secrets_off_command_lines() {
+    let inst = Instances::new();
+    let app = inst.sb.program(TAKES_A_SECRET, "vault-1.0", &["-static"]);
+    let secret = format!(
+        "pw-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    let id = inst.detach(&app, &["-e", &format!("DB_PASSWORD={secret}")]);
+    inst.wait_for_log(&id, &format!("password of {} bytes", secret.len()));
+
+    let leaks: Vec<String> = all_command_lines()
+        .into_iter()
+        .filter(|l| l.contains(&secret))
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "the secret is on command lines: {leaks:?}"
+    );
+    let dir = inst.runtime().join(&id);
+    assert!(dir.is_dir(), "the instance directory exists");
+    assert!(
+        !dir.join("request.json").exists(),
+        "the supervisor removed its request file"
+    );
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let text = std::fs::read(entry.path()).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&text).contains(&secret),
+            "{} holds the secret",
+            entry.path().display()
+        );
+    }
+    inst.fuse().args(["kill", &id]).run().assert_success();
+    assert_no_leaked_qemu();
+}

@@ -11,6 +11,7 @@
 //! an `http` check needs a real HTTP status line.
 
 use anyhow::{bail, Result};
+use fuse_boot::poll;
 use fuse_boot::qemu::{PortForward, Proto, StopRequest};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -29,6 +30,8 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 const INTERVAL: Duration = Duration::from_millis(200);
 /// How long a `tcp` connection must stay open to count (see the module documentation).
 const TCP_SETTLE: Duration = Duration::from_millis(500);
+/// Between two looks at QEMU's `info usernet`.
+const USERNET_INTERVAL: Duration = Duration::from_millis(50);
 /// Connect, read and write timeouts of one probe.
 const PROBE_IO: Duration = Duration::from_secs(2);
 
@@ -137,18 +140,17 @@ impl HealthCheck {
             HealthKind::Tcp if usernet.is_some() => {
                 let (guest, qmp) = usernet.expect("checked");
                 // Our connection (kept open) makes QEMU connect to the guest.
-                let until = Instant::now() + TCP_SETTLE;
-                loop {
-                    let info = fuse_boot::qmp::human_monitor(qmp, "info usernet")
-                        .map_err(|e| e.to_string())?;
-                    if fuse_boot::qmp::usernet_established(&info, guest) {
-                        return Ok(());
+                let accepted = poll::wait_until(TCP_SETTLE, USERNET_INTERVAL, || {
+                    match fuse_boot::qmp::human_monitor(qmp, "info usernet") {
+                        Err(e) => Some(Err(e.to_string())),
+                        Ok(info) => {
+                            fuse_boot::qmp::usernet_established(&info, guest).then_some(Ok(()))
+                        }
                     }
-                    if Instant::now() >= until {
-                        return Err(format!("guest port {guest} does not accept connections"));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                });
+                accepted.unwrap_or_else(|| {
+                    Err(format!("guest port {guest} does not accept connections"))
+                })
             }
             HealthKind::Tcp => {
                 let _ = stream.set_read_timeout(Some(TCP_SETTLE));
@@ -265,27 +267,34 @@ pub(crate) fn spawn(
     let thread = {
         let (done, ready) = (done.clone(), ready.clone());
         std::thread::spawn(move || {
-            let deadline = started + check.timeout;
-            while !done.load(Ordering::SeqCst) {
-                let usernet = usernet.as_ref().map(|(g, p)| (*g, p.as_path()));
-                let last = match check.probe(host_port, usernet) {
-                    Ok(()) => {
-                        let after = started.elapsed();
-                        *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(after);
-                        on_ready(after);
-                        return;
-                    }
-                    Err(e) => e,
-                };
-                if Instant::now() >= deadline {
-                    stop.abort(format!(
-                        "Health check failed: {check} at {} did not succeed within {}s (last: {last})",
-                        check.url(host_port),
-                        check.timeout.as_secs_f64()
-                    ));
-                    return;
+            let usernet = usernet.as_ref().map(|(g, p)| (*g, p.as_path()));
+            let mut last = String::new();
+            let remaining = check.timeout.saturating_sub(started.elapsed());
+            // `Some(true)`: healthy; `Some(false)`: the VM is gone, nothing to report.
+            let outcome = poll::wait_until(remaining, INTERVAL, || {
+                if done.load(Ordering::SeqCst) {
+                    return Some(false);
                 }
-                std::thread::sleep(INTERVAL);
+                match check.probe(host_port, usernet) {
+                    Ok(()) => Some(true),
+                    Err(e) => {
+                        last = e;
+                        None
+                    }
+                }
+            });
+            match outcome {
+                Some(true) => {
+                    let after = started.elapsed();
+                    *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(after);
+                    on_ready(after);
+                }
+                Some(false) => {}
+                None => stop.abort(format!(
+                    "Health check failed: {check} at {} did not succeed within {}s (last: {last})",
+                    check.url(host_port),
+                    check.timeout.as_secs_f64()
+                )),
             }
         })
     };

@@ -23,6 +23,7 @@ use crate::host::paths;
 use crate::image::store::Store;
 use crate::run::{launch, Hooks, RunOptions};
 use anyhow::{bail, Context, Result};
+use fuse_boot::poll;
 use fuse_boot::qemu::Spawned;
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -31,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The state file of an instance directory.
 pub(crate) const STATE_FILE: &str = "state.json";
@@ -47,6 +48,14 @@ pub(crate) const REQUEST_FILE: &str = "request.json";
 const CREATION_WINDOW: Duration = Duration::from_secs(60);
 /// Added to the grace period before `fuse kill` gives up waiting and SIGKILLs.
 const KILL_MARGIN: Duration = Duration::from_secs(10);
+/// How long `fuse kill` waits for QEMU to follow its supervisor.
+const QEMU_EXIT_PATIENCE: Duration = Duration::from_secs(5);
+/// Between two looks at a process or a state file.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Between two reads of a followed console log.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+/// `fuse logs -f` follows until the instance ends; this only bounds the deadline arithmetic.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -374,19 +383,25 @@ fn wait_started(
     wait_ready: bool,
     patience: Duration,
 ) -> Result<InstanceState> {
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Ok(state) = read_state(dir) {
-            let done = match state.status {
-                Status::Ready => true,
-                Status::Running => !wait_ready,
-                Status::Starting => false,
-            };
-            if done {
-                return Ok(state);
+    let waited = poll::wait_until(
+        patience,
+        POLL_INTERVAL,
+        || -> Option<Result<InstanceState>> {
+            if let Ok(state) = read_state(dir) {
+                let done = match state.status {
+                    Status::Ready => true,
+                    Status::Running => !wait_ready,
+                    Status::Starting => false,
+                };
+                if done {
+                    return Some(Ok(state));
+                }
             }
-        }
-        if let Some(status) = child.try_wait()? {
+            let status = match child.try_wait() {
+                Ok(None) => return None,
+                Ok(Some(status)) => status,
+                Err(e) => return Some(Err(e.into())),
+            };
             let log = fs::read_to_string(dir.join(SUPERVISOR_LOG)).unwrap_or_default();
             let message = log
                 .lines()
@@ -394,17 +409,18 @@ fn wait_started(
                 .find_map(|l| l.strip_prefix("fuse: error: "))
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("the supervisor exited ({status}): {}", log.trim()));
-            bail!("The instance did not start: {message}");
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "The instance did not start within {}s; see {}",
-                patience.as_secs(),
-                dir.join(SUPERVISOR_LOG).display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            Some(Err(anyhow::anyhow!(
+                "The instance did not start: {message}"
+            )))
+        },
+    );
+    waited.unwrap_or_else(|| {
+        bail!(
+            "The instance did not start within {}s; see {}",
+            patience.as_secs(),
+            dir.join(SUPERVISOR_LOG).display()
+        )
+    })
 }
 
 /// Stops an instance gracefully (SIGTERM to its supervisor: the app gets SIGTERM), forcing
@@ -416,23 +432,15 @@ pub(crate) fn kill(instance: &Instance) -> Result<bool> {
     // `list`; no memory is involved.
     unsafe { libc::kill(sup.pid as libc::pid_t, libc::SIGTERM) };
     let grace = Duration::from_secs_f64(state.grace_secs.max(0.0));
-    let deadline = Instant::now() + grace + KILL_MARGIN;
-    let mut graceful = true;
-    while sup.is_alive() {
-        if Instant::now() >= deadline {
-            graceful = false;
-            // SAFETY: as above; QEMU dies with it (PR_SET_PDEATHSIG).
-            unsafe { libc::kill(sup.pid as libc::pid_t, libc::SIGKILL) };
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let gone = |p: ProcessId| (!p.is_alive()).then_some(());
+    let graceful = poll::wait_until(grace + KILL_MARGIN, POLL_INTERVAL, || gone(sup)).is_some();
+    if !graceful {
+        // SAFETY: as above; QEMU dies with it (PR_SET_PDEATHSIG).
+        unsafe { libc::kill(sup.pid as libc::pid_t, libc::SIGKILL) };
     }
     // QEMU dies with its supervisor; wait for that, so "stopped" means gone.
     if let Some(q) = state.qemu {
-        let until = Instant::now() + Duration::from_secs(5);
-        while q.is_alive() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll::wait_until(QEMU_EXIT_PATIENCE, POLL_INTERVAL, || gone(q));
     }
     let _ = fs::remove_dir_all(&instance.dir);
     Ok(graceful)
@@ -445,7 +453,7 @@ pub(crate) fn logs(instance: &Instance, follow: bool, out: &mut dyn Write) -> Re
         fs::File::open(&path).with_context(|| format!("Cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos = 0u64;
-    loop {
+    let mut copy = |out: &mut dyn Write| -> Result<()> {
         file.seek(SeekFrom::Start(pos))?;
         loop {
             let n = file.read(&mut buf)?;
@@ -456,20 +464,22 @@ pub(crate) fn logs(instance: &Instance, follow: bool, out: &mut dyn Write) -> Re
             out.write_all(&buf[..n])?;
         }
         out.flush()?;
-        // The file stays readable after the supervisor removes the directory: one last read
-        // after that gets everything.
-        if !follow || !instance.dir.exists() || !instance.state.supervisor.is_alive() {
-            if follow {
-                let mut rest = Vec::new();
-                file.seek(SeekFrom::Start(pos))?;
-                file.read_to_end(&mut rest)?;
-                out.write_all(&rest)?;
-                out.flush()?;
-            }
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    };
+    copy(out)?;
+    if !follow {
+        return Ok(());
     }
+    // Follow for as long as the instance lives; the file stays readable after the supervisor
+    // removes the directory, so one last read after that gets everything.
+    let ended = || !instance.dir.exists() || !instance.state.supervisor.is_alive();
+    poll::wait_until(FOLLOW_LIMIT, FOLLOW_INTERVAL, || match copy(out) {
+        Err(e) => Some(Err(e)),
+        Ok(()) if ended() => Some(Ok(())),
+        Ok(()) => None,
+    })
+    .unwrap_or(Ok(()))?;
+    copy(out)
 }
 
 /// The hidden `fuse __supervise DIR`: runs the VM of the instance in `dir` (created by

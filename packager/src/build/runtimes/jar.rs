@@ -36,13 +36,13 @@ const JDK_PREFIXES: &[&str] = &[
 /// Errors reading a jar. Each is one line: what, where, how to fix.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JarError {
-    #[error("Cannot read {}: {source}", path.display())]
+    #[error("Cannot read {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{} is not a valid jar ({source}): the archive is corrupt, rebuild it", path.display())]
+    #[error("{} is not a valid jar (the archive is corrupt): rebuild it", path.display())]
     Corrupt {
         path: PathBuf,
         #[source]
