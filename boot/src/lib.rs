@@ -4,6 +4,7 @@ pub mod console;
 pub mod disk;
 pub mod init;
 pub mod initramfs;
+pub mod poll;
 pub mod qemu;
 pub mod qmp;
 pub mod signals;
