@@ -1,11 +1,11 @@
 //! What boots.
-pub mod accel;
+pub mod cmdline;
 pub mod console;
 pub mod disk;
 pub mod init;
 pub mod initramfs;
 pub mod poll;
-pub mod qemu;
 pub mod qmp;
 pub mod signals;
 pub mod spec;
+pub mod vm;

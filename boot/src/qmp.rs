@@ -9,7 +9,9 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::poll::retry_until;
 
 /// How long one QMP exchange may take: QEMU answers at once, or it is stuck.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,19 +42,13 @@ impl Qmp {
     /// Connects to `path`, retrying until `patience` has passed (QEMU creates the socket
     /// shortly after it starts), and negotiates capabilities.
     pub fn connect(path: &Path, patience: Duration) -> Result<Qmp, QmpError> {
-        let deadline = Instant::now() + patience;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(QmpError::Connect {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
+        let stream = retry_until(patience, Duration::from_millis(20), || {
+            UnixStream::connect(path)
+        })
+        .map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         let writer = stream.try_clone()?;

@@ -9,8 +9,7 @@
 //! `-- --arch aarch64` for one arch only).
 
 use anyhow::{bail, Context, Result};
-use fuse_boot::accel::AccelChoice;
-use fuse_boot::qemu::{self, VmConfig, VmOutcome};
+use fuse_boot::vm::{self, AccelChoice, VmConfig, VmOutcome};
 use fuse_packager::builder::{self, BuildRequest};
 use fuse_packager::fsutil::human_size;
 use fuse_packager::store::Store;
@@ -61,7 +60,7 @@ impl Series {
         };
         for i in 0..runs {
             let mut output = Vec::new();
-            let outcome: VmOutcome = qemu::run_with(config, &mut output, &mut |_| {})
+            let outcome: VmOutcome = vm::run_with(config, &mut output, &mut |_| {})
                 .with_context(|| format!("{label}: boot {} failed", i + 1))?;
             if outcome.exit_code != 0
                 || !String::from_utf8_lossy(&output).contains("Hello from fuse")

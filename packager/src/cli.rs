@@ -9,7 +9,7 @@ use crate::run::{self, RunRequest};
 use crate::store::{Store, StoredImage};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fuse_boot::accel::AccelChoice;
+use fuse_boot::vm::AccelChoice;
 use fuse_rootfs::Arch;
 use serde_json::json;
 use std::path::PathBuf;
@@ -238,7 +238,7 @@ struct RunArgs {
     /// Publish a guest port on the host's 127.0.0.1: HOST:GUEST, HOST:GUEST/udp, or PORT
     /// (repeatable).
     #[arg(long, short = 'p', value_name = "HOST:GUEST", value_parser = crate::ports::parse_publish)]
-    publish: Vec<fuse_boot::qemu::PortForward>,
+    publish: Vec<fuse_boot::vm::PortForward>,
     /// Wait until the app is healthy: http:/PATH[@GUEST_PORT] (a 2xx/3xx answer) or
     /// tcp[@GUEST_PORT] (default port: the first published one); prints `ready in N ms at URL`.
     #[arg(long, value_name = "CHECK")]
@@ -288,7 +288,7 @@ pub fn main() -> i32 {
 /// SIGKILLed) when the app outlived the grace period. An app that stopped in time reports its
 /// own code, without an error.
 fn exit_code_of(err: &anyhow::Error) -> i32 {
-    use fuse_boot::qemu::RunError;
+    use fuse_boot::vm::RunError;
     match err.chain().find_map(|e| e.downcast_ref::<RunError>()) {
         Some(RunError::Timeout { .. }) => 124,
         Some(RunError::Interrupted { signal }) => 128 + signal,

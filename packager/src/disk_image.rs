@@ -10,7 +10,7 @@ use crate::manifest::Manifest;
 use crate::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use fuse_boot::disk::{self, BootFiles, Expected};
-use fuse_boot::qemu::Firmware;
+use fuse_boot::vm::Firmware;
 use fuse_rootfs::Arch;
 use std::path::{Path, PathBuf};
 

@@ -11,7 +11,7 @@
 //! an `http` check needs a real HTTP status line.
 
 use anyhow::{bail, Result};
-use fuse_boot::qemu::{PortForward, Proto, StopRequest};
+use fuse_boot::vm::{PortForward, Proto, StopRequest};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

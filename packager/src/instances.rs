@@ -13,14 +13,14 @@
 //! time, and QEMU's command line naming this directory), and removes stale entries.
 //!
 //! `fuse kill` sends the supervisor SIGTERM, which stops the VM gracefully (the app gets
-//! SIGTERM, see `fuse_boot::qemu`), then waits for the supervisor; past the grace period and
+//! SIGTERM, see `fuse_boot::vm`), then waits for the supervisor; past the grace period and
 //! a margin, it SIGKILLs the supervisor (and so QEMU).
 
 use crate::paths;
 use crate::run::{self, RunHooks, RunRequest};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
-use fuse_boot::qemu::Spawned;
+use fuse_boot::vm::Spawned;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};

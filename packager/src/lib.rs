@@ -1,7 +1,7 @@
 //! The fuse packaging library: the `fuse` binary is a thin shim over [`cli::main`].
 //!
 //! - [`builder`]: app -> image (kernel, init, root filesystem, manifest) in the [`store`]
-//! - [`run`]: boot an image under QEMU through `fuse_boot::qemu`
+//! - [`run`]: boot an image under QEMU through `fuse_boot::vm`
 //! - [`kernel`]: the minimal kernel, built from `kernel-config/` and cached content-addressed
 
 pub mod builder;

@@ -4,9 +4,7 @@ use crate::builder::{self, BuildRequest};
 use crate::payload::Kind;
 use crate::store::{Store, StoredImage};
 use anyhow::{Context, Result};
-use fuse_boot::accel::AccelChoice;
-use fuse_boot::qemu::VmConfig;
-use fuse_boot::qemu::{PortForward, RunControl, Spawned, StopRequest};
+use fuse_boot::vm::{AccelChoice, PortForward, RunControl, Spawned, StopRequest, VmConfig};
 use fuse_rootfs::Arch;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,7 +123,7 @@ pub fn with_image_defaults(
             .map(|port| PortForward {
                 host: port,
                 guest: port,
-                proto: fuse_boot::qemu::Proto::Tcp,
+                proto: fuse_boot::vm::Proto::Tcp,
             })
             .collect();
     }
@@ -284,7 +282,7 @@ pub fn run_hooked(
         stop: Some(stop.clone()),
         on_spawn: Some(&mut spawned),
     };
-    let result = fuse_boot::qemu::run_controlled(&config, &mut stdout, notice, control);
+    let result = fuse_boot::vm::run_controlled(&config, &mut stdout, notice, control);
     let ready = probe.take().and_then(|p| p.finish());
     let outcome =
         result.with_context(|| format!("Image {} did not run to completion", image.name))?;

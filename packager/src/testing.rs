@@ -13,9 +13,9 @@ use crate::environments::{self, Selection, SelectionArgs};
 use crate::run;
 use crate::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
-use fuse_boot::accel::AccelChoice;
-use fuse_boot::qemu::{
-    self, PortForward, Proto, RunControl, RunError, Spawned, StopRequest, VmConfig,
+use fuse_boot::vm::{
+    run_controlled, AccelChoice, PortForward, Proto, RunControl, RunError, Spawned, StopRequest,
+    VmConfig,
 };
 use regex::Regex;
 use serde_json::json;
@@ -643,7 +643,7 @@ fn run_test(
     };
     let started = Instant::now();
     let mut out = capture.clone();
-    let result = qemu::run_controlled(
+    let result = run_controlled(
         &vm,
         &mut out,
         progress,

@@ -7,7 +7,7 @@
 //! commands of this test process that have finished (a finished fuse must leave no VM), even
 //! after they were reparented, without touching the VMs of tests still running in parallel.
 //! The runner also names every VM `-name fuse,process=fuse-vm` (see
-//! `fuse_boot::qemu::VM_NAME_ARG`), which [`qemu_processes`] uses.
+//! `fuse_boot::vm::VM_NAME_ARG`), which [`qemu_processes`] uses.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
