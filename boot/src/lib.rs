@@ -2,6 +2,7 @@
 pub mod cmdline;
 pub mod console;
 pub mod disk;
+pub mod error;
 pub mod init;
 pub mod initramfs;
 pub mod poll;

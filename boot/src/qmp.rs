@@ -19,13 +19,13 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors talking to QEMU's QMP socket.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("Cannot connect to QEMU's QMP socket {path}: {source}")]
+    #[error("Cannot connect to QEMU's QMP socket {path}")]
     Connect {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("QMP I/O error: {0}")]
+    #[error("QMP I/O error")]
     Io(#[from] io::Error),
     #[error("QMP protocol error: {0}")]
     Protocol(String),

@@ -161,12 +161,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("Cannot read {path}: {source}")]
+    #[error("Cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("Cannot write the disk {path}: {source}")]
+    #[error("Cannot write the disk {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -177,16 +177,17 @@ pub enum DiskError {
         expected: String,
         actual: String,
     },
-    #[error("{path}: {source}")]
+    /// The partition table is damaged: the problem is the message (a leaf, not a cause).
+    #[error("{path}: {problem}")]
     Gpt {
         path: PathBuf,
-        source: gpt::GptError,
+        problem: gpt::GptError,
     },
     #[error("{path} is not a fuse disk: {what}")]
     NotFuseDisk { path: PathBuf, what: String },
-    #[error("Cannot assemble the unified kernel image: {0}")]
+    #[error("Cannot assemble the unified kernel image")]
     Uki(#[from] uki::UkiError),
-    #[error("{0}")]
+    #[error(transparent)]
     Esp(#[from] esp::EspError),
 }
 
@@ -396,9 +397,9 @@ pub fn read_disk(path: &Path) -> Result<Disk, DiskError> {
         Ok(buf)
     })
     .map_err(read_err)?
-    .map_err(|source| DiskError::Gpt {
+    .map_err(|problem| DiskError::Gpt {
         path: path.to_path_buf(),
-        source,
+        problem,
     })?;
     read_layout(path, &file, size, table)
 }
@@ -423,7 +424,7 @@ pub fn read_disk_any(path: &Path) -> Result<Disk, DiskError> {
             .map_err(read_err)?
             .map_err(|_| DiskError::Gpt {
                 path: path.to_path_buf(),
-                source: first,
+                problem: first,
             })?,
     };
     read_layout(path, &file, size, table)
@@ -680,7 +681,7 @@ pub fn verify(path: &Path, expected: &Expected) -> Result<Vec<Problem>, DiskErro
                 part: "EFI System Partition".into(),
                 disk_offset: MIB,
                 part_offset: None,
-                what: e.to_string(),
+                what: crate::error::with_causes(&e),
             });
             return Ok(problems);
         }

@@ -52,7 +52,7 @@ pub struct AccelSelection {
 pub enum AccelError {
     #[error("KVM was requested but /dev/kvm does not exist (no hardware virtualisation, or the kvm module is not loaded); use --accel tcg")]
     KvmMissing,
-    #[error("KVM was requested but /dev/kvm cannot be opened: {0}; add your user to the 'kvm' group or use --accel tcg")]
+    #[error("KVM was requested but /dev/kvm cannot be opened; add your user to the 'kvm' group or use --accel tcg")]
     KvmDenied(#[source] io::Error),
     #[error(
         "KVM was requested but cannot run {guest} guests on this {host} host; use --accel tcg"

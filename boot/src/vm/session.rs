@@ -102,19 +102,19 @@ pub enum RunError {
     QemuMissing(#[from] QemuMissing),
     #[error(transparent)]
     Accel(#[from] AccelError),
-    #[error("Cannot start {binary}: {source}")]
+    #[error("Cannot start {binary}")]
     Spawn {
         binary: String,
         #[source]
         source: io::Error,
     },
-    #[error("Cannot read {path}: {source}")]
+    #[error("Cannot read {path}")]
     MissingInput {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("I/O error while the VM ran: {0}")]
+    #[error("I/O error while the VM ran")]
     Io(#[source] io::Error),
     #[error("QEMU failed to start the VM ({status}){diagnostics}")]
     QemuFailed {
@@ -142,7 +142,7 @@ pub enum RunError {
     StopTimeout { signal: i32, grace: Duration },
     #[error("{reason}; the VM was stopped")]
     Aborted { reason: String },
-    #[error("Cannot write the app's output: {0}; the VM was stopped")]
+    #[error("Cannot write the app's output; the VM was stopped")]
     Output(#[source] io::Error),
 }
 
@@ -640,7 +640,10 @@ impl Session<'_> {
                 None
             }
             Err(e) => {
-                (self.notice)(&format!("Cannot stop the VM gracefully ({e}): killing it"));
+                (self.notice)(&format!(
+                    "Cannot stop the VM gracefully ({}): killing it",
+                    crate::error::with_causes(&e)
+                ));
                 self.stop();
                 Some(Ending::Signal(signal))
             }
