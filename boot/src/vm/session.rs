@@ -53,7 +53,8 @@ const REPRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How a VM run ended, when the init reported the app's exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmOutcome {
-    /// The app's exit code (125: init failure, 126/127: app not executable / not found).
+    /// The app's exit code, or the init's own: [`crate::spec::EXIT_INIT_FAILURE`] (125),
+    /// [`crate::spec::EXIT_NOT_EXECUTABLE`] (126), [`crate::spec::EXIT_NOT_FOUND`] (127).
     pub exit_code: u8,
     /// From QEMU's start to the first console output. With `verbose`, kernel messages count.
     pub first_output: Option<Duration>,
