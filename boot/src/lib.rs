@@ -1,12 +1,12 @@
 //! What boots.
 pub mod cmdline;
-pub mod console;
+pub(crate) mod console;
 pub mod disk;
 pub mod error;
 pub mod init;
 pub mod initramfs;
 pub mod poll;
 pub mod qmp;
-pub mod signals;
+pub(crate) mod signals;
 pub mod spec;
 pub mod vm;

@@ -33,7 +33,7 @@ pub enum QmpError {
 
 /// A connected QMP session, in command mode.
 #[derive(Debug)]
-pub struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -41,7 +41,7 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `path`, retrying until `patience` has passed (QEMU creates the socket
     /// shortly after it starts), and negotiates capabilities.
-    pub fn connect(path: &Path, patience: Duration) -> Result<Qmp, QmpError> {
+    pub(crate) fn connect(path: &Path, patience: Duration) -> Result<Qmp, QmpError> {
         let stream = retry_until(patience, Duration::from_millis(20), || {
             UnixStream::connect(path)
         })
@@ -67,12 +67,12 @@ impl Qmp {
     }
 
     /// Runs a command without arguments; returns its `return` value.
-    pub fn execute(&mut self, command: &str) -> Result<serde_json::Value, QmpError> {
+    pub(crate) fn execute(&mut self, command: &str) -> Result<serde_json::Value, QmpError> {
         self.execute_with(command, serde_json::Value::Null)
     }
 
     /// Runs a command with `arguments` (an object, or null for none).
-    pub fn execute_with(
+    pub(crate) fn execute_with(
         &mut self,
         command: &str,
         arguments: serde_json::Value,
@@ -95,7 +95,7 @@ impl Qmp {
     }
 
     /// Presses the ACPI power button.
-    pub fn system_powerdown(&mut self) -> Result<(), QmpError> {
+    pub(crate) fn system_powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown").map(|_| ())
     }
 
@@ -130,7 +130,7 @@ pub fn usernet_established(info: &str, guest_port: u16) -> bool {
 }
 
 /// Connects to the VM's QMP socket and presses the power button.
-pub fn powerdown(path: &Path, patience: Duration) -> Result<(), QmpError> {
+pub(crate) fn powerdown(path: &Path, patience: Duration) -> Result<(), QmpError> {
     Qmp::connect(path, patience)?.system_powerdown()
 }
 
