@@ -493,6 +493,18 @@ pub fn qemu_processes() -> Vec<QemuProcess> {
     found
 }
 
+/// Waits up to `timeout` for a QEMU of the command whose marker is `marker` to run; whether one
+/// did.
+pub fn wait_for_qemu_of(marker: &str, timeout: Duration) -> bool {
+    wait_until(timeout, Duration::from_millis(50), || {
+        qemu_processes()
+            .iter()
+            .any(|q| q.marker.as_deref() == Some(marker))
+            .then_some(())
+    })
+    .is_some()
+}
+
 /// The QEMU processes started by commands of this test process that have finished, and so
 /// should be gone. Waits up to 2 s for VMs that are being killed to go away. VMs of commands
 /// still running (other tests in parallel) are not leaks.
@@ -751,13 +763,10 @@ mod tests {
                       </dev/null >/dev/null 2>&1 & sleep 0.3";
         let running = FuseCmd::program("bash").args(["-c", script]).spawn();
         let marker = running.marker().to_string();
-        let started = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            qemu_processes()
-                .iter()
-                .any(|q| q.marker.as_deref() == Some(&marker))
-                .then_some(())
-        });
-        assert!(started.is_some(), "the fake QEMU never started");
+        assert!(
+            wait_for_qemu_of(&marker, Duration::from_secs(10)),
+            "the fake QEMU never started"
+        );
         // Still running: its VM is not a leak yet.
         assert!(!leaked_qemus()
             .iter()

@@ -6,7 +6,7 @@ mod common;
 
 use common::{Sandbox, NEVER_EXITS};
 use fuse_boot::poll::wait_until;
-use fuse_tests::{assert_no_leaked_qemu, qemu_processes, FuseCmd};
+use fuse_tests::{assert_no_leaked_qemu, wait_for_qemu_of, FuseCmd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -182,13 +182,10 @@ fn run_until_booted(sb: &Sandbox, app: &std::path::Path, args: &[&str]) -> fuse_
         .arg(app)
         .spawn();
     let marker = running.marker().to_string();
-    let started = wait_until(Duration::from_secs(120), Duration::from_millis(100), || {
-        qemu_processes()
-            .iter()
-            .any(|q| q.marker.as_deref() == Some(&marker))
-            .then_some(())
-    });
-    assert!(started.is_some(), "QEMU never started");
+    assert!(
+        wait_for_qemu_of(&marker, Duration::from_secs(120)),
+        "QEMU never started"
+    );
     // Time for the guest to boot and the app to set up its handler (TCG, loaded host).
     std::thread::sleep(Duration::from_secs(8));
     running
