@@ -586,7 +586,7 @@ fn verify(reference: &str, json_output: bool) -> Result<i32> {
     };
     let mut expected = crate::disk_image::expected(Some(&store), &manifest, disk_digest.as_deref());
     expected.manifest_digest = manifest_digest;
-    let problems = fuse_boot::disk::verify(&target.path, &expected)?;
+    let problems = fuse_boot::disk::verify::verify(&target.path, &expected)?;
     if json_output {
         let rows: Vec<_> = problems
             .iter()

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use fuse_rootfs::Arch;
 
+use crate::error::with_causes;
+
 use super::{
     disk_guid, efi_boot_path, esp, esp_guid, esp_serial, file_digest, gpt, hex_digest, read_at,
     read_layout, root_partition_uuid, sha256_hex, uki, Disk, DiskError, MIB,
@@ -87,7 +89,7 @@ pub fn verify(path: &Path, expected: &Expected) -> Result<Vec<Problem>, DiskErro
     let disk = match read_layout(path, &check.file, size, table) {
         Ok(disk) => disk,
         Err(e) => {
-            let what = crate::error::with_causes(&e);
+            let what = with_causes(&e);
             check.problem("EFI System Partition", MIB, None, what);
             return Ok(check.problems);
         }

@@ -28,7 +28,8 @@ use super::accel::{self, AccelError, AccelSelection};
 use super::config::{Accel, Firmware, VmConfig};
 use super::machine::{self, QemuMissing};
 use super::process::ProcessGuard;
-use crate::console::{ConsoleEvent, ConsoleParser};
+use crate::console::{ConsoleEvent, ConsoleParser, EDK2_LAST_LINE};
+use crate::error::with_causes;
 use crate::qmp;
 use crate::signals::{self, SignalWatch};
 
@@ -313,7 +314,7 @@ pub fn run_controlled(
         parser: match config.firmware {
             Firmware::Direct => ConsoleParser::new(TAIL_LINES),
             Firmware::Uefi { .. } => {
-                ConsoleParser::new(TAIL_LINES).skip_firmware_output(crate::console::EDK2_LAST_LINE)
+                ConsoleParser::new(TAIL_LINES).skip_firmware_output(EDK2_LAST_LINE)
             }
         },
         stderr: Vec::new(),
@@ -643,7 +644,7 @@ impl Session<'_> {
             Err(e) => {
                 (self.notice)(&format!(
                     "Cannot stop the VM gracefully ({}): killing it",
-                    crate::error::with_causes(&e)
+                    with_causes(&e)
                 ));
                 self.stop();
                 Some(Ending::Signal(signal))
