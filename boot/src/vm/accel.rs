@@ -1,8 +1,8 @@
 //! Choice of QEMU accelerator: KVM where it really works, TCG otherwise.
 //!
 //! `/dev/kvm` existing is not enough: under nested virtualisation QEMU may abort (MSRs the
-//! outer hypervisor refuses) or hang. [`select_accel`] therefore runs a tiny probe VM once per host,
-//! with the same CPU model and machine the runner uses, and caches the verdict in
+//! outer hypervisor refuses) or hang. [`select_accel`] therefore runs a tiny probe VM once per
+//! host, with the same CPU model and machine the runner uses, and caches the verdict in
 //! `$FUSE_CACHE_DIR/accel.json` (else `$XDG_CACHE_HOME/fuse`, else `~/.cache/fuse`), keyed by
 //! the QEMU binary (path, size, mtime), the host kernel release and the guest architecture.
 //!

@@ -1,5 +1,5 @@
 //! What a VM is asked to be: [`VmConfig`] and the types in it (ports, firmware, accelerator).
-//! Plain data; how it becomes a QEMU command line is [`super::machine`].
+//! Plain data; how it becomes a QEMU command line is `vm::machine`.
 
 use std::fmt;
 use std::path::PathBuf;
