@@ -1,11 +1,12 @@
 //! What boots.
-pub mod accel;
-pub mod console;
+pub mod cmdline;
+pub(crate) mod console;
 pub mod disk;
+pub mod error;
 pub mod init;
 pub mod initramfs;
 pub mod poll;
-pub mod qemu;
 pub mod qmp;
-pub mod signals;
+pub(crate) mod signals;
 pub mod spec;
+pub mod vm;

@@ -9,7 +9,9 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::poll::retry_until;
 
 /// How long one QMP exchange may take: QEMU answers at once, or it is stuck.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -17,13 +19,13 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors talking to QEMU's QMP socket.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("Cannot connect to QEMU's QMP socket {path}: {source}")]
+    #[error("Cannot connect to QEMU's QMP socket {path}")]
     Connect {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("QMP I/O error: {0}")]
+    #[error("QMP I/O error")]
     Io(#[from] io::Error),
     #[error("QMP protocol error: {0}")]
     Protocol(String),
@@ -31,7 +33,7 @@ pub enum QmpError {
 
 /// A connected QMP session, in command mode.
 #[derive(Debug)]
-pub struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -39,20 +41,14 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `path`, retrying until `patience` has passed (QEMU creates the socket
     /// shortly after it starts), and negotiates capabilities.
-    pub fn connect(path: &Path, patience: Duration) -> Result<Qmp, QmpError> {
-        let deadline = Instant::now() + patience;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(QmpError::Connect {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
+    pub(crate) fn connect(path: &Path, patience: Duration) -> Result<Qmp, QmpError> {
+        let stream = retry_until(patience, Duration::from_millis(20), || {
+            UnixStream::connect(path)
+        })
+        .map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         let writer = stream.try_clone()?;
@@ -71,12 +67,12 @@ impl Qmp {
     }
 
     /// Runs a command without arguments; returns its `return` value.
-    pub fn execute(&mut self, command: &str) -> Result<serde_json::Value, QmpError> {
+    pub(crate) fn execute(&mut self, command: &str) -> Result<serde_json::Value, QmpError> {
         self.execute_with(command, serde_json::Value::Null)
     }
 
     /// Runs a command with `arguments` (an object, or null for none).
-    pub fn execute_with(
+    pub(crate) fn execute_with(
         &mut self,
         command: &str,
         arguments: serde_json::Value,
@@ -99,7 +95,7 @@ impl Qmp {
     }
 
     /// Presses the ACPI power button.
-    pub fn system_powerdown(&mut self) -> Result<(), QmpError> {
+    pub(crate) fn system_powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown").map(|_| ())
     }
 
@@ -134,7 +130,7 @@ pub fn usernet_established(info: &str, guest_port: u16) -> bool {
 }
 
 /// Connects to the VM's QMP socket and presses the power button.
-pub fn powerdown(path: &Path, patience: Duration) -> Result<(), QmpError> {
+pub(crate) fn powerdown(path: &Path, patience: Duration) -> Result<(), QmpError> {
     Qmp::connect(path, patience)?.system_powerdown()
 }
 

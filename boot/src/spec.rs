@@ -41,6 +41,13 @@ pub const ENV_FILES_DIR: &str = "/etc/fuse/files";
 pub const CURRENT_ENV_LINK: &str = "/run/fuse/current";
 /// Longest environment name (it is a file name in the image).
 pub const MAX_ENVIRONMENT_LEN: usize = 63;
+/// The exit code the init reports for its own failures (`fuse-init: error: …`), as a POSIX
+/// shell does.
+pub const EXIT_INIT_FAILURE: u8 = 125;
+/// The exit code the init reports when the app's program cannot be executed.
+pub const EXIT_NOT_EXECUTABLE: u8 = 126;
+/// The exit code the init reports when the app's program is not there.
+pub const EXIT_NOT_FOUND: u8 = 127;
 /// The format version this fuse writes and its init reads.
 pub const SPEC_VERSION: &str = "1";
 /// The host name when the spec gives none.
@@ -757,5 +764,76 @@ mod volume_tests {
                 "{device}:{path}"
             );
         }
+    }
+}
+
+/// The C init's side of the contract: every `#define` of `boot/init/init.h` that Rust mirrors
+/// must say the same, so changing one side alone fails here.
+#[cfg(test)]
+mod init_h_tests {
+    use super::*;
+    use std::path::Path;
+
+    const INIT_H: &str = include_str!("../init/init.h");
+
+    /// The value of `#define NAME VALUE` in init.h.
+    fn define(name: &str) -> &'static str {
+        INIT_H
+            .lines()
+            .find_map(|line| {
+                let rest = line.strip_prefix("#define ")?.strip_prefix(name)?;
+                rest.starts_with([' ', '\t']).then(|| rest.trim())
+            })
+            .unwrap_or_else(|| panic!("init.h has no #define {name}"))
+    }
+
+    fn string(name: &str) -> &'static str {
+        let value = define(name);
+        value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("#define {name} {value} is not a string literal"))
+    }
+
+    fn number(name: &str) -> u64 {
+        let value = define(name);
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("#define {name} {value} is not a decimal number"))
+    }
+
+    #[test]
+    fn test_constants_agree_with_init_h() {
+        assert_eq!(string("SPEC_PATH"), SPEC_PATH);
+        assert_eq!(
+            string("OVERLAY_PATH"),
+            format!("/sys/firmware/qemu_fw_cfg/by_name/{RUN_OVERLAY_FW_CFG_NAME}/raw")
+        );
+        assert_eq!(string("ENV_DIR"), ENV_DIR);
+        assert_eq!(string("DEFAULT_ENV_PATH"), DEFAULT_ENV_PATH);
+        assert_eq!(string("FILES_DIR"), ENV_FILES_DIR);
+        assert_eq!(string("CURRENT_LINK"), CURRENT_ENV_LINK);
+        assert_eq!(
+            Path::new(CURRENT_ENV_LINK).parent(),
+            Some(Path::new(string("CURRENT_DIR")))
+        );
+        assert_eq!(number("ENV_NAME_MAX"), MAX_ENVIRONMENT_LEN as u64);
+        assert_eq!(
+            string("MODULE_LIST_PATH"),
+            crate::initramfs::MODULE_LIST_PATH
+        );
+        assert_eq!(number("EXIT_INIT_FAILURE"), u64::from(EXIT_INIT_FAILURE));
+        assert_eq!(
+            number("EXIT_NOT_EXECUTABLE"),
+            u64::from(EXIT_NOT_EXECUTABLE)
+        );
+        assert_eq!(number("EXIT_NOT_FOUND"), u64::from(EXIT_NOT_FOUND));
+    }
+
+    #[test]
+    fn test_define_finds_the_whole_name_only() {
+        // ENV_DIR must not match a longer name that starts with it, nor CURRENT_DIR's line.
+        assert_eq!(define("ENV_DIR"), "\"/etc/fuse/env\"");
+        assert_eq!(define("SPEC_MAX_BYTES"), "(1024 * 1024)");
     }
 }

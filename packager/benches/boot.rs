@@ -9,8 +9,8 @@
 //! `-- --arch aarch64` for one arch only).
 
 use anyhow::{bail, Context, Result};
-use fuse_boot::accel::AccelChoice;
-use fuse_boot::qemu::{self, VmConfig, VmOutcome};
+use fuse_boot::vm::AccelChoice;
+use fuse_boot::vm::{self, VmConfig, VmOutcome};
 use fuse_packager::bench::{self, BenchImage};
 use fuse_rootfs::Arch;
 use std::path::{Path, PathBuf};
@@ -59,7 +59,7 @@ impl Series {
         };
         for i in 0..runs {
             let mut output = Vec::new();
-            let outcome: VmOutcome = qemu::run_with(config, &mut output, &mut |_| {})
+            let outcome: VmOutcome = vm::run_with(config, &mut output, &mut |_| {})
                 .with_context(|| format!("{label}: boot {} failed", i + 1))?;
             if outcome.exit_code != 0
                 || !String::from_utf8_lossy(&output).contains("Hello from fuse")

@@ -18,10 +18,10 @@ const TRAILER: &str = "TRAILER!!!";
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
     /// The archive could not be written.
-    #[error("Cannot write the cpio archive: {0}")]
+    #[error("Cannot write the cpio archive")]
     Write(#[source] io::Error),
     /// A file's contents could not be read.
-    #[error("Cannot read {source_desc} for {path} in the initramfs: {source}")]
+    #[error("Cannot read {source_desc} for {path} in the initramfs")]
     Read {
         path: String,
         source_desc: String,

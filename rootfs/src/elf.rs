@@ -49,7 +49,7 @@ use crate::tree::{Tree, TreeError};
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
     /// A file could not be read.
-    #[error("Cannot read {}: {source}", path.display())]
+    #[error("Cannot read {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

@@ -24,7 +24,7 @@ use crate::tree::{FileSource, Node, Tree};
 #[derive(Debug, thiserror::Error)]
 pub enum SquashfsError {
     /// The image file could not be created, written or renamed.
-    #[error("Cannot write the root filesystem image {}: {source}", path.display())]
+    #[error("Cannot write the root filesystem image {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -44,7 +44,7 @@ pub enum SquashfsError {
     #[error("Invalid squashfs options: a branch filter needs xz compression")]
     FilterWithoutXz,
     /// A host file in the tree is gone or unreadable.
-    #[error("Cannot read {} for {path} in the root filesystem: {source}", host.display())]
+    #[error("Cannot read {} for {path} in the root filesystem", host.display())]
     Read {
         path: String,
         host: PathBuf,

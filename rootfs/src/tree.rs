@@ -27,7 +27,7 @@ pub enum TreeError {
     #[error("Cannot add {path}: {parent} is already in the image and is not a directory")]
     ParentNotDir { path: String, parent: String },
     /// A host file or directory could not be read.
-    #[error("Cannot read {}: {source}", path.display())]
+    #[error("Cannot read {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

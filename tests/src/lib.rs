@@ -7,7 +7,7 @@
 //! commands of this test process that have finished (a finished fuse must leave no VM), even
 //! after they were reparented, without touching the VMs of tests still running in parallel.
 //! The runner also names every VM `-name fuse,process=fuse-vm` (see
-//! `fuse_boot::qemu::VM_NAME_ARG`), which [`qemu_processes`] uses.
+//! `fuse_boot::vm::VM_NAME_ARG`), which [`qemu_processes`] uses.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use fuse_boot::poll::wait_until;
 
 /// The environment variable carrying the per-process test marker.
 pub const RUN_MARKER_ENV: &str = "FUSE_TEST_RUN";
@@ -373,19 +375,15 @@ impl Running {
     /// Waits for the exit (killing the group at the timeout) and returns the capture.
     pub fn wait(mut self) -> Output {
         let mut child = self.child.take().expect("waited twice");
-        let deadline = self.started + self.timeout;
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    timed_out = true;
-                    kill_group(&mut child);
-                    break child.wait().expect("cannot reap the child");
-                }
+        let left = self.timeout.saturating_sub(self.started.elapsed());
+        let exited = wait_until(left, Duration::from_millis(20), || {
+            child.try_wait().transpose()
+        });
+        let (status, timed_out) = match exited {
+            Some(Ok(status)) => (status, false),
+            _ => {
+                kill_group(&mut child);
+                (child.wait().expect("cannot reap the child"), true)
             }
         };
         let duration = self.started.elapsed();
@@ -495,21 +493,32 @@ pub fn qemu_processes() -> Vec<QemuProcess> {
     found
 }
 
+/// Waits up to `timeout` for a QEMU of the command whose marker is `marker` to run; whether one
+/// did.
+pub fn wait_for_qemu_of(marker: &str, timeout: Duration) -> bool {
+    wait_until(timeout, Duration::from_millis(50), || {
+        qemu_processes()
+            .iter()
+            .any(|q| q.marker.as_deref() == Some(marker))
+            .then_some(())
+    })
+    .is_some()
+}
+
 /// The QEMU processes started by commands of this test process that have finished, and so
 /// should be gone. Waits up to 2 s for VMs that are being killed to go away. VMs of commands
 /// still running (other tests in parallel) are not leaks.
 pub fn leaked_qemus() -> Vec<QemuProcess> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let ours: Vec<QemuProcess> = qemu_processes()
+    let finished = || -> Vec<QemuProcess> {
+        qemu_processes()
             .into_iter()
             .filter(|q| q.ours && q.marker.as_deref().is_some_and(is_finished))
-            .collect();
-        if ours.is_empty() || Instant::now() >= deadline {
-            return ours;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .collect()
+    };
+    wait_until(Duration::from_secs(2), Duration::from_millis(50), || {
+        finished().is_empty().then(Vec::new)
+    })
+    .unwrap_or_else(finished)
 }
 
 /// Panics, listing them, if QEMU processes of this test process are alive (they are
@@ -700,11 +709,10 @@ mod tests {
         assert!(out.timed_out, "{out}");
         assert!(out.duration < Duration::from_secs(10), "{out}");
         let grandchild: i32 = out.stdout_str().trim().parse().unwrap();
-        let gone = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            !pid_alive(grandchild)
+        let gone = wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+            (!pid_alive(grandchild)).then_some(())
         });
-        assert!(gone, "sleep {grandchild} survived the timeout");
+        assert!(gone.is_some(), "sleep {grandchild} survived the timeout");
     }
 
     #[test]
@@ -755,7 +763,10 @@ mod tests {
                       </dev/null >/dev/null 2>&1 & sleep 0.3";
         let running = FuseCmd::program("bash").args(["-c", script]).spawn();
         let marker = running.marker().to_string();
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            wait_for_qemu_of(&marker, Duration::from_secs(10)),
+            "the fake QEMU never started"
+        );
         // Still running: its VM is not a leak yet.
         assert!(!leaked_qemus()
             .iter()
@@ -770,10 +781,9 @@ mod tests {
         let pid = leaked[0].pid as i32;
         let panicked = std::panic::catch_unwind(assert_no_leaked_qemu);
         assert!(panicked.is_err());
-        let gone = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            !pid_alive(pid)
+        let gone = wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+            (!pid_alive(pid)).then_some(())
         });
-        assert!(gone);
+        assert!(gone.is_some(), "the leaked fake QEMU {pid} survived");
     }
 }

@@ -6,9 +6,10 @@
 mod common;
 
 use common::{Sandbox, EXIT_7, HELLO, NEVER_EXITS};
+use fuse_boot::poll::wait_until;
 use fuse_tests::on_every_arch;
 use fuse_tests::{assert_no_leaked_qemu, qemu_processes};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 on_every_arch! {
     static_hello_prints_and_exits_zero => static_hello;
@@ -132,12 +133,11 @@ fn ctrl_c_stops(arch: &str) {
         .run()
         .assert_success();
     let mut running = sb.fuse().args(["run", "--arch", arch]).arg(&app).spawn();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !qemu_processes().iter().any(|q| q.ours) {
-        assert!(Instant::now() < deadline, "QEMU never started");
+    let started = wait_until(Duration::from_secs(120), Duration::from_millis(100), || {
         assert!(running.is_running(), "fuse exited before QEMU started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        qemu_processes().iter().any(|q| q.ours).then_some(())
+    });
+    assert!(started.is_some(), "QEMU never started");
     // Long enough for the guest to boot: the stop is graceful (ACPI power button, SIGTERM
     // to the app; on aarch64 the virt machine's GPIO power button, read by the init) and a
     // power button pressed before the kernel (or init) listens goes unheard.

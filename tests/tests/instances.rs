@@ -5,7 +5,8 @@
 mod common;
 
 use common::{Sandbox, NEVER_EXITS};
-use fuse_tests::{assert_no_leaked_qemu, qemu_processes, FuseCmd};
+use fuse_boot::poll::wait_until;
+use fuse_tests::{assert_no_leaked_qemu, wait_for_qemu_of, FuseCmd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -84,16 +85,17 @@ impl Instances {
 
     /// Waits until `fuse logs ID` shows `needle`.
     fn wait_for_log(&self, id: &str, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
+        let mut last = String::new();
+        let logged = wait_until(Duration::from_secs(180), Duration::from_millis(250), || {
             let out = self.fuse().args(["logs", id]).run();
             out.assert_success();
             if out.stdout_str().contains(needle) {
-                return out.stdout_str();
+                return Some(out.stdout_str());
             }
-            assert!(Instant::now() < deadline, "{needle:?} never logged\n{out}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            last = out.to_string();
+            None
+        });
+        logged.unwrap_or_else(|| panic!("{needle:?} never logged\n{last}"))
     }
 }
 
@@ -150,11 +152,10 @@ fn crashed_supervisor_leaves_nothing_listed() {
     let qemu_pid = list[0]["pid"].as_u64().unwrap();
     // SAFETY: SIGKILL to the supervisor this test started (its pid comes from its state).
     unsafe { libc::kill(supervisor as libc::pid_t, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pid_alive(qemu_pid) {
-        assert!(Instant::now() < deadline, "QEMU outlived its supervisor");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        (!pid_alive(qemu_pid)).then_some(())
+    });
+    assert!(gone.is_some(), "QEMU outlived its supervisor");
     // The directory is still there (nobody cleaned up): ps must see through it.
     assert!(inst.runtime().join(&id).exists());
     assert!(inst.ps().is_empty());
@@ -181,14 +182,10 @@ fn run_until_booted(sb: &Sandbox, app: &std::path::Path, args: &[&str]) -> fuse_
         .arg(app)
         .spawn();
     let marker = running.marker().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !qemu_processes()
-        .iter()
-        .any(|q| q.marker.as_deref() == Some(&marker))
-    {
-        assert!(Instant::now() < deadline, "QEMU never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        wait_for_qemu_of(&marker, Duration::from_secs(120)),
+        "QEMU never started"
+    );
     // Time for the guest to boot and the app to set up its handler (TCG, loaded host).
     std::thread::sleep(Duration::from_secs(8));
     running

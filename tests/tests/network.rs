@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Sandbox, HELLO};
+use fuse_boot::poll::wait_until;
 use fuse_tests::assert_no_leaked_qemu;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -53,21 +54,16 @@ fn http_get(port: u16, path: &str) -> String {
 /// Polls `GET /` on the host port until it answers 200 (bounded), while fuse keeps running;
 /// returns the whole answer.
 fn wait_for_200(running: &mut fuse_tests::Running, port: u16) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(200);
-    loop {
+    let answer = wait_until(Duration::from_secs(200), Duration::from_millis(200), || {
         assert!(running.is_running(), "fuse exited early");
-        assert!(std::time::Instant::now() < deadline, "never answered");
-        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut body = String::new();
-            let _ = s.read_to_string(&mut body);
-            if body.starts_with("HTTP/1.0 200") {
-                return body;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.starts_with("HTTP/1.0 200").then_some(body)
+    });
+    answer.expect("never answered")
 }
 
 #[test]

@@ -18,10 +18,10 @@ const FAT16_MAX_CLUSTERS: u64 = 65524;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EspError {
-    #[error("Cannot write the EFI System Partition: {0}")]
-    Write(std::io::Error),
-    #[error("Cannot read the EFI System Partition as FAT: {0}")]
-    Read(std::io::Error),
+    #[error("Cannot write the EFI System Partition")]
+    Write(#[source] std::io::Error),
+    #[error("Cannot read the EFI System Partition as FAT")]
+    Read(#[source] std::io::Error),
 }
 
 /// Every timestamp of the volume: the FAT epoch, 1980-01-01 00:00 (what a zero date field

@@ -6,7 +6,7 @@
 //! damaged; GPT is two CRC32s over a 92-byte header and a 16 KiB array, smaller than the glue
 //! the crate would need.
 
-use super::Guid;
+use super::guid::Guid;
 
 /// Bytes per logical block: what QEMU's virtio-blk and every cloud's boot disk present.
 pub const SECTOR: u64 = 512;

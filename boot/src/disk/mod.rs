@@ -17,84 +17,20 @@
 
 pub mod esp;
 pub mod gpt;
+mod guid;
 pub mod uki;
+pub mod verify;
+
+pub use guid::Guid;
 
 use fuse_rootfs::Arch;
 use sha2::{Digest as _, Sha256};
-use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
-
-/// A GUID, held in RFC 4122 (string) byte order.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Guid(pub [u8; 16]);
-
-impl Guid {
-    pub const fn from_u128(v: u128) -> Guid {
-        Guid(v.to_be_bytes())
-    }
-
-    /// A UUIDv8 (RFC 9562, custom) from sha256 of a label and some data: stable for the same
-    /// content, different for different labels.
-    pub fn derive(label: &str, data: &[u8]) -> Guid {
-        let mut h = Sha256::new();
-        h.update(b"fuse:");
-        h.update(label.as_bytes());
-        h.update([0]);
-        h.update(data);
-        let d = h.finalize();
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&d[..16]);
-        b[6] = (b[6] & 0x0f) | 0x80;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        Guid(b)
-    }
-
-    /// GPT's on-disk order: the first three fields little-endian.
-    pub fn to_gpt_bytes(self) -> [u8; 16] {
-        let b = self.0;
-        [
-            b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13],
-            b[14], b[15],
-        ]
-    }
-
-    pub fn from_gpt_bytes(b: [u8; 16]) -> Guid {
-        // The swap is its own inverse.
-        Guid(Guid(b).to_gpt_bytes())
-    }
-}
-
-impl From<[u8; 16]> for Guid {
-    fn from(b: [u8; 16]) -> Guid {
-        Guid(b)
-    }
-}
-
-impl fmt::Display for Guid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let h = hex::encode(self.0);
-        write!(
-            f,
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
-    }
-}
-
-impl fmt::Debug for Guid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
 
 /// EFI System Partition.
 pub const ESP_TYPE: Guid = Guid::from_u128(0xc12a7328_f81f_11d2_ba4b_00a0c93ec93b);
@@ -161,12 +97,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("Cannot read {path}: {source}")]
+    #[error("Cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("Cannot write the disk {path}: {source}")]
+    #[error("Cannot write the disk {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -177,16 +113,17 @@ pub enum DiskError {
         expected: String,
         actual: String,
     },
-    #[error("{path}: {source}")]
+    /// The partition table is damaged: the problem is the message (a leaf, not a cause).
+    #[error("{path}: {problem}")]
     Gpt {
         path: PathBuf,
-        source: gpt::GptError,
+        problem: gpt::GptError,
     },
     #[error("{path} is not a fuse disk: {what}")]
     NotFuseDisk { path: PathBuf, what: String },
-    #[error("Cannot assemble the unified kernel image: {0}")]
+    #[error("Cannot assemble the unified kernel image")]
     Uki(#[from] uki::UkiError),
-    #[error("{0}")]
+    #[error(transparent)]
     Esp(#[from] esp::EspError),
 }
 
@@ -396,9 +333,9 @@ pub fn read_disk(path: &Path) -> Result<Disk, DiskError> {
         Ok(buf)
     })
     .map_err(read_err)?
-    .map_err(|source| DiskError::Gpt {
+    .map_err(|problem| DiskError::Gpt {
         path: path.to_path_buf(),
-        source,
+        problem,
     })?;
     read_layout(path, &file, size, table)
 }
@@ -423,7 +360,7 @@ pub fn read_disk_any(path: &Path) -> Result<Disk, DiskError> {
             .map_err(read_err)?
             .map_err(|_| DiskError::Gpt {
                 path: path.to_path_buf(),
-                source: first,
+                problem: first,
             })?,
     };
     read_layout(path, &file, size, table)
@@ -484,443 +421,6 @@ fn read_layout(path: &Path, file: &File, size: u64, table: gpt::Table) -> Result
         sections,
         table,
     })
-}
-
-/// What a disk should hold, from its manifest (and the store's blobs, when there).
-#[derive(Debug, Clone, Default)]
-pub struct Expected {
-    /// (`sha256:` digest, size, a file with the same bytes to locate a difference).
-    pub kernel: Option<(String, u64, Option<PathBuf>)>,
-    pub initrd: Option<(String, u64, Option<PathBuf>)>,
-    pub rootfs: Option<(String, u64, Option<PathBuf>)>,
-    pub cmdline: Option<String>,
-    /// The manifest's digest, when known from elsewhere than the disk (the store).
-    pub manifest_digest: Option<String>,
-    /// The whole disk's digest (the image reference's), when known.
-    pub disk_digest: Option<String>,
-}
-
-/// One thing wrong with a disk, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Which part: `GPT primary header`, `root partition`, `UKI section .linux`, ...
-    pub part: String,
-    /// Byte offset on the disk where the damage is (or the part starts).
-    pub disk_offset: u64,
-    /// Byte offset inside the part, when located that precisely.
-    pub part_offset: Option<u64>,
-    pub what: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.part_offset {
-            Some(at) => write!(
-                f,
-                "{}, byte {at} (disk byte {}): {}",
-                self.part, self.disk_offset, self.what
-            ),
-            None => write!(
-                f,
-                "{} (disk byte {}): {}",
-                self.part, self.disk_offset, self.what
-            ),
-        }
-    }
-}
-
-/// The first offset where `actual` and the file at `reference` differ.
-fn first_difference(actual: &[u8], reference: &Path) -> Option<u64> {
-    let expected = std::fs::read(reference).ok()?;
-    actual
-        .iter()
-        .zip(expected.iter())
-        .position(|(a, b)| a != b)
-        .map(|p| p as u64)
-        .or_else(|| {
-            (actual.len() != expected.len()).then(|| actual.len().min(expected.len()) as u64)
-        })
-}
-
-/// Checks a disk against what it should hold: both GPT copies and their CRCs, the partition
-/// GUIDs derived from the content, the ESP's FAT structures, every UKI section's digest, the
-/// root partition's bytes and the zero padding. Returns every problem found, located.
-pub fn verify(path: &Path, expected: &Expected) -> Result<Vec<Problem>, DiskError> {
-    let read_err = |source| DiskError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
-    let mut problems = Vec::new();
-    let gpt_problem = |e: gpt::GptError, problems: &mut Vec<Problem>| {
-        let (part, offset) = match &e {
-            gpt::GptError::NoProtectiveMbr => ("protective MBR".to_string(), 0),
-            gpt::GptError::NoSignature { which, offset }
-            | gpt::GptError::HeaderCrc { which, offset, .. } => {
-                (format!("GPT {which} header"), *offset)
-            }
-            gpt::GptError::EntriesCrc { which, offset, .. } => {
-                (format!("GPT {which} entry array"), *offset)
-            }
-            gpt::GptError::Inconsistent { which, offset, .. } => {
-                (format!("GPT {which} header"), *offset)
-            }
-            gpt::GptError::TooSmall { .. } => ("disk".to_string(), 0),
-        };
-        problems.push(Problem {
-            part,
-            disk_offset: offset,
-            part_offset: None,
-            what: e.to_string(),
-        });
-    };
-    let mut reader = |off: u64, len: usize| {
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, off)?;
-        Ok(buf)
-    };
-    if let Err(e) = gpt::check_mbr(&read_at(&file, path, 0, 512.min(size as usize))?) {
-        gpt_problem(e, &mut problems);
-    }
-    let primary = gpt::read_one(size, true, &mut reader).map_err(read_err)?;
-    let backup = gpt::read_one(size, false, &mut reader).map_err(read_err)?;
-    let table = match (primary, backup) {
-        (Ok(p), Ok(b)) => {
-            if p != b {
-                problems.push(Problem {
-                    part: "GPT backup header".into(),
-                    disk_offset: size - 512,
-                    part_offset: None,
-                    what: "the backup table describes other partitions than the primary".into(),
-                });
-            }
-            p
-        }
-        (Ok(p), Err(e)) => {
-            gpt_problem(e, &mut problems);
-            p
-        }
-        (Err(e), Ok(b)) => {
-            gpt_problem(e, &mut problems);
-            b
-        }
-        (Err(e1), Err(e2)) => {
-            gpt_problem(e1, &mut problems);
-            gpt_problem(e2, &mut problems);
-            return Ok(problems);
-        }
-    };
-    // The table rewritten from the intact copy must match both copies byte for byte: this
-    // locates a damaged byte exactly, where a CRC only says which structure is damaged.
-    let mut located = Vec::new();
-    for (offset, want) in table.regions() {
-        let have = read_at(&file, path, offset, want.len())?;
-        let parts: &[(&str, usize, usize)] = if offset == 0 {
-            &[
-                ("protective MBR", 0, 512),
-                ("GPT primary header", 512, 1024),
-                ("GPT primary entry array", 1024, want.len()),
-            ]
-        } else {
-            &[
-                ("GPT backup entry array", 0, want.len() - 512),
-                ("GPT backup header", want.len() - 512, want.len()),
-            ]
-        };
-        for &(part, start, end) in parts {
-            if let Some(at) = (start..end).find(|&i| have[i] != want[i]) {
-                located.push(Problem {
-                    part: part.to_string(),
-                    disk_offset: offset + at as u64,
-                    part_offset: Some((at - start) as u64),
-                    what: format!(
-                        "{:#04x}, the table (as its intact copy describes it) has {:#04x}",
-                        have[at], want[at]
-                    ),
-                });
-            }
-        }
-    }
-    if !located.is_empty() {
-        // Exact locations replace the CRC reports of the same structures.
-        problems.retain(|p| !located.iter().any(|l| l.part == p.part));
-        problems.extend(located);
-    }
-    // The sectors between the MBR/GPT and the partitions, between partitions and after the
-    // last one must be zero (nothing hides there).
-    let mut used: Vec<(u64, u64)> = vec![(0, 2 * 512 + 16384), (size - 512 - 16384, size)];
-    used.extend(
-        table
-            .partitions
-            .iter()
-            .map(|p| (p.offset(), p.offset() + p.size())),
-    );
-    used.sort();
-    let mut at = 0;
-    for (start, end) in used {
-        if start > at {
-            check_zero(
-                &file,
-                path,
-                at,
-                start,
-                "unpartitioned space",
-                at,
-                &mut problems,
-            )?;
-        }
-        at = at.max(end);
-    }
-
-    let disk = match read_layout(path, &file, size, table) {
-        Ok(d) => d,
-        Err(e) => {
-            problems.push(Problem {
-                part: "EFI System Partition".into(),
-                disk_offset: MIB,
-                part_offset: None,
-                what: e.to_string(),
-            });
-            return Ok(problems);
-        }
-    };
-    let esp_part = disk.esp().cloned().expect("read_layout found it");
-    let manifest = disk.section(uki::FUSE).unwrap_or_default().to_vec();
-    let manifest_digest = sha256_hex(&manifest);
-    let uki_offset = disk.uki_disk_offset.unwrap_or(esp_part.offset());
-    if let Some(want) = &expected.manifest_digest {
-        if hex_digest(want) != hex_digest(&manifest_digest) {
-            problems.push(Problem {
-                part: "UKI section .fuse (manifest)".into(),
-                disk_offset: disk.section_disk_offset(uki::FUSE, 0).unwrap_or(uki_offset),
-                part_offset: None,
-                what: format!("digest {manifest_digest}, the image's manifest is {want}"),
-            });
-        }
-    }
-
-    // The ESP: rebuilt from the UKI it holds, it must come out byte for byte the same, so
-    // damage to the FAT structures is located to the byte.
-    let esp_bytes = read_at(&file, path, esp_part.offset(), esp_part.size() as usize)?;
-    let rebuilt = esp::build(
-        &[(
-            efi_boot_path(disk.arch().unwrap_or(Arch::X86_64)),
-            &disk.uki,
-        )],
-        esp_part.size(),
-        disk.esp_serial,
-    )?;
-    if let Some(at) = esp_bytes.iter().zip(&rebuilt).position(|(a, b)| a != b) {
-        problems.push(Problem {
-            part: "EFI System Partition (FAT structures)".into(),
-            disk_offset: esp_part.offset() + at as u64,
-            part_offset: Some(at as u64),
-            what: "the FAT volume is not what fuse writes for its files".into(),
-        });
-    }
-    if disk.esp_files.len() != 1 {
-        problems.push(Problem {
-            part: "EFI System Partition".into(),
-            disk_offset: esp_part.offset(),
-            part_offset: None,
-            what: format!(
-                "files {:?}, fuse writes only the UKI",
-                disk.esp_files.iter().map(|f| &f.0).collect::<Vec<_>>()
-            ),
-        });
-    }
-
-    // The UKI's sections.
-    for (name, want) in [
-        (uki::LINUX, &expected.kernel),
-        (uki::INITRD, &expected.initrd),
-    ] {
-        let Some((digest, size, reference)) = want else {
-            continue;
-        };
-        let start = disk.section_disk_offset(name, 0).unwrap_or(uki_offset);
-        let Some(data) = disk.section(name) else {
-            problems.push(Problem {
-                part: "UKI".into(),
-                disk_offset: uki_offset,
-                part_offset: None,
-                what: format!("no {name} section"),
-            });
-            continue;
-        };
-        let actual = sha256_hex(data);
-        if hex_digest(&actual) != hex_digest(digest) || data.len() as u64 != *size {
-            let at = reference.as_deref().and_then(|r| first_difference(data, r));
-            problems.push(Problem {
-                part: format!("UKI section {name}"),
-                disk_offset: start + at.unwrap_or(0),
-                part_offset: at,
-                what: format!(
-                    "digest {actual} ({} bytes), the manifest says {digest} ({size} bytes)",
-                    data.len()
-                ),
-            });
-        }
-    }
-    let cmdline = disk
-        .section(uki::CMDLINE)
-        .map(|c| String::from_utf8_lossy(c).into_owned());
-    if let Some(want) = &expected.cmdline {
-        if cmdline.as_deref() != Some(want.as_str()) {
-            problems.push(Problem {
-                part: "UKI section .cmdline".into(),
-                disk_offset: disk
-                    .section_disk_offset(uki::CMDLINE, 0)
-                    .unwrap_or(uki_offset),
-                part_offset: None,
-                what: format!("{cmdline:?}, the manifest says {want:?}"),
-            });
-        }
-    }
-
-    // GUIDs derived from the content.
-    let entry_offset = |i: usize| 2 * 512 + i as u64 * 128;
-    if disk.table.disk_guid != disk_guid(&manifest_digest) {
-        problems.push(Problem {
-            part: "GPT disk GUID".into(),
-            disk_offset: 512 + 56,
-            part_offset: None,
-            what: format!(
-                "{}, derived from the manifest it is {}",
-                disk.table.disk_guid,
-                disk_guid(&manifest_digest)
-            ),
-        });
-    }
-    if esp_part.unique_guid != esp_guid(&manifest_digest)
-        || disk.esp_serial != esp_serial(&manifest_digest)
-    {
-        problems.push(Problem {
-            part: "EFI System Partition".into(),
-            disk_offset: entry_offset(0) + 16,
-            part_offset: None,
-            what: "its GUID or FAT serial is not the one derived from the manifest".into(),
-        });
-    }
-    let Some(root) = disk.root().cloned() else {
-        problems.push(Problem {
-            part: "GPT".into(),
-            disk_offset: entry_offset(0),
-            part_offset: None,
-            what: "no Linux root partition".into(),
-        });
-        return Ok(problems);
-    };
-    let root_index = disk
-        .table
-        .partitions
-        .iter()
-        .position(|p| *p == root)
-        .unwrap_or(1);
-    if let Some((digest, rootfs_size, reference)) = &expected.rootfs {
-        let uuid = root_partition_uuid(digest);
-        if root.unique_guid != uuid {
-            problems.push(Problem {
-                part: "root partition GUID".into(),
-                disk_offset: entry_offset(root_index) + 16,
-                part_offset: None,
-                what: format!(
-                    "{}, derived from the root filesystem it is {uuid}",
-                    root.unique_guid
-                ),
-            });
-        }
-        if let Some(c) = &cmdline {
-            if !c.contains(&format!("fuse.root=PARTUUID={uuid}")) {
-                problems.push(Problem {
-                    part: "UKI section .cmdline".into(),
-                    disk_offset: disk
-                        .section_disk_offset(uki::CMDLINE, 0)
-                        .unwrap_or(uki_offset),
-                    part_offset: None,
-                    what: format!("it does not name the root as fuse.root=PARTUUID={uuid}"),
-                });
-            }
-        }
-        if *rootfs_size > root.size() {
-            problems.push(Problem {
-                part: "root partition".into(),
-                disk_offset: root.offset(),
-                part_offset: None,
-                what: format!(
-                    "{} bytes, smaller than the root filesystem ({rootfs_size})",
-                    root.size()
-                ),
-            });
-        } else {
-            let data = read_at(&file, path, root.offset(), *rootfs_size as usize)?;
-            let actual = sha256_hex(&data);
-            if hex_digest(&actual) != hex_digest(digest) {
-                let at = reference
-                    .as_deref()
-                    .and_then(|r| first_difference(&data, r));
-                problems.push(Problem {
-                    part: format!("root partition (partition {})", root_index + 1),
-                    disk_offset: root.offset() + at.unwrap_or(0),
-                    part_offset: at,
-                    what: format!("digest {actual}, the manifest's root filesystem is {digest}"),
-                });
-            }
-            check_zero(
-                &file,
-                path,
-                root.offset() + rootfs_size,
-                root.offset() + root.size(),
-                &format!("root partition (partition {}) padding", root_index + 1),
-                root.offset(),
-                &mut problems,
-            )?;
-        }
-    }
-
-    if problems.is_empty() {
-        if let Some(want) = &expected.disk_digest {
-            let actual = file_digest(path)?;
-            if hex_digest(&actual) != hex_digest(want) {
-                problems.push(Problem {
-                    part: "UKI (EFI stub or PE headers)".into(),
-                    disk_offset: uki_offset,
-                    part_offset: None,
-                    what: format!("the disk's digest is {actual}, the image's is {want}; every part with a digest of its own is intact, so the damage is in the stub, which has none"),
-                });
-            }
-        }
-    }
-    Ok(problems)
-}
-
-fn check_zero(
-    file: &File,
-    path: &Path,
-    start: u64,
-    end: u64,
-    part: &str,
-    part_start: u64,
-    problems: &mut Vec<Problem>,
-) -> Result<(), DiskError> {
-    let mut at = start;
-    while at < end {
-        let len = (end - at).min(MIB) as usize;
-        let chunk = read_at(file, path, at, len)?;
-        if let Some(p) = chunk.iter().position(|&b| b != 0) {
-            let disk_offset = at + p as u64;
-            problems.push(Problem {
-                part: part.to_string(),
-                disk_offset,
-                part_offset: Some(disk_offset - part_start),
-                what: "a non-zero byte where fuse writes zeros".into(),
-            });
-            return Ok(());
-        }
-        at += len as u64;
-    }
-    Ok(())
 }
 
 /// `sha256:<hex>` of a file.
@@ -1004,10 +504,11 @@ pub fn extract_boot(disk_path: &Path, dir: &Path) -> Result<BootFiles, DiskError
 
 #[cfg(test)]
 mod tests {
+    use super::verify::{verify, Expected};
     use super::*;
 
-    struct Fixture {
-        dir: tempfile::TempDir,
+    pub(super) struct Fixture {
+        pub(super) dir: tempfile::TempDir,
         manifest: Vec<u8>,
         kernel: Vec<u8>,
         initrd: Vec<u8>,
@@ -1015,7 +516,7 @@ mod tests {
         rootfs_digest: String,
     }
 
-    fn fixture() -> Fixture {
+    pub(super) fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let rootfs: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
         std::fs::write(dir.path().join("rootfs"), &rootfs).unwrap();
@@ -1035,7 +536,7 @@ mod tests {
         }
     }
 
-    fn build(f: &Fixture, out: &Path) -> gpt::Table {
+    pub(super) fn build(f: &Fixture, out: &Path) -> gpt::Table {
         let stub = uki::tests::tiny_stub();
         build_disk(
             &DiskInputs {
@@ -1054,7 +555,7 @@ mod tests {
         .unwrap()
     }
 
-    fn expected(f: &Fixture) -> Expected {
+    pub(super) fn expected(f: &Fixture) -> Expected {
         Expected {
             kernel: Some((
                 sha256_hex(&f.kernel),
@@ -1142,7 +643,7 @@ mod tests {
         assert_eq!(file_digest(&a).unwrap(), file_digest(&b).unwrap());
     }
 
-    fn flip(path: &Path, at: u64) {
+    pub(super) fn flip(path: &Path, at: u64) {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1152,49 +653,5 @@ mod tests {
         file.read_exact_at(&mut b, at).unwrap();
         b[0] ^= 0x20;
         file.write_all_at(&b, at).unwrap();
-    }
-
-    #[test]
-    fn test_verify_locates_flipped_bytes() {
-        let f = fixture();
-        let clean = f.dir.path().join("clean.raw");
-        build(&f, &clean);
-        let disk = read_disk(&clean).unwrap();
-        let root = disk.root().unwrap().clone();
-        let linux = disk.section_disk_offset(uki::LINUX, 1234).unwrap();
-        let cases: Vec<(u64, &str, Option<u64>)> = vec![
-            (root.offset() + 777_777, "root partition", Some(777_777)),
-            (linux, "UKI section .linux", Some(1234)),
-            (512 + 60, "GPT primary header", Some(60)),
-            (1024 + 200, "GPT primary entry array", Some(200)),
-            (disk.size - 512 + 8, "GPT backup header", Some(8)),
-            (
-                disk.esp().unwrap().offset() + 600,
-                "EFI System Partition",
-                Some(600),
-            ),
-            (
-                root.offset() + 1_600_000,
-                "root partition (partition 2) padding",
-                None,
-            ),
-            (MIB - 4096, "unpartitioned space", None),
-        ];
-        for (at, part, part_offset) in cases {
-            let path = f.dir.path().join("bad.raw");
-            std::fs::copy(&clean, &path).unwrap();
-            flip(&path, at);
-            let problems = verify(&path, &expected(&f)).unwrap();
-            let hit = problems.iter().find(|p| p.part.starts_with(part));
-            let Some(hit) = hit else {
-                panic!("flip at {at}: no problem in {part}: {problems:#?}");
-            };
-            if part_offset.is_some() || part.contains("padding") || part.contains("unpartitioned") {
-                assert_eq!(hit.disk_offset, at, "{hit}");
-            }
-            if let Some(o) = part_offset {
-                assert_eq!(hit.part_offset, Some(o), "{hit}");
-            }
-        }
     }
 }

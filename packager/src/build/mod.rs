@@ -73,20 +73,6 @@ fn content_parts(
     parts
 }
 
-/// The kernel command line of an image whose root is `root` (`PARTUUID=…` of the disk's root
-/// partition, see `disk_image::root_spec`). `quiet loglevel=1` keeps the console to the app's
-/// output (panics still print); `panic=-1` turns a panic into an immediate reboot, which ends
-/// the VM.
-pub(crate) fn kernel_cmdline(arch: Arch, root: &str) -> String {
-    let console = match arch {
-        Arch::X86_64 => "ttyS0",
-        Arch::Aarch64 => "ttyAMA0",
-    };
-    format!(
-        "console={console} quiet loglevel=1 panic=-1 rdinit=/init fuse.root={root} fuse.rootfstype=squashfs"
-    )
-}
-
 /// Builds the image for `request` into `store`. `progress` gets human-readable lines.
 pub(crate) fn build(
     store: &Store,
@@ -208,7 +194,10 @@ pub(crate) fn build(
             size: rootfs_size,
             format: compression.format().into(),
         },
-        cmdline: kernel_cmdline(arch, &crate::image::disk::root_spec(&rootfs_digest)),
+        cmdline: fuse_boot::cmdline::image_cmdline(
+            arch,
+            &crate::image::disk::root_spec(&rootfs_digest),
+        ),
         notes: app.notes.into_iter().collect(),
         app: AppSection {
             kind: kind.as_str().into(),

@@ -1,6 +1,6 @@
 //! Exit codes, decided from the typed error in one place.
 
-use fuse_boot::qemu::RunError;
+use fuse_boot::vm::RunError;
 
 /// Exit codes a shell user expects: 124 for a timeout (like timeout(1)); when a stop signal
 /// killed the VM, 128 + the signal for a forced stop (130 for a second Ctrl-C) and 137 (as if

@@ -232,14 +232,18 @@ pub(super) fn verify(reference: &str, json_output: bool) -> Result<i32> {
             Some(image.digest.clone()),
         ),
         None => {
-            let disk = fuse_boot::disk::read_disk_any(&target.path)
-                .map_err(|e| anyhow::anyhow!("{e}: cannot read its manifest to verify against"))?;
+            let disk = fuse_boot::disk::read_disk_any(&target.path).with_context(|| {
+                format!(
+                    "Cannot read the manifest of {} to verify against",
+                    target.path.display()
+                )
+            })?;
             (disk::manifest_of(&disk)?, None, None)
         }
     };
     let mut expected = disk::expected(Some(&store), &manifest, disk_digest.as_deref());
     expected.manifest_digest = manifest_digest;
-    let problems = fuse_boot::disk::verify(&target.path, &expected)?;
+    let problems = fuse_boot::disk::verify::verify(&target.path, &expected)?;
     if json_output {
         let rows: Vec<_> = problems
             .iter()

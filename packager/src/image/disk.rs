@@ -9,7 +9,8 @@ use crate::host::digest;
 use crate::image::manifest::Manifest;
 use crate::image::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
-use fuse_boot::disk::{self, BootFiles, Expected};
+use fuse_boot::disk::verify::Expected;
+use fuse_boot::disk::{self, BootFiles};
 use std::path::{Path, PathBuf};
 
 /// The `fuse.root=` value naming the root partition of a disk whose root filesystem has this

@@ -5,7 +5,7 @@ use crate::image::disk::boot_files;
 use crate::image::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use fuse_boot::disk::BootFiles;
-use fuse_boot::qemu::Firmware;
+use fuse_boot::vm::Firmware;
 use fuse_rootfs::Arch;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use crate::run::overlay::effective_environment;
 use crate::run::{launch, Hooks, RunOptions};
 use anyhow::{bail, Context, Result};
 use fuse_boot::poll;
-use fuse_boot::qemu::{PortForward, Proto, RunError, Spawned, StopRequest};
+use fuse_boot::vm::{PortForward, Proto, RunError, Spawned, StopRequest};
 use regex::Regex;
 use serde_json::json;
 use std::io::Write;
@@ -443,7 +443,7 @@ pub(crate) fn run_test(
                 seen.stopped_after_http = true;
             }
             Some(run) => {
-                let text = run.to_string();
+                let text = fuse_boot::error::with_causes(run);
                 seen.run_error = Some(text.lines().next().unwrap_or("the VM failed").to_string());
             }
             // Not the VM's failure (a bad option, a missing file): the test did not run.

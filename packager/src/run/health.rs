@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Result};
 use fuse_boot::poll;
-use fuse_boot::qemu::{PortForward, Proto, StopRequest};
+use fuse_boot::vm::{PortForward, Proto, StopRequest};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -142,7 +142,7 @@ impl HealthCheck {
                 // Our connection (kept open) makes QEMU connect to the guest.
                 let accepted = poll::wait_until(TCP_SETTLE, USERNET_INTERVAL, || {
                     match fuse_boot::qmp::human_monitor(qmp, "info usernet") {
-                        Err(e) => Some(Err(e.to_string())),
+                        Err(e) => Some(Err(fuse_boot::error::with_causes(&e))),
                         Ok(info) => {
                             fuse_boot::qmp::usernet_established(&info, guest).then_some(Ok(()))
                         }

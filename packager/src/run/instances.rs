@@ -16,7 +16,7 @@
 //! time, and QEMU's command line naming this directory), and removes stale entries.
 //!
 //! `fuse kill` sends the supervisor SIGTERM, which stops the VM gracefully (the app gets
-//! SIGTERM, see `fuse_boot::qemu`), then waits for the supervisor; past the grace period and
+//! SIGTERM, see `fuse_boot::vm`), then waits for the supervisor; past the grace period and
 //! a margin, it SIGKILLs the supervisor (and so QEMU).
 
 use crate::host::paths;
@@ -24,7 +24,7 @@ use crate::image::store::Store;
 use crate::run::{launch, Hooks, RunOptions};
 use anyhow::{bail, Context, Result};
 use fuse_boot::poll;
-use fuse_boot::qemu::Spawned;
+use fuse_boot::vm::Spawned;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -21,8 +21,8 @@ use crate::image::manifest::{Manifest, NOTE_FIXED_ARGS};
 use crate::image::store::{Store, StoredImage};
 use anyhow::{Context, Result};
 use boot::BootMode;
-use fuse_boot::accel::AccelChoice;
-use fuse_boot::qemu::{PortForward, Proto, RunControl, Spawned, StopRequest, VmConfig, VmOutcome};
+use fuse_boot::vm::AccelChoice;
+use fuse_boot::vm::{PortForward, Proto, RunControl, Spawned, StopRequest, VmConfig, VmOutcome};
 use health::{HealthCheck, HealthKind};
 use overlay::Selection;
 use serde::{Deserialize, Serialize};
@@ -267,7 +267,7 @@ pub(crate) fn launch(
         stop: Some(stop.clone()),
         on_spawn: Some(&mut spawned),
     };
-    let result = fuse_boot::qemu::run_controlled(&config, out, notice, control);
+    let result = fuse_boot::vm::run_controlled(&config, out, notice, control);
     let ready = probe.take().and_then(|p| p.finish());
     let outcome =
         result.with_context(|| format!("Image {} did not run to completion", image.name))?;
@@ -282,7 +282,7 @@ pub(crate) fn launch(
 
 /// `AccelChoice` as `auto`, `kvm` or `tcg` (it has no `Display` to go through).
 mod serde_accel {
-    use fuse_boot::accel::AccelChoice;
+    use fuse_boot::vm::AccelChoice;
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(a: &AccelChoice, s: S) -> Result<S::Ok, S::Error> {

@@ -5,7 +5,7 @@
 //! rootless, and nothing is exposed beyond the host.
 
 use anyhow::{bail, Result};
-use fuse_boot::qemu::{PortForward, Proto};
+use fuse_boot::vm::{PortForward, Proto};
 use std::io;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use fuse_boot::poll::wait_until;
 use fuse_tests::{FuseCmd, TestDir};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -169,8 +170,10 @@ pub fn http_get_until(
     timeout: Duration,
 ) -> Option<String> {
     use std::io::{Read, Write};
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline && running.is_running() {
+    let answer = wait_until(timeout, Duration::from_millis(500), || {
+        if !running.is_running() {
+            return Some(None);
+        }
         let attempt = (|| -> std::io::Result<String> {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -183,11 +186,11 @@ pub fn http_get_until(
         // QEMU's forwarder accepts before the guest listens and then closes: empty means
         // "not yet".
         match attempt {
-            Ok(response) if response.starts_with("HTTP/") => return Some(response),
-            _ => std::thread::sleep(Duration::from_millis(500)),
+            Ok(response) if response.starts_with("HTTP/") => Some(Some(response)),
+            _ => None,
         }
-    }
-    None
+    });
+    answer.flatten()
 }
 
 /// Compiles the Java `sources` (`(file name, text)`) with `javac` and packs the classes, plus

@@ -1,0 +1,685 @@
+//! One VM run, from spawn to exit: [`run`] / [`run_with`] / [`run_controlled`] check the
+//! inputs, choose the accelerator, spawn QEMU, pump its console to the caller (the app's output,
+//! live) and say how it ended ([`VmOutcome`], or a [`RunError`] with [`Diagnostics`]).
+//!
+//! # Stopping
+//!
+//! SIGINT/SIGTERM/SIGHUP while a VM runs stop it gracefully: the runner presses the ACPI power
+//! button through QMP (see [`crate::qmp`]), the guest kernel sends SIGTERM to the init, which
+//! forwards it to the app and powers off when the app has exited (aarch64 `virt` has no ACPI:
+//! `system_powerdown` raises a GPIO line the kernel's gpio-keys driver reports as KEY_POWER,
+//! and the init reads that from /dev/input as SIGTERM). If the app exits within
+//! [`VmConfig::stop_grace`], [`run`] returns its exit code as usual; otherwise the VM is
+//! killed and [`run`] returns [`RunError::StopTimeout`]. A second stop signal kills the VM at
+//! once ([`RunError::Interrupted`]), as does the first when the grace period is zero. Another
+//! thread stops it with a [`StopRequest`].
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::accel::{self, AccelError, AccelSelection};
+use super::config::{Accel, Firmware, VmConfig};
+use super::machine::{self, QemuMissing};
+use super::process::ProcessGuard;
+use crate::console::{ConsoleEvent, ConsoleParser, EDK2_LAST_LINE};
+use crate::error::with_causes;
+use crate::qmp;
+use crate::signals::{self, SignalWatch};
+
+/// Console lines kept for error reports.
+const TAIL_LINES: usize = 20;
+/// QEMU stderr kept for error reports.
+const MAX_STDERR: usize = 16 * 1024;
+/// How long an unterminated line may wait before it is passed on anyway.
+const PARTIAL_FLUSH: Duration = Duration::from_millis(50);
+/// How long QEMU may take to exit after the init reported the exit code (power-off).
+const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+/// How long the kernel may go on printing after "Kernel panic" (the trace) before the VM is
+/// stopped; with `panic=-1` it reboots, and so QEMU exits, right away.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+/// How long QEMU may take to exit after closing the console.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for QEMU's QMP socket when asking for a graceful stop.
+const QMP_PATIENCE: Duration = Duration::from_secs(1);
+/// How often the power button is pressed again while the guest shows no sign of life.
+const REPRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a VM run ended, when the init reported the app's exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOutcome {
+    /// The app's exit code, or the init's own: [`crate::spec::EXIT_INIT_FAILURE`] (125),
+    /// [`crate::spec::EXIT_NOT_EXECUTABLE`] (126), [`crate::spec::EXIT_NOT_FOUND`] (127).
+    pub exit_code: u8,
+    /// From QEMU's start to the first console output. With `verbose`, kernel messages count.
+    pub first_output: Option<Duration>,
+    /// From QEMU's start to its exit.
+    pub total: Duration,
+    pub accel: Accel,
+}
+
+/// What went wrong, with what is needed to understand it: console tail, QEMU's stderr and
+/// command line. Printed as a multi-line block under the error's first line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diagnostics {
+    /// The last console lines, kernel messages included.
+    pub console: Vec<String>,
+    /// What QEMU wrote to its stderr.
+    pub qemu_stderr: String,
+    /// The full QEMU command line, shell-quoted.
+    pub command: String,
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.console.is_empty() {
+            write!(f, "\n  console: (no output)")?;
+        } else {
+            write!(f, "\n  last console lines:")?;
+            for line in &self.console {
+                write!(f, "\n    | {line}")?;
+            }
+        }
+        let stderr = self.qemu_stderr.trim_end();
+        if !stderr.is_empty() {
+            write!(f, "\n  QEMU said:")?;
+            for line in stderr.lines() {
+                write!(f, "\n    | {line}")?;
+            }
+        }
+        write!(f, "\n  QEMU command: {}", self.command)
+    }
+}
+
+/// Errors running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    QemuMissing(#[from] QemuMissing),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error("Cannot start {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot read {path}")]
+    MissingInput {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("I/O error while the VM ran")]
+    Io(#[source] io::Error),
+    #[error("QEMU failed to start the VM ({status}){diagnostics}")]
+    QemuFailed {
+        status: String,
+        diagnostics: Box<Diagnostics>,
+    },
+    #[error("The VM failed before the app reported an exit code: {reason}{diagnostics}")]
+    BootFailed {
+        reason: String,
+        diagnostics: Box<Diagnostics>,
+    },
+    #[error("The VM did not finish within {}s and was stopped{diagnostics}", .timeout.as_secs_f64())]
+    Timeout {
+        timeout: Duration,
+        diagnostics: Box<Diagnostics>,
+    },
+    #[error("Interrupted by {}; the VM was stopped", signals::signal_name(*.signal))]
+    Interrupted { signal: i32 },
+    #[error(
+        "Stopped by {}: the app did not exit within {}s of SIGTERM, so the VM was killed \
+         (give it longer with --grace SECONDS)",
+        signals::signal_name(*.signal),
+        .grace.as_secs_f64()
+    )]
+    StopTimeout { signal: i32, grace: Duration },
+    #[error("{reason}; the VM was stopped")]
+    Aborted { reason: String },
+    #[error("Cannot write the app's output; the VM was stopped")]
+    Output(#[source] io::Error),
+}
+
+impl RunError {
+    /// Whether a stop signal ended the run (the CLI then exits with 128 + signal, or 137).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            RunError::Interrupted { .. } | RunError::StopTimeout { .. }
+        )
+    }
+}
+
+/// Boots the VM, writes the app's output to `out` as it comes, and returns the app's exit
+/// code. The accelerator notice (KVM unusable) goes to stderr as `fuse: <notice>`; use
+/// [`run_with`] to route it elsewhere.
+pub fn run(config: &VmConfig, out: &mut dyn Write) -> Result<VmOutcome, RunError> {
+    run_with(config, out, &mut |notice| eprintln!("fuse: {notice}"))
+}
+
+/// [`run`], with the accelerator notice (one line, no `fuse: ` prefix) passed to `notice`.
+pub fn run_with(
+    config: &VmConfig,
+    out: &mut dyn Write,
+    notice: &mut dyn FnMut(&str),
+) -> Result<VmOutcome, RunError> {
+    run_controlled(config, out, notice, RunControl::default())
+}
+
+/// What a caller learns when QEMU has been spawned (before the guest boots).
+#[derive(Debug, Clone)]
+pub struct Spawned {
+    /// QEMU's pid (also its process group id).
+    pub pid: u32,
+    /// When QEMU was spawned: the origin of every time the runner reports.
+    pub started: Instant,
+    /// Where QEMU listens for QMP.
+    pub qmp_socket: PathBuf,
+}
+
+/// Lets other threads stop a running VM (a failed health check, for one). The run loop looks
+/// at it at least every 250 ms.
+#[derive(Debug, Default)]
+pub struct StopRequest {
+    requested: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl StopRequest {
+    pub fn new() -> Arc<StopRequest> {
+        Arc::new(StopRequest::default())
+    }
+
+    /// Asks the run loop to kill the VM; [`run_controlled`] then returns
+    /// [`RunError::Aborted`] with `reason` (the first reason given wins).
+    pub fn abort(&self, reason: impl Into<String>) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| reason.into());
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    fn taken(&self) -> Option<String> {
+        if !self.requested.load(Ordering::SeqCst) {
+            return None;
+        }
+        let slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        Some(slot.clone().unwrap_or_else(|| "Stopped".into()))
+    }
+}
+
+/// Hooks into a run: see [`run_controlled`].
+#[derive(Default)]
+pub struct RunControl<'a> {
+    /// Polled by the run loop: lets another thread stop the VM.
+    pub stop: Option<Arc<StopRequest>>,
+    /// Called once, right after QEMU is spawned.
+    pub on_spawn: Option<&'a mut dyn FnMut(&Spawned)>,
+}
+
+impl fmt::Debug for RunControl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunControl")
+            .field("stop", &self.stop)
+            .field("on_spawn", &self.on_spawn.is_some())
+            .finish()
+    }
+}
+
+/// [`run_with`], with hooks: a callback when QEMU is spawned (health checks, instance state)
+/// and a [`StopRequest`] other threads can use to stop the VM.
+pub fn run_controlled(
+    config: &VmConfig,
+    out: &mut dyn Write,
+    notice: &mut dyn FnMut(&str),
+    control: RunControl<'_>,
+) -> Result<VmOutcome, RunError> {
+    let qemu = machine::find_qemu(config.arch)?;
+    let boot_files = match &config.firmware {
+        Firmware::Direct => vec![&config.kernel, &config.initrd],
+        Firmware::Uefi { code, vars } => vec![code, vars],
+    };
+    for path in boot_files
+        .into_iter()
+        .chain([&config.root_disk])
+        .chain(config.fw_cfg.iter().map(|(_, p)| p))
+        .chain(config.data_disks.iter())
+    {
+        std::fs::metadata(path).map_err(|source| RunError::MissingInput {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let AccelSelection {
+        accel,
+        notice: accel_notice,
+    } = accel::select_accel(config.accel, config.arch, &qemu)?;
+    if let Some(text) = accel_notice {
+        notice(&text);
+    }
+    // Every VM gets a QMP socket: it is how a stop signal becomes a graceful stop.
+    let mut private_dir = None;
+    let mut config = config.clone();
+    let qmp_socket = match &config.qmp_socket {
+        Some(path) => path.clone(),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("fuse-qmp-")
+                .tempdir()
+                .map_err(RunError::Io)?;
+            let path = dir.path().join("qmp.sock");
+            private_dir = Some(dir);
+            config.qmp_socket = Some(path.clone());
+            path
+        }
+    };
+    let config = &config;
+    let args = machine::qemu_args(config, accel);
+    let command = machine::shell_command(&qemu, &args);
+
+    let mut cmd = Command::new(&qemu);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Installed before the spawn, so a signal arriving from now on is seen.
+    let watch = SignalWatch::install().map_err(RunError::Io)?;
+    let started = Instant::now();
+    let vm = ProcessGuard::spawn(&mut cmd).map_err(|source| RunError::Spawn {
+        binary: qemu.display().to_string(),
+        source,
+    })?;
+    let RunControl { stop, on_spawn } = control;
+    if let Some(on_spawn) = on_spawn {
+        on_spawn(&Spawned {
+            pid: vm.pid(),
+            started,
+            qmp_socket: qmp_socket.clone(),
+        });
+    }
+    let mut session = Session {
+        vm,
+        watch,
+        started,
+        config,
+        accel,
+        command,
+        parser: match config.firmware {
+            Firmware::Direct => ConsoleParser::new(TAIL_LINES),
+            Firmware::Uefi { .. } => {
+                ConsoleParser::new(TAIL_LINES).skip_firmware_output(EDK2_LAST_LINE)
+            }
+        },
+        stderr: Vec::new(),
+        first_output: None,
+        qmp_socket,
+        stop_request: stop,
+        stopping: None,
+        notice,
+    };
+    let result = session.run(out);
+    // The socket's directory goes only after QEMU is reaped (the session's guard).
+    drop(session);
+    drop(private_dir);
+    result
+}
+
+/// One running VM and what the run loop tracks about it.
+struct Session<'a> {
+    vm: ProcessGuard,
+    watch: SignalWatch,
+    started: Instant,
+    config: &'a VmConfig,
+    accel: Accel,
+    command: String,
+    parser: ConsoleParser,
+    stderr: Vec<u8>,
+    first_output: Option<Duration>,
+    qmp_socket: PathBuf,
+    stop_request: Option<Arc<StopRequest>>,
+    /// A graceful stop in progress: the signal that asked for it, and when the VM is killed.
+    stopping: Option<(i32, Instant)>,
+    notice: &'a mut dyn FnMut(&str),
+}
+
+/// Why the run loop ended.
+enum Ending {
+    /// QEMU exited by itself.
+    Exited(ExitStatus),
+    /// The timeout passed.
+    TimedOut,
+    /// A stop signal arrived.
+    Signal(i32),
+    /// The kernel panicked and did not reboot.
+    Panicked,
+    /// The init reported the exit code but QEMU did not power off in time.
+    NoPowerOff,
+    /// A graceful stop asked by this signal did not finish within the grace period.
+    StopTimedOut(i32),
+    /// Another thread asked to stop the VM ([`StopRequest`]).
+    Aborted(String),
+}
+
+impl Session<'_> {
+    fn run(&mut self, out: &mut dyn Write) -> Result<VmOutcome, RunError> {
+        let ending = self.pump(out)?;
+        let total = self.started.elapsed();
+        match ending {
+            Ending::Signal(signal) => return Err(RunError::Interrupted { signal }),
+            Ending::StopTimedOut(signal) => {
+                return Err(RunError::StopTimeout {
+                    signal,
+                    grace: self.config.stop_grace,
+                })
+            }
+            Ending::Aborted(reason) => return Err(RunError::Aborted { reason }),
+            _ => {}
+        }
+        if let Some(exit_code) = self.parser.exit_code() {
+            return Ok(VmOutcome {
+                exit_code,
+                first_output: self.first_output,
+                total,
+                accel: self.accel,
+            });
+        }
+        let diagnostics = Box::new(self.diagnostics());
+        Err(match ending {
+            Ending::TimedOut => RunError::Timeout {
+                timeout: self.config.timeout.unwrap_or_default(),
+                diagnostics,
+            },
+            Ending::Panicked | Ending::Exited(_) if self.parser.panicked() => {
+                RunError::BootFailed {
+                    reason: self.parser.panic_line().unwrap_or_default().to_string(),
+                    diagnostics,
+                }
+            }
+            Ending::Exited(status) if !status.success() && diagnostics.console.is_empty() => {
+                RunError::QemuFailed {
+                    status: describe(status),
+                    diagnostics,
+                }
+            }
+            // Asked to stop, and the VM went without the app reporting: the init itself
+            // ended (or QEMU quit) on the power button.
+            Ending::Exited(_) if self.stopping.is_some() => RunError::Interrupted {
+                signal: self.stopping.map(|(s, _)| s).unwrap_or(libc::SIGTERM),
+            },
+            Ending::Exited(status) => RunError::BootFailed {
+                reason: format!(
+                    "QEMU {} without an exit line from the init",
+                    describe(status)
+                ),
+                diagnostics,
+            },
+            Ending::Signal(_)
+            | Ending::NoPowerOff
+            | Ending::Panicked
+            | Ending::StopTimedOut(_)
+            | Ending::Aborted(_) => {
+                unreachable!("handled above")
+            }
+        })
+    }
+
+    /// Moves console output to `out` until the VM is gone; the VM is reaped when it returns.
+    fn pump(&mut self, out: &mut dyn Write) -> Result<Ending, RunError> {
+        let mut console = self.vm.child_mut().stdout.take();
+        let mut stderr = self.vm.child_mut().stderr.take();
+        let mut panic_at: Option<Instant> = None;
+        let mut exit_at: Option<Instant> = None;
+        let mut closed_at: Option<Instant> = None;
+        let deadline = self.config.timeout.map(|t| self.started + t);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut signals_seen = 0;
+        let mut last_press = Instant::now();
+        loop {
+            let received = self.watch.count();
+            if received != signals_seen {
+                signals_seen = received;
+                let signal = self.watch.received().unwrap_or(libc::SIGTERM);
+                if let Some(ending) = self.on_stop_signal(signal) {
+                    return Ok(ending);
+                }
+                last_press = Instant::now();
+            }
+            if let Some(reason) = self.stop_request.as_ref().and_then(|r| r.taken()) {
+                self.stop();
+                return Ok(Ending::Aborted(reason));
+            }
+            if let Some(status) = self.vm.try_wait().map_err(RunError::Io)? {
+                // Drain what QEMU wrote before exiting.
+                if let Some(c) = console.as_mut() {
+                    let mut rest = Vec::new();
+                    let _ = c.read_to_end(&mut rest);
+                    self.console(&rest, out)?;
+                }
+                if let Some(e) = stderr.as_mut() {
+                    let mut rest = Vec::new();
+                    let _ = e.read_to_end(&mut rest);
+                    self.stderr.extend_from_slice(&rest);
+                }
+                self.flush_console(out)?;
+                return Ok(Ending::Exited(status));
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                self.stop();
+                return Ok(Ending::TimedOut);
+            }
+            if let Some((signal, kill_at)) = self.stopping {
+                // Once the app has reported, the power-off grace below applies instead.
+                if now >= kill_at && self.parser.exit_code().is_none() {
+                    self.stop();
+                    return Ok(Ending::StopTimedOut(signal));
+                }
+                // A power button pressed while the guest still boots goes unheard (no ACPI
+                // driver yet, or an init that does not take signals yet): while nothing has
+                // shown that the app runs, press it again every second.
+                if self.first_output.is_none() && now >= last_press + REPRESS_INTERVAL {
+                    last_press = now;
+                    let _ = qmp::powerdown(&self.qmp_socket, Duration::ZERO);
+                }
+            }
+            if panic_at.is_some_and(|t| now >= t + PANIC_GRACE) {
+                self.stop();
+                return Ok(Ending::Panicked);
+            }
+            if exit_at.is_some_and(|t| now >= t + POWEROFF_GRACE) {
+                // The app is done and its code known: a VM that does not power off is not
+                // the app's failure.
+                self.stop();
+                return Ok(Ending::NoPowerOff);
+            }
+            if closed_at.is_some_and(|t| now >= t + EXIT_GRACE) {
+                self.stop();
+                let status = self.vm.status().unwrap_or_else(|| ExitStatus::from_raw(9));
+                return Ok(Ending::Exited(status));
+            }
+
+            // Sleep until output, a signal, or the next thing to check.
+            let mut wait = Duration::from_millis(250);
+            if self.parser.has_partial() {
+                wait = wait.min(PARTIAL_FLUSH);
+            }
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_duration_since(now));
+            }
+            if let Some((_, kill_at)) = self.stopping {
+                wait = wait.min(kill_at.saturating_duration_since(now));
+                wait = wait.min(REPRESS_INTERVAL);
+            }
+            if console.is_none() && stderr.is_none() {
+                wait = wait.min(Duration::from_millis(10));
+            }
+            let mut fds = vec![libc::pollfd {
+                fd: self.watch.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            for pipe in [
+                console.as_ref().map(|c| c.as_raw_fd()),
+                stderr.as_ref().map(|e| e.as_raw_fd()),
+            ] {
+                fds.push(libc::pollfd {
+                    fd: pipe.unwrap_or(-1), // poll ignores negative descriptors
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let timeout_ms = wait.as_millis().clamp(1, 1000) as libc::c_int;
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
+            let ready =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if ready < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.stop();
+                return Err(RunError::Io(err));
+            }
+            if fds[0].revents != 0 {
+                self.watch.drain();
+            }
+            let readable = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+            if fds[1].revents & readable != 0 {
+                if let Some(c) = console.as_mut() {
+                    let n = read_retrying(c, &mut buf).map_err(RunError::Io)?;
+                    if n == 0 {
+                        console = None;
+                        closed_at.get_or_insert(Instant::now());
+                    } else {
+                        let data = buf[..n].to_vec();
+                        self.console(&data, out)?;
+                    }
+                }
+            } else if self.parser.has_partial() {
+                self.flush_console(out)?;
+            }
+            if fds[2].revents & readable != 0 {
+                if let Some(e) = stderr.as_mut() {
+                    let n = read_retrying(e, &mut buf).map_err(RunError::Io)?;
+                    if n == 0 {
+                        stderr = None;
+                    } else if self.stderr.len() < MAX_STDERR {
+                        self.stderr.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+            if self.parser.panicked() {
+                panic_at.get_or_insert(Instant::now());
+            }
+            if self.parser.exit_code().is_some() {
+                exit_at.get_or_insert(Instant::now());
+            }
+        }
+    }
+
+    /// Feeds console bytes to the parser and passes app output on.
+    fn console(&mut self, data: &[u8], out: &mut dyn Write) -> Result<(), RunError> {
+        let events = self.parser.feed(data);
+        self.emit(events, out)
+    }
+
+    fn flush_console(&mut self, out: &mut dyn Write) -> Result<(), RunError> {
+        let events = self.parser.flush_partial();
+        self.emit(events, out)
+    }
+
+    fn emit(&mut self, events: Vec<ConsoleEvent>, out: &mut dyn Write) -> Result<(), RunError> {
+        let mut wrote = false;
+        for event in events {
+            if let ConsoleEvent::Output(bytes) = event {
+                self.first_output
+                    .get_or_insert_with(|| self.started.elapsed());
+                if let Err(e) = out.write_all(&bytes) {
+                    self.stop();
+                    return Err(RunError::Output(e));
+                }
+                wrote = true;
+            }
+        }
+        if wrote {
+            if let Err(e) = out.flush() {
+                self.stop();
+                return Err(RunError::Output(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// A stop signal arrived. The first one starts a graceful stop (ACPI power button: the
+    /// app gets SIGTERM) and returns `None`: the loop goes on passing output until the VM
+    /// powers off or the grace period ends. A second one, a zero grace period or a VM that
+    /// cannot be asked (no QMP) stop it now.
+    fn on_stop_signal(&mut self, signal: i32) -> Option<Ending> {
+        if self.parser.exit_code().is_some() {
+            // The app is done; the VM is powering off anyway.
+            return None;
+        }
+        if self.stopping.is_some() || self.config.stop_grace.is_zero() {
+            self.stop();
+            return Some(Ending::Signal(signal));
+        }
+        let grace = self.config.stop_grace;
+        match qmp::powerdown(&self.qmp_socket, QMP_PATIENCE) {
+            Ok(()) => {
+                (self.notice)(&format!(
+                    "Interrupted by {}: stopping the app (SIGTERM, up to {}s; again to force)",
+                    signals::signal_name(signal),
+                    grace.as_secs_f64()
+                ));
+                self.stopping = Some((signal, Instant::now() + grace));
+                None
+            }
+            Err(e) => {
+                (self.notice)(&format!(
+                    "Cannot stop the VM gracefully ({}): killing it",
+                    with_causes(&e)
+                ));
+                self.stop();
+                Some(Ending::Signal(signal))
+            }
+        }
+    }
+
+    /// Stops the VM now: SIGKILL to QEMU's process group, then reaps it. The graceful path
+    /// ([`Session::on_stop_signal`]) ends here too when the grace period runs out.
+    fn stop(&mut self) {
+        self.vm.kill();
+    }
+
+    fn diagnostics(&self) -> Diagnostics {
+        Diagnostics {
+            console: self.parser.tail(),
+            qemu_stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
+            command: self.command.clone(),
+        }
+    }
+}
+
+fn read_retrying(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (_, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => "exited".to_string(),
+    }
+}
