@@ -408,3 +408,34 @@ fn bad_jars_and_missing_jdks_are_refused_with_one_clear_line() {
     );
     assert!(!err.contains("Main-Class"), "{err}");
 }
+
+/// `[jvm] options` of fuse.toml reach the JVM, after (so over) fuse's defaults.
+#[test]
+fn jvm_options_from_fuse_toml_reach_the_jvm() {
+    let sb = Sandbox::new();
+    let source = r#"
+public class Props {
+    public static void main(String[] args) {
+        System.out.println("greeting=" + System.getProperty("greeting")
+            + " maxram=" + java.lang.management.ManagementFactory.getRuntimeMXBean()
+                .getInputArguments().stream().filter(a -> a.startsWith("-XX:MaxRAMPercentage"))
+                .reduce((a, b) -> b).orElse("none"));
+    }
+}
+"#;
+    let jar = java_jar(
+        sb.dir.path(),
+        "props-1.0.jar",
+        "Props",
+        &[("Props.java", source)],
+        &[],
+    );
+    sb.dir.write(
+        "fuse.toml",
+        "[jvm]\noptions = [\"-Dgreeting=from-toml\", \"-XX:MaxRAMPercentage=50\"]\n",
+    );
+    let out = sb.fuse().args(["run", "--accel", "tcg"]).arg(&jar).run();
+    out.assert_success()
+        .assert_stdout_contains("greeting=from-toml maxram=-XX:MaxRAMPercentage=50");
+    assert_no_leaked_qemu();
+}
