@@ -30,6 +30,31 @@ fn static_hello(arch: &str) {
     assert_no_leaked_qemu();
 }
 
+/// `--verbose` shows the QEMU command line (on stderr) and the kernel's messages.
+#[test]
+fn verbose_shows_the_qemu_command_line_and_kernel_messages() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--verbose"])
+        .arg(&app)
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("hello from the guest")
+        .assert_stdout_contains("Linux version");
+    let stderr = out.stderr_str();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("fuse: QEMU command: "))
+        .unwrap_or_else(|| panic!("no QEMU command line\n{out}"));
+    assert!(
+        line.contains("qemu-system-x86_64") && line.contains("loglevel=7"),
+        "{line}"
+    );
+    assert_no_leaked_qemu();
+}
+
 fn exit_code(arch: &str) {
     let sb = Sandbox::new();
     let app = sb.program_for(arch, EXIT_7, "seven", &["-static"]);

@@ -283,6 +283,9 @@ pub fn run_controlled(
     let config = &config;
     let args = machine::qemu_args(config, accel);
     let command = machine::shell_command(&qemu, &args);
+    if config.verbose {
+        notice(&format!("QEMU command: {command}"));
+    }
 
     let mut cmd = Command::new(&qemu);
     cmd.args(&args)
