@@ -7,7 +7,8 @@ mod common;
 use common::{Sandbox, NEVER_EXITS};
 use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, wait_for_qemu_of, FuseCmd};
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Traps SIGTERM, says goodbye, exits 0.
@@ -123,6 +124,7 @@ fn detach_ps_logs_kill() {
         .assert_stdout_contains("coop:1.2");
 
     inst.wait_for_log(&id, "waiting for SIGTERM");
+    assert_private(&inst.runtime(), &id);
     // A follower sees the rest, up to the end of the instance.
     let follower = inst.fuse().args(["logs", "-f", &id[..6]]).spawn();
     let kill = inst.fuse().args(["kill", &id]).run();
@@ -138,6 +140,114 @@ fn detach_ps_logs_kill() {
     let gone = inst.fuse().args(["logs", &id]).run();
     gone.assert_code(1)
         .assert_stderr_contains(&format!("No running instance '{id}'"));
+    assert_no_leaked_qemu();
+}
+
+/// The runtime directory and the instance's directory are 0700, and every file of the instance
+/// (the QMP socket, which controls the VM, included) is 0600.
+#[track_caller]
+fn assert_private(runtime: &Path, id: &str) {
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    let dir = runtime.join(id);
+    assert_eq!(mode(runtime), 0o700, "{}", runtime.display());
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = entry.path();
+        assert_eq!(
+            mode(&path),
+            0o600,
+            "{} is {:o}",
+            path.display(),
+            mode(&path)
+        );
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    for name in ["console.log", "qmp.sock", "state.json", "supervisor.log"] {
+        assert!(names.iter().any(|n| n == name), "no {name} in {names:?}");
+    }
+}
+
+/// A runtime directory that others could read or write, a symlink (even to a private
+/// directory) and someone else's directory are each refused by `fuse run -d` and `fuse ps`,
+/// with one line, before anything is built or started.
+#[test]
+fn an_unsafe_runtime_directory_is_refused_before_anything_starts() {
+    let inst = Instances::new();
+    let app = inst.sb.program(NEVER_EXITS, "forever", &["-static"]);
+    let runtime = inst.runtime();
+    let shown = runtime.display().to_string();
+    let refused = |needle: &str| {
+        let run = inst.fuse().args(["run", "-d", "--accel", "tcg"]).arg(&app);
+        inst.sb
+            .assert_refused_by(run, &[&shown, needle, "FUSE_RUNTIME_DIR"]);
+        inst.sb
+            .assert_refused_by(inst.fuse().arg("ps"), &[&shown, needle]);
+    };
+    let private_dir = |path: &Path| std::fs::DirBuilder::new().mode(0o700).create(path).unwrap();
+
+    private_dir(&runtime);
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755)).unwrap();
+    refused("has mode 0755, not 0700");
+    assert_eq!(
+        std::fs::read_dir(&runtime).unwrap().count(),
+        0,
+        "an instance was made"
+    );
+    std::fs::remove_dir(&runtime).unwrap();
+
+    let real = inst.sb.dir.join("real");
+    private_dir(&real);
+    std::os::unix::fs::symlink(&real, &runtime).unwrap();
+    refused("is a symbolic link");
+    assert_eq!(
+        std::fs::read_dir(&real).unwrap().count(),
+        0,
+        "an instance was made"
+    );
+    std::fs::remove_file(&runtime).unwrap();
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        private_dir(&runtime);
+        std::os::unix::fs::chown(&runtime, Some(65534), Some(65534)).unwrap();
+        refused("is owned by uid 65534, not you (uid 0)");
+        assert_eq!(
+            std::fs::read_dir(&runtime).unwrap().count(),
+            0,
+            "an instance was made"
+        );
+    } else {
+        eprintln!("skipped the foreign owner case: making a directory of uid 65534 needs root");
+    }
+    assert_no_leaked_qemu();
+}
+
+/// `fuse rm` of the image a running instance uses is refused, naming the instance and both
+/// ways out; `--force` removes it.
+#[test]
+fn an_image_in_use_is_removed_only_with_force() {
+    let inst = Instances::new();
+    let app = inst.sb.program(NEVER_EXITS, "forever-2.0", &["-static"]);
+    let id = inst.detach(&app, &[]);
+    let refused = inst.fuse().args(["rm", "forever:2.0"]).run();
+    refused.assert_code(1).assert_stderr_contains(&format!(
+        "Image forever:2.0 is used by running instance {id}: stop it with `fuse kill {id}`, \
+             or remove the image anyway with `fuse rm --force`"
+    ));
+    assert_eq!(refused.stderr_str().lines().count(), 1, "{refused}");
+    let ls = inst.fuse().args(["ls"]).run();
+    ls.assert_success().assert_stdout_contains("forever");
+
+    inst.fuse()
+        .args(["rm", "--force", "forever:2.0"])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("removed forever:2.0");
+    assert!(!inst.fuse().arg("ls").run().stdout_str().contains("forever"));
+    inst.fuse().args(["kill", &id]).run().assert_success();
+    assert!(inst.ps().is_empty());
     assert_no_leaked_qemu();
 }
 

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{free_port, http_get_until, java_jar, json, Sandbox};
+use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch};
 use std::path::Path;
 use std::time::Duration;
@@ -50,15 +51,20 @@ fn modules(sb: &Sandbox, image: &str) -> Vec<String> {
         .collect()
 }
 
-fn jar_prints(arch: &str) {
-    let sb = Sandbox::new();
-    let jar = java_jar(
+/// `hello-1.0.jar`, running [`EXIT_WITH`].
+fn hello_jar(sb: &Sandbox) -> std::path::PathBuf {
+    java_jar(
         sb.dir.path(),
         "hello-1.0.jar",
         "Hello",
         &[("Hello.java", EXIT_WITH)],
         &[],
-    );
+    )
+}
+
+fn jar_prints(arch: &str) {
+    let sb = Sandbox::new();
+    let jar = hello_jar(&sb);
     let out = sb
         .fuse()
         .args(["run", "--accel", "tcg", "--arch", arch])
@@ -438,4 +444,34 @@ public class Props {
     out.assert_success()
         .assert_stdout_contains("greeting=from-toml maxram=-XX:MaxRAMPercentage=50");
     assert_no_leaked_qemu();
+}
+
+/// A `fuse build` SIGKILLed while it writes the root filesystem cannot remove its scratch
+/// directory from the store; the next command that opens the store does.
+#[test]
+fn scratch_of_a_killed_build_is_swept_by_the_next_command() {
+    // An empty block cache and xz: writing the root filesystem takes seconds.
+    let sb = Sandbox::with_private_cache("x86_64");
+    let jar = hello_jar(&sb);
+    let tmp = sb.home().join("images/tmp");
+    let building = sb
+        .fuse()
+        .args(["build", "--compression", "small"])
+        .arg(&jar)
+        .spawn();
+    let scratch = wait_until(Duration::from_secs(240), Duration::from_millis(10), || {
+        std::fs::read_dir(&tmp)
+            .ok()?
+            .flatten()
+            .next()
+            .map(|e| e.path())
+    });
+    building.signal(libc::SIGKILL);
+    let out = building.wait();
+    let scratch = scratch.unwrap_or_else(|| panic!("no scratch directory appeared\n{out}"));
+    assert_eq!(out.code(), None, "the build ended before the kill\n{out}");
+    assert!(scratch.is_dir(), "a SIGKILLed build cannot clean up");
+    sb.fuse().arg("ls").run().assert_success();
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left in the store's tmp: {left:?}");
 }

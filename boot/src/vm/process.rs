@@ -1,7 +1,7 @@
 //! The QEMU process: spawned in its own process group (so the terminal's Ctrl-C reaches fuse
 //! only), with `PR_SET_PDEATHSIG = SIGKILL` (so it dies with fuse, even when fuse is
-//! SIGKILLed), owned by a [`ProcessGuard`] whose `Drop` kills the group and reaps it (panics,
-//! early returns).
+//! SIGKILLed) and umask 0177 (its QMP socket is its user's alone), owned by a
+//! [`ProcessGuard`] whose `Drop` kills the group and reaps it (panics, early returns).
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -27,6 +27,19 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Makes what the process spawned by `cmd` creates its user's alone: QEMU's QMP socket (which
+/// controls the VM) is bound `0777 & !umask`, so 0177 makes it 0600, as are its files. QEMU
+/// makes no directories here, which this umask would leave unusable.
+fn private_files(cmd: &mut Command) {
+    // SAFETY: umask is async-signal-safe and cannot fail; it runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o177);
+            Ok(())
+        });
+    }
+}
+
 /// Owns a child process that leads its own process group: `Drop` kills the whole group and
 /// reaps the child, unless it was reaped already.
 #[derive(Debug)]
@@ -37,10 +50,11 @@ pub(crate) struct ProcessGuard {
 }
 
 impl ProcessGuard {
-    /// Spawns `cmd` in a new process group that dies with this process.
+    /// Spawns `cmd` in a new process group that dies with this process, with umask 0177.
     pub(crate) fn spawn(cmd: &mut Command) -> io::Result<ProcessGuard> {
         cmd.process_group(0);
         die_with_parent(cmd);
+        private_files(cmd);
         Ok(ProcessGuard {
             child: cmd.spawn()?,
             status: None,
@@ -117,5 +131,16 @@ mod tests {
             stat.map_or(true, |s| s.contains(") Z ")).then_some(())
         });
         assert!(gone.is_some(), "sleep {grandchild} survived");
+    }
+
+    #[test]
+    fn what_the_child_creates_is_its_users_alone() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "umask"]).stdout(Stdio::piped());
+        let mut guard = ProcessGuard::spawn(&mut cmd).unwrap();
+        let mut out = String::new();
+        let mut stdout = guard.child_mut().stdout.take().unwrap();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out.trim(), "0177");
     }
 }

@@ -11,7 +11,8 @@ use crate::image::disk;
 use crate::image::export::{self, ExportFormat};
 use crate::image::manifest::Manifest;
 use crate::image::store::{Store, StoredImage};
-use anyhow::{Context, Result};
+use crate::run::instances::Instance;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use fuse_boot::disk as boot_disk;
 use fuse_rootfs::Arch;
@@ -117,14 +118,44 @@ fn find(store: &Store, reference: &str) -> Result<StoredImage> {
         .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))
 }
 
-pub(super) fn remove(images: &[String]) -> Result<i32> {
+/// `fuse rm [--force] IMAGE...`.
+pub(super) fn remove(images: &[String], force: bool) -> Result<i32> {
     let store = Store::open_default()?;
+    let running = if force {
+        Vec::new()
+    } else {
+        crate::run::instances::list()?
+    };
     for reference in images {
         let image = find(&store, reference)?;
+        check_unused(&image, &running)?;
         let freed = store.remove(&image)?;
         println!("removed {} ({} freed)", image.name, human_size(freed));
     }
     Ok(0)
+}
+
+/// Refuses to remove an image that a running instance was started from: its VM still reads
+/// the disk.
+fn check_unused(image: &StoredImage, running: &[Instance]) -> Result<()> {
+    let ids: Vec<&str> = running
+        .iter()
+        .filter(|i| i.state.digest == image.digest)
+        .map(|i| i.state.id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let noun = if ids.len() == 1 {
+        "instance"
+    } else {
+        "instances"
+    };
+    let ids = ids.join(" ");
+    bail!(
+        "Image {} is used by running {noun} {ids}: stop it with `fuse kill {ids}`, or remove the image anyway with `fuse rm --force`",
+        image.name
+    )
 }
 
 /// The image (or disk file) `reference` names: its name, digest, manifest and disk.

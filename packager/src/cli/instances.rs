@@ -36,6 +36,10 @@ pub(super) fn run(args: RunArgs) -> Result<i32> {
     let store = Store::open_default()?;
     let options = RunOptions::try_from(&args.vm)?;
     options.check_ports()?;
+    if args.detach {
+        // An unsafe state directory is refused before anything is built.
+        crate::host::paths::runtime_dir()?;
+    }
     let image = super::images::resolve(&store, &args.target, &args.build)?;
     if args.detach {
         return detach(&image, options);

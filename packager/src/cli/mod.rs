@@ -38,11 +38,14 @@ enum Command {
     Run(instances::RunArgs),
     /// List the images in the local store.
     Ls(JsonFlag),
-    /// Remove images from the local store.
+    /// Remove images from the local store (not one a running instance uses, unless --force).
     Rm {
         /// Images to remove (name[:version] or digest).
         #[arg(required = true)]
         images: Vec<String>,
+        /// Remove even an image that running instances were started from.
+        #[arg(long, short)]
+        force: bool,
     },
     /// Show what an image is made of: its disk (partitions, ESP, UKI sections), components,
     /// sizes, largest files, app spec.
@@ -134,7 +137,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Build(args) => images::build(args),
         Command::Run(args) => instances::run(args),
         Command::Ls(flag) => images::list(flag.json),
-        Command::Rm { images } => images::remove(&images),
+        Command::Rm { images, force } => images::remove(&images, force),
         Command::Inspect { image, json } => images::inspect(&image, json),
         Command::Verify { image, json } => images::verify(&image, json),
         Command::Export {

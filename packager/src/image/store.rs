@@ -6,11 +6,14 @@
 //! - `refs/<name>/<version>`: the digest of the image's disk, which is the image's digest
 //! - `index/<disk hex>`: the digest of that disk's manifest, so listing and inspecting images
 //!   never parse a disk (the manifest is also inside the disk, as the UKI's `.fuse` section)
+//! - `tmp/build-<pid>-<start time>-<random>`: scratch of a build or run, named after the
+//!   process that made it, so what a SIGKILLed fuse left behind is swept by the next one
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
 use crate::host::digest;
 use crate::host::lock::FileLock;
+use crate::host::process::ProcessId;
 use crate::image::manifest::Manifest;
 use crate::image::naming::{self, ImageName};
 use anyhow::{bail, Context, Result};
@@ -47,15 +50,41 @@ impl Store {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("Cannot create the image store at {}", dir.display()))?;
         }
-        Ok(Store { root })
+        let store = Store { root };
+        store.sweep_scratch();
+        Ok(store)
     }
 
     /// A scratch directory on the store's filesystem, so finished files can be renamed in.
+    /// Its name says which process owns it, for [`Store::open`] to sweep once that is gone.
     pub(crate) fn temp_dir(&self) -> Result<tempfile::TempDir> {
+        let prefix = ProcessId::current().map_or_else(
+            || SCRATCH_PREFIX.to_string(),
+            |me| format!("{SCRATCH_PREFIX}{}-{}-", me.pid, me.start_time),
+        );
         tempfile::Builder::new()
-            .prefix("build-")
+            .prefix(&prefix)
             .tempdir_in(self.root.join("tmp"))
             .context("Cannot create a temporary directory in the image store")
+    }
+
+    /// Removes the scratch directories whose owner no longer runs: a build or run that was
+    /// SIGKILLed never drops its `TempDir`. Best effort: a directory that cannot be removed
+    /// now is tried again next time. (A fuse in another pid namespace sharing this store would
+    /// look gone too: share a store only within one.)
+    fn sweep_scratch(&self) {
+        let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(owner) = name.to_str().and_then(scratch_owner) else {
+                continue;
+            };
+            if !owner.is_alive() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// Where a blob lives.
@@ -254,6 +283,19 @@ impl Store {
     }
 }
 
+/// What scratch directory names start with.
+const SCRATCH_PREFIX: &str = "build-";
+
+/// The process that made the scratch directory `name` (`build-<pid>-<start time>-<random>`);
+/// `None` for another name (an older fuse's scratch, whose owner is unknown: left alone).
+fn scratch_owner(name: &str) -> Option<ProcessId> {
+    let mut parts = name.strip_prefix(SCRATCH_PREFIX)?.splitn(3, '-');
+    let pid = parts.next()?.parse().ok()?;
+    let start_time = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(ProcessId { pid, start_time })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +361,29 @@ mod tests {
             .unwrap();
         assert!(store.blob_path(&b.kernel.digest).exists());
         assert!(store.find("hello").unwrap().is_some());
+    }
+
+    #[test]
+    fn scratch_of_a_gone_process_is_swept_at_the_next_open() {
+        let (_dir, store) = store_with_blobs(&sample());
+        let live = store.temp_dir().unwrap();
+        let name = live.path().file_name().unwrap().to_str().unwrap();
+        assert_eq!(scratch_owner(name), ProcessId::current(), "{name}");
+
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let gone = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 1 });
+        child.wait().unwrap();
+        let tmp = store.root.join("tmp");
+        let dead = tmp.join(format!("build-{}-{}-AbC123", gone.pid, gone.start_time));
+        std::fs::create_dir_all(dead.join("sub")).unwrap();
+        std::fs::write(dead.join("sub/rootfs.squashfs"), b"half").unwrap();
+        let unknown = tmp.join("build-x1Y2z3");
+        std::fs::create_dir(&unknown).unwrap();
+
+        Store::open(store.root.clone()).unwrap();
+        assert!(!dead.exists(), "a dead build's scratch is swept");
+        assert!(live.path().is_dir(), "a live process's scratch is kept");
+        assert!(unknown.is_dir(), "a scratch of unknown owner is kept");
     }
 }

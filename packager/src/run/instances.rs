@@ -9,17 +9,19 @@
 //! [`crate::run::launch`] as `fuse run`, so QEMU is still tied to it (process group,
 //! `PR_SET_PDEATHSIG`): kill the supervisor, even with SIGKILL, and the VM goes.
 //!
-//! State lives in `paths::runtime_dir()/<id>/` (0700): `state.json` (written atomically), the
-//! logs and the QMP socket. The supervisor removes the directory when the VM ends. A supervisor
-//! that was SIGKILLed leaves it behind: `fuse ps` (and every other command here) checks that
-//! the recorded supervisor and QEMU are alive and are the processes recorded (their start
-//! time, and QEMU's command line naming this directory), and removes stale entries.
+//! State lives in `paths::runtime_dir()/<id>/` (0700, in a runtime directory checked to be
+//! ours alone): `state.json` (written atomically), the logs and the QMP socket, all 0600. The
+//! supervisor removes the directory when the VM ends. A supervisor that was SIGKILLed leaves
+//! it behind: `fuse ps` (and every other command here) checks that the recorded supervisor and
+//! QEMU are alive and are the processes recorded (their start time, and QEMU's command line
+//! naming this directory), and removes stale entries.
 //!
 //! `fuse kill` sends the supervisor SIGTERM, which stops the VM gracefully (the app gets
 //! SIGTERM, see `fuse_boot::vm`), then waits for the supervisor; past the grace period and
 //! a margin, it SIGKILLs the supervisor (and so QEMU).
 
 use crate::host::paths;
+use crate::host::process::ProcessId;
 use crate::image::store::Store;
 use crate::run::{launch, Hooks, RunOptions};
 use anyhow::{bail, Context, Result};
@@ -79,34 +81,6 @@ impl Status {
     }
 }
 
-/// A process, identified beyond its pid (pids are reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ProcessId {
-    pub(crate) pid: u32,
-    /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22).
-    pub(crate) start_time: u64,
-}
-
-impl ProcessId {
-    /// The process `pid` as it is now, if it exists.
-    pub(crate) fn of(pid: u32) -> Option<ProcessId> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (_, rest) = stat.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // rest starts at field 3 (state); zombies are gone as far as we care.
-        if fields.first() == Some(&"Z") {
-            return None;
-        }
-        let start_time = fields.get(19)?.parse().ok()?;
-        Some(ProcessId { pid, start_time })
-    }
-
-    /// Whether this very process still runs.
-    pub(crate) fn is_alive(&self) -> bool {
-        ProcessId::of(self.pid).is_some_and(|now| now == *self)
-    }
-}
-
 /// `state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct InstanceState {
@@ -158,13 +132,12 @@ pub(crate) fn new_id() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
-/// Writes `state` to `dir/state.json` atomically (readers never see half a file).
+/// Writes `state` to `dir/state.json` atomically (readers never see half a file), 0600 (the
+/// temporary file it is renamed from is made so).
 pub(crate) fn write_state(dir: &Path, state: &InstanceState) -> Result<()> {
-    let tmp = dir.join(".state.json.tmp");
     let mut bytes = serde_json::to_vec_pretty(state)?;
     bytes.push(b'\n');
-    fs::write(&tmp, bytes).with_context(|| format!("Cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, dir.join(STATE_FILE))
+    crate::host::fs::write_atomic(&dir.join(STATE_FILE), &bytes)
         .with_context(|| format!("Cannot write the state of instance {}", state.id))
 }
 
@@ -220,12 +193,8 @@ pub(crate) fn liveness(dir: &Path, state: Option<&InstanceState>, dir_age: Durat
 
 /// The live instances, oldest first; stale directories are removed on the way.
 pub(crate) fn list() -> Result<Vec<Instance>> {
-    let root = paths::runtime_dir();
-    let entries = match fs::read_dir(&root) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("Cannot read {}", root.display())),
-    };
+    let root = paths::runtime_dir()?;
+    let entries = fs::read_dir(&root).with_context(|| format!("Cannot read {}", root.display()))?;
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let dir = entry.path();
@@ -299,16 +268,22 @@ pub(crate) struct SupervisorRequest {
 
 /// Writes `request` to `dir/request.json`, readable by its owner only.
 fn write_request(dir: &Path, request: &SupervisorRequest) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(REQUEST_FILE);
     let bytes = serde_json::to_vec(request)?;
+    create_private(&path)
+        .and_then(|mut f| f.write_all(&bytes))
+        .with_context(|| format!("Cannot write {}", path.display()))
+}
+
+/// A new file readable by its owner only: every file of an instance is (the logs hold the
+/// app's output, the request its injected values).
+fn create_private(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(&bytes))
-        .with_context(|| format!("Cannot write {}", path.display()))
+        .open(path)
 }
 
 /// Reads the supervisor's request from `dir` and removes the file: the values it holds live
@@ -324,10 +299,7 @@ pub(crate) fn take_request(dir: &Path) -> Result<SupervisorRequest> {
 /// with a health check, is healthy). Returns the instance's state.
 pub(crate) fn detach(request: &SupervisorRequest, patience: Duration) -> Result<InstanceState> {
     use std::os::unix::fs::DirBuilderExt;
-    let root = paths::runtime_dir();
-    fs::create_dir_all(&root).with_context(|| format!("Cannot create {}", root.display()))?;
-    // The state names processes and ports, not secrets, but it is nobody else's business.
-    let _ = fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let root = paths::runtime_dir()?;
     let id = new_id()?;
     let dir = root.join(&id);
     fs::DirBuilder::new()
@@ -347,8 +319,12 @@ fn start_supervisor(
     patience: Duration,
 ) -> Result<InstanceState> {
     write_request(dir, request)?;
-    let console = fs::File::create(dir.join(CONSOLE_LOG))?;
-    let log = fs::File::create(dir.join(SUPERVISOR_LOG))?;
+    let open_log = |name: &str| {
+        let path = dir.join(name);
+        create_private(&path).with_context(|| format!("Cannot create {}", path.display()))
+    };
+    let console = open_log(CONSOLE_LOG)?;
+    let log = open_log(SUPERVISOR_LOG)?;
     let exe = std::env::current_exe().context("Cannot find the fuse executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("__supervise")
@@ -491,7 +467,7 @@ pub(crate) fn supervise(store: &Store, dir: &Path) -> Result<u8> {
     let image = store
         .find(&digest)?
         .with_context(|| format!("Image {digest} is no longer in the store"))?;
-    let supervisor = ProcessId::of(std::process::id()).context("Cannot read /proc/self/stat")?;
+    let supervisor = ProcessId::current().context("Cannot read /proc/self/stat")?;
     let id = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -591,7 +567,7 @@ mod tests {
     #[test]
     fn state_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let me = ProcessId::of(std::process::id()).unwrap();
+        let me = ProcessId::current().unwrap();
         let mut state = sample(me);
         state.qemu = Some(me);
         state.status = Status::Ready;
@@ -603,24 +579,9 @@ mod tests {
     }
 
     #[test]
-    fn process_identity_includes_start_time() {
-        let me = ProcessId::of(std::process::id()).unwrap();
-        assert!(me.is_alive());
-        let reused = ProcessId {
-            start_time: me.start_time + 1,
-            ..me
-        };
-        assert!(
-            !reused.is_alive(),
-            "same pid, other start time: another process"
-        );
-        assert!(ProcessId::of(u32::MAX / 2).is_none());
-    }
-
-    #[test]
     fn stale_and_live_entries_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let me = ProcessId::of(std::process::id()).unwrap();
+        let me = ProcessId::current().unwrap();
         // No state yet: being created, then stale once old.
         assert_eq!(
             liveness(dir.path(), None, Duration::ZERO),

@@ -133,7 +133,13 @@ impl Sandbox {
         args: impl IntoIterator<Item = S>,
         needles: &[&str],
     ) -> String {
-        let out = self.fuse().args(args).run();
+        self.assert_refused_by(self.fuse().args(args), needles)
+    }
+
+    /// [`Sandbox::assert_refused`] for a command set up by the caller (its own environment).
+    #[track_caller]
+    pub fn assert_refused_by(&self, cmd: FuseCmd, needles: &[&str]) -> String {
+        let out = cmd.run();
         out.assert_code(1);
         let stderr = out.stderr_str();
         let lines: Vec<&str> = stderr
