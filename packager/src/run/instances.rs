@@ -521,6 +521,7 @@ pub(crate) fn supervise(store: &Store, dir: &Path) -> Result<u8> {
         on_spawn: Some(&mut on_spawn),
         on_ready: Some(on_ready),
         qmp_socket: Some(dir.join(QMP_SOCKET)),
+        private_dir: Some(dir.to_path_buf()),
         stop: None,
     };
     let result = launch(

@@ -155,6 +155,9 @@ pub(crate) struct Hooks<'a> {
     pub(crate) on_ready: Option<OnReady>,
     /// Where QEMU's QMP socket goes (default: a private temporary directory).
     pub(crate) qmp_socket: Option<PathBuf>,
+    /// A 0700 directory of this run for the overlay with the injected values (the instance's
+    /// directory of a detached run); default: the run's scratch in the store.
+    pub(crate) private_dir: Option<PathBuf>,
     /// Lets the caller stop the VM from another thread (`fuse test` after its HTTP check).
     pub(crate) stop: Option<Arc<StopRequest>>,
 }
@@ -165,6 +168,7 @@ impl std::fmt::Debug for Hooks<'_> {
             .field("on_spawn", &self.on_spawn.is_some())
             .field("on_ready", &self.on_ready.is_some())
             .field("qmp_socket", &self.qmp_socket)
+            .field("private_dir", &self.private_dir)
             .field("stop", &self.stop)
             .finish()
     }
@@ -201,9 +205,9 @@ pub(crate) fn launch(
     let overlay = overlay::run_overlay(manifest, &options.selection, args)?;
     let volumes = volumes::prepare(&options.volumes, manifest, &image.name.to_string(), notice)?;
     let overlay = volumes::add_to_overlay(overlay, &volumes);
-    let fw_cfg: Vec<_> = overlay::write_overlay(scratch.path(), &overlay)?
-        .into_iter()
-        .collect();
+    let overlay_dir = hooks.private_dir.as_deref().unwrap_or(scratch.path());
+    let overlay_file = overlay::write_overlay(overlay_dir, &overlay)?;
+    let fw_cfg: Vec<_> = overlay_file.iter().map(|f| f.fw_cfg()).collect();
     // Both boot modes boot the image's disk: its bytes are the image's digest.
     let (root_disk, boot_files, firmware) =
         boot::vm_boot(store, image, options.firmware, scratch.path())?;
@@ -239,7 +243,11 @@ pub(crate) fn launch(
         ..
     } = hooks;
     let mut probe: Option<health::Probe> = None;
+    let mut overlay_watch = None;
     let mut spawned = |s: &Spawned| {
+        overlay_watch = overlay_file
+            .as_ref()
+            .map(|f| f.remove_once_read(s.qmp_socket.clone()));
         if let Some((check, port)) = &health {
             let url = check.url(*port);
             let on_ready = on_ready.clone();
@@ -268,6 +276,9 @@ pub(crate) fn launch(
         on_spawn: Some(&mut spawned),
     };
     let result = fuse_boot::vm::run_controlled(&config, out, notice, control);
+    // QEMU is gone: stop watching, and the overlay goes now if it has not yet.
+    drop(overlay_watch);
+    drop(overlay_file);
     let ready = probe.take().and_then(|p| p.finish());
     let outcome =
         result.with_context(|| format!("Image {} did not run to completion", image.name))?;

@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 use fuse_boot::spec::{RunOverlay, RUN_OVERLAY_FW_CFG_NAME};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// What a run selects and injects.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,25 +96,100 @@ pub(crate) fn run_overlay(
     Ok(overlay)
 }
 
-/// Writes the overlay for QEMU's fw_cfg into `dir` (a private scratch directory that goes with
-/// the run) and returns the `(name, file)` entry; `None` when the overlay changes nothing. The
-/// file is 0600: it may hold secrets.
-pub(crate) fn write_overlay(dir: &Path, overlay: &RunOverlay) -> Result<Option<(String, PathBuf)>> {
+/// Writes the overlay for QEMU's fw_cfg into `dir` (a 0700 directory that goes with the run:
+/// the instance's, or the run's scratch) as a 0600 file; `None` when the overlay changes
+/// nothing. It holds every injected value, so it lives only until QEMU has read it (see
+/// [`OverlayFile::remove_once_read`]), and goes whatever happens when dropped.
+pub(crate) fn write_overlay(dir: &Path, overlay: &RunOverlay) -> Result<Option<OverlayFile>> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if overlay.is_empty() {
         return Ok(None);
     }
     let bytes = overlay.try_encode().context("Invalid run-time value")?;
-    let path = dir.join("run-overlay");
+    let path = dir.join(OVERLAY_FILE);
+    // Owned (removed on drop) from the moment it exists: a failed write leaves nothing.
+    let file = OverlayFile { path };
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .and_then(|mut file| file.write_all(&bytes))
-        .with_context(|| format!("Cannot write the run overlay {}", path.display()))?;
-    Ok(Some((RUN_OVERLAY_FW_CFG_NAME.to_string(), path)))
+        .open(&file.path)
+        .and_then(|mut f| f.write_all(&bytes))
+        .with_context(|| format!("Cannot write the run overlay {}", file.path.display()))?;
+    Ok(Some(file))
+}
+
+/// The overlay's file name in its directory.
+pub(crate) const OVERLAY_FILE: &str = "run-overlay";
+
+/// How long QEMU may take to start (and so read its fw_cfg files) before the overlay is left
+/// to the end of the run.
+const READ_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The run overlay on disk, removed when dropped (every exit path of a run, panics included).
+/// A SIGKILLed fuse cannot drop it: its directory is swept by the next fuse command (the
+/// store's scratch by [`crate::image::store::Store::open`], an instance's by `fuse ps`).
+#[derive(Debug)]
+pub(crate) struct OverlayFile {
+    path: PathBuf,
+}
+
+impl OverlayFile {
+    /// The `-fw_cfg` entry: name and file.
+    pub(crate) fn fw_cfg(&self) -> (String, PathBuf) {
+        (RUN_OVERLAY_FW_CFG_NAME.to_string(), self.path.clone())
+    }
+
+    /// Removes the file as soon as the QEMU listening on `qmp_socket` has read it: QEMU reads
+    /// `-fw_cfg` files whole while it starts, before its main loop runs, and a QMP command is
+    /// answered only from the main loop, so the first answer means the bytes are in QEMU's
+    /// memory. Watches from a thread; the returned guard stops watching when dropped.
+    pub(crate) fn remove_once_read(&self, qmp_socket: PathBuf) -> RemoveOnceRead {
+        let ended = Arc::new(AtomicBool::new(false));
+        let path = self.path.clone();
+        let flag = ended.clone();
+        let thread = std::thread::spawn(move || {
+            let read =
+                fuse_boot::poll::wait_until(READ_PATIENCE, Duration::from_millis(25), || {
+                    if flag.load(Ordering::Relaxed) {
+                        return Some(false);
+                    }
+                    fuse_boot::qmp::human_monitor(&qmp_socket, "info status")
+                        .ok()
+                        .map(|_| true)
+                });
+            if read == Some(true) {
+                let _ = std::fs::remove_file(&path);
+            }
+        });
+        RemoveOnceRead {
+            ended,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for OverlayFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Watches for QEMU to have read the overlay; dropping it (when the run ends) stops watching.
+#[derive(Debug)]
+pub(crate) struct RemoveOnceRead {
+    ended: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RemoveOnceRead {
+    fn drop(&mut self) {
+        self.ended.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Checks that the image has `environment` (when one is given).
