@@ -36,6 +36,8 @@ const RECIPE_VERSION: &str = "fuse-kernel-recipe-1";
 pub(crate) struct Kernel {
     /// The bootable kernel file (bzImage on x86_64, Image on arm64).
     pub(crate) path: PathBuf,
+    /// Empty in a record that has none: filled in on first use (see [`check_cached`]).
+    #[serde(default)]
     pub(crate) digest: String,
     pub(crate) size: u64,
     /// `uname -r` of the guest.
@@ -231,21 +233,86 @@ fn load_cached(dir: &Path) -> Option<Kernel> {
 }
 
 /// Returns the cached kernel, building it first if needed. `progress` receives human-readable
-/// progress lines (the CLI prints them on stderr).
+/// progress lines (the CLI prints them on stderr). A cache entry whose kernel file does not
+/// match its recorded digest is rebuilt, with a notice.
 pub(crate) fn ensure(request: &KernelRequest, progress: &mut dyn FnMut(&str)) -> Result<Kernel> {
     let key = cache_key(request)?;
     let final_dir = kernels_dir().join(&key);
-    if let Some(kernel) = load_cached(&final_dir) {
-        return Ok(kernel);
+    if let Some(mut kernel) = load_cached(&final_dir) {
+        if check_cached(&final_dir, &mut kernel)?.is_none() {
+            return Ok(kernel);
+        }
     }
     std::fs::create_dir_all(kernels_dir())
         .with_context(|| format!("Cannot create {}", kernels_dir().display()))?;
     // Concurrent fuse processes (parallel tests, two terminals) wait for one build.
     let _lock = FileLock::exclusive(&kernels_dir().join(format!("{key}.lock")))?;
-    if let Some(kernel) = load_cached(&final_dir) {
-        return Ok(kernel);
+    if let Some(mut kernel) = load_cached(&final_dir) {
+        match check_cached(&final_dir, &mut kernel)? {
+            None => return Ok(kernel),
+            Some(why) => progress(&format!(
+                "the cached kernel {} is damaged ({why}): rebuilding it",
+                kernel.path.display()
+            )),
+        }
+    }
+    // A damaged or half-made entry is in the way of the finished build's rename.
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("Cannot remove {}", final_dir.display()))?;
     }
     build(request, &key, &final_dir, progress)
+}
+
+/// The record of the last check of a cache entry, in the entry.
+const CHECKED_FILE: &str = "checked";
+
+/// What is wrong with the cached `kernel` in `dir`, if anything: its file must have the
+/// recorded size and digest. Hashed when the file changed since the last check (size, mtime,
+/// ctime, inode, recorded in [`CHECKED_FILE`]), so a warm lookup reads no kernel. A record
+/// without a digest (an older fuse's) gets the file's on first use.
+fn check_cached(dir: &Path, kernel: &mut Kernel) -> Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&kernel.path)
+        .with_context(|| format!("Cannot read {}", kernel.path.display()))?;
+    let stamp = format!(
+        "size {} mtime {}.{:09} ctime {}.{:09} inode {}\n",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+        meta.ino()
+    );
+    let record = dir.join(CHECKED_FILE);
+    if !kernel.digest.is_empty() && std::fs::read_to_string(&record).is_ok_and(|r| r == stamp) {
+        return Ok(None);
+    }
+    if meta.len() != kernel.size {
+        return Ok(Some(format!(
+            "{} bytes, recorded {}",
+            meta.len(),
+            kernel.size
+        )));
+    }
+    let actual = digest::of_file(&kernel.path)
+        .with_context(|| format!("Cannot read {}", kernel.path.display()))?;
+    if kernel.digest.is_empty() {
+        kernel.digest = actual;
+        crate::host::fs::write_atomic(
+            &dir.join("kernel.json"),
+            &serde_json::to_vec_pretty(kernel)?,
+        )?;
+    } else if actual != kernel.digest {
+        return Ok(Some(format!(
+            "sha256 {}, recorded {}",
+            digest::short(&actual),
+            digest::short(&kernel.digest)
+        )));
+    }
+    // Best effort: without the record, the next use hashes again.
+    let _ = crate::host::fs::write_atomic(&record, stamp.as_bytes());
+    Ok(None)
 }
 
 fn check_build_tools() -> Result<()> {
@@ -537,5 +604,43 @@ mod tests {
             ]
         );
         assert!(unapplied_options(fragment, "CONFIG_A=y\nCONFIG_B=y\nCONFIG_N=64\n").is_empty());
+    }
+
+    #[test]
+    fn a_cached_kernel_is_checked_against_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bzImage");
+        std::fs::write(&path, b"a kernel").unwrap();
+        let mut kernel = Kernel {
+            path: path.clone(),
+            digest: digest::of_bytes(b"a kernel"),
+            size: 8,
+            release: "6.12".into(),
+            arch: Arch::X86_64,
+            key: "k".into(),
+        };
+        assert_eq!(check_cached(dir.path(), &mut kernel).unwrap(), None);
+        let record = std::fs::read_to_string(dir.path().join(CHECKED_FILE)).unwrap();
+        assert_eq!(check_cached(dir.path(), &mut kernel).unwrap(), None);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CHECKED_FILE)).unwrap(),
+            record
+        );
+
+        std::fs::write(&path, b"a kern").unwrap();
+        let why = check_cached(dir.path(), &mut kernel).unwrap().unwrap();
+        assert_eq!(why, "6 bytes, recorded 8");
+        std::fs::write(&path, b"a kernal").unwrap();
+        let why = check_cached(dir.path(), &mut kernel).unwrap().unwrap();
+        assert!(why.starts_with("sha256 "), "{why}");
+
+        // A record without a digest (an older fuse's) gets the file's.
+        kernel.digest.clear();
+        assert_eq!(check_cached(dir.path(), &mut kernel).unwrap(), None);
+        assert_eq!(kernel.digest, digest::of_bytes(b"a kernal"));
+        let saved: Kernel =
+            serde_json::from_slice(&std::fs::read(dir.path().join("kernel.json")).unwrap())
+                .unwrap();
+        assert_eq!(saved.digest, kernel.digest);
     }
 }
