@@ -57,7 +57,7 @@ pub(super) fn build(args: BuildArgs) -> Result<i32> {
         progress_line(l)
     })?;
     let size = image.manifest.total_size();
-    let disk = disk::disk_path(&store, &image)?;
+    let disk = disk::verified_disk_path(&store, &image)?;
     let disk_size = std::fs::metadata(&disk)?.len();
     if let (Some(format), Some(output)) = (args.format, &args.output) {
         export::export(&disk, format, output)?;
@@ -318,6 +318,9 @@ pub(super) fn export(
 ) -> Result<i32> {
     let store = Store::open_default()?;
     let target = disk::resolve(&store, reference)?;
+    if let Some(image) = &target.image {
+        disk::verified_disk_path(&store, image)?;
+    }
     export::export(&target.path, format, output)?;
     println!("{} {}", output.display(), format.as_str());
     Ok(0)

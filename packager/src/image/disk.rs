@@ -7,7 +7,7 @@
 
 use crate::host::digest;
 use crate::image::manifest::Manifest;
-use crate::image::store::{Store, StoredImage};
+use crate::image::store::{BlobCheck, Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use fuse_boot::disk::verify::Expected;
 use fuse_boot::disk::{self, BootFiles};
@@ -39,19 +39,117 @@ pub(crate) fn disk_path(store: &Store, image: &StoredImage) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Kernel, initramfs and command line for direct boot, out of the image's disk (cached by the
-/// disk's digest, so this is a directory lookup after the first run).
-pub(crate) fn boot_files(store: &Store, image: &StoredImage) -> Result<BootFiles> {
+/// The disk of a stored image, checked to hold the bytes of its digest before it is booted or
+/// exported (in full once, then while the blob is unchanged, see [`Store::check_blob`]).
+pub(crate) fn verified_disk_path(store: &Store, image: &StoredImage) -> Result<PathBuf> {
     let path = disk_path(store, image)?;
+    match store.check_blob(&image.digest)? {
+        BlobCheck::Intact => Ok(path),
+        BlobCheck::Missing => bail!(
+            "Image {} has no disk in the store: rebuild it with `fuse build`",
+            image.name
+        ),
+        BlobCheck::Corrupt { actual } => bail!(
+            "Image {name} is corrupt in the store: its disk {} has changed (sha256 {}, not {}): rebuild the app with `fuse build` to replace it, or remove the image with `fuse rm {name}`",
+            path.display(),
+            digest::short(&actual),
+            digest::short(&image.digest),
+            name = image.name,
+        ),
+    }
+}
+
+/// Kernel, initramfs and command line for direct boot, out of the image's disk (cached by the
+/// disk's digest, so this is a directory lookup after the first run). The cached files are
+/// checked against the manifest's digests (hashed when their files changed since the last
+/// check) and extracted again when wrong: a damaged cache entry must never boot.
+pub(crate) fn boot_files(store: &Store, image: &StoredImage) -> Result<BootFiles> {
+    let path = verified_disk_path(store, image)?;
     let dir = crate::host::paths::cache_dir()
         .join("boot")
         .join(digest::hex_part(&image.digest));
-    disk::extract_boot(&path, &dir).with_context(|| {
-        format!(
-            "Cannot read the boot files out of the disk of {}",
+    let extract = || {
+        disk::extract_boot(&path, &dir).with_context(|| {
+            format!(
+                "Cannot read the boot files out of the disk of {}",
+                image.name
+            )
+        })
+    };
+    let files = extract()?;
+    let m = &image.manifest;
+    let wrong = boot_files_problem(&dir, &files, m)?;
+    let Some(what) = wrong else {
+        return Ok(files);
+    };
+    eprintln!(
+        "fuse: the cached boot files of {} in {} are damaged ({what}): extracting them again",
+        image.name,
+        dir.display()
+    );
+    std::fs::remove_dir_all(&dir).with_context(|| format!("Cannot remove {}", dir.display()))?;
+    let files = extract()?;
+    if let Some(what) = boot_files_problem(&dir, &files, m)? {
+        bail!(
+            "The boot files of {} do not match its manifest ({what}) though its disk is intact: run `fuse verify {}`",
+            image.name,
             image.name
-        )
-    })
+        );
+    }
+    Ok(files)
+}
+
+/// The record of the last check of a boot-file cache entry, in the entry.
+const BOOT_CHECKED: &str = "checked";
+
+/// What is wrong with the extracted boot `files` in `dir` for `manifest`, if anything.
+fn boot_files_problem(
+    dir: &Path,
+    files: &BootFiles,
+    manifest: &Manifest,
+) -> Result<Option<String>> {
+    if files.cmdline != manifest.cmdline {
+        return Ok(Some("the command line differs".into()));
+    }
+    let stamp = |p: &Path| -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).ok()?;
+        Some(format!(
+            "{} {}.{} {}.{} {}",
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino()
+        ))
+    };
+    let stamps = format!(
+        "kernel {}\ninitrd {}\n",
+        stamp(&files.kernel).unwrap_or_default(),
+        stamp(&files.initrd).unwrap_or_default()
+    );
+    let record = dir.join(BOOT_CHECKED);
+    if std::fs::read_to_string(&record).is_ok_and(|r| r == stamps) {
+        return Ok(None);
+    }
+    for (name, file, expected) in [
+        ("kernel", &files.kernel, &manifest.kernel.digest),
+        ("initramfs", &files.initrd, &manifest.init.digest),
+    ] {
+        let actual =
+            digest::of_file(file).with_context(|| format!("Cannot read {}", file.display()))?;
+        if actual != *expected {
+            return Ok(Some(format!(
+                "{name} has sha256 {}, not {}",
+                digest::short(&actual),
+                digest::short(expected)
+            )));
+        }
+    }
+    // Best effort: without the record, the next run checks again.
+    let _ = crate::host::fs::write_atomic(&record, stamps.as_bytes());
+    Ok(None)
 }
 
 /// What the disk of `manifest` must hold; blobs in `store` (when there) locate differences.

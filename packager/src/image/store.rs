@@ -8,6 +8,11 @@
 //!   never parse a disk (the manifest is also inside the disk, as the UKI's `.fuse` section)
 //! - `tmp/build-<pid>-<start time>-<random>`: scratch of a build or run, named after the
 //!   process that made it, so what a SIGKILLed fuse left behind is swept by the next one
+//! - `verified/<hex>`: when the blob was last checked to hold the bytes of its digest (its
+//!   size, mtime, ctime and inode then): a blob is hashed in full once, then trusted until
+//!   something writes to it
+//! - `leases/<pid>-<start time>`: the blobs a build in flight has put, which garbage
+//!   collection keeps until the build tags its image (or its process is gone)
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
@@ -46,6 +51,8 @@ impl Store {
             root.join("refs"),
             root.join("index"),
             root.join("tmp"),
+            root.join("verified"),
+            root.join("leases"),
         ] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("Cannot create the image store at {}", dir.display()))?;
@@ -94,33 +101,48 @@ impl Store {
             .join(digest::hex_part(digest))
     }
 
-    /// Moves a finished file into the store under its digest; returns the digest.
+    /// Moves a finished file into the store under its digest; returns the digest. A blob
+    /// already there is kept only if it is known intact (see [`Store::check_blob`]); one never
+    /// checked or written to since is replaced by this file, which has the right bytes: a
+    /// rebuild repairs a corrupt store.
     pub(crate) fn put_file(&self, file: &Path) -> Result<String> {
         let d = digest::of_file(file)?;
         let target = self.blob_path(&d);
-        if target.exists() {
+        let _lock = self.lock()?;
+        self.lease(&d)?;
+        if self.recorded_intact(&d) {
             std::fs::remove_file(file).ok();
         } else {
             std::fs::rename(file, &target)
                 .with_context(|| format!("Cannot move {} into the store", file.display()))?;
+            self.record_intact(&d);
         }
         Ok(d)
     }
 
+    /// Stores `bytes` under their digest (repairing a blob not known intact, as
+    /// [`Store::put_file`]); returns the digest.
     pub(crate) fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
+        let _lock = self.lock()?;
+        self.put_bytes_locked(bytes)
+    }
+
+    fn put_bytes_locked(&self, bytes: &[u8]) -> Result<String> {
         let d = digest::of_bytes(bytes);
-        let target = self.blob_path(&d);
-        if !target.exists() {
-            crate::host::fs::write_atomic(&target, bytes)?;
+        self.lease(&d)?;
+        if !self.recorded_intact(&d) {
+            crate::host::fs::write_atomic(&self.blob_path(&d), bytes)?;
+            self.record_intact(&d);
         }
         Ok(d)
     }
 
     /// Stores a manifest, indexes the (stored) disk built from it, and points `name:version`
-    /// at the disk; returns the image digest (the disk's).
+    /// at the disk; returns the image digest (the disk's). The build's lease ends here: its
+    /// blobs are the image's now.
     pub(crate) fn tag(&self, manifest: &Manifest, disk: &str) -> Result<String> {
         let _lock = self.lock()?;
-        let m = self.put_bytes(&manifest.to_bytes())?;
+        let m = self.put_bytes_locked(&manifest.to_bytes())?;
         crate::host::fs::write_atomic(&self.index_path(disk), format!("{m}\n").as_bytes())?;
         let reference = self
             .root
@@ -128,7 +150,96 @@ impl Store {
             .join(&manifest.name)
             .join(&manifest.version);
         crate::host::fs::write_atomic(&reference, format!("{disk}\n").as_bytes())?;
+        if let Some(lease) = self.lease_path() {
+            let _ = std::fs::remove_file(lease);
+        }
         Ok(disk.to_string())
+    }
+
+    /// This process's lease file.
+    fn lease_path(&self) -> Option<PathBuf> {
+        let me = ProcessId::current()?;
+        Some(
+            self.root
+                .join("leases")
+                .join(format!("{}-{}", me.pid, me.start_time)),
+        )
+    }
+
+    /// Adds blob `d` to this process's lease, so garbage collection keeps it until the image
+    /// is tagged. Called with the store lock held, as garbage collection runs.
+    fn lease(&self, d: &str) -> Result<()> {
+        use std::io::Write;
+        let Some(path) = self.lease_path() else {
+            bail!("Cannot read /proc/self/stat to lease blobs in the image store");
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{d}\n").as_bytes()))
+            .with_context(|| format!("Cannot write {}", path.display()))
+    }
+
+    /// The blobs leased by builds still running; leases of gone processes are removed.
+    fn leased(&self) -> Result<BTreeSet<String>> {
+        let mut leased = BTreeSet::new();
+        for entry in std::fs::read_dir(self.root.join("leases"))? {
+            let entry = entry?;
+            let owner = entry.file_name().to_str().and_then(|name| {
+                let (pid, start_time) = name.split_once('-')?;
+                Some(ProcessId {
+                    pid: pid.parse().ok()?,
+                    start_time: start_time.parse().ok()?,
+                })
+            });
+            if !owner.is_some_and(|o| o.is_alive()) {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            leased.extend(text.lines().map(|l| digest::hex_part(l.trim()).to_string()));
+        }
+        Ok(leased)
+    }
+
+    /// Whether blob `d` holds the bytes of its digest. Hashed in full the first time and
+    /// whenever its file changed (size, mtime, ctime or inode: any write, truncation, touch or
+    /// replacement changes one); otherwise the record of the last check answers.
+    pub(crate) fn check_blob(&self, d: &str) -> Result<BlobCheck> {
+        let path = self.blob_path(d);
+        if !path.exists() {
+            return Ok(BlobCheck::Missing);
+        }
+        if self.recorded_intact(d) {
+            return Ok(BlobCheck::Intact);
+        }
+        let actual =
+            digest::of_file(&path).with_context(|| format!("Cannot read {}", path.display()))?;
+        if digest::hex_part(&actual) != digest::hex_part(d) {
+            return Ok(BlobCheck::Corrupt { actual });
+        }
+        self.record_intact(d);
+        Ok(BlobCheck::Intact)
+    }
+
+    fn verified_path(&self, d: &str) -> PathBuf {
+        self.root.join("verified").join(digest::hex_part(d))
+    }
+
+    /// Whether the record of blob `d`'s last check matches its file as it is now.
+    fn recorded_intact(&self, d: &str) -> bool {
+        let now = file_stamp(&self.blob_path(d));
+        let recorded = std::fs::read_to_string(self.verified_path(d)).ok();
+        now.is_some() && recorded.as_deref().map(str::trim) == now.as_deref()
+    }
+
+    /// Records blob `d` as checked, as its file is now. Best effort: without a record the
+    /// next use checks it again.
+    fn record_intact(&self, d: &str) {
+        if let Some(stamp) = file_stamp(&self.blob_path(d)) {
+            let _ = crate::host::fs::write_atomic(&self.verified_path(d), stamp.as_bytes());
+        }
     }
 
     fn index_path(&self, disk: &str) -> PathBuf {
@@ -264,6 +375,8 @@ impl Store {
                 live.insert(digest::hex_part(d).to_string());
             }
         }
+        // What builds in flight have put is theirs until they tag it.
+        live.extend(self.leased()?);
         let mut freed = 0;
         for entry in std::fs::read_dir(self.root.join("index"))? {
             let entry = entry?;
@@ -279,8 +392,44 @@ impl Store {
                 std::fs::remove_file(entry.path())?;
             }
         }
+        for entry in std::fs::read_dir(self.root.join("verified"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Dot files are records being written right now.
+            if !name.starts_with('.') && !live.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(freed)
     }
+}
+
+/// What [`Store::check_blob`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BlobCheck {
+    Intact,
+    Missing,
+    /// The blob's bytes have this digest instead.
+    Corrupt {
+        actual: String,
+    },
+}
+
+/// What identifies a file's current bytes without reading them: size, mtime, ctime (which no
+/// one can set back), inode and device.
+fn file_stamp(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "size {} mtime {}.{:09} ctime {}.{:09} inode {} dev {}",
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+        m.dev()
+    ))
 }
 
 /// What scratch directory names start with.
@@ -325,7 +474,7 @@ mod tests {
         let (_dir, store) = store_with_blobs(&m);
         let found = store.find("hello:1.0").unwrap().unwrap();
         assert_eq!(found.manifest, m);
-        let disk = disk_of(&store, &m);
+        let disk = digest::of_bytes(format!("disk of {}", m.digest()).as_bytes());
         assert_eq!(found.digest, disk, "the image digest is the disk's");
         assert!(
             store.find("hello").unwrap().is_some(),
@@ -385,5 +534,99 @@ mod tests {
         assert!(!dead.exists(), "a dead build's scratch is swept");
         assert!(live.path().is_dir(), "a live process's scratch is kept");
         assert!(unknown.is_dir(), "a scratch of unknown owner is kept");
+    }
+
+    /// Writes `bytes` over the start of `path` in place, as a failing disk or a stray write
+    /// would.
+    fn damage(path: &Path, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, 0).unwrap();
+    }
+
+    #[test]
+    fn a_blob_is_checked_once_and_a_corrupt_one_is_replaced_by_a_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("images")).unwrap();
+        let d = store.put_bytes(b"kernel bytes").unwrap();
+        assert_eq!(store.check_blob(&d).unwrap(), BlobCheck::Intact);
+        assert!(store.verified_path(&d).is_file(), "checked once, recorded");
+
+        damage(&store.blob_path(&d), b"K");
+        match store.check_blob(&d).unwrap() {
+            BlobCheck::Corrupt { actual } => assert_eq!(actual, digest::of_bytes(b"Kernel bytes")),
+            other => panic!("{other:?}"),
+        }
+        // A rebuild puts the same bytes again: the damaged blob goes.
+        store.put_bytes(b"kernel bytes").unwrap();
+        assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), b"kernel bytes");
+        assert_eq!(store.check_blob(&d).unwrap(), BlobCheck::Intact);
+
+        let scratch = store.temp_dir().unwrap();
+        let file = scratch.path().join("rootfs");
+        std::fs::write(&file, b"rootfs bytes").unwrap();
+        let r = store.put_file(&file).unwrap();
+        damage(&store.blob_path(&r), b"R");
+        std::fs::write(&file, b"rootfs bytes").unwrap();
+        assert_eq!(store.put_file(&file).unwrap(), r);
+        assert_eq!(std::fs::read(store.blob_path(&r)).unwrap(), b"rootfs bytes");
+        assert!(!file.exists(), "moved in");
+
+        // An intact blob is kept (not rewritten) and the new file dropped.
+        let before = file_stamp(&store.blob_path(&r));
+        std::fs::write(&file, b"rootfs bytes").unwrap();
+        store.put_file(&file).unwrap();
+        assert_eq!(file_stamp(&store.blob_path(&r)), before);
+        assert!(!file.exists());
+        std::fs::remove_file(store.blob_path(&r)).unwrap();
+        assert_eq!(store.check_blob(&r).unwrap(), BlobCheck::Missing);
+    }
+
+    #[test]
+    fn garbage_collection_keeps_what_a_build_in_flight_put() {
+        let (_dir, store) = store_with_blobs(&sample());
+        // This process plays a build that has put its blobs and not yet tagged its image.
+        let building = store.put_bytes(b"half a build").unwrap();
+        let other = store.find("hello:1.0").unwrap().unwrap();
+        store.remove(&other).unwrap();
+        assert!(
+            store.blob_path(&building).exists(),
+            "a leased blob was collected"
+        );
+
+        // Tagging ends the lease: the image holds its blobs from then on.
+        let mut m = sample();
+        m.version = "2.0".into();
+        m.kernel.digest = building.clone();
+        let disk = disk_of(&store, &m);
+        store.tag(&m, &disk).unwrap();
+        assert!(std::fs::read_dir(store.root.join("leases"))
+            .unwrap()
+            .next()
+            .is_none());
+        let leftover = store.put_bytes(b"orphan").unwrap();
+        std::fs::remove_dir_all(store.root.join("leases")).unwrap();
+        std::fs::create_dir(store.root.join("leases")).unwrap();
+        store
+            .remove(&store.find("hello:2.0").unwrap().unwrap())
+            .unwrap();
+        assert!(!store.blob_path(&building).exists());
+        assert!(
+            !store.blob_path(&leftover).exists(),
+            "unleased, unused: collected"
+        );
+        assert!(
+            !store.verified_path(&building).exists(),
+            "its record goes with it"
+        );
+
+        // A lease of a process that is gone protects nothing.
+        let kept = store.put_bytes(b"kept").unwrap();
+        let dead = store.root.join("leases").join("1-1");
+        std::fs::write(&dead, format!("{kept}\n")).unwrap();
+        std::fs::remove_file(store.lease_path().unwrap()).unwrap();
+        store.collect_garbage().unwrap();
+        assert!(!store.blob_path(&kept).exists());
+        assert!(!dead.exists(), "a dead build's lease is removed");
     }
 }

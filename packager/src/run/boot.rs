@@ -42,7 +42,7 @@ pub(crate) fn vm_boot(
     mode: BootMode,
     scratch: &Path,
 ) -> Result<(PathBuf, BootFiles, Firmware)> {
-    let disk = crate::image::disk::disk_path(store, image)?;
+    let disk = crate::image::disk::verified_disk_path(store, image)?;
     match mode {
         BootMode::Direct => Ok((disk, boot_files(store, image)?, Firmware::Direct)),
         BootMode::Uefi => Ok((
