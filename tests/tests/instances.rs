@@ -231,6 +231,8 @@ fn an_image_in_use_is_removed_only_with_force() {
     let inst = Instances::new();
     let app = inst.sb.program(NEVER_EXITS, "forever-2.0", &["-static"]);
     let id = inst.detach(&app, &[]);
+    // QEMU has opened the disk (a disk removed before that would end the VM at once).
+    inst.wait_for_log(&id, "running forever");
     let refused = inst.fuse().args(["rm", "forever:2.0"]).run();
     refused.assert_code(1).assert_stderr_contains(&format!(
         "Image forever:2.0 is used by running instance {id}: stop it with `fuse kill {id}`, \
