@@ -260,6 +260,12 @@ fn a_damaged_boot_file_cache_is_extracted_again() {
     let third = run();
     third.assert_success();
     assert!(!third.stderr_str().contains("damaged"), "{third}");
+    // A cached file gone missing is extracted again too.
+    std::fs::remove_file(&cached).unwrap();
+    run()
+        .assert_success()
+        .assert_stdout_contains("hello from the guest")
+        .assert_stderr_contains("are damaged (kernel is unreadable)");
     assert_no_leaked_qemu();
 }
 

@@ -78,8 +78,7 @@ pub(crate) fn boot_files(store: &Store, image: &StoredImage) -> Result<BootFiles
     };
     let files = extract()?;
     let m = &image.manifest;
-    let wrong = boot_files_problem(&dir, &files, m)?;
-    let Some(what) = wrong else {
+    let Some(what) = boot_files_problem(&dir, &files, m) else {
         return Ok(files);
     };
     eprintln!(
@@ -89,7 +88,7 @@ pub(crate) fn boot_files(store: &Store, image: &StoredImage) -> Result<BootFiles
     );
     std::fs::remove_dir_all(&dir).with_context(|| format!("Cannot remove {}", dir.display()))?;
     let files = extract()?;
-    if let Some(what) = boot_files_problem(&dir, &files, m)? {
+    if let Some(what) = boot_files_problem(&dir, &files, m) {
         bail!(
             "The boot files of {} do not match its manifest ({what}) though its disk is intact: run `fuse verify {}`",
             image.name,
@@ -103,13 +102,9 @@ pub(crate) fn boot_files(store: &Store, image: &StoredImage) -> Result<BootFiles
 const BOOT_CHECKED: &str = "checked";
 
 /// What is wrong with the extracted boot `files` in `dir` for `manifest`, if anything.
-fn boot_files_problem(
-    dir: &Path,
-    files: &BootFiles,
-    manifest: &Manifest,
-) -> Result<Option<String>> {
+fn boot_files_problem(dir: &Path, files: &BootFiles, manifest: &Manifest) -> Option<String> {
     if files.cmdline != manifest.cmdline {
-        return Ok(Some("the command line differs".into()));
+        return Some("the command line differs".into());
     }
     let stamp = |p: &Path| -> Option<String> {
         use std::os::unix::fs::MetadataExt;
@@ -131,25 +126,27 @@ fn boot_files_problem(
     );
     let record = dir.join(BOOT_CHECKED);
     if std::fs::read_to_string(&record).is_ok_and(|r| r == stamps) {
-        return Ok(None);
+        return None;
     }
     for (name, file, expected) in [
         ("kernel", &files.kernel, &manifest.kernel.digest),
         ("initramfs", &files.initrd, &manifest.init.digest),
     ] {
-        let actual =
-            digest::of_file(file).with_context(|| format!("Cannot read {}", file.display()))?;
+        // A missing file is damage too: extracting again brings it back.
+        let Ok(actual) = digest::of_file(file) else {
+            return Some(format!("{name} is unreadable"));
+        };
         if actual != *expected {
-            return Ok(Some(format!(
+            return Some(format!(
                 "{name} has sha256 {}, not {}",
                 digest::short(&actual),
                 digest::short(expected)
-            )));
+            ));
         }
     }
     // Best effort: without the record, the next run checks again.
     let _ = crate::host::fs::write_atomic(&record, stamps.as_bytes());
-    Ok(None)
+    None
 }
 
 /// What the disk of `manifest` must hold; blobs in `store` (when there) locate differences.
