@@ -441,3 +441,34 @@ fn killed_run_secrets(arch: &str) {
     assert_eq!(files_containing(&dirs, &secret), Vec::<PathBuf>::new());
     assert_no_leaked_qemu();
 }
+
+/// `fuse rm` of an image a foreground `fuse run` is booting is refused (the VM is found by
+/// its disk on QEMU's command line), until `--force`.
+#[test]
+fn an_image_a_foreground_run_boots_is_removed_only_with_force() {
+    let sb = Sandbox::new();
+    let app = sb.program(PRINTS_TOKEN, "busy-1.0", &["-static"]);
+    sb.fuse().arg("build").arg(&app).run().assert_success();
+    let running = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--timeout", "60", "busy:1.0"])
+        .spawn();
+    assert!(wait_for_qemu_of(running.marker(), Duration::from_secs(120)));
+    let refused = sb.fuse().args(["rm", "busy:1.0"]).run();
+    assert_one_error(
+        &refused,
+        &[
+            "Image busy:1.0 is used by a running VM (QEMU pid ",
+            "`fuse rm --force`",
+        ],
+    );
+    sb.fuse().arg("ls").run().assert_stdout_contains("busy");
+    sb.fuse()
+        .args(["rm", "--force", "busy:1.0"])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("removed busy:1.0");
+    running.signal(libc::SIGKILL);
+    running.wait();
+    assert_no_leaked_qemu();
+}

@@ -128,34 +128,44 @@ pub(super) fn remove(images: &[String], force: bool) -> Result<i32> {
     };
     for reference in images {
         let image = find(&store, reference)?;
-        check_unused(&image, &running)?;
+        if !force {
+            check_unused(&store, &image, &running)?;
+        }
         let freed = store.remove(&image)?;
         println!("removed {} ({} freed)", image.name, human_size(freed));
     }
     Ok(0)
 }
 
-/// Refuses to remove an image that a running instance was started from: its VM still reads
-/// the disk.
-fn check_unused(image: &StoredImage, running: &[Instance]) -> Result<()> {
+/// Refuses to remove an image that a running VM boots: a detached instance started from it
+/// (named by id), or any other QEMU whose command line names its disk (a `fuse run` in the
+/// foreground, `fuse test`).
+fn check_unused(store: &Store, image: &StoredImage, running: &[Instance]) -> Result<()> {
     let ids: Vec<&str> = running
         .iter()
         .filter(|i| i.state.digest == image.digest)
         .map(|i| i.state.id.as_str())
         .collect();
-    if ids.is_empty() {
-        return Ok(());
+    if !ids.is_empty() {
+        let noun = if ids.len() == 1 {
+            "instance"
+        } else {
+            "instances"
+        };
+        let ids = ids.join(" ");
+        bail!(
+            "Image {} is used by running {noun} {ids}: stop it with `fuse kill {ids}`, or remove the image anyway with `fuse rm --force`",
+            image.name
+        );
     }
-    let noun = if ids.len() == 1 {
-        "instance"
-    } else {
-        "instances"
-    };
-    let ids = ids.join(" ");
-    bail!(
-        "Image {} is used by running {noun} {ids}: stop it with `fuse kill {ids}`, or remove the image anyway with `fuse rm --force`",
-        image.name
-    )
+    let qemus = crate::host::process::qemus_naming(&store.blob_path(&image.digest));
+    if let Some(pid) = qemus.first() {
+        bail!(
+            "Image {} is used by a running VM (QEMU pid {pid}, a `fuse run` or `fuse test`): stop it, or remove the image anyway with `fuse rm --force`",
+            image.name
+        );
+    }
+    Ok(())
 }
 
 /// The image (or disk file) `reference` names: its name, digest, manifest and disk.

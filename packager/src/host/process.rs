@@ -3,6 +3,8 @@
 //! owners this way, so a later fuse can tell whether the owner still runs.
 
 use serde::{Deserialize, Serialize};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// A process, identified beyond its pid (pids are reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +39,42 @@ impl ProcessId {
     }
 }
 
+/// The QEMU processes (of this user: others' command lines name other stores) with `path`
+/// among their arguments, as `-drive ...,file=PATH`: the VMs booting that disk.
+pub(crate) fn qemus_naming(path: &Path) -> Vec<u32> {
+    let needle = path.as_os_str().as_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&b| b == 0);
+        let is_qemu = args.next().is_some_and(|a0| {
+            let name = a0.rsplit(|&b| b == b'/').next().unwrap_or(a0);
+            name.starts_with(b"qemu-system")
+        });
+        let names_path = args.any(|a| {
+            a.split(|&b| b == b',')
+                .any(|part| part == needle || part.strip_prefix(b"file=") == Some(needle))
+        });
+        if is_qemu && names_path && ProcessId::of(pid).is_some() {
+            found.push(pid);
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +92,41 @@ mod tests {
             "same pid, other start time: another process"
         );
         assert!(ProcessId::of(u32::MAX / 2).is_none());
+    }
+
+    #[test]
+    fn a_qemu_booting_a_disk_is_found_by_its_path() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A shell named like QEMU, with the disk in its arguments as QEMU's -drive has it.
+        let fake = dir.path().join("qemu-system-x86_64");
+        std::os::unix::fs::symlink("/bin/sh", &fake).unwrap();
+        let disk = dir.path().join("blobs/abc");
+        let mut child = std::process::Command::new(&fake)
+            // Two commands: a shell execs a lone last one, and would no longer look like QEMU.
+            .args(["-c", "sleep 30; true", "-drive"])
+            .arg(format!(
+                "if=none,id=root,format=raw,file={}",
+                disk.display()
+            ))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let found = fuse_boot::poll::wait_until(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_millis(10),
+            || {
+                let pids = qemus_naming(&disk);
+                (!pids.is_empty()).then_some(pids)
+            },
+        );
+        let other = qemus_naming(&dir.path().join("blobs/ab"));
+        // SAFETY: kills the process group of the child spawned above (the shell and its sleep).
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        child.wait().unwrap();
+        // (The shell's child is briefly a copy of it, between its fork and its exec.)
+        let found = found.unwrap_or_default();
+        assert!(found.contains(&child.id()), "{found:?}");
+        assert!(other.is_empty(), "{other:?}");
     }
 }
