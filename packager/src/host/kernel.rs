@@ -200,17 +200,26 @@ fn tree_digest(root: &Path) -> Result<String> {
     Ok(digest::of_bytes(lines.join("\n").as_bytes()))
 }
 
-/// The cache key of a request: source digest + fragments + arch + compiler version.
+/// The cache key of a request: source digest + the options the fragments set + arch +
+/// compiler version. Options, not the fragments' text: a comment edited costs no rebuild.
 pub(crate) fn cache_key(request: &KernelRequest) -> Result<String> {
     let source = source_path(request);
+    let options = key_options(&fragments(request.arch)?);
     let text = format!(
-        "{RECIPE_VERSION}\nsource {}\narch {}\ncompiler {}\n--- fragments\n{}",
+        "{RECIPE_VERSION}\nsource {}\narch {}\ncompiler {}\n--- options\n{options}",
         source_digest(&source)?,
         request.arch,
         compiler_version(request.arch)?,
-        fragments(request.arch)?
     );
     Ok(digest::hex_part(&digest::of_bytes(text.as_bytes()))[..32].to_string())
+}
+
+/// What of a fragment goes into the cache key: its options, sorted, one per line.
+fn key_options(fragment: &str) -> String {
+    parse_config(fragment)
+        .iter()
+        .map(|(name, value)| format!("{name}={value}\n"))
+        .collect()
 }
 
 fn image_file_name(arch: Arch) -> &'static str {
@@ -513,6 +522,20 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_key_sees_options_not_comments() {
+        let base = key_options("# why\nCONFIG_A=y\n# CONFIG_B is not set\n");
+        assert_eq!(
+            base,
+            key_options("# a better why\n\nCONFIG_A=y\n# CONFIG_B is not set\n")
+        );
+        assert_ne!(
+            base,
+            key_options("# why\nCONFIG_A=m\n# CONFIG_B is not set\n")
+        );
+        assert_ne!(base, key_options("# why\nCONFIG_A=y\n"));
+    }
 
     #[test]
     fn every_fragment_option_has_a_comment_saying_why() {
