@@ -335,7 +335,10 @@ mod tests {
         let data = data(300, 3);
         let tree = build(&data[..], &salt).unwrap();
         let leaves = data_hashes(&data[..], &salt).unwrap();
-        assert_eq!(check(&leaves, &salt, &tree.hash, &tree.root_hash, 10), vec![]);
+        assert_eq!(
+            check(&leaves, &salt, &tree.hash, &tree.root_hash, 10),
+            vec![]
+        );
 
         let mut bad_data = data.clone();
         bad_data[200 * BLOCK_SIZE + 17] ^= 1;
