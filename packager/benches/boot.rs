@@ -6,7 +6,9 @@
 //! `linux-image-cloud-arm64` as the baseline) when this fuse has an aarch64 init.
 //!
 //! `cargo bench -p fuse-packager --bench boot` (add `-- --no-baseline` to skip Debian's kernels,
-//! `-- --arch aarch64` for one arch only).
+//! `-- --arch aarch64` for one arch only). `-- --without-verity` compares, instead of Debian's
+//! kernel, the same disk booted with its root partition mounted directly, without dm-verity:
+//! the cost of verifying the root.
 
 use anyhow::{bail, Context, Result};
 use fuse_boot::vm::AccelChoice;
@@ -51,6 +53,11 @@ struct Series {
 }
 
 impl Series {
+    fn append(&mut self, other: Series) {
+        self.first_output.extend(other.first_output);
+        self.total.extend(other.total);
+    }
+
     fn boot(label: &str, config: &VmConfig, runs: usize) -> Result<Series> {
         let mut series = Series {
             label: label.to_string(),
@@ -174,6 +181,26 @@ fn bench_arch(
     config.memory_mib = 256;
     config.timeout = Some(Duration::from_secs(120));
 
+    if std::env::args().any(|a| a == "--without-verity") {
+        let verity = fuse_boot::cmdline::parse_verity(&config.cmdline)
+            .context("the image's command line has no dm-verity table")?
+            .map_err(anyhow::Error::msg)?;
+        let mut plain = config.clone();
+        plain.cmdline =
+            fuse_boot::cmdline::image_cmdline(arch, &format!("PARTUUID={}", verity.data_partuuid));
+        // Alternated, so a change in the machine's load weighs on both alike.
+        let (a, b) = (
+            format!("{arch} dm-verity root"),
+            format!("{arch} plain root"),
+        );
+        let mut with = Series::boot(&a, &config, 1)?;
+        let mut without = Series::boot(&b, &plain, 1)?;
+        for _ in 1..runs {
+            with.append(Series::boot(&a, &config, 1)?);
+            without.append(Series::boot(&b, &plain, 1)?);
+        }
+        return Ok(vec![with, without]);
+    }
     let mut series = vec![Series::boot(&format!("{arch} fuse kernel"), &config, runs)?];
     if baseline {
         let (kernel, initrd) = debian_baseline(arch, work)?;
