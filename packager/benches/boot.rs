@@ -8,7 +8,7 @@
 //! `cargo bench -p fuse-packager --bench boot` (add `-- --no-baseline` to skip Debian's kernels,
 //! `-- --arch aarch64` for one arch only). `-- --without-verity` compares, instead of Debian's
 //! kernel, the same disk booted with its root partition mounted directly, without dm-verity:
-//! the cost of verifying the root.
+//! the cost of verifying the root; `-- --app PATH` boots that app instead of the hello example.
 
 use anyhow::{bail, Context, Result};
 use fuse_boot::vm::AccelChoice;
@@ -156,23 +156,15 @@ fn bench_arch(
     runs: usize,
     baseline: bool,
 ) -> Result<Vec<Series>> {
-    let hello = work.join(format!("{arch}/hello-1.0"));
-    std::fs::create_dir_all(hello.parent().unwrap())?;
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/hello.c");
-    let gcc = if arch == Arch::host() {
-        "gcc".to_string()
-    } else {
-        format!("{}-gcc", arch.gnu_triple())
+    // `--app PATH`: that app (it must print "Hello from fuse"), e.g. the Java example's jar.
+    let app: Option<PathBuf> = std::env::args()
+        .skip_while(|a| a != "--app")
+        .nth(1)
+        .map(PathBuf::from);
+    let hello = match app {
+        Some(app) => app,
+        None => compile_hello(arch, work)?,
     };
-    let status = Command::new(&gcc)
-        .args(["-O2", "-static", "-o"])
-        .arg(&hello)
-        .arg(&src)
-        .status()
-        .with_context(|| format!("Cannot run {gcc}"))?;
-    if !status.success() {
-        bail!("Cannot compile {} with {gcc}", src.display());
-    }
     let image: BenchImage = bench::build_image(store, &hello, arch)?;
     println!("{arch} hello image {}", image.summary);
     let mut config = VmConfig::new(arch, image.kernel, image.initrd, image.disk, image.cmdline);
@@ -215,6 +207,28 @@ fn bench_arch(
         )?);
     }
     Ok(series)
+}
+
+/// The hello example, compiled statically for `arch` into `work`.
+fn compile_hello(arch: Arch, work: &Path) -> Result<PathBuf> {
+    let hello = work.join(format!("{arch}/hello-1.0"));
+    std::fs::create_dir_all(hello.parent().unwrap())?;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/hello.c");
+    let gcc = if arch == Arch::host() {
+        "gcc".to_string()
+    } else {
+        format!("{}-gcc", arch.gnu_triple())
+    };
+    let status = Command::new(&gcc)
+        .args(["-O2", "-static", "-o"])
+        .arg(&hello)
+        .arg(&src)
+        .status()
+        .with_context(|| format!("Cannot run {gcc}"))?;
+    if !status.success() {
+        bail!("Cannot compile {} with {gcc}", src.display());
+    }
+    Ok(hello)
 }
 
 /// Debian's cloud kernel for `arch` and an initramfs of our init plus the modules it needs,
