@@ -160,11 +160,6 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// Whether the image's root failed verification (the CLI exits with
-    /// [`crate::spec::EXIT_INTEGRITY`]).
-    pub fn is_integrity(&self) -> bool {
-        matches!(self, RunError::Integrity { .. })
-    }
 
     /// Whether a stop signal ended the run (the CLI then exits with 128 + signal, or 137).
     pub fn is_interrupted(&self) -> bool {
