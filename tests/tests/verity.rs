@@ -17,8 +17,8 @@ on_every_arch! {
     a_flipped_byte_in_the_executable_stops_the_vm_before_the_app_runs => flipped_byte;
 }
 
-/// fuse's exit code for a root that failed verification (`fuse_boot::spec::EXIT_INTEGRITY`).
-const EXIT_INTEGRITY: i32 = 74;
+/// fuse's exit code for a root that failed verification.
+const EXIT_INTEGRITY: i32 = fuse_boot::spec::EXIT_INTEGRITY as i32;
 
 /// 384 KiB of pseudo-random bytes: incompressible, so squashfs stores its 128 KiB blocks as
 /// they are, and the test finds them on the disk.
