@@ -160,7 +160,6 @@ pub enum RunError {
 }
 
 impl RunError {
-
     /// Whether a stop signal ended the run (the CLI then exits with 128 + signal, or 137).
     pub fn is_interrupted(&self) -> bool {
         matches!(
