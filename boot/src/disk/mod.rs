@@ -783,6 +783,34 @@ mod tests {
         assert_eq!(file_digest(&a).unwrap(), file_digest(&b).unwrap());
     }
 
+    /// A tree that is not the root filesystem's (another salt, as from another digest) is
+    /// refused: the root hash in the command line would not match the disk.
+    #[test]
+    fn test_a_tree_of_other_bytes_is_refused() {
+        let mut f = fixture();
+        f.tree = verity::build(&b"other"[..], &f.tree.salt).unwrap();
+        let stub = uki::tests::tiny_stub();
+        let out = f.dir.path().join("disk.raw");
+        let err = build_disk(
+            &DiskInputs {
+                arch: Arch::X86_64,
+                stub: &stub,
+                kernel: &f.kernel,
+                initrd: &f.initrd,
+                cmdline: &f.cmdline,
+                osrel: "ID=fuse\n",
+                manifest: &f.manifest,
+                rootfs: &f.dir.path().join("rootfs"),
+                rootfs_digest: &f.rootfs_digest,
+                verity: &f.tree,
+            },
+            &out,
+        )
+        .unwrap_err();
+        assert!(matches!(err, DiskError::VerityChanged { .. }), "{err:?}");
+        assert!(!out.exists(), "nothing half-written");
+    }
+
     pub(super) fn flip(path: &Path, at: u64) {
         let file = std::fs::OpenOptions::new()
             .read(true)
