@@ -185,6 +185,14 @@ static void wait_root(const char *spec, char *dev, size_t devlen)
 				return;
 			}
 		}
+		/* A dm device (the dm-verity root) is made by the kernel before the init runs
+		 * (dm-mod.create=): if it is not there, waiting will not bring it. */
+		if (strncmp(spec, "/dev/dm-", 8) == 0)
+			die(EXIT_INIT_FAILURE,
+			    "no root device %s: the kernel did not create the dm-verity root that "
+			    "dm-mod.create= on the command line describes (a partition it names is missing, "
+			    "or the table is wrong): run `fuse verify` on the image",
+			    spec);
 		if (now_ms() >= deadline)
 			die(EXIT_INIT_FAILURE,
 			    "no root device %s after %d s: is the root image attached as the first virtio disk?",

@@ -14,8 +14,101 @@ pub fn console_device(arch: Arch) -> &'static str {
     }
 }
 
-/// The kernel command line of an image for `arch` whose root is `root` (`PARTUUID=<uuid>` of
-/// the disk's root partition, or `/dev/vda` for a bare squashfs disk). The parameters, in order:
+/// The root of an image as a dm-verity device: the data (root filesystem) and hash
+/// partitions and what the kernel's `verity` target needs to check every block read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerityRoot {
+    /// PARTUUID of the root filesystem's partition.
+    pub data_partuuid: String,
+    /// PARTUUID of the hash tree's partition.
+    pub hash_partuuid: String,
+    /// 4096-byte blocks of the root filesystem the tree covers.
+    pub data_blocks: u64,
+    pub root_hash: String,
+    pub salt: String,
+}
+
+/// The dm device the kernel creates for a [`VerityRoot`] (minor 0 in `dm-mod.create=`).
+pub const VERITY_DEVICE: &str = "/dev/dm-0";
+
+/// The `verity` dm table of `v` (drivers/md/dm-verity-target.c): format 1, 4096-byte data
+/// and hash blocks, the tree from block 0 of the hash partition, sha256, and
+/// `panic_on_corruption`: a block that fails verification panics the kernel ("dm-verity
+/// device corrupted"), rather than handing the app EIO or SIGBUS.
+pub fn verity_table(v: &VerityRoot) -> String {
+    format!(
+        "0 {sectors} verity 1 PARTUUID={data} PARTUUID={hash} 4096 4096 {blocks} 0 sha256 {root} {salt} 1 panic_on_corruption",
+        sectors = v.data_blocks * 8,
+        data = v.data_partuuid,
+        hash = v.hash_partuuid,
+        blocks = v.data_blocks,
+        root = v.root_hash,
+        salt = v.salt,
+    )
+}
+
+/// The command line of an image whose root is checked by dm-verity: [`image_cmdline`] with
+/// `dm-mod.create="fuse-root,,0,ro,<table>"` before it, so the kernel itself (CONFIG_DM_INIT)
+/// creates [`VERITY_DEVICE`] after probing the disks and before the init runs, and
+/// `fuse.root=` names that device. The root hash is in this line, so whatever covers the
+/// line (the UKI's digest, a signature of the UKI) covers every byte of the root.
+pub fn image_cmdline_verity(arch: Arch, v: &VerityRoot) -> String {
+    let base = image_cmdline(arch, VERITY_DEVICE);
+    let (head, tail) = base.split_at(
+        base.find(" fuse.root=")
+            .expect("image_cmdline names the root"),
+    );
+    format!(
+        "{head} dm-mod.create=\"fuse-root,,0,ro,{}\"{tail}",
+        verity_table(v)
+    )
+}
+
+/// The [`VerityRoot`] a command line names in its `dm-mod.create=`: `None` when it has none,
+/// an error saying what is wrong when the table is not one fuse writes.
+pub fn parse_verity(cmdline: &str) -> Option<Result<VerityRoot, String>> {
+    let start = cmdline.find("dm-mod.create=\"")? + "dm-mod.create=\"".len();
+    let Some(len) = cmdline[start..].find('"') else {
+        return Some(Err("its dm-mod.create= has no closing quote".into()));
+    };
+    let value = &cmdline[start..start + len];
+    let table = value.splitn(5, ',').nth(4).unwrap_or_default();
+    let w: Vec<&str> = table.split_whitespace().collect();
+    let fixed = [
+        (2, "verity"),
+        (3, "1"),
+        (6, "4096"),
+        (7, "4096"),
+        (9, "0"),
+        (10, "sha256"),
+    ];
+    if w.len() < 13 || fixed.iter().any(|&(i, want)| w[i] != want) {
+        return Some(Err(format!(
+            "its dm-mod.create= table is not a fuse verity table: {table:?}"
+        )));
+    }
+    let partuuid = |s: &str| s.strip_prefix("PARTUUID=").map(str::to_string);
+    let parsed = (|| {
+        let data_blocks: u64 = w[8].parse().ok()?;
+        (w[1].parse::<u64>().ok()? == data_blocks * 8).then_some(())?;
+        Some(VerityRoot {
+            data_partuuid: partuuid(w[4])?,
+            hash_partuuid: partuuid(w[5])?,
+            data_blocks,
+            root_hash: w[11].to_string(),
+            salt: w[12].to_string(),
+        })
+    })();
+    Some(
+        parsed.ok_or_else(|| {
+            format!("its dm-mod.create= table is not a fuse verity table: {table:?}")
+        }),
+    )
+}
+
+/// The kernel command line of an image for `arch` whose root is `root` (`/dev/dm-0` for an
+/// image's verity root, see [`image_cmdline_verity`], or `/dev/vda` for a bare squashfs
+/// disk). The parameters, in order:
 ///
 /// - `console=<dev>`: kernel messages, the init's and the app's output go to the serial
 ///   console, which the runner reads ([`console_device`]).
@@ -54,5 +147,30 @@ mod tests {
             "console=ttyAMA0 quiet loglevel=1 panic=-1 rdinit=/init fuse.root=/dev/vda \
              fuse.rootfstype=squashfs"
         );
+        let v = VerityRoot {
+            data_partuuid: "0f3e1d2c-aaaa-8bbb-9ccc-000000000001".into(),
+            hash_partuuid: "0f3e1d2c-aaaa-8bbb-9ccc-000000000002".into(),
+            data_blocks: 300,
+            root_hash: "ab".repeat(32),
+            salt: "cd".repeat(32),
+        };
+        assert_eq!(
+            image_cmdline_verity(Arch::X86_64, &v),
+            format!(
+                "console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init \
+                 dm-mod.create=\"fuse-root,,0,ro,0 2400 verity 1 \
+                 PARTUUID=0f3e1d2c-aaaa-8bbb-9ccc-000000000001 \
+                 PARTUUID=0f3e1d2c-aaaa-8bbb-9ccc-000000000002 4096 4096 300 0 sha256 {} {} 1 \
+                 panic_on_corruption\" fuse.root=/dev/dm-0 fuse.rootfstype=squashfs",
+                "ab".repeat(32),
+                "cd".repeat(32)
+            )
+        );
+        let line = image_cmdline_verity(Arch::X86_64, &v);
+        assert_eq!(parse_verity(&line), Some(Ok(v)));
+        assert_eq!(parse_verity("console=ttyS0 fuse.root=/dev/vda"), None);
+        assert!(parse_verity(&line.replace("4096 4096", "4096 512"))
+            .unwrap()
+            .is_err());
     }
 }

@@ -48,6 +48,11 @@ pub const EXIT_INIT_FAILURE: u8 = 125;
 pub const EXIT_NOT_EXECUTABLE: u8 = 126;
 /// The exit code the init reports when the app's program is not there.
 pub const EXIT_NOT_FOUND: u8 = 127;
+/// fuse's exit code when the image's root failed dm-verity verification at run time (the
+/// kernel stopped the VM): sysexits' EX_IOERR (74), since a read of the image failed; not
+/// 124 (timeout) nor 125-127 (the init's own failures, as a shell reports them), nor 128+
+/// (signals), so a script can tell a corrupt image from those.
+pub const EXIT_INTEGRITY: u8 = 74;
 /// The format version this fuse writes and its init reads.
 pub const SPEC_VERSION: &str = "1";
 /// The host name when the spec gives none.

@@ -6,7 +6,9 @@
 //! `linux-image-cloud-arm64` as the baseline) when this fuse has an aarch64 init.
 //!
 //! `cargo bench -p fuse-packager --bench boot` (add `-- --no-baseline` to skip Debian's kernels,
-//! `-- --arch aarch64` for one arch only).
+//! `-- --arch aarch64` for one arch only). `-- --without-verity` compares, instead of Debian's
+//! kernel, the same disk booted with its root partition mounted directly, without dm-verity:
+//! the cost of verifying the root; `-- --app PATH` boots that app instead of the hello example.
 
 use anyhow::{bail, Context, Result};
 use fuse_boot::vm::AccelChoice;
@@ -51,6 +53,11 @@ struct Series {
 }
 
 impl Series {
+    fn append(&mut self, other: Series) {
+        self.first_output.extend(other.first_output);
+        self.total.extend(other.total);
+    }
+
     fn boot(label: &str, config: &VmConfig, runs: usize) -> Result<Series> {
         let mut series = Series {
             label: label.to_string(),
@@ -149,6 +156,61 @@ fn bench_arch(
     runs: usize,
     baseline: bool,
 ) -> Result<Vec<Series>> {
+    // `--app PATH`: that app (it must print "Hello from fuse"), e.g. the Java example's jar.
+    let app: Option<PathBuf> = std::env::args()
+        .skip_while(|a| a != "--app")
+        .nth(1)
+        .map(PathBuf::from);
+    let hello = match app {
+        Some(app) => app,
+        None => compile_hello(arch, work)?,
+    };
+    let image: BenchImage = bench::build_image(store, &hello, arch)?;
+    println!("{arch} hello image {}", image.summary);
+    let mut config = VmConfig::new(arch, image.kernel, image.initrd, image.disk, image.cmdline);
+    config.accel = AccelChoice::Auto;
+    config.network = true;
+    config.memory_mib = 256;
+    config.timeout = Some(Duration::from_secs(120));
+
+    if std::env::args().any(|a| a == "--without-verity") {
+        let verity = fuse_boot::cmdline::parse_verity(&config.cmdline)
+            .context("the image's command line has no dm-verity table")?
+            .map_err(anyhow::Error::msg)?;
+        let mut plain = config.clone();
+        plain.cmdline =
+            fuse_boot::cmdline::image_cmdline(arch, &format!("PARTUUID={}", verity.data_partuuid));
+        // Alternated, so a change in the machine's load weighs on both alike.
+        let (a, b) = (
+            format!("{arch} dm-verity root"),
+            format!("{arch} plain root"),
+        );
+        let mut with = Series::boot(&a, &config, 1)?;
+        let mut without = Series::boot(&b, &plain, 1)?;
+        for _ in 1..runs {
+            with.append(Series::boot(&a, &config, 1)?);
+            without.append(Series::boot(&b, &plain, 1)?);
+        }
+        return Ok(vec![with, without]);
+    }
+    let mut series = vec![Series::boot(&format!("{arch} fuse kernel"), &config, runs)?];
+    if baseline {
+        let (kernel, initrd) = debian_baseline(arch, work)?;
+        let mut base = config.clone();
+        base.kernel = kernel;
+        base.initrd = initrd;
+        base.verbose = std::env::var_os("FUSE_BENCH_VERBOSE").is_some();
+        series.push(Series::boot(
+            &format!("{arch} debian cloud kernel"),
+            &base,
+            runs,
+        )?);
+    }
+    Ok(series)
+}
+
+/// The hello example, compiled statically for `arch` into `work`.
+fn compile_hello(arch: Arch, work: &Path) -> Result<PathBuf> {
     let hello = work.join(format!("{arch}/hello-1.0"));
     std::fs::create_dir_all(hello.parent().unwrap())?;
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/hello.c");
@@ -166,28 +228,7 @@ fn bench_arch(
     if !status.success() {
         bail!("Cannot compile {} with {gcc}", src.display());
     }
-    let image: BenchImage = bench::build_image(store, &hello, arch)?;
-    println!("{arch} hello image {}", image.summary);
-    let mut config = VmConfig::new(arch, image.kernel, image.initrd, image.disk, image.cmdline);
-    config.accel = AccelChoice::Auto;
-    config.network = true;
-    config.memory_mib = 256;
-    config.timeout = Some(Duration::from_secs(120));
-
-    let mut series = vec![Series::boot(&format!("{arch} fuse kernel"), &config, runs)?];
-    if baseline {
-        let (kernel, initrd) = debian_baseline(arch, work)?;
-        let mut base = config.clone();
-        base.kernel = kernel;
-        base.initrd = initrd;
-        base.verbose = std::env::var_os("FUSE_BENCH_VERBOSE").is_some();
-        series.push(Series::boot(
-            &format!("{arch} debian cloud kernel"),
-            &base,
-            runs,
-        )?);
-    }
-    Ok(series)
+    Ok(hello)
 }
 
 /// Debian's cloud kernel for `arch` and an initramfs of our init plus the modules it needs,

@@ -8,12 +8,17 @@
 //! | 0 – 17 KiB | protective MBR, primary GPT header, 128 entries |
 //! | 1 MiB | partition 1: EFI System Partition, FAT16, `EFI/BOOT/BOOTX64.EFI` (`BOOTAA64.EFI`) |
 //! | after it | partition 2: the root squashfs (DPS "Linux root" type of the arch, read-only) |
+//! | after it | partition 3: the root's dm-verity hash tree (DPS "root verity" type, read-only) |
 //! | last MiB | free, then the backup entries and header in the last 33 sectors |
 //!
 //! `BOOTX64.EFI` is a unified kernel image: systemd's EFI stub with `.osrel`, `.cmdline`,
 //! `.linux` (bzImage), `.initrd` (fuse's init) and `.fuse` (the image manifest). Every GUID
 //! and the FAT serial are derived from the content (UUIDv8 from sha256), never random, and no
 //! clock, user, path or umask reaches the bytes: the same inputs give the same disk.
+//!
+//! The root is read through dm-verity (see [`fuse_rootfs::verity`]): `.cmdline` holds the
+//! table with the root hash ([`crate::cmdline::image_cmdline_verity`]), the kernel creates
+//! the device, and a block that does not match the tree panics the kernel.
 
 pub mod esp;
 pub mod gpt;
@@ -23,6 +28,7 @@ pub mod verify;
 
 pub use guid::Guid;
 
+use fuse_rootfs::verity;
 use fuse_rootfs::Arch;
 use sha2::{Digest as _, Sha256};
 use std::fs::File;
@@ -40,6 +46,14 @@ pub fn root_type(arch: Arch) -> Guid {
     match arch {
         Arch::X86_64 => Guid::from_u128(0x4f68bce3_e8cd_4db1_96e7_fbcaf984b709),
         Arch::Aarch64 => Guid::from_u128(0xb921b045_1df0_41c3_af44_4c6f280d3fae),
+    }
+}
+
+/// "Root verity" of the arch (Discoverable Partitions Specification).
+pub fn verity_type(arch: Arch) -> Guid {
+    match arch {
+        Arch::X86_64 => Guid::from_u128(0x2c7357ed_ebd2_46d9_aec1_23d437ec2bf5),
+        Arch::Aarch64 => Guid::from_u128(0xdf3300ce_d69f_4c92_978c_9bfb0f38d820),
     }
 }
 
@@ -68,6 +82,11 @@ fn root_name(arch: Arch) -> &'static str {
     }
 }
 
+/// The verity partition's name, as the DPS tools name it.
+fn verity_name(arch: Arch) -> String {
+    format!("{}-verity", root_name(arch))
+}
+
 fn hex_digest(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
@@ -76,6 +95,41 @@ fn hex_digest(digest: &str) -> &str {
 /// line (`fuse.root=PARTUUID=…`) is known before the disk is written.
 pub fn root_partition_uuid(rootfs_digest: &str) -> Guid {
     Guid::derive("root-partition", hex_digest(rootfs_digest).as_bytes())
+}
+
+/// The verity partition's unique GUID: from the root hash (as systemd derives it, though not
+/// with its bits), so it too is known before the disk is written.
+pub fn verity_partition_uuid(root_hash_hex: &str) -> Guid {
+    Guid::derive("verity-partition", root_hash_hex.as_bytes())
+}
+
+/// What the command line says about the verity root of a root filesystem with this digest
+/// and tree (see [`crate::cmdline::image_cmdline_verity`]).
+pub fn verity_root(rootfs_digest: &str, tree: &verity::HashTree) -> crate::cmdline::VerityRoot {
+    crate::cmdline::VerityRoot {
+        data_partuuid: root_partition_uuid(rootfs_digest).to_string(),
+        hash_partuuid: verity_partition_uuid(&tree.root_hash_hex()).to_string(),
+        data_blocks: tree.data_blocks,
+        root_hash: tree.root_hash_hex(),
+        salt: tree.salt_hex(),
+    }
+}
+
+/// The hash tree of the root filesystem in `path`, whose digest is `rootfs_digest` (the salt
+/// is derived from it).
+pub fn rootfs_tree(path: &Path, rootfs_digest: &str) -> Result<verity::HashTree, DiskError> {
+    let file = File::open(path).map_err(|source| DiskError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    verity::build(
+        std::io::BufReader::with_capacity(MIB as usize, file),
+        &verity::salt_for(rootfs_digest),
+    )
+    .map_err(|source| DiskError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn disk_guid(manifest_digest: &str) -> Guid {
@@ -107,6 +161,12 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("The dm-verity tree given for {path} is not the root filesystem's (root hash {actual}, given {expected}): build again")]
+    VerityChanged {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("The root filesystem {path} changed while the disk was written (digest {actual}, expected {expected}): build again")]
     RootfsChanged {
         path: PathBuf,
@@ -137,7 +197,8 @@ pub struct DiskInputs<'a> {
     pub kernel: &'a [u8],
     /// The init initramfs.
     pub initrd: &'a [u8],
-    /// The kernel command line, naming the root as `fuse.root=PARTUUID=<root_partition_uuid>`.
+    /// The kernel command line, with the verity table of [`verity_root`] of `rootfs_digest`
+    /// and `verity` ([`crate::cmdline::image_cmdline_verity`]).
     pub cmdline: &'a str,
     /// os-release for `.osrel` (what boot menus show).
     pub osrel: &'a str,
@@ -146,6 +207,8 @@ pub struct DiskInputs<'a> {
     pub rootfs: &'a Path,
     /// `sha256:<hex>` of the root filesystem (checked while it is copied).
     pub rootfs_digest: &'a str,
+    /// The root filesystem's dm-verity tree ([`rootfs_tree`]; checked while it is copied).
+    pub verity: &'a verity::HashTree,
 }
 
 /// The unified kernel image of `inputs`.
@@ -187,7 +250,9 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
     let esp_start = MIB;
     let root_start = esp_start + esp_size;
     let root_size = rootfs_len.max(1).div_ceil(MIB) * MIB;
-    let disk_size = root_start + root_size + MIB;
+    let verity_start = root_start + root_size;
+    let verity_size = (inputs.verity.hash.len() as u64).max(1).div_ceil(MIB) * MIB;
+    let disk_size = verity_start + verity_size + MIB;
     let sector = gpt::SECTOR;
     let table = gpt::Table {
         disk_guid: disk_guid(&manifest_digest),
@@ -209,6 +274,14 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
                 attributes: gpt::ATTR_READ_ONLY,
                 name: root_name(inputs.arch).into(),
             },
+            gpt::Partition {
+                type_guid: verity_type(inputs.arch),
+                unique_guid: verity_partition_uuid(&inputs.verity.root_hash_hex()),
+                first_lba: verity_start / sector,
+                last_lba: (verity_start + verity_size) / sector - 1,
+                attributes: gpt::ATTR_READ_ONLY,
+                name: verity_name(inputs.arch),
+            },
         ],
     };
 
@@ -225,19 +298,21 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
         }
         file.write_all_at(&esp, esp_start).map_err(write_err)?;
         // The root filesystem, hashed on the way: the GUID in the command line was derived
-        // from the digest the caller gave, so the bytes must be those.
+        // from the digest the caller gave, and the root hash from the tree, so the bytes
+        // must be those.
         file.seek(SeekFrom::Start(root_start)).map_err(write_err)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; MIB as usize];
-        loop {
-            let n = rootfs.read(&mut buf).map_err(read_err)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(write_err)?;
+        let mut copy = Copy {
+            from: &mut rootfs,
+            to: &mut *file,
+            hasher: Sha256::new(),
+            write_error: None,
+        };
+        let leaves = verity::data_hashes(&mut copy, &inputs.verity.salt);
+        if let Some(e) = copy.write_error.take() {
+            return Err(write_err(e));
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let leaves = leaves.map_err(read_err)?;
+        let actual = format!("sha256:{}", hex::encode(copy.hasher.finalize()));
         if hex_digest(&actual) != hex_digest(inputs.rootfs_digest) {
             return Err(DiskError::RootfsChanged {
                 path: inputs.rootfs.to_path_buf(),
@@ -245,10 +320,42 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
                 actual,
             });
         }
+        let tree = verity::tree_of(&leaves, &inputs.verity.salt);
+        if tree != *inputs.verity {
+            return Err(DiskError::VerityChanged {
+                path: inputs.rootfs.to_path_buf(),
+                expected: inputs.verity.root_hash_hex(),
+                actual: tree.root_hash_hex(),
+            });
+        }
+        file.write_all_at(&tree.hash, verity_start)
+            .map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
     }
     tmp.persist(out).map_err(|e| write_err(e.error))?;
     Ok(table)
+}
+
+/// A reader that writes what it reads to `to` and hashes it (the root filesystem's copy).
+struct Copy<'a> {
+    from: &'a mut File,
+    to: &'a mut File,
+    hasher: Sha256,
+    write_error: Option<std::io::Error>,
+}
+
+impl Read for Copy<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.from.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if let Err(e) = self.to.write_all(&buf[..n]) {
+            // Kept apart, so the error names the disk rather than the root filesystem.
+            let kind = e.kind();
+            self.write_error = Some(e);
+            return Err(std::io::Error::new(kind, "write failed"));
+        }
+        Ok(n)
+    }
 }
 
 /// A disk read back: its table, its ESP and the UKI's sections.
@@ -285,6 +392,19 @@ impl Disk {
             .partitions
             .iter()
             .find(|p| p.type_guid == ESP_TYPE)
+    }
+
+    /// The root's verity hash partition.
+    pub fn verity(&self) -> Option<&gpt::Partition> {
+        self.table
+            .partitions
+            .iter()
+            .find(|p| Arch::ALL.iter().any(|a| verity_type(*a) == p.type_guid))
+    }
+
+    /// The verity table of the UKI's `.cmdline`, if it has one.
+    pub fn verity_root(&self) -> Option<Result<crate::cmdline::VerityRoot, String>> {
+        crate::cmdline::parse_verity(&String::from_utf8_lossy(self.section(uki::CMDLINE)?))
     }
 
     pub fn root(&self) -> Option<&gpt::Partition> {
@@ -514,6 +634,7 @@ mod tests {
         initrd: Vec<u8>,
         cmdline: String,
         rootfs_digest: String,
+        tree: verity::HashTree,
     }
 
     pub(super) fn fixture() -> Fixture {
@@ -523,15 +644,17 @@ mod tests {
         let rootfs_digest = sha256_hex(&rootfs);
         let kernel = vec![0x4bu8; 300_000];
         std::fs::write(dir.path().join("kernel"), &kernel).unwrap();
+        let tree = rootfs_tree(&dir.path().join("rootfs"), &rootfs_digest).unwrap();
         Fixture {
             manifest: b"{\"name\":\"t\"}\n".to_vec(),
             kernel,
             initrd: vec![0x49u8; 70_000],
-            cmdline: format!(
-                "console=ttyS0 fuse.root=PARTUUID={}",
-                root_partition_uuid(&rootfs_digest)
+            cmdline: crate::cmdline::image_cmdline_verity(
+                Arch::X86_64,
+                &verity_root(&rootfs_digest, &tree),
             ),
             rootfs_digest,
+            tree,
             dir,
         }
     }
@@ -549,6 +672,7 @@ mod tests {
                 manifest: &f.manifest,
                 rootfs: &f.dir.path().join("rootfs"),
                 rootfs_digest: &f.rootfs_digest,
+                verity: &f.tree,
             },
             out,
         )
@@ -594,8 +718,8 @@ mod tests {
         let table = build(&f, &out);
         let size = std::fs::metadata(&out).unwrap().len();
         assert_eq!(size % MIB, 0);
-        // 1 MiB GPT + 3 MiB ESP (FAT16 minimum) + 2 MiB root + 1 MiB tail.
-        assert_eq!(size, 7 * MIB, "{table:?}");
+        // 1 MiB GPT + 3 MiB ESP (FAT16 minimum) + 2 MiB root + 1 MiB verity + 1 MiB tail.
+        assert_eq!(size, 8 * MIB, "{table:?}");
         let disk = read_disk(&out).unwrap();
         assert_eq!(disk.table, table);
         assert_eq!(disk.esp_fat, "FAT16");
@@ -607,6 +731,20 @@ mod tests {
         let root = disk.root().unwrap();
         assert_eq!(root.unique_guid, root_partition_uuid(&f.rootfs_digest));
         assert_eq!(root.attributes, gpt::ATTR_READ_ONLY);
+        // The hash tree in its partition, named by the command line.
+        let hashes = disk.verity().unwrap();
+        assert_eq!(hashes.type_guid, verity_type(Arch::X86_64));
+        assert_eq!(hashes.name, "root-x86-64-verity");
+        assert_eq!(
+            hashes.unique_guid,
+            verity_partition_uuid(&f.tree.root_hash_hex())
+        );
+        let v = disk.verity_root().unwrap().unwrap();
+        assert_eq!(v.root_hash, f.tree.root_hash_hex());
+        assert_eq!(v.data_partuuid, root.unique_guid.to_string());
+        assert_eq!(v.hash_partuuid, hashes.unique_guid.to_string());
+        assert_eq!(v.data_blocks, 1_500_000u64.div_ceil(4096));
+        assert!(!f.tree.hash.is_empty());
         assert_eq!(disk.section(uki::LINUX).unwrap(), &f.kernel[..]);
         assert_eq!(disk.section(uki::INITRD).unwrap(), &f.initrd[..]);
         assert_eq!(disk.section(uki::FUSE).unwrap(), &f.manifest[..]);
@@ -615,6 +753,8 @@ mod tests {
         let raw = std::fs::read(&out).unwrap();
         let at = disk.section_disk_offset(uki::LINUX, 0).unwrap() as usize;
         assert_eq!(&raw[at..at + f.kernel.len()], &f.kernel[..]);
+        let h = hashes.offset() as usize;
+        assert_eq!(&raw[h..h + f.tree.hash.len()], &f.tree.hash[..]);
         let r = root.offset() as usize;
         assert_eq!(
             &raw[r..r + 1_500_000],
@@ -641,6 +781,34 @@ mod tests {
         build(&f, &a);
         build(&f, &b);
         assert_eq!(file_digest(&a).unwrap(), file_digest(&b).unwrap());
+    }
+
+    /// A tree that is not the root filesystem's (another salt, as from another digest) is
+    /// refused: the root hash in the command line would not match the disk.
+    #[test]
+    fn test_a_tree_of_other_bytes_is_refused() {
+        let mut f = fixture();
+        f.tree = verity::build(&b"other"[..], &f.tree.salt).unwrap();
+        let stub = uki::tests::tiny_stub();
+        let out = f.dir.path().join("disk.raw");
+        let err = build_disk(
+            &DiskInputs {
+                arch: Arch::X86_64,
+                stub: &stub,
+                kernel: &f.kernel,
+                initrd: &f.initrd,
+                cmdline: &f.cmdline,
+                osrel: "ID=fuse\n",
+                manifest: &f.manifest,
+                rootfs: &f.dir.path().join("rootfs"),
+                rootfs_digest: &f.rootfs_digest,
+                verity: &f.tree,
+            },
+            &out,
+        )
+        .unwrap_err();
+        assert!(matches!(err, DiskError::VerityChanged { .. }), "{err:?}");
+        assert!(!out.exists(), "nothing half-written");
     }
 
     pub(super) fn flip(path: &Path, at: u64) {

@@ -5,8 +5,9 @@
 //! The checks, in order: the protective MBR and both GPT copies (CRCs, then byte for byte
 //! against the table rewritten from the intact copy), the zero gaps between the structures,
 //! the ESP (rebuilt from its UKI, it must come out identical), the UKI's sections against the
-//! manifest, the GUIDs derived from the content, the root partition and its zero padding, and
-//! last the whole disk's digest.
+//! manifest, the GUIDs derived from the content, the root partition and its zero padding, the
+//! dm-verity tree (every hash block recomputed, top-down from the root hash in `.cmdline`, as
+//! the kernel checks it at boot), and last the whole disk's digest.
 
 use std::fmt;
 use std::fs::File;
@@ -17,9 +18,11 @@ use fuse_rootfs::Arch;
 
 use crate::error::with_causes;
 
+use fuse_rootfs::verity::{self, Mismatch};
+
 use super::{
     disk_guid, efi_boot_path, esp, esp_guid, esp_serial, file_digest, gpt, hex_digest, read_at,
-    read_layout, root_partition_uuid, sha256_hex, uki, Disk, DiskError, MIB,
+    read_layout, root_partition_uuid, sha256_hex, uki, verity_partition_uuid, Disk, DiskError, MIB,
 };
 
 /// What a disk should hold, from its manifest (and the store's blobs, when there).
@@ -100,6 +103,7 @@ pub fn verify(path: &Path, expected: &Expected) -> Result<Vec<Problem>, DiskErro
     check.sections(&disk, expected);
     check.guids(&disk, &manifest_digest);
     check.root(&disk, expected)?;
+    check.verity(&disk)?;
     if check.problems.is_empty() {
         check.disk_digest(&disk, expected)?;
     }
@@ -418,12 +422,12 @@ impl Checker<'_> {
             );
         }
         if let Some(c) = cmdline(disk) {
-            if !c.contains(&format!("fuse.root=PARTUUID={uuid}")) {
+            if !c.contains(&format!("PARTUUID={uuid}")) {
                 self.problem(
                     "UKI section .cmdline",
                     cmdline_offset(disk),
                     None,
-                    format!("it does not name the root as fuse.root=PARTUUID={uuid}"),
+                    format!("it does not name the root partition PARTUUID={uuid}"),
                 );
             }
         }
@@ -457,6 +461,164 @@ impl Checker<'_> {
             root.offset() + root.size(),
             &format!("root partition (partition {}) padding", index + 1),
             root.offset(),
+        )
+    }
+
+    /// The dm-verity tree: the table in `.cmdline` names the root and hash partitions, and
+    /// the root partition's blocks, the hash partition's blocks and the root hash agree, as
+    /// the kernel checks them when it reads each block.
+    fn verity(&mut self, disk: &Disk) -> Result<(), DiskError> {
+        let (v, hashes, root) = match (disk.verity_root(), disk.verity(), disk.root()) {
+            (None, None, _) | (_, _, None) => return Ok(()),
+            (Some(Err(what)), _, _) => {
+                self.problem("UKI section .cmdline", cmdline_offset(disk), None, what);
+                return Ok(());
+            }
+            (None, Some(_), _) => {
+                let what = "the disk has a verity partition but the command line no dm-verity table: the root is not verified at boot";
+                self.problem("UKI section .cmdline", cmdline_offset(disk), None, what);
+                return Ok(());
+            }
+            (Some(Ok(_)), None, _) => {
+                let what =
+                    "the command line names a dm-verity hash partition the disk does not have";
+                self.problem("GPT", entry_offset(0), None, what);
+                return Ok(());
+            }
+            (Some(Ok(v)), Some(h), Some(r)) => (v, h.clone(), r.clone()),
+        };
+        let index = |p: &gpt::Partition| {
+            disk.table
+                .partitions
+                .iter()
+                .position(|q| q == p)
+                .unwrap_or(0)
+        };
+        let part = format!("verity hash partition (partition {})", index(&hashes) + 1);
+        let root_part = format!("root partition (partition {})", index(&root) + 1);
+        let derived = verity_partition_uuid(&v.root_hash);
+        if hashes.unique_guid != derived || v.hash_partuuid != derived.to_string() {
+            self.problem(
+                "verity hash partition GUID",
+                entry_offset(index(&hashes)) + 16,
+                None,
+                format!(
+                    "{} (the command line names {}), derived from the root hash it is {derived}",
+                    hashes.unique_guid, v.hash_partuuid
+                ),
+            );
+        }
+        if v.data_partuuid != root.unique_guid.to_string() {
+            self.problem(
+                "UKI section .cmdline",
+                cmdline_offset(disk),
+                None,
+                format!(
+                    "its dm-verity table names the data partition {}, the root partition is {}",
+                    v.data_partuuid, root.unique_guid
+                ),
+            );
+        }
+        let (Ok(root_hash), Ok(salt)) = (hex::decode(&v.root_hash), hex::decode(&v.salt)) else {
+            self.problem(
+                "UKI section .cmdline",
+                cmdline_offset(disk),
+                None,
+                "its dm-verity root hash or salt is not hex",
+            );
+            return Ok(());
+        };
+        let Ok(root_hash) = <[u8; verity::DIGEST_SIZE]>::try_from(root_hash) else {
+            self.problem(
+                "UKI section .cmdline",
+                cmdline_offset(disk),
+                None,
+                "its dm-verity root hash is not a sha256",
+            );
+            return Ok(());
+        };
+        let block = verity::BLOCK_SIZE as u64;
+        let data_len = v.data_blocks * block;
+        let tree_blocks: u64 = verity::levels(v.data_blocks).iter().map(|l| l.1).sum();
+        if data_len > root.size() || tree_blocks * block > hashes.size() {
+            self.problem(
+                &part,
+                hashes.offset(),
+                None,
+                format!(
+                    "the dm-verity table covers {} data blocks: more than the root ({} bytes) or hash ({} bytes) partition holds",
+                    v.data_blocks,
+                    root.size(),
+                    hashes.size()
+                ),
+            );
+            return Ok(());
+        }
+        let data = PartReader {
+            file: &self.file,
+            at: root.offset(),
+            end: root.offset() + data_len,
+        };
+        let leaves =
+            verity::data_hashes(std::io::BufReader::with_capacity(MIB as usize, data), &salt)
+                .map_err(|source| DiskError::Read {
+                    path: self.path.to_path_buf(),
+                    source,
+                })?;
+        let stored = self.read_at(hashes.offset(), (tree_blocks * block) as usize)?;
+        // Where a bad hash block differs from the tree rebuilt from the data, to the byte.
+        let rebuilt = verity::tree_of(&leaves, &salt).hash;
+        let byte_in = |b: u64| {
+            let range = (b * block) as usize..((b + 1) * block) as usize;
+            let at = stored
+                .get(range.clone())
+                .unwrap_or_default()
+                .iter()
+                .zip(rebuilt.get(range).unwrap_or_default())
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            b * block + at as u64
+        };
+        for m in verity::check(&leaves, &salt, &stored, &root_hash, 10) {
+            match m {
+                Mismatch::RootHash => self.problem(
+                    &part,
+                    hashes.offset() + byte_in(0),
+                    Some(byte_in(0)),
+                    format!(
+                        "dm-verity: the tree's top block does not hash to the root hash {} of the UKI's .cmdline",
+                        v.root_hash
+                    ),
+                ),
+                Mismatch::HashBlock { level, block: b } => self.problem(
+                    &part,
+                    hashes.offset() + byte_in(b),
+                    Some(byte_in(b)),
+                    format!(
+                        "dm-verity: hash block {b} (tree level {level}) does not match its digest in the level above"
+                    ),
+                ),
+                Mismatch::DataBlock { block: b } => self.problem(
+                    &root_part,
+                    root.offset() + b * block,
+                    Some(b * block),
+                    format!(
+                        "dm-verity: data block {b} fails verification (its sha256 is not the one in the hash tree): the kernel stops the VM when it reads it"
+                    ),
+                ),
+                Mismatch::Padding { offset } => self.problem(
+                    &part,
+                    hashes.offset() + offset,
+                    Some(offset),
+                    "dm-verity: a byte of a hash block's padding is not what fuse writes",
+                ),
+            }
+        }
+        self.zeros(
+            hashes.offset() + tree_blocks * block,
+            hashes.offset() + hashes.size(),
+            &format!("{part} padding"),
+            hashes.offset(),
         )
     }
 
@@ -506,6 +668,28 @@ impl Checker<'_> {
     }
 }
 
+/// Reads the disk's bytes `at..end` (a partition's) in order.
+struct PartReader<'a> {
+    file: &'a File,
+    at: u64,
+    end: u64,
+}
+
+impl std::io::Read for PartReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let len = buf.len().min((self.end - self.at) as usize);
+        if len == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..len], self.at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 /// The UKI's kernel command line, as text.
 fn cmdline(disk: &Disk) -> Option<String> {
     disk.section(uki::CMDLINE)
@@ -545,6 +729,7 @@ mod tests {
         let disk = read_disk(&clean).unwrap();
         let root = disk.root().unwrap().clone();
         let linux = disk.section_disk_offset(uki::LINUX, 1234).unwrap();
+        let verity_at = disk.verity().unwrap().offset();
         let cases: Vec<(u64, &str, Option<u64>)> = vec![
             (root.offset() + 777_777, "root partition", Some(777_777)),
             (linux, "UKI section .linux", Some(1234)),
@@ -562,6 +747,16 @@ mod tests {
                 None,
             ),
             (MIB - 4096, "unpartitioned space", None),
+            (
+                verity_at + 4096 + 70,
+                "verity hash partition",
+                Some(4096 + 70),
+            ),
+            (
+                verity_at + 3 * MIB / 4,
+                "verity hash partition (partition 3) padding",
+                None,
+            ),
         ];
         for (at, part, part_offset) in cases {
             let path = f.dir.path().join("bad.raw");
@@ -579,5 +774,28 @@ mod tests {
                 assert_eq!(hit.part_offset, Some(o), "{hit}");
             }
         }
+    }
+
+    /// A flipped root byte is named twice: by the root's digest and by the dm-verity check,
+    /// which gives the data block the kernel would refuse; without the manifest's digest
+    /// (a disk file alone) the verity check still finds it.
+    #[test]
+    fn test_verify_names_the_data_block_dm_verity_refuses() {
+        let f = fixture();
+        let path = f.dir.path().join("bad.raw");
+        build(&f, &path);
+        let root = read_disk(&path).unwrap().root().unwrap().offset();
+        flip(&path, root + 5 * 4096 + 99);
+        let problems = verify(&path, &Expected::default()).unwrap();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        let p = &problems[0];
+        assert_eq!(p.part, "root partition (partition 2)");
+        assert_eq!(p.disk_offset, root + 5 * 4096);
+        assert!(p.what.contains("dm-verity: data block 5 fails"), "{p}");
+        let with_manifest = verify(&path, &expected(&f)).unwrap();
+        assert!(
+            with_manifest.iter().any(|p| p.what.contains("dm-verity")),
+            "{with_manifest:#?}"
+        );
     }
 }

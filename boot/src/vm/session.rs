@@ -128,6 +128,17 @@ pub enum RunError {
         reason: String,
         diagnostics: Box<Diagnostics>,
     },
+    #[error(
+        "The image's root filesystem is corrupt: {} failed dm-verity verification, so the \
+         kernel stopped the VM before the app could read it; `fuse verify IMAGE` locates the \
+         damage (then rebuild the image)",
+        match .block { Some(b) => format!("block {b}"), None => "a block".to_string() }
+    )]
+    Integrity {
+        /// The data block the kernel refused, when its message reached the console
+        /// (`--verbose`: it is not an emergency-level message).
+        block: Option<u64>,
+    },
     #[error("The VM did not finish within {}s and was stopped{diagnostics}", .timeout.as_secs_f64())]
     Timeout {
         timeout: Duration,
@@ -156,6 +167,27 @@ impl RunError {
             RunError::Interrupted { .. } | RunError::StopTimeout { .. }
         )
     }
+}
+
+/// What dm-verity panics with when a root block fails verification (`panic_on_corruption`).
+const VERITY_PANIC: &str = "dm-verity device corrupted";
+
+/// The error for a kernel panic whose message is `reason`: dm-verity's is the image's
+/// corruption ([`RunError::Integrity`], with the block when the kernel's error line is in the
+/// console), any other a failed boot.
+pub fn panic_error(reason: &str, diagnostics: Box<Diagnostics>) -> RunError {
+    if !reason.contains(VERITY_PANIC) {
+        return RunError::BootFailed {
+            reason: reason.to_string(),
+            diagnostics,
+        };
+    }
+    // "device-mapper: verity: 254:0: data block 42 is corrupted"
+    let block = diagnostics.console.iter().find_map(|line| {
+        let rest = line.split("data block ").nth(1)?;
+        rest.strip_suffix(" is corrupted")?.parse().ok()
+    });
+    RunError::Integrity { block }
 }
 
 /// Boots the VM, writes the app's output to `out` as it comes, and returns the app's exit
@@ -400,10 +432,7 @@ impl Session<'_> {
                 diagnostics,
             },
             Ending::Panicked | Ending::Exited(_) if self.parser.panicked() => {
-                RunError::BootFailed {
-                    reason: self.parser.panic_line().unwrap_or_default().to_string(),
-                    diagnostics,
-                }
+                panic_error(self.parser.panic_line().unwrap_or_default(), diagnostics)
             }
             Ending::Exited(status) if !status.success() && diagnostics.console.is_empty() => {
                 RunError::QemuFailed {
@@ -684,5 +713,36 @@ fn describe(status: ExitStatus) -> String {
         (Some(code), _) => format!("exited with status {code}"),
         (_, Some(signal)) => format!("was killed by signal {signal}"),
         _ => "exited".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_a_dm_verity_panic_is_an_integrity_error() {
+        let console = |lines: &[&str]| {
+            Box::new(Diagnostics {
+                console: lines.iter().map(|l| l.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        let reason = "Kernel panic - not syncing: dm-verity device corrupted";
+        let verbose = console(&[
+            "[    1.2] device-mapper: verity: 254:0: data block 42 is corrupted",
+            reason,
+        ]);
+        let e = panic_error(reason, verbose);
+        assert!(
+            matches!(e, RunError::Integrity { block: Some(42) }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("block 42 failed dm-verity"), "{e}");
+        assert!(e.to_string().contains("fuse verify"), "{e}");
+        let quiet = panic_error(reason, console(&[reason]));
+        assert!(matches!(quiet, RunError::Integrity { block: None }));
+        let other = panic_error("Kernel panic - not syncing: VFS", console(&[]));
+        assert!(matches!(other, RunError::BootFailed { .. }), "{other:?}");
     }
 }

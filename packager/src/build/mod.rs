@@ -168,6 +168,7 @@ pub(crate) fn build(
     let rootfs_size = std::fs::metadata(&rootfs_file)?.len();
     // Moved, not copied, into the store: the disk is assembled from the blob's file.
     let rootfs_digest = store.put_file(&rootfs_file)?;
+    let (verity, cmdline) = disk::verity(arch, &store.blob_path(&rootfs_digest), &rootfs_digest)?;
 
     let runtime_dir = app
         .notes
@@ -194,10 +195,7 @@ pub(crate) fn build(
             size: rootfs_size,
             format: compression.format().into(),
         },
-        cmdline: fuse_boot::cmdline::image_cmdline(
-            arch,
-            &crate::image::disk::root_spec(&rootfs_digest),
-        ),
+        cmdline,
         notes: app.notes.into_iter().collect(),
         app: AppSection {
             kind: kind.as_str().into(),
@@ -231,6 +229,7 @@ pub(crate) fn build(
         kernel: &kernel_bytes,
         initrd: &initramfs,
         rootfs: &store.blob_path(&rootfs_digest),
+        verity: &verity,
     };
     disk::write(&manifest, &parts, &disk_file)?;
     let disk = store.put_file(&disk_file)?;

@@ -362,7 +362,14 @@ fn type_name(guid: boot_disk::Guid) -> &'static str {
     {
         Some(Arch::X86_64) => "Linux root (x86-64)",
         Some(Arch::Aarch64) => "Linux root (ARM64)",
-        None => "unknown",
+        None => match Arch::ALL
+            .into_iter()
+            .find(|a| boot_disk::verity_type(*a) == guid)
+        {
+            Some(Arch::X86_64) => "root verity (x86-64)",
+            Some(Arch::Aarch64) => "root verity (ARM64)",
+            None => "unknown",
+        },
     }
 }
 
@@ -409,6 +416,16 @@ fn layout_json(d: &boot_disk::Disk) -> serde_json::Value {
             "serial": format!("{:08X}", d.esp_serial),
             "files": d.esp_files.iter().map(|(p, s)| json!({"path": p, "size": s})).collect::<Vec<_>>(),
         },
+        "verity": match d.verity_root() {
+            Some(Ok(v)) => json!({
+                "root_hash": v.root_hash,
+                "salt": v.salt,
+                "data_blocks": v.data_blocks,
+                "hash_partition": v.hash_partuuid,
+                "hash_size": d.verity().map(|p| p.size()),
+            }),
+            _ => serde_json::Value::Null,
+        },
         "uki": {
             "path": d.uki_path,
             "size": d.uki.len(),
@@ -439,6 +456,14 @@ fn print_layout(d: &boot_disk::Disk) {
             p.unique_guid,
             p.name
         );
+    }
+    match d.verity_root() {
+        Some(Ok(v)) => println!(
+            "Verity:   root hash {} (sha256, {} data blocks of 4 KiB, salt {})",
+            v.root_hash, v.data_blocks, v.salt
+        ),
+        Some(Err(what)) => println!("Verity:   the command line's table is wrong: {what}"),
+        None => println!("Verity:   none (the root is not verified at boot)"),
     }
     println!("ESP:      {}, serial {:08X}", d.esp_fat, d.esp_serial);
     for (path, size) in &d.esp_files {

@@ -13,12 +13,6 @@ use fuse_boot::disk::verify::Expected;
 use fuse_boot::disk::{self, BootFiles};
 use std::path::{Path, PathBuf};
 
-/// The `fuse.root=` value naming the root partition of a disk whose root filesystem has this
-/// digest.
-pub(crate) fn root_spec(rootfs_digest: &str) -> String {
-    format!("PARTUUID={}", disk::root_partition_uuid(rootfs_digest))
-}
-
 /// The disk of a stored image, checked to exist.
 pub(crate) fn disk_path(store: &Store, image: &StoredImage) -> Result<PathBuf> {
     let path = store.blob_path(&image.digest);
