@@ -6,7 +6,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -79,12 +78,11 @@ static void child(const struct app_spec *s)
 			close(fd);
 	}
 
-	/* Drop privileges in the only safe order: groups, gid, then uid. */
-	if (s->uid != 0 || s->gid != 0) {
-		if (setgroups(0, NULL) < 0 || setgid(s->gid) < 0 || setuid(s->uid) < 0)
-			child_fail(EXIT_INIT_FAILURE, "cannot run %s as uid %u gid %u: %s", s->exe,
-				   (unsigned)s->uid, (unsigned)s->gid, strerror(errno));
-	}
+	/* The app's own user, no capabilities, no_new_privs (see privs.c). */
+	char why[256];
+	if (drop_privileges(s->uid, s->gid, why, sizeof(why)) < 0)
+		child_fail(EXIT_INIT_FAILURE, "cannot run %s as uid %u gid %u: %s", s->exe,
+			   (unsigned)s->uid, (unsigned)s->gid, why);
 	/* After dropping privileges: the directory must be usable by the app's user. */
 	if (chdir(s->cwd) < 0)
 		child_fail(EXIT_INIT_FAILURE, "cannot change to working directory %s: %s", s->cwd,
