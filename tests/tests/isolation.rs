@@ -307,3 +307,48 @@ int main(void) {
     }
     assert_no_leaked_qemu();
 }
+
+/// A real kernel panic, made honestly from inside: an app running as root (the opt-out, with
+/// CAP_SYS_PTRACE) zeroes the init's stack through /proc/1/mem and exits; the init, woken by
+/// SIGCHLD, returns into zeros and dies, and the kernel panics ("Attempted to kill init!").
+/// fuse learns it from QEMU (pvpanic), reports it with the kernel's reason, exits non-zero.
+const KILLS_INIT: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    FILE *maps = fopen("/proc/1/maps", "r");
+    char line[512];
+    unsigned long lo = 0, hi = 0;
+    while (maps && fgets(line, sizeof line, maps))
+        if (strstr(line, "[stack]")) sscanf(line, "%lx-%lx", &lo, &hi);
+    int mem = open("/proc/1/mem", O_RDWR);
+    if (!lo || mem < 0) { printf("cannot reach the init's stack\n"); return 1; }
+    char *zeros = calloc(1, hi - lo);
+    long n = pwrite(mem, zeros, hi - lo, (off_t)lo);
+    printf("zeroed %ld bytes of the init's stack\n", n);
+    fflush(stdout);
+    return 0;
+}
+"#;
+
+fn real_panic(arch: &str) {
+    let sb = Sandbox::new();
+    let app = sb.program_for(arch, KILLS_INIT, "kills-init", &["-static"]);
+    sb.dir.write("fuse.toml", "user = \"root\"\n");
+    let out = sb
+        .fuse()
+        .args(["run", "--arch", arch, "--timeout", "120"])
+        .arg(&app)
+        .run();
+    out.assert_code(1)
+        .assert_stdout_contains("zeroed ")
+        .assert_stderr_contains("The guest kernel panicked: Attempted to kill init!");
+    assert_no_leaked_qemu();
+}
+
+on_every_arch! {
+    a_real_kernel_panic_is_reported_from_qemu => real_panic;
+}

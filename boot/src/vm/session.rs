@@ -449,7 +449,9 @@ impl Session<'_> {
             },
             Ending::Exited(status) => RunError::BootFailed {
                 reason: format!(
-                    "QEMU {} without an exit status from the init",
+                    "QEMU {} without an exit status from the init (images built by an older \
+                     fuse report it only on the console, which fuse no longer trusts: rebuild \
+                     the image)",
                     describe(status)
                 ),
                 diagnostics,
