@@ -352,3 +352,44 @@ fn real_panic(arch: &str) {
 on_every_arch! {
     a_real_kernel_panic_is_reported_from_qemu => real_panic;
 }
+
+/// A volume made when apps ran as root (top directory owned by root) is given to the app's
+/// user when the init mounts it, so the unprivileged app can write to it.
+#[test]
+fn a_root_owned_volume_is_given_to_the_app_user() {
+    let sb = Sandbox::new();
+    let src = r#"
+#include <stdio.h>
+#include <sys/stat.h>
+int main(void) {
+    struct stat st;
+    stat("/data", &st);
+    FILE *f = fopen("/data/written-by-the-app", "w");
+    int ok = f && fputs("data", f) >= 0 && fclose(f) == 0;
+    printf("/data owner %u:%u, write %s\n", st.st_uid, st.st_gid, ok ? "ok" : "failed");
+    return !ok;
+}
+"#;
+    let app = sb.program(src, "writer", &["-static"]);
+    let volumes = sb.home().join("volumes");
+    std::fs::create_dir_all(&volumes).unwrap();
+    let volume = volumes.join("old.ext4");
+    std::fs::File::create(&volume)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mkfs = std::process::Command::new("/sbin/mkfs.ext4")
+        .args(["-F", "-q", "-E", "root_owner=0:0"])
+        .arg(&volume)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(mkfs.success());
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "-v", "old:/data"])
+        .arg(&app)
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("/data owner 65532:65532, write ok");
+    assert_no_leaked_qemu();
+}
