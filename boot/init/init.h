@@ -4,7 +4,7 @@
  * Declarations shared by the init's translation units. The init is a static binary with no
  * dependencies beyond libc; it runs from the initramfs, switches to the read-only squashfs
  * root, configures the machine, starts the app described by /etc/fuse/spec and powers the VM
- * off when the app exits, reporting the exit code on the console.
+ * off when the app exits, reporting the exit code through a port only it holds (status.c).
  */
 #ifndef FUSE_INIT_H
 #define FUSE_INIT_H
@@ -37,7 +37,7 @@
 /* Set by `fuse.debug=1` on the kernel command line: progress lines with timestamps. */
 extern bool debug_enabled;
 
-/* `fuse-init: error: ...` on the console, the exit line with `code`, then power off. */
+/* `fuse-init: error: ...` on the console, then power off reporting `code`. */
 __attribute__((noreturn, format(printf, 2, 3))) void die(int code, const char *fmt, ...);
 /* `fuse-init: error: ...` on the console, nothing else (for the app's child process). */
 __attribute__((format(printf, 1, 2))) void error_line(const char *fmt, ...);
@@ -45,7 +45,7 @@ __attribute__((format(printf, 1, 2))) void error_line(const char *fmt, ...);
 __attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
 /* `fuse-init: debug: ...` with the time since boot, only with fuse.debug=1. */
 __attribute__((format(printf, 1, 2))) void debug(const char *fmt, ...);
-/* Print `<<fuse:exit N>>`, sync and power the machine off. Never returns. */
+/* Sync, report `code` (status.c), and power the machine off. Never returns. */
 __attribute__((noreturn)) void power_off(int code);
 /* Where an initramfs lists kernel modules to load before the root is mounted, one path a
  * line, in load order (see boot/src/initramfs.rs). */
@@ -66,6 +66,27 @@ void sleep_ms(long ms);
 void *xmalloc(size_t n);
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
+
+/* ---- status.c -------------------------------------------------------------------------- */
+
+/* The virtio-serial port the runner reads the exit status from (see status.c). */
+#define STATUS_PORT_NAME "fuse.status"
+/* Find and open the status port, then unlink its node; without one, statuses go to the
+ * console. Call once, early (needs /sys and /dev). */
+void status_open(void);
+/* Write `exit N` to the status port; false when there is none (or the write failed). */
+bool status_report(int code);
+
+/* ---- privs.c --------------------------------------------------------------------------- */
+
+/* The kernel settings an unprivileged app lives with: ports below 1024 bindable by any user
+ * (as Docker does), kernel log and pointers hidden from it. Dies when one cannot be set. */
+void harden_kernel(void);
+/* In the app's child, before exec: drop to uid/gid with no groups and no capabilities at all
+ * (bounding, ambient, inheritable sets emptied) and set no_new_privs. uid 0 (the opt-out)
+ * keeps its capabilities but still gets no_new_privs. Returns 0, or -1 with a reason in
+ * `err`. */
+int drop_privileges(uid_t uid, gid_t gid, char *err, size_t errlen);
 
 /* ---- cmdline.c ------------------------------------------------------------------------- */
 

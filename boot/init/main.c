@@ -4,8 +4,8 @@
  * Boot: mount the early filesystems in the initramfs, switch to the read-only root, mount the
  * run-time filesystems, read the app spec, set the host name, configure the network, start
  * the app. Then supervise: reap every zombie, forward termination signals to the app, and when
- * the app exits stop everything else and power off, reporting its exit code on the console as
- * `<<fuse:exit N>>`.
+ * the app exits stop everything else and power off, reporting its exit code through the status
+ * port (status.c), which the app cannot write to.
  */
 #define _GNU_SOURCE
 #include "init.h"
@@ -142,6 +142,8 @@ int main(void)
 	reboot(RB_DISABLE_CAD);
 
 	mount_early();
+	/* First: from here on every way the init ends reports through the status port. */
+	status_open();
 	load_modules();
 	struct boot_params params;
 	read_boot_params(&params);
@@ -149,6 +151,7 @@ int main(void)
 	debug("init started");
 	switch_root(&params);
 	mount_runtime();
+	harden_kernel();
 	power_fd = power_key_open();
 
 	struct app_spec spec;

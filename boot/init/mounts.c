@@ -42,9 +42,14 @@ static void must_mount(const char *src, const char *target, const char *fstype,
 
 void mount_early(void)
 {
-	/* EBUSY: the kernel already mounted it (CONFIG_DEVTMPFS_MOUNT on some configs). */
-	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY)
-		die(EXIT_INIT_FAILURE, "cannot mount devtmpfs on /dev: %s", strerror(errno));
+	/* noexec: /dev is writable (devtmpfs), so nothing copied there may run. EBUSY: the
+	 * kernel already mounted it (CONFIG_DEVTMPFS_MOUNT on some configs); then only this
+	 * mount's flags are changed. */
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755") < 0) {
+		if (errno != EBUSY ||
+		    mount(NULL, "/dev", NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC, NULL) < 0)
+			die(EXIT_INIT_FAILURE, "cannot mount devtmpfs on /dev: %s", strerror(errno));
+	}
 	/* The kernel opens /dev/console as fds 0-2 of init only if the initramfs has that node;
 	 * make sure the init can always report. */
 	if (fcntl(STDERR_FILENO, F_GETFD) < 0) {
@@ -254,7 +259,8 @@ static void must_mkdir(const char *path, mode_t mode)
 
 void mount_runtime(void)
 {
-	const unsigned long nsd = MS_NOSUID | MS_NODEV;
+	/* Everything writable is noexec: the app can write files but never run them. */
+	const unsigned long nsd = MS_NOSUID | MS_NODEV | MS_NOEXEC;
 
 	must_mkdir("/dev/pts", 0755);
 	must_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
@@ -304,9 +310,15 @@ void mount_volumes(const struct app_spec *s)
 			die(EXIT_INIT_FAILURE,
 			    "cannot mount volume %s on %s: there is no %s directory in the image", dev,
 			    path, path);
-		if (mount(dev, path, "ext4", MS_NOSUID | MS_NODEV, NULL) < 0)
+		if (mount(dev, path, "ext4", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
 			die(EXIT_INIT_FAILURE, "cannot mount volume %s (ext4) on %s: %s", dev, path,
 			    strerror(errno));
+		/* A volume made before the app ran unprivileged (or by mkfs without root_owner)
+		 * has a root-owned top directory: give it to the app's user. */
+		if (s->uid != 0 && stat(path, &st) == 0 && st.st_uid == 0 &&
+		    chown(path, s->uid, s->gid) < 0)
+			die(EXIT_INIT_FAILURE, "cannot give volume %s on %s to uid %u: %s", dev, path,
+			    (unsigned)s->uid, strerror(errno));
 		debug("volume %s mounted on %s", dev, path);
 	}
 }

@@ -93,8 +93,8 @@ void debug(const char *fmt, ...)
 	va_end(ap);
 }
 
-/* In quiet runs (console loglevel 1, as fuse boots), the exit line must be the last thing on
- * the console, but the kernel prints "reboot: Power down" at emergency level, which loglevel
+/* In quiet runs (console loglevel 1, as fuse boots), the app's output must be the last thing
+ * on the console, but the kernel prints "reboot: Power down" at emergency level, which loglevel
  * cannot hide: turn the console log off entirely. Verbose runs keep their messages. */
 static void quiet_kernel(void)
 {
@@ -115,12 +115,14 @@ void power_off(int code)
 	/* Flush the page cache first: the root is read-only but an app may have written to a
 	 * writable disk the runner attached. */
 	sync();
-	/* The one machine-readable line the runner looks for. */
-	char line[32];
-	int n = snprintf(line, sizeof(line), "<<fuse:exit %d>>\n", code);
-	write_all(STDOUT_FILENO, line, (size_t)n);
-	/* Wait for the serial line to drain so the host sees the exit line before the VM
-	 * disappears. */
+	/* The runner reads the status from its port (status.c), never from the console. */
+	if (!status_report(code)) {
+		char line[32];
+		int n = snprintf(line, sizeof(line), "<<fuse:exit %d>>\n", code);
+		write_all(STDOUT_FILENO, line, (size_t)n);
+	}
+	/* Wait for the serial line to drain so the host sees the app's last output before the
+	 * VM disappears. */
 	tcdrain(STDOUT_FILENO);
 	quiet_kernel();
 	reboot(RB_POWER_OFF);

@@ -41,6 +41,7 @@ fn test_kernel() -> Option<PathBuf> {
 }
 
 const TEST_INIT: &str = r#"
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,9 +50,45 @@ const TEST_INIT: &str = r#"
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+/* The fuse.status port, as fuse's init finds it (boot/init/status.c), or -1. */
+static int status_port(void) {
+    for (int tries = 0; tries < 400; tries++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[300], name[64] = {0};
+            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+            int fd = open(path, O_RDONLY);
+            if (fd < 0) continue;
+            read(fd, name, sizeof name - 1);
+            close(fd);
+            if (strcmp(name, "fuse.status\n") == 0) {
+                snprintf(path, sizeof path, "/dev/%s", e->d_name);
+                closedir(d);
+                return open(path, O_WRONLY);
+            }
+        }
+        if (d) closedir(d);
+        usleep(5000);
+    }
+    return -1;
+}
+/* Report `code` and power off; the console log off first, as fuse's init does, so the
+ * kernel's "reboot: Power down" does not follow the app's output. */
+static void finish(int status, int code) {
+    dprintf(status, "exit %d\n", code);
+    int fd = open("/proc/sys/kernel/printk", O_WRONLY);
+    if (fd >= 0) { write(fd, "0", 1); close(fd); }
+    reboot(RB_POWER_OFF);
+}
 int main(void) {
+mkdir("/proc", 0755);
+mount("proc", "/proc", "proc", 0, 0);
 mkdir("/sys", 0755);
 mount("sysfs", "/sys", "sysfs", 0, 0);
+mkdir("/dev", 0755);
+mount("devtmpfs", "/dev", "devtmpfs", 0, 0);
+int status = status_port();
 const char *mode = getenv("MODE");
 if (!mode) mode = "exit";
 printf("hello from app\n");
@@ -61,14 +98,24 @@ if (!strcmp(mode, "hang")) {
     for (;;) pause();
 }
 if (!strcmp(mode, "panic")) return 0; /* PID 1 exiting panics the kernel */
+if (!strcmp(mode, "fakepanic")) {
+    /* What the kernel prints when it panics, from a program that does not. */
+    printf("Kernel panic - not syncing: fake\n");
+    fflush(stdout);
+    sleep(3);
+    printf("still running\n");
+    fflush(stdout);
+    finish(status, 0);
+}
 char buf[64] = {0};
 int fd = open("/sys/firmware/qemu_fw_cfg/by_name/opt/fuse/test/raw", O_RDONLY);
 if (fd >= 0) { read(fd, buf, sizeof buf - 1); close(fd); }
 printf("fw_cfg: %s\n", buf);
+/* The exit line the init once printed on the console: output like any other now. */
+printf("<<fuse:exit 0>>\r\n");
 printf("unterminated");
-printf("<<fuse:exit 3>>\r\n");
 fflush(stdout);
-reboot(RB_POWER_OFF);
+finish(status, 3);
 return 0;
 }
 "#;
@@ -178,9 +225,10 @@ fn test_boot_exit_code_and_output() {
     let outcome = run(&fx.config("exit"), &mut out).unwrap();
     assert_eq!(outcome.exit_code, 3);
     assert_eq!(outcome.accel, Accel::Tcg);
+    // A spoofed exit line changes nothing, and what follows it is shown.
     assert_eq!(
         String::from_utf8_lossy(&out),
-        "hello from app\nfw_cfg: injected\nunterminated"
+        "hello from app\nfw_cfg: injected\n<<fuse:exit 0>>\nunterminated"
     );
     let first = outcome.first_output.unwrap();
     assert!(first <= outcome.total);
@@ -215,19 +263,38 @@ fn test_boot_timeout_kills_vm() {
 fn test_boot_kernel_panic_reported() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(fx) = fixture() else { return };
+    // The init exits: the kernel panics ("Attempted to kill init!"), QEMU's pvpanic says so.
     let err = run(&fx.config("panic"), &mut Vec::new()).unwrap_err();
-    let RunError::BootFailed {
+    let RunError::KernelPanic {
         reason,
         diagnostics,
     } = &err
     else {
-        panic!("expected a boot failure, got {err}");
+        panic!("expected a kernel panic, got {err}");
     };
-    assert!(reason.starts_with("Kernel panic - not syncing"), "{err}");
+    assert!(reason.starts_with("Attempted to kill init!"), "{err}");
     assert!(
         diagnostics.console.iter().any(|l| l == "hello from app"),
         "{err}"
     );
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
+
+/// A program printing the kernel's panic line is not a panic: the VM runs on and the exit
+/// status is the one reported through the status port.
+#[test]
+fn test_boot_fake_panic_line_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(fx) = fixture() else { return };
+    let mut out = Vec::new();
+    let outcome = run(&fx.config("fakepanic"), &mut out).unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.ends_with("Kernel panic - not syncing: fake\nstill running\n"),
+        "{out}"
+    );
+    assert!(outcome.total >= Duration::from_secs(3));
     assert_eq!(fx.leftovers(), Vec::<String>::new());
 }
 

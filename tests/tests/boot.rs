@@ -120,7 +120,7 @@ int main(int argc, char **argv) {
     assert_eq!(
         env,
         vec![
-            "HOME=/root",
+            "HOME=/home/nonroot",
             "HOSTNAME=envtest",
             "LANG=C.UTF-8",
             "PATH=/app:/usr/local/bin:/usr/bin:/bin"

@@ -125,8 +125,13 @@ pub(crate) fn effective_cmdline(config: &VmConfig, accel: Accel) -> String {
     cmdline
 }
 
-/// QEMU's arguments (without the program) for `config` run with `accel`.
-pub(crate) fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
+/// QEMU's arguments (without the program) for `config` run with `accel`; `status_file` backs
+/// the guest's status port (see [`confinement_args`]).
+pub(crate) fn qemu_args(
+    config: &VmConfig,
+    accel: Accel,
+    status_file: Option<&Path>,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     fn arg(args: &mut Vec<OsString>, a: impl Into<OsString>) {
         args.push(a.into());
@@ -229,6 +234,8 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         arg(&mut args, format!("virtio-net-{bus},netdev=n0,romfile="));
     }
 
+    confinement_args(status_file, &mut args, running_as_root());
+
     for (name, file) in &config.fw_cfg {
         let mut value = OsString::from("name=");
         value.push(escape_option(name.as_ref()));
@@ -238,6 +245,56 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         args.push(value);
     }
     args
+}
+
+/// The user QEMU drops to when fuse runs as root.
+pub(crate) const QEMU_USER: &str = "nobody";
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether QEMU changes its uid after start-up (`-runas`), and so loses its parent-death
+/// signal (see `vm::process`).
+pub(crate) fn drops_privileges() -> bool {
+    running_as_root()
+}
+
+/// What makes the runner's knowledge trustworthy and QEMU confined, in one place:
+///
+/// - the status port: a virtio-serial port named `fuse.status`, backed by `status`. The
+///   init (PID 1) opens it and unlinks its node; a virtio port has one opener at a time, so the
+///   app cannot write to it, as it could fake a line on the console;
+/// - pvpanic: the guest kernel tells QEMU it panicked, and QEMU then exits with status 1
+///   (`-action panic=exit-failure`), so a panic is known without reading console text;
+/// - `-sandbox`: QEMU's seccomp filter (no obsolete syscalls, no fork/exec, no scheduler or
+///   resource changes, no set*id);
+/// - as root, `-runas nobody`: QEMU opens every file it needs (disks, sockets, the status
+///   file, firmware variables) at start-up, then drops to `nobody`. QEMU 7.2 (Debian 12)
+///   installs the seccomp filter before that drop, so `elevateprivileges=deny` would kill it
+///   (SIGSYS, measured); as `nobody` with no capabilities, set*id cannot raise anything anyway,
+///   and `spawn=deny` rules out setuid programs.
+fn confinement_args(status: Option<&Path>, args: &mut Vec<OsString>, root: bool) {
+    if let Some(status) = status {
+        let mut chardev = OsString::from("file,id=status,path=");
+        chardev.push(escape_option(status.as_os_str()));
+        args.extend(["-device", "virtio-serial-pci", "-chardev"].map(OsString::from));
+        args.push(chardev);
+        args.extend(
+            ["-device", "virtserialport,chardev=status,name=fuse.status"].map(OsString::from),
+        );
+    }
+    args.extend(["-device", "pvpanic-pci", "-action", "panic=exit-failure"].map(OsString::from));
+    let sandbox = if root {
+        "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+    } else {
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    };
+    args.extend(["-sandbox", sandbox].map(OsString::from));
+    if root {
+        args.extend(["-runas", QEMU_USER].map(OsString::from));
+    }
 }
 
 /// QEMU option values escape `,` as `,,`.
@@ -329,7 +386,7 @@ mod tests {
         c.cpus = 2;
         c.data_disks = vec!["/v/a.ext4".into(), "/v/b,c.ext4".into()];
         c.qmp_socket = Some("/run/x/qmp.sock".into());
-        let args: Vec<String> = qemu_args(&c, Accel::Tcg)
+        let args: Vec<String> = qemu_args(&c, Accel::Tcg, None)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -350,7 +407,7 @@ mod tests {
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
-        let kvm = qemu_args(&config(), Accel::Kvm);
+        let kvm = qemu_args(&config(), Accel::Kvm, None);
         assert!(kvm.windows(2).any(|w| w[0] == "-cpu" && w[1] == "host"));
         assert!(!kvm.iter().any(|a| a == "-netdev"));
     }
@@ -361,7 +418,7 @@ mod tests {
         c.arch = Arch::Aarch64;
         c.cmdline = crate::cmdline::image_cmdline(Arch::Aarch64, "/dev/vda");
         c.network = true;
-        let joined = qemu_args(&c, Accel::Tcg)
+        let joined = qemu_args(&c, Accel::Tcg, None)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect::<Vec<_>>()
@@ -374,6 +431,30 @@ mod tests {
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
+    }
+
+    #[test]
+    fn test_confinement_args() {
+        let joined = |status: Option<&Path>, root: bool| {
+            let mut args = Vec::new();
+            confinement_args(status, &mut args, root);
+            args.into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            joined(Some(Path::new("/run/x,y/status")), false),
+            "-device virtio-serial-pci -chardev file,id=status,path=/run/x,,y/status \
+             -device virtserialport,chardev=status,name=fuse.status \
+             -device pvpanic-pci -action panic=exit-failure \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
+        assert_eq!(
+            joined(None, true),
+            "-device pvpanic-pci -action panic=exit-failure \
+             -sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny -runas nobody"
+        );
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! only), with `PR_SET_PDEATHSIG = SIGKILL` (so it dies with fuse, even when fuse is
 //! SIGKILLed) and umask 0177 (its QMP socket is its user's alone), owned by a
 //! [`ProcessGuard`] whose `Drop` kills the group and reaps it (panics, early returns).
+//!
+//! A QEMU that drops its uid (`-runas`, when fuse runs as root) loses its parent-death signal:
+//! the kernel clears it on any change of credentials. [`ProcessGuard::watch_over`] then starts
+//! a sentinel, a forked child of fuse that waits for fuse to go (its pipe from fuse reaches
+//! end of file, however fuse ends) and kills QEMU's process group.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -47,6 +52,67 @@ pub(crate) struct ProcessGuard {
     child: Child,
     /// The exit status, once reaped.
     status: Option<ExitStatus>,
+    sentinel: Option<Sentinel>,
+}
+
+/// A child of fuse that kills a process group when fuse is gone (see the module docs).
+#[derive(Debug)]
+struct Sentinel {
+    pid: libc::pid_t,
+    /// The write end of its pipe: closed when fuse ends, however it ends.
+    _alive: std::os::fd::OwnedFd,
+}
+
+impl Sentinel {
+    fn spawn(pgid: libc::pid_t) -> io::Result<Sentinel> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 fills two descriptors we then own; close-on-exec keeps them out of
+        // every program fuse starts.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fork in a threaded process: the child makes only async-signal-safe calls
+        // (setpgid, close, read, kill, _exit) and never returns into Rust code.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: the forked child: only async-signal-safe calls on its own descriptors,
+            // then _exit; it never returns.
+            unsafe {
+                // Its own group: the terminal's Ctrl-C is for fuse, not for it.
+                libc::setpgid(0, 0);
+                libc::close(fds[1]);
+                let mut byte = 0u8;
+                loop {
+                    let n = libc::read(fds[0], (&mut byte as *mut u8).cast(), 1);
+                    if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+                        break;
+                    }
+                }
+                libc::kill(-pgid, libc::SIGKILL);
+                libc::_exit(0);
+            }
+        }
+        let err = io::Error::last_os_error();
+        // SAFETY: both descriptors are ours; the read end is the sentinel's alone now.
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: as above, fds[1] is open and owned by nothing else.
+        let alive = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+        if pid < 0 {
+            return Err(err);
+        }
+        Ok(Sentinel { pid, _alive: alive })
+    }
+
+    /// Ends the sentinel without it acting: called before the group it watches is reaped,
+    /// so it can never signal a reused process group id.
+    fn dismiss(self) {
+        // SAFETY: signals and reaps our own child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
 }
 
 impl ProcessGuard {
@@ -58,7 +124,17 @@ impl ProcessGuard {
         Ok(ProcessGuard {
             child: cmd.spawn()?,
             status: None,
+            sentinel: None,
         })
+    }
+
+    /// Starts a sentinel that kills the child's group if fuse dies: for a child that changes
+    /// its credentials and so loses the parent-death signal (QEMU's `-runas`).
+    pub(crate) fn watch_over(&mut self) -> io::Result<()> {
+        if self.sentinel.is_none() {
+            self.sentinel = Some(Sentinel::spawn(self.child.id() as libc::pid_t)?);
+        }
+        Ok(())
     }
 
     pub(crate) fn child_mut(&mut self) -> &mut Child {
@@ -79,12 +155,21 @@ impl ProcessGuard {
     pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if self.status.is_none() {
             self.status = self.child.try_wait()?;
+            if self.status.is_some() {
+                // Reaped: its group id may be reused from now on.
+                if let Some(sentinel) = self.sentinel.take() {
+                    sentinel.dismiss();
+                }
+            }
         }
         Ok(self.status)
     }
 
     /// SIGKILLs the process group and reaps the child.
     pub(crate) fn kill(&mut self) {
+        if let Some(sentinel) = self.sentinel.take() {
+            sentinel.dismiss();
+        }
         if self.status.is_some() {
             return;
         }

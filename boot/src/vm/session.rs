@@ -13,6 +13,14 @@
 //! killed and [`run`] returns [`RunError::StopTimeout`]. A second stop signal kills the VM at
 //! once ([`RunError::Interrupted`]), as does the first when the grace period is zero. Another
 //! thread stops it with a [`StopRequest`].
+//!
+//! # What the runner trusts
+//!
+//! The console is the app's, so nothing on it decides how a run ended. The app's exit status
+//! comes from a virtio-serial port the init (PID 1) alone holds open (`fuse.status`, a file in
+//! the run's private directory, see `boot/init/status.c`); a guest kernel panic from QEMU's
+//! pvpanic device, which makes QEMU exit with [`QEMU_PANIC_STATUS`]. The console's
+//! `Kernel panic - not syncing: REASON` line only names the reason ([`panic_error`]).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -41,9 +49,13 @@ const MAX_STDERR: usize = 16 * 1024;
 const PARTIAL_FLUSH: Duration = Duration::from_millis(50);
 /// How long QEMU may take to exit after the init reported the exit code (power-off).
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
-/// How long the kernel may go on printing after "Kernel panic" (the trace) before the VM is
-/// stopped; with `panic=-1` it reboots, and so QEMU exits, right away.
-const PANIC_GRACE: Duration = Duration::from_secs(2);
+/// How often the run loop looks at the status file while the VM runs.
+const STATUS_POLL: Duration = Duration::from_millis(100);
+/// QEMU's exit status when the guest kernel panicked (`-action panic=exit-failure`, see
+/// `vm::machine`): a panic is known from the pvpanic device, never from console text.
+pub(crate) const QEMU_PANIC_STATUS: i32 = 1;
+/// The file behind the status port, in the run's private directory.
+const STATUS_FILE: &str = "status";
 /// How long QEMU may take to exit after closing the console.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for QEMU's QMP socket when asking for a graceful stop.
@@ -139,6 +151,12 @@ pub enum RunError {
         /// (`--verbose`: it is not an emergency-level message).
         block: Option<u64>,
     },
+    #[error("The guest kernel panicked: {reason}{diagnostics}")]
+    KernelPanic {
+        /// What the kernel's panic line says, or that it said nothing.
+        reason: String,
+        diagnostics: Box<Diagnostics>,
+    },
     #[error("The VM did not finish within {}s and was stopped{diagnostics}", .timeout.as_secs_f64())]
     Timeout {
         timeout: Duration,
@@ -172,22 +190,26 @@ impl RunError {
 /// What dm-verity panics with when a root block fails verification (`panic_on_corruption`).
 const VERITY_PANIC: &str = "dm-verity device corrupted";
 
-/// The error for a kernel panic whose message is `reason`: dm-verity's is the image's
-/// corruption ([`RunError::Integrity`], with the block when the kernel's error line is in the
-/// console), any other a failed boot.
-pub fn panic_error(reason: &str, diagnostics: Box<Diagnostics>) -> RunError {
-    if !reason.contains(VERITY_PANIC) {
-        return RunError::BootFailed {
-            reason: reason.to_string(),
-            diagnostics,
-        };
+/// The one place a guest kernel panic (known from QEMU, see [`QEMU_PANIC_STATUS`]) becomes an
+/// error. `reason` is the text after `Kernel panic - not syncing: ` on the console, if the
+/// kernel printed it: it only says why, QEMU already said that it happened. dm-verity's reason
+/// is the image's corruption ([`RunError::Integrity`], with the block when the kernel's error
+/// line reached the console).
+fn panic_error(reason: Option<&str>, diagnostics: Diagnostics) -> RunError {
+    if reason.is_some_and(|r| r.contains(VERITY_PANIC)) {
+        // "device-mapper: verity: 254:0: data block 42 is corrupted"
+        let block = diagnostics.console.iter().find_map(|line| {
+            let rest = line.split("data block ").nth(1)?;
+            rest.strip_suffix(" is corrupted")?.parse().ok()
+        });
+        return RunError::Integrity { block };
     }
-    // "device-mapper: verity: 254:0: data block 42 is corrupted"
-    let block = diagnostics.console.iter().find_map(|line| {
-        let rest = line.split("data block ").nth(1)?;
-        rest.strip_suffix(" is corrupted")?.parse().ok()
-    });
-    RunError::Integrity { block }
+    RunError::KernelPanic {
+        reason: reason
+            .unwrap_or("no reason on the console (run with --verbose for kernel messages)")
+            .to_string(),
+        diagnostics: Box::new(diagnostics),
+    }
 }
 
 /// Boots the VM, writes the app's output to `out` as it comes, and returns the app's exit
@@ -296,24 +318,20 @@ pub fn run_controlled(
     if let Some(text) = accel_notice {
         notice(&text);
     }
-    // Every VM gets a QMP socket: it is how a stop signal becomes a graceful stop.
-    let mut private_dir = None;
+    // Every VM gets a private directory (0700) for the file behind its status port, and a
+    // QMP socket: it is how a stop signal becomes a graceful stop.
+    let private_dir = tempfile::Builder::new()
+        .prefix("fuse-vm-")
+        .tempdir()
+        .map_err(RunError::Io)?;
     let mut config = config.clone();
-    let qmp_socket = match &config.qmp_socket {
-        Some(path) => path.clone(),
-        None => {
-            let dir = tempfile::Builder::new()
-                .prefix("fuse-qmp-")
-                .tempdir()
-                .map_err(RunError::Io)?;
-            let path = dir.path().join("qmp.sock");
-            private_dir = Some(dir);
-            config.qmp_socket = Some(path.clone());
-            path
-        }
-    };
+    let status_file = private_dir.path().join(STATUS_FILE);
+    let qmp_socket = config
+        .qmp_socket
+        .get_or_insert_with(|| private_dir.path().join("qmp.sock"))
+        .clone();
     let config = &config;
-    let args = machine::qemu_args(config, accel);
+    let args = machine::qemu_args(config, accel, Some(&status_file));
     let command = machine::shell_command(&qemu, &args);
     if config.verbose {
         notice(&format!("QEMU command: {command}"));
@@ -327,10 +345,13 @@ pub fn run_controlled(
     // Installed before the spawn, so a signal arriving from now on is seen.
     let watch = SignalWatch::install().map_err(RunError::Io)?;
     let started = Instant::now();
-    let vm = ProcessGuard::spawn(&mut cmd).map_err(|source| RunError::Spawn {
+    let mut vm = ProcessGuard::spawn(&mut cmd).map_err(|source| RunError::Spawn {
         binary: qemu.display().to_string(),
         source,
     })?;
+    if machine::drops_privileges() {
+        vm.watch_over().map_err(RunError::Io)?;
+    }
     let RunControl { stop, on_spawn } = control;
     if let Some(on_spawn) = on_spawn {
         on_spawn(&Spawned {
@@ -355,6 +376,9 @@ pub fn run_controlled(
         stderr: Vec::new(),
         first_output: None,
         qmp_socket,
+        status_file,
+        reported: None,
+        status_checked: None,
         stop_request: stop,
         stopping: None,
         notice,
@@ -378,6 +402,10 @@ struct Session<'a> {
     stderr: Vec<u8>,
     first_output: Option<Duration>,
     qmp_socket: PathBuf,
+    /// The file behind the status port, and the exit code once the init wrote it there.
+    status_file: PathBuf,
+    reported: Option<u8>,
+    status_checked: Option<Instant>,
     stop_request: Option<Arc<StopRequest>>,
     /// A graceful stop in progress: the signal that asked for it, and when the VM is killed.
     stopping: Option<(i32, Instant)>,
@@ -392,8 +420,6 @@ enum Ending {
     TimedOut,
     /// A stop signal arrived.
     Signal(i32),
-    /// The kernel panicked and did not reboot.
-    Panicked,
     /// The init reported the exit code but QEMU did not power off in time.
     NoPowerOff,
     /// A graceful stop asked by this signal did not finish within the grace period.
@@ -417,7 +443,7 @@ impl Session<'_> {
             Ending::Aborted(reason) => return Err(RunError::Aborted { reason }),
             _ => {}
         }
-        if let Some(exit_code) = self.parser.exit_code() {
+        if let Some(exit_code) = self.read_status() {
             return Ok(VmOutcome {
                 exit_code,
                 first_output: self.first_output,
@@ -431,14 +457,14 @@ impl Session<'_> {
                 timeout: self.config.timeout.unwrap_or_default(),
                 diagnostics,
             },
-            Ending::Panicked | Ending::Exited(_) if self.parser.panicked() => {
-                panic_error(self.parser.panic_line().unwrap_or_default(), diagnostics)
-            }
             Ending::Exited(status) if !status.success() && diagnostics.console.is_empty() => {
                 RunError::QemuFailed {
                     status: describe(status),
                     diagnostics,
                 }
+            }
+            Ending::Exited(status) if status.code() == Some(QEMU_PANIC_STATUS) => {
+                panic_error(self.parser.panic_reason(), *diagnostics)
             }
             // Asked to stop, and the VM went without the app reporting: the init itself
             // ended (or QEMU quit) on the power button.
@@ -447,14 +473,15 @@ impl Session<'_> {
             },
             Ending::Exited(status) => RunError::BootFailed {
                 reason: format!(
-                    "QEMU {} without an exit line from the init",
+                    "QEMU {} without an exit status from the init (images built by an older \
+                     fuse report it only on the console, which fuse no longer trusts: rebuild \
+                     the image)",
                     describe(status)
                 ),
                 diagnostics,
             },
             Ending::Signal(_)
             | Ending::NoPowerOff
-            | Ending::Panicked
             | Ending::StopTimedOut(_)
             | Ending::Aborted(_) => {
                 unreachable!("handled above")
@@ -466,7 +493,6 @@ impl Session<'_> {
     fn pump(&mut self, out: &mut dyn Write) -> Result<Ending, RunError> {
         let mut console = self.vm.child_mut().stdout.take();
         let mut stderr = self.vm.child_mut().stderr.take();
-        let mut panic_at: Option<Instant> = None;
         let mut exit_at: Option<Instant> = None;
         let mut closed_at: Option<Instant> = None;
         let deadline = self.config.timeout.map(|t| self.started + t);
@@ -509,7 +535,7 @@ impl Session<'_> {
             }
             if let Some((signal, kill_at)) = self.stopping {
                 // Once the app has reported, the power-off grace below applies instead.
-                if now >= kill_at && self.parser.exit_code().is_none() {
+                if now >= kill_at && self.poll_status(now).is_none() {
                     self.stop();
                     return Ok(Ending::StopTimedOut(signal));
                 }
@@ -520,10 +546,6 @@ impl Session<'_> {
                     last_press = now;
                     let _ = qmp::powerdown(&self.qmp_socket, Duration::ZERO);
                 }
-            }
-            if panic_at.is_some_and(|t| now >= t + PANIC_GRACE) {
-                self.stop();
-                return Ok(Ending::Panicked);
             }
             if exit_at.is_some_and(|t| now >= t + POWEROFF_GRACE) {
                 // The app is done and its code known: a VM that does not power off is not
@@ -607,13 +629,29 @@ impl Session<'_> {
                     }
                 }
             }
-            if self.parser.panicked() {
-                panic_at.get_or_insert(Instant::now());
-            }
-            if self.parser.exit_code().is_some() {
+            if self.poll_status(Instant::now()).is_some() {
                 exit_at.get_or_insert(Instant::now());
             }
         }
+    }
+
+    /// The exit code the init wrote to the status port, read now.
+    fn read_status(&mut self) -> Option<u8> {
+        if self.reported.is_none() {
+            self.reported = std::fs::read(&self.status_file)
+                .ok()
+                .and_then(|bytes| parse_status(&bytes));
+        }
+        self.reported
+    }
+
+    /// [`Session::read_status`], at most every [`STATUS_POLL`].
+    fn poll_status(&mut self, now: Instant) -> Option<u8> {
+        if self.reported.is_none() && self.status_checked.is_none_or(|t| now >= t + STATUS_POLL) {
+            self.status_checked = Some(now);
+            self.read_status();
+        }
+        self.reported
     }
 
     /// Feeds console bytes to the parser and passes app output on.
@@ -629,16 +667,14 @@ impl Session<'_> {
 
     fn emit(&mut self, events: Vec<ConsoleEvent>, out: &mut dyn Write) -> Result<(), RunError> {
         let mut wrote = false;
-        for event in events {
-            if let ConsoleEvent::Output(bytes) = event {
-                self.first_output
-                    .get_or_insert_with(|| self.started.elapsed());
-                if let Err(e) = out.write_all(&bytes) {
-                    self.stop();
-                    return Err(RunError::Output(e));
-                }
-                wrote = true;
+        for ConsoleEvent::Output(bytes) in events {
+            self.first_output
+                .get_or_insert_with(|| self.started.elapsed());
+            if let Err(e) = out.write_all(&bytes) {
+                self.stop();
+                return Err(RunError::Output(e));
             }
+            wrote = true;
         }
         if wrote {
             if let Err(e) = out.flush() {
@@ -654,7 +690,7 @@ impl Session<'_> {
     /// powers off or the grace period ends. A second one, a zero grace period or a VM that
     /// cannot be asked (no QMP) stop it now.
     fn on_stop_signal(&mut self, signal: i32) -> Option<Ending> {
-        if self.parser.exit_code().is_some() {
+        if self.poll_status(Instant::now()).is_some() {
             // The app is done; the VM is powering off anyway.
             return None;
         }
@@ -699,6 +735,16 @@ impl Session<'_> {
     }
 }
 
+/// `exit N\n`, as `boot/init/status.c` writes it; anything else is no status.
+fn parse_status(bytes: &[u8]) -> Option<u8> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let code = text.strip_prefix("exit ")?.strip_suffix('\n')?;
+    if code.is_empty() || code.len() > 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    code.parse().ok()
+}
+
 fn read_retrying(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match r.read(buf) {
@@ -722,16 +768,15 @@ mod tests {
 
     #[test]
     fn test_a_dm_verity_panic_is_an_integrity_error() {
-        let console = |lines: &[&str]| {
-            Box::new(Diagnostics {
-                console: lines.iter().map(|l| l.to_string()).collect(),
-                ..Default::default()
-            })
+        let console = |lines: &[&str]| Diagnostics {
+            console: lines.iter().map(|l| l.to_string()).collect(),
+            ..Default::default()
         };
-        let reason = "Kernel panic - not syncing: dm-verity device corrupted";
+        let line = "Kernel panic - not syncing: dm-verity device corrupted";
+        let reason = Some("dm-verity device corrupted");
         let verbose = console(&[
             "[    1.2] device-mapper: verity: 254:0: data block 42 is corrupted",
-            reason,
+            line,
         ]);
         let e = panic_error(reason, verbose);
         assert!(
@@ -740,9 +785,38 @@ mod tests {
         );
         assert!(e.to_string().contains("block 42 failed dm-verity"), "{e}");
         assert!(e.to_string().contains("fuse verify"), "{e}");
-        let quiet = panic_error(reason, console(&[reason]));
+        let quiet = panic_error(reason, console(&[line]));
         assert!(matches!(quiet, RunError::Integrity { block: None }));
-        let other = panic_error("Kernel panic - not syncing: VFS", console(&[]));
-        assert!(matches!(other, RunError::BootFailed { .. }), "{other:?}");
+        let other = panic_error(Some("VFS"), console(&[]));
+        assert!(matches!(other, RunError::KernelPanic { .. }), "{other:?}");
+    }
+
+    #[test]
+    fn test_parse_status() {
+        assert_eq!(parse_status(b"exit 0\n"), Some(0));
+        assert_eq!(parse_status(b"exit 255\n"), Some(255));
+        for bad in [
+            &b""[..],
+            b"exit 3",
+            b"exit 256\n",
+            b"exit -1\n",
+            b"exit +1\n",
+            b"3\n",
+        ] {
+            assert_eq!(parse_status(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn test_panic_error_names_the_reason() {
+        let err = panic_error(Some("VFS: Unable to mount root fs"), Diagnostics::default());
+        assert!(err
+            .to_string()
+            .starts_with("The guest kernel panicked: VFS: Unable to mount root fs"));
+        let err = panic_error(None, Diagnostics::default());
+        assert!(
+            err.to_string().contains("no reason on the console"),
+            "{err}"
+        );
     }
 }

@@ -14,6 +14,7 @@
 //! Unknown keys are errors: a typo must not silently do nothing.
 
 use crate::build::compression::RootfsCompression;
+use crate::build::layout::AppUser;
 use crate::image::config::{check_env_name, HealthProbe, Healthcheck, ImageConfig};
 use crate::image::naming::{self, ImageName};
 use anyhow::{bail, Context, Result};
@@ -103,6 +104,8 @@ pub(crate) struct Config {
     pub(crate) healthcheck: Option<Healthcheck>,
     pub(crate) memory: Option<u32>,
     pub(crate) cpus: Option<u32>,
+    /// `user`: who the app runs as; `None`: [`AppUser::NONROOT`].
+    pub(crate) user: Option<AppUser>,
     /// Variables for every environment (and for images without environments).
     pub(crate) env: BTreeMap<String, String>,
     /// Files for every environment, at their path in the image.
@@ -227,6 +230,9 @@ impl Config {
         }
         config.memory = positive(&src, "memory", raw.memory)?;
         config.cpus = positive(&src, "cpus", raw.cpus)?;
+        if let Some(user) = raw.user {
+            config.user = Some(user_from(&src, user)?);
+        }
         config.env = env_table(&src, raw.env)?;
         config.files = files_table(&src, raw.files)?;
         for (name, table) in raw.environments {
@@ -386,6 +392,7 @@ struct RawConfig {
     healthcheck: Option<Spanned<RawHealthcheck>>,
     memory: Option<Spanned<u32>>,
     cpus: Option<Spanned<u32>>,
+    user: Option<Spanned<UserValue>>,
     default_environment: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
@@ -468,6 +475,14 @@ impl OneOrMany {
             OneOrMany::Many(v) => v,
         }
     }
+}
+
+/// `user = "root"`, `"nonroot"`, `1000`, `"1000"` or `"1000:1000"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum UserValue {
+    Id(i64),
+    Name(String),
 }
 
 /// An environment value: a string, or a number or boolean written without quotes.
@@ -590,6 +605,29 @@ fn positive(src: &Source<'_>, key: &str, value: Option<Spanned<u32>>) -> Result<
         }
         v => Ok(v.map(Spanned::into_inner)),
     }
+}
+
+fn user_from(src: &Source<'_>, user: Spanned<UserValue>) -> Result<AppUser> {
+    let origin = src.origin(user.span());
+    // u32::MAX is "no change" to setuid(2): not an id.
+    let id = |text: &str| text.parse::<u32>().ok().filter(|&n| n != u32::MAX);
+    let parsed = match user.into_inner() {
+        UserValue::Id(n) => u32::try_from(n)
+            .ok()
+            .filter(|&n| n != u32::MAX)
+            .map(|uid| AppUser { uid, gid: uid }),
+        UserValue::Name(name) => match name.as_str() {
+            "root" => Some(AppUser::ROOT),
+            "nonroot" => Some(AppUser::NONROOT),
+            other => match other.split_once(':') {
+                Some((uid, gid)) => id(uid).zip(id(gid)).map(|(uid, gid)| AppUser { uid, gid }),
+                None => id(other).map(|uid| AppUser { uid, gid: uid }),
+            },
+        },
+    };
+    parsed.with_context(|| {
+        format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a uid (1000) or \"UID:GID\"")
+    })
 }
 
 fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {
@@ -978,6 +1016,32 @@ timeout = "2m"
             err.contains("/x/fuse.toml:1:23") && err.contains("defined: prod"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn user_takes_names_and_ids() {
+        let user = |text: &str| {
+            Config::from_str(Path::new("/x/fuse.toml"), &format!("user = {text}\n")).map(|c| c.user)
+        };
+        assert_eq!(user("\"root\"").unwrap(), Some(AppUser::ROOT));
+        assert_eq!(user("\"nonroot\"").unwrap(), Some(AppUser::NONROOT));
+        let id = |uid, gid| Some(AppUser { uid, gid });
+        assert_eq!(user("1000").unwrap(), id(1000, 1000));
+        assert_eq!(user("\"1000\"").unwrap(), id(1000, 1000));
+        assert_eq!(user("\"1000:50\"").unwrap(), id(1000, 50));
+        assert_eq!(
+            Config::from_str(Path::new("/x/fuse.toml"), "")
+                .unwrap()
+                .user,
+            None
+        );
+        for bad in ["\"admin\"", "-1", "4294967295", "\"1:\"", "\"a:b\""] {
+            let err = format!("{:#}", user(bad).unwrap_err());
+            assert!(
+                err.starts_with("/x/fuse.toml:1:8: invalid user"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -133,6 +133,17 @@ pub(crate) fn build(
     let mut tree = app.tree;
     let mut spec = app.spec;
     let image_config = environments::bake(&mut tree, &mut spec, config.as_ref(), kind.as_str())?;
+    let user = config.as_ref().and_then(|c| c.user);
+    if user.is_some_and(|u| u.uid == 0) {
+        progress(
+            "notice: the app runs as root with every capability (user = \"root\" in fuse.toml)",
+        );
+    }
+    layout::add_user(
+        &mut tree,
+        &mut spec,
+        user.unwrap_or(layout::AppUser::NONROOT),
+    )?;
     tree.add_bytes(layout::SPEC_PATH, spec.try_encode()?, 0o644)?;
 
     let kernel = kernel::ensure(

@@ -144,7 +144,8 @@ pub(crate) fn prepare(
         check_mount_point(manifest, image, &spec.mount)?;
         let file = volumes_dir().join(format!("{}.ext4", spec.name));
         if !file.exists() {
-            create(&file, &spec.name, spec.size.unwrap_or(DEFAULT_SIZE))?;
+            let owner = (manifest.app.uid, manifest.app.gid);
+            create(&file, &spec.name, spec.size.unwrap_or(DEFAULT_SIZE), owner)?;
             progress(&format!(
                 "created volume {} ({})",
                 spec.name,
@@ -188,9 +189,11 @@ fn find_mkfs() -> Result<PathBuf> {
         .context("mkfs.ext4 not found: install e2fsprogs to use volumes (Debian/Ubuntu: apt-get install e2fsprogs)")
 }
 
-/// Makes a sparse file of `size` with an ext4 filesystem labelled `name`, atomically: a
-/// half-made volume never appears under its name.
-fn create(file: &Path, name: &str, size: u64) -> Result<()> {
+/// Makes a sparse file of `size` with an ext4 filesystem labelled `name` whose top directory
+/// belongs to `owner` (the image's app user), atomically: a half-made volume never appears
+/// under its name. (The init also gives a root-owned volume to the app's user when it mounts
+/// it, for volumes made before apps ran unprivileged.)
+fn create(file: &Path, name: &str, size: u64, (uid, gid): (u32, u32)) -> Result<()> {
     let mkfs = find_mkfs()?;
     let dir = file.parent().context("volume path has no parent")?;
     std::fs::create_dir_all(dir)
@@ -202,9 +205,16 @@ fn create(file: &Path, name: &str, size: u64) -> Result<()> {
     tmp.as_file()
         .set_len(size)
         .with_context(|| format!("Cannot size volume {name} to {size} bytes"))?;
-    // root_owner=0:0: the app runs as root by default; -F: it is a file, not a device.
+    // -F: it is a file, not a device.
     let out = Command::new(&mkfs)
-        .args(["-F", "-q", "-E", "root_owner=0:0", "-L", name])
+        .args([
+            "-F",
+            "-q",
+            "-E",
+            &format!("root_owner={uid}:{gid}"),
+            "-L",
+            name,
+        ])
         .arg(tmp.path())
         .output()
         .with_context(|| format!("Cannot run {}", mkfs.display()))?;
