@@ -9,7 +9,7 @@
 //! clocksource and hangs early in boot (1 run in 6 idle, every run with `pit=off`). q35
 //! falls back to HPET calibration and booted every time (8 of 8 with 4 VMs in parallel).
 //! fw_cfg in sysfs, ACPI power-off, virtio-rng and user networking with host forwards work
-//! on all three. `virtio-net-pci` gets `romfile=` so no iPXE option ROM is loaded.
+//! on all three (measured with slirp; the network is passt's now, see `vm::passt`). `virtio-net-pci` gets `romfile=` so no iPXE option ROM is loaded.
 //!
 //! aarch64 guests run on `-M virt,acpi=off` (`-cpu max` under TCG) with a PL011 console
 //! (`ttyAMA0`), the device tree QEMU generates, virtio-pci devices behind the generic ECAM host
@@ -32,6 +32,9 @@ pub(crate) const X86_MACHINE: &str = "q35";
 /// device tree and it finds no console. It also keeps the power button a GPIO line under
 /// firmware too (the init reads it, see `vm::session`).
 pub(crate) const AARCH64_MACHINE: &str = "virt,acpi=off";
+/// The file descriptor QEMU finds its end of passt's socket pair on (see `vm::passt`): high,
+/// so it cannot clash with the standard streams or with what QEMU opens first.
+pub(crate) const QEMU_NET_FD: i32 = 100;
 /// The `-name` given to every VM: guest name `fuse`, process name `fuse-vm`.
 pub const VM_NAME_ARG: &str = "fuse,process=fuse-vm";
 
@@ -213,17 +216,12 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     }
 
     if config.network {
-        let mut netdev = String::from("user,id=n0");
-        for fwd in &config.port_forwards {
-            netdev.push_str(&format!(
-                ",hostfwd={}:127.0.0.1:{}-:{}",
-                fwd.proto.as_str(),
-                fwd.host,
-                fwd.guest
-            ));
-        }
+        // passt's end of the socket pair (see `vm::passt`); it also forwards the ports.
         arg(&mut args, "-netdev");
-        arg(&mut args, &netdev);
+        arg(
+            &mut args,
+            format!("stream,id=n0,server=off,addr.type=fd,addr.str={QEMU_NET_FD}"),
+        );
         arg(&mut args, "-device");
         // No option ROM: the kernel is loaded directly, iPXE would only cost boot time.
         arg(&mut args, format!("virtio-net-{bus},netdev=n0,romfile="));
@@ -344,7 +342,7 @@ mod tests {
              -drive if=none,id=data1,format=raw,file=/v/b,,c.ext4 -device virtio-blk-pci,drive=data1 \
              -device virtio-rng-pci",
             "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
-            "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:53-:53",
+            "-netdev stream,id=n0,server=off,addr.type=fd,addr.str=100",
             "-device virtio-net-pci,netdev=n0,romfile=",
             "-fw_cfg name=opt/fuse/run,file=/tmp/run",
         ] {

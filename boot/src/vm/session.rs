@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use super::accel::{self, AccelError, AccelSelection};
 use super::config::{Accel, Firmware, VmConfig};
 use super::machine::{self, QemuMissing};
+use super::passt::{Passt, PasstError};
 use super::process::ProcessGuard;
 use crate::console::{ConsoleEvent, ConsoleParser, EDK2_LAST_LINE};
 use crate::error::with_causes;
@@ -104,6 +105,8 @@ pub enum RunError {
     QemuMissing(#[from] QemuMissing),
     #[error(transparent)]
     Accel(#[from] AccelError),
+    #[error(transparent)]
+    Network(#[from] PasstError),
     #[error("Cannot start {binary}")]
     Spawn {
         binary: String,
@@ -183,6 +186,9 @@ pub struct Spawned {
     pub started: Instant,
     /// Where QEMU listens for QMP.
     pub qmp_socket: PathBuf,
+    /// The network's log (passt's), when the VM has a network: see
+    /// [`crate::vm::guest_network_up`].
+    pub network_log: Option<PathBuf>,
 }
 
 /// Lets other threads stop a running VM (a failed health check, for one). The run loop looks
@@ -287,11 +293,19 @@ pub fn run_controlled(
         notice(&format!("QEMU command: {command}"));
     }
 
+    // passt starts while QEMU does; it is waited for right after QEMU's spawn.
+    let mut passt = match config.network {
+        true => Some(Passt::spawn(&config.port_forwards)?),
+        false => None,
+    };
     let mut cmd = Command::new(&qemu);
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(passt) = &passt {
+        passt.attach(&mut cmd);
+    }
     // Installed before the spawn, so a signal arriving from now on is seen.
     let watch = SignalWatch::install().map_err(RunError::Io)?;
     let started = Instant::now();
@@ -299,12 +313,18 @@ pub fn run_controlled(
         binary: qemu.display().to_string(),
         source,
     })?;
+    if let Some(passt) = &mut passt {
+        passt.attached();
+        // On failure the guard kills QEMU, which never got a network.
+        passt.wait_ready()?;
+    }
     let RunControl { stop, on_spawn } = control;
     if let Some(on_spawn) = on_spawn {
         on_spawn(&Spawned {
             pid: vm.pid(),
             started,
             qmp_socket: qmp_socket.clone(),
+            network_log: passt.as_ref().map(Passt::log_path),
         });
     }
     let mut session = Session {
@@ -330,6 +350,7 @@ pub fn run_controlled(
     let result = session.run(out);
     // The socket's directory goes only after QEMU is reaped (the session's guard).
     drop(session);
+    drop(passt);
     drop(private_dir);
     result
 }

@@ -5,10 +5,13 @@
 //! `ready in N ms at http://localhost:PORT` on stderr (N from QEMU's spawn). Not healthy
 //! within the timeout: the VM is stopped through a [`StopRequest`] and the run fails.
 //!
-//! With QEMU's user-mode network a TCP connect to the host port always succeeds at once (QEMU
-//! accepts, then connects to the guest, and keeps trying while the guest boots). So a `tcp`
-//! check opens a connection and asks QEMU (QMP `info usernet`) whether the guest accepted it;
-//! an `http` check needs a real HTTP status line.
+//! With user-mode networking (passt) a TCP connect to the host port always succeeds at once:
+//! passt accepts, then asks the guest. Once the guest's network is up the guest refuses a
+//! port nothing listens on at once, and passt closes our connection; before that the guest
+//! does not answer at all and the connection just stays open. So a `tcp` check counts only
+//! once passt has answered the guest's DHCP request (its log says so) and a little later
+//! ([`NET_SETTLE`]: the init configures the address right after), and then needs the
+//! connection to stay open for [`TCP_SETTLE`]. An `http` check needs a real HTTP status line.
 
 use anyhow::{bail, Result};
 use fuse_boot::poll;
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +33,9 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 const INTERVAL: Duration = Duration::from_millis(200);
 /// How long a `tcp` connection must stay open to count (see the module documentation).
 const TCP_SETTLE: Duration = Duration::from_millis(500);
-/// Between two looks at QEMU's `info usernet`.
-const USERNET_INTERVAL: Duration = Duration::from_millis(50);
+/// How long after passt's DHCP answer a `tcp` probe trusts the guest to answer (the init sets
+/// the address within milliseconds of the answer; this is far more).
+const NET_SETTLE: Duration = Duration::from_millis(300);
 /// Connect, read and write timeouts of one probe.
 const PROBE_IO: Duration = Duration::from_secs(2);
 
@@ -119,39 +123,22 @@ impl HealthCheck {
         }
     }
 
-    /// One probe through `host_port`; the error says what was seen. `usernet` (the guest
-    /// port and QEMU's QMP socket) makes a `tcp` check exact: the connection must be one the
-    /// guest accepted, in QEMU's `info usernet`.
-    pub(crate) fn probe(
-        &self,
-        host_port: u16,
-        usernet: Option<(u16, &Path)>,
-    ) -> Result<(), String> {
+    /// One probe through `host_port`; the error says what was seen. `guest_net_up`: whether
+    /// the guest's network answers by now (`None`: not known, assume it does).
+    pub(crate) fn probe(&self, host_port: u16, guest_net_up: Option<bool>) -> Result<(), String> {
         if let HealthKind::Http { path } = &self.kind {
             return match http_status(host_port, path)? {
                 200..=399 => Ok(()),
                 status => Err(format!("answered HTTP {status}")),
             };
         }
+        if guest_net_up == Some(false) {
+            return Err("the guest's network is not up yet".into());
+        }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, host_port));
         let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
         let _ = stream.set_write_timeout(Some(PROBE_IO));
         match &self.kind {
-            HealthKind::Tcp if usernet.is_some() => {
-                let (guest, qmp) = usernet.expect("checked");
-                // Our connection (kept open) makes QEMU connect to the guest.
-                let accepted = poll::wait_until(TCP_SETTLE, USERNET_INTERVAL, || {
-                    match fuse_boot::qmp::human_monitor(qmp, "info usernet") {
-                        Err(e) => Some(Err(fuse_boot::error::with_causes(&e))),
-                        Ok(info) => {
-                            fuse_boot::qmp::usernet_established(&info, guest).then_some(Ok(()))
-                        }
-                    }
-                });
-                accepted.unwrap_or_else(|| {
-                    Err(format!("guest port {guest} does not accept connections"))
-                })
-            }
             HealthKind::Tcp => {
                 let _ = stream.set_read_timeout(Some(TCP_SETTLE));
                 let mut byte = [0u8; 1];
@@ -257,7 +244,7 @@ impl Drop for Probe {
 pub(crate) fn spawn(
     check: HealthCheck,
     host_port: u16,
-    usernet: Option<(u16, PathBuf)>,
+    network_log: Option<PathBuf>,
     started: Instant,
     stop: Arc<StopRequest>,
     on_ready: Box<dyn FnOnce(Duration) + Send>,
@@ -267,7 +254,7 @@ pub(crate) fn spawn(
     let thread = {
         let (done, ready) = (done.clone(), ready.clone());
         std::thread::spawn(move || {
-            let usernet = usernet.as_ref().map(|(g, p)| (*g, p.as_path()));
+            let mut net_up_at: Option<Instant> = None;
             let mut last = String::new();
             let remaining = check.timeout.saturating_sub(started.elapsed());
             // `Some(true)`: healthy; `Some(false)`: the VM is gone, nothing to report.
@@ -275,7 +262,13 @@ pub(crate) fn spawn(
                 if done.load(Ordering::SeqCst) {
                     return Some(false);
                 }
-                match check.probe(host_port, usernet) {
+                let guest_net_up = network_log.as_deref().map(|log| {
+                    if net_up_at.is_none() && fuse_boot::vm::guest_network_up(log) {
+                        net_up_at = Some(Instant::now());
+                    }
+                    net_up_at.is_some_and(|at| at.elapsed() >= NET_SETTLE)
+                });
+                match check.probe(host_port, guest_net_up) {
                     Ok(()) => Some(true),
                     Err(e) => {
                         last = e;

@@ -249,11 +249,10 @@ pub(crate) fn launch(
                     f(after, &url);
                 }
             };
-            let guest = check.ports(&options.publish).ok().map(|(_, g)| g);
             probe = Some(health::spawn(
                 check.clone(),
                 *port,
-                guest.map(|g| (g, s.qmp_socket.clone())),
+                s.network_log.clone(),
                 s.started,
                 stop.clone(),
                 Box::new(report),
