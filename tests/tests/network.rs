@@ -306,24 +306,28 @@ int main(void) {
 /// reach), with the default route via 198.51.100.1. Runs `f` on a thread in that namespace:
 /// the sockets it opens and the processes it starts (fuse, passt, QEMU) live there.
 fn in_test_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    in_netns(
+        &[
+            "link set lo up",
+            "tuntap add dev fuse0 mode tap",
+            "link set fuse0 up",
+            "addr add 198.51.100.2/24 dev fuse0",
+            "addr add 198.51.100.10/24 dev fuse0",
+            "route add default via 198.51.100.1",
+        ],
+        f,
+    )
+}
+
+/// Runs `f` on a thread in a new network namespace set up by the `ip` commands `setup`.
+fn in_netns<T: Send>(setup: &[&str], f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: unshare only changes this thread's network namespace.
             let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                r,
-                0,
-                "unshare(CLONE_NEWNET): {}",
-                std::io::Error::last_os_error()
-            );
-            for cmd in [
-                "link set lo up",
-                "tuntap add dev fuse0 mode tap",
-                "link set fuse0 up",
-                "addr add 198.51.100.2/24 dev fuse0",
-                "addr add 198.51.100.10/24 dev fuse0",
-                "route add default via 198.51.100.1",
-            ] {
+            let err = std::io::Error::last_os_error();
+            assert_eq!(r, 0, "unshare(CLONE_NEWNET): {err}");
+            for cmd in setup {
                 let out = std::process::Command::new("ip")
                     .args(cmd.split(' '))
                     .output()
@@ -384,42 +388,70 @@ fn passt_processes_here() -> Vec<u32> {
         .collect()
 }
 
+/// The `ip` commands of a namespace with only `lo`: a host without a default route.
+const OFFLINE: &[&str] = &["link set lo up"];
+
 /// Runs the probe app for `arch` in a test namespace: the guest must not reach a server on the
 /// namespace's 127.0.0.1 (by any address it knows for the host), must reach a server on
-/// another address (outbound), and its published port must serve the host.
-fn guest_cannot_reach_host_loopback(arch: &str) {
+/// another address (outbound, unless `offline`: a namespace with `lo` only, where the VM gets
+/// the slirp fallback), and its published port must serve the host, with a `tcp` health check.
+fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
     use std::sync::atomic::Ordering;
     if !can_make_netns() {
         return;
     }
-    in_test_netns(|| {
+    let run = || {
         let sb = Sandbox::new();
         let app = sb.program_for(arch, PROBE, "probe", &["-static"]);
         let (secret_port, secret_hits) =
             banner_server((Ipv4Addr::LOCALHOST, 0), "HOST-LOOPBACK-SECRET\n");
-        let (out_port, out_hits) =
-            banner_server((Ipv4Addr::new(198, 51, 100, 10), 0), "OUTBOUND-OK\n");
+        let other = match offline {
+            true => Ipv4Addr::LOCALHOST,
+            false => Ipv4Addr::new(198, 51, 100, 10),
+        };
+        let (out_port, out_hits) = banner_server((other, 0), "OUTBOUND-OK\n");
         let port = free_port();
-        let mut running = sb
+        // Detached: `fuse run -d` returns once the health check passed, i.e. after the probes.
+        let runtime = sb.dir.join("run");
+        let started = sb
             .fuse()
-            .args([
-                "run", "--arch", arch, "--accel", "tcg", "--grace", "2", "-p",
-            ])
+            .env("FUSE_RUNTIME_DIR", &runtime)
+            .args(["run", "-d", "--arch", arch, "--accel", "tcg", "-p"])
             .arg(format!("{port}:8080"))
+            .args(["--health", "tcp", "--health-timeout", "120"])
             .args(["-e", &format!("PROBE_PORT={secret_port}")])
-            .args(["-e", &format!("PROBE_TARGETS=198.51.100.10:{out_port}")])
+            .args(["-e", &format!("PROBE_TARGETS={other}:{out_port}")])
             .arg(&app)
-            .spawn();
-        // The published port serves once the probes are done.
-        let body = wait_for_200(&mut running, port);
-        assert!(body.ends_with("served by the guest\n"), "{body}");
-        assert!(!passt_processes_here().is_empty(), "passt serves the VM");
-        running.signal(libc::SIGTERM);
-        let out = running.wait();
+            .run();
+        started
+            .assert_success()
+            .assert_stderr_contains(&format!(" ms at tcp://localhost:{port}\n"));
+        let id = started.stdout_str().trim().to_string();
+        assert!(http_get(port, "/").ends_with("served by the guest\n"));
+        assert_eq!(
+            passt_processes_here().is_empty(),
+            offline,
+            "passt serves the VM"
+        );
+        let out = sb
+            .fuse()
+            .env("FUSE_RUNTIME_DIR", &runtime)
+            .args(["logs", &id])
+            .run();
+        out.assert_success().assert_stdout_contains("probes done");
         let stdout = out.stdout_str();
         eprintln!("{stdout}");
-        out.assert_code(143).assert_stdout_contains("probes done");
-        for addr in ["198.51.100.1", "10.0.2.2", "198.51.100.2"] {
+        sb.fuse()
+            .env("FUSE_RUNTIME_DIR", &runtime)
+            .args(["kill", &id])
+            .run()
+            .assert_success();
+        let addrs = match offline {
+            // slirp's gateway and DNS, and the address it gives the guest.
+            true => ["10.0.2.2", "10.0.2.3", "10.0.2.15"],
+            false => ["198.51.100.1", "10.0.2.2", "198.51.100.2"],
+        };
+        for addr in addrs {
             assert!(
                 stdout.contains(&format!("probe {addr}:{secret_port} -> ")),
                 "{addr} was not probed:\n{out}"
@@ -430,13 +462,17 @@ fn guest_cannot_reach_host_loopback(arch: &str) {
             "the guest reached the host's loopback:\n{out}"
         );
         assert_eq!(secret_hits.load(Ordering::SeqCst), 0, "{out}");
-        assert!(
-            stdout.contains(&format!(
-                "probe 198.51.100.10:{out_port} -> connected: OUTBOUND-OK"
-            )),
-            "outbound connection failed:\n{out}"
+        let outbound = format!("probe {other}:{out_port} -> connected: OUTBOUND-OK");
+        match offline {
+            // 127.0.0.1 from the guest is the guest's own loopback.
+            true => assert!(!stdout.contains(&outbound), "{out}"),
+            false => assert!(stdout.contains(&outbound), "outbound failed:\n{out}"),
+        }
+        assert_eq!(
+            out_hits.load(Ordering::SeqCst),
+            usize::from(!offline),
+            "{out}"
         );
-        assert_eq!(out_hits.load(Ordering::SeqCst), 1, "{out}");
         let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
             passt_processes_here().is_empty().then_some(())
         });
@@ -446,17 +482,28 @@ fn guest_cannot_reach_host_loopback(arch: &str) {
             passt_processes_here()
         );
         assert_no_leaked_qemu();
-    });
+    };
+    match offline {
+        true => in_netns(OFFLINE, run),
+        false => in_test_netns(run),
+    }
 }
 
 #[test]
 fn guest_cannot_reach_host_loopback_x86_64() {
-    guest_cannot_reach_host_loopback("x86_64");
+    guest_cannot_reach_host_loopback("x86_64", false);
 }
 
 #[test]
 fn guest_cannot_reach_host_loopback_aarch64() {
-    guest_cannot_reach_host_loopback("aarch64");
+    guest_cannot_reach_host_loopback("aarch64", false);
+}
+
+/// On a host without a default route passt cannot start: the VM gets QEMU's slirp with
+/// `restrict=on` (no connection from the guest at all), the published port still works.
+#[test]
+fn offline_host_falls_back_to_restricted_slirp() {
+    guest_cannot_reach_host_loopback("x86_64", true);
 }
 
 /// A SIGKILLed fuse leaves neither QEMU nor passt behind.
@@ -489,4 +536,23 @@ fn sigkill_of_fuse_leaves_no_passt() {
         );
         assert_no_leaked_qemu();
     });
+}
+
+/// passt failing is one line naming the cause, and no VM is left.
+#[test]
+fn passt_failure_is_one_line_error() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello", &["-static"]);
+    let out = sb
+        .fuse()
+        .env("FUSE_PASST", "/bin/false")
+        .args(["run", "--accel", "tcg", "-p"])
+        .arg(format!("{}:8080", free_port()))
+        .arg(&app)
+        .run();
+    out.assert_code(1)
+        .assert_stderr_contains("passt (the VM's network) failed: it exited (exit status: 1)");
+    assert_eq!(out.stderr_str().lines().count(), 1, "{out}");
+    assert!(out.stdout.is_empty(), "the app never ran: {out}");
+    assert_no_leaked_qemu();
 }

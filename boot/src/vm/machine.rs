@@ -128,8 +128,48 @@ pub(crate) fn effective_cmdline(config: &VmConfig, accel: Accel) -> String {
     cmdline
 }
 
-/// QEMU's arguments (without the program) for `config` run with `accel`.
+/// How the VM's NIC reaches the host (see `vm::passt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NetBackend {
+    /// passt, on the socket pair end at [`QEMU_NET_FD`]; it forwards the ports itself.
+    Passt,
+    /// The fallback on a host without a default route (passt refuses to start there): QEMU's
+    /// slirp with `restrict=on`, so the guest opens no connection at all (10.0.2.2 included);
+    /// published ports still work.
+    SlirpRestricted,
+}
+
+/// The `-netdev` value for `config` over `net`.
+fn netdev(config: &VmConfig, net: NetBackend) -> String {
+    match net {
+        NetBackend::Passt => {
+            format!("stream,id=n0,server=off,addr.type=fd,addr.str={QEMU_NET_FD}")
+        }
+        NetBackend::SlirpRestricted => {
+            let mut netdev = String::from("user,id=n0,restrict=on");
+            for fwd in &config.port_forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd={}:127.0.0.1:{}-:{}",
+                    fwd.proto.as_str(),
+                    fwd.host,
+                    fwd.guest
+                ));
+            }
+            netdev
+        }
+    }
+}
+
+/// QEMU's arguments (without the program) for `config` run with `accel`, the network (if any)
+/// through passt.
+#[cfg(test)]
 pub(crate) fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
+    qemu_args_with(config, accel, NetBackend::Passt)
+}
+
+/// QEMU's arguments (without the program) for `config` run with `accel`, the network (if any)
+/// through `net`.
+pub(crate) fn qemu_args_with(config: &VmConfig, accel: Accel, net: NetBackend) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     fn arg(args: &mut Vec<OsString>, a: impl Into<OsString>) {
         args.push(a.into());
@@ -216,12 +256,8 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     }
 
     if config.network {
-        // passt's end of the socket pair (see `vm::passt`); it also forwards the ports.
         arg(&mut args, "-netdev");
-        arg(
-            &mut args,
-            format!("stream,id=n0,server=off,addr.type=fd,addr.str={QEMU_NET_FD}"),
-        );
+        arg(&mut args, netdev(config, net));
         arg(&mut args, "-device");
         // No option ROM: the kernel is loaded directly, iPXE would only cost boot time.
         arg(&mut args, format!("virtio-net-{bus},netdev=n0,romfile="));
@@ -348,6 +384,10 @@ mod tests {
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
+        c.port_forwards.truncate(1);
+        let slirp = qemu_args_with(&c, Accel::Tcg, NetBackend::SlirpRestricted);
+        assert!(slirp.windows(2).any(|w| w[0] == "-netdev"
+            && w[1] == "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80"));
         let kvm = qemu_args(&config(), Accel::Kvm);
         assert!(kvm.windows(2).any(|w| w[0] == "-cpu" && w[1] == "host"));
         assert!(!kvm.iter().any(|a| a == "-netdev"));

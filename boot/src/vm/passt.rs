@@ -45,7 +45,7 @@ const DHCP_ACK: &str = "DHCP: ack to request";
 /// passt could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PasstError {
-    #[error("passt not found: the VM's network needs it (Debian/Ubuntu: apt-get install passt), or run without network")]
+    #[error("passt not found: the VM's network needs it (Debian/Ubuntu: apt-get install passt)")]
     Missing,
     #[error("Cannot start passt for the VM's network")]
     Spawn(#[source] io::Error),
@@ -208,12 +208,31 @@ impl Passt {
         let message = line.split_once("ERROR:").map_or(line, |(_, m)| m).trim();
         Some(match message {
             "External interface not usable" => {
-                "the host has no usable network interface (no default route); run without network"
-                    .to_string()
+                "the host has no usable network interface (no default route)".to_string()
             }
             other => other.to_string(),
         })
     }
+}
+
+/// Whether the host has a default route (IPv4 or IPv6): passt takes the guest's addresses
+/// from that interface and refuses to start without one.
+pub(crate) fn host_has_default_route() -> bool {
+    let v4 = std::fs::read_to_string("/proc/net/route").is_ok_and(|t| {
+        t.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
+    });
+    // Destination ::/0: 32 zero digits, then prefix length 00.
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == Some("00000000000000000000000000000000")
+                && f.next() == Some("00")
+                && !l.ends_with(" lo")
+        })
+    });
+    v4 || v6
 }
 
 /// Whether passt's log at `log` shows it answered the guest's DHCP request: from then on the

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use super::accel::{self, AccelError, AccelSelection};
 use super::config::{Accel, Firmware, VmConfig};
-use super::machine::{self, QemuMissing};
-use super::passt::{Passt, PasstError};
+use super::machine::{self, NetBackend, QemuMissing};
+use super::passt::{self, Passt, PasstError};
 use super::process::ProcessGuard;
 use crate::console::{ConsoleEvent, ConsoleParser, EDK2_LAST_LINE};
 use crate::error::with_causes;
@@ -186,9 +186,18 @@ pub struct Spawned {
     pub started: Instant,
     /// Where QEMU listens for QMP.
     pub qmp_socket: PathBuf,
-    /// The network's log (passt's), when the VM has a network: see
-    /// [`crate::vm::guest_network_up`].
-    pub network_log: Option<PathBuf>,
+    /// The VM's network, if it has one.
+    pub network: Option<GuestNetwork>,
+}
+
+/// How the guest's network reaches the host (see `vm::passt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestNetwork {
+    /// passt; `log` is its log (see [`crate::vm::guest_network_up`]).
+    Passt { log: PathBuf },
+    /// QEMU's slirp with `restrict=on` (a host without a default route): published ports
+    /// only, QEMU itself accepts every host connection (`info usernet` tells the guest's).
+    SlirpRestricted,
 }
 
 /// Lets other threads stop a running VM (a failed health check, for one). The run loop looks
@@ -287,14 +296,19 @@ pub fn run_controlled(
         }
     };
     let config = &config;
-    let args = machine::qemu_args(config, accel);
+    // passt, unless the host has no default route (passt refuses to start there).
+    let net = match passt::host_has_default_route() {
+        true => NetBackend::Passt,
+        false => NetBackend::SlirpRestricted,
+    };
+    let args = machine::qemu_args_with(config, accel, net);
     let command = machine::shell_command(&qemu, &args);
     if config.verbose {
         notice(&format!("QEMU command: {command}"));
     }
 
     // passt starts while QEMU does; it is waited for right after QEMU's spawn.
-    let mut passt = match config.network {
+    let mut passt = match config.network && net == NetBackend::Passt {
         true => Some(Passt::spawn(&config.port_forwards)?),
         false => None,
     };
@@ -324,7 +338,13 @@ pub fn run_controlled(
             pid: vm.pid(),
             started,
             qmp_socket: qmp_socket.clone(),
-            network_log: passt.as_ref().map(Passt::log_path),
+            network: match (&passt, config.network) {
+                (Some(passt), _) => Some(GuestNetwork::Passt {
+                    log: passt.log_path(),
+                }),
+                (None, true) => Some(GuestNetwork::SlirpRestricted),
+                (None, false) => None,
+            },
         });
     }
     let mut session = Session {

@@ -11,16 +11,18 @@
 //! does not answer at all and the connection just stays open. So a `tcp` check counts only
 //! once passt has answered the guest's DHCP request (its log says so) and a little later
 //! ([`NET_SETTLE`]: the init configures the address right after), and then needs the
-//! connection to stay open for [`TCP_SETTLE`]. An `http` check needs a real HTTP status line.
+//! connection to stay open for [`TCP_SETTLE`]. On a host without a default route the VM has
+//! QEMU's slirp instead, which also accepts at once: there QMP's `info usernet` says whether
+//! the guest accepted. An `http` check needs a real HTTP status line.
 
 use anyhow::{bail, Result};
 use fuse_boot::poll;
-use fuse_boot::vm::{PortForward, Proto, StopRequest};
+use fuse_boot::vm::{GuestNetwork, PortForward, Proto, StopRequest};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,8 @@ const TCP_SETTLE: Duration = Duration::from_millis(500);
 /// How long after passt's DHCP answer a `tcp` probe trusts the guest to answer (the init sets
 /// the address within milliseconds of the answer; this is far more).
 const NET_SETTLE: Duration = Duration::from_millis(300);
+/// Between two looks at QEMU's `info usernet` (slirp fallback).
+const USERNET_INTERVAL: Duration = Duration::from_millis(50);
 /// Connect, read and write timeouts of one probe.
 const PROBE_IO: Duration = Duration::from_secs(2);
 
@@ -123,22 +127,39 @@ impl HealthCheck {
         }
     }
 
-    /// One probe through `host_port`; the error says what was seen. `guest_net_up`: whether
-    /// the guest's network answers by now (`None`: not known, assume it does).
-    pub(crate) fn probe(&self, host_port: u16, guest_net_up: Option<bool>) -> Result<(), String> {
+    /// One probe through `host_port`; the error says what was seen. `guest` says what is known
+    /// of the guest's side (see [`Guest`]).
+    pub(crate) fn probe(&self, host_port: u16, guest: Guest<'_>) -> Result<(), String> {
         if let HealthKind::Http { path } = &self.kind {
             return match http_status(host_port, path)? {
                 200..=399 => Ok(()),
                 status => Err(format!("answered HTTP {status}")),
             };
         }
-        if guest_net_up == Some(false) {
+        if guest == (Guest::Passt { net_up: false }) {
             return Err("the guest's network is not up yet".into());
         }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, host_port));
         let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
         let _ = stream.set_write_timeout(Some(PROBE_IO));
         match &self.kind {
+            HealthKind::Tcp if matches!(guest, Guest::Usernet { .. }) => {
+                let Guest::Usernet { port: guest, qmp } = guest else {
+                    unreachable!("matched")
+                };
+                // Our connection (kept open) makes QEMU connect to the guest.
+                let accepted = poll::wait_until(TCP_SETTLE, USERNET_INTERVAL, || {
+                    match fuse_boot::qmp::human_monitor(qmp, "info usernet") {
+                        Err(e) => Some(Err(fuse_boot::error::with_causes(&e))),
+                        Ok(info) => {
+                            fuse_boot::qmp::usernet_established(&info, guest).then_some(Ok(()))
+                        }
+                    }
+                });
+                accepted.unwrap_or_else(|| {
+                    Err(format!("guest port {guest} does not accept connections"))
+                })
+            }
             HealthKind::Tcp => {
                 let _ = stream.set_read_timeout(Some(TCP_SETTLE));
                 let mut byte = [0u8; 1];
@@ -238,13 +259,33 @@ impl Drop for Probe {
     }
 }
 
+/// What a probe knows of the guest's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guest<'a> {
+    /// Nothing: a connection that stays open counts.
+    Unknown,
+    /// passt: whether the guest's network answers by now.
+    Passt { net_up: bool },
+    /// QEMU's slirp (a host without a default route), which accepts every host connection
+    /// itself: whether the guest accepted on `port` is asked through QMP (`info usernet`).
+    Usernet { port: u16, qmp: &'a Path },
+}
+
+/// Where a probe learns about the guest's side: the VM's network, the guest port probed, and
+/// QEMU's QMP socket.
+pub(crate) struct GuestSide {
+    pub(crate) network: Option<GuestNetwork>,
+    pub(crate) port: Option<u16>,
+    pub(crate) qmp_socket: PathBuf,
+}
+
 /// Probes `check` through `host_port` every 200 ms from now until healthy (then calls
 /// `on_ready` with the time since `started`), or until `started + check.timeout` (then asks
 /// the run loop to stop the VM through `stop`).
 pub(crate) fn spawn(
     check: HealthCheck,
     host_port: u16,
-    network_log: Option<PathBuf>,
+    side: GuestSide,
     started: Instant,
     stop: Arc<StopRequest>,
     on_ready: Box<dyn FnOnce(Duration) + Send>,
@@ -262,13 +303,22 @@ pub(crate) fn spawn(
                 if done.load(Ordering::SeqCst) {
                     return Some(false);
                 }
-                let guest_net_up = network_log.as_deref().map(|log| {
-                    if net_up_at.is_none() && fuse_boot::vm::guest_network_up(log) {
-                        net_up_at = Some(Instant::now());
+                let guest = match (&side.network, side.port) {
+                    (Some(GuestNetwork::Passt { log }), _) => {
+                        if net_up_at.is_none() && fuse_boot::vm::guest_network_up(log) {
+                            net_up_at = Some(Instant::now());
+                        }
+                        Guest::Passt {
+                            net_up: net_up_at.is_some_and(|at| at.elapsed() >= NET_SETTLE),
+                        }
                     }
-                    net_up_at.is_some_and(|at| at.elapsed() >= NET_SETTLE)
-                });
-                match check.probe(host_port, guest_net_up) {
+                    (Some(GuestNetwork::SlirpRestricted), Some(port)) => Guest::Usernet {
+                        port,
+                        qmp: &side.qmp_socket,
+                    },
+                    _ => Guest::Unknown,
+                };
+                match check.probe(host_port, guest) {
                     Ok(()) => Some(true),
                     Err(e) => {
                         last = e;
@@ -354,8 +404,8 @@ mod tests {
             }
         });
         let h: HealthCheck = "http:/healthz".parse().unwrap();
-        assert!(h.probe(port, None).unwrap_err().contains("503"));
-        h.probe(port, None).unwrap();
+        assert!(h.probe(port, Guest::Unknown).unwrap_err().contains("503"));
+        h.probe(port, Guest::Unknown).unwrap();
         server.join().unwrap();
         assert_eq!(h.url(port), format!("http://localhost:{port}"));
     }

@@ -252,7 +252,11 @@ pub(crate) fn launch(
             probe = Some(health::spawn(
                 check.clone(),
                 *port,
-                s.network_log.clone(),
+                health::GuestSide {
+                    network: s.network.clone(),
+                    port: check.ports(&options.publish).ok().map(|(_, g)| g),
+                    qmp_socket: s.qmp_socket.clone(),
+                },
                 s.started,
                 stop.clone(),
                 Box::new(report),
