@@ -247,6 +247,35 @@ static void probe(const char *addr, int port) {
     close(s);
 }
 
+/* The same over IPv6; `hex` is an address as /proc/net writes it. */
+static void probe6(const char *hex, int port) {
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
+    for (int i = 0; i < 16; i++) sscanf(hex + 2 * i, "%2hhx", &a.sin6_addr.s6_addr[i]);
+    if (IN6_IS_ADDR_LINKLOCAL(&a.sin6_addr)) a.sin6_scope_id = if_nametoindex("eth0");
+    char text[INET6_ADDRSTRLEN];
+    inet_ntop(AF_INET6, &a.sin6_addr, text, sizeof text);
+    printf("probe [%s]:%d -> ", text, port);
+    int s = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+    if (r < 0 && errno == EINPROGRESS) {
+        struct pollfd p = {.fd = s, .events = POLLOUT};
+        if (poll(&p, 1, 2000) == 0) { printf("timeout\n"); close(s); return; }
+        int err = 0; socklen_t len = sizeof err;
+        getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len);
+        r = err ? -1 : 0; errno = err;
+    }
+    if (r < 0) { printf("%s\n", strerror(errno)); close(s); return; }
+    char buf[128] = {0};
+    struct pollfd p = {.fd = s, .events = POLLIN};
+    if (poll(&p, 1, 2000) > 0) {
+        ssize_t n = read(s, buf, sizeof buf - 1);
+        if (n > 0) buf[n] = 0;
+    }
+    buf[strcspn(buf, "\r\n")] = 0;
+    printf("connected: %s\n", buf);
+    close(s);
+}
+
 int main(void) {
     int port = atoi(getenv("PROBE_PORT") ? getenv("PROBE_PORT") : "0");
     char addrs[16][64]; int n = 0;
@@ -273,6 +302,24 @@ int main(void) {
         snprintf(addrs[n++], 64, "%s", inet_ntoa(((struct sockaddr_in *)&ifr.ifr_addr)->sin_addr));
     close(s);
     for (int i = 0; i < n; i++) probe(addrs[i], port);
+    /* IPv6 (passt's router advertisement; give SLAAC a moment): the default gateway and the
+       global address of eth0. */
+    sleep(2);
+    f = fopen("/proc/net/ipv6_route", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        char dst[33], len[3], src[33], slen[3], hop[33];
+        if (sscanf(line, "%32s %2s %32s %2s %32s", dst, len, src, slen, hop) == 5 &&
+            !strcmp(dst, "00000000000000000000000000000000") && !strcmp(len, "00") &&
+            strcmp(hop, "00000000000000000000000000000000"))
+            probe6(hop, port);
+    }
+    f = fopen("/proc/net/if_inet6", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        char addr[33], ifname[32]; unsigned idx, plen, scope, flags;
+        if (sscanf(line, "%32s %x %x %x %x %31s", addr, &idx, &plen, &scope, &flags, ifname) == 6 &&
+            scope == 0 && !strcmp(ifname, "eth0"))
+            probe6(addr, port);
+    }
     char *targets = getenv("PROBE_TARGETS");
     for (char *t = targets ? strtok(targets, " ") : NULL; t; t = strtok(NULL, " ")) {
         char *colon = strrchr(t, ':');
@@ -314,6 +361,11 @@ fn in_test_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
             "addr add 198.51.100.2/24 dev fuse0",
             "addr add 198.51.100.10/24 dev fuse0",
             "route add default via 198.51.100.1",
+            // IPv6 too; passt also needs a link-local address, which a link without carrier
+            // does not get by itself.
+            "addr add 2001:db8::2/64 dev fuse0 nodad",
+            "addr add fe80::2/64 dev fuse0 nodad",
+            "-6 route add default via 2001:db8::1",
         ],
         f,
     )
@@ -405,6 +457,10 @@ fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
         let app = sb.program_for(arch, PROBE, "probe", &["-static"]);
         let (secret_port, secret_hits) =
             banner_server((Ipv4Addr::LOCALHOST, 0), "HOST-LOOPBACK-SECRET\n");
+        // The same port on ::1 (free there too, almost surely: fail loudly if not).
+        let secret6 = TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, secret_port))
+            .expect("the secret port is free on ::1");
+        secret6.set_nonblocking(true).unwrap();
         let other = match offline {
             true => Ipv4Addr::LOCALHOST,
             false => Ipv4Addr::new(198, 51, 100, 10),
@@ -462,6 +518,18 @@ fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
             "the guest reached the host's loopback:\n{out}"
         );
         assert_eq!(secret_hits.load(Ordering::SeqCst), 0, "{out}");
+        assert!(secret6.accept().is_err(), "the guest reached ::1:\n{out}");
+        if !offline {
+            // passt's IPv6: the guest's gateway (link-local) and its own global address.
+            assert!(
+                stdout.contains("probe [fe80::"),
+                "no IPv6 gateway probed:\n{out}"
+            );
+            assert!(
+                stdout.contains("probe [2001:db8::"),
+                "no IPv6 address probed:\n{out}"
+            );
+        }
         let outbound = format!("probe {other}:{out_port} -> connected: OUTBOUND-OK");
         match offline {
             // 127.0.0.1 from the guest is the guest's own loopback.

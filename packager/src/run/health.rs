@@ -11,7 +11,8 @@
 //! does not answer at all and the connection just stays open. So a `tcp` check counts only
 //! once passt has answered the guest's DHCP request (its log says so) and a little later
 //! ([`NET_SETTLE`]: the init configures the address right after), and then needs the
-//! connection to stay open for [`TCP_SETTLE`]. On a host without a default route the VM has
+//! connection to stay open for [`PASST_TCP_SETTLE`] (a refusal is a round trip through the
+//! guest, slow under TCG on a loaded host). On a host without a default route the VM has
 //! QEMU's slirp instead, which also accepts at once: there QMP's `info usernet` says whether
 //! the guest accepted. An `http` check needs a real HTTP status line.
 
@@ -35,6 +36,9 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 const INTERVAL: Duration = Duration::from_millis(200);
 /// How long a `tcp` connection must stay open to count (see the module documentation).
 const TCP_SETTLE: Duration = Duration::from_millis(500);
+/// The same through passt: the guest's refusal reaches us only after a round trip through a
+/// guest that may be emulated on a loaded host.
+const PASST_TCP_SETTLE: Duration = Duration::from_millis(2000);
 /// How long after passt's DHCP answer a `tcp` probe trusts the guest to answer (the init sets
 /// the address within milliseconds of the answer; this is far more).
 const NET_SETTLE: Duration = Duration::from_millis(300);
@@ -161,7 +165,12 @@ impl HealthCheck {
                 })
             }
             HealthKind::Tcp => {
-                let _ = stream.set_read_timeout(Some(TCP_SETTLE));
+                // A guest under TCG on a loaded host can take well over TCP_SETTLE to refuse.
+                let settle = match guest {
+                    Guest::Passt { .. } => PASST_TCP_SETTLE,
+                    _ => TCP_SETTLE,
+                };
+                let _ = stream.set_read_timeout(Some(settle));
                 let mut byte = [0u8; 1];
                 match stream.read(&mut byte) {
                     Ok(0) => Err("connection closed (nothing listens in the guest yet)".into()),
