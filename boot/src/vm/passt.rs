@@ -182,7 +182,8 @@ impl Passt {
             }
             // The address summary is logged once passt has its configuration; the ports
             // are bound right after.
-            let configured = self.log_text().contains("DHCP:");
+            let log = self.log_text();
+            let configured = log.contains("DHCP:") || log.contains("NDP/DHCPv6:");
             (configured && self.forwards.iter().all(bound)).then_some(Ok(()))
         });
         ready.unwrap_or(Err(PasstError::NotReady))
