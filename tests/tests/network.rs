@@ -443,6 +443,35 @@ fn passt_processes_here() -> Vec<u32> {
 /// The `ip` commands of a namespace with only `lo`: a host without a default route.
 const OFFLINE: &[&str] = &["link set lo up"];
 
+/// A detached instance, killed when dropped.
+struct Instance<'a> {
+    sb: &'a Sandbox,
+    runtime: &'a std::path::Path,
+    id: &'a str,
+}
+
+impl Instance<'_> {
+    fn kill(self) -> fuse_tests::Output {
+        let out = self.kill_now();
+        std::mem::forget(self);
+        out
+    }
+
+    fn kill_now(&self) -> fuse_tests::Output {
+        self.sb
+            .fuse()
+            .env("FUSE_RUNTIME_DIR", self.runtime)
+            .args(["kill", self.id])
+            .run()
+    }
+}
+
+impl Drop for Instance<'_> {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
 /// Runs the probe app for `arch` in a test namespace: the guest must not reach a server on the
 /// namespace's 127.0.0.1 (by any address it knows for the host), must reach a server on
 /// another address (outbound, unless `offline`: a namespace with `lo` only, where the VM gets
@@ -483,6 +512,12 @@ fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
             .assert_success()
             .assert_stderr_contains(&format!(" ms at tcp://localhost:{port}\n"));
         let id = started.stdout_str().trim().to_string();
+        // Stops the instance also when an assertion below fails.
+        let instance = Instance {
+            sb: &sb,
+            runtime: &runtime,
+            id: &id,
+        };
         assert!(http_get(port, "/").ends_with("served by the guest\n"));
         assert_eq!(
             passt_processes_here().is_empty(),
@@ -497,11 +532,7 @@ fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
         out.assert_success().assert_stdout_contains("probes done");
         let stdout = out.stdout_str();
         eprintln!("{stdout}");
-        sb.fuse()
-            .env("FUSE_RUNTIME_DIR", &runtime)
-            .args(["kill", &id])
-            .run()
-            .assert_success();
+        instance.kill().assert_success();
         let addrs = match offline {
             // slirp's gateway and DNS, and the address it gives the guest.
             true => ["10.0.2.2", "10.0.2.3", "10.0.2.15"],
