@@ -11,7 +11,7 @@ use fuse_rootfs::Arch;
 /// The default time an app gets between SIGTERM (graceful stop) and the VM being killed.
 pub(crate) const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// A forwarded port of the VM's user-mode network.
+/// A forwarded (published) port of the VM's user-mode network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortForward {
     /// The port on the host's 127.0.0.1.
@@ -103,7 +103,7 @@ pub struct VmConfig {
     /// fw_cfg entries (`opt/...` name, file), readable in the guest under
     /// `/sys/firmware/qemu_fw_cfg/by_name/<name>/raw`.
     pub fw_cfg: Vec<(String, PathBuf)>,
-    /// Whether the guest gets a NIC (QEMU user-mode networking).
+    /// Whether the guest gets a NIC (user-mode networking by passt, see `vm::passt`).
     pub network: bool,
     pub port_forwards: Vec<PortForward>,
     /// Stop the VM after this long (from QEMU's start).

@@ -9,7 +9,7 @@
 //! clocksource and hangs early in boot (1 run in 6 idle, every run with `pit=off`). q35
 //! falls back to HPET calibration and booted every time (8 of 8 with 4 VMs in parallel).
 //! fw_cfg in sysfs, ACPI power-off, virtio-rng and user networking with host forwards work
-//! on all three. `virtio-net-pci` gets `romfile=` so no iPXE option ROM is loaded.
+//! on all three (measured with slirp; the network is passt's now, see `vm::passt`). `virtio-net-pci` gets `romfile=` so no iPXE option ROM is loaded.
 //!
 //! aarch64 guests run on `-M virt,acpi=off` (`-cpu max` under TCG) with a PL011 console
 //! (`ttyAMA0`), the device tree QEMU generates, virtio-pci devices behind the generic ECAM host
@@ -32,6 +32,9 @@ pub(crate) const X86_MACHINE: &str = "q35";
 /// device tree and it finds no console. It also keeps the power button a GPIO line under
 /// firmware too (the init reads it, see `vm::session`).
 pub(crate) const AARCH64_MACHINE: &str = "virt,acpi=off";
+/// The file descriptor QEMU finds its end of passt's socket pair on (see `vm::passt`): high,
+/// so it cannot clash with the standard streams or with what QEMU opens first.
+pub(crate) const QEMU_NET_FD: i32 = 100;
 /// The `-name` given to every VM: guest name `fuse`, process name `fuse-vm`.
 pub const VM_NAME_ARG: &str = "fuse,process=fuse-vm";
 
@@ -125,12 +128,56 @@ pub(crate) fn effective_cmdline(config: &VmConfig, accel: Accel) -> String {
     cmdline
 }
 
-/// QEMU's arguments (without the program) for `config` run with `accel`; `status_file` backs
-/// the guest's status port (see [`confinement_args`]).
+/// How the VM's NIC reaches the host (see `vm::passt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NetBackend {
+    /// passt, on the socket pair end at [`QEMU_NET_FD`]; it forwards the ports itself.
+    Passt,
+    /// The fallback on a host without a default route (passt refuses to start there): QEMU's
+    /// slirp with `restrict=on`, so the guest opens no connection at all (10.0.2.2 included);
+    /// published ports still work.
+    SlirpRestricted,
+}
+
+/// The `-netdev` value for `config` over `net`.
+fn netdev(config: &VmConfig, net: NetBackend) -> String {
+    match net {
+        NetBackend::Passt => {
+            format!("stream,id=n0,server=off,addr.type=fd,addr.str={QEMU_NET_FD}")
+        }
+        NetBackend::SlirpRestricted => {
+            let mut netdev = String::from("user,id=n0,restrict=on");
+            for fwd in &config.port_forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd={}:127.0.0.1:{}-:{}",
+                    fwd.proto.as_str(),
+                    fwd.host,
+                    fwd.guest
+                ));
+            }
+            netdev
+        }
+    }
+}
+
+/// QEMU's arguments (without the program) for `config` run with `accel`, the network (if any)
+/// through passt.
+#[cfg(test)]
 pub(crate) fn qemu_args(
     config: &VmConfig,
     accel: Accel,
     status_file: Option<&Path>,
+) -> Vec<OsString> {
+    qemu_args_with(config, accel, status_file, NetBackend::Passt)
+}
+
+/// QEMU's arguments (without the program) for `config` run with `accel`, the network (if any)
+/// through `net`; `status_file` backs the guest's status port (see [`confinement_args`]).
+pub(crate) fn qemu_args_with(
+    config: &VmConfig,
+    accel: Accel,
+    status_file: Option<&Path>,
+    net: NetBackend,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     fn arg(args: &mut Vec<OsString>, a: impl Into<OsString>) {
@@ -218,17 +265,8 @@ pub(crate) fn qemu_args(
     }
 
     if config.network {
-        let mut netdev = String::from("user,id=n0");
-        for fwd in &config.port_forwards {
-            netdev.push_str(&format!(
-                ",hostfwd={}:127.0.0.1:{}-:{}",
-                fwd.proto.as_str(),
-                fwd.host,
-                fwd.guest
-            ));
-        }
         arg(&mut args, "-netdev");
-        arg(&mut args, &netdev);
+        arg(&mut args, netdev(config, net));
         arg(&mut args, "-device");
         // No option ROM: the kernel is loaded directly, iPXE would only cost boot time.
         arg(&mut args, format!("virtio-net-{bus},netdev=n0,romfile="));
@@ -401,12 +439,16 @@ mod tests {
              -drive if=none,id=data1,format=raw,file=/v/b,,c.ext4 -device virtio-blk-pci,drive=data1 \
              -device virtio-rng-pci",
             "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
-            "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:53-:53",
+            "-netdev stream,id=n0,server=off,addr.type=fd,addr.str=100",
             "-device virtio-net-pci,netdev=n0,romfile=",
             "-fw_cfg name=opt/fuse/run,file=/tmp/run",
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
+        c.port_forwards.truncate(1);
+        let slirp = qemu_args_with(&c, Accel::Tcg, None, NetBackend::SlirpRestricted);
+        assert!(slirp.windows(2).any(|w| w[0] == "-netdev"
+            && w[1] == "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80"));
         let kvm = qemu_args(&config(), Accel::Kvm, None);
         assert!(kvm.windows(2).any(|w| w[0] == "-cpu" && w[1] == "host"));
         assert!(!kvm.iter().any(|a| a == "-netdev"));

@@ -3,16 +3,19 @@
 //! - `config`: what a VM is asked to be ([`VmConfig`], ports, firmware, accelerator choice);
 //! - `machine`: the QEMU binary and its command line per arch (q35 / virt);
 //! - `process`: QEMU as a child process that dies with fuse and is always reaped;
+//! - `passt`: the VM's network (passt, one per VM), published ports included;
 //! - `accel`: KVM or TCG, decided by a cached probe VM;
 //! - `session`: one run from spawn to exit ([`run`], [`run_controlled`]): console pump,
 //!   graceful stop through QMP, how it ended.
 //!
 //! Each module imports only those listed before it (`machine` uses `config`; `accel` uses
-//! `config`, `machine`, `process`; `session` all four), so there is no import circle.
+//! `config`, `machine`, `process`; `passt` uses `config`, `machine`, `process`; `session` all
+//! of them), so there is no import circle.
 
 mod accel;
 mod config;
 mod machine;
+mod passt;
 mod process;
 mod session;
 
@@ -23,7 +26,8 @@ pub use config::{
     Accel, AccelChoice, Firmware, InvalidPortForward, PortForward, Proto, UnknownAccel, VmConfig,
 };
 pub use machine::{find_qemu, QemuMissing, VM_NAME_ARG};
+pub use passt::{guest_network_up, PasstError};
 pub use session::{
-    run, run_controlled, run_with, Diagnostics, RunControl, RunError, Spawned, StopRequest,
-    VmOutcome,
+    run, run_controlled, run_with, Diagnostics, GuestNetwork, RunControl, RunError, Spawned,
+    StopRequest, VmOutcome,
 };

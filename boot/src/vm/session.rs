@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use super::accel::{self, AccelError, AccelSelection};
 use super::config::{Accel, Firmware, VmConfig};
-use super::machine::{self, QemuMissing};
+use super::machine::{self, NetBackend, QemuMissing};
+use super::passt::{self, Passt, PasstError};
 use super::process::ProcessGuard;
 use crate::console::{ConsoleEvent, ConsoleParser, EDK2_LAST_LINE};
 use crate::error::with_causes;
@@ -116,6 +117,8 @@ pub enum RunError {
     QemuMissing(#[from] QemuMissing),
     #[error(transparent)]
     Accel(#[from] AccelError),
+    #[error(transparent)]
+    Network(#[from] PasstError),
     #[error("Cannot start {binary}")]
     Spawn {
         binary: String,
@@ -237,6 +240,18 @@ pub struct Spawned {
     pub started: Instant,
     /// Where QEMU listens for QMP.
     pub qmp_socket: PathBuf,
+    /// The VM's network, if it has one.
+    pub network: Option<GuestNetwork>,
+}
+
+/// How the guest's network reaches the host (see `vm::passt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestNetwork {
+    /// passt; `log` is its log (see [`crate::vm::guest_network_up`]).
+    Passt { log: PathBuf },
+    /// QEMU's slirp with `restrict=on` (a host without a default route): published ports
+    /// only, QEMU itself accepts every host connection (`info usernet` tells the guest's).
+    SlirpRestricted,
 }
 
 /// Lets other threads stop a running VM (a failed health check, for one). The run loop looks
@@ -331,17 +346,30 @@ pub fn run_controlled(
         .get_or_insert_with(|| private_dir.path().join("qmp.sock"))
         .clone();
     let config = &config;
-    let args = machine::qemu_args(config, accel, Some(&status_file));
+    // passt, unless the host has no default route (passt refuses to start there).
+    let net = match passt::host_has_default_route() {
+        true => NetBackend::Passt,
+        false => NetBackend::SlirpRestricted,
+    };
+    let args = machine::qemu_args_with(config, accel, Some(&status_file), net);
     let command = machine::shell_command(&qemu, &args);
     if config.verbose {
         notice(&format!("QEMU command: {command}"));
     }
 
+    // passt starts while QEMU does; it is waited for right after QEMU's spawn.
+    let mut passt = match config.network && net == NetBackend::Passt {
+        true => Some(Passt::spawn(&config.port_forwards)?),
+        false => None,
+    };
     let mut cmd = Command::new(&qemu);
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(passt) = &passt {
+        passt.attach(&mut cmd);
+    }
     // Installed before the spawn, so a signal arriving from now on is seen.
     let watch = SignalWatch::install().map_err(RunError::Io)?;
     let started = Instant::now();
@@ -352,12 +380,24 @@ pub fn run_controlled(
     if machine::drops_privileges() {
         vm.watch_over().map_err(RunError::Io)?;
     }
+    if let Some(passt) = &mut passt {
+        passt.attached();
+        // On failure the guard kills QEMU, which never got a network.
+        passt.wait_ready()?;
+    }
     let RunControl { stop, on_spawn } = control;
     if let Some(on_spawn) = on_spawn {
         on_spawn(&Spawned {
             pid: vm.pid(),
             started,
             qmp_socket: qmp_socket.clone(),
+            network: match (&passt, config.network) {
+                (Some(passt), _) => Some(GuestNetwork::Passt {
+                    log: passt.log_path(),
+                }),
+                (None, true) => Some(GuestNetwork::SlirpRestricted),
+                (None, false) => None,
+            },
         });
     }
     let mut session = Session {
@@ -386,6 +426,7 @@ pub fn run_controlled(
     let result = session.run(out);
     // The socket's directory goes only after QEMU is reaped (the session's guard).
     drop(session);
+    drop(passt);
     drop(private_dir);
     result
 }

@@ -5,14 +5,20 @@
 //! `ready in N ms at http://localhost:PORT` on stderr (N from QEMU's spawn). Not healthy
 //! within the timeout: the VM is stopped through a [`StopRequest`] and the run fails.
 //!
-//! With QEMU's user-mode network a TCP connect to the host port always succeeds at once (QEMU
-//! accepts, then connects to the guest, and keeps trying while the guest boots). So a `tcp`
-//! check opens a connection and asks QEMU (QMP `info usernet`) whether the guest accepted it;
-//! an `http` check needs a real HTTP status line.
+//! With user-mode networking (passt) a TCP connect to the host port always succeeds at once:
+//! passt accepts, then asks the guest. Once the guest's network is up the guest refuses a
+//! port nothing listens on at once, and passt closes our connection; before that the guest
+//! does not answer at all and the connection just stays open. So a `tcp` check counts only
+//! once passt has answered the guest's DHCP request (its log says so) and a little later
+//! ([`NET_SETTLE`]: the init configures the address right after), and then needs the
+//! connection to stay open for [`PASST_TCP_SETTLE`] (a refusal is a round trip through the
+//! guest, slow under TCG on a loaded host). On a host without a default route the VM has
+//! QEMU's slirp instead, which also accepts at once: there QMP's `info usernet` says whether
+//! the guest accepted. An `http` check needs a real HTTP status line.
 
 use anyhow::{bail, Result};
 use fuse_boot::poll;
-use fuse_boot::vm::{PortForward, Proto, StopRequest};
+use fuse_boot::vm::{GuestNetwork, PortForward, Proto, StopRequest};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -30,7 +36,13 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 const INTERVAL: Duration = Duration::from_millis(200);
 /// How long a `tcp` connection must stay open to count (see the module documentation).
 const TCP_SETTLE: Duration = Duration::from_millis(500);
-/// Between two looks at QEMU's `info usernet`.
+/// The same through passt: the guest's refusal reaches us only after a round trip through a
+/// guest that may be emulated on a loaded host.
+const PASST_TCP_SETTLE: Duration = Duration::from_millis(2000);
+/// How long after passt's DHCP answer a `tcp` probe trusts the guest to answer (the init sets
+/// the address within milliseconds of the answer; this is far more).
+const NET_SETTLE: Duration = Duration::from_millis(300);
+/// Between two looks at QEMU's `info usernet` (slirp fallback).
 const USERNET_INTERVAL: Duration = Duration::from_millis(50);
 /// Connect, read and write timeouts of one probe.
 const PROBE_IO: Duration = Duration::from_secs(2);
@@ -119,26 +131,26 @@ impl HealthCheck {
         }
     }
 
-    /// One probe through `host_port`; the error says what was seen. `usernet` (the guest
-    /// port and QEMU's QMP socket) makes a `tcp` check exact: the connection must be one the
-    /// guest accepted, in QEMU's `info usernet`.
-    pub(crate) fn probe(
-        &self,
-        host_port: u16,
-        usernet: Option<(u16, &Path)>,
-    ) -> Result<(), String> {
+    /// One probe through `host_port`; the error says what was seen. `guest` says what is known
+    /// of the guest's side (see [`Guest`]).
+    pub(crate) fn probe(&self, host_port: u16, guest: Guest<'_>) -> Result<(), String> {
         if let HealthKind::Http { path } = &self.kind {
             return match http_status(host_port, path)? {
                 200..=399 => Ok(()),
                 status => Err(format!("answered HTTP {status}")),
             };
         }
+        if guest == (Guest::Passt { net_up: false }) {
+            return Err("the guest's network is not up yet".into());
+        }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, host_port));
         let mut stream = TcpStream::connect_timeout(&addr, PROBE_IO).map_err(|e| e.to_string())?;
         let _ = stream.set_write_timeout(Some(PROBE_IO));
         match &self.kind {
-            HealthKind::Tcp if usernet.is_some() => {
-                let (guest, qmp) = usernet.expect("checked");
+            HealthKind::Tcp if matches!(guest, Guest::Usernet { .. }) => {
+                let Guest::Usernet { port: guest, qmp } = guest else {
+                    unreachable!("matched")
+                };
                 // Our connection (kept open) makes QEMU connect to the guest.
                 let accepted = poll::wait_until(TCP_SETTLE, USERNET_INTERVAL, || {
                     match fuse_boot::qmp::human_monitor(qmp, "info usernet") {
@@ -153,7 +165,12 @@ impl HealthCheck {
                 })
             }
             HealthKind::Tcp => {
-                let _ = stream.set_read_timeout(Some(TCP_SETTLE));
+                // A guest under TCG on a loaded host can take well over TCP_SETTLE to refuse.
+                let settle = match guest {
+                    Guest::Passt { .. } => PASST_TCP_SETTLE,
+                    _ => TCP_SETTLE,
+                };
+                let _ = stream.set_read_timeout(Some(settle));
                 let mut byte = [0u8; 1];
                 match stream.read(&mut byte) {
                     Ok(0) => Err("connection closed (nothing listens in the guest yet)".into()),
@@ -251,13 +268,33 @@ impl Drop for Probe {
     }
 }
 
+/// What a probe knows of the guest's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guest<'a> {
+    /// Nothing: a connection that stays open counts.
+    Unknown,
+    /// passt: whether the guest's network answers by now.
+    Passt { net_up: bool },
+    /// QEMU's slirp (a host without a default route), which accepts every host connection
+    /// itself: whether the guest accepted on `port` is asked through QMP (`info usernet`).
+    Usernet { port: u16, qmp: &'a Path },
+}
+
+/// Where a probe learns about the guest's side: the VM's network, the guest port probed, and
+/// QEMU's QMP socket.
+pub(crate) struct GuestSide {
+    pub(crate) network: Option<GuestNetwork>,
+    pub(crate) port: Option<u16>,
+    pub(crate) qmp_socket: PathBuf,
+}
+
 /// Probes `check` through `host_port` every 200 ms from now until healthy (then calls
 /// `on_ready` with the time since `started`), or until `started + check.timeout` (then asks
 /// the run loop to stop the VM through `stop`).
 pub(crate) fn spawn(
     check: HealthCheck,
     host_port: u16,
-    usernet: Option<(u16, PathBuf)>,
+    side: GuestSide,
     started: Instant,
     stop: Arc<StopRequest>,
     on_ready: Box<dyn FnOnce(Duration) + Send>,
@@ -267,7 +304,7 @@ pub(crate) fn spawn(
     let thread = {
         let (done, ready) = (done.clone(), ready.clone());
         std::thread::spawn(move || {
-            let usernet = usernet.as_ref().map(|(g, p)| (*g, p.as_path()));
+            let mut net_up_at: Option<Instant> = None;
             let mut last = String::new();
             let remaining = check.timeout.saturating_sub(started.elapsed());
             // `Some(true)`: healthy; `Some(false)`: the VM is gone, nothing to report.
@@ -275,7 +312,22 @@ pub(crate) fn spawn(
                 if done.load(Ordering::SeqCst) {
                     return Some(false);
                 }
-                match check.probe(host_port, usernet) {
+                let guest = match (&side.network, side.port) {
+                    (Some(GuestNetwork::Passt { log }), _) => {
+                        if net_up_at.is_none() && fuse_boot::vm::guest_network_up(log) {
+                            net_up_at = Some(Instant::now());
+                        }
+                        Guest::Passt {
+                            net_up: net_up_at.is_some_and(|at| at.elapsed() >= NET_SETTLE),
+                        }
+                    }
+                    (Some(GuestNetwork::SlirpRestricted), Some(port)) => Guest::Usernet {
+                        port,
+                        qmp: &side.qmp_socket,
+                    },
+                    _ => Guest::Unknown,
+                };
+                match check.probe(host_port, guest) {
                     Ok(()) => Some(true),
                     Err(e) => {
                         last = e;
@@ -361,8 +413,8 @@ mod tests {
             }
         });
         let h: HealthCheck = "http:/healthz".parse().unwrap();
-        assert!(h.probe(port, None).unwrap_err().contains("503"));
-        h.probe(port, None).unwrap();
+        assert!(h.probe(port, Guest::Unknown).unwrap_err().contains("503"));
+        h.probe(port, Guest::Unknown).unwrap();
         server.join().unwrap();
         assert_eq!(h.url(port), format!("http://localhost:{port}"));
     }

@@ -257,11 +257,14 @@ pub(crate) fn launch(
                     f(after, &url);
                 }
             };
-            let guest = check.ports(&options.publish).ok().map(|(_, g)| g);
             probe = Some(health::spawn(
                 check.clone(),
                 *port,
-                guest.map(|g| (g, s.qmp_socket.clone())),
+                health::GuestSide {
+                    network: s.network.clone(),
+                    port: check.ports(&options.publish).ok().map(|(_, g)| g),
+                    qmp_socket: s.qmp_socket.clone(),
+                },
                 s.started,
                 stop.clone(),
                 Box::new(report),

@@ -1,8 +1,8 @@
 //! Published ports (`fuse run -p HOST:GUEST`): parsing with clear messages, and the checks
 //! made before boot so a port problem is one line, not a QEMU failure after the build.
 //!
-//! Ports are forwarded by QEMU's user-mode network (`hostfwd`), bound to 127.0.0.1 only:
-//! rootless, and nothing is exposed beyond the host.
+//! Ports are forwarded by the VM's user-mode network (passt's `-t`/`-u`, see
+//! `fuse_boot::vm`), bound to 127.0.0.1 only: rootless, and nothing is exposed beyond the host.
 
 use anyhow::{bail, Result};
 use fuse_boot::vm::{PortForward, Proto};
@@ -93,8 +93,8 @@ pub(crate) fn check_host_ports(forwards: &[PortForward]) -> Result<()> {
     Ok(())
 }
 
-/// Binds the host side of `fwd` for a moment, as QEMU will. (There is a short window in
-/// which another process could take the port; QEMU then fails with its own message.)
+/// Binds the host side of `fwd` for a moment, as passt will. (There is a short window in
+/// which another process could take the port; passt then fails to bind it and fuse says so.)
 fn try_bind(fwd: &PortForward) -> io::Result<()> {
     match fwd.proto {
         Proto::Tcp => TcpListener::bind((Ipv4Addr::LOCALHOST, fwd.host)).map(drop),
