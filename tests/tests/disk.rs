@@ -3,38 +3,13 @@
 
 mod common;
 
-use common::{java_jar, json, Sandbox, EXIT_7, HELLO};
+use common::{flip_byte, java_jar, json, sha256_hex, Sandbox, EXIT_7, HELLO};
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch, FuseCmd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// OVMF under TCG is slow (firmware init alone is seconds): be generous.
 const UEFI_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn flip(path: &Path, at: u64) {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8];
-    file.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x01;
-    file.write_all_at(&b, at).unwrap();
-}
-
-fn sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// Builds `app` and exports its raw disk; returns (image digest, disk file).
 fn build_and_export(sb: &Sandbox, app: &Path) -> (String, PathBuf) {
@@ -236,8 +211,8 @@ fn same_inputs_give_the_same_disk_anywhere_anytime() {
             .join("images/blobs/sha256")
             .join(d.trim_start_matches("sha256:"))
     };
-    assert_eq!(sha256(&blob(&a, &da)), da.trim_start_matches("sha256:"));
-    assert_eq!(sha256(&blob(&a, &da)), sha256(&blob(&b, &db)));
+    assert_eq!(sha256_hex(&blob(&a, &da)), da.trim_start_matches("sha256:"));
+    assert_eq!(sha256_hex(&blob(&a, &da)), sha256_hex(&blob(&b, &db)));
 }
 
 #[test]
@@ -280,7 +255,7 @@ fn verify_reports_each_corruption_with_its_location() {
     for (at, part, part_offset) in cases {
         let bad = sb.dir.join("bad.raw");
         std::fs::copy(&disk, &bad).unwrap();
-        flip(&bad, at);
+        flip_byte(&bad, at);
         let out = sb.fuse().arg("verify").arg(&bad).run();
         out.assert_code(1);
         let stderr = out.stderr_str();

@@ -222,12 +222,10 @@ const PROBE: &str = r#"
 #include <sys/socket.h>
 #include <unistd.h>
 
-static void probe(const char *addr, int port) {
-    printf("probe %s:%d -> ", addr, port);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (inet_pton(AF_INET, addr, &a.sin_addr) != 1) { printf("bad address\n"); return; }
-    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+/* Connects to `a` with a 2 s limit and prints what it answered: "connected: BANNER" or why not. */
+static void connect_and_read(const struct sockaddr *a, socklen_t alen) {
+    int s = socket(a->sa_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int r = connect(s, a, alen);
     if (r < 0 && errno == EINPROGRESS) {
         struct pollfd p = {.fd = s, .events = POLLOUT};
         if (poll(&p, 1, 2000) == 0) { printf("timeout\n"); close(s); return; }
@@ -247,6 +245,13 @@ static void probe(const char *addr, int port) {
     close(s);
 }
 
+static void probe(const char *addr, int port) {
+    printf("probe %s:%d -> ", addr, port);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    if (inet_pton(AF_INET, addr, &a.sin_addr) != 1) { printf("bad address\n"); return; }
+    connect_and_read((struct sockaddr *)&a, sizeof a);
+}
+
 /* The same over IPv6; `hex` is an address as /proc/net writes it. */
 static void probe6(const char *hex, int port) {
     struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
@@ -255,25 +260,7 @@ static void probe6(const char *hex, int port) {
     char text[INET6_ADDRSTRLEN];
     inet_ntop(AF_INET6, &a.sin6_addr, text, sizeof text);
     printf("probe [%s]:%d -> ", text, port);
-    int s = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    int r = connect(s, (struct sockaddr *)&a, sizeof a);
-    if (r < 0 && errno == EINPROGRESS) {
-        struct pollfd p = {.fd = s, .events = POLLOUT};
-        if (poll(&p, 1, 2000) == 0) { printf("timeout\n"); close(s); return; }
-        int err = 0; socklen_t len = sizeof err;
-        getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len);
-        r = err ? -1 : 0; errno = err;
-    }
-    if (r < 0) { printf("%s\n", strerror(errno)); close(s); return; }
-    char buf[128] = {0};
-    struct pollfd p = {.fd = s, .events = POLLIN};
-    if (poll(&p, 1, 2000) > 0) {
-        ssize_t n = read(s, buf, sizeof buf - 1);
-        if (n > 0) buf[n] = 0;
-    }
-    buf[strcspn(buf, "\r\n")] = 0;
-    printf("connected: %s\n", buf);
-    close(s);
+    connect_and_read((struct sockaddr *)&a, sizeof a);
 }
 
 int main(void) {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{java_jar, json, Sandbox, HELLO};
+use common::{assert_one_error, flip_byte, java_jar, json, sha256_hex, Sandbox, HELLO};
 use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch, wait_for_qemu_of, FuseCmd};
 use std::path::{Path, PathBuf};
@@ -23,19 +23,6 @@ int main(void) {
     for (;;) pause();
 }
 "#;
-
-/// Inverts the byte at `offset` of `path` in place, as a failing disk or a stray write would.
-fn flip_byte(path: &Path, offset: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    f.write_all_at(&[!b[0]], offset).unwrap();
-}
 
 /// Every regular file under `dirs` (symlinks not followed) whose bytes contain `needle`.
 fn files_containing(dirs: &[PathBuf], needle: &str) -> Vec<PathBuf> {
@@ -62,19 +49,6 @@ fn files_containing(dirs: &[PathBuf], needle: &str) -> Vec<PathBuf> {
     found
 }
 
-/// The sha256 of a file, as its hex digits.
-fn sha256_hex(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 fn blob(sb: &Sandbox, digest: &str) -> PathBuf {
     sb.home()
         .join("images/blobs/sha256")
@@ -94,21 +68,6 @@ fn digests(sb: &Sandbox, image: &str) -> (String, [String; 3]) {
         m["digest"].as_str().unwrap().to_string(),
         [d("kernel"), d("init"), d("rootfs")],
     )
-}
-
-/// Asserts `out` failed with exactly one `fuse: error:` line holding every needle.
-#[track_caller]
-fn assert_one_error(out: &fuse_tests::Output, needles: &[&str]) {
-    out.assert_code(1);
-    let stderr = out.stderr_str();
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("fuse: error:"))
-        .collect();
-    assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "'{needle}' not in: {}", lines[0]);
-    }
 }
 
 on_every_arch! {

@@ -659,24 +659,26 @@ mod tests {
         }
     }
 
+    /// The fixture's parts as disk inputs, with `stub` and the root at `rootfs`.
+    fn inputs<'a>(f: &'a Fixture, stub: &'a [u8], rootfs: &'a Path) -> DiskInputs<'a> {
+        DiskInputs {
+            arch: Arch::X86_64,
+            stub,
+            kernel: &f.kernel,
+            initrd: &f.initrd,
+            cmdline: &f.cmdline,
+            osrel: "ID=fuse\n",
+            manifest: &f.manifest,
+            rootfs,
+            rootfs_digest: &f.rootfs_digest,
+            verity: &f.tree,
+        }
+    }
+
     pub(super) fn build(f: &Fixture, out: &Path) -> gpt::Table {
         let stub = uki::tests::tiny_stub();
-        build_disk(
-            &DiskInputs {
-                arch: Arch::X86_64,
-                stub: &stub,
-                kernel: &f.kernel,
-                initrd: &f.initrd,
-                cmdline: &f.cmdline,
-                osrel: "ID=fuse\n",
-                manifest: &f.manifest,
-                rootfs: &f.dir.path().join("rootfs"),
-                rootfs_digest: &f.rootfs_digest,
-                verity: &f.tree,
-            },
-            out,
-        )
-        .unwrap()
+        let rootfs = f.dir.path().join("rootfs");
+        build_disk(&inputs(f, &stub, &rootfs), out).unwrap()
     }
 
     pub(super) fn expected(f: &Fixture) -> Expected {
@@ -791,22 +793,8 @@ mod tests {
         f.tree = verity::build(&b"other"[..], &f.tree.salt).unwrap();
         let stub = uki::tests::tiny_stub();
         let out = f.dir.path().join("disk.raw");
-        let err = build_disk(
-            &DiskInputs {
-                arch: Arch::X86_64,
-                stub: &stub,
-                kernel: &f.kernel,
-                initrd: &f.initrd,
-                cmdline: &f.cmdline,
-                osrel: "ID=fuse\n",
-                manifest: &f.manifest,
-                rootfs: &f.dir.path().join("rootfs"),
-                rootfs_digest: &f.rootfs_digest,
-                verity: &f.tree,
-            },
-            &out,
-        )
-        .unwrap_err();
+        let rootfs = f.dir.path().join("rootfs");
+        let err = build_disk(&inputs(&f, &stub, &rootfs), &out).unwrap_err();
         assert!(matches!(err, DiskError::VerityChanged { .. }), "{err:?}");
         assert!(!out.exists(), "nothing half-written");
     }

@@ -4,7 +4,8 @@
 
 use fuse_boot::poll::wait_until;
 use fuse_tests::{FuseCmd, TestDir};
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A test's own image store (FUSE_HOME); the kernel cache is shared, so it is built once.
@@ -140,22 +141,13 @@ impl Sandbox {
     #[track_caller]
     pub fn assert_refused_by(&self, cmd: FuseCmd, needles: &[&str]) -> String {
         let out = cmd.run();
-        out.assert_code(1);
-        let stderr = out.stderr_str();
-        let lines: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("fuse: error:"))
-            .collect();
-        assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
-        for needle in needles {
-            assert!(lines[0].contains(needle), "'{needle}' not in: {}", lines[0]);
-        }
+        let line = assert_one_error(&out, needles);
         assert!(out.stdout_str().is_empty(), "{out}");
         let stored = std::fs::read_dir(self.home().join("images/refs"))
             .map(|d| d.count())
             .unwrap_or(0);
         assert_eq!(stored, 0, "nothing is stored for a refused input");
-        lines[0].to_string()
+        line
     }
 }
 
@@ -261,4 +253,51 @@ pub fn java_jar(
         String::from_utf8_lossy(&out.stderr)
     );
     jar
+}
+
+/// Flips one bit of the byte of `path` at `at`, keeping the file's mtime (as bit rot would).
+#[allow(dead_code)]
+pub fn flip_byte(path: &Path, at: u64) {
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    file.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x01;
+    file.write_all_at(&b, at).unwrap();
+    file.set_modified(mtime).unwrap();
+}
+
+/// The sha256 of a file as hex digits, by `sha256sum` (an implementation other than fuse's).
+#[allow(dead_code)]
+pub fn sha256_hex(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Asserts `out` failed (exit 1) with exactly one `fuse: error:` line holding every needle;
+/// returns that line.
+#[track_caller]
+pub fn assert_one_error(out: &fuse_tests::Output, needles: &[&str]) -> String {
+    out.assert_code(1);
+    let stderr = out.stderr_str();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("fuse: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "'{needle}' not in: {}", lines[0]);
+    }
+    lines[0].to_string()
 }
