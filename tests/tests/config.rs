@@ -354,3 +354,53 @@ fn fuse_test_takes_the_build_and_vm_flags_of_fuse_run() {
     );
     assert_no_leaked_qemu();
 }
+
+/// `args` in fuse.toml (top level and per environment) are the app's arguments: they follow
+/// the runtime launcher's own (`python /app/x.py`, `java … -jar /app/x.jar`), as
+/// `fuse run IMAGE -- ARGS` does, instead of replacing them.
+#[test]
+fn configured_args_follow_the_runtime_launcher() {
+    let sb = Sandbox::new();
+    let script = sb.dir.write(
+        "argv-1.0.py",
+        "import sys\nprint(f'app args={sys.argv[1:]}')\n",
+    );
+    sb.dir.write(
+        "fuse.toml",
+        "args = [\"--port\", \"8000\"]\n[environments.dev]\n[environments.prod]\nargs = [\"--prod\"]\n",
+    );
+    sb.fuse().arg("build").arg(&script).run().assert_success();
+    let run = |env: &str| {
+        sb.fuse()
+            .args(["run", "--accel", "tcg", "--env", env, "argv:1.0"])
+            .run()
+    };
+    run("dev")
+        .assert_success()
+        .assert_stdout_contains("app args=['--port', '8000']");
+    run("prod")
+        .assert_success()
+        .assert_stdout_contains("app args=['--prod']");
+
+    let jvm = Sandbox::new();
+    let jar = common::java_jar(
+        jvm.dir.path(),
+        "args-1.0.jar",
+        "Args",
+        &[(
+            "Args.java",
+            "public class Args { public static void main(String[] a) { \
+             System.out.println(\"jar args=\" + String.join(\",\", a)); } }",
+        )],
+        &[],
+    );
+    jvm.dir
+        .write("fuse.toml", "args = [\"-tcp\", \"-tcpPort\", \"9092\"]\n");
+    jvm.fuse()
+        .args(["run", "--accel", "tcg"])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("jar args=-tcp,-tcpPort,9092");
+    assert_no_leaked_qemu();
+}

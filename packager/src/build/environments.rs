@@ -31,18 +31,22 @@ use std::collections::BTreeSet;
 pub(crate) const FUSE_ENV: &str = "FUSE_ENV";
 
 /// Applies a configuration to an image being built: top-level args, env and files into the
-/// spec and tree, every environment baked. Returns what the manifest records.
+/// spec and tree, every environment baked. `fixed` counts the runtime launcher's own arguments
+/// after argv\[0\] (`-jar /app/x.jar`, `/app/main.js`): the configured args are the app's, so
+/// they follow those, as `fuse run IMAGE -- ARGS` does. Returns what the manifest records.
 pub(crate) fn bake(
     tree: &mut Tree,
     spec: &mut AppSpec,
     config: Option<&Config>,
     kind: &str,
+    fixed: usize,
 ) -> Result<ImageConfig> {
     let Some(config) = config else {
         return Ok(ImageConfig::default());
     };
+    let launcher: Vec<String> = spec.args.iter().skip(1).take(fixed).cloned().collect();
     if let Some(args) = &config.args {
-        spec.args.truncate(1);
+        spec.args.truncate(1 + fixed);
         spec.args.extend(args.iter().cloned());
     }
     for (key, value) in &config.env {
@@ -77,8 +81,13 @@ pub(crate) fn bake(
         }
         env.extend(environment.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         // Fields that do not apply to an environment (volumes...) stay empty.
+        // An overlay's args replace argv[1..]: the launcher's stay in front of the app's.
+        let args = environment
+            .args
+            .as_ref()
+            .map(|args| launcher.iter().chain(args).cloned().collect());
         let overlay = RunOverlay {
-            args: environment.args.clone(),
+            args,
             env,
             ..RunOverlay::default()
         };
@@ -177,6 +186,41 @@ files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.c
 "#;
 
     #[test]
+    fn configured_args_follow_the_launchers_own() {
+        let (_dir, c) = config(
+            &[
+                ("common.conf", "common"),
+                ("default.conf", "default"),
+                ("prod.conf", "prod"),
+            ],
+            TEXT,
+        );
+        let mut tree = Tree::new();
+        let mut spec = AppSpec::new("/opt/java/bin/java");
+        spec.args.extend(["-jar".into(), "/app/web.jar".into()]);
+        bake(&mut tree, &mut spec, Some(&c), "jvm", 2).unwrap();
+        assert_eq!(
+            spec.args,
+            vec!["/opt/java/bin/java", "-jar", "/app/web.jar", "--serve"]
+        );
+        let prod = RunOverlay::decode(&file_bytes(&tree, "/etc/fuse/env/prod")).unwrap();
+        assert_eq!(
+            prod.args,
+            Some(vec![
+                "-jar".into(),
+                "/app/web.jar".into(),
+                "--serve".into(),
+                "--fast".into()
+            ])
+        );
+        let dev = RunOverlay::decode(&file_bytes(&tree, "/etc/fuse/env/dev")).unwrap();
+        assert_eq!(
+            dev.args, None,
+            "dev keeps the image's args, launcher included"
+        );
+    }
+
+    #[test]
     fn bakes_every_environment() {
         let (_dir, c) = config(
             &[
@@ -188,7 +232,7 @@ files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.c
         );
         let mut tree = Tree::new();
         let mut spec = spec();
-        let image = bake(&mut tree, &mut spec, Some(&c), "jvm").unwrap();
+        let image = bake(&mut tree, &mut spec, Some(&c), "jvm", 0).unwrap();
         assert_eq!(image.environments, vec!["dev", "prod"]);
         assert_eq!(image.default_environment.as_deref(), Some("dev"));
         assert_eq!(spec.args, vec!["/app/web", "--serve"]);
@@ -236,7 +280,7 @@ files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.c
             "[env]\nNODE_ENV = \"staging\"\n[environments.prod]\n[environments.dev]\n",
         );
         let mut tree = Tree::new();
-        bake(&mut tree, &mut spec(), Some(&c), "node").unwrap();
+        bake(&mut tree, &mut spec(), Some(&c), "node", 0).unwrap();
         let prod = RunOverlay::decode(&file_bytes(&tree, "/etc/fuse/env/prod")).unwrap();
         assert_eq!(prod.env, vec![("FUSE_ENV".into(), "prod".into())]);
         assert_eq!(convention("node", "prod").unwrap().1, "production");
@@ -248,7 +292,7 @@ files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.c
     fn no_configuration_changes_nothing() {
         let mut tree = Tree::new();
         let mut s = spec();
-        let image = bake(&mut tree, &mut s, None, "native").unwrap();
+        let image = bake(&mut tree, &mut s, None, "native", 0).unwrap();
         assert!(image.is_empty());
         assert_eq!(s, spec());
         assert_eq!(tree.len(), 1);
@@ -264,7 +308,7 @@ files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.c
         tree.add_bytes("/app/web", &b"elf"[..], 0o755).unwrap();
         let err = format!(
             "{:#}",
-            bake(&mut tree, &mut spec(), Some(&c), "native").unwrap_err()
+            bake(&mut tree, &mut spec(), Some(&c), "native", 0).unwrap_err()
         );
         assert!(err.contains("/app/web clashes"), "{err}");
     }

@@ -132,7 +132,14 @@ pub(crate) fn build(
     )?;
     let mut tree = app.tree;
     let mut spec = app.spec;
-    let image_config = environments::bake(&mut tree, &mut spec, config.as_ref(), kind.as_str())?;
+    let fixed = app
+        .notes
+        .iter()
+        .find(|(key, _)| key == crate::image::manifest::NOTE_FIXED_ARGS)
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0);
+    let image_config =
+        environments::bake(&mut tree, &mut spec, config.as_ref(), kind.as_str(), fixed)?;
     let user = config.as_ref().and_then(|c| c.user);
     if user.is_some_and(|u| u.uid == 0) {
         progress(
