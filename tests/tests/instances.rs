@@ -460,3 +460,70 @@ fn a_detached_run_keeps_its_secrets_off_command_lines() {
     inst.fuse().args(["kill", &id]).run().assert_success();
     assert_no_leaked_qemu();
 }
+
+/// A detached run behaves like a foreground one: the image's own `[ports]` are published and
+/// its health check is waited on before `fuse run -d` returns (issue 12, item 10); an app that
+/// dies before it is ready is reported with its exit code and last output lines (item 11).
+#[test]
+fn a_detached_run_publishes_the_images_ports_and_waits_for_health() {
+    let inst = Instances::new();
+    let port = common::free_port();
+    let server = inst.sb.dir.write(
+        "web-1.0.py",
+        &format!(
+            "import http.server\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       self.send_response(200); self.end_headers(); self.wfile.write(b'detached ok')\n\
+             print('serving', flush=True)\n\
+             http.server.HTTPServer(('', {port}), H).serve_forever()\n"
+        ),
+    );
+    inst.sb.dir.write(
+        "fuse.toml",
+        &format!("[ports]\nhttp = {port}\n[healthcheck]\nhttp = \"/\"\n"),
+    );
+    let id = inst.detach(&server, &[]);
+    // No retry: `run -d` returned, so the app must already answer on the image's port.
+    let answer = http_get_once(port);
+    assert!(answer.contains("detached ok"), "{answer}");
+    let list = inst.ps();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let ports = list[0]["ports"].to_string();
+    assert!(
+        ports.contains(&port.to_string()),
+        "ps shows no port: {ports}"
+    );
+    inst.fuse().args(["kill", &id]).run().assert_success();
+
+    // Dies before it is ready: its code and its last words are in the error.
+    let dies = inst.sb.dir.write(
+        "dies-1.0.py",
+        "import sys\nprint('cannot open the database', flush=True)\nsys.exit(3)\n",
+    );
+    let out = inst
+        .fuse()
+        .args(["run", "-d", "--accel", "tcg"])
+        .arg(&dies)
+        .run();
+    out.assert_code(1);
+    let stderr = out.stderr_str();
+    assert!(
+        stderr.contains("cannot open the database") && stderr.contains("code 3"),
+        "{out}"
+    );
+    assert!(inst.ps().is_empty());
+    assert_no_leaked_qemu();
+}
+
+/// One HTTP/1.0 GET of `/` on the host's 127.0.0.1:`port`; the whole response.
+fn http_get_once(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("127.0.0.1:{port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}

@@ -378,15 +378,9 @@ fn wait_started(
                 Ok(Some(status)) => status,
                 Err(e) => return Some(Err(e.into())),
             };
-            let log = fs::read_to_string(dir.join(SUPERVISOR_LOG)).unwrap_or_default();
-            let message = log
-                .lines()
-                .rev()
-                .find_map(|l| l.strip_prefix("fuse: error: "))
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("the supervisor exited ({status}): {}", log.trim()));
             Some(Err(anyhow::anyhow!(
-                "The instance did not start: {message}"
+                "The instance did not start: {}",
+                why_not_started(dir, status)
             )))
         },
     );
@@ -398,6 +392,35 @@ fn wait_started(
         )
     })
 }
+
+/// Why a supervisor that exited with `status` did not start its instance: its error line, else
+/// the app's exit code; then the app's last output lines, as a foreground run shows them.
+fn why_not_started(dir: &Path, status: std::process::ExitStatus) -> String {
+    let log = fs::read_to_string(dir.join(SUPERVISOR_LOG)).unwrap_or_default();
+    let mut message = log
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("fuse: error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| match status.code() {
+            // The supervisor exits with the app's code once the VM has run.
+            Some(code) => format!("the app exited with exit code {code} before it was ready"),
+            None => format!("the supervisor ended ({status}): {}", log.trim()),
+        });
+    let console = fs::read_to_string(dir.join(CONSOLE_LOG)).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
+    if !lines.is_empty() {
+        message.push_str("; its last output:");
+        for line in &lines[lines.len().saturating_sub(LAST_LINES)..] {
+            message.push_str("\n  ");
+            message.push_str(line);
+        }
+    }
+    message
+}
+
+/// How many of the app's last output lines a failed start shows.
+const LAST_LINES: usize = 10;
 
 /// Stops an instance gracefully (SIGTERM to its supervisor: the app gets SIGTERM), forcing
 /// after its grace period and a margin. Returns whether it stopped without being forced.
@@ -532,13 +555,13 @@ pub(crate) fn supervise(store: &Store, dir: &Path) -> Result<u8> {
         &mut std::io::stdout(),
         &mut |l| eprintln!("fuse: {l}"),
     );
-    // A VM that never started leaves its logs for `fuse run -d` to report; it removes them.
-    let started = shared
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .qemu
-        .is_some();
-    if started {
+    // A VM that never started, or ended before the ready state `fuse run -d` waits for, leaves
+    // its logs for `fuse run -d` to report; it removes them.
+    let (started, ready) = {
+        let state = shared.lock().unwrap_or_else(|e| e.into_inner());
+        (state.qemu.is_some(), state.status == Status::Ready)
+    };
+    if started && (ready || request.health.is_none()) {
         let _ = fs::remove_dir_all(dir);
     }
     Ok(result?.exit_code)
