@@ -470,7 +470,7 @@ fn a_detached_run_publishes_the_images_ports_and_waits_for_health() {
     let port = common::free_port();
     let server = inst.sb.dir.write(
         "web-1.0.py",
-        &format!(
+        format!(
             "import http.server\n\
              class H(http.server.BaseHTTPRequestHandler):\n\
              \x20   def do_GET(self):\n\
@@ -481,7 +481,7 @@ fn a_detached_run_publishes_the_images_ports_and_waits_for_health() {
     );
     inst.sb.dir.write(
         "fuse.toml",
-        &format!("[ports]\nhttp = {port}\n[healthcheck]\nhttp = \"/\"\n"),
+        format!("[ports]\nhttp = {port}\n[healthcheck]\nhttp = \"/\"\n"),
     );
     let id = inst.detach(&server, &[]);
     // No retry: `run -d` returned, so the app must already answer on the image's port.
