@@ -475,3 +475,52 @@ fn scratch_of_a_killed_build_is_swept_by_the_next_command() {
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
     assert!(left.is_empty(), "left in the store's tmp: {left:?}");
 }
+
+/// `[jvm] main_class` runs another class of the jar (`java -cp app.jar CLASS`, as H2's
+/// `org.h2.tools.Server` needs), with fuse.toml's `args` after it; a class the jar does not
+/// hold is refused at build with one line.
+#[test]
+fn main_class_from_fuse_toml_runs_that_class() {
+    let sb = Sandbox::new();
+    let jar = java_jar(
+        sb.dir.path(),
+        "tools-1.0.jar",
+        "Console",
+        &[
+            (
+                "Console.java",
+                "public class Console { public static void main(String[] a) { \
+                 System.out.println(\"the console\"); } }",
+            ),
+            (
+                "Server.java",
+                "public class Server { public static void main(String[] a) { \
+                 System.out.println(\"the server \" + String.join(\" \", a)); } }",
+            ),
+        ],
+        &[],
+    );
+    sb.dir.write(
+        "fuse.toml",
+        "args = [\"-tcp\", \"-tcpPort\", \"9092\"]\n[jvm]\nmain_class = \"Server\"\n",
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg"])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("the server -tcp -tcpPort 9092");
+
+    // In a fresh store, so "nothing stored" is checked too.
+    let fresh = Sandbox::new();
+    let copy = fresh.dir.join("tools-1.0.jar");
+    std::fs::copy(&jar, &copy).unwrap();
+    fresh
+        .dir
+        .write("fuse.toml", "[jvm]\nmain_class = \"org.h2.tools.Server\"\n");
+    fresh.assert_refused(
+        ["build".as_ref(), copy.as_os_str()],
+        &["has no class org.h2.tools.Server (no org/h2/tools/Server.class)"],
+    );
+    assert_no_leaked_qemu();
+}

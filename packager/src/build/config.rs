@@ -320,6 +320,20 @@ impl Config {
         self.runtime.get(runtime)
     }
 
+    /// A string setting of a runtime's table (`[jvm] main_class = "org.h2.tools.Server"`).
+    pub(crate) fn runtime_string(&self, runtime: &str, key: &str) -> Result<Option<String>> {
+        let Some(value) = self.runtime_table(runtime).and_then(|t| t.get(key)) else {
+            return Ok(None);
+        };
+        match value.as_str() {
+            Some(text) if !text.trim().is_empty() => Ok(Some(text.to_string())),
+            _ => bail!(
+                "{}: [{runtime}] {key} must be a non-empty string",
+                self.path.display()
+            ),
+        }
+    }
+
     /// The `options = [...]` of a runtime's table (`[jvm] options = ["-Xmx256m"]`).
     pub(crate) fn runtime_options(&self, runtime: &str) -> Result<Vec<String>> {
         let Some(value) = self.runtime_table(runtime).and_then(|t| t.get("options")) else {

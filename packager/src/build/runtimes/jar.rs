@@ -50,8 +50,14 @@ pub(crate) enum JarError {
     },
     #[error("{} has an entry that escapes its directory ('{entry}'): refusing it, rebuild the jar from trusted sources", path.display())]
     UnsafeEntry { path: PathBuf, entry: String },
-    #[error("{} has no Main-Class in {MANIFEST}: build an executable jar (jar --main-class, or your build tool's manifest setting)", path.display())]
+    #[error("{} has no Main-Class in {MANIFEST}: build an executable jar (jar --main-class, or your build tool's manifest setting), or name the class with `[jvm] main_class` in fuse.toml", path.display())]
     NoMainClass { path: PathBuf },
+    #[error("{} has no class {class} (no {entry}): check `[jvm] main_class` in fuse.toml", path.display())]
+    NoSuchClass {
+        path: PathBuf,
+        class: String,
+        entry: String,
+    },
 }
 
 pub(crate) type Result<T> = std::result::Result<T, JarError>;
@@ -105,9 +111,10 @@ pub(crate) fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
         .is_some_and(|mut z| z.by_name(MANIFEST).is_ok())
 }
 
-/// Reads the jar at `path`: checks every entry name, finds `Main-Class`, loads nested jars,
-/// collects the JDK classes the bytecode refers to.
-pub(crate) fn read(path: &Path) -> Result<JarInfo> {
+/// Reads the jar at `path`: checks every entry name, finds `Main-Class` (or checks that
+/// `main_class`, when given, is in the jar), loads nested jars, collects the JDK classes the
+/// bytecode refers to.
+pub(crate) fn read(path: &Path, main_class: Option<&str>) -> Result<JarInfo> {
     let file = std::fs::File::open(path).map_err(|source| JarError::Io {
         path: path.to_path_buf(),
         source,
@@ -130,11 +137,24 @@ pub(crate) fn read(path: &Path) -> Result<JarInfo> {
         Err(e) => return Err(corrupt(e)),
     };
     let attr = |name| manifest_attribute(&manifest, name);
-    let main_class = attr("Main-Class")
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| JarError::NoMainClass {
-            path: path.to_path_buf(),
-        })?;
+    let main_class = match main_class {
+        Some(class) => {
+            let entry = format!("{}.class", class.replace('.', "/"));
+            if zip.by_name(&entry).is_err() {
+                return Err(JarError::NoSuchClass {
+                    path: path.to_path_buf(),
+                    class: class.to_string(),
+                    entry,
+                });
+            }
+            class.to_string()
+        }
+        None => attr("Main-Class")
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| JarError::NoMainClass {
+                path: path.to_path_buf(),
+            })?,
+    };
     let mut info = JarInfo {
         main_class,
         spring_boot: attr("Spring-Boot-Version").is_some(),
@@ -444,7 +464,7 @@ mod tests {
                 ("lib/dep.jar", &dep_bytes),
             ],
         );
-        let info = read(&app).unwrap();
+        let info = read(&app, None).unwrap();
         assert_eq!(info.main_class, "app.Main");
         assert!(!info.spring_boot);
         assert_eq!(info.nested.len(), 1);
@@ -465,7 +485,10 @@ mod tests {
                 ),
             ],
         );
-        assert_eq!(read(&again).unwrap().refs_digest(), info.refs_digest());
+        assert_eq!(
+            read(&again, None).unwrap().refs_digest(),
+            info.refs_digest()
+        );
         let more = dir.path().join("more.jar");
         write_jar(
             &more,
@@ -474,7 +497,7 @@ mod tests {
                 ("app/Main.class", &class_file(&["java/net/http/HttpClient"])),
             ],
         );
-        assert_ne!(read(&more).unwrap().refs_digest(), info.refs_digest());
+        assert_ne!(read(&more, None).unwrap().refs_digest(), info.refs_digest());
     }
 
     #[test]
@@ -482,11 +505,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let no_main = dir.path().join("lib.jar");
         write_jar(&no_main, &[(MANIFEST, b"Manifest-Version: 1.0\n")]);
-        assert!(matches!(read(&no_main), Err(JarError::NoMainClass { .. })));
+        assert!(matches!(
+            read(&no_main, None),
+            Err(JarError::NoMainClass { .. })
+        ));
+        // A library jar runs when the class is named, and only a class it holds.
+        let lib = dir.path().join("tools.jar");
+        write_jar(
+            &lib,
+            &[
+                (MANIFEST, b"Main-Class: org.tools.Console\n"),
+                ("org/tools/Server.class", &class_file(&[])),
+            ],
+        );
+        assert_eq!(
+            read(&lib, Some("org.tools.Server")).unwrap().main_class,
+            "org.tools.Server"
+        );
+        let err = read(&lib, Some("org.tools.Nope")).unwrap_err();
+        assert!(matches!(err, JarError::NoSuchClass { .. }), "{err:?}");
+        assert!(err.to_string().contains("no org/tools/Nope.class"), "{err}");
 
         let corrupt = dir.path().join("corrupt.jar");
         std::fs::write(&corrupt, b"PK\x03\x04 and then nothing a zip reader wants").unwrap();
-        assert!(matches!(read(&corrupt), Err(JarError::Corrupt { .. })));
+        assert!(matches!(
+            read(&corrupt, None),
+            Err(JarError::Corrupt { .. })
+        ));
 
         for bad in ["../evil.class", "a/../../evil", "/etc/passwd"] {
             // The zip writer cleans names: write a placeholder of the same length, then patch
@@ -501,7 +546,7 @@ mod tests {
             let patched = replace_all(&bytes, placeholder.as_bytes(), bad.as_bytes());
             assert_ne!(patched, bytes);
             std::fs::write(&slip, patched).unwrap();
-            let err = read(&slip).unwrap_err();
+            let err = read(&slip, None).unwrap_err();
             assert!(matches!(err, JarError::UnsafeEntry { .. }), "{bad}: {err}");
             assert!(err.to_string().contains(bad), "{err}");
         }
@@ -519,7 +564,7 @@ mod tests {
                 ("lib/inner.jar", &std::fs::read(&inner).unwrap()),
             ],
         );
-        let err = read(&outer).unwrap_err();
+        let err = read(&outer, None).unwrap_err();
         assert!(matches!(err, JarError::UnsafeEntry { .. }), "{err}");
         assert!(err.to_string().contains("lib/inner.jar"), "{err}");
     }

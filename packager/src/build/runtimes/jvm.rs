@@ -514,7 +514,12 @@ pub(crate) fn assemble(
     progress: &mut dyn FnMut(&str),
 ) -> Result<AppImage> {
     // The jar first: a broken jar is the user's likeliest mistake and needs no JDK to report.
-    let info = jar::read(input.input)?;
+    // `[jvm] main_class`: a class other than the jar's Main-Class (or in a jar without one).
+    let main_class = match input.config {
+        Some(config) => config.runtime_string("jvm", "main_class")?,
+        None => None,
+    };
+    let info = jar::read(input.input, main_class.as_deref())?;
     // Another arch (or --sysroot): the target's JDK, linked by a host JDK of its version.
     let (jdk, sysroot) = if input.arch != Arch::host() || input.sysroot.is_some() {
         target_jdk(input.arch, input.jdk, input.sysroot, progress)?
@@ -544,8 +549,10 @@ pub(crate) fn assemble(
     if let Some(config) = input.config {
         args.extend(config.runtime_options("jvm")?);
     }
-    args.push("-jar".into());
-    args.push(jar_image);
+    match &main_class {
+        Some(class) => args.extend(["-cp".into(), jar_image, class.clone()]),
+        None => args.extend(["-jar".into(), jar_image]),
+    }
     let fixed = args.len() - 1;
     let mut env = default_env(input.name);
     for (key, value) in env.iter_mut() {
