@@ -510,6 +510,13 @@ fn main_class_from_fuse_toml_runs_that_class() {
         .run()
         .assert_success()
         .assert_stdout_contains("the server -tcp -tcpPort 9092");
+    // --main-class wins over fuse.toml.
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--main-class", "Console"])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("the console");
 
     // In a fresh store, so "nothing stored" is checked too.
     let fresh = Sandbox::new();

@@ -41,6 +41,8 @@ pub(crate) struct BuildRequest {
     pub(crate) kind: Option<detect::Kind>,
     /// The JDK for Java apps (`--jdk`); `None` searches the host.
     pub(crate) jdk: Option<PathBuf>,
+    /// The class a Java app starts (`--main-class`), over `[jvm] main_class`.
+    pub(crate) main_class: Option<String>,
     /// `--node`, `--python`, `--venv` for script apps.
     pub(crate) interpreters: runtimes::Interpreters,
     /// The configuration file (`--config`); `None`: `fuse.toml` beside (or in) the input.
@@ -122,6 +124,7 @@ pub(crate) fn build(
             name: &name,
             arch,
             jdk: request.jdk.as_deref(),
+            main_class: request.main_class.as_deref(),
             node: request.interpreters.node.as_deref(),
             python: request.interpreters.python.as_deref(),
             venv: request.interpreters.venv.as_deref(),

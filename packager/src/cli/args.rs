@@ -63,6 +63,10 @@ pub(super) struct BuildFlags {
     /// The JDK to make a Java app's runtime from (default: $JAVA_HOME, then /usr/lib/jvm).
     #[arg(long, value_name = "PATH")]
     pub(crate) jdk: Option<PathBuf>,
+    /// The class a Java app starts (`java -cp app.jar CLASS`) instead of the jar's Main-Class
+    /// (overrides `[jvm] main_class`).
+    #[arg(long, value_name = "CLASS")]
+    pub(crate) main_class: Option<String>,
     /// The node binary for a Node.js app (default: `node` on PATH).
     #[arg(long, value_name = "PATH")]
     pub(crate) node: Option<PathBuf>,
@@ -96,6 +100,7 @@ impl BuildFlags {
             kernel_source: self.target.linux_src.clone(),
             kind: self.kind,
             jdk: self.jdk.clone(),
+            main_class: self.main_class.clone(),
             interpreters: Interpreters {
                 node: self.node.clone(),
                 python: self.python.clone(),

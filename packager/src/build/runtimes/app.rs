@@ -24,6 +24,9 @@ pub(crate) struct RuntimeInput<'a> {
     pub(crate) arch: Arch,
     /// The JDK to make a Java runtime from (`--jdk`); `None` searches the host.
     pub(crate) jdk: Option<&'a Path>,
+    /// The class a Java app starts (`--main-class`); `None`: `[jvm] main_class`, else the
+    /// jar's Main-Class.
+    pub(crate) main_class: Option<&'a str>,
     /// The node binary for Node.js apps (`--node`); `None` takes `node` from PATH.
     pub(crate) node: Option<&'a Path>,
     /// The interpreter for Python apps (`--python`); `None` takes Debian's /usr/bin/python3.

@@ -515,9 +515,10 @@ pub(crate) fn assemble(
 ) -> Result<AppImage> {
     // The jar first: a broken jar is the user's likeliest mistake and needs no JDK to report.
     // `[jvm] main_class`: a class other than the jar's Main-Class (or in a jar without one).
-    let main_class = match input.config {
-        Some(config) => config.runtime_string("jvm", "main_class")?,
-        None => None,
+    let main_class = match (input.main_class, input.config) {
+        (Some(class), _) => Some(class.to_string()),
+        (None, Some(config)) => config.runtime_string("jvm", "main_class")?,
+        (None, None) => None,
     };
     let info = jar::read(input.input, main_class.as_deref())?;
     // Another arch (or --sysroot): the target's JDK, linked by a host JDK of its version.
