@@ -200,3 +200,47 @@ fn program_of_the_wrong_arch_is_a_one_line_error() {
         assert!(!line.contains('\n'));
     }
 }
+
+/// A library outside the system's directories: the build's one-line error names
+/// `--library-path`, which exists, and with it the library is found, packaged and loaded.
+#[test]
+fn library_path_adds_a_directory_for_the_apps_libraries() {
+    let sb = Sandbox::new();
+    let libs = sb.dir.join("vendor/lib");
+    std::fs::create_dir_all(&libs).unwrap();
+    let src = sb.dir.write(
+        "greet.c",
+        "const char *greet(void) { return \"greetings from libgreet\"; }\n",
+    );
+    let so = libs.join("libgreet.so");
+    let cc = std::process::Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let lib_arg = format!("-L{}", libs.display());
+    let app = sb.program(
+        "#include <stdio.h>\nconst char *greet(void);\n\
+         int main(void) { printf(\"%s\\n\", greet()); return 0; }\n",
+        "greeter",
+        &[&lib_arg, "-lgreet"],
+    );
+    sb.assert_refused(
+        ["build".as_ref(), app.as_os_str()],
+        &["Missing library libgreet.so", "--library-path"],
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--library-path"])
+        .arg(&libs)
+        .arg(&app)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("greetings from libgreet");
+    assert_no_leaked_qemu();
+}

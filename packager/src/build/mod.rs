@@ -43,6 +43,8 @@ pub(crate) struct BuildRequest {
     pub(crate) jdk: Option<PathBuf>,
     /// The class a Java app starts (`--main-class`), over `[jvm] main_class`.
     pub(crate) main_class: Option<String>,
+    /// Host directories searched for the app's shared libraries (`--library-path`).
+    pub(crate) library_paths: Vec<PathBuf>,
     /// `--node`, `--python`, `--venv` for script apps.
     pub(crate) interpreters: runtimes::Interpreters,
     /// The configuration file (`--config`); `None`: `fuse.toml` beside (or in) the input.
@@ -125,6 +127,7 @@ pub(crate) fn build(
             arch,
             jdk: request.jdk.as_deref(),
             main_class: request.main_class.as_deref(),
+            library_paths: &request.library_paths,
             node: request.interpreters.node.as_deref(),
             python: request.interpreters.python.as_deref(),
             venv: request.interpreters.venv.as_deref(),

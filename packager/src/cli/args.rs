@@ -63,6 +63,10 @@ pub(super) struct BuildFlags {
     /// The JDK to make a Java app's runtime from (default: $JAVA_HOME, then /usr/lib/jvm).
     #[arg(long, value_name = "PATH")]
     pub(crate) jdk: Option<PathBuf>,
+    /// A host directory to look for the app's shared libraries in, after the ELF's RPATH and
+    /// before the system's (like LD_LIBRARY_PATH; repeatable).
+    #[arg(long = "library-path", value_name = "DIR")]
+    pub(crate) library_paths: Vec<PathBuf>,
     /// The class a Java app starts (`java -cp app.jar CLASS`) instead of the jar's Main-Class
     /// (overrides `[jvm] main_class`).
     #[arg(long, value_name = "CLASS")]
@@ -101,6 +105,7 @@ impl BuildFlags {
             kind: self.kind,
             jdk: self.jdk.clone(),
             main_class: self.main_class.clone(),
+            library_paths: self.library_paths.clone(),
             interpreters: Interpreters {
                 node: self.node.clone(),
                 python: self.python.clone(),

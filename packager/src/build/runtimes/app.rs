@@ -27,6 +27,8 @@ pub(crate) struct RuntimeInput<'a> {
     /// The class a Java app starts (`--main-class`); `None`: `[jvm] main_class`, else the
     /// jar's Main-Class.
     pub(crate) main_class: Option<&'a str>,
+    /// Host directories searched for shared libraries after RPATH (`--library-path`).
+    pub(crate) library_paths: &'a [std::path::PathBuf],
     /// The node binary for Node.js apps (`--node`); `None` takes `node` from PATH.
     pub(crate) node: Option<&'a Path>,
     /// The interpreter for Python apps (`--python`); `None` takes Debian's /usr/bin/python3.
@@ -40,6 +42,18 @@ pub(crate) struct RuntimeInput<'a> {
     /// "jvm")` / `config.runtime_options("jvm")` (`[jvm] options = [...]`), same for node and
     /// python. Args, env and files of the configuration are applied by the builder after.
     pub(crate) config: Option<&'a crate::build::config::Config>,
+}
+
+impl RuntimeInput<'_> {
+    /// How the ELF closure of the app's programs is resolved: for its arch, with the user's
+    /// library directories.
+    pub(crate) fn closure_options(&self) -> fuse_rootfs::elf::ClosureOptions {
+        fuse_rootfs::elf::ClosureOptions {
+            arch: self.arch,
+            extra_library_paths: self.library_paths.to_vec(),
+            ..Default::default()
+        }
+    }
 }
 
 /// The interpreters of the script runtimes, as given on the command line.

@@ -3,7 +3,7 @@
 use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use crate::build::layout;
 use anyhow::Result;
-use fuse_rootfs::elf::{self, ClosureOptions};
+use fuse_rootfs::elf;
 
 pub(crate) fn assemble(
     input: &RuntimeInput<'_>,
@@ -27,10 +27,7 @@ pub(crate) fn assemble(
         }
         .into());
     }
-    let mut options = ClosureOptions {
-        arch: input.arch,
-        ..ClosureOptions::default()
-    };
+    let mut options = input.closure_options();
     let mut notes = Vec::new();
     // A static program needs no libraries, hence no sysroot.
     if !info.is_static {

@@ -16,7 +16,7 @@ use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::appdir;
 use crate::build::layout;
 use anyhow::{bail, Context, Result};
-use fuse_rootfs::elf::{self, ClosureOptions};
+use fuse_rootfs::elf;
 use fuse_rootfs::tree::Tree;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -352,10 +352,7 @@ fn add_node(
     sysroot: Option<&crate::host::sysroot::Sysroot>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let mut options = ClosureOptions {
-        arch: input.arch,
-        ..ClosureOptions::default()
-    };
+    let mut options = input.closure_options();
     if let Some(sysroot) = sysroot {
         options.sysroot = sysroot.path.clone();
         // Debian's node loads some of its built-in modules from these files at run time (its

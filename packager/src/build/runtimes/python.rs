@@ -23,7 +23,7 @@ use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::appdir;
 use crate::build::layout;
 use anyhow::{bail, Context, Result};
-use fuse_rootfs::elf::{self, ClosureOptions};
+use fuse_rootfs::elf;
 use fuse_rootfs::tree::Tree;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -304,10 +304,7 @@ fn add_interpreter(
     input: &RuntimeInput<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let options = ClosureOptions {
-        arch: input.arch,
-        ..ClosureOptions::default()
-    };
+    let options = input.closure_options();
     elf::add_with_closure(tree, &python.binary, image_exe, &options)?;
     let name = image_exe.rsplit('/').next().unwrap_or(image_exe);
     tree.add_symlink("/usr/bin/python3", name)?;
