@@ -276,12 +276,8 @@ impl Config {
             None if self.environments.is_empty() => None,
             None if self.environments.contains_key("dev") => Some("dev".into()),
             None if self.environments.len() == 1 => Some(names[0].clone()),
-            None => bail!(
-                "{}: several environments ({}) and none is the default: set default_environment = \"{}\" (or define `dev`)",
-                self.path.display(),
-                names.join(", "),
-                names[0]
-            ),
+            // No default to guess: every run names one (`fuse run` refuses without --env).
+            None => None,
         };
         if let Some(env) = &self.test.environment {
             if !self.environments.contains_key(env) {
@@ -1000,14 +996,8 @@ timeout = "2m"
         assert_eq!(one.default_environment.as_deref(), Some("prod"));
         let dev = load("[environments.prod]\n[environments.dev]\n").unwrap();
         assert_eq!(dev.default_environment.as_deref(), Some("dev"));
-        let err = format!(
-            "{:#}",
-            load("[environments.prod]\n[environments.qa]\n").unwrap_err()
-        );
-        assert!(
-            err.contains("none is the default") && err.contains("prod, qa"),
-            "{err}"
-        );
+        let none = load("[environments.prod]\n[environments.qa]\n").unwrap();
+        assert_eq!(none.default_environment, None);
         let err = format!(
             "{:#}",
             load("default_environment = \"live\"\n[environments.prod]\n").unwrap_err()
