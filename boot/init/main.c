@@ -10,10 +10,13 @@
 #define _GNU_SOURCE
 #include "init.h"
 
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
@@ -79,6 +82,10 @@ static int next_signal(int sfd, int timeout_ms)
 	return (int)si.ssi_signo;
 }
 
+/* Whether a termination signal was forwarded to the app: what it leaves behind then is still
+ * on its way out, not a daemon. */
+static bool signal_forwarded;
+
 /* Run until the app exits; returns its wait status. */
 static int supervise(int sfd, pid_t app)
 {
@@ -94,9 +101,59 @@ static int supervise(int sfd, pid_t app)
 		/* To the app's process group (it is a session leader), so a shell-style app and
 		 * its children all hear it; fall back to the app alone if the group is gone. */
 		debug("forwarding signal %d to the app", sig);
+		signal_forwarded = true;
 		if (kill(-app, sig) < 0)
 			(void)kill(app, sig);
 	}
+}
+
+/* The kernel's flag for its own threads (include/linux/sched.h); userspace has no header. */
+#define PF_KTHREAD 0x00200000UL
+
+/* How many processes are alive besides the init and kernel threads (zombies excluded): what
+ * the app left behind. -1 when /proc cannot be read. */
+static int count_leftovers(void)
+{
+	DIR *proc = opendir("/proc");
+	if (!proc)
+		return -1;
+	int count = 0;
+	struct dirent *e;
+	while ((e = readdir(proc)) != NULL) {
+		long pid = isdigit((unsigned char)e->d_name[0]) ? strtol(e->d_name, NULL, 10) : 0;
+		if (pid <= 1)
+			continue;
+		char path[64], *stat;
+		size_t len;
+		snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+		if (read_file(path, 4096, &stat, &len) < 0)
+			continue; /* gone meanwhile */
+		/* "pid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm may hold spaces
+		 * and parentheses, so parse from its last ')'. */
+		char state = 0;
+		unsigned long flags = 0;
+		char *end = strrchr(stat, ')');
+		if (end && sscanf(end + 1, " %c %*d %*d %*d %*d %*d %lu", &state, &flags) == 2 &&
+		    state != 'Z' && state != 'X' && !(flags & PF_KTHREAD))
+			count++;
+		free(stat);
+	}
+	closedir(proc);
+	return count;
+}
+
+/* A server that daemonizes (nginx's default) exits 0 at once in the foreground, and the VM
+ * would power off without a word: say why before stopping what it left. */
+static void report_leftovers(int status)
+{
+	if (signal_forwarded || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		return;
+	int n = count_leftovers();
+	if (n <= 0)
+		return;
+	warn("the app exited 0 but left %d process%s: it probably daemonized; run it in the "
+	     "foreground (e.g. nginx -g 'daemon off;')",
+	     n, n == 1 ? "" : "es");
 }
 
 /* Stop whatever the app left behind: SIGTERM, a grace period, SIGKILL. */
@@ -164,6 +221,7 @@ int main(void)
 	pid_t app = start_app(&spec);
 	int status = supervise(sfd, app);
 	debug("app exited with status %d", status_code(status));
+	report_leftovers(status);
 	stop_everything(sfd);
 	unmount_volumes(&spec);
 	power_off(status_code(status));

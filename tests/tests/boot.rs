@@ -18,6 +18,7 @@ on_every_arch! {
     app_gets_exactly_the_spec_environment_and_run_time_args => spec_environment;
     guest_that_never_exits_hits_the_timeout_and_is_killed => timeout_kills;
     ctrl_c_stops_the_vm_and_leaves_no_qemu => ctrl_c_stops;
+    an_app_that_daemonizes_is_told_so_and_keeps_its_exit_code => daemonizes;
 }
 
 fn static_hello(arch: &str) {
@@ -52,6 +53,46 @@ fn verbose_shows_the_qemu_command_line_and_kernel_messages() {
         line.contains("qemu-system-x86_64") && line.contains("loglevel=7"),
         "{line}"
     );
+    assert_no_leaked_qemu();
+}
+
+/// Daemonizes the way nginx does by default: the foreground process forks a master (new
+/// session) which forks a worker, and exits 0 once both exist.
+const DAEMONIZES: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    int ready[2];
+    if (pipe(ready) < 0) return 1;
+    if (fork() == 0) {
+        setsid();
+        if (fork() == 0) for (;;) pause();
+        (void)write(ready[1], "x", 1);
+        for (;;) pause();
+    }
+    char c;
+    if (read(ready[0], &c, 1) != 1) return 1;
+    printf("master and worker started\n");
+    return 0;
+}
+"#;
+
+/// An app that leaves processes behind when it exits 0 has probably daemonized: the init says so
+/// (the VM would otherwise power off without a word), stops them, and the exit code stays 0.
+fn daemonizes(arch: &str) {
+    let sb = Sandbox::new();
+    let app = sb.program_for(arch, DAEMONIZES, "daemon", &["-static"]);
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&app)
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("master and worker started")
+        .assert_stdout_contains(
+            "fuse-init: warning: the app exited 0 but left 2 processes: it probably \
+             daemonized; run it in the foreground (e.g. nginx -g 'daemon off;')",
+        );
     assert_no_leaked_qemu();
 }
 

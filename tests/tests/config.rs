@@ -107,15 +107,34 @@ fn unknown_environment_is_refused_before_boot_listing_the_defined_ones() {
         .assert_code(1)
         .assert_stderr_contains("has no environments");
 
-    // Several environments and no default is a build error that says how to fix it.
+    assert_no_leaked_qemu();
+}
+
+/// Several environments and no default: the image builds, and every run must name one; a run
+/// without --env (foreground or detached) is refused before boot, naming the choices.
+#[test]
+fn several_environments_without_a_default_build_and_each_run_names_one() {
     let sb = Sandbox::new();
-    let app = sb.program(HELLO, "hello", &["-static"]);
-    sb.dir
-        .write("fuse.toml", "[environments.qa]\n[environments.prod]\n");
-    sb.assert_refused(
-        ["build".as_ref(), app.as_os_str()],
-        &["none is the default", "default_environment"],
+    let app = sb.program(REPORTER, "hello", &["-static"]);
+    sb.dir.write(
+        "fuse.toml",
+        "[environments.test]\n[environments.prod.env]\nTOKEN = \"p\"\n",
     );
+    sb.fuse().arg("build").arg(&app).run().assert_success();
+    for detach in [&[][..], &["-d"]] {
+        let out = sb.fuse().arg("run").args(detach).arg("hello").run();
+        common::assert_one_error(
+            &out,
+            &["Image hello:latest has environments prod, test and no default: pick one with --env NAME"],
+        );
+        assert!(out.stdout_str().is_empty(), "{out}");
+        assert_eq!(out.stderr_str().lines().count(), 1, "{out}");
+    }
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--env", "prod", "hello"])
+        .run()
+        .assert_code(3)
+        .assert_stdout_contains("booted in prod with token p");
     assert_no_leaked_qemu();
 }
 

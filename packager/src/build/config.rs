@@ -158,8 +158,9 @@ impl Config {
             let text = read(&layer)?;
             let raw: RawEnvironment = parse(&layer, &text)?;
             let src = Source::new(&layer, &text);
+            let section = format!("[env] of environment {env_name}");
             let target = config.environments.entry(env_name.clone()).or_default();
-            merge_environment(&src, target, raw)?;
+            merge_environment(&src, &section, target, raw)?;
             config.layers.push(layer);
         }
         config.finish()?;
@@ -233,13 +234,14 @@ impl Config {
         if let Some(user) = raw.user {
             config.user = Some(user_from(&src, user)?);
         }
-        config.env = env_table(&src, raw.env)?;
+        config.env = env_table(&src, "[env]", raw.env)?;
         config.files = files_table(&src, raw.files)?;
         for (name, table) in raw.environments {
             let origin = src.origin(name.span());
             validate_environment_name(name.get_ref()).with_context(|| origin.to_string())?;
+            let section = format!("[environments.{}.env]", name.get_ref());
             let target = config.environments.entry(name.into_inner()).or_default();
-            merge_environment(&src, target, table)?;
+            merge_environment(&src, &section, target, table)?;
         }
         if let Some(healthcheck) = raw.healthcheck {
             config.healthcheck = Some(healthcheck_from(&src, &config.ports, healthcheck)?);
@@ -276,12 +278,8 @@ impl Config {
             None if self.environments.is_empty() => None,
             None if self.environments.contains_key("dev") => Some("dev".into()),
             None if self.environments.len() == 1 => Some(names[0].clone()),
-            None => bail!(
-                "{}: several environments ({}) and none is the default: set default_environment = \"{}\" (or define `dev`)",
-                self.path.display(),
-                names.join(", "),
-                names[0]
-            ),
+            // No default to guess: every run names one (`fuse run` refuses without --env).
+            None => None,
         };
         if let Some(env) = &self.test.environment {
             if !self.environments.contains_key(env) {
@@ -499,24 +497,21 @@ enum UserValue {
     Name(String),
 }
 
-/// An environment value: a string, or a number or boolean written without quotes.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum EnvValue {
-    String(String),
-    Integer(i64),
-    Float(f64),
-    Bool(bool),
-}
+/// An environment value: a string, or a number, boolean or date written without quotes. Read as
+/// any TOML value so that a wrong one is reported with its key and place (see `env_table`),
+/// not as serde's "did not match any variant".
+type EnvValue = toml::Value;
 
-impl EnvValue {
-    fn into_string(self) -> String {
-        match self {
-            EnvValue::String(s) => s,
-            EnvValue::Integer(n) => n.to_string(),
-            EnvValue::Float(x) => x.to_string(),
-            EnvValue::Bool(b) => b.to_string(),
-        }
+/// The text of an environment value, or what it wrongly is.
+fn env_text(value: EnvValue) -> Result<String, &'static str> {
+    match value {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(n) => Ok(n.to_string()),
+        toml::Value::Float(x) => Ok(x.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Datetime(d) => Ok(d.to_string()),
+        toml::Value::Array(_) => Err("an array"),
+        toml::Value::Table(_) => Err("a table"),
     }
 }
 
@@ -658,17 +653,30 @@ fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The variables of an env table: `section` is where it is (`[env]`, `[test.env]`, …).
 fn env_table(
     src: &Source<'_>,
+    section: &str,
     table: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
 ) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for (name, value) in table {
+        let value_origin = src.origin(value.span());
+        let value = match env_text(value.into_inner()) {
+            Ok(text) => text,
+            // `[env.prod]` for `[environments.prod.env]`: say where that goes.
+            Err("a table") if section == "[env]" => bail!(
+                "{value_origin}: [env] holds variables (NAME = a string, number or boolean), and {0} is a table: variables of environment {0} go in [environments.{0}.env]",
+                name.get_ref()
+            ),
+            Err(kind) => bail!(
+                "{value_origin}: {section} {} must be a string, number or boolean, not {kind}",
+                name.get_ref()
+            ),
+        };
         if let Err(why) = check_env_name(name.get_ref()) {
             bail!("{}: {why}", src.origin(name.span()));
         }
-        let value_origin = src.origin(value.span());
-        let value = value.into_inner().into_string();
         if value.contains('\0') {
             bail!(
                 "{value_origin}: the value of {} contains a NUL byte",
@@ -722,10 +730,11 @@ fn files_table(
 
 fn merge_environment(
     src: &Source<'_>,
+    env_section: &str,
     target: &mut Environment,
     raw: RawEnvironment,
 ) -> Result<()> {
-    target.env.extend(env_table(src, raw.env)?);
+    target.env.extend(env_table(src, env_section, raw.env)?);
     target.files.extend(files_table(src, raw.files)?);
     if raw.args.is_some() {
         target.args = raw.args;
@@ -855,7 +864,7 @@ fn test_from(src: &Source<'_>, ports: &BTreeMap<String, u16>, raw: RawTest) -> R
         contains: raw.contains.map(OneOrMany::into_vec).unwrap_or_default(),
         http,
         environment: raw.environment,
-        env: env_table(src, raw.env)?,
+        env: env_table(src, "[test.env]", raw.env)?,
         timeout,
     })
 }
@@ -1002,6 +1011,40 @@ timeout = "2m"
     }
 
     #[test]
+    fn a_wrong_env_value_says_what_the_key_expects_and_where() {
+        let load = |text: &str| {
+            format!(
+                "{:#}",
+                Config::from_str(Path::new("/x/fuse.toml"), text).unwrap_err()
+            )
+        };
+        let err = load("name = \"a\"\n[env.prod]\nTOKEN = \"p\"\n");
+        assert!(
+            err.starts_with("/x/fuse.toml:2:1: [env] holds variables")
+                && err.contains("prod is a table")
+                && err.contains("[environments.prod.env]")
+                && !err.contains("untagged"),
+            "{err}"
+        );
+        let err = load("[environments.qa.env]\nPORTS = [1, 2]\n");
+        assert!(
+            err.starts_with("/x/fuse.toml:2:9: [environments.qa.env] PORTS must be a string, number or boolean, not an array"),
+            "{err}"
+        );
+        let err = load("[test.env]\nX = { a = 1 }\n");
+        assert!(err.contains("[test.env] X must be"), "{err}");
+        // Numbers, booleans and dates are written as text.
+        let c = Config::from_str(
+            Path::new("/x/fuse.toml"),
+            "[env]\nN = 3\nB = true\nD = 2024-01-02\n",
+        )
+        .unwrap();
+        assert_eq!(c.env["N"], "3");
+        assert_eq!(c.env["B"], "true");
+        assert_eq!(c.env["D"], "2024-01-02");
+    }
+
+    #[test]
     fn default_environment_rules() {
         let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
         assert_eq!(load("").unwrap().default_environment, None);
@@ -1014,14 +1057,8 @@ timeout = "2m"
         assert_eq!(one.default_environment.as_deref(), Some("prod"));
         let dev = load("[environments.prod]\n[environments.dev]\n").unwrap();
         assert_eq!(dev.default_environment.as_deref(), Some("dev"));
-        let err = format!(
-            "{:#}",
-            load("[environments.prod]\n[environments.qa]\n").unwrap_err()
-        );
-        assert!(
-            err.contains("none is the default") && err.contains("prod, qa"),
-            "{err}"
-        );
+        let none = load("[environments.prod]\n[environments.qa]\n").unwrap();
+        assert_eq!(none.default_environment, None);
         let err = format!(
             "{:#}",
             load("default_environment = \"live\"\n[environments.prod]\n").unwrap_err()

@@ -60,6 +60,10 @@ fn detach(image: &StoredImage, options: RunOptions) -> Result<i32> {
     // Everything that can fail early fails here, in the foreground, as one line.
     let options = options.with_image_defaults(&image.manifest);
     options.check_ports()?;
+    crate::run::overlay::check_environment(
+        &image.manifest,
+        options.selection.environment.as_deref(),
+    )?;
     let patience = match &options.health {
         Some(h) => h.timeout + START_PATIENCE,
         None => START_PATIENCE,

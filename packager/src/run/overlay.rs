@@ -192,13 +192,20 @@ impl Drop for RemoveOnceRead {
     }
 }
 
-/// Checks that the image has `environment` (when one is given).
+/// Checks that the image has `environment` (when one is given), and that a run without one
+/// has a default to boot with (an image with several environments may have none).
 pub(crate) fn check_environment(manifest: &Manifest, environment: Option<&str>) -> Result<()> {
-    let Some(name) = environment else {
-        return Ok(());
-    };
     let image = manifest.reference();
     let baked = &manifest.config.environments;
+    let Some(name) = environment else {
+        if !baked.is_empty() && manifest.config.default_environment.is_none() {
+            bail!(
+                "Image {image} has environments {} and no default: pick one with --env NAME",
+                baked.join(", ")
+            );
+        }
+        return Ok(());
+    };
     if baked.is_empty() {
         bail!("Image {image} has no environments, so --env {name} cannot select one: define [environments.{name}] in fuse.toml and rebuild");
     }
@@ -255,6 +262,18 @@ mod tests {
             .to_string();
         assert!(err.contains("has no environments"), "{err}");
         assert!(run_overlay(&manifest(&[]), &Selection::default(), None).is_ok());
+
+        // Several environments and no default: a run must name one.
+        let err = run_overlay(&m, &Selection::default(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has environments dev, prod and no default: pick one with --env NAME"),
+            "{err}"
+        );
+        let mut with_default = m.clone();
+        with_default.config.default_environment = Some("dev".into());
+        assert!(run_overlay(&with_default, &Selection::default(), None).is_ok());
     }
 
     #[test]
