@@ -151,6 +151,30 @@ fn bad_inputs_are_refused_with_one_clear_line() {
     bytes[18..20].copy_from_slice(&183u16.to_le_bytes()); // e_machine = EM_AARCH64
     let foreign = sb.dir.write("foreign-arm", &bytes);
     assert_build_refused(&sb, &foreign, &["foreign-arm", "aarch64"]);
+
+    // Names that would be a path in the store: refused before a blob is written.
+    let app = sb.program(HELLO, "named", &["-static"]);
+    for (name, needle) in [
+        ("foo:..", "invalid image version '..'"),
+        ("foo:.", "invalid image version '.'"),
+        ("..:1", "invalid image name '..'"),
+        ("foo/bar:1", "invalid image name 'foo/bar'"),
+        ("foo:1/2", "invalid image version '1/2'"),
+    ] {
+        sb.assert_refused(
+            [
+                "build".as_ref(),
+                "--name".as_ref(),
+                name.as_ref(),
+                app.as_os_str(),
+            ],
+            &["--name", needle],
+        );
+    }
+    let blobs = std::fs::read_dir(sb.home().join("images/blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "a refused name leaves no blob");
 }
 
 #[test]
