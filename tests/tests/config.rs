@@ -74,6 +74,32 @@ fn unknown_keys_are_named_with_their_file() {
 }
 
 #[test]
+fn zero_memory_or_cpus_is_refused_by_flag_as_by_fuse_toml() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello", &["-static"]);
+    sb.dir.write("fuse.toml", "name = \"hello\"\nmemory = 0\n");
+    sb.assert_refused(
+        ["build".as_ref(), app.as_os_str()],
+        &["fuse.toml:2:10:", "memory must be at least 1"],
+    );
+    std::fs::remove_file(sb.dir.join("fuse.toml")).unwrap();
+    for command in ["run", "test"] {
+        for (flag, key) in [("--memory", "memory"), ("--cpus", "cpus")] {
+            sb.assert_refused(
+                [
+                    command.as_ref(),
+                    flag.as_ref(),
+                    "0".as_ref(),
+                    app.as_os_str(),
+                ],
+                &[flag, &format!("{key} must be at least 1")],
+            );
+        }
+    }
+    assert_no_leaked_qemu();
+}
+
+#[test]
 fn unknown_environment_is_refused_before_boot_listing_the_defined_ones() {
     let sb = Sandbox::new();
     let app = sb.program(HELLO, "hello", &["-static"]);

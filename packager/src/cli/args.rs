@@ -184,8 +184,8 @@ impl TryFrom<&VmFlags> for RunOptions {
             args: f.args.clone(),
             selection: Selection::from_flags(f.environment.as_deref(), &f.set, &f.env_files)?,
             accel: f.accel,
-            memory_mib: f.memory,
-            cpus: f.cpus,
+            memory_mib: at_least_one("--memory", "memory", f.memory)?,
+            cpus: at_least_one("--cpus", "cpus", f.cpus)?,
             timeout: f.timeout.map(Duration::from_secs),
             verbose: f.verbose,
             publish: f.publish.clone(),
@@ -255,4 +255,13 @@ mod tests {
         let out = normalize_args(["fuse", "run", "-env", "prod"].iter().map(OsString::from));
         assert_eq!(out[2], "--env");
     }
+}
+
+/// `--memory`/`--cpus` checked as fuse.toml checks `memory`/`cpus` (here rather than as a clap
+/// value parser so the error is one line with exit code 1, as for every other refused input).
+fn at_least_one(flag: &str, key: &str, value: Option<u32>) -> anyhow::Result<Option<u32>> {
+    value
+        .map(|n| crate::build::config::at_least_one(key, n))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("Invalid {flag}: {e}"))
 }
