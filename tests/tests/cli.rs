@@ -137,7 +137,11 @@ fn assert_build_refused(sb: &Sandbox, input: &std::path::Path, needles: &[&str])
 fn bad_inputs_are_refused_with_one_clear_line() {
     let sb = Sandbox::new();
     let text = sb.dir.write("notes.txt", "just text\n");
-    assert_build_refused(&sb, &text, &["notes.txt", "not an app"]);
+    assert_build_refused(
+        &sb,
+        &text,
+        &["notes.txt", "not an app", "jar", ".js or .py script"],
+    );
     assert_build_refused(&sb, sb.dir.path(), &["directory"]);
     assert_build_refused(
         &sb,
@@ -204,6 +208,19 @@ fn missing_library_is_named_with_the_binary_that_needs_it() {
     std::fs::remove_file(lib_dir.join("libgreet.so")).unwrap();
     let other = Sandbox::new();
     assert_build_refused(&other, &app, &["libgreet.so", "needy"]);
+}
+
+#[test]
+fn build_help_names_every_kind_of_app() {
+    let help = FuseCmd::new().args(["build", "--help"]).run();
+    help.assert_success();
+    let text = help.stdout_str();
+    for kind in ["ELF executable", "jar", "Node.js", "Python", "directory"] {
+        assert!(
+            text.contains(kind),
+            "`fuse build --help` names {kind}:\n{text}"
+        );
+    }
 }
 
 /// The long flags a command's `--help` lists.
