@@ -271,7 +271,7 @@ pub fn read_one(
     primary: bool,
     read_at: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Result<Table, GptError>> {
-    if disk_size % SECTOR != 0 {
+    if !disk_size.is_multiple_of(SECTOR) {
         return Ok(Err(GptError::PartialSector { size: disk_size }));
     }
     if disk_size < (2 * (2 + ENTRY_SECTORS) + 1) * SECTOR {
@@ -333,7 +333,7 @@ pub fn read(
     disk_size: u64,
     read_at: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Result<Table, GptError>> {
-    if disk_size % SECTOR != 0 {
+    if !disk_size.is_multiple_of(SECTOR) {
         return Ok(Err(GptError::PartialSector { size: disk_size }));
     }
     if disk_size < SECTOR {
