@@ -107,6 +107,22 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
 
+/// backhand's error as ours: an I/O error (a full disk) keeps its io::Error as the source, so
+/// its text ("No space left on device") reaches the user.
+fn backhand_error(out: &Path, context: String, e: backhand::BackhandError) -> SquashfsError {
+    match e {
+        backhand::BackhandError::StdIo(source) => SquashfsError::Io {
+            path: out.to_path_buf(),
+            source,
+        },
+        other => SquashfsError::Backhand {
+            path: out.to_path_buf(),
+            context,
+            message: other.to_string(),
+        },
+    }
+}
+
 /// Writes `tree` as a squashfs image at `out`, atomically.
 pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result<()> {
     let bs = opts.block_size;
@@ -116,13 +132,7 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
     if opts.branch_filter.is_some() && opts.compression != Compression::Xz {
         return Err(SquashfsError::FilterWithoutXz);
     }
-    let bh_err = |context: String| {
-        move |e: backhand::BackhandError| SquashfsError::Backhand {
-            path: out.to_path_buf(),
-            context,
-            message: e.to_string(),
-        }
-    };
+    let bh_err = |context: String| move |e| backhand_error(out, context, e);
     let io_err = |source| SquashfsError::Io {
         path: out.to_path_buf(),
         source,
@@ -248,6 +258,29 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn a_write_error_keeps_its_cause() {
+        let out = Path::new("/store/rootfs.squashfs");
+        let full = io::Error::from_raw_os_error(28); // ENOSPC
+        let e = backhand_error(out, "writing".into(), backhand::BackhandError::StdIo(full));
+        let source = std::error::Error::source(&e).expect("the io::Error is the source");
+        assert!(
+            source.to_string().contains("No space left on device"),
+            "{source}"
+        );
+        let other = backhand_error(
+            out,
+            "adding /x".into(),
+            backhand::BackhandError::DuplicatedFileName,
+        );
+        assert!(
+            other
+                .to_string()
+                .ends_with("(adding /x): file duplicated in squashfs image"),
+            "{other}"
+        );
+    }
 
     fn tree_from(host: &Path) -> Tree {
         let mut t = Tree::new();

@@ -137,7 +137,11 @@ fn assert_build_refused(sb: &Sandbox, input: &std::path::Path, needles: &[&str])
 fn bad_inputs_are_refused_with_one_clear_line() {
     let sb = Sandbox::new();
     let text = sb.dir.write("notes.txt", "just text\n");
-    assert_build_refused(&sb, &text, &["notes.txt", "not an app"]);
+    assert_build_refused(
+        &sb,
+        &text,
+        &["notes.txt", "not an app", "jar", ".js or .py script"],
+    );
     assert_build_refused(&sb, sb.dir.path(), &["directory"]);
     assert_build_refused(
         &sb,
@@ -151,6 +155,30 @@ fn bad_inputs_are_refused_with_one_clear_line() {
     bytes[18..20].copy_from_slice(&183u16.to_le_bytes()); // e_machine = EM_AARCH64
     let foreign = sb.dir.write("foreign-arm", &bytes);
     assert_build_refused(&sb, &foreign, &["foreign-arm", "aarch64"]);
+
+    // Names that would be a path in the store: refused before a blob is written.
+    let app = sb.program(HELLO, "named", &["-static"]);
+    for (name, needle) in [
+        ("foo:..", "invalid image version '..'"),
+        ("foo:.", "invalid image version '.'"),
+        ("..:1", "invalid image name '..'"),
+        ("foo/bar:1", "invalid image name 'foo/bar'"),
+        ("foo:1/2", "invalid image version '1/2'"),
+    ] {
+        sb.assert_refused(
+            [
+                "build".as_ref(),
+                "--name".as_ref(),
+                name.as_ref(),
+                app.as_os_str(),
+            ],
+            &["--name", needle],
+        );
+    }
+    let blobs = std::fs::read_dir(sb.home().join("images/blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "a refused name leaves no blob");
 }
 
 #[test]
@@ -180,6 +208,19 @@ fn missing_library_is_named_with_the_binary_that_needs_it() {
     std::fs::remove_file(lib_dir.join("libgreet.so")).unwrap();
     let other = Sandbox::new();
     assert_build_refused(&other, &app, &["libgreet.so", "needy"]);
+}
+
+#[test]
+fn build_help_names_every_kind_of_app() {
+    let help = FuseCmd::new().args(["build", "--help"]).run();
+    help.assert_success();
+    let text = help.stdout_str();
+    for kind in ["ELF executable", "jar", "Node.js", "Python", "directory"] {
+        assert!(
+            text.contains(kind),
+            "`fuse build --help` names {kind}:\n{text}"
+        );
+    }
 }
 
 /// The long flags a command's `--help` lists.

@@ -74,6 +74,67 @@ fn unknown_keys_are_named_with_their_file() {
 }
 
 #[test]
+fn zero_memory_or_cpus_is_refused_by_flag_as_by_fuse_toml() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello", &["-static"]);
+    sb.dir.write("fuse.toml", "name = \"hello\"\nmemory = 0\n");
+    sb.assert_refused(
+        ["build".as_ref(), app.as_os_str()],
+        &["fuse.toml:2:10:", "memory must be at least 1"],
+    );
+    std::fs::remove_file(sb.dir.join("fuse.toml")).unwrap();
+    for command in ["run", "test"] {
+        for (flag, key) in [("--memory", "memory"), ("--cpus", "cpus")] {
+            sb.assert_refused(
+                [
+                    command.as_ref(),
+                    flag.as_ref(),
+                    "0".as_ref(),
+                    app.as_os_str(),
+                ],
+                &[flag, &format!("{key} must be at least 1")],
+            );
+        }
+    }
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn env_files_the_guest_could_not_take_are_refused_before_the_build() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello", &["-static"]);
+    let run_with = |name: &str, text: &[u8], needles: &[&str]| {
+        let file = sb.dir.write(name, text);
+        sb.assert_refused(
+            [
+                "run".as_ref(),
+                "--env-file".as_ref(),
+                file.as_os_str(),
+                app.as_os_str(),
+            ],
+            needles,
+        );
+    };
+    run_with(
+        "nul.env",
+        b"A=1\nB=x\0y\n",
+        &["nul.env:2:", "value of B contains a NUL byte"],
+    );
+    // 200 KB: over MAX_ARG_STRLEN (execve would fail with E2BIG in the guest).
+    let big = format!("BIG={}\n", "x".repeat(200 * 1024));
+    run_with("big.env", big.as_bytes(), &["BIG", "MAX_ARG_STRLEN"]);
+    // Twelve 100 KB values: each fits, all of them are over what the init reads.
+    let many: String = (0..12)
+        .map(|i| format!("V{i}={}\n", "y".repeat(100 * 1024)))
+        .collect();
+    run_with(
+        "many.env",
+        many.as_bytes(),
+        &["bytes", "init reads at most"],
+    );
+}
+
+#[test]
 fn unknown_environment_is_refused_before_boot_listing_the_defined_ones() {
     let sb = Sandbox::new();
     let app = sb.program(HELLO, "hello", &["-static"]);
@@ -335,7 +396,10 @@ int main(void) {
 fn fuse_test_takes_the_build_and_vm_flags_of_fuse_run() {
     let sb = Sandbox::new();
     let app = sb.program(REPORTS_ITS_MACHINE, "machine-1.0", &["-static"]);
-    let env_file = sb.dir.write("run.env", "GREETING=hello-from-file\n");
+    // Starting with a byte-order mark, as Windows editors write: skipped.
+    let env_file = sb
+        .dir
+        .write("run.env", "\u{feff}GREETING=hello-from-file\n");
     let out = sb
         .fuse()
         .args([

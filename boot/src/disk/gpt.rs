@@ -84,6 +84,8 @@ pub enum GptError {
     },
     #[error("The disk is too small for a GPT ({size} bytes)")]
     TooSmall { size: u64 },
+    #[error("The disk is {size} bytes, not a whole number of 512-byte sectors: it is truncated or not a disk image")]
+    PartialSector { size: u64 },
 }
 
 /// The LBA of the backup header.
@@ -269,7 +271,10 @@ pub fn read_one(
     primary: bool,
     read_at: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Result<Table, GptError>> {
-    if disk_size < (2 * (2 + ENTRY_SECTORS) + 1) * SECTOR || disk_size & (SECTOR - 1) != 0 {
+    if !disk_size.is_multiple_of(SECTOR) {
+        return Ok(Err(GptError::PartialSector { size: disk_size }));
+    }
+    if disk_size < (2 * (2 + ENTRY_SECTORS) + 1) * SECTOR {
         return Ok(Err(GptError::TooSmall { size: disk_size }));
     }
     let disk_sectors = disk_size / SECTOR;
@@ -328,6 +333,9 @@ pub fn read(
     disk_size: u64,
     read_at: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Result<Table, GptError>> {
+    if !disk_size.is_multiple_of(SECTOR) {
+        return Ok(Err(GptError::PartialSector { size: disk_size }));
+    }
     if disk_size < SECTOR {
         return Ok(Err(GptError::TooSmall { size: disk_size }));
     }
@@ -486,5 +494,27 @@ mod tests {
         let mut disk = image(&t);
         disk[510] = 0;
         assert_eq!(parse(&disk), Err(GptError::NoProtectiveMbr));
+    }
+
+    #[test]
+    fn test_a_partial_sector_is_named_not_called_too_small() {
+        let mut disk = image(&table());
+        disk.extend_from_slice(&[0; 100]);
+        let err = parse(&disk).unwrap_err();
+        assert_eq!(
+            err,
+            GptError::PartialSector {
+                size: disk.len() as u64
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("not a whole number of 512-byte sectors"));
+        let reader =
+            &mut |off: u64, len: usize| Ok(disk[off as usize..off as usize + len].to_vec());
+        assert!(matches!(
+            read_one(disk.len() as u64, false, reader).unwrap(),
+            Err(GptError::PartialSector { .. })
+        ));
     }
 }

@@ -162,7 +162,9 @@ impl Checker<'_> {
             gpt::GptError::EntriesCrc { which, offset, .. } => {
                 (format!("GPT {which} entry array"), *offset)
             }
-            gpt::GptError::TooSmall { .. } => ("disk".to_string(), 0),
+            gpt::GptError::TooSmall { .. } | gpt::GptError::PartialSector { .. } => {
+                ("disk".to_string(), 0)
+            }
         };
         self.problem(part, offset, None, e.to_string());
     }

@@ -609,11 +609,21 @@ fn layer_files(main: &Path) -> Result<Vec<(String, PathBuf)>> {
 
 fn positive(src: &Source<'_>, key: &str, value: Option<Spanned<u32>>) -> Result<Option<u32>> {
     match value {
-        Some(v) if *v.get_ref() == 0 => {
-            bail!("{}: {key} must be at least 1", src.origin(v.span()))
-        }
-        v => Ok(v.map(Spanned::into_inner)),
+        Some(v) => match at_least_one(key, *v.get_ref()) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) => bail!("{}: {e}", src.origin(v.span())),
+        },
+        None => Ok(None),
     }
+}
+
+/// The one check on `memory` and `cpus`, from fuse.toml or a flag: 0 would let QEMU pick its
+/// own default silently.
+pub(crate) fn at_least_one(key: &str, n: u32) -> std::result::Result<u32, String> {
+    if n == 0 {
+        return Err(format!("{key} must be at least 1"));
+    }
+    Ok(n)
 }
 
 fn user_from(src: &Source<'_>, user: Spanned<UserValue>) -> Result<AppUser> {

@@ -60,7 +60,7 @@ pub(crate) fn detect(input: &Path) -> Result<Kind> {
             return Ok(kind);
         }
         bail!(
-            "{} is a directory without an entry point: give the program to run (an ELF executable) instead",
+            "{} is a directory without an entry point (package.json, __main__.py or pyproject.toml): give the program to run instead",
             input.display()
         );
     }
@@ -78,7 +78,7 @@ pub(crate) fn detect(input: &Path) -> Result<Kind> {
         return Ok(Kind::Jvm);
     }
     bail!(
-        "{} is not an app fuse can package: expected an ELF executable or an executable jar",
+        "{} is not an app fuse can package: expected an ELF executable, an executable jar, a .js or .py script, or an app directory",
         input.display()
     )
 }

@@ -190,12 +190,14 @@ impl TryFrom<&VmFlags> for RunOptions {
         if let (Some(h), Some(secs)) = (health.as_mut(), f.health_timeout) {
             h.timeout = Duration::from_secs(secs);
         }
+        let selection = Selection::from_flags(f.environment.as_deref(), &f.set, &f.env_files)?;
+        crate::run::overlay::check_sizes(&selection.env, &f.args)?;
         Ok(RunOptions {
             args: f.args.clone(),
-            selection: Selection::from_flags(f.environment.as_deref(), &f.set, &f.env_files)?,
+            selection,
             accel: f.accel,
-            memory_mib: f.memory,
-            cpus: f.cpus,
+            memory_mib: at_least_one("--memory", "memory", f.memory)?,
+            cpus: at_least_one("--cpus", "cpus", f.cpus)?,
             timeout: f.timeout.map(Duration::from_secs),
             verbose: f.verbose,
             publish: f.publish.clone(),
@@ -227,6 +229,15 @@ pub(super) fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<Os
         }
     }
     out
+}
+
+/// `--memory`/`--cpus` checked as fuse.toml checks `memory`/`cpus` (here rather than as a clap
+/// value parser so the error is one line with exit code 1, as for every other refused input).
+fn at_least_one(flag: &str, key: &str, value: Option<u32>) -> anyhow::Result<Option<u32>> {
+    value
+        .map(|n| crate::build::config::at_least_one(key, n))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("Invalid {flag}: {e}"))
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub(super) struct BuildArgs {
-    /// The app: an executable, a jar, a script or an app directory.
+    /// The app: an ELF executable, an executable jar, a Node.js (.js) or Python (.py) script,
+    /// or an app directory (with package.json, __main__.py or pyproject.toml).
     pub(super) app: PathBuf,
     #[command(flatten)]
     build: BuildFlags,

@@ -80,13 +80,19 @@ fn validate(name: &str, version: &str) -> Result<()> {
     if !name_ok {
         bail!("invalid image name '{name}' (lowercase letters, digits, '-' and '.', at most 64)");
     }
+    // `.` and `..` would name the ref's own directory or its parent in the store.
     let version_ok = !version.is_empty()
         && version.len() <= 64
+        && version != "."
+        && version != ".."
         && version
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
     if !version_ok {
-        bail!("invalid image version '{version}' (letters, digits, '-', '_' and '.')");
+        bail!(
+            "invalid image version '{version}' (letters, digits, '-', '_' and '.', not '.' or \
+             '..', at most 64)"
+        );
     }
     Ok(())
 }
@@ -117,6 +123,10 @@ mod tests {
         assert_eq!(parse("api").unwrap().version, "latest");
         assert!(parse("Api:1").is_err());
         assert!(parse("api:1/2").is_err());
+        for bad in ["api:.", "api:..", ".:1", "..:1", "../x:1", "a/b:1", "api:"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert!(parse("api:1.0..2").is_ok());
         assert!(from_input(Path::new("-1.0")).is_err());
     }
 }

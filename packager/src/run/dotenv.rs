@@ -7,6 +7,8 @@
 //! - `"double quoted"`: with the escapes `\n`, `\t`, `\r`, `\"`, `\\` and `\$`.
 //!
 //! No variable expansion and no multi-line values: what is in the file is what the app gets.
+//! A leading UTF-8 byte-order mark (editors on Windows write one) is skipped, as Docker's
+//! `--env-file` does; a NUL byte is refused (execve could not pass it).
 //! Errors are one line, `FILE:LINE: what is wrong`.
 
 use crate::image::config::check_env_name;
@@ -23,6 +25,7 @@ pub(crate) fn load(path: &Path) -> Result<Vec<(String, String)>> {
 /// Parses dotenv text; `origin` names it in errors. Later lines win over earlier ones.
 pub(crate) fn parse(text: &str, origin: &str) -> Result<Vec<(String, String)>> {
     let mut vars: Vec<(String, String)> = Vec::new();
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (index, line) in text.lines().enumerate() {
         let at = || format!("{origin}:{}", index + 1);
         let trimmed = line.trim();
@@ -42,6 +45,9 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Vec<(String, String)>> {
         }
         let value = parse_value(raw_value.trim_start())
             .map_err(|why| anyhow::anyhow!("{}: {why}", at()))?;
+        if value.contains('\0') {
+            bail!("{}: the value of {key} contains a NUL byte", at());
+        }
         match vars.iter_mut().find(|(k, _)| k == key) {
             Some(slot) => slot.1 = value,
             None => vars.push((key.to_string(), value)),
@@ -142,6 +148,12 @@ PLAIN=overridden
     }
 
     #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let vars = parse("\u{feff}KEY=1\n", "bom.env").unwrap();
+        assert_eq!(vars, [("KEY".to_string(), "1".to_string())]);
+    }
+
+    #[test]
     fn errors_name_the_file_and_line() {
         let cases = [
             ("OK=1\nno equals here\n", "x.env:2: expected KEY=VALUE"),
@@ -152,6 +164,10 @@ PLAIN=overridden
             ("A=\"x\" y\n", "x.env:1: unexpected 'y'"),
             ("A=\"\\q\"\n", "x.env:1: unknown escape \\q"),
             ("FUSE_ENV=prod\n", "x.env:1: FUSE_ENV is set by fuse"),
+            (
+                "A=1\nB=x\0y\n",
+                "x.env:2: the value of B contains a NUL byte",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(text, "x.env").unwrap_err().to_string();

@@ -56,6 +56,58 @@ impl Selection {
     }
 }
 
+/// The most one argument or `KEY=VALUE` may be, with its NUL: Linux's MAX_ARG_STRLEN (32
+/// pages); a longer one makes execve fail with E2BIG in the guest.
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// The most the init reads of the overlay: SPEC_MAX_BYTES in boot/init/init.h.
+const OVERLAY_MAX_BYTES: usize = 1024 * 1024;
+
+/// Refuses, before anything is built or booted, injected variables and arguments the guest
+/// could not take: one over MAX_ARG_STRLEN, or all of them over what the init reads.
+pub(crate) fn check_sizes(env: &[(String, String)], args: &[String]) -> Result<()> {
+    for (key, value) in env {
+        let len = key.len() + 1 + value.len() + 1;
+        if len > MAX_ARG_STRLEN {
+            bail!(
+                "The variable {key} is {len} bytes: a Linux program takes at most \
+                 {MAX_ARG_STRLEN} per variable (MAX_ARG_STRLEN); pass it in a file (a volume) \
+                 instead"
+            );
+        }
+    }
+    for (i, arg) in args.iter().enumerate() {
+        if arg.len() + 1 > MAX_ARG_STRLEN {
+            bail!(
+                "Argument {} is {} bytes: a Linux program takes at most {MAX_ARG_STRLEN} per \
+                 argument (MAX_ARG_STRLEN)",
+                i + 1,
+                arg.len() + 1
+            );
+        }
+    }
+    let overlay = RunOverlay {
+        args: (!args.is_empty()).then(|| args.to_vec()),
+        env: env.to_vec(),
+        ..RunOverlay::default()
+    };
+    let total = overlay
+        .try_encode()
+        .context("Invalid run-time value")?
+        .len();
+    if total > OVERLAY_MAX_BYTES {
+        let largest = env
+            .iter()
+            .max_by_key(|(k, v)| k.len() + v.len())
+            .map(|(k, _)| format!(" (the largest variable: {k})"))
+            .unwrap_or_default();
+        bail!(
+            "The injected variables and arguments take {total} bytes: the guest's init reads at \
+             most {OVERLAY_MAX_BYTES}{largest}"
+        );
+    }
+    Ok(())
+}
+
 /// `-e KEY=VALUE`, or `-e KEY` with the value from `lookup` (the caller's environment).
 fn parse_set(item: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<(String, String)> {
     let (key, value) = match item.split_once('=') {
