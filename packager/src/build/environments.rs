@@ -185,16 +185,21 @@ args = ["--serve", "--fast"]
 files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.conf" }
 "#;
 
-    #[test]
-    fn configured_args_follow_the_launchers_own() {
-        let (_dir, c) = config(
+    /// [`TEXT`] with the files it names.
+    fn text_config() -> (tempfile::TempDir, Config) {
+        config(
             &[
                 ("common.conf", "common"),
                 ("default.conf", "default"),
                 ("prod.conf", "prod"),
             ],
             TEXT,
-        );
+        )
+    }
+
+    #[test]
+    fn configured_args_follow_the_launchers_own() {
+        let (_dir, c) = text_config();
         let mut tree = Tree::new();
         let mut spec = AppSpec::new("/opt/java/bin/java");
         spec.args.extend(["-jar".into(), "/app/web.jar".into()]);
@@ -222,14 +227,7 @@ files = { "/etc/web/app.conf" = "prod.conf", "/etc/web/only-prod.conf" = "prod.c
 
     #[test]
     fn bakes_every_environment() {
-        let (_dir, c) = config(
-            &[
-                ("common.conf", "common"),
-                ("default.conf", "default"),
-                ("prod.conf", "prod"),
-            ],
-            TEXT,
-        );
+        let (_dir, c) = text_config();
         let mut tree = Tree::new();
         let mut spec = spec();
         let image = bake(&mut tree, &mut spec, Some(&c), "jvm", 0).unwrap();

@@ -256,7 +256,6 @@ pub fn java_jar(
 }
 
 /// Flips one bit of the byte of `path` at `at`, keeping the file's mtime (as bit rot would).
-#[allow(dead_code)]
 pub fn flip_byte(path: &Path, at: u64) {
     let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
     let file = std::fs::OpenOptions::new()
@@ -272,7 +271,6 @@ pub fn flip_byte(path: &Path, at: u64) {
 }
 
 /// The sha256 of a file as hex digits, by `sha256sum` (an implementation other than fuse's).
-#[allow(dead_code)]
 pub fn sha256_hex(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
         .arg(path)
