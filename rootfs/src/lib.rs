@@ -8,6 +8,7 @@ pub mod block_cache;
 pub mod cpio;
 pub mod elf;
 pub mod squashfs;
+pub mod times;
 pub mod tree;
 pub mod verity;
 

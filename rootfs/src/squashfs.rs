@@ -1,8 +1,8 @@
 //! A deterministic squashfs 4.0 writer for the read-only root filesystem, on top of the
 //! `backhand` crate.
 //!
-//! Everything that could vary between two builds of the same tree is pinned: mtime 0 in every
-//! inode and in the superblock, uid/gid 0 (a single-entry id table), entries in path order, no
+//! Everything that could vary between two builds of the same tree is pinned: times derived from
+//! one epoch and the files' contents (see `times`), uid/gid 0 (a single-entry id table), entries in path order, no
 //! xattrs, single-threaded compression. The image is padded to a multiple of 4 KiB, as block
 //! devices want. The file is written next to `out` and renamed onto it, so a reader never sees
 //! half an image.
@@ -18,6 +18,7 @@ use backhand::v4::compressor::XzFilter;
 use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
 
 use crate::block_cache::{BlockCache, CachingCompressor};
+use crate::times::FileTimes;
 use crate::tree::{FileSource, Node, Tree};
 
 /// Errors writing a squashfs image.
@@ -88,6 +89,8 @@ pub struct SquashfsOptions {
     /// A cache of compressed data blocks across writes (see `block_cache`); `None` compresses
     /// every block.
     pub block_cache: Option<BlockCache>,
+    /// The files' modification times.
+    pub times: FileTimes,
 }
 
 impl Default for SquashfsOptions {
@@ -98,6 +101,7 @@ impl Default for SquashfsOptions {
             block_size: 128 * 1024,
             branch_filter: None,
             block_cache: None,
+            times: FileTimes::default(),
         }
     }
 }
@@ -139,7 +143,7 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
     };
 
     let mut fs_writer = FilesystemWriter::default();
-    fs_writer.set_time(0);
+    fs_writer.set_time(opts.times.epoch());
     fs_writer.set_block_size(bs);
     fs_writer.set_only_root_id();
     fs_writer.set_kib_padding(4);
@@ -190,7 +194,8 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
     }
 
     for (path, node) in tree.iter() {
-        let header = |mode: u32| NodeHeader::new((mode & 0o7777) as u16, 0, 0, 0);
+        let epoch = opts.times.epoch();
+        let header = |mode: u32, mtime: u32| NodeHeader::new((mode & 0o7777) as u16, 0, 0, mtime);
         let ctx = || format!("adding {path}");
         if path == "/" {
             if let Node::Dir { mode } = node {
@@ -202,30 +207,41 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
         }
         match node {
             Node::Dir { mode } => fs_writer
-                .push_dir(path, header(*mode))
+                .push_dir(path, header(*mode, epoch))
                 .map_err(bh_err(ctx()))?,
             Node::Symlink { target } => fs_writer
-                .push_symlink(target.as_str(), path, header(0o777))
+                .push_symlink(target.as_str(), path, header(0o777, epoch))
                 .map_err(bh_err(ctx()))?,
             Node::CharDevice { major, minor, mode } => fs_writer
-                .push_char_device(encode_dev(*major, *minor), path, header(*mode))
+                .push_char_device(encode_dev(*major, *minor), path, header(*mode, epoch))
                 .map_err(bh_err(ctx()))?,
-            Node::File { source, mode } => match source {
-                FileSource::Host(host) => {
-                    // backhand opens the file only when writing; check now for a clear error.
-                    fs::metadata(host).map_err(|source| SquashfsError::Read {
-                        path: path.to_string(),
-                        host: host.clone(),
-                        source,
-                    })?;
-                    fs_writer
-                        .push_file_from_path(host.clone(), path, header(*mode))
-                        .map_err(bh_err(ctx()))?
+            Node::File { source, mode } => {
+                // The time needs the content: read it now (streamed; backhand reads it again).
+                let mtime = opts.times.file(source).map_err(|e| SquashfsError::Read {
+                    path: path.to_string(),
+                    host: match source {
+                        FileSource::Host(host) => host.clone(),
+                        FileSource::Bytes(_) => PathBuf::from("(generated)"),
+                    },
+                    source: e,
+                })?;
+                match source {
+                    FileSource::Host(host) => {
+                        // backhand opens the file only when writing; check now for a clear error.
+                        fs::metadata(host).map_err(|source| SquashfsError::Read {
+                            path: path.to_string(),
+                            host: host.clone(),
+                            source,
+                        })?;
+                        fs_writer
+                            .push_file_from_path(host.clone(), path, header(*mode, mtime))
+                            .map_err(bh_err(ctx()))?
+                    }
+                    FileSource::Bytes(bytes) => fs_writer
+                        .push_file(Cursor::new(bytes.clone()), path, header(*mode, mtime))
+                        .map_err(bh_err(ctx()))?,
                 }
-                FileSource::Bytes(bytes) => fs_writer
-                    .push_file(Cursor::new(bytes.clone()), path, header(*mode))
-                    .map_err(bh_err(ctx()))?,
-            },
+            }
         }
     }
 
@@ -384,6 +400,42 @@ mod tests {
         assert_eq!(count, tree.len());
     }
 
+    #[test]
+    fn files_carry_their_content_derived_times_and_the_rest_the_epoch() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("src");
+        populate(&host);
+        let tree = tree_from(&host);
+        let img = dir.path().join("root.img");
+        let times = FileTimes {
+            epoch: 1_700_000_000,
+        };
+        let opts = SquashfsOptions {
+            times,
+            ..Default::default()
+        };
+        write_squashfs(&tree, &img, &opts).unwrap();
+        let bytes = fs::read(&img).unwrap();
+        assert_eq!(bytes[8..12], times.epoch.to_le_bytes(), "superblock time");
+        // unsquashfs restores the times it reads: they are what the guest's stat() sees.
+        let out = dir.path().join("out");
+        unsquashfs(&["-n", "-d", out.to_str().unwrap(), img.to_str().unwrap()]);
+        let mut file_times = std::collections::BTreeSet::new();
+        for (path, node) in tree.iter().filter(|(p, _)| *p != "/") {
+            let meta = fs::symlink_metadata(out.join(path.trim_start_matches('/'))).unwrap();
+            let expected = match node {
+                Node::File { source, .. } => times.file(source).unwrap(),
+                _ => times.epoch,
+            };
+            assert_eq!(meta.mtime(), i64::from(expected), "{path}");
+            if let Node::File { .. } = node {
+                file_times.insert(expected);
+            }
+        }
+        assert!(file_times.len() > 1, "files of other contents, other times");
+    }
+
     fn walk_count(p: &Path) -> usize {
         let mut n = 1;
         if fs::symlink_metadata(p).unwrap().is_dir() {
@@ -444,6 +496,9 @@ mod tests {
             block_size: 128 * 1024,
             branch_filter: Some(BranchFilter::X86),
             block_cache: None,
+            times: FileTimes {
+                epoch: 1_700_000_000,
+            },
         };
         let plain = dir.path().join("plain.img");
         write_squashfs(&tree, &plain, &opts).unwrap();

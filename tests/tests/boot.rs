@@ -19,6 +19,59 @@ on_every_arch! {
     guest_that_never_exits_hits_the_timeout_and_is_killed => timeout_kills;
     ctrl_c_stops_the_vm_and_leaves_no_qemu => ctrl_c_stops;
     an_app_that_daemonizes_is_told_so_and_keeps_its_exit_code => daemonizes;
+    the_kernel_has_what_servers_probe_at_start => kernel_features;
+}
+
+/// What redis, PostgreSQL and the runtimes probe at start (kernel-config/fragments/base.config):
+/// smaps_rollup and pagemap (redis 7 on arm64), a System V shared memory segment (PostgreSQL's
+/// interlock), high-resolution timers (a 1 ms sleep that takes 1 ms, not a 4 ms tick).
+const KERNEL_FEATURES: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <sys/ipc.h>
+#include <sys/shm.h>
+#include <time.h>
+static int readable(const char *path, const char *needle) {
+    FILE *f = fopen(path, "r");
+    if (!f) { printf("%s: cannot open\n", path); return 0; }
+    char buf[4096];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    int ok = needle ? strstr(buf, needle) != NULL : n > 0;
+    printf("%s: %s\n", path, ok ? "ok" : "missing");
+    return ok;
+}
+int main(void) {
+    int ok = readable("/proc/self/smaps_rollup", "Rss:");
+    ok &= readable("/proc/self/smaps", "Rss:");
+    ok &= readable("/proc/self/pagemap", NULL);
+    int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+    char *p = id < 0 ? NULL : shmat(id, NULL, 0);
+    int shm = p != NULL && p != (void *)-1;
+    if (shm) { p[0] = 42; shmdt(p); shmctl(id, IPC_RMID, NULL); }
+    printf("sysv shm: %s\n", shm ? "ok" : "missing");
+    struct timespec res;
+    clock_getres(CLOCK_MONOTONIC, &res);
+    int hres = res.tv_sec == 0 && res.tv_nsec <= 1000;
+    printf("timer resolution %ld ns: %s\n", res.tv_nsec, hres ? "ok" : "missing");
+    return ok && shm && hres ? 0 : 1;
+}
+"#;
+
+fn kernel_features(arch: &str) {
+    let sb = Sandbox::new();
+    let app = sb.program_for(arch, KERNEL_FEATURES, "probe", &["-static"]);
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&app)
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("/proc/self/smaps_rollup: ok")
+        .assert_stdout_contains("/proc/self/pagemap: ok")
+        .assert_stdout_contains("sysv shm: ok");
+    assert_no_leaked_qemu();
 }
 
 fn static_hello(arch: &str) {

@@ -219,3 +219,82 @@ fn bad_python_apps_are_refused_with_one_clear_line() {
         &["__main__.py", "pyproject.toml"],
     );
 }
+
+/// Item 8 of issue 12: servers derive `Last-Modified` and `ETag` from file times, so a page's
+/// time must change with its content (even at the same size), from one epoch
+/// (`SOURCE_DATE_EPOCH`) so that the same input still gives the same image.
+#[test]
+fn file_times_follow_content_and_source_date_epoch() {
+    let sb = Sandbox::new();
+    let app = sb.dir.join("site-1.0");
+    sb.dir.write(
+        "site-1.0/__main__.py",
+        "import os\n\
+         for p in ['/app/index.html', '/app']:\n    print(f'mtime {p} {int(os.stat(p).st_mtime)}')\n",
+    );
+    let epoch: i64 = 1_700_000_000;
+    let build_and_stat = |page: &str| -> (String, i64, i64) {
+        sb.dir.write("site-1.0/index.html", page);
+        let built = json(
+            sb.fuse()
+                .env("SOURCE_DATE_EPOCH", epoch.to_string())
+                .args(["build", "--json"])
+                .arg(&app)
+                .run()
+                .assert_success(),
+        );
+        let out = sb.fuse().args(["run", "site:1.0"]).run();
+        out.assert_success();
+        let stdout = out.stdout_str();
+        let time = |path: &str| -> i64 {
+            let prefix = format!("mtime {path} ");
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no {path} time in:\n{out}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let digest = built["digest"].as_str().unwrap().to_string();
+        (digest, time("/app/index.html"), time("/app"))
+    };
+    let (d1, page1, dir1) = build_and_stat("<h1>release 1</h1>\n");
+    assert_eq!(dir1, epoch, "a directory carries the epoch");
+    assert!(
+        page1 <= epoch && page1 > epoch - 86_400,
+        "a file's time is within a day before the epoch: {page1}"
+    );
+    // Another page of the same size (nginx's ETag is mtime-size): another time, another image.
+    let (d2, page2, _) = build_and_stat("<h1>release 2</h1>\n");
+    assert_ne!(
+        page2, page1,
+        "same size, other content: the time must change"
+    );
+    assert_ne!(d2, d1);
+    // The first page again: the first image again, bit for bit.
+    let (d3, page3, _) = build_and_stat("<h1>release 1</h1>\n");
+    assert_eq!((d3.as_str(), page3), (d1.as_str(), page1));
+
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "site:1.0"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(
+        inspect["notes"]["files.epoch"],
+        format!("{epoch} (SOURCE_DATE_EPOCH)")
+    );
+
+    // A malformed epoch is refused before anything is built.
+    let out = sb
+        .fuse()
+        .env("SOURCE_DATE_EPOCH", "last tuesday")
+        .args(["build", "--name", "bad:1"])
+        .arg(&app)
+        .run();
+    common::assert_one_error(&out, &["SOURCE_DATE_EPOCH=", "seconds since 1970"]);
+    sb.fuse().args(["inspect", "bad:1"]).run().assert_failure();
+    assert_no_leaked_qemu();
+}

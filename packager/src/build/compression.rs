@@ -44,6 +44,7 @@ impl RootfsCompression {
                 block_size: 1024 * 1024,
                 branch_filter: (arch == Arch::X86_64).then_some(BranchFilter::X86),
                 block_cache: Some(block_cache),
+                ..Default::default()
             },
         }
     }

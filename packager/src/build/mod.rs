@@ -12,6 +12,7 @@ pub(crate) mod disk;
 pub(crate) mod environments;
 pub(crate) mod layout;
 pub(crate) mod runtimes;
+pub(crate) mod times;
 
 use crate::build::compression::{RootfsCompression, BLOCK_CACHE_MAX_BYTES};
 use crate::build::config::Config;
@@ -85,6 +86,10 @@ pub(crate) fn build(
 ) -> Result<StoredImage> {
     let input = &request.input;
     let config = Config::discover(input, request.config.as_deref())?;
+    let epoch = times::resolve(
+        input,
+        std::env::var(times::SOURCE_DATE_EPOCH).ok().as_deref(),
+    )?;
     // --kind wins over the configuration's `kind`, which wins over detection.
     let configured_kind = match config.as_ref().and_then(|c| c.kind.as_ref()) {
         Some((kind, origin)) => Some(
@@ -186,7 +191,10 @@ pub(crate) fn build(
         dir: crate::host::paths::cache_dir().join("blocks"),
         max_bytes: BLOCK_CACHE_MAX_BYTES,
     };
-    let squashfs = compression.squashfs_options(arch, block_cache);
+    let mut squashfs = compression.squashfs_options(arch, block_cache);
+    squashfs.times = fuse_rootfs::times::FileTimes {
+        epoch: epoch.seconds,
+    };
     fuse_rootfs::squashfs::write_squashfs(&tree, &rootfs_file, &squashfs)
         .context("Cannot write the root filesystem")?;
     let rootfs_size = std::fs::metadata(&rootfs_file)?.len();
@@ -220,7 +228,7 @@ pub(crate) fn build(
             format: compression.format().into(),
         },
         cmdline,
-        notes: app.notes.into_iter().collect(),
+        notes: app.notes.into_iter().chain([epoch.note()]).collect(),
         app: AppSection {
             kind: kind.as_str().into(),
             exe: spec.exe.clone(),
