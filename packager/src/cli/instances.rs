@@ -29,6 +29,11 @@ pub(super) struct RunArgs {
     /// Run in the background: print the instance id and return (see `fuse ps`, `logs`, `kill`).
     #[arg(long, short)]
     detach: bool,
+    /// With --detach: remove the instance when its VM ends instead of keeping it (with its
+    /// exit code and logs) for `fuse ps -a` and `fuse logs` until `fuse prune`. A foreground
+    /// run keeps nothing anyway.
+    #[arg(long)]
+    rm: bool,
 }
 
 /// `fuse run`: builds (given an app) or finds the image, then boots it in the foreground, or
@@ -44,7 +49,7 @@ pub(super) fn run(args: RunArgs) -> Result<i32> {
     }
     let image = super::images::resolve(&store, &args.target, &args.build)?;
     if args.detach {
-        return detach(&image, options);
+        return detach(&image, options, args.rm);
     }
     let outcome = crate::run::launch(
         &store,
@@ -58,7 +63,7 @@ pub(super) fn run(args: RunArgs) -> Result<i32> {
 }
 
 /// `fuse run --detach`: starts the supervisor, prints the id once the VM runs (or is healthy).
-fn detach(image: &StoredImage, options: RunOptions) -> Result<i32> {
+fn detach(image: &StoredImage, options: RunOptions, auto_remove: bool) -> Result<i32> {
     // Everything that can fail early fails here, in the foreground, as one line.
     let options = options.with_image_defaults(&image.manifest);
     options.check_ports()?;
@@ -73,6 +78,7 @@ fn detach(image: &StoredImage, options: RunOptions) -> Result<i32> {
     let request = SupervisorRequest {
         digest: image.digest.clone(),
         options,
+        auto_remove,
     };
     let state = instances::detach(&request, patience)?;
     if let (Some(ms), Some(url)) = (state.ready_ms, &state.url) {
@@ -129,6 +135,7 @@ pub(super) fn ps(all: bool, json_output: bool) -> Result<i32> {
                     "exit_code": s.exit_code,
                     "ended_at": s.ended_at,
                     "error": s.error,
+                    "auto_remove": s.auto_remove,
                 })
             })
             .collect();

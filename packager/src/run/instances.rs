@@ -50,6 +50,11 @@ pub(crate) const SUPERVISOR_LOG: &str = "supervisor.log";
 pub(crate) const QMP_SOCKET: &str = "qmp.sock";
 /// What the supervisor runs ([`SupervisorRequest`]), 0600, removed once read.
 pub(crate) const REQUEST_FILE: &str = "request.json";
+/// Made by `fuse kill` in an auto-removed instance (`--rm`) before it stops it: the
+/// supervisor then leaves the ended instance for `fuse kill` to report and remove.
+const KILL_MARKER: &str = "kill-waiting";
+/// How long an auto-removing supervisor waits for `fuse run -d` to be done with its instance.
+const PARENT_PATIENCE: Duration = Duration::from_secs(600);
 /// What an ended instance keeps: everything else (the QMP socket, a file that held injected
 /// values) goes when the VM ends.
 pub(crate) const KEPT_FILES: [&str; 3] = [STATE_FILE, CONSOLE_LOG, SUPERVISOR_LOG];
@@ -162,6 +167,9 @@ pub(crate) struct InstanceState {
     /// What went wrong, one line, for [`End::Failed`], [`End::TimedOut`] and [`End::Lost`].
     #[serde(default)]
     pub(crate) error: Option<String>,
+    /// `--rm`: removed when the VM ends instead of kept.
+    #[serde(default)]
+    pub(crate) auto_remove: bool,
 }
 
 impl InstanceState {
@@ -419,6 +427,9 @@ pub(crate) struct SupervisorRequest {
     /// The image, resolved (built) by `fuse run -d` already.
     pub(crate) digest: String,
     pub(crate) options: RunOptions,
+    /// `--rm`: remove the instance when its VM ends.
+    #[serde(default)]
+    pub(crate) auto_remove: bool,
 }
 
 /// Writes `request` to `dir/request.json`, readable by its owner only.
@@ -596,6 +607,16 @@ pub(crate) fn kill(instance: &Instance) -> Result<InstanceState> {
             describe_end(state)
         );
     }
+    if state.auto_remove {
+        // Tells the supervisor to leave the ended instance for us to report, then remove.
+        let marker = instance.dir.join(KILL_MARKER);
+        match create_private(&marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| format!("Cannot create {}", marker.display()));
+            }
+            _ => {}
+        }
+    }
     let sup = state.supervisor;
     // SAFETY: kill(2) on the supervisor, verified alive with its recorded start time by
     // `list`; no memory is involved.
@@ -612,8 +633,8 @@ pub(crate) fn kill(instance: &Instance) -> Result<InstanceState> {
     if let Some(q) = state.qemu {
         poll::wait_until(QEMU_EXIT_PATIENCE, POLL_INTERVAL, || gone(q));
     }
-    match read_state(&instance.dir) {
-        Ok(ended) if ended.has_ended() => Ok(ended),
+    let ended = match read_state(&instance.dir) {
+        Ok(ended) if ended.has_ended() => ended,
         Ok(mut unrecorded) => {
             let error = if graceful {
                 "its supervisor ended without recording how the VM ended".to_string()
@@ -629,17 +650,29 @@ pub(crate) fn kill(instance: &Instance) -> Result<InstanceState> {
                 (End::Killed, Some(128 + libc::SIGKILL))
             };
             record_end(&instance.dir, &mut unrecorded, end, code, Some(error));
-            Ok(unrecorded)
+            unrecorded
         }
-        Err(e) => Err(e.context(format!("Instance {id} was stopped, but its state is gone"))),
+        Err(e) => {
+            return Err(e.context(format!("Instance {id} was stopped, but its state is gone")))
+        }
+    };
+    if ended.auto_remove {
+        fs::remove_dir_all(&instance.dir)
+            .with_context(|| format!("Cannot remove {}", instance.dir.display()))?;
     }
+    Ok(ended)
 }
 
 /// How an ended instance ended, after "it": `exited with code 3 5 seconds ago`.
 pub(crate) fn describe_end(state: &InstanceState) -> String {
     let ago = state
         .ended_at
-        .map(|t| format!(" {}", human_ago(now_secs().saturating_sub(t)).to_lowercase()))
+        .map(|t| {
+            format!(
+                " {}",
+                human_ago(now_secs().saturating_sub(t)).to_lowercase()
+            )
+        })
         .unwrap_or_default();
     let code = match state.exit_code {
         Some(c) => format!("code {c}"),
@@ -706,7 +739,14 @@ pub(crate) fn supervise(
     dir: &Path,
     exit_code_of: &dyn Fn(&anyhow::Error) -> i32,
 ) -> Result<u8> {
-    let SupervisorRequest { digest, options } = take_request(dir)?;
+    let SupervisorRequest {
+        digest,
+        options,
+        auto_remove,
+    } = take_request(dir)?;
+    // SAFETY: getppid has no preconditions. The parent is the `fuse run -d` that waits for
+    // this instance to start.
+    let parent = unsafe { libc::getppid() };
     let request = &options;
     let image = store
         .find(&digest)?
@@ -737,6 +777,7 @@ pub(crate) fn supervise(
         exit_code: None,
         ended_at: None,
         error: None,
+        auto_remove,
     };
     write_state(dir, &state)?;
     let shared = Arc::new(Mutex::new(state));
@@ -787,9 +828,19 @@ pub(crate) fn supervise(
         Ok(outcome) => i32::from(outcome.exit_code),
         Err(e) => exit_code_of(e),
     };
+    // `fuse kill` of an auto-removed instance reports how it ended, then removes it.
+    let kill_waits = dir.join(KILL_MARKER).exists();
     {
         let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
         record_end(dir, &mut state, end, Some(code), error);
+    }
+    if auto_remove && !kill_waits {
+        // Once `fuse run -d` has seen the instance start (or has reported its failure and
+        // removed it), which it does before it exits.
+        // SAFETY: getppid has no preconditions.
+        let parent_done = || (unsafe { libc::getppid() } != parent).then_some(());
+        poll::wait_until(PARENT_PATIENCE, POLL_INTERVAL, parent_done);
+        let _ = fs::remove_dir_all(dir);
     }
     Ok(result?.exit_code)
 }
@@ -801,7 +852,11 @@ fn ending_of(result: &Result<VmOutcome>) -> (End, Option<String>) {
         Ok(_) => return (End::Exited, None),
         Err(e) => e,
     };
-    let line = format!("{err:#}").lines().next().unwrap_or_default().to_string();
+    let line = format!("{err:#}")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     match err.chain().find_map(|e| e.downcast_ref::<RunError>()) {
         Some(RunError::StopTimeout { .. } | RunError::Interrupted { .. }) => (End::Killed, None),
         Some(RunError::Timeout { .. }) => (End::TimedOut, Some(line)),
@@ -831,6 +886,7 @@ mod tests {
             exit_code: None,
             ended_at: None,
             error: None,
+            auto_remove: false,
         }
     }
 
@@ -964,7 +1020,10 @@ mod tests {
         assert_eq!(describe_end(&state), "exited with code 3 5 seconds ago");
         state.end = Some(End::Lost);
         state.exit_code = None;
-        assert_eq!(describe_end(&state), "ended with an unknown code 5 seconds ago");
+        assert_eq!(
+            describe_end(&state),
+            "ended with an unknown code 5 seconds ago"
+        );
         assert_eq!(human_ago(0), "Less than a second ago");
         assert_eq!(human_ago(1), "1 second ago");
         assert_eq!(human_ago(125), "2 minutes ago");
