@@ -258,3 +258,51 @@ pub(super) fn prune(ids: &[String]) -> Result<i32> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(end: &str, code: Option<i32>, grace: f64, error: Option<&str>) -> InstanceState {
+        serde_json::from_value(json!({
+            "id": "0123456789ab", "image": "web:1.0", "digest": "sha256:00", "ports": [],
+            "supervisor": {"pid": 1, "start_time": 1}, "qemu": {"pid": 2, "start_time": 2},
+            "started_at": 100, "status": "exited", "grace_secs": grace,
+            "end": end, "exit_code": code, "ended_at": 200, "error": error,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn kill_says_how_each_instance_ended() {
+        let line = |end, code, grace, error| kill_line(&ended(end, code, grace, error));
+        assert_eq!(
+            line("stopped", Some(143), 10.0, None),
+            "stopped 0123456789ab (the app exited 143)"
+        );
+        assert_eq!(
+            line("killed", Some(137), 10.0, None),
+            "killed 0123456789ab after the 10 s grace period (exit 137)"
+        );
+        assert_eq!(
+            line("killed", Some(143), 0.0, None),
+            "killed 0123456789ab at once: its grace period is 0 s (exit 143)"
+        );
+        assert_eq!(
+            line("lost", None, 10.0, Some("its supervisor was killed")),
+            "0123456789ab ended: its supervisor was killed (exit unknown)"
+        );
+    }
+
+    #[test]
+    fn ended_instances_show_dockers_status() {
+        assert_eq!(
+            exited_status(&ended("exited", Some(3), 10.0, None), 205),
+            "Exited (3) 5 seconds ago"
+        );
+        assert_eq!(
+            exited_status(&ended("lost", None, 10.0, None), 260),
+            "Exited (unknown) 1 minute ago"
+        );
+    }
+}

@@ -537,9 +537,7 @@ fn wait_started(
                     // It ran (and was healthy, if it had to be) and has ended already, like
                     // `docker run -d` of a container that exits at once; otherwise the
                     // supervisor is about to exit with the reason.
-                    Status::Exited => {
-                        state.qemu.is_some() && (!wait_ready || state.ready_ms.is_some())
-                    }
+                    Status::Exited => ran_for_detach(&state, wait_ready),
                 };
                 if done {
                     return Some(Ok(state));
@@ -563,6 +561,13 @@ fn wait_started(
             dir.join(SUPERVISOR_LOG).display()
         )
     })
+}
+
+/// Whether an ended instance started as far as `fuse run -d` is concerned: its VM ran and,
+/// when `fuse run -d` waits for health, was healthy. Otherwise `fuse run -d` fails and removes
+/// it.
+fn ran_for_detach(state: &InstanceState, needs_ready: bool) -> bool {
+    state.qemu.is_some() && (!needs_ready || state.ready_ms.is_some())
 }
 
 /// Why a supervisor that exited with `status` did not start its instance: its error line, else
@@ -830,13 +835,14 @@ pub(crate) fn supervise(
     };
     // `fuse kill` of an auto-removed instance reports how it ended, then removes it.
     let kill_waits = dir.join(KILL_MARKER).exists();
-    {
+    let started = {
         let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
         record_end(dir, &mut state, end, Some(code), error);
-    }
-    if auto_remove && !kill_waits {
-        // Once `fuse run -d` has seen the instance start (or has reported its failure and
-        // removed it), which it does before it exits.
+        ran_for_detach(&state, request.health.is_some())
+    };
+    // One that did not start is `fuse run -d`'s to report and remove, once this exits.
+    if auto_remove && started && !kill_waits {
+        // Once `fuse run -d` has seen it start, which it has when it exits.
         // SAFETY: getppid has no preconditions.
         let parent_done = || (unsafe { libc::getppid() } != parent).then_some(());
         poll::wait_until(PARENT_PATIENCE, POLL_INTERVAL, parent_done);
