@@ -10,6 +10,7 @@ use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, wait_for_qemu_of, FuseCmd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Traps SIGTERM, says goodbye, exits 0.
@@ -43,14 +44,27 @@ int main(void) {
 }
 "#;
 
+/// One test of this file at a time: a detached instance's QEMU carries the marker of the
+/// `fuse run -d` that started it, which has finished, so a concurrent test's
+/// `assert_no_leaked_qemu` would take it for a leak and kill it.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A sandbox whose instances live in its own runtime directory.
 struct Instances {
     sb: Sandbox,
+    _serial: MutexGuard<'static, ()>,
 }
 
 impl Instances {
     fn new() -> Instances {
-        Instances { sb: Sandbox::new() }
+        let serial = serial();
+        Instances {
+            sb: Sandbox::new(),
+            _serial: serial,
+        }
     }
 
     fn runtime(&self) -> PathBuf {
@@ -501,6 +515,7 @@ fn run_until_booted(sb: &Sandbox, app: &std::path::Path, args: &[&str]) -> fuse_
 
 #[test]
 fn ctrl_c_stops_a_cooperative_app_gracefully() {
+    let _serial = serial();
     let sb = Sandbox::new();
     let app = sb.program(COOPERATIVE, "coop", &["-static"]);
     let running = run_until_booted(&sb, &app, &[]);
@@ -514,6 +529,7 @@ fn ctrl_c_stops_a_cooperative_app_gracefully() {
 
 #[test]
 fn app_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let _serial = serial();
     let sb = Sandbox::new();
     let app = sb.program(STUBBORN, "stubborn", &["-static"]);
     let running = run_until_booted(&sb, &app, &["--grace", "3"]);
@@ -531,6 +547,7 @@ fn app_ignoring_sigterm_is_killed_after_the_grace_period() {
 
 #[test]
 fn volume_keeps_data_across_images() {
+    let _serial = serial();
     let sb = Sandbox::new();
     let counter = r#"
 #include <stdio.h>
