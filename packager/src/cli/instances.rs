@@ -200,9 +200,7 @@ pub(super) fn kill(ids: &[String]) -> Result<i32> {
         .iter()
         .map(|id| instances::find(id))
         .collect::<Result<Vec<_>>>()?;
-    if let Some(ended) = found.iter().find(|i| i.state.has_ended()) {
-        instances::kill(ended)?;
-    }
+    found.iter().try_for_each(instances::ensure_running)?;
     for instance in found {
         let ended = instances::kill(&instance)?;
         println!("{}", kill_line(&ended));
@@ -247,9 +245,7 @@ pub(super) fn prune(ids: &[String]) -> Result<i32> {
             .iter()
             .map(|id| instances::find(id))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(running) = found.iter().find(|i| !i.state.has_ended()) {
-            instances::remove(running)?;
-        }
+        found.iter().try_for_each(instances::ensure_ended)?;
         found
     };
     for instance in found {

@@ -387,12 +387,32 @@ pub(crate) fn find(prefix: &str) -> Result<Instance> {
     }
 }
 
-/// Removes an ended instance: its state and logs. A running one is refused.
-pub(crate) fn remove(instance: &Instance) -> Result<()> {
+/// Refuses an instance that has not ended (before removing it).
+pub(crate) fn ensure_ended(instance: &Instance) -> Result<()> {
     let id = &instance.state.id;
     if !instance.state.has_ended() {
         bail!("Instance {id} is running: stop it with `fuse kill {id}` first");
     }
+    Ok(())
+}
+
+/// Refuses an instance that has ended (before stopping it), saying how it ended.
+pub(crate) fn ensure_running(instance: &Instance) -> Result<()> {
+    let state = &instance.state;
+    let id = &state.id;
+    if state.has_ended() {
+        bail!(
+            "Instance {id} is not running: it {} (see `fuse logs {id}`; `fuse prune {id}` \
+             removes it)",
+            describe_end(state)
+        );
+    }
+    Ok(())
+}
+
+/// Removes an ended instance: its state and logs. A running one is refused.
+pub(crate) fn remove(instance: &Instance) -> Result<()> {
+    ensure_ended(instance)?;
     fs::remove_dir_all(&instance.dir)
         .with_context(|| format!("Cannot remove {}", instance.dir.display()))
 }
@@ -605,13 +625,7 @@ const LAST_LINES: usize = 10;
 pub(crate) fn kill(instance: &Instance) -> Result<InstanceState> {
     let state = &instance.state;
     let id = &state.id;
-    if state.has_ended() {
-        bail!(
-            "Instance {id} is not running: it {} (see `fuse logs {id}`; `fuse prune {id}` \
-             removes it)",
-            describe_end(state)
-        );
-    }
+    ensure_running(instance)?;
     if state.auto_remove {
         // Tells the supervisor to leave the ended instance for us to report, then remove.
         let marker = instance.dir.join(KILL_MARKER);
