@@ -293,6 +293,27 @@ fn rm_removes_an_instance_when_it_ends() {
     assert_no_leaked_qemu();
 }
 
+/// `fuse run -d --timeout`: the instance is kept as timed out, with 124 (what `fuse run`
+/// exits with) and the reason, and without its QMP socket.
+#[test]
+fn a_timed_out_instance_is_kept_with_124() {
+    let inst = Instances::new();
+    let app = inst.sb.program(NEVER_EXITS, "forever", &["-static"]);
+    let id = inst.detach(&app, &["--timeout", "15"]);
+    inst.wait_for_log(&id, "running forever");
+    let ended = wait_until(Duration::from_secs(120), Duration::from_millis(250), || {
+        inst.ps_all().into_iter().find(|i| i["status"] == "exited")
+    });
+    let ended = ended.unwrap_or_else(|| panic!("{id} never ended: {:?}", inst.ps_all()));
+    assert_eq!(ended["end"], "timed_out", "{ended}");
+    assert_eq!(ended["exit_code"], 124, "{ended}");
+    let error = ended["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not finish within 15s"), "{ended}");
+    assert!(!error.contains('\n'), "{ended}");
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+    assert_no_leaked_qemu();
+}
+
 /// `fuse kill` of an app that ignores SIGTERM: the VM is killed at the end of the grace
 /// period, and kill says so with 137, as `fuse run` would exit.
 #[test]
