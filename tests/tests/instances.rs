@@ -1,6 +1,7 @@
-//! Instances and stopping: `fuse run --detach`, `ps`, `logs`, `kill`, a crashed supervisor,
-//! graceful stop (SIGTERM in the guest) with and without a cooperative app, and volumes that
-//! outlive images. Real boots; every test checks that no QEMU it started survives.
+//! Instances and stopping: `fuse run --detach`, `ps [-a]`, `logs`, `kill`, `prune`, ended
+//! instances kept with their exit code, a crashed supervisor, graceful stop (SIGTERM in the
+//! guest) with and without a cooperative app, and volumes that outlive images. Real boots;
+//! every test checks that no QEMU it started survives.
 
 mod common;
 
@@ -9,6 +10,7 @@ use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, wait_for_qemu_of, FuseCmd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Traps SIGTERM, says goodbye, exits 0.
@@ -42,14 +44,27 @@ int main(void) {
 }
 "#;
 
+/// One test of this file at a time: a detached instance's QEMU carries the marker of the
+/// `fuse run -d` that started it, which has finished, so a concurrent test's
+/// `assert_no_leaked_qemu` would take it for a leak and kill it.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A sandbox whose instances live in its own runtime directory.
 struct Instances {
     sb: Sandbox,
+    _serial: MutexGuard<'static, ()>,
 }
 
 impl Instances {
     fn new() -> Instances {
-        Instances { sb: Sandbox::new() }
+        let serial = serial();
+        Instances {
+            sb: Sandbox::new(),
+            _serial: serial,
+        }
     }
 
     fn runtime(&self) -> PathBuf {
@@ -61,7 +76,16 @@ impl Instances {
     }
 
     fn ps(&self) -> Vec<serde_json::Value> {
-        let out = self.fuse().args(["ps", "--json"]).run();
+        self.ps_with(&[])
+    }
+
+    /// `fuse ps -a --json`: ended instances too.
+    fn ps_all(&self) -> Vec<serde_json::Value> {
+        self.ps_with(&["-a"])
+    }
+
+    fn ps_with(&self, flags: &[&str]) -> Vec<serde_json::Value> {
+        let out = self.fuse().args(["ps", "--json"]).args(flags).run();
         out.assert_success();
         serde_json::from_slice::<serde_json::Value>(&out.stdout)
             .unwrap_or_else(|e| panic!("ps --json: {e}\n{out}"))
@@ -124,12 +148,18 @@ fn detach_ps_logs_kill() {
         .assert_stdout_contains("coop:1.2");
 
     inst.wait_for_log(&id, "waiting for SIGTERM");
-    assert_private(&inst.runtime(), &id);
+    assert_private(&inst.runtime(), &id, RUNNING_FILES);
+    // A running instance is not pruned.
+    let refused = inst.fuse().args(["prune", &id[..4]]).run();
+    refused.assert_code(1).assert_stderr_contains(&format!(
+        "Instance {id} is running: stop it with `fuse kill {id}` first"
+    ));
+    assert_eq!(refused.stderr_str().lines().count(), 1, "{refused}");
     // A follower sees the rest, up to the end of the instance.
     let follower = inst.fuse().args(["logs", "-f", &id[..6]]).spawn();
     let kill = inst.fuse().args(["kill", &id]).run();
     kill.assert_success()
-        .assert_stdout_contains(&format!("stopped {id}"));
+        .assert_stdout_contains(&format!("stopped {id} (the app exited 0)\n"));
     let followed = follower.wait();
     followed
         .assert_success()
@@ -137,16 +167,191 @@ fn detach_ps_logs_kill() {
 
     assert!(!pid_alive(qemu_pid), "QEMU {qemu_pid} survived fuse kill");
     assert!(inst.ps().is_empty());
+    // Kept, stopped, with the app's code and its whole output, until pruned.
+    let all = inst.ps_all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["status"], "exited");
+    assert_eq!(all[0]["end"], "stopped");
+    assert_eq!(all[0]["exit_code"], 0);
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+    inst.fuse()
+        .args(["logs", &id])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("waiting for SIGTERM\nbye\n");
+    inst.fuse()
+        .args(["kill", &id])
+        .run()
+        .assert_code(1)
+        .assert_stderr_contains(&format!(
+            "Instance {id} is not running: it was stopped (exit code 0)"
+        ));
+    inst.fuse()
+        .args(["prune"])
+        .run()
+        .assert_success()
+        .assert_stdout_contains(&format!("removed {id}"));
+    assert!(inst.ps_all().is_empty());
+    assert!(!inst.runtime().join(&id).exists());
     let gone = inst.fuse().args(["logs", &id]).run();
     gone.assert_code(1)
-        .assert_stderr_contains(&format!("No running instance '{id}'"));
+        .assert_stderr_contains(&format!("No instance '{id}'"));
     assert_no_leaked_qemu();
 }
 
-/// The runtime directory and the instance's directory are 0700, and every file of the instance
-/// (the QMP socket, which controls the VM, included) is 0600.
+/// Prints, then exits 3 on its own.
+const EXITS_3: &str = r#"
+#include <stdio.h>
+int main(void) {
+    printf("cannot go on, exiting 3\n");
+    return 3;
+}
+"#;
+
+/// An app that exits by itself is kept as Docker keeps containers: `ps` hides it, `ps -a`
+/// shows `Exited (3)`, its output stays readable, and `fuse prune ID` removes it.
+#[test]
+fn an_ended_instance_is_kept_until_pruned() {
+    let inst = Instances::new();
+    let app = inst.sb.program(EXITS_3, "quits-1.0", &["-static"]);
+    let id = inst.detach(&app, &[]);
+    let ended = wait_until(Duration::from_secs(180), Duration::from_millis(250), || {
+        inst.ps_all()
+            .into_iter()
+            .find(|i| i["id"] == id.as_str() && i["status"] == "exited")
+    });
+    let ended = ended.unwrap_or_else(|| panic!("{id} never ended: {:?}", inst.ps_all()));
+    assert_eq!(ended["exit_code"], 3, "{ended}");
+    assert_eq!(ended["end"], "exited", "{ended}");
+    assert_eq!(ended["image"], "quits:1.0", "{ended}");
+    assert!(ended["ended_at"].as_u64().is_some(), "{ended}");
+    assert!(ended["pid"].is_null(), "{ended}");
+    assert!(inst.ps().is_empty(), "ps lists an ended instance");
+    let table = inst.fuse().args(["ps", "--all"]).run();
+    table.assert_success().assert_stdout_contains(&id);
+    assert!(
+        table.stdout_str().contains("Exited (3) ") && table.stdout_str().contains(" ago"),
+        "{table}"
+    );
+    let plain = inst.fuse().arg("ps").run();
+    plain.assert_success();
+    assert!(!plain.stdout_str().contains(&id), "{plain}");
+    inst.fuse()
+        .args(["logs", &id[..5]])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("cannot go on, exiting 3\n");
+    // Following an ended instance prints what it said and returns.
+    inst.fuse()
+        .args(["logs", "-f", &id])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("cannot go on, exiting 3\n");
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+
+    inst.fuse()
+        .args(["prune", &id[..5]])
+        .run()
+        .assert_success()
+        .assert_stdout_contains(&format!("removed {id}"));
+    assert!(inst.ps_all().is_empty());
+    assert!(!inst.runtime().join(&id).exists());
+    inst.fuse()
+        .args(["prune", &id])
+        .run()
+        .assert_code(1)
+        .assert_stderr_contains(&format!("No instance '{id}'"));
+    assert_no_leaked_qemu();
+}
+
+/// `fuse run -d --rm`: the instance goes when its VM ends, whether the app exits by itself
+/// (even before `run -d` has looked) or `fuse kill` stops it (which still reports the code).
+#[test]
+fn rm_removes_an_instance_when_it_ends() {
+    let inst = Instances::new();
+    let quits = inst.sb.program(EXITS_3, "quits-1.0", &["-static"]);
+    let coop = inst.sb.program(COOPERATIVE, "coop-1.0", &["-static"]);
+    let quitter = inst.detach(&quits, &["--rm"]);
+    let stays = inst.detach(&coop, &["--rm"]);
+    assert_eq!(inst.ps()[0]["auto_remove"], true);
+    inst.wait_for_log(&stays, "waiting for SIGTERM");
+    let gone = wait_until(Duration::from_secs(180), Duration::from_millis(250), || {
+        (!inst.runtime().join(&quitter).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "{quitter} was kept: {:?}", inst.ps_all());
+    inst.fuse()
+        .args(["kill", &stays])
+        .run()
+        .assert_success()
+        .assert_stdout_contains(&format!("stopped {stays} (the app exited 0)\n"));
+    assert!(inst.ps_all().is_empty(), "{:?}", inst.ps_all());
+    let left: Vec<_> = std::fs::read_dir(inst.runtime())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_no_leaked_qemu();
+}
+
+/// `fuse run -d --timeout`: the instance is kept as timed out, with 124 (what `fuse run`
+/// exits with) and the reason, and without its QMP socket.
+#[test]
+fn a_timed_out_instance_is_kept_with_124() {
+    let inst = Instances::new();
+    let app = inst.sb.program(NEVER_EXITS, "forever", &["-static"]);
+    let id = inst.detach(&app, &["--timeout", "15"]);
+    inst.wait_for_log(&id, "running forever");
+    let ended = wait_until(Duration::from_secs(120), Duration::from_millis(250), || {
+        inst.ps_all().into_iter().find(|i| i["status"] == "exited")
+    });
+    let ended = ended.unwrap_or_else(|| panic!("{id} never ended: {:?}", inst.ps_all()));
+    assert_eq!(ended["end"], "timed_out", "{ended}");
+    assert_eq!(ended["exit_code"], 124, "{ended}");
+    let error = ended["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not finish within 15s"), "{ended}");
+    assert!(!error.contains('\n'), "{ended}");
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+    assert_no_leaked_qemu();
+}
+
+/// `fuse kill` of an app that ignores SIGTERM: the VM is killed at the end of the grace
+/// period, and kill says so with 137, as `fuse run` would exit.
+#[test]
+fn kill_reports_an_app_killed_at_the_end_of_its_grace_period() {
+    let inst = Instances::new();
+    let app = inst.sb.program(STUBBORN, "stubborn", &["-static"]);
+    let id = inst.detach(&app, &["--grace", "1"]);
+    inst.wait_for_log(&id, "ignoring SIGTERM");
+    let started = Instant::now();
+    let kill = inst.fuse().args(["kill", &id]).run();
+    let took = started.elapsed();
+    kill.assert_success().assert_stdout_contains(&format!(
+        "killed {id} after the 1 s grace period (exit 137)\n"
+    ));
+    assert!(took >= Duration::from_secs(1), "killed after {took:?}");
+    assert!(took < Duration::from_secs(30), "killed after {took:?}");
+    let all = inst.ps_all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["end"], "killed");
+    assert_eq!(all[0]["exit_code"], 137);
+    let table = inst.fuse().args(["ps", "-a"]).run();
+    table
+        .assert_success()
+        .assert_stdout_contains("Exited (137) ");
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+    assert_no_leaked_qemu();
+}
+
+/// What a running instance's directory holds.
+const RUNNING_FILES: &[&str] = &["console.log", "qmp.sock", "state.json", "supervisor.log"];
+/// What an ended instance's directory holds: nothing else (no QMP socket, no injected values).
+const ENDED_FILES: &[&str] = &["console.log", "state.json", "supervisor.log"];
+
+/// The runtime directory and the instance's directory are 0700, every file of the instance
+/// (the QMP socket, which controls the VM, included) is 0600, and the files are `expected`
+/// (running: at least those; ended: exactly those).
 #[track_caller]
-fn assert_private(runtime: &Path, id: &str) {
+fn assert_private(runtime: &Path, id: &str, expected: &[&str]) {
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
     let dir = runtime.join(id);
     assert_eq!(mode(runtime), 0o700, "{}", runtime.display());
@@ -164,8 +369,14 @@ fn assert_private(runtime: &Path, id: &str) {
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
     names.sort();
-    for name in ["console.log", "qmp.sock", "state.json", "supervisor.log"] {
+    for name in expected {
         assert!(names.iter().any(|n| n == name), "no {name} in {names:?}");
+    }
+    if expected == ENDED_FILES {
+        assert_eq!(
+            names, ENDED_FILES,
+            "an ended instance keeps more than its logs"
+        );
     }
 }
 
@@ -253,11 +464,14 @@ fn an_image_in_use_is_removed_only_with_force() {
     assert_no_leaked_qemu();
 }
 
+/// A SIGKILLed supervisor cannot record anything: the instance shows as ended with an unknown
+/// code (not vanished), tidied like any ended one.
 #[test]
-fn crashed_supervisor_leaves_nothing_listed() {
+fn a_crashed_supervisor_leaves_an_ended_instance_with_an_unknown_code() {
     let inst = Instances::new();
     let app = inst.sb.program(NEVER_EXITS, "forever", &["-static"]);
     let id = inst.detach(&app, &[]);
+    inst.wait_for_log(&id, "running forever");
     let list = inst.ps();
     assert_eq!(list.len(), 1, "{list:?}");
     let supervisor = list[0]["supervisor_pid"].as_u64().unwrap();
@@ -268,18 +482,35 @@ fn crashed_supervisor_leaves_nothing_listed() {
         (!pid_alive(qemu_pid)).then_some(())
     });
     assert!(gone.is_some(), "QEMU outlived its supervisor");
-    // The directory is still there (nobody cleaned up): ps must see through it.
-    assert!(inst.runtime().join(&id).exists());
+    // The directory is still there, QMP socket and all (nobody cleaned up): ps must see
+    // through it.
+    assert!(inst.runtime().join(&id).join("qmp.sock").exists());
     assert!(inst.ps().is_empty());
-    assert!(
-        !inst.runtime().join(&id).exists(),
-        "stale entry not removed"
-    );
+    let all = inst.ps_all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["status"], "exited");
+    assert_eq!(all[0]["end"], "lost");
+    assert!(all[0]["exit_code"].is_null(), "{all:?}");
+    assert!(all[0]["ended_at"].as_u64().is_some(), "{all:?}");
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+    let table = inst.fuse().args(["ps", "-a"]).run();
+    table
+        .assert_success()
+        .assert_stdout_contains("Exited (unknown) ");
+    inst.fuse()
+        .args(["logs", &id])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("running forever");
     inst.fuse()
         .args(["kill", &id])
         .run()
         .assert_code(1)
-        .assert_stderr_contains("No running instance");
+        .assert_stderr_contains(&format!(
+            "Instance {id} is not running: it ended with an unknown code"
+        ));
+    inst.fuse().args(["prune"]).run().assert_success();
+    assert!(!inst.runtime().join(&id).exists(), "not pruned");
     assert_no_leaked_qemu();
 }
 
@@ -305,6 +536,7 @@ fn run_until_booted(sb: &Sandbox, app: &std::path::Path, args: &[&str]) -> fuse_
 
 #[test]
 fn ctrl_c_stops_a_cooperative_app_gracefully() {
+    let _serial = serial();
     let sb = Sandbox::new();
     let app = sb.program(COOPERATIVE, "coop", &["-static"]);
     let running = run_until_booted(&sb, &app, &[]);
@@ -318,6 +550,7 @@ fn ctrl_c_stops_a_cooperative_app_gracefully() {
 
 #[test]
 fn app_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let _serial = serial();
     let sb = Sandbox::new();
     let app = sb.program(STUBBORN, "stubborn", &["-static"]);
     let running = run_until_booted(&sb, &app, &["--grace", "3"]);
@@ -335,6 +568,7 @@ fn app_ignoring_sigterm_is_killed_after_the_grace_period() {
 
 #[test]
 fn volume_keeps_data_across_images() {
+    let _serial = serial();
     let sb = Sandbox::new();
     let counter = r#"
 #include <stdio.h>
@@ -449,15 +683,21 @@ fn a_detached_run_keeps_its_secrets_off_command_lines() {
         !dir.join("request.json").exists(),
         "the supervisor removed its request file"
     );
-    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-        let text = std::fs::read(entry.path()).unwrap_or_default();
-        assert!(
-            !String::from_utf8_lossy(&text).contains(&secret),
-            "{} holds the secret",
-            entry.path().display()
-        );
-    }
+    let assert_no_secret_in = |dir: &Path| {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let text = std::fs::read(entry.path()).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&text).contains(&secret),
+                "{} holds the secret",
+                entry.path().display()
+            );
+        }
+    };
+    assert_no_secret_in(&dir);
     inst.fuse().args(["kill", &id]).run().assert_success();
+    // The ended instance is kept with its logs and state only.
+    assert_private(&inst.runtime(), &id, ENDED_FILES);
+    assert_no_secret_in(&dir);
     assert_no_leaked_qemu();
 }
 
@@ -512,7 +752,10 @@ fn a_detached_run_publishes_the_images_ports_and_waits_for_health() {
         stderr.contains("cannot open the database") && stderr.contains("code 3"),
         "{out}"
     );
-    assert!(inst.ps().is_empty());
+    // An instance that never started is no instance at all: nothing is kept.
+    let all = inst.ps_all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["id"], id.as_str());
     assert_no_leaked_qemu();
 }
 

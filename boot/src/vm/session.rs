@@ -75,6 +75,9 @@ pub struct VmOutcome {
     /// From QEMU's start to its exit.
     pub total: Duration,
     pub accel: Accel,
+    /// The stop signal that asked the app to stop, when it then exited within the grace
+    /// period (a detached instance records that it was stopped, not that it ended by itself).
+    pub stopped_by: Option<i32>,
 }
 
 /// What went wrong, with what is needed to understand it: console tail, QEMU's stderr and
@@ -490,6 +493,7 @@ impl Session<'_> {
                 first_output: self.first_output,
                 total,
                 accel: self.accel,
+                stopped_by: self.stopping.map(|(signal, _)| signal),
             });
         }
         let diagnostics = Box::new(self.diagnostics());

@@ -125,7 +125,7 @@ pub(super) fn remove(images: &[String], force: bool) -> Result<i32> {
     let running = if force {
         Vec::new()
     } else {
-        crate::run::instances::list()?
+        crate::run::instances::list(false)?
     };
     for reference in images {
         let image = find(&store, reference)?;

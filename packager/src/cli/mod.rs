@@ -3,7 +3,7 @@
 //!
 //! `args` holds the flag groups shared by commands, `images` the image commands (build, ls,
 //! rm, inspect, verify, export, kernel), `instances` the VM commands (run, run -d, ps, logs,
-//! kill, the hidden supervisor), `test` the `fuse test` command, `print` the progress lines.
+//! kill, prune, the hidden supervisor), `test` the `fuse test` command, `print` the progress lines.
 
 mod args;
 mod exit;
@@ -80,21 +80,34 @@ enum Command {
     /// Boot an image once and check its exit code, output or HTTP answer (for CI): one line
     /// per check, JUnit/JSON reports, exit 0 when all pass.
     Test(test::TestArgs),
-    /// List running instances (started with `fuse run --detach`).
-    Ps(JsonFlag),
+    /// List running instances (started with `fuse run --detach`); with --all, ended ones too.
+    Ps {
+        /// Also the instances that ended (kept, with their exit code and logs, until
+        /// `fuse prune`).
+        #[arg(long, short)]
+        all: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an instance's console output (the app's output).
     Logs {
-        /// Instance id (or a unique prefix), from `fuse ps`.
+        /// Instance id (or a unique prefix), from `fuse ps -a`: running or ended.
         id: String,
         /// Keep following the output until the instance ends.
         #[arg(long, short)]
         follow: bool,
     },
     /// Stop instances gracefully: the app gets SIGTERM, and the VM is killed after the
-    /// instance's grace period.
+    /// instance's grace period; says how each ended, with the app's exit code.
     Kill {
         /// Instance ids (or unique prefixes), from `fuse ps`.
         #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove ended instances (their state and logs): the given ones, or every ended one.
+    Prune {
+        /// Instance ids (or unique prefixes), from `fuse ps -a`; none: all ended instances.
         ids: Vec<String>,
     },
     /// Internal: runs the VM of a detached instance, as its directory's request file says.
@@ -149,9 +162,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
             images::kernel_build(&target, json)
         }
         Command::Test(args) => test::command(args),
-        Command::Ps(flag) => instances::ps(flag.json),
+        Command::Ps { all, json } => instances::ps(all, json),
         Command::Logs { id, follow } => instances::logs(&id, follow),
         Command::Kill { ids } => instances::kill(&ids),
+        Command::Prune { ids } => instances::prune(&ids),
         Command::Supervise { dir } => instances::supervise(&dir),
     }
 }
