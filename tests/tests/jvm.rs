@@ -531,3 +531,119 @@ fn main_class_from_fuse_toml_runs_that_class() {
     );
     assert_no_leaked_qemu();
 }
+
+/// Writes a zip bomb jar with Python's zipfile: a manifest and `lib/bomb.jar` (deflated), a
+/// nested jar of `mib` MiB of zeros (stored), streamed so the generator holds none of it. With
+/// `declare`, the central directory claims that size for `lib/bomb.jar` (a lying header).
+fn zip_bomb(path: &Path, mib: u32, declare: Option<u32>) {
+    const SCRIPT: &str = r#"
+import struct, sys, zipfile
+out, mib = sys.argv[1], int(sys.argv[2])
+with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as outer:
+    outer.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\nMain-Class: Hello\n")
+    with outer.open("lib/bomb.jar", "w") as nested:
+        with zipfile.ZipFile(nested, "w", zipfile.ZIP_STORED) as inner:
+            with inner.open("zeros.class", "w") as z:
+                chunk = bytes(1 << 20)
+                for _ in range(mib):
+                    z.write(chunk)
+if len(sys.argv) > 3:
+    data = bytearray(open(out, "rb").read())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46:at + 58] != b"lib/bomb.jar":
+        at = data.index(b"PK\x01\x02", at + 4)
+    struct.pack_into("<I", data, at + 24, int(sys.argv[3]))
+    open(out, "wb").write(data)
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", SCRIPT]).arg(path).arg(mib.to_string());
+    if let Some(size) = declare {
+        cmd.arg(size.to_string());
+    }
+    let status = cmd.status().expect("python3 is needed");
+    assert!(status.success(), "the zip bomb generator failed");
+}
+
+/// Runs `fuse ARGS` in `sb`'s store and returns its output and peak resident memory (KiB),
+/// the child's own rusage from wait4.
+fn run_measuring_rss(sb: &Sandbox, args: &[&std::ffi::OsStr]) -> (fuse_tests::Output, u64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new(fuse_tests::fuse_bin())
+        .args(args)
+        .env("FUSE_HOME", sb.home())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start fuse");
+    // A refused build writes a line or two: reading one pipe then the other cannot block.
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 reaps our own child, which std then never
+    // waits for (the Child is forgotten).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    std::mem::forget(child);
+    let out = fuse_tests::Output {
+        command: "fuse (measured)".into(),
+        status: std::process::ExitStatus::from_raw(status),
+        stdout,
+        stderr,
+        duration: started.elapsed(),
+        timed_out: false,
+    };
+    (out, usage.ru_maxrss as u64)
+}
+
+/// A 300 KB jar whose nested jar inflates to 300 MB (issue 12 item 16: it took 321 MB of
+/// memory) is refused with one line naming the entry, before anything is stored, and fuse's
+/// peak memory stays small; so is the same bomb with a header that understates the size.
+#[test]
+fn zip_bomb_jars_are_refused_within_bounded_memory() {
+    let sb = Sandbox::new();
+    let bomb = sb.dir.join("bomb.jar");
+    zip_bomb(&bomb, 300, None);
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size < 1 << 20, "the bomb is small: {size} bytes");
+    let liar = sb.dir.join("liar.jar");
+    zip_bomb(&liar, 300, Some(1_000_000));
+    for (jar, needles) in [
+        (&bomb, ["bomb.jar", "zip bomb", "its entry lib/bomb.jar"]),
+        (
+            &liar,
+            [
+                "liar.jar",
+                "lib/bomb.jar",
+                "does not hold the 1000000 bytes",
+            ],
+        ),
+    ] {
+        let (out, max_rss_kib) = run_measuring_rss(&sb, &["build".as_ref(), jar.as_os_str()]);
+        common::assert_one_error(&out, &needles);
+        assert!(out.stdout_str().is_empty(), "{out}");
+        let stored = std::fs::read_dir(sb.home().join("images/refs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(stored, 0, "nothing is stored for a refused jar");
+        assert!(
+            max_rss_kib < 150 * 1024,
+            "fuse peaked at {max_rss_kib} KiB on {}",
+            jar.display()
+        );
+    }
+}
