@@ -260,17 +260,76 @@ impl Budget {
 
     /// Takes `n` bytes just read from `entry`.
     fn take(&mut self, path: &Path, entry: &str, n: u64) -> Result<()> {
+        self.take_as(path, entry, n, WHY_ALL)
+    }
+
+    fn take_as(&mut self, path: &Path, entry: &str, n: u64, why: &'static str) -> Result<()> {
         self.left = self
             .left
             .checked_sub(n)
-            .ok_or_else(|| too_large(path, entry, self.limit, WHY_ALL))?;
+            .ok_or_else(|| too_large(path, entry, self.limit, why))?;
         Ok(())
     }
+}
+
+/// What an entry of a nested jar costs the budget, for the memory the zip reader's index of it
+/// takes (about 600 bytes: a million empty entries, a 6 MB jar, took 616 MB).
+const ENTRY_COST: u64 = 1 << 10;
+
+/// The number of entries the end record of the zip archive `file` declares (ZIP64 included):
+/// known before the zip reader indexes them.
+fn declared_entries(file: &mut std::fs::File) -> std::result::Result<u64, ZipError> {
+    use std::io::SeekFrom;
+    let invalid = || ZipError::InvalidArchive("no end of central directory record".into());
+    let len = file.seek(SeekFrom::End(0))?;
+    // The end record: 22 bytes and a comment of at most 64 KiB.
+    let tail_len = len.min(22 + 0xFFFF);
+    let tail_start = len - tail_len;
+    file.seek(SeekFrom::Start(tail_start))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact(&mut tail)?;
+    // The last signature whose comment length ends the file, else the last signature.
+    let ends = (0..tail.len().saturating_sub(21))
+        .rev()
+        .filter(|&i| tail[i..].starts_with(b"PK\x05\x06"));
+    let exact = |&i: &usize| {
+        i + 22 + usize::from(u16::from_le_bytes([tail[i + 20], tail[i + 21]])) == tail.len()
+    };
+    let end = ends
+        .clone()
+        .find(exact)
+        .or_else(|| ends.clone().next())
+        .ok_or_else(invalid)?;
+    let entries = u16::from_le_bytes([tail[end + 10], tail[end + 11]]);
+    if entries != 0xFFFF {
+        return Ok(u64::from(entries));
+    }
+    // ZIP64: a locator just before the end record points at the ZIP64 end record.
+    let locator = end.checked_sub(20).ok_or_else(invalid)?;
+    if !tail[locator..].starts_with(b"PK\x06\x07") {
+        return Ok(u64::from(entries));
+    }
+    let at = u64::from_le_bytes(
+        tail[locator + 8..locator + 16]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    let mut record = [0u8; 40];
+    file.seek(SeekFrom::Start(at))?;
+    file.read_exact(&mut record)?;
+    if !record.starts_with(b"PK\x06\x06") {
+        return Err(invalid());
+    }
+    Ok(u64::from_le_bytes(
+        record[32..40].try_into().unwrap_or_default(),
+    ))
 }
 
 /// Why a jar is over its budget (the reasons of [`JarError::TooLarge`]).
 const WHY_ALL: &str =
     "the most fuse reads out of a jar of its size (32 times the size, 64 MiB to 4 GiB)";
+const WHY_ENTRIES: &str =
+    "the most fuse reads out of a jar of its size, counting 1 KiB for each entry of a nested jar";
 const WHY_ONE: &str = "the most fuse reads of one class file or manifest";
 
 fn too_large(path: &Path, entry: &str, limit: u64, why: &'static str) -> JarError {
@@ -431,6 +490,13 @@ fn scan<R: Read + Seek>(
             out.flush().map_err(scratch_error)?;
         }
         drop(entry);
+        // The zip reader indexes every entry of an archive when it opens it (hundreds of
+        // bytes each): entries cost the budget too, counted from the end record first.
+        let entries = declared_entries(&mut file).map_err(|source| JarError::Corrupt {
+            path: path.join(&name),
+            source,
+        })?;
+        budget.take_as(path, &name, entries.saturating_mul(ENTRY_COST), WHY_ENTRIES)?;
         file.rewind().map_err(scratch_error)?;
         let nested_path = path.join(&name);
         let mut inner =
@@ -438,6 +504,15 @@ fn scan<R: Read + Seek>(
                 path: nested_path.clone(),
                 source,
             })?;
+        if inner.len() as u64 > entries {
+            // The reader found more entries than the end record said: not what was counted.
+            return Err(JarError::Corrupt {
+                path: nested_path,
+                source: ZipError::InvalidArchive(
+                    "more entries than its end record declares".into(),
+                ),
+            });
+        }
         check_names(&nested_path, &mut inner)?;
         budget.check_declared(&nested_path, &mut inner, false)?;
         scan(&nested_path, &mut inner, info, budget, false)?;
@@ -803,7 +878,7 @@ mod tests {
         let dep_bytes = std::fs::read(&dep).unwrap();
         let app = dir.path().join("app.jar");
         write_jar(&app, &[(MANIFEST, manifest), ("lib/dep.jar", &dep_bytes)]);
-        let needed = (manifest.len() + dep_bytes.len() + big_class.len()) as u64;
+        let needed = (manifest.len() + dep_bytes.len() + big_class.len()) as u64 + ENTRY_COST;
         assert_eq!(read_within(&app, needed).unwrap().nested.len(), 1);
 
         // One byte short: the outer jar fits, the nested jar's class does not; the error names
@@ -814,9 +889,27 @@ mod tests {
         assert!(line.contains("app.jar/lib/dep.jar"), "{line}");
         assert!(line.contains("dep/Big.class"), "{line}");
         assert!(!line.contains('\n'), "{line}");
-        // Short of the nested jar itself: refused at the outer jar's entry.
-        let err = read_within(&app, needed - big_class.len() as u64 - 1).unwrap_err();
+        // Short of the nested jar itself: refused at the outer jar's entry, from the sizes
+        // declared; short of what indexing its one entry costs: refused at that entry too.
+        let outer = (manifest.len() + dep_bytes.len()) as u64;
+        let err = read_within(&app, outer - 1).unwrap_err();
         assert!(err.to_string().contains("its entry lib/dep.jar"), "{err}");
+        assert!(err.to_string().contains("of its size ("), "{err}");
+        let err = read_within(&app, outer + ENTRY_COST - 1).unwrap_err();
+        assert!(err.to_string().contains("its entry lib/dep.jar"), "{err}");
+        assert!(
+            err.to_string().contains("each entry of a nested jar"),
+            "{err}"
+        );
+        let mut file = std::fs::File::open(&dep).unwrap();
+        assert_eq!(declared_entries(&mut file).unwrap(), 1);
+        // More entries than the classic end record counts: the ZIP64 one says how many.
+        let names: Vec<String> = (0..70_000).map(|i| format!("r/{i}")).collect();
+        let many: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        let zip64 = dir.path().join("zip64.jar");
+        write_jar(&zip64, &many);
+        let mut file = std::fs::File::open(&zip64).unwrap();
+        assert_eq!(declared_entries(&mut file).unwrap(), 70_000);
 
         // An entry holding more than it declares is refused however large the budget.
         let mut lying = std::fs::read(&app).unwrap();
