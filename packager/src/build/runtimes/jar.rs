@@ -10,9 +10,10 @@
 //! The entries fuse reads (manifest, classes, nested jars and their classes) may together hold
 //! at most [`MAX_RATIO`] times the jar's size (at least [`MIN_BUDGET`], at most
 //! [`MAX_BUDGET`]); the sizes the archive declares are checked against that budget before an
-//! entry is read, and each entry must then hold exactly the size it declared. Nested jars are
-//! streamed to scratch files, never held in memory; a class file or manifest is read into
-//! memory only below [`MAX_IN_MEMORY`].
+//! entry is read, and each entry must then hold exactly the size it declared. Each entry of a
+//! nested jar costs [`ENTRY_COST`] more (the zip reader's index of it), counted before the
+//! nested jar is opened. Nested jars are streamed to scratch files, never held in memory; a
+//! class file or manifest is read into memory only below [`MAX_IN_MEMORY`].
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Seek, Write};
