@@ -5,9 +5,18 @@
 //! would escape its directory when extracted (`../x`, `/etc/x`) makes the whole jar refused, even
 //! though fuse itself extracts only nested jars under names of its own. Such an archive is either
 //! broken or hostile, and the JVM or a later tool may extract it.
+//!
+//! What is read out of a jar is bounded (a zip bomb: a small jar that inflates to gigabytes).
+//! The entries fuse reads (manifest, classes, nested jars and their classes) may together hold
+//! at most [`MAX_RATIO`] times the jar's size (at least [`MIN_BUDGET`], at most
+//! [`MAX_BUDGET`]); the sizes the archive declares are checked against that budget before an
+//! entry is read, and each entry must then hold exactly the size it declared. Each entry of a
+//! nested jar costs [`ENTRY_COST`] more (the zip reader's index of it), counted before the
+//! nested jar is opened. Nested jars are streamed to scratch files, never held in memory; a
+//! class file or manifest is read into memory only below [`MAX_IN_MEMORY`].
 
 use std::collections::BTreeSet;
-use std::io::{self, Cursor, Read, Seek};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -33,6 +42,21 @@ const JDK_PREFIXES: &[&str] = &[
     "netscape/",
 ];
 
+/// The bytes read out of a jar may be this many times its size: classes deflate 2-4 times and
+/// fat jars store their nested jars, so a real jar stays far below.
+pub(crate) const MAX_RATIO: u64 = 32;
+/// ... but a small jar may always have this much read.
+pub(crate) const MIN_BUDGET: u64 = 64 << 20;
+/// ... and no jar more than this.
+pub(crate) const MAX_BUDGET: u64 = 4 << 30;
+/// The largest class file or manifest read into memory (real ones are kilobytes).
+pub(crate) const MAX_IN_MEMORY: u64 = 64 << 20;
+
+/// How many bytes may be read out of a jar of `size` bytes.
+pub(crate) fn budget_for(size: u64) -> u64 {
+    size.saturating_mul(MAX_RATIO).clamp(MIN_BUDGET, MAX_BUDGET)
+}
+
 /// Errors reading a jar. Each is one line: what, where, how to fix.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JarError {
@@ -50,6 +74,26 @@ pub(crate) enum JarError {
     },
     #[error("{} has an entry that escapes its directory ('{entry}'): refusing it, rebuild the jar from trusted sources", path.display())]
     UnsafeEntry { path: PathBuf, entry: String },
+    #[error("{} looks like a zip bomb: reading its entry {entry} would pass {} MiB, {why}; rebuild the jar from trusted sources", path.display(), limit >> 20)]
+    TooLarge {
+        path: PathBuf,
+        entry: String,
+        limit: u64,
+        why: &'static str,
+    },
+    #[error("{} is not a valid jar: its entry {entry} does not hold the {declared} bytes it declares; rebuild the jar", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        entry: String,
+        declared: u64,
+    },
+    #[error("Cannot extract {entry} of {} to a scratch file", path.display())]
+    Scratch {
+        path: PathBuf,
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{} has no Main-Class in {MANIFEST}: build an executable jar (jar --main-class, or your build tool's manifest setting), or name the class with `[jvm] main_class` in fuse.toml", path.display())]
     NoMainClass { path: PathBuf },
     #[error("{} has no class {class} (no {entry}): check `[jvm] main_class` in fuse.toml", path.display())]
@@ -62,20 +106,16 @@ pub(crate) enum JarError {
 
 pub(crate) type Result<T> = std::result::Result<T, JarError>;
 
-/// A jar nested in another (a fat jar's dependency).
-#[derive(Debug, Clone)]
-pub(crate) struct NestedJar {
-    pub(crate) bytes: Vec<u8>,
-}
-
 /// What fuse needs to know about an executable jar.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct JarInfo {
     pub(crate) main_class: String,
     /// Spring Boot (reflection-heavy: jdeps cannot see all it loads).
     pub(crate) spring_boot: bool,
-    /// Nested jars, in entry order.
-    pub(crate) nested: Vec<NestedJar>,
+    /// Nested jars, in entry order, extracted to scratch files (named by fuse, not the jar).
+    pub(crate) nested: Vec<PathBuf>,
+    /// Holds the nested jars' files while the info lives.
+    pub(crate) scratch: Option<tempfile::TempDir>,
     /// The JDK classes (internal names, e.g. `java/net/http/HttpClient`) referred to by the
     /// bytecode of the jar and its nested jars: what the module set depends on.
     pub(crate) jdk_refs: BTreeSet<String>,
@@ -112,25 +152,41 @@ pub(crate) fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
 }
 
 /// Reads the jar at `path`: checks every entry name, finds `Main-Class` (or checks that
-/// `main_class`, when given, is in the jar), loads nested jars, collects the JDK classes the
-/// bytecode refers to.
+/// `main_class`, when given, is in the jar), extracts nested jars, collects the JDK classes the
+/// bytecode refers to. At most [`budget_for`] the jar's size is read.
 pub(crate) fn read(path: &Path, main_class: Option<&str>) -> Result<JarInfo> {
-    let file = std::fs::File::open(path).map_err(|source| JarError::Io {
+    let io_error = |source| JarError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    let size = file.metadata().map_err(io_error)?.len();
+    read_with_budget(path, file, budget_for(size), main_class)
+}
+
+/// [`read`] with the budget given (the unit tests use small ones).
+fn read_with_budget(
+    path: &Path,
+    file: std::fs::File,
+    budget: u64,
+    main_class: Option<&str>,
+) -> Result<JarInfo> {
     let corrupt = |source| JarError::Corrupt {
         path: path.to_path_buf(),
         source,
     };
     let mut zip = ZipArchive::new(io::BufReader::new(file)).map_err(corrupt)?;
     check_names(path, &mut zip)?;
+    let mut budget = Budget {
+        limit: budget,
+        left: budget,
+    };
+    // Every entry that will be read, declared sizes first: an honest bomb is refused before a
+    // byte of it is inflated.
+    budget.check_declared(path, &mut zip, true)?;
     let manifest = match zip.by_name(MANIFEST) {
         Ok(mut entry) => {
-            let mut text = Vec::new();
-            entry
-                .read_to_end(&mut text)
-                .map_err(|e| corrupt(e.into()))?;
+            let text = read_to_memory(path, &mut entry, &mut budget)?;
             String::from_utf8_lossy(&text).into_owned()
         }
         Err(ZipError::FileNotFound) => String::new(),
@@ -159,10 +215,194 @@ pub(crate) fn read(path: &Path, main_class: Option<&str>) -> Result<JarInfo> {
         main_class,
         spring_boot: attr("Spring-Boot-Version").is_some(),
         nested: Vec::new(),
+        scratch: None,
         jdk_refs: BTreeSet::new(),
     };
-    scan(path, &mut zip, &mut info, true)?;
+    scan(path, &mut zip, &mut info, &mut budget, true)?;
     Ok(info)
+}
+
+/// What may still be read out of a jar.
+struct Budget {
+    limit: u64,
+    left: u64,
+}
+
+impl Budget {
+    /// Takes the declared sizes of the entries [`scan`] will read from the budget, refusing the
+    /// jar at the entry where it runs out.
+    fn check_declared<R: Read + Seek>(
+        &mut self,
+        path: &Path,
+        zip: &mut ZipArchive<R>,
+        outer: bool,
+    ) -> Result<()> {
+        let mut left = self.left;
+        for i in 0..zip.len() {
+            let entry = zip.by_index_raw(i).map_err(|source| JarError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let name = entry.name();
+            if entry.is_dir() || !(wanted(name, outer) || outer && name == MANIFEST) {
+                continue;
+            }
+            let size = entry.size();
+            if !name.ends_with(".jar") && size > MAX_IN_MEMORY {
+                return Err(too_large(path, name, MAX_IN_MEMORY, WHY_ONE));
+            }
+            left = left
+                .checked_sub(size)
+                .ok_or_else(|| too_large(path, name, self.limit, WHY_ALL))?;
+        }
+        // Only checked here: the bytes are taken as they are read.
+        Ok(())
+    }
+
+    /// Takes `n` bytes just read from `entry`.
+    fn take(&mut self, path: &Path, entry: &str, n: u64) -> Result<()> {
+        self.take_as(path, entry, n, WHY_ALL)
+    }
+
+    fn take_as(&mut self, path: &Path, entry: &str, n: u64, why: &'static str) -> Result<()> {
+        self.left = self
+            .left
+            .checked_sub(n)
+            .ok_or_else(|| too_large(path, entry, self.limit, why))?;
+        Ok(())
+    }
+}
+
+/// What an entry of a nested jar costs the budget, for the memory the zip reader's index of it
+/// takes (about 600 bytes: a million empty entries, a 6 MB jar, took 616 MB).
+const ENTRY_COST: u64 = 1 << 10;
+
+/// The number of entries the end record of the zip archive `file` declares (ZIP64 included):
+/// known before the zip reader indexes them.
+fn declared_entries(file: &mut std::fs::File) -> std::result::Result<u64, ZipError> {
+    use std::io::SeekFrom;
+    let invalid = || ZipError::InvalidArchive("no end of central directory record".into());
+    let len = file.seek(SeekFrom::End(0))?;
+    // The end record: 22 bytes and a comment of at most 64 KiB.
+    let tail_len = len.min(22 + 0xFFFF);
+    let tail_start = len - tail_len;
+    file.seek(SeekFrom::Start(tail_start))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact(&mut tail)?;
+    // The last signature whose comment length ends the file, else the last signature.
+    let ends = (0..tail.len().saturating_sub(21))
+        .rev()
+        .filter(|&i| tail[i..].starts_with(b"PK\x05\x06"));
+    let exact = |&i: &usize| {
+        i + 22 + usize::from(u16::from_le_bytes([tail[i + 20], tail[i + 21]])) == tail.len()
+    };
+    let end = ends
+        .clone()
+        .find(exact)
+        .or_else(|| ends.clone().next())
+        .ok_or_else(invalid)?;
+    let entries = u16::from_le_bytes([tail[end + 10], tail[end + 11]]);
+    if entries != 0xFFFF {
+        return Ok(u64::from(entries));
+    }
+    // ZIP64: a locator just before the end record points at the ZIP64 end record.
+    let locator = end.checked_sub(20).ok_or_else(invalid)?;
+    if !tail[locator..].starts_with(b"PK\x06\x07") {
+        return Ok(u64::from(entries));
+    }
+    let at = u64::from_le_bytes(
+        tail[locator + 8..locator + 16]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    let mut record = [0u8; 40];
+    file.seek(SeekFrom::Start(at))?;
+    file.read_exact(&mut record)?;
+    if !record.starts_with(b"PK\x06\x06") {
+        return Err(invalid());
+    }
+    Ok(u64::from_le_bytes(
+        record[32..40].try_into().unwrap_or_default(),
+    ))
+}
+
+/// Why a jar is over its budget (the reasons of [`JarError::TooLarge`]).
+const WHY_ALL: &str =
+    "the most fuse reads out of a jar of its size (32 times the size, 64 MiB to 4 GiB)";
+const WHY_ENTRIES: &str =
+    "the most fuse reads out of a jar of its size, counting 1 KiB for each entry of a nested jar";
+const WHY_ONE: &str = "the most fuse reads of one class file or manifest";
+
+fn too_large(path: &Path, entry: &str, limit: u64, why: &'static str) -> JarError {
+    JarError::TooLarge {
+        path: path.to_path_buf(),
+        entry: entry.to_string(),
+        limit,
+        why,
+    }
+}
+
+/// Whether [`scan`] reads the entry `name`: class files, and nested jars of the outer jar.
+fn wanted(name: &str, outer: bool) -> bool {
+    name.ends_with(".class") || outer && name.ends_with(".jar")
+}
+
+/// Copies the entry to `out` in chunks, taking each from the budget, and checks it held
+/// exactly the size it declared (reading to the end also checks its CRC).
+fn copy_entry<R: Read>(
+    path: &Path,
+    entry: &mut zip::read::ZipFile<'_, R>,
+    out: &mut dyn Write,
+    budget: &mut Budget,
+) -> Result<()> {
+    let name = entry.name().to_string();
+    let declared = entry.size();
+    let mut actual: u64 = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = entry.read(&mut buf).map_err(|e| JarError::Corrupt {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        if n == 0 {
+            break;
+        }
+        actual += n as u64;
+        if actual > declared {
+            return Err(JarError::SizeMismatch {
+                path: path.to_path_buf(),
+                entry: name,
+                declared,
+            });
+        }
+        budget.take(path, &name, n as u64)?;
+        out.write_all(&buf[..n])
+            .map_err(|source| JarError::Scratch {
+                path: path.to_path_buf(),
+                entry: name.clone(),
+                source,
+            })?;
+    }
+    if actual != declared {
+        return Err(JarError::SizeMismatch {
+            path: path.to_path_buf(),
+            entry: name,
+            declared,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a class file or the manifest into memory (its declared size was checked against
+/// [`MAX_IN_MEMORY`]).
+fn read_to_memory<R: Read>(
+    path: &Path,
+    entry: &mut zip::read::ZipFile<'_, R>,
+    budget: &mut Budget,
+) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(entry.size().min(MAX_IN_MEMORY) as usize);
+    copy_entry(path, entry, &mut bytes, budget)?;
+    Ok(bytes)
 }
 
 /// Refuses archives with entry names that are absolute or climb out with `..`.
@@ -191,11 +431,13 @@ pub(crate) fn is_enclosed(name: &str) -> bool {
         && name.split('/').all(|part| part != "..")
 }
 
-/// Reads the class files (for JDK references) and, in the outer jar, the nested jars.
+/// Reads the class files (for JDK references) and, in the outer jar, the nested jars (to
+/// scratch files, whose classes are read in turn).
 fn scan<R: Read + Seek>(
     path: &Path,
     zip: &mut ZipArchive<R>,
     info: &mut JarInfo,
+    budget: &mut Budget,
     outer: bool,
 ) -> Result<()> {
     let corrupt = |source| JarError::Corrupt {
@@ -211,31 +453,71 @@ fn scan<R: Read + Seek>(
         if outer && name.starts_with("BOOT-INF/") {
             info.spring_boot = true;
         }
-        let is_class = name.ends_with(".class");
-        let is_jar = outer && name.ends_with(".jar");
-        if !is_class && !is_jar {
+        if !wanted(&name, outer) {
             continue;
         }
-        let mut bytes = Vec::with_capacity(entry.size().min(64 << 20) as usize);
-        entry
-            .read_to_end(&mut bytes)
-            .map_err(|e| corrupt(e.into()))?;
-        drop(entry);
-        if is_class {
+        if name.ends_with(".class") {
+            let bytes = read_to_memory(path, &mut entry, budget)?;
             // A class file that does not parse is not ours to judge (the JVM will); jdeps reports
             // it if it matters.
             let _ = class_refs(&bytes, &mut info.jdk_refs);
-        } else {
-            let nested_path = path.join(&name);
-            let mut inner =
-                ZipArchive::new(Cursor::new(&bytes[..])).map_err(|source| JarError::Corrupt {
-                    path: nested_path.clone(),
-                    source,
-                })?;
-            check_names(&nested_path, &mut inner)?;
-            scan(&nested_path, &mut inner, info, false)?;
-            info.nested.push(NestedJar { bytes });
+            continue;
         }
+        let scratch_error = |source| JarError::Scratch {
+            path: path.to_path_buf(),
+            entry: name.clone(),
+            source,
+        };
+        let dir = match &info.scratch {
+            Some(dir) => dir.path().to_path_buf(),
+            None => {
+                let dir = tempfile::tempdir().map_err(scratch_error)?;
+                let path = dir.path().to_path_buf();
+                info.scratch = Some(dir);
+                path
+            }
+        };
+        // Names of our own: the entry names were checked, but need not be valid file names.
+        let file_path = dir.join(format!("nested-{:04}.jar", info.nested.len()));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&file_path)
+            .map_err(scratch_error)?;
+        {
+            let mut out = io::BufWriter::new(&mut file);
+            copy_entry(path, &mut entry, &mut out, budget)?;
+            out.flush().map_err(scratch_error)?;
+        }
+        drop(entry);
+        // The zip reader indexes every entry of an archive when it opens it (hundreds of
+        // bytes each): entries cost the budget too, counted from the end record first.
+        let entries = declared_entries(&mut file).map_err(|source| JarError::Corrupt {
+            path: path.join(&name),
+            source,
+        })?;
+        budget.take_as(path, &name, entries.saturating_mul(ENTRY_COST), WHY_ENTRIES)?;
+        file.rewind().map_err(scratch_error)?;
+        let nested_path = path.join(&name);
+        let mut inner =
+            ZipArchive::new(io::BufReader::new(file)).map_err(|source| JarError::Corrupt {
+                path: nested_path.clone(),
+                source,
+            })?;
+        if inner.len() as u64 > entries {
+            // The reader found more entries than the end record said: not what was counted.
+            return Err(JarError::Corrupt {
+                path: nested_path,
+                source: ZipError::InvalidArchive(
+                    "more entries than its end record declares".into(),
+                ),
+            });
+        }
+        check_names(&nested_path, &mut inner)?;
+        budget.check_declared(&nested_path, &mut inner, false)?;
+        scan(&nested_path, &mut inner, info, budget, false)?;
+        info.nested.push(file_path);
     }
     Ok(())
 }
@@ -468,7 +750,7 @@ mod tests {
         assert_eq!(info.main_class, "app.Main");
         assert!(!info.spring_boot);
         assert_eq!(info.nested.len(), 1);
-        assert!(info.nested[0].bytes.starts_with(b"PK\x03\x04"), "a zip");
+        assert_eq!(std::fs::read(&info.nested[0]).unwrap(), dep_bytes);
         assert!(info.jdk_refs.contains("java/sql/Driver"), "{info:?}");
         assert!(info.jdk_refs.contains("java/lang/System"));
         assert!(looks_like_jar(&app, b"PK\x03\x04"));
@@ -567,5 +849,90 @@ mod tests {
         let err = read(&outer, None).unwrap_err();
         assert!(matches!(err, JarError::UnsafeEntry { .. }), "{err}");
         assert!(err.to_string().contains("lib/inner.jar"), "{err}");
+    }
+
+    /// Sets the uncompressed size the archive declares for its entries, in the local and the
+    /// central headers, to `size`.
+    fn declare_size(bytes: &mut [u8], size: u32) {
+        for (signature, at) in [(b"PK\x03\x04", 22), (b"PK\x01\x02", 24)] {
+            let mut i = 0;
+            while i + 4 <= bytes.len() {
+                if &bytes[i..i + 4] == signature {
+                    bytes[i + at..i + at + 4].copy_from_slice(&size.to_le_bytes());
+                }
+                i += 1;
+            }
+        }
+    }
+
+    fn read_within(path: &Path, budget: u64) -> Result<JarInfo> {
+        read_with_budget(path, std::fs::File::open(path).unwrap(), budget, None)
+    }
+
+    #[test]
+    fn what_is_read_is_bounded_by_the_budget_and_the_declared_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest: &[u8] = b"Main-Class: a.B\n";
+        let big_class = class_file(&["java/lang/String"; 40]);
+        let dep = dir.path().join("dep.jar");
+        write_jar(&dep, &[("dep/Big.class", &big_class)]);
+        let dep_bytes = std::fs::read(&dep).unwrap();
+        let app = dir.path().join("app.jar");
+        write_jar(&app, &[(MANIFEST, manifest), ("lib/dep.jar", &dep_bytes)]);
+        let needed = (manifest.len() + dep_bytes.len() + big_class.len()) as u64 + ENTRY_COST;
+        assert_eq!(read_within(&app, needed).unwrap().nested.len(), 1);
+
+        // One byte short: the outer jar fits, the nested jar's class does not; the error names
+        // the entry, in the nested jar.
+        let err = read_within(&app, needed - 1).unwrap_err();
+        assert!(matches!(err, JarError::TooLarge { .. }), "{err:?}");
+        let line = err.to_string();
+        assert!(line.contains("app.jar/lib/dep.jar"), "{line}");
+        assert!(line.contains("dep/Big.class"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        // Short of the nested jar itself: refused at the outer jar's entry, from the sizes
+        // declared; short of what indexing its one entry costs: refused at that entry too.
+        let outer = (manifest.len() + dep_bytes.len()) as u64;
+        let err = read_within(&app, outer - 1).unwrap_err();
+        assert!(err.to_string().contains("its entry lib/dep.jar"), "{err}");
+        assert!(err.to_string().contains("of its size ("), "{err}");
+        let err = read_within(&app, outer + ENTRY_COST - 1).unwrap_err();
+        assert!(err.to_string().contains("its entry lib/dep.jar"), "{err}");
+        assert!(
+            err.to_string().contains("each entry of a nested jar"),
+            "{err}"
+        );
+        let mut file = std::fs::File::open(&dep).unwrap();
+        assert_eq!(declared_entries(&mut file).unwrap(), 1);
+        // More entries than the classic end record counts: the ZIP64 one says how many.
+        let names: Vec<String> = (0..70_000).map(|i| format!("r/{i}")).collect();
+        let many: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        let zip64 = dir.path().join("zip64.jar");
+        write_jar(&zip64, &many);
+        let mut file = std::fs::File::open(&zip64).unwrap();
+        assert_eq!(declared_entries(&mut file).unwrap(), 70_000);
+
+        // An entry holding more than it declares is refused however large the budget.
+        let mut lying = std::fs::read(&app).unwrap();
+        declare_size(&mut lying, 10);
+        let liar = dir.path().join("liar.jar");
+        std::fs::write(&liar, lying).unwrap();
+        let err = read_within(&liar, MAX_BUDGET).unwrap_err();
+        assert!(matches!(err, JarError::SizeMismatch { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("does not hold the 10 bytes"),
+            "{err}"
+        );
+
+        // A class file too large to read into memory, whatever the budget.
+        let mut huge = std::fs::read(&dep).unwrap();
+        declare_size(&mut huge, (MAX_IN_MEMORY + 1) as u32);
+        std::fs::write(&dep, huge).unwrap();
+        let err = read_within(&dep, MAX_BUDGET).unwrap_err();
+        assert!(err.to_string().contains("one class file"), "{err}");
+
+        assert_eq!(budget_for(1_000), MIN_BUDGET);
+        assert_eq!(budget_for(10 << 20), 320 << 20);
+        assert_eq!(budget_for(u64::MAX), MAX_BUDGET);
     }
 }

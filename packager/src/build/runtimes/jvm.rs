@@ -246,7 +246,6 @@ fn run_jdeps(
     jar_path: &Path,
     info: &JarInfo,
 ) -> std::result::Result<BTreeSet<String>, String> {
-    let scratch = tempfile::tempdir().map_err(|e| format!("no temp dir: {e}"))?;
     let mut cmd = Command::new(jdk.tool("jdeps"));
     cmd.args([
         "--print-module-deps",
@@ -254,13 +253,9 @@ fn run_jdeps(
         "--multi-release",
     ])
     .arg(jdk.feature.to_string())
-    .arg(jar_path);
-    for (i, nested) in info.nested.iter().enumerate() {
-        // Names of our own: the entry names were checked, but need not be valid file names.
-        let file = scratch.path().join(format!("nested-{i:04}.jar"));
-        std::fs::write(&file, &nested.bytes).map_err(|e| format!("cannot extract: {e}"))?;
-        cmd.arg(file);
-    }
+    .arg(jar_path)
+    // The nested jars, extracted by jar::read.
+    .args(&info.nested);
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run {}: {e}", jdk.tool("jdeps").display()))?;
@@ -595,6 +590,7 @@ mod tests {
             main_class: "a.Main".into(),
             spring_boot,
             nested: Vec::new(),
+            scratch: None,
             jdk_refs: refs.iter().map(|r| r.to_string()).collect(),
         }
     }
