@@ -19,10 +19,20 @@ const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn"];
 pub(crate) type Filter<'a> = dyn FnMut(&str, bool) -> bool + 'a;
 
 /// What was copied.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct CopyStats {
     pub(crate) files: u64,
     pub(crate) bytes: u64,
+    /// Every regular file copied that is an ELF (by its magic, whatever its name), in walk
+    /// order: compiled extensions and addons, whose libraries must come along.
+    pub(crate) elves: Vec<AppElf>,
+}
+
+/// An ELF file of the app: where it is on the host and where it went in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AppElf {
+    pub(crate) host: PathBuf,
+    pub(crate) image: String,
 }
 
 /// Copies the app directory `host_root` to `image_root` (`/app`), skipping VCS directories and
@@ -88,6 +98,12 @@ fn copy_dir(
             } else {
                 0o644
             };
+            if is_elf(&host) {
+                stats.elves.push(AppElf {
+                    host: host.clone(),
+                    image: image.clone(),
+                });
+            }
             tree.add_host_file(&image, &host, mode)?;
             stats.files += 1;
             stats.bytes += meta.len();
@@ -99,6 +115,16 @@ fn copy_dir(
         }
     }
     Ok(())
+}
+
+/// Whether `path` starts with the ELF magic. Unreadable files are not ELF here: copying them
+/// reports the error.
+pub(crate) fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == *b"\x7fELF")
 }
 
 /// `path` relative to `root`, `/`-separated.
