@@ -226,6 +226,26 @@ mod tests {
     }
 
     #[test]
+    fn elves_are_found_by_magic_not_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path();
+        std::fs::create_dir_all(app.join("pkg")).unwrap();
+        std::fs::write(app.join("pkg/addon.bin"), b"\x7fELF\x02\x01\x01rest").unwrap();
+        std::fs::write(app.join("pkg/fake.so"), "not an ELF").unwrap();
+        std::fs::write(app.join("pkg/tiny.node"), b"\x7fE").unwrap();
+        symlink("addon.bin", app.join("pkg/link.so")).unwrap();
+        let mut tree = Tree::new();
+        let copied = add_app_dir(&mut tree, app, "/app", &mut |_, _| true).unwrap();
+        assert_eq!(
+            copied.elves,
+            vec![AppElf {
+                host: app.canonicalize().unwrap().join("pkg/addon.bin"),
+                image: "/app/pkg/addon.bin".into(),
+            }]
+        );
+    }
+
+    #[test]
     fn links_out_of_the_app_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let app = dir.path().join("app");

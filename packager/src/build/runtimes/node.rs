@@ -10,7 +10,8 @@
 //!
 //! Image layout: `/usr/bin/node` (stripped), its libraries where the host's loader has them
 //! (`/lib/...`, `/lib64/...`), the app at `/app` (a single script at `/app/<file>`). The spec runs
-//! `node /app/<entry>` in `/app` with `NODE_ENV=production`.
+//! `node /app/<entry>` in `/app` with `NODE_ENV=production`. Native addons (`*.node`) and programs
+//! in `node_modules` come with their libraries (see [`closure`]).
 
 use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::appdir::{self, AppElf};

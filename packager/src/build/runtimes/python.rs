@@ -12,7 +12,9 @@
 //! location (no PYTHONHOME needed), libraries where the host's loader has them. With a venv, the
 //! image gets a real one at [`VENV_DIR`]: `pyvenv.cfg`, `bin/python3` linking to the interpreter,
 //! and the site-packages; running its `bin/python3` makes Python set it up exactly as on the
-//! host (`.pth` files included). The app is at `/app`.
+//! host (`.pth` files included). The app is at `/app`. Compiled extensions of the venv and the
+//! app (numpy's, with the libraries auditwheel bundled in `numpy.libs/`) come with their
+//! libraries like the interpreter's own (see [`closure`]).
 //!
 //! No bytecode is shipped: `__pycache__` is dropped and `PYTHONDONTWRITEBYTECODE=1` (the root
 //! filesystem is read-only anyway). Compiling at build time would need marshal output, which is
