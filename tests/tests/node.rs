@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::{free_port, http_get_until, json, Sandbox};
+use common::{cached_fixture, copy_tree, free_port, http_get_until, json, run_tool, Sandbox};
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch, TestDir};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 /// The ceiling of a Node hello image (kernel + init + root filesystem + manifest), in bytes:
@@ -254,6 +256,226 @@ fn http_server(arch: &str) {
     );
     out.assert_stdout_contains("listening");
     assert_no_leaked_qemu();
+}
+
+/// Express from npm (and what it pulls in), cached under the target directory.
+fn express_modules() -> PathBuf {
+    cached_fixture("npm-express-4.21.2", |dir| {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{ "name": "fixture", "version": "1.0.0", "private": true }"#,
+        )
+        .unwrap();
+        run_tool(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--omit=dev"])
+                .arg("express@4.21.2")
+                .current_dir(dir),
+            "npm installs from the registry: the network must reach it",
+        );
+    })
+}
+
+/// A Node-API addon, built by node-gyp in `dir` against the host node's headers, that hashes
+/// with `crypt(3)` from libcrypt.so.1: a library node itself does not need, so only the
+/// addon's own closure brings it.
+fn crypt_addon(dir: &Path) {
+    let w = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    w(
+        "package.json",
+        r#"{ "name": "zcrypt", "version": "1.0.0", "main": "index.js", "gypfile": true }"#,
+    );
+    w(
+        "binding.gyp",
+        r#"{ "targets": [ { "target_name": "zcrypt", "sources": ["zcrypt.c"], "libraries": ["-lcrypt"] } ] }"#,
+    );
+    w(
+        "zcrypt.c",
+        "#include <crypt.h>\n#include <node_api.h>\n\
+         static napi_value hash(napi_env env, napi_callback_info info) {\n\
+           size_t argc = 2, n; napi_value argv[2], out; char key[128], salt[128];\n\
+           napi_get_cb_info(env, info, &argc, argv, NULL, NULL);\n\
+           napi_get_value_string_utf8(env, argv[0], key, sizeof key, &n);\n\
+           napi_get_value_string_utf8(env, argv[1], salt, sizeof salt, &n);\n\
+           const char *h = crypt(key, salt);\n\
+           napi_create_string_utf8(env, h ? h : \"crypt failed\", NAPI_AUTO_LENGTH, &out);\n\
+           return out;\n\
+         }\n\
+         static napi_value init(napi_env env, napi_value exports) {\n\
+           napi_value fn;\n\
+           napi_create_function(env, \"crypt\", NAPI_AUTO_LENGTH, hash, NULL, &fn);\n\
+           napi_set_named_property(env, exports, \"crypt\", fn);\n\
+           return exports;\n\
+         }\n\
+         NAPI_MODULE(NODE_GYP_MODULE_NAME, init)\n",
+    );
+    w(
+        "index.js",
+        "module.exports = require('./build/Release/zcrypt.node');\n",
+    );
+    // The headers of the node that runs (nodesource's and Debian's libnode-dev ship them
+    // under <prefix>/include/node): node-gyp then downloads nothing.
+    let node = run_tool(
+        Command::new("node").args(["-p", "process.execPath"]),
+        "node must be installed",
+    );
+    let prefix = Path::new(node.trim()).parent().unwrap().parent().unwrap();
+    assert!(
+        prefix.join("include/node/common.gypi").is_file(),
+        "node's headers are not in {}/include/node",
+        prefix.display()
+    );
+    let gyp = run_tool(
+        Command::new("npm").args(["root", "-g"]),
+        "npm must be installed",
+    );
+    let gyp = Path::new(gyp.trim()).join("npm/node_modules/node-gyp/bin/node-gyp.js");
+    run_tool(
+        Command::new("node")
+            .arg(&gyp)
+            .arg("rebuild")
+            .arg(format!("--nodedir={}", prefix.display()))
+            .env("HOME", dir)
+            .current_dir(dir),
+        "node-gyp needs python3, make and g++",
+    );
+}
+
+/// Express (from npm) with its port and greeting from `args` in fuse.toml, answering a real
+/// HTTP request through `-p`, with a native addon that needs libcrypt and an arm64 prebuild
+/// beside it that the x86_64 image keeps without resolving.
+#[test]
+fn express_app_with_a_native_addon_gets_its_args_from_fuse_toml() {
+    let sb = Sandbox::new();
+    let app = sb.dir.join("greeter");
+    copy_tree(&express_modules(), &app);
+    let w = |rel: &str, text: &str| sb.dir.write(app.join(rel), text);
+    w(
+        "package.json",
+        r#"{ "name": "greeter", "version": "1.0.0", "main": "server.js",
+  "dependencies": { "express": "4.21.2", "zcrypt": "1.0.0" } }"#,
+    );
+    w(
+        "server.js",
+        "const express = require('express');\n\
+         const zcrypt = require('zcrypt');\n\
+         const [port, greeting] = [Number(process.argv[2]), process.argv[3]];\n\
+         const app = express();\n\
+         app.get('/', (req, res) => res.type('text').send(\n\
+           `${greeting} from express on port ${port}, crypt ${zcrypt.crypt('fuse', '$6$saltsalt$')}\\n`));\n\
+         app.listen(port, () => console.log('listening'));\n",
+    );
+    w("fuse.toml", "args = [\"8091\", \"hello from fuse.toml\"]\n");
+    let addon = app.join("node_modules/zcrypt");
+    crypt_addon(&addon);
+    let expected = run_tool(
+        Command::new("node")
+            .args([
+                "-p",
+                "require(process.argv[1]).crypt('fuse', '$6$saltsalt$')",
+            ])
+            .arg(&addon),
+        "the addon runs on the host",
+    );
+    let expected = expected.trim();
+    assert!(expected.starts_with("$6$saltsalt$"), "{expected}");
+    // What prebuildify lays out for other platforms: kept, never resolved.
+    let prebuilds = addon.join("prebuilds/linux-arm64");
+    std::fs::create_dir_all(&prebuilds).unwrap();
+    fuse_tests::compile_c_for(
+        &prebuilds,
+        "aarch64",
+        "int zcrypt(void) { return 0; }\n",
+        "zcrypt.node",
+        &["-shared", "-fPIC"],
+    );
+
+    let built = sb
+        .fuse()
+        .args(["build", "--compression", "fast"])
+        .arg(&app)
+        .timeout(Duration::from_secs(600))
+        .run();
+    built
+        .assert_success()
+        .assert_stderr_contains("kept 1 ELF file(s) of the app that are not for this image")
+        .assert_stderr_contains(
+            "/app/node_modules/zcrypt/prebuilds/linux-arm64/zcrypt.node (aarch64)",
+        );
+    let listing = sb.rootfs_listing("greeter");
+    for wanted in [
+        "/app/node_modules/express/index.js",
+        "/app/node_modules/zcrypt/build/Release/zcrypt.node",
+        "/libcrypt.so.1",
+    ] {
+        assert!(listing.contains(wanted), "{wanted} missing:\n{listing}");
+    }
+
+    let port = free_port();
+    let mut running = sb
+        .fuse()
+        .args(["run", "-p", &format!("{port}:8091"), "greeter"])
+        .spawn();
+    let response = http_get_until(&mut running, port, Duration::from_secs(120));
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}\n{out}");
+    assert!(
+        response.ends_with(&format!(
+            "hello from fuse.toml from express on port 8091, crypt {expected}\n"
+        )),
+        "{response}\n{out}"
+    );
+    assert!(!out.timed_out, "{out}");
+    out.assert_stdout_contains("listening");
+    assert_no_leaked_qemu();
+}
+
+/// An addon needing a library found nowhere: one line naming the addon as the image has it,
+/// the library and `--library-path`.
+#[test]
+fn addon_with_a_missing_library_is_refused_naming_it() {
+    let sb = Sandbox::new();
+    let app = sb.dir.join("gone");
+    sb.dir
+        .write(app.join("package.json"), r#"{ "main": "index.js" }"#);
+    sb.dir
+        .write(app.join("index.js"), "require('./native/gone.node');\n");
+    let lib = sb.dir.compile_c(
+        "int gone(void) { return 1; }\n",
+        "libgone.so.1",
+        &["-shared", "-fPIC", "-Wl,-soname,libgone.so.1"],
+    );
+    let native = app.join("native");
+    std::fs::create_dir_all(&native).unwrap();
+    fuse_tests::compile_c(
+        &native,
+        "int gone(void); int addon(void) { return gone(); }\n",
+        "gone.node",
+        &[
+            "-shared",
+            "-fPIC",
+            "-Wl,--no-as-needed",
+            &format!("-L{}", lib.parent().unwrap().display()),
+            "-l:libgone.so.1",
+        ],
+    );
+    sb.assert_refused(
+        ["build".as_ref(), app.as_os_str()],
+        &["/app/native/gone.node", "libgone.so.1", "--library-path"],
+    );
+    // With the library's directory given, it is found and packaged.
+    let out = sb
+        .fuse()
+        .args(["build", "--library-path"])
+        .arg(lib.parent().unwrap())
+        .arg(&app)
+        .run();
+    out.assert_success();
+    let listing = sb.rootfs_listing("gone");
+    assert!(listing.contains("/libgone.so.1"), "{listing}");
 }
 
 #[test]

@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{json, Sandbox};
+use common::{cached_fixture, free_port, http_get_until, json, run_tool, Sandbox};
 use fuse_tests::assert_no_leaked_qemu;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 /// The ceiling of a Python hello image in bytes (measured: 15.3 MB).
 const PYTHON_HELLO_BUDGET: u64 = 20_000_000;
@@ -151,6 +152,142 @@ fn pyproject_entry_point_runs() {
     let out = sb.fuse().arg("run").arg(&app).args(["--", "serve"]).run();
     out.assert_code(6)
         .assert_stdout_contains("svc main ran ['serve']");
+    assert_no_leaked_qemu();
+}
+
+/// A virtualenv of Debian's python3 with `packages` installed from PyPI as wheels (no compiler
+/// involved), cached under the target directory as `fixture`.
+fn pypi_venv(fixture: &str, packages: &[&str]) -> PathBuf {
+    cached_fixture(fixture, |dir| {
+        let venv = dir.join("venv");
+        run_tool(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+            "python3 -m venv needs python3-venv",
+        );
+        run_tool(
+            Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--only-binary=:all:",
+                ])
+                .args(packages),
+            "pip installs from PyPI: the network must reach it",
+        );
+    })
+    .join("venv")
+}
+
+/// numpy's wheel is what auditwheel makes: compiled extensions needing the host's libstdc++
+/// and libgcc_s, and OpenBLAS + libgfortran bundled in `numpy.libs/`, found through
+/// `$ORIGIN/../../numpy.libs`. markupsafe's `_speedups` needs libpthread. All of it must be
+/// in the image, the bundled libraries once, where the wheel has them.
+#[test]
+fn venv_with_numpy_computes_in_the_guest() {
+    let sb = Sandbox::new();
+    let venv = pypi_venv(
+        "venv-numpy-2.2.6-markupsafe-3.0.2",
+        &["numpy==2.2.6", "markupsafe==3.0.2"],
+    );
+    let app = sb.dir.join("matrix");
+    sb.dir.write(
+        app.join("__main__.py"),
+        "import numpy as np\n\
+         import markupsafe._speedups as speedups\n\
+         from markupsafe import escape\n\
+         a = np.array([[1.0, 2.0], [3.0, 4.0]])\n\
+         b = np.array([[5.0, 6.0], [7.0, 8.0]])\n\
+         print('numpy', np.__version__, 'product', (a @ b).astype(int).tolist())\n\
+         print('inverse', np.linalg.inv(a).round(3).tolist())\n\
+         print('speedups', speedups._escape_inner('<x>'), escape('<b>'))\n",
+    );
+    sb.fuse()
+        .args(["build", "--venv"])
+        .arg(&venv)
+        .arg(&app)
+        .timeout(Duration::from_secs(600))
+        .run()
+        .assert_success();
+    let out = sb.fuse().args(["run", "matrix"]).run();
+    out.assert_success()
+        .assert_stdout_contains("numpy 2.2.6 product [[19, 22], [43, 50]]")
+        // LAPACK through the bundled OpenBLAS.
+        .assert_stdout_contains("inverse [[-2.0, 1.0], [1.5, -0.5]]")
+        .assert_stdout_contains("speedups &lt;x&gt; &lt;b&gt;");
+
+    let listing = sb.rootfs_listing("matrix");
+    let paths: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    let count = |needle: &str| paths.iter().filter(|p| p.contains(needle)).count();
+    for bundled in ["libscipy_openblas", "libgfortran", "libquadmath"] {
+        assert_eq!(count(bundled), 1, "{bundled} not exactly once:\n{listing}");
+        assert!(
+            paths
+                .iter()
+                .any(|p| p.contains("/site-packages/numpy.libs/") && p.contains(bundled)),
+            "{bundled} not in numpy.libs:\n{listing}"
+        );
+    }
+    for host in ["/libstdc++.so.6", "/libgcc_s.so.1", "/libpthread.so.0"] {
+        assert_eq!(count(host), 1, "{host} not exactly once:\n{listing}");
+    }
+    assert_no_leaked_qemu();
+}
+
+/// A Flask app whose port and greeting come from `args` in fuse.toml, answering a real HTTP
+/// request from the host through `-p`.
+#[test]
+fn flask_app_gets_its_args_from_fuse_toml_and_serves_http() {
+    let sb = Sandbox::new();
+    let venv = pypi_venv("venv-flask-3.1.1", &["flask==3.1.1"]);
+    let app = sb.dir.join("hello-flask");
+    sb.dir.write(
+        app.join("__main__.py"),
+        "import argparse\n\
+         import markupsafe._speedups\n\
+         from flask import Flask\n\
+         parser = argparse.ArgumentParser()\n\
+         parser.add_argument('--port', type=int, required=True)\n\
+         parser.add_argument('--greeting', required=True)\n\
+         opts = parser.parse_args()\n\
+         app = Flask(__name__)\n\
+         @app.route('/')\n\
+         def index():\n\
+         \x20   return f'{opts.greeting} from flask on port {opts.port}\\n'\n\
+         app.run(host='0.0.0.0', port=opts.port)\n",
+    );
+    sb.dir.write(
+        app.join("fuse.toml"),
+        "args = [\"--port\", \"8090\", \"--greeting\", \"hello from fuse.toml\"]\n",
+    );
+    sb.fuse()
+        .args(["build", "--venv"])
+        .arg(&venv)
+        .arg(&app)
+        .timeout(Duration::from_secs(600))
+        .run()
+        .assert_success();
+    let port = free_port();
+    let mut running = sb
+        .fuse()
+        .args(["run", "-p", &format!("{port}:8090"), "hello-flask"])
+        .spawn();
+    let response = http_get_until(&mut running, port, Duration::from_secs(120));
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}\n{out}");
+    assert!(
+        response.ends_with("hello from fuse.toml from flask on port 8090\n"),
+        "{response}\n{out}"
+    );
+    assert!(!out.timed_out, "{out}");
     assert_no_leaked_qemu();
 }
 

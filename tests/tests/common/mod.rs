@@ -299,3 +299,62 @@ pub fn assert_one_error(out: &fuse_tests::Output, needles: &[&str]) -> String {
     }
     lines[0].to_string()
 }
+
+/// A directory of downloaded third-party software (a venv from PyPI, node_modules from npm)
+/// that outlives the test run, at `<target dir>/fixtures/<name>`: made once by `make` in a
+/// scratch sibling and renamed into place when complete, so reruns do not download again and
+/// an interrupted download is never taken for a finished one. `name` must change with what
+/// `make` installs (put the versions in it).
+pub fn cached_fixture(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // fuse_bin() is <target>/<profile>/fuse.
+    let target = fuse_tests::fuse_bin()
+        .parent()
+        .and_then(Path::parent)
+        .expect("the fuse binary is in <target>/<profile>")
+        .to_path_buf();
+    let fixtures = target.join("fixtures");
+    let done = fixtures.join(name);
+    if done.is_dir() {
+        return done;
+    }
+    std::fs::create_dir_all(&fixtures).unwrap();
+    let scratch = fixtures.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    make(&scratch);
+    // Another test process may have finished first: its copy is as good.
+    if std::fs::rename(&scratch, &done).is_err() {
+        let _ = std::fs::remove_dir_all(&scratch);
+        assert!(done.is_dir(), "cannot make the fixture {}", done.display());
+    }
+    done
+}
+
+/// Runs `cmd`, panicking with its output when it fails; `what` says what it needed.
+#[track_caller]
+pub fn run_tool(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} ({what}): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({what}):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copies the directory `from` into `to` (`cp -a`: links and modes kept).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    run_tool(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", from.display()))
+            .arg(to),
+        "copying a fixture",
+    );
+}

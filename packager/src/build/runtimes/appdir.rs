@@ -19,10 +19,20 @@ const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn"];
 pub(crate) type Filter<'a> = dyn FnMut(&str, bool) -> bool + 'a;
 
 /// What was copied.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct CopyStats {
     pub(crate) files: u64,
     pub(crate) bytes: u64,
+    /// Every regular file copied that is an ELF (by its magic, whatever its name), in walk
+    /// order: compiled extensions and addons, whose libraries must come along.
+    pub(crate) elves: Vec<AppElf>,
+}
+
+/// An ELF file of the app: where it is on the host and where it went in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AppElf {
+    pub(crate) host: PathBuf,
+    pub(crate) image: String,
 }
 
 /// Copies the app directory `host_root` to `image_root` (`/app`), skipping VCS directories and
@@ -88,6 +98,12 @@ fn copy_dir(
             } else {
                 0o644
             };
+            if is_elf(&host) {
+                stats.elves.push(AppElf {
+                    host: host.clone(),
+                    image: image.clone(),
+                });
+            }
             tree.add_host_file(&image, &host, mode)?;
             stats.files += 1;
             stats.bytes += meta.len();
@@ -99,6 +115,16 @@ fn copy_dir(
         }
     }
     Ok(())
+}
+
+/// Whether `path` starts with the ELF magic. Unreadable files are not ELF here: copying them
+/// reports the error.
+pub(crate) fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == *b"\x7fELF")
 }
 
 /// `path` relative to `root`, `/`-separated.
@@ -196,6 +222,26 @@ mod tests {
         );
         assert!(
             matches!(tree.get("/app/dangling"), Some(Node::Symlink { target }) if target == "missing")
+        );
+    }
+
+    #[test]
+    fn elves_are_found_by_magic_not_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path();
+        std::fs::create_dir_all(app.join("pkg")).unwrap();
+        std::fs::write(app.join("pkg/addon.bin"), b"\x7fELF\x02\x01\x01rest").unwrap();
+        std::fs::write(app.join("pkg/fake.so"), "not an ELF").unwrap();
+        std::fs::write(app.join("pkg/tiny.node"), b"\x7fE").unwrap();
+        symlink("addon.bin", app.join("pkg/link.so")).unwrap();
+        let mut tree = Tree::new();
+        let copied = add_app_dir(&mut tree, app, "/app", &mut |_, _| true).unwrap();
+        assert_eq!(
+            copied.elves,
+            vec![AppElf {
+                host: app.canonicalize().unwrap().join("pkg/addon.bin"),
+                image: "/app/pkg/addon.bin".into(),
+            }]
         );
     }
 

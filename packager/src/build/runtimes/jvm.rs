@@ -475,15 +475,8 @@ fn collect_elves(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = e.path();
         if ft.is_dir() {
             collect_elves(&path, out)?;
-        } else if ft.is_file() {
-            let mut magic = [0u8; 4];
-            use std::io::Read;
-            let n = std::fs::File::open(&path)
-                .and_then(|mut f| f.read(&mut magic))
-                .unwrap_or(0);
-            if n == 4 && magic == *b"\x7fELF" {
-                out.push(path);
-            }
+        } else if ft.is_file() && super::appdir::is_elf(&path) {
+            out.push(path);
         }
     }
     Ok(())

@@ -8,6 +8,7 @@
 
 pub(crate) mod app;
 pub(crate) mod appdir;
+pub(crate) mod closure;
 pub(crate) mod jar;
 pub(crate) mod jdk;
 pub(crate) mod jvm;

@@ -10,10 +10,12 @@
 //!
 //! Image layout: `/usr/bin/node` (stripped), its libraries where the host's loader has them
 //! (`/lib/...`, `/lib64/...`), the app at `/app` (a single script at `/app/<file>`). The spec runs
-//! `node /app/<entry>` in `/app` with `NODE_ENV=production`.
+//! `node /app/<entry>` in `/app` with `NODE_ENV=production`. Native addons (`*.node`) and programs
+//! in `node_modules` come with their libraries (see [`closure`]).
 
 use super::app::{app_spec, default_env, AppImage, RuntimeInput};
-use super::appdir;
+use super::appdir::{self, AppElf};
+use super::closure;
 use crate::build::layout;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::elf;
@@ -33,7 +35,7 @@ pub(crate) fn assemble(
     progress: &mut dyn FnMut(&str),
 ) -> Result<AppImage> {
     let mut tree = layout::skeleton()?;
-    let entry = add_app(&mut tree, input.input, progress)?;
+    let (entry, elves) = add_app(&mut tree, input.input, progress)?;
     // Another arch (or --sysroot): node and its libraries come from the target's root; with no
     // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::host::sysroot`).
     let sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
@@ -50,7 +52,20 @@ pub(crate) fn assemble(
         (None, Some(sysroot)) => find_node(Some(&sysroot.path.join("usr/bin/node")))?,
         _ => find_node(input.node)?,
     };
-    let version = add_node(&mut tree, &node, input, sysroot.as_ref(), progress)?;
+    let mut options = input.closure_options();
+    if let Some(sysroot) = &sysroot {
+        options.sysroot = sysroot.path.clone();
+    }
+    let version = add_node(
+        &mut tree,
+        &node,
+        input,
+        &options,
+        sysroot.as_ref(),
+        progress,
+    )?;
+    // Addons (`*.node`) and programs in node_modules, after node's own libraries.
+    closure::add_app_libraries(&mut tree, &elves, &options, progress)?;
 
     let entry = format!("{}/{entry}", layout::APP_DIR);
     let mut env = default_env(input.name);
@@ -67,8 +82,12 @@ pub(crate) fn assemble(
     Ok(AppImage { tree, spec, notes })
 }
 
-/// Adds the app to `/app` and returns its entry file relative to `/app`.
-fn add_app(tree: &mut Tree, input: &Path, progress: &mut dyn FnMut(&str)) -> Result<String> {
+/// Adds the app to `/app`; returns its entry file relative to `/app` and its ELF files.
+fn add_app(
+    tree: &mut Tree,
+    input: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(String, Vec<AppElf>)> {
     let meta = std::fs::metadata(input).with_context(|| {
         format!(
             "App {} not found: give a .js file or a directory with package.json",
@@ -81,7 +100,7 @@ fn add_app(tree: &mut Tree, input: &Path, progress: &mut dyn FnMut(&str)) -> Res
             .and_then(|n| n.to_str())
             .with_context(|| format!("File name of {} is not UTF-8: rename it", input.display()))?;
         tree.add_host_file(&format!("{}/{name}", layout::APP_DIR), input, 0o644)?;
-        return Ok(name.to_string());
+        return Ok((name.to_string(), Vec::new()));
     }
 
     if !input.join("package.json").exists() {
@@ -105,10 +124,10 @@ fn add_app(tree: &mut Tree, input: &Path, progress: &mut dyn FnMut(&str)) -> Res
         ));
     }
     check_dependencies_installed(input, &package)?;
-    appdir::add_app_dir(tree, input, layout::APP_DIR, &mut |rel, is_dir| {
+    let copied = appdir::add_app_dir(tree, input, layout::APP_DIR, &mut |rel, is_dir| {
         keep_entry(rel, is_dir, &skipped)
     })?;
-    Ok(entry)
+    Ok((entry, copied.elves))
 }
 
 /// Whether an entry of a Node app directory belongs in the image.
@@ -349,12 +368,11 @@ fn add_node(
     tree: &mut Tree,
     node: &Path,
     input: &RuntimeInput<'_>,
+    options: &elf::ClosureOptions,
     sysroot: Option<&crate::host::sysroot::Sysroot>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let mut options = input.closure_options();
     if let Some(sysroot) = sysroot {
-        options.sysroot = sysroot.path.clone();
         // Debian's node loads some of its built-in modules from these files at run time (its
         // `--shared-builtin-*-path`s); the rest of their packages (6.8 MB) is never read.
         for file in DEBIAN_SHARED_BUILTINS {
@@ -364,7 +382,7 @@ fn add_node(
             }
         }
     }
-    let closure = elf::resolve_closure(node, NODE_PATH, &options)?;
+    let closure = elf::resolve_closure(node, NODE_PATH, options)?;
     let version = match sysroot.and_then(|s| s.packages.get("nodejs")) {
         // A foreign node cannot run here: its Debian version says which it is.
         Some(package) if input.arch != fuse_rootfs::Arch::host() => debian_node_version(package),

@@ -12,7 +12,9 @@
 //! location (no PYTHONHOME needed), libraries where the host's loader has them. With a venv, the
 //! image gets a real one at [`VENV_DIR`]: `pyvenv.cfg`, `bin/python3` linking to the interpreter,
 //! and the site-packages; running its `bin/python3` makes Python set it up exactly as on the
-//! host (`.pth` files included). The app is at `/app`.
+//! host (`.pth` files included). The app is at `/app`. Compiled extensions of the venv and the
+//! app (numpy's, with the libraries auditwheel bundled in `numpy.libs/`) come with their
+//! libraries like the interpreter's own (see [`closure`]).
 //!
 //! No bytecode is shipped: `__pycache__` is dropped and `PYTHONDONTWRITEBYTECODE=1` (the root
 //! filesystem is read-only anyway). Compiling at build time would need marshal output, which is
@@ -20,7 +22,8 @@
 //! small app imports is small (see `ci/bench-runtimes`).
 
 use super::app::{app_spec, default_env, AppImage, RuntimeInput};
-use super::appdir;
+use super::appdir::{self, AppElf};
+use super::closure;
 use crate::build::layout;
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::elf;
@@ -77,14 +80,18 @@ pub(crate) fn assemble(
 ) -> Result<AppImage> {
     let python = probe(input.python)?;
     let mut tree = layout::skeleton()?;
-    let (mut args, fixed, src) = add_app(&mut tree, input.input)?;
+    // Compiled extensions of the app and its venv, whose libraries come after the
+    // interpreter's (those the interpreter brings are not added twice).
+    let mut elves = Vec::new();
+    let (mut args, fixed, src) = add_app(&mut tree, input.input, &mut elves)?;
     let exe_name = format!("python{}", python.short);
     let image_exe = format!("/usr/bin/{exe_name}");
     add_interpreter(&mut tree, &python, &image_exe, input, progress)?;
     let exe = match input.venv {
-        Some(venv) => add_venv(&mut tree, venv, &python)?,
+        Some(venv) => add_venv(&mut tree, venv, &python, &mut elves)?,
         None => image_exe,
     };
+    closure::add_app_libraries(&mut tree, &elves, &input.closure_options(), progress)?;
     // Python finds its home (and the venv's pyvenv.cfg) from argv[0]: a bare `python3` would
     // be looked up on PATH, which leads to /usr/bin and past the venv.
     args.insert(0, exe.clone());
@@ -172,8 +179,12 @@ fn probe(given: Option<&Path>) -> Result<Interpreter> {
 }
 
 /// Adds the app; returns the arguments after argv\[0\], how many of them are the launcher's,
-/// and whether the app has a `src/` directory.
-fn add_app(tree: &mut Tree, input: &Path) -> Result<(Vec<String>, usize, bool)> {
+/// and whether the app has a `src/` directory. Its ELF files go to `elves`.
+fn add_app(
+    tree: &mut Tree,
+    input: &Path,
+    elves: &mut Vec<AppElf>,
+) -> Result<(Vec<String>, usize, bool)> {
     let meta = std::fs::metadata(input).with_context(|| {
         format!(
             "App {} not found: give a .py file or a directory with __main__.py or pyproject.toml",
@@ -202,9 +213,10 @@ fn add_app(tree: &mut Tree, input: &Path) -> Result<(Vec<String>, usize, bool)> 
             input.display()
         );
     };
-    appdir::add_app_dir(tree, input, app, &mut |rel, is_dir| {
+    let copied = appdir::add_app_dir(tree, input, app, &mut |rel, is_dir| {
         keep_app_entry(input, rel, is_dir)
     })?;
+    elves.extend(copied.elves);
     Ok((launch.0, launch.1, input.join("src").is_dir()))
 }
 
@@ -378,8 +390,14 @@ fn pruned_extension(file_name: &str) -> bool {
         )
 }
 
-/// Adds the virtualenv at [`VENV_DIR`]; returns the interpreter path to run (the venv's).
-fn add_venv(tree: &mut Tree, venv: &Path, python: &Interpreter) -> Result<String> {
+/// Adds the virtualenv at [`VENV_DIR`]; returns the interpreter path to run (the venv's). The
+/// ELF files of its site-packages go to `elves`.
+fn add_venv(
+    tree: &mut Tree,
+    venv: &Path,
+    python: &Interpreter,
+    elves: &mut Vec<AppElf>,
+) -> Result<String> {
     let cfg = venv.join("pyvenv.cfg");
     if !cfg.is_file() {
         bail!(
@@ -397,7 +415,7 @@ fn add_venv(tree: &mut Tree, venv: &Path, python: &Interpreter) -> Result<String
             python.version
         );
     }
-    appdir::add_app_dir(
+    let copied = appdir::add_app_dir(
         tree,
         &site,
         &format!("{VENV_DIR}/{rel}"),
@@ -410,6 +428,7 @@ fn add_venv(tree: &mut Tree, venv: &Path, python: &Interpreter) -> Result<String
             !(pip || bytecode)
         },
     )?;
+    elves.extend(copied.elves);
     // Only what the interpreter reads at start: where its home is. The host's paths and
     // the venv's own prompt stay out.
     tree.add_bytes(
