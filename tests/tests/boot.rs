@@ -60,18 +60,22 @@ int main(void) {
 "#;
 
 fn kernel_features(arch: &str) {
-    let sb = Sandbox::new();
-    let app = sb.program_for(arch, KERNEL_FEATURES, "probe", &["-static"]);
-    let out = sb
-        .fuse()
-        .args(["run", "--accel", "tcg", "--arch", arch])
-        .arg(&app)
-        .run();
+    let out = run_static(arch, KERNEL_FEATURES, "probe");
     out.assert_success()
         .assert_stdout_contains("/proc/self/smaps_rollup: ok")
         .assert_stdout_contains("/proc/self/pagemap: ok")
         .assert_stdout_contains("sysv shm: ok");
     assert_no_leaked_qemu();
+}
+
+/// Boots the static program compiled from `src` for `arch` under TCG, once; its output.
+fn run_static(arch: &str, src: &str, name: &str) -> fuse_tests::Output {
+    let sb = Sandbox::new();
+    let app = sb.program_for(arch, src, name, &["-static"]);
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&app)
+        .run()
 }
 
 fn static_hello(arch: &str) {
@@ -133,13 +137,7 @@ int main(void) {
 /// An app that leaves processes behind when it exits 0 has probably daemonized: the init says so
 /// (the VM would otherwise power off without a word), stops them, and the exit code stays 0.
 fn daemonizes(arch: &str) {
-    let sb = Sandbox::new();
-    let app = sb.program_for(arch, DAEMONIZES, "daemon", &["-static"]);
-    let out = sb
-        .fuse()
-        .args(["run", "--accel", "tcg", "--arch", arch])
-        .arg(&app)
-        .run();
+    let out = run_static(arch, DAEMONIZES, "daemon");
     out.assert_success()
         .assert_stdout_contains("master and worker started")
         .assert_stdout_contains(
@@ -150,13 +148,7 @@ fn daemonizes(arch: &str) {
 }
 
 fn exit_code(arch: &str) {
-    let sb = Sandbox::new();
-    let app = sb.program_for(arch, EXIT_7, "seven", &["-static"]);
-    let out = sb
-        .fuse()
-        .args(["run", "--accel", "tcg", "--arch", arch])
-        .arg(&app)
-        .run();
+    let out = run_static(arch, EXIT_7, "seven");
     out.assert_code(7).assert_stdout_contains("about to exit 7");
     assert_no_leaked_qemu();
 }
