@@ -14,7 +14,7 @@
 //! Unknown keys are errors: a typo must not silently do nothing.
 
 use crate::build::compression::RootfsCompression;
-use crate::build::layout::AppUser;
+use crate::build::layout::{self, Accounts, AppUser};
 use crate::image::config::{check_env_name, HealthProbe, Healthcheck, ImageConfig};
 use crate::image::naming::{self, ImageName};
 use anyhow::{bail, Context, Result};
@@ -106,6 +106,8 @@ pub(crate) struct Config {
     pub(crate) cpus: Option<u32>,
     /// `user`: who the app runs as; `None`: [`AppUser::NONROOT`].
     pub(crate) user: Option<AppUser>,
+    /// `[users]` and `[groups]`: more names in the image's `/etc/passwd` and `/etc/group`.
+    pub(crate) accounts: Accounts,
     /// Variables for every environment (and for images without environments).
     pub(crate) env: BTreeMap<String, String>,
     /// Files for every environment, at their path in the image.
@@ -231,8 +233,19 @@ impl Config {
         }
         config.memory = positive(&src, "memory", raw.memory)?;
         config.cpus = positive(&src, "cpus", raw.cpus)?;
+        let mut origins = BTreeMap::new();
+        config.accounts = accounts_from(&src, raw.users, raw.groups, &mut origins)?;
         if let Some(user) = raw.user {
-            config.user = Some(user_from(&src, user)?);
+            config.user = Some(user_from(&src, user, &config.accounts)?);
+        }
+        // Collisions with root, the app's user and each other: what the image would get.
+        let app = config.user.unwrap_or(AppUser::NONROOT);
+        if let Err(e) = layout::etc(app, &config.accounts) {
+            let origin = origins
+                .get(&(e.table, e.entry))
+                .cloned()
+                .unwrap_or_else(|| Origin(path.display().to_string()));
+            bail!("{origin}: {}", e.message);
         }
         config.env = env_table(&src, "[env]", raw.env)?;
         config.files = files_table(&src, raw.files)?;
@@ -405,6 +418,10 @@ struct RawConfig {
     memory: Option<Spanned<u32>>,
     cpus: Option<Spanned<u32>>,
     user: Option<Spanned<UserValue>>,
+    #[serde(default)]
+    users: BTreeMap<Spanned<String>, Spanned<UserValue>>,
+    #[serde(default)]
+    groups: BTreeMap<Spanned<String>, Spanned<UserValue>>,
     default_environment: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
@@ -489,7 +506,8 @@ impl OneOrMany {
     }
 }
 
-/// `user = "root"`, `"nonroot"`, `1000`, `"1000"` or `"1000:1000"`.
+/// `user = "root"`, `"nonroot"`, `1000`, `"1000"` or `"1000:1000"`; in `[users]` and `[groups]`,
+/// the ids alone.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum UserValue {
@@ -626,27 +644,105 @@ pub(crate) fn at_least_one(key: &str, n: u32) -> std::result::Result<u32, String
     Ok(n)
 }
 
-fn user_from(src: &Source<'_>, user: Spanned<UserValue>) -> Result<AppUser> {
-    let origin = src.origin(user.span());
-    // u32::MAX is "no change" to setuid(2): not an id.
-    let id = |text: &str| text.parse::<u32>().ok().filter(|&n| n != u32::MAX);
-    let parsed = match user.into_inner() {
-        UserValue::Id(n) => u32::try_from(n)
-            .ok()
-            .filter(|&n| n != u32::MAX)
-            .map(|uid| AppUser { uid, gid: uid }),
-        UserValue::Name(name) => match name.as_str() {
-            "root" => Some(AppUser::ROOT),
-            "nonroot" => Some(AppUser::NONROOT),
-            other => match other.split_once(':') {
-                Some((uid, gid)) => id(uid).zip(id(gid)).map(|(uid, gid)| AppUser { uid, gid }),
-                None => id(other).map(|uid| AppUser { uid, gid: uid }),
-            },
+/// An id `setuid(2)` can take: u32::MAX is its "no change".
+fn id_number(n: i64) -> Option<u32> {
+    u32::try_from(n).ok().filter(|&n| n != u32::MAX)
+}
+
+fn id_text(text: &str) -> Option<u32> {
+    text.parse::<u32>().ok().filter(|&n| n != u32::MAX)
+}
+
+/// `UID`, `"UID"` or `"UID:GID"` (the gid is the uid when not given).
+fn user_ids(value: &UserValue) -> Option<AppUser> {
+    match value {
+        UserValue::Id(n) => id_number(*n).map(|uid| AppUser { uid, gid: uid }),
+        UserValue::Name(text) => match text.split_once(':') {
+            Some((uid, gid)) => id_text(uid)
+                .zip(id_text(gid))
+                .map(|(uid, gid)| AppUser { uid, gid }),
+            None => id_text(text).map(|uid| AppUser { uid, gid: uid }),
         },
+    }
+}
+
+fn user_from(src: &Source<'_>, user: Spanned<UserValue>, accounts: &Accounts) -> Result<AppUser> {
+    let origin = src.origin(user.span());
+    let value = user.into_inner();
+    let parsed = match &value {
+        UserValue::Name(name) if name == "root" => Some(AppUser::ROOT),
+        UserValue::Name(name) if name == "nonroot" => Some(AppUser::NONROOT),
+        UserValue::Name(name) => match accounts.users.get(name) {
+            Some(&(uid, gid)) => Some(AppUser { uid, gid }),
+            None => user_ids(&value),
+        },
+        UserValue::Id(_) => user_ids(&value),
     };
     parsed.with_context(|| {
-        format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a uid (1000) or \"UID:GID\"")
+        format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a name from [users], a uid (1000) or \"UID:GID\"")
     })
+}
+
+/// A user or group name as `useradd` takes it by default: what every tool reading
+/// `/etc/passwd` copes with.
+fn check_account_name(origin: &Origin, table: &str, name: &str) -> Result<()> {
+    let ok = name.len() <= 32
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !ok {
+        bail!("{origin}: invalid name '{name}' in [{table}]: use at most 32 lowercase letters, digits, '_' and '-', starting with a letter or '_'");
+    }
+    if name == "root" || name == "nonroot" {
+        bail!("{origin}: [{table}] cannot define {name}, fuse's own (`user = \"{name}\"` runs the app as it)");
+    }
+    Ok(())
+}
+
+/// `[users] www-data = 33` (or `"33:33"`), `[groups] adm = 4`: each entry's name and ids;
+/// `origins` gets each entry's place, for the collisions [`layout::etc`] finds.
+fn accounts_from(
+    src: &Source<'_>,
+    users: BTreeMap<Spanned<String>, Spanned<UserValue>>,
+    groups: BTreeMap<Spanned<String>, Spanned<UserValue>>,
+    origins: &mut BTreeMap<(layout::Table, String), Origin>,
+) -> Result<Accounts> {
+    let mut accounts = Accounts::default();
+    for (name, value) in users {
+        let origin = src.origin(name.span());
+        check_account_name(&origin, "users", name.get_ref())?;
+        let ids = user_ids(value.get_ref()).with_context(|| {
+            format!(
+                "{}: invalid ids for user {}: use a uid (33) or \"UID:GID\" (\"33:33\")",
+                src.origin(value.span()),
+                name.get_ref()
+            )
+        })?;
+        origins.insert((layout::Table::Users, name.get_ref().clone()), origin);
+        accounts.users.insert(name.into_inner(), (ids.uid, ids.gid));
+    }
+    for (name, value) in groups {
+        let origin = src.origin(name.span());
+        check_account_name(&origin, "groups", name.get_ref())?;
+        let gid = match value.get_ref() {
+            UserValue::Id(n) => id_number(*n),
+            UserValue::Name(text) => id_text(text),
+        }
+        .with_context(|| {
+            format!(
+                "{}: invalid gid for group {}: use a number (4)",
+                src.origin(value.span()),
+                name.get_ref()
+            )
+        })?;
+        origins.insert((layout::Table::Groups, name.get_ref().clone()), origin);
+        accounts.groups.insert(name.into_inner(), gid);
+    }
+    Ok(accounts)
 }
 
 fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {
@@ -717,6 +813,9 @@ fn files_table(
                 .any(|p| path == p || path.starts_with(&format!("{p}/")))
         {
             bail!("{origin}: a config file cannot go to {path}: /proc, /sys, /dev, /run, /tmp and /etc/fuse are not part of the image's files");
+        }
+        if path == "/etc/passwd" || path == "/etc/group" {
+            bail!("{origin}: fuse writes {path} (root and the app's user): add users in [users] (www-data = 33) and groups in [groups]");
         }
         let host_origin = src.origin(host.span());
         let host_path = src.dir().join(host.get_ref());

@@ -152,10 +152,15 @@ pub(crate) fn build(
             "notice: the app runs as root with every capability (user = \"root\" in fuse.toml)",
         );
     }
+    let accounts = config
+        .as_ref()
+        .map(|c| c.accounts.clone())
+        .unwrap_or_default();
     layout::add_user(
         &mut tree,
         &mut spec,
         user.unwrap_or(layout::AppUser::NONROOT),
+        &accounts,
     )?;
     tree.add_bytes(layout::SPEC_PATH, spec.try_encode()?, 0o644)?;
 
