@@ -1,6 +1,6 @@
 //! Real software as it ships: Debian's nginx (`apt-get download nginx nginx-common`, extracted,
 //! never installed) with Debian's own `nginx.conf`, changed only in its two log paths, run as a
-//! fuse image and reached from the host by curl. Its `user www-data;` needs the `[users]`
+//! fuse image (examples/nginx, the README's) and reached from the host by curl. Its `user www-data;` needs the `[users]`
 //! table: without it nginx stops at `getpwnam("www-data")`.
 
 mod common;
@@ -12,100 +12,64 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Downloads Debian's `packages` (the host's release and architecture) with `apt-get download`
-/// into `dir/debs` and extracts them, as `dpkg-deb -x` does, into `dir/root`, which it returns.
-fn debian_packages(dir: &Path, packages: &[&str]) -> PathBuf {
-    let debs = dir.join("debs");
-    let root = dir.join("root");
-    std::fs::create_dir_all(&debs).unwrap();
-    let out = Command::new("apt-get")
-        .arg("download")
-        .args(packages)
-        .current_dir(&debs)
-        .output()
-        .expect("apt-get (Debian) is needed");
-    assert!(
-        out.status.success(),
-        "apt-get download {packages:?} failed (is deb.debian.org reachable, `apt-get update` done?): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for deb in std::fs::read_dir(&debs).unwrap() {
-        let deb = deb.unwrap().path();
-        let status = Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(&deb)
-            .arg(&root)
-            .status()
-            .unwrap();
-        assert!(status.success(), "dpkg-deb -x {}", deb.display());
-    }
-    root
-}
+/// examples/nginx, the README's: its Makefile downloads Debian's nginx (`apt-get download`,
+/// `dpkg-deb -x`: never installed) and writes its nginx.conf; fuse.toml packages them.
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/nginx");
 
-/// Debian's nginx.conf with its two log paths on the console: the root is read-only.
-fn nginx_conf(debian: &str) -> String {
-    let mut conf = debian.to_string();
-    for (from, to) in [
-        (
-            "\nerror_log /var/log/nginx/error.log;\n",
-            "\nerror_log stderr;\n",
-        ),
-        (
-            "\n\taccess_log /var/log/nginx/access.log;\n",
-            "\n\taccess_log /dev/stdout;\n",
-        ),
-    ] {
-        assert_eq!(
-            conf.matches(from).count(),
-            1,
-            "Debian's nginx.conf has {from:?}"
-        );
-        conf = conf.replace(from, to);
+/// A copy of examples/nginx in the sandbox, made (`make -f examples/nginx/Makefile`) there, with
+/// a second page; `users` replaces the example's `[users]` table. Returns the app directory.
+fn nginx_app(sb: &Sandbox, users: &str) -> PathBuf {
+    let app = sb.dir.join("app");
+    let example = Path::new(EXAMPLE);
+    for file in ["fuse.toml", "temp-paths.conf", "html/index.html"] {
+        let text = std::fs::read_to_string(example.join(file)).unwrap();
+        let text = match file {
+            "fuse.toml" => {
+                let table = "\n[users]\nwww-data = 33\n";
+                assert_eq!(text.matches(table).count(), 1, "{text}");
+                // A second page: [files] is the example's last table.
+                text.replace(table, users) + "\"/var/www/html/notes.txt\" = \"html/notes.txt\"\n"
+            }
+            _ => text,
+        };
+        sb.dir.write(format!("app/{file}"), text);
     }
-    // Everything else as Debian ships it, the worker user included.
-    assert!(conf.starts_with("user www-data;\n") && conf.contains("\npid /run/nginx.pid;\n"));
-    conf
-}
-
-/// The app directory: fuse.toml (with `users`, the `[users]` table or nothing), the config
-/// files Debian's nginx reads, and the site's files.
-fn nginx_app(sb: &Sandbox, root: &Path, users: &str) -> PathBuf {
-    let debian_conf = std::fs::read_to_string(root.join("etc/nginx/nginx.conf")).unwrap();
-    sb.dir.write("app/nginx.conf", nginx_conf(&debian_conf));
-    // nginx.conf includes conf.d/*.conf in `http`: nginx's temporary files go to /tmp (its
-    // compiled-in /var/lib/nginx is on the read-only root).
-    sb.dir.write(
-        "app/temp-paths.conf",
-        "client_body_temp_path /tmp/nginx-body;\nproxy_temp_path /tmp/nginx-proxy;\n\
-         fastcgi_temp_path /tmp/nginx-fastcgi;\nuwsgi_temp_path /tmp/nginx-uwsgi;\n\
-         scgi_temp_path /tmp/nginx-scgi;\n",
-    );
-    sb.dir
-        .write("app/html/index.html", "<h1>nginx in a fuse image</h1>\n");
     sb.dir
         .write("app/html/notes.txt", "a plain file, served as is\n");
-    let debian = root.display();
-    sb.dir.write(
-        "app/fuse.toml",
-        format!(
-            r#"name = "nginx"
-# The master starts as root, as Debian's service does; its workers switch to www-data.
-user = "root"
-args = ["-e", "stderr", "-g", "daemon off;"]
-{users}
-[ports]
-http = 80
-
-[files]
-"/etc/nginx/nginx.conf" = "nginx.conf"
-"/etc/nginx/mime.types" = "{debian}/etc/nginx/mime.types"
-"/etc/nginx/sites-enabled/default" = "{debian}/etc/nginx/sites-available/default"
-"/etc/nginx/conf.d/temp-paths.conf" = "temp-paths.conf"
-"/var/www/html/index.html" = "html/index.html"
-"/var/www/html/notes.txt" = "html/notes.txt"
-"#
-        ),
-    )
+    let out = Command::new("make")
+        .arg("-f")
+        .arg(example.join("Makefile"))
+        .current_dir(&app)
+        .output()
+        .expect("make is needed");
+    assert!(
+        out.status.success(),
+        "make -f examples/nginx/Makefile (apt-get download: is deb.debian.org reachable, `apt-get update` done?): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Debian's nginx.conf, but for its two log paths: the worker user, the pid file and
+    // everything else as Debian ships it.
+    let debian = std::fs::read_to_string(app.join("debian/etc/nginx/nginx.conf")).unwrap();
+    let ours = std::fs::read_to_string(app.join("nginx.conf")).unwrap();
+    let changed: Vec<(&str, &str)> = debian
+        .lines()
+        .zip(ours.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            ("error_log /var/log/nginx/error.log;", "error_log stderr;"),
+            (
+                "\taccess_log /var/log/nginx/access.log;",
+                "\taccess_log /dev/stdout;"
+            ),
+        ]
+    );
+    assert_eq!(debian.lines().count(), ours.lines().count());
+    assert!(debian.starts_with("user www-data;\n") && debian.contains("\npid /run/nginx.pid;\n"));
+    app
 }
 
 /// `curl -sS -i http://127.0.0.1:port/path`: the status line, headers and body.
@@ -135,14 +99,12 @@ fn body(response: &str) -> &str {
 #[test]
 fn debian_nginx_serves_the_host_with_its_own_config() {
     let sb = Sandbox::new();
-    let root = debian_packages(sb.dir.path(), &["nginx", "nginx-common"]);
-    nginx_app(&sb, &root, "\n[users]\nwww-data = 33\n");
-    let config = sb.dir.join("app/fuse.toml");
+    let app = nginx_app(&sb, "\n[users]\nwww-data = 33\n");
     sb.fuse()
         .arg("build")
-        .arg(root.join("usr/sbin/nginx"))
+        .arg(app.join("debian/usr/sbin/nginx"))
         .arg("--config")
-        .arg(&config)
+        .arg(app.join("fuse.toml"))
         .run()
         .assert_success()
         .assert_stderr_contains("the app runs as root");
@@ -185,7 +147,9 @@ fn debian_nginx_serves_the_host_with_its_own_config() {
     let out = running.wait();
     out.assert_code(0)
         .assert_stdout_contains("\"GET /notes.txt HTTP/1.1\" 200 27 ")
-        .assert_stdout_contains("\"GET /missing HTTP/1.1\" 404 ");
+        .assert_stdout_contains("\"GET /missing HTTP/1.1\" 404 ")
+        // The image's health check (fuse.toml) passed through the published port.
+        .assert_stderr_contains(&format!(" ms at http://localhost:{port}\n"));
     assert!(
         !out.stdout_str().contains("[emerg]") && !out.stdout_str().contains("[alert]"),
         "nginx reported no error: {out}"
@@ -196,13 +160,12 @@ fn debian_nginx_serves_the_host_with_its_own_config() {
 #[test]
 fn without_its_user_in_the_image_debian_nginx_stops_at_getpwnam() {
     let sb = Sandbox::new();
-    let root = debian_packages(sb.dir.path(), &["nginx", "nginx-common"]);
-    nginx_app(&sb, &root, "");
+    let app = nginx_app(&sb, "\n");
     sb.fuse()
         .arg("build")
-        .arg(root.join("usr/sbin/nginx"))
+        .arg(app.join("debian/usr/sbin/nginx"))
         .arg("--config")
-        .arg(sb.dir.join("app/fuse.toml"))
+        .arg(app.join("fuse.toml"))
         .run()
         .assert_success();
     let out = sb

@@ -1205,6 +1205,137 @@ timeout = "2m"
     }
 
     #[test]
+    fn users_and_groups_tables() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        let c = load(
+            "user = \"root\"\n[users]\nwww-data = 33\nbackup = \"34:4\"\nmail = \"8\"\n[groups]\nadm = 4\nstaff = \"50\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.accounts.users,
+            BTreeMap::from([
+                ("backup".into(), (34, 4)),
+                ("mail".into(), (8, 8)),
+                ("www-data".into(), (33, 33)),
+            ])
+        );
+        assert_eq!(
+            c.accounts.groups,
+            BTreeMap::from([("adm".into(), 4), ("staff".into(), 50)])
+        );
+        assert_eq!(c.user, Some(AppUser::ROOT));
+        assert_eq!(load("").unwrap().accounts, Accounts::default());
+
+        // `user` may name a [users] entry (written before or after it).
+        let c = load("user = \"www-data\"\n[users]\nwww-data = \"33:34\"\n").unwrap();
+        assert_eq!(c.user, Some(AppUser { uid: 33, gid: 34 }));
+        let err = format!(
+            "{:#}",
+            load("user = \"www\"\n[users]\nwww-data = 33\n").unwrap_err()
+        );
+        assert!(
+            err.starts_with("/x/fuse.toml:1:8: invalid user")
+                && err.contains("a name from [users]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn users_and_groups_errors_point_at_the_entry() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[users]\nWWW = 33\n",
+                ":2:1: invalid name 'WWW' in [users]: use at most 32 lowercase",
+            ),
+            (
+                "[users]\n1www = 33\n",
+                ":2:1: invalid name '1www' in [users]",
+            ),
+            (
+                "[groups]\n\"a b\" = 3\n",
+                ":2:1: invalid name 'a b' in [groups]",
+            ),
+            (
+                "[users]\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa = 3\n",
+                "invalid name 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'",
+            ),
+            (
+                "[users]\nroot = 5\n",
+                ":2:1: [users] cannot define root, fuse's own",
+            ),
+            (
+                "[groups]\nnonroot = 5\n",
+                ":2:1: [groups] cannot define nonroot",
+            ),
+            (
+                "[users]\nweb = -1\n",
+                ":2:7: invalid ids for user web: use a uid (33) or \"UID:GID\"",
+            ),
+            ("[users]\nweb = \"33:\"\n", ":2:7: invalid ids for user web"),
+            (
+                "[users]\nweb = 4294967295\n",
+                ":2:7: invalid ids for user web",
+            ),
+            ("[users]\nweb = \"www\"\n", ":2:7: invalid ids for user web"),
+            (
+                "[groups]\nweb = \"4:4\"\n",
+                ":2:7: invalid gid for group web",
+            ),
+            // Collisions, at the entry to change.
+            (
+                "[users]\nadmin = 0\n",
+                ":2:1: user admin: uid 0 is already root's",
+            ),
+            (
+                "[users]\na = 40\nb = 40\n",
+                ":3:1: user b: uid 40 is already a's: choose another",
+            ),
+            (
+                "user = 1000\n[users]\nweb = \"1000:1\"\n",
+                ":3:1: user web has the app's uid 1000 but gid 1",
+            ),
+            (
+                "[users]\nweb = 65532\n",
+                ":2:1: user web: uid 65532 is already nonroot's",
+            ),
+            (
+                "[groups]\nwheel = 0\n",
+                ":2:1: group wheel: gid 0 is already root's",
+            ),
+            (
+                "[groups]\nother = 65532\n",
+                ":2:1: group other: gid 65532 is already nonroot's",
+            ),
+            (
+                "[users]\nwww-data = 33\n[groups]\nwww-data = 34\n",
+                ":4:1: group www-data: the name is already gid 33's",
+            ),
+            (
+                "user = 1000\n[users]\napp = 2000\n",
+                ":3:1: user app: name app is already app's",
+            ),
+            // fuse writes these two files.
+            (
+                "[files]\n\"/etc/passwd\" = \"passwd\"\n",
+                ":2:1: fuse writes /etc/passwd (root and the app's user): add users in [users]",
+            ),
+            (
+                "[environments.prod.files]\n\"/etc/group\" = \"group\"\n",
+                ":2:1: fuse writes /etc/group",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = match Config::from_str(Path::new("/x/fuse.toml"), text) {
+                Ok(_) => panic!("accepted: {text}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(err.starts_with("/x/fuse.toml:"), "names the place: {err}");
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
+        }
+    }
+
+    #[test]
     fn syntax_errors_give_file_line_column() {
         let err = load_err(&[("fuse.toml", "name = \"a\"\nmemory = = 3\n")]);
         assert!(err.contains("fuse.toml:2:10:"), "{err}");

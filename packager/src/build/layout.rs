@@ -95,10 +95,18 @@ pub(crate) struct Etc {
 /// uid), as `useradd` makes a user's own group. A name or an id given twice is an error
 /// naming the `[users]`/`[groups]` entry at fault.
 pub(crate) fn etc(app: AppUser, accounts: &Accounts) -> Result<Etc, AccountsError> {
-    let table_user = |uid: u32| accounts.users.iter().find(|(_, &(u, _))| u == uid);
+    // nonroot is fuse's, as root is: [users] and [groups] cannot rename it or take its ids.
+    // Another app user is named by the [users] entry with its uid, if there is one.
+    let fixed_app = app == AppUser::NONROOT;
+    let table_user = |uid: u32| {
+        accounts
+            .users
+            .iter()
+            .find(|(_, &(u, _))| u == uid && !fixed_app)
+    };
     let mut users: Vec<(PasswdEntry, Option<&str>)> = Vec::new();
     for (name, &(uid, gid)) in &accounts.users {
-        let entry = if uid == app.uid {
+        let entry = if uid == app.uid && !fixed_app {
             // This entry names the app: its gid must be the app's.
             if gid != app.gid {
                 return Err(AccountsError {
@@ -188,6 +196,9 @@ pub(crate) fn etc(app: AppUser, accounts: &Accounts) -> Result<Etc, AccountsErro
     // Groups: gid → name, from [groups], then from the users whose primary gid it is.
     let mut groups: BTreeMap<u32, (String, bool)> = BTreeMap::new();
     groups.insert(0, ("root".into(), false));
+    if fixed_app {
+        groups.insert(app.gid, (app.default_name().into(), false));
+    }
     for (name, &gid) in &accounts.groups {
         if let Some((other, _)) = groups.get(&gid) {
             return Err(conflict(
@@ -373,50 +384,50 @@ mod tests {
     #[test]
     fn table_users_and_groups_are_added_sorted_by_id() {
         // nginx: the master runs as root, its workers as www-data.
-        let etc = etc(
+        let files = super::etc(
             AppUser::ROOT,
             &accounts(&[("www-data", 33, 33), ("backup", 34, 34)], &[("adm", 4)]),
         )
         .unwrap();
         assert_eq!(
-            etc.passwd,
+            files.passwd,
             "root:x:0:0:root:/root:/nonexistent\n\
              www-data:x:33:33:www-data:/nonexistent:/nonexistent\n\
              backup:x:34:34:backup:/nonexistent:/nonexistent\n"
         );
         assert_eq!(
-            etc.group,
+            files.group,
             "root:x:0:\nadm:x:4:\nwww-data:x:33:\nbackup:x:34:\n"
         );
-        assert_eq!(etc.app_home, None);
+        assert_eq!(files.app_home, None);
 
         // Beside the default app user; a [groups] entry names a user's gid.
-        let etc = etc(
+        let files = super::etc(
             AppUser::NONROOT,
             &accounts(&[("web", 1000, 100)], &[("users", 100)]),
         )
         .unwrap();
         assert_eq!(
-            etc.passwd,
+            files.passwd,
             "root:x:0:0:root:/root:/nonexistent\n\
              web:x:1000:100:web:/nonexistent:/nonexistent\n\
              nonroot:x:65532:65532:nonroot:/home/nonroot:/nonexistent\n"
         );
-        assert_eq!(etc.group, "root:x:0:\nusers:x:100:\nnonroot:x:65532:\n");
-        assert_eq!(etc.app_home.as_deref(), Some("/home/nonroot"));
+        assert_eq!(files.group, "root:x:0:\nusers:x:100:\nnonroot:x:65532:\n");
+        assert_eq!(files.app_home.as_deref(), Some("/home/nonroot"));
     }
 
     #[test]
     fn a_table_user_with_the_apps_uid_names_the_app() {
         let app = AppUser { uid: 33, gid: 33 };
-        let etc = etc(app, &accounts(&[("www-data", 33, 33)], &[])).unwrap();
+        let files = super::etc(app, &accounts(&[("www-data", 33, 33)], &[])).unwrap();
         assert_eq!(
-            etc.passwd,
+            files.passwd,
             "root:x:0:0:root:/root:/nonexistent\n\
              www-data:x:33:33:www-data:/home/www-data:/nonexistent\n"
         );
-        assert_eq!(etc.group, "root:x:0:\nwww-data:x:33:\n");
-        assert_eq!(etc.app_home.as_deref(), Some("/home/www-data"));
+        assert_eq!(files.group, "root:x:0:\nwww-data:x:33:\n");
+        assert_eq!(files.app_home.as_deref(), Some("/home/www-data"));
 
         let mut tree = skeleton().unwrap();
         let mut spec = AppSpec::new("/app/x");
@@ -452,10 +463,38 @@ mod tests {
         assert_eq!((table, entry.as_str()), (Table::Users, "b"));
         assert!(message.contains("uid 33 is already a's"), "{message}");
         // The default app user's uid and name.
-        let (_, entry, message) = err(AppUser::NONROOT, &[("x", 65532, 1)], &[]);
-        // 65532 is the app's: x names it, and must have its gid.
+        let (_, entry, message) = err(AppUser::NONROOT, &[("x", 65532, 65532)], &[]);
         assert_eq!(entry, "x");
-        assert!(message.contains("the app's uid 65532"), "{message}");
+        assert!(
+            message.contains("uid 65532 is already nonroot's"),
+            "{message}"
+        );
+        let (_, entry, message) = err(AppUser::NONROOT, &[("a", 65532, 65532)], &[]);
+        assert_eq!(entry, "a");
+        assert!(
+            message.contains("is the app's user's (nonroot, uid 65532)"),
+            "{message}"
+        );
+        let (table, entry, message) = err(AppUser::NONROOT, &[], &[("other", 65532)]);
+        assert_eq!((table, entry.as_str()), (Table::Groups, "other"));
+        assert!(
+            message.contains("gid 65532 is already nonroot's"),
+            "{message}"
+        );
+        // Another app user's uid: the entry names it, and must have its gid.
+        let (_, entry, message) = err(
+            AppUser {
+                uid: 1000,
+                gid: 1000,
+            },
+            &[("x", 1000, 1)],
+            &[],
+        );
+        assert_eq!(entry, "x");
+        assert!(
+            message.contains("the app's uid 1000 but gid 1"),
+            "{message}"
+        );
         let (_, entry, message) = err(
             AppUser {
                 uid: 1000,
