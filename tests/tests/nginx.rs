@@ -107,7 +107,9 @@ fn debian_nginx_serves_the_host_with_its_own_config() {
         .arg(app.join("fuse.toml"))
         .run()
         .assert_success()
-        .assert_stderr_contains("the app runs as root");
+        .assert_stderr_contains(
+            "the app runs as root with capabilities chown, setgid, setuid only",
+        );
 
     let port = free_port();
     let mut running = sb

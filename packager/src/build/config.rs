@@ -106,6 +106,9 @@ pub(crate) struct Config {
     pub(crate) cpus: Option<u32>,
     /// `user`: who the app runs as; `None`: [`AppUser::NONROOT`].
     pub(crate) user: Option<AppUser>,
+    /// `capabilities` (with `user = "root"` only): the few root keeps, by number; `None`:
+    /// every one.
+    pub(crate) capabilities: Option<Capabilities>,
     /// `[users]` and `[groups]`: more names in the image's `/etc/passwd` and `/etc/group`.
     pub(crate) accounts: Accounts,
     /// Variables for every environment (and for images without environments).
@@ -237,6 +240,9 @@ impl Config {
         config.accounts = accounts_from(&src, raw.users, raw.groups, &mut origins)?;
         if let Some(user) = raw.user {
             config.user = Some(user_from(&src, user, &config.accounts)?);
+        }
+        if let Some(caps) = raw.capabilities {
+            config.capabilities = Some(capabilities_from(&src, caps, config.user)?);
         }
         // Collisions with root, the app's user and each other: what the image would get.
         let app = config.user.unwrap_or(AppUser::NONROOT);
@@ -418,6 +424,7 @@ struct RawConfig {
     memory: Option<Spanned<u32>>,
     cpus: Option<Spanned<u32>>,
     user: Option<Spanned<UserValue>>,
+    capabilities: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     users: BTreeMap<Spanned<String>, Spanned<UserValue>>,
     #[serde(default)]
@@ -681,6 +688,94 @@ fn user_from(src: &Source<'_>, user: Spanned<UserValue>, accounts: &Accounts) ->
     parsed.with_context(|| {
         format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a name from [users], a uid (1000) or \"UID:GID\"")
     })
+}
+
+/// The capabilities a root app keeps (`capabilities = ["setuid", "setgid", "chown"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// Bit N: capability N (`<linux/capability.h>`), as the app spec carries it.
+    pub(crate) mask: u64,
+    /// Their names, by number.
+    pub(crate) names: Vec<&'static str>,
+}
+
+/// capabilities(7)'s names without `CAP_`, lowercase, by number (Linux 6.12: 0 to 40).
+const CAPABILITY_NAMES: &[&str] = &[
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
+];
+
+fn capabilities_from(
+    src: &Source<'_>,
+    caps: Spanned<Vec<Spanned<String>>>,
+    user: Option<AppUser>,
+) -> Result<Capabilities> {
+    if user != Some(AppUser::ROOT) {
+        bail!(
+            "{}: capabilities are what a root app keeps: they need user = \"root\" (any other user has none)",
+            src.origin(caps.span())
+        );
+    }
+    let mut mask = 0u64;
+    for name in caps.into_inner() {
+        // `CAP_SETUID` and `setuid` alike: the names of capabilities(7) and of capsh.
+        let wanted = name.get_ref().to_ascii_lowercase();
+        let wanted = wanted.strip_prefix("cap_").unwrap_or(&wanted);
+        let Some(bit) = CAPABILITY_NAMES.iter().position(|n| *n == wanted) else {
+            bail!(
+                "{}: unknown capability '{}': use the names of capabilities(7) (setuid, setgid, chown, net_bind_service...)",
+                src.origin(name.span()),
+                name.get_ref()
+            );
+        };
+        mask |= 1 << bit;
+    }
+    let names = CAPABILITY_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    Ok(Capabilities { mask, names })
 }
 
 /// A user or group name as `useradd` takes it by default: what every tool reading
@@ -1238,6 +1333,46 @@ timeout = "2m"
                 && err.contains("a name from [users]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn capabilities_for_root() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        let c = load(
+            "user = \"root\"\ncapabilities = [\"setuid\", \"CAP_SETGID\", \"chown\", \"setuid\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.capabilities,
+            Some(Capabilities {
+                mask: 0xc1,
+                names: vec!["chown", "setgid", "setuid"],
+            })
+        );
+        let c = load("user = 0\ncapabilities = [\"checkpoint_restore\"]\n").unwrap();
+        assert_eq!(c.capabilities.unwrap().mask, 1 << 40);
+        let c = load("user = \"root\"\ncapabilities = []\n").unwrap();
+        assert_eq!(c.capabilities.unwrap().mask, 0);
+        assert_eq!(load("user = \"root\"\n").unwrap().capabilities, None);
+
+        for (text, needle) in [
+            (
+                "capabilities = [\"chown\"]\n",
+                "/x/fuse.toml:1:16: capabilities are what a root app keeps: they need user = \"root\"",
+            ),
+            (
+                "user = 1000\ncapabilities = [\"chown\"]\n",
+                "/x/fuse.toml:2:16: capabilities are what a root app keeps",
+            ),
+            (
+                "user = \"root\"\ncapabilities = [\"chown\", \"setuidd\"]\n",
+                "/x/fuse.toml:2:26: unknown capability 'setuidd': use the names of capabilities(7)",
+            ),
+        ] {
+            let err = format!("{:#}", load(text).unwrap_err());
+            assert!(err.starts_with(needle), "{text:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
     }
 
     #[test]
