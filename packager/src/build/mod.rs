@@ -245,6 +245,7 @@ pub(crate) fn build(
             cwd: spec.cwd.clone(),
             uid: spec.uid,
             gid: spec.gid,
+            capabilities: capabilities.map(|c| c.names.iter().map(|n| n.to_string()).collect()),
             hostname: spec.hostname.clone(),
         },
         contents: Contents {
