@@ -749,7 +749,7 @@ fn capabilities_from(
     caps: Spanned<Vec<Spanned<String>>>,
     user: Option<AppUser>,
 ) -> Result<Capabilities> {
-    if user != Some(AppUser::ROOT) {
+    if !user.is_some_and(|u| u.uid == 0) {
         bail!(
             "{}: capabilities are what a root app keeps: they need user = \"root\" (any other user has none)",
             src.origin(caps.span())
@@ -1349,7 +1349,7 @@ timeout = "2m"
                 names: vec!["chown", "setgid", "setuid"],
             })
         );
-        let c = load("user = 0\ncapabilities = [\"checkpoint_restore\"]\n").unwrap();
+        let c = load("user = \"0:50\"\ncapabilities = [\"checkpoint_restore\"]\n").unwrap();
         assert_eq!(c.capabilities.unwrap().mask, 1 << 40);
         let c = load("user = \"root\"\ncapabilities = []\n").unwrap();
         assert_eq!(c.capabilities.unwrap().mask, 0);

@@ -214,6 +214,10 @@ pub(crate) fn etc(app: AppUser, accounts: &Accounts) -> Result<Etc, AccountsErro
             .entry(user.gid)
             .or_insert_with(|| (user.name.clone(), false));
     }
+    // uid 0 with another gid (`user = "0:50"`): the app's group still has a name.
+    groups
+        .entry(app.gid)
+        .or_insert_with(|| ("app".into(), false));
     let mut names: BTreeMap<&str, u32> = BTreeMap::new();
     for (gid, (name, from_table)) in &groups {
         if let Some(other) = names.insert(name, *gid) {
@@ -415,6 +419,19 @@ mod tests {
         );
         assert_eq!(files.group, "root:x:0:\nusers:x:100:\nnonroot:x:65532:\n");
         assert_eq!(files.app_home.as_deref(), Some("/home/nonroot"));
+    }
+
+    #[test]
+    fn root_with_another_gid_has_a_named_group() {
+        let files = super::etc(AppUser { uid: 0, gid: 50 }, &Accounts::default()).unwrap();
+        assert_eq!(files.passwd, "root:x:0:0:root:/root:/nonexistent\n");
+        assert_eq!(files.group, "root:x:0:\napp:x:50:\n");
+        let files = super::etc(
+            AppUser { uid: 0, gid: 50 },
+            &accounts(&[], &[("staff", 50)]),
+        )
+        .unwrap();
+        assert_eq!(files.group, "root:x:0:\nstaff:x:50:\n");
     }
 
     #[test]
