@@ -749,7 +749,7 @@ fn capabilities_from(
     caps: Spanned<Vec<Spanned<String>>>,
     user: Option<AppUser>,
 ) -> Result<Capabilities> {
-    if !user.is_some_and(|u| u.uid == 0) {
+    if user.is_none_or(|u| u.uid != 0) {
         bail!(
             "{}: capabilities are what a root app keeps: they need user = \"root\" (any other user has none)",
             src.origin(caps.span())
