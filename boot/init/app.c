@@ -80,7 +80,7 @@ static void child(const struct app_spec *s)
 
 	/* The app's own user, no capabilities, no_new_privs (see privs.c). */
 	char why[256];
-	if (drop_privileges(s->uid, s->gid, why, sizeof(why)) < 0)
+	if (drop_privileges(s->uid, s->gid, s->have_caps ? &s->caps : NULL, why, sizeof(why)) < 0)
 		child_fail(EXIT_INIT_FAILURE, "cannot run %s as uid %u gid %u: %s", s->exe,
 			   (unsigned)s->uid, (unsigned)s->gid, why);
 	/* After dropping privileges: the directory must be usable by the app's user. */

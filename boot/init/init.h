@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* Exit codes reported for the init's own failures (same meaning as in a POSIX shell). */
@@ -84,9 +85,9 @@ bool status_report(int code);
 void harden_kernel(void);
 /* In the app's child, before exec: drop to uid/gid with no groups and no capabilities at all
  * (bounding, ambient, inheritable sets emptied) and set no_new_privs. uid 0 (the opt-out)
- * keeps its capabilities but still gets no_new_privs. Returns 0, or -1 with a reason in
- * `err`. */
-int drop_privileges(uid_t uid, gid_t gid, char *err, size_t errlen);
+ * keeps its capabilities, or with `caps` (bit N: capability N) only those, and still gets
+ * no_new_privs. Returns 0, or -1 with a reason in `err`. */
+int drop_privileges(uid_t uid, gid_t gid, const uint64_t *caps, char *err, size_t errlen);
 
 /* ---- cmdline.c ------------------------------------------------------------------------- */
 
@@ -126,6 +127,8 @@ struct app_spec {
 	char *cwd;
 	uid_t uid;
 	gid_t gid;
+	bool have_caps; /* `caps` given: uid 0 keeps only these capabilities */
+	uint64_t caps;
 	char *hostname;
 	char **volumes; /* `/dev/NAME:/PATH` from the run overlay; NULL when there are none */
 	size_t volc;

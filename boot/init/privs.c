@@ -64,8 +64,20 @@ static int last_cap(void)
 	return last;
 }
 
-int drop_privileges(uid_t uid, gid_t gid, char *err, size_t errlen)
+int drop_privileges(uid_t uid, gid_t gid, const uint64_t *caps, char *err, size_t errlen)
 {
+	if (uid == 0 && caps) {
+		/* Root with a chosen few: the bounding set is what an exec as uid 0 gets (its
+		 * inheritable set is emptied below), so only those survive the exec. */
+		int last = last_cap();
+		for (int cap = 0; cap <= last; cap++)
+			if (cap >= 64 || !(*caps & (1ULL << cap)))
+				if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+					return fail(err, errlen,
+						    "cannot drop capability %d from the bounding set", cap);
+		if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+			return fail(err, errlen, "cannot clear the ambient capabilities");
+	}
 	if (uid != 0) {
 		/* The bounding set first: dropping from it takes CAP_SETPCAP, which setuid
 		 * below takes away. Then nothing the app execs can regain a capability. */
@@ -96,6 +108,15 @@ int drop_privileges(uid_t uid, gid_t gid, char *err, size_t errlen)
 			errno = EPERM;
 			return fail(err, errlen, "uid 0 could be regained after dropping it");
 		}
+	} else if (caps) {
+		/* The same few in the permitted and effective sets now, none inheritable. */
+		struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+		struct __user_cap_data_struct data[2];
+		memset(data, 0, sizeof(data));
+		data[0].permitted = data[0].effective = (uint32_t)*caps;
+		data[1].permitted = data[1].effective = (uint32_t)(*caps >> 32);
+		if (syscall(SYS_capset, &hdr, data) < 0)
+			return fail(err, errlen, "cannot limit the capability sets");
 	}
 	/* No setuid binary or file capability can raise what the app has. */
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)

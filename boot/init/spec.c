@@ -9,6 +9,8 @@
  *   env       `KEY=VALUE`, the whole environment of the app (repeated; a later KEY wins)
  *   cwd       absolute working directory (once, default /)
  *   uid, gid  decimal ids to run as (once each, default 0)
+ *   caps      decimal mask, bit N = capability N: all uid 0 keeps (once, uid 0 only; default
+ *             every capability)
  *   hostname  the machine's host name (once, default "fuse")
  * Keys of the overlay:
  *   reset-args  `1`: argv[1..] of the spec is cleared (so an overlay can clear the args)
@@ -89,6 +91,24 @@ static bool parse_id(const char *v, unsigned int *out)
 	if (n > 4294967294ULL)
 		return false;
 	*out = (unsigned int)n;
+	return true;
+}
+
+/* A capability mask: plain decimal, 64 bits. */
+static bool parse_mask(const char *v, uint64_t *out)
+{
+	if (*v == '\0' || strlen(v) > 20)
+		return false;
+	uint64_t n = 0;
+	for (const char *c = v; *c; c++) {
+		if (*c < '0' || *c > '9')
+			return false;
+		uint64_t digit = (uint64_t)(*c - '0');
+		if (n > (UINT64_MAX - digit) / 10)
+			return false;
+		n = n * 10 + digit;
+	}
+	*out = n;
 	return true;
 }
 
@@ -180,12 +200,21 @@ int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, ch
 				s->uid = id;
 			else
 				s->gid = id;
+		} else if (strcmp(key, "caps") == 0) {
+			if (s->have_caps)
+				return fail(err, errlen, "key '%s' is given twice", key);
+			if (!parse_mask(val, &s->caps))
+				return fail(err, errlen, "caps '%s' is not a decimal mask", val);
+			s->have_caps = true;
 		} else {
 			return fail(err, errlen, "unknown key '%s' (not made by this fuse?)", key);
 		}
 	}
 	if (overlay)
 		return 0;
+
+	if (s->have_caps && s->uid != 0)
+		return fail(err, errlen, "caps is for uid 0 only (uid %u has none)", (unsigned)s->uid);
 
 	/* The baked spec must be complete. */
 	if (!s->exe)

@@ -15,6 +15,7 @@
 //! | `cwd`      | absolute working directory (once, default `/`)             |
 //! | `uid`      | decimal user id to run as (once, default 0)                |
 //! | `gid`      | decimal group id to run as (once, default 0)               |
+//! | `caps`     | decimal mask, bit N = capability N: all uid 0 keeps (once, uid 0 only; default every one) |
 //! | `hostname` | the VM's host name (once, default `fuse`)                  |
 //!
 //! Keys of the overlay: `reset-args` = `1` (argv\[1..\] is cleared), `arg` (replaces
@@ -85,6 +86,10 @@ pub enum SpecError {
     BadHostname(String),
     #[error("Invalid {key} '{value}': it must be a decimal id below 4294967295")]
     BadId { key: &'static str, value: String },
+    #[error("The app's capabilities are for uid 0 only: uid {0} has none")]
+    CapsNotRoot(u32),
+    #[error("Invalid caps '{0}': it must be a decimal mask")]
+    BadCaps(String),
     #[error("The app spec is empty")]
     Empty,
     #[error("The app spec is truncated: it does not end with a NUL byte")]
@@ -125,6 +130,9 @@ pub struct AppSpec {
     pub cwd: String,
     pub uid: u32,
     pub gid: u32,
+    /// For uid 0 only: the capabilities it keeps (bit N = capability N, as in
+    /// `<linux/capability.h>`); `None`: every one.
+    pub caps: Option<u64>,
     pub hostname: String,
 }
 
@@ -139,6 +147,7 @@ impl AppSpec {
             cwd: "/".into(),
             uid: 0,
             gid: 0,
+            caps: None,
             hostname: DEFAULT_HOSTNAME.into(),
         }
     }
@@ -167,6 +176,9 @@ impl AppSpec {
                     value: id.to_string(),
                 });
             }
+        }
+        if self.caps.is_some() && self.uid != 0 {
+            return Err(SpecError::CapsNotRoot(self.uid));
         }
         validate_hostname(&self.hostname)
     }
@@ -202,6 +214,9 @@ impl AppSpec {
         out.pair("cwd", &self.cwd);
         out.pair("uid", &self.uid.to_string());
         out.pair("gid", &self.gid.to_string());
+        if let Some(caps) = self.caps {
+            out.pair("caps", &caps.to_string());
+        }
         out.pair("hostname", &self.hostname);
         out.0
     }
@@ -215,6 +230,7 @@ impl AppSpec {
             cwd: String::new(),
             uid: 0,
             gid: 0,
+            caps: None,
             hostname: String::new(),
         };
         let (mut have_uid, mut have_gid) = (false, false);
@@ -235,6 +251,16 @@ impl AppSpec {
                         return Err(SpecError::Duplicate(key));
                     }
                     *field = parse_id(key, value)?;
+                }
+                "caps" => {
+                    if spec.caps.is_some() {
+                        return Err(SpecError::Duplicate("caps"));
+                    }
+                    let mask = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()));
+                    spec.caps = Some(mask.ok_or_else(|| SpecError::BadCaps(value.to_string()))?);
                 }
                 other => return Err(SpecError::UnknownKey(other.to_string())),
             }
@@ -526,7 +552,44 @@ mod tests {
             cwd: "/app".into(),
             uid: 1000,
             gid: 100,
+            caps: None,
             hostname: "server".into(),
+        }
+    }
+
+    #[test]
+    fn caps_round_trip_for_root_only() {
+        let mut spec = AppSpec::new("/app/nginx");
+        // CAP_CHOWN, CAP_SETGID, CAP_SETUID.
+        spec.caps = Some(1 | 1 << 6 | 1 << 7);
+        let bytes = spec.encode();
+        assert!(bytes.windows(9).any(|w| w == b"caps\x00193\x00"));
+        assert_eq!(AppSpec::decode(&bytes).unwrap(), spec);
+        spec.caps = Some(0);
+        assert_eq!(AppSpec::decode(&spec.encode()).unwrap().caps, Some(0));
+        assert_eq!(
+            AppSpec::new("/a")
+                .encode()
+                .windows(4)
+                .filter(|w| w == b"caps")
+                .count(),
+            0
+        );
+
+        spec.uid = 1000;
+        assert_eq!(spec.validate(), Err(SpecError::CapsNotRoot(1000)));
+        for bad in ["", "-1", "x", "18446744073709551616", "+1"] {
+            let bytes = [
+                &b"fuse-spec\x001\x00exe\x00/a\x00arg\x00a\x00caps\x00"[..],
+                bad.as_bytes(),
+                b"\x00",
+            ]
+            .concat();
+            assert_eq!(
+                AppSpec::decode(&bytes),
+                Err(SpecError::BadCaps(bad.into())),
+                "{bad:?}"
+            );
         }
     }
 

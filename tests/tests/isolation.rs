@@ -191,6 +191,44 @@ fn root_opt_out_keeps_root_but_not_exec_from_writable_mounts() {
     assert_no_leaked_qemu();
 }
 
+/// `user = "root"` with `capabilities`: uid 0 keeps those and no other, in every set an exec
+/// could draw from (bounding included), with no_new_privs; what another capability guards
+/// (the kernel log: CAP_SYSLOG) stays shut.
+#[test]
+fn root_with_capabilities_keeps_only_those() {
+    let sb = Sandbox::new();
+    let app = sb.program(PROBE, "probe", &["-static"]);
+    sb.dir.write(
+        "fuse.toml",
+        "user = \"root\"\ncapabilities = [\"setuid\", \"CAP_SETGID\", \"chown\"]\n",
+    );
+    let out = sb.fuse().args(["run", "--accel", "tcg"]).arg(&app).run();
+    out.assert_success().assert_stderr_contains(
+        "fuse: notice: the app runs as root with capabilities chown, setgid, setuid only",
+    );
+    let stdout = out.stdout_str();
+    assert!(stdout.contains("uid=0 gid=0 euid=0\n"), "{out}");
+    // CAP_CHOWN (0), CAP_SETGID (6), CAP_SETUID (7): 0xc1.
+    assert_eq!(
+        lines(&stdout, "Cap"),
+        vec![
+            "CapInh:\t0000000000000000",
+            "CapPrm:\t00000000000000c1",
+            "CapEff:\t00000000000000c1",
+            "CapBnd:\t00000000000000c1",
+            "CapAmb:\t0000000000000000",
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        lines(&stdout, "NoNewPrivs"),
+        vec!["NoNewPrivs:\t1"],
+        "{out}"
+    );
+    assert!(stdout.contains("kmsg: Operation not permitted\n"), "{out}");
+    assert_no_leaked_qemu();
+}
+
 /// Prints the init's old exit line and the kernel's panic line, lives on, exits 3.
 const SPOOF: &str = r#"
 #include <stdio.h>

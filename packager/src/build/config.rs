@@ -14,7 +14,7 @@
 //! Unknown keys are errors: a typo must not silently do nothing.
 
 use crate::build::compression::RootfsCompression;
-use crate::build::layout::AppUser;
+use crate::build::layout::{self, Accounts, AppUser};
 use crate::image::config::{check_env_name, HealthProbe, Healthcheck, ImageConfig};
 use crate::image::naming::{self, ImageName};
 use anyhow::{bail, Context, Result};
@@ -106,6 +106,11 @@ pub(crate) struct Config {
     pub(crate) cpus: Option<u32>,
     /// `user`: who the app runs as; `None`: [`AppUser::NONROOT`].
     pub(crate) user: Option<AppUser>,
+    /// `capabilities` (with `user = "root"` only): the few root keeps, by number; `None`:
+    /// every one.
+    pub(crate) capabilities: Option<Capabilities>,
+    /// `[users]` and `[groups]`: more names in the image's `/etc/passwd` and `/etc/group`.
+    pub(crate) accounts: Accounts,
     /// Variables for every environment (and for images without environments).
     pub(crate) env: BTreeMap<String, String>,
     /// Files for every environment, at their path in the image.
@@ -231,8 +236,22 @@ impl Config {
         }
         config.memory = positive(&src, "memory", raw.memory)?;
         config.cpus = positive(&src, "cpus", raw.cpus)?;
+        let mut origins = BTreeMap::new();
+        config.accounts = accounts_from(&src, raw.users, raw.groups, &mut origins)?;
         if let Some(user) = raw.user {
-            config.user = Some(user_from(&src, user)?);
+            config.user = Some(user_from(&src, user, &config.accounts)?);
+        }
+        if let Some(caps) = raw.capabilities {
+            config.capabilities = Some(capabilities_from(&src, caps, config.user)?);
+        }
+        // Collisions with root, the app's user and each other: what the image would get.
+        let app = config.user.unwrap_or(AppUser::NONROOT);
+        if let Err(e) = layout::etc(app, &config.accounts) {
+            let origin = origins
+                .get(&(e.table, e.entry))
+                .cloned()
+                .unwrap_or_else(|| Origin(path.display().to_string()));
+            bail!("{origin}: {}", e.message);
         }
         config.env = env_table(&src, "[env]", raw.env)?;
         config.files = files_table(&src, raw.files)?;
@@ -405,6 +424,11 @@ struct RawConfig {
     memory: Option<Spanned<u32>>,
     cpus: Option<Spanned<u32>>,
     user: Option<Spanned<UserValue>>,
+    capabilities: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    users: BTreeMap<Spanned<String>, Spanned<UserValue>>,
+    #[serde(default)]
+    groups: BTreeMap<Spanned<String>, Spanned<UserValue>>,
     default_environment: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<EnvValue>>,
@@ -489,7 +513,8 @@ impl OneOrMany {
     }
 }
 
-/// `user = "root"`, `"nonroot"`, `1000`, `"1000"` or `"1000:1000"`.
+/// `user = "root"`, `"nonroot"`, `1000`, `"1000"` or `"1000:1000"`; in `[users]` and `[groups]`,
+/// the ids alone.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum UserValue {
@@ -626,27 +651,193 @@ pub(crate) fn at_least_one(key: &str, n: u32) -> std::result::Result<u32, String
     Ok(n)
 }
 
-fn user_from(src: &Source<'_>, user: Spanned<UserValue>) -> Result<AppUser> {
-    let origin = src.origin(user.span());
-    // u32::MAX is "no change" to setuid(2): not an id.
-    let id = |text: &str| text.parse::<u32>().ok().filter(|&n| n != u32::MAX);
-    let parsed = match user.into_inner() {
-        UserValue::Id(n) => u32::try_from(n)
-            .ok()
-            .filter(|&n| n != u32::MAX)
-            .map(|uid| AppUser { uid, gid: uid }),
-        UserValue::Name(name) => match name.as_str() {
-            "root" => Some(AppUser::ROOT),
-            "nonroot" => Some(AppUser::NONROOT),
-            other => match other.split_once(':') {
-                Some((uid, gid)) => id(uid).zip(id(gid)).map(|(uid, gid)| AppUser { uid, gid }),
-                None => id(other).map(|uid| AppUser { uid, gid: uid }),
-            },
+/// An id `setuid(2)` can take: u32::MAX is its "no change".
+fn id_number(n: i64) -> Option<u32> {
+    u32::try_from(n).ok().filter(|&n| n != u32::MAX)
+}
+
+fn id_text(text: &str) -> Option<u32> {
+    text.parse::<u32>().ok().filter(|&n| n != u32::MAX)
+}
+
+/// `UID`, `"UID"` or `"UID:GID"` (the gid is the uid when not given).
+fn user_ids(value: &UserValue) -> Option<AppUser> {
+    match value {
+        UserValue::Id(n) => id_number(*n).map(|uid| AppUser { uid, gid: uid }),
+        UserValue::Name(text) => match text.split_once(':') {
+            Some((uid, gid)) => id_text(uid)
+                .zip(id_text(gid))
+                .map(|(uid, gid)| AppUser { uid, gid }),
+            None => id_text(text).map(|uid| AppUser { uid, gid: uid }),
         },
+    }
+}
+
+fn user_from(src: &Source<'_>, user: Spanned<UserValue>, accounts: &Accounts) -> Result<AppUser> {
+    let origin = src.origin(user.span());
+    let value = user.into_inner();
+    let parsed = match &value {
+        UserValue::Name(name) if name == "root" => Some(AppUser::ROOT),
+        UserValue::Name(name) if name == "nonroot" => Some(AppUser::NONROOT),
+        UserValue::Name(name) => match accounts.users.get(name) {
+            Some(&(uid, gid)) => Some(AppUser { uid, gid }),
+            None => user_ids(&value),
+        },
+        UserValue::Id(_) => user_ids(&value),
     };
     parsed.with_context(|| {
-        format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a uid (1000) or \"UID:GID\"")
+        format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a name from [users], a uid (1000) or \"UID:GID\"")
     })
+}
+
+/// The capabilities a root app keeps (`capabilities = ["setuid", "setgid", "chown"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// Bit N: capability N (`<linux/capability.h>`), as the app spec carries it.
+    pub(crate) mask: u64,
+    /// Their names, by number.
+    pub(crate) names: Vec<&'static str>,
+}
+
+/// capabilities(7)'s names without `CAP_`, lowercase, by number (Linux 6.12: 0 to 40).
+const CAPABILITY_NAMES: &[&str] = &[
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
+];
+
+fn capabilities_from(
+    src: &Source<'_>,
+    caps: Spanned<Vec<Spanned<String>>>,
+    user: Option<AppUser>,
+) -> Result<Capabilities> {
+    if user.is_none_or(|u| u.uid != 0) {
+        bail!(
+            "{}: capabilities are what a root app keeps: they need user = \"root\" (any other user has none)",
+            src.origin(caps.span())
+        );
+    }
+    let mut mask = 0u64;
+    for name in caps.into_inner() {
+        // `CAP_SETUID` and `setuid` alike: the names of capabilities(7) and of capsh.
+        let wanted = name.get_ref().to_ascii_lowercase();
+        let wanted = wanted.strip_prefix("cap_").unwrap_or(&wanted);
+        let Some(bit) = CAPABILITY_NAMES.iter().position(|n| *n == wanted) else {
+            bail!(
+                "{}: unknown capability '{}': use the names of capabilities(7) (setuid, setgid, chown, net_bind_service...)",
+                src.origin(name.span()),
+                name.get_ref()
+            );
+        };
+        mask |= 1 << bit;
+    }
+    let names = CAPABILITY_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    Ok(Capabilities { mask, names })
+}
+
+/// A user or group name as `useradd` takes it by default: what every tool reading
+/// `/etc/passwd` copes with.
+fn check_account_name(origin: &Origin, table: &str, name: &str) -> Result<()> {
+    let ok = name.len() <= 32
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !ok {
+        bail!("{origin}: invalid name '{name}' in [{table}]: use at most 32 lowercase letters, digits, '_' and '-', starting with a letter or '_'");
+    }
+    if name == "root" || name == "nonroot" {
+        bail!("{origin}: [{table}] cannot define {name}, fuse's own (`user = \"{name}\"` runs the app as it)");
+    }
+    Ok(())
+}
+
+/// `[users] www-data = 33` (or `"33:33"`), `[groups] adm = 4`: each entry's name and ids;
+/// `origins` gets each entry's place, for the collisions [`layout::etc`] finds.
+fn accounts_from(
+    src: &Source<'_>,
+    users: BTreeMap<Spanned<String>, Spanned<UserValue>>,
+    groups: BTreeMap<Spanned<String>, Spanned<UserValue>>,
+    origins: &mut BTreeMap<(layout::Table, String), Origin>,
+) -> Result<Accounts> {
+    let mut accounts = Accounts::default();
+    for (name, value) in users {
+        let origin = src.origin(name.span());
+        check_account_name(&origin, "users", name.get_ref())?;
+        let ids = user_ids(value.get_ref()).with_context(|| {
+            format!(
+                "{}: invalid ids for user {}: use a uid (33) or \"UID:GID\" (\"33:33\")",
+                src.origin(value.span()),
+                name.get_ref()
+            )
+        })?;
+        origins.insert((layout::Table::Users, name.get_ref().clone()), origin);
+        accounts.users.insert(name.into_inner(), (ids.uid, ids.gid));
+    }
+    for (name, value) in groups {
+        let origin = src.origin(name.span());
+        check_account_name(&origin, "groups", name.get_ref())?;
+        let gid = match value.get_ref() {
+            UserValue::Id(n) => id_number(*n),
+            UserValue::Name(text) => id_text(text),
+        }
+        .with_context(|| {
+            format!(
+                "{}: invalid gid for group {}: use a number (4)",
+                src.origin(value.span()),
+                name.get_ref()
+            )
+        })?;
+        origins.insert((layout::Table::Groups, name.get_ref().clone()), origin);
+        accounts.groups.insert(name.into_inner(), gid);
+    }
+    Ok(accounts)
 }
 
 fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {
@@ -717,6 +908,9 @@ fn files_table(
                 .any(|p| path == p || path.starts_with(&format!("{p}/")))
         {
             bail!("{origin}: a config file cannot go to {path}: /proc, /sys, /dev, /run, /tmp and /etc/fuse are not part of the image's files");
+        }
+        if path == "/etc/passwd" || path == "/etc/group" {
+            bail!("{origin}: fuse writes {path} (root and the app's user): add users in [users] (www-data = 33) and groups in [groups]");
         }
         let host_origin = src.origin(host.span());
         let host_path = src.dir().join(host.get_ref());
@@ -1102,6 +1296,177 @@ timeout = "2m"
                 err.starts_with("/x/fuse.toml:1:8: invalid user"),
                 "{bad}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn users_and_groups_tables() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        let c = load(
+            "user = \"root\"\n[users]\nwww-data = 33\nbackup = \"34:4\"\nmail = \"8\"\n[groups]\nadm = 4\nstaff = \"50\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.accounts.users,
+            BTreeMap::from([
+                ("backup".into(), (34, 4)),
+                ("mail".into(), (8, 8)),
+                ("www-data".into(), (33, 33)),
+            ])
+        );
+        assert_eq!(
+            c.accounts.groups,
+            BTreeMap::from([("adm".into(), 4), ("staff".into(), 50)])
+        );
+        assert_eq!(c.user, Some(AppUser::ROOT));
+        assert_eq!(load("").unwrap().accounts, Accounts::default());
+
+        // `user` may name a [users] entry (written before or after it).
+        let c = load("user = \"www-data\"\n[users]\nwww-data = \"33:34\"\n").unwrap();
+        assert_eq!(c.user, Some(AppUser { uid: 33, gid: 34 }));
+        let err = format!(
+            "{:#}",
+            load("user = \"www\"\n[users]\nwww-data = 33\n").unwrap_err()
+        );
+        assert!(
+            err.starts_with("/x/fuse.toml:1:8: invalid user")
+                && err.contains("a name from [users]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn capabilities_for_root() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        let c = load(
+            "user = \"root\"\ncapabilities = [\"setuid\", \"CAP_SETGID\", \"chown\", \"setuid\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.capabilities,
+            Some(Capabilities {
+                mask: 0xc1,
+                names: vec!["chown", "setgid", "setuid"],
+            })
+        );
+        let c = load("user = \"0:50\"\ncapabilities = [\"checkpoint_restore\"]\n").unwrap();
+        assert_eq!(c.capabilities.unwrap().mask, 1 << 40);
+        let c = load("user = \"root\"\ncapabilities = []\n").unwrap();
+        assert_eq!(c.capabilities.unwrap().mask, 0);
+        assert_eq!(load("user = \"root\"\n").unwrap().capabilities, None);
+
+        for (text, needle) in [
+            (
+                "capabilities = [\"chown\"]\n",
+                "/x/fuse.toml:1:16: capabilities are what a root app keeps: they need user = \"root\"",
+            ),
+            (
+                "user = 1000\ncapabilities = [\"chown\"]\n",
+                "/x/fuse.toml:2:16: capabilities are what a root app keeps",
+            ),
+            (
+                "user = \"root\"\ncapabilities = [\"chown\", \"setuidd\"]\n",
+                "/x/fuse.toml:2:26: unknown capability 'setuidd': use the names of capabilities(7)",
+            ),
+        ] {
+            let err = format!("{:#}", load(text).unwrap_err());
+            assert!(err.starts_with(needle), "{text:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+
+    #[test]
+    fn users_and_groups_errors_point_at_the_entry() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[users]\nWWW = 33\n",
+                ":2:1: invalid name 'WWW' in [users]: use at most 32 lowercase",
+            ),
+            (
+                "[users]\n1www = 33\n",
+                ":2:1: invalid name '1www' in [users]",
+            ),
+            (
+                "[groups]\n\"a b\" = 3\n",
+                ":2:1: invalid name 'a b' in [groups]",
+            ),
+            (
+                "[users]\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa = 3\n",
+                "invalid name 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'",
+            ),
+            (
+                "[users]\nroot = 5\n",
+                ":2:1: [users] cannot define root, fuse's own",
+            ),
+            (
+                "[groups]\nnonroot = 5\n",
+                ":2:1: [groups] cannot define nonroot",
+            ),
+            (
+                "[users]\nweb = -1\n",
+                ":2:7: invalid ids for user web: use a uid (33) or \"UID:GID\"",
+            ),
+            ("[users]\nweb = \"33:\"\n", ":2:7: invalid ids for user web"),
+            (
+                "[users]\nweb = 4294967295\n",
+                ":2:7: invalid ids for user web",
+            ),
+            ("[users]\nweb = \"www\"\n", ":2:7: invalid ids for user web"),
+            (
+                "[groups]\nweb = \"4:4\"\n",
+                ":2:7: invalid gid for group web",
+            ),
+            // Collisions, at the entry to change.
+            (
+                "[users]\nadmin = 0\n",
+                ":2:1: user admin: uid 0 is already root's",
+            ),
+            (
+                "[users]\na = 40\nb = 40\n",
+                ":3:1: user b: uid 40 is already a's: choose another",
+            ),
+            (
+                "user = 1000\n[users]\nweb = \"1000:1\"\n",
+                ":3:1: user web has the app's uid 1000 but gid 1",
+            ),
+            (
+                "[users]\nweb = 65532\n",
+                ":2:1: user web: uid 65532 is already nonroot's",
+            ),
+            (
+                "[groups]\nwheel = 0\n",
+                ":2:1: group wheel: gid 0 is already root's",
+            ),
+            (
+                "[groups]\nother = 65532\n",
+                ":2:1: group other: gid 65532 is already nonroot's",
+            ),
+            (
+                "[users]\nwww-data = 33\n[groups]\nwww-data = 34\n",
+                ":4:1: group www-data: the name is already gid 33's",
+            ),
+            (
+                "user = 1000\n[users]\napp = 2000\n",
+                ":3:1: user app: name app is already app's",
+            ),
+            // fuse writes these two files.
+            (
+                "[files]\n\"/etc/passwd\" = \"passwd\"\n",
+                ":2:1: fuse writes /etc/passwd (root and the app's user): add users in [users]",
+            ),
+            (
+                "[environments.prod.files]\n\"/etc/group\" = \"group\"\n",
+                ":2:1: fuse writes /etc/group",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = match Config::from_str(Path::new("/x/fuse.toml"), text) {
+                Ok(_) => panic!("accepted: {text}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(err.starts_with("/x/fuse.toml:"), "names the place: {err}");
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
         }
     }
 

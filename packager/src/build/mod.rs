@@ -152,15 +152,31 @@ pub(crate) fn build(
     let image_config =
         environments::bake(&mut tree, &mut spec, config.as_ref(), kind.as_str(), fixed)?;
     let user = config.as_ref().and_then(|c| c.user);
+    let capabilities = config.as_ref().and_then(|c| c.capabilities.as_ref());
     if user.is_some_and(|u| u.uid == 0) {
-        progress(
-            "notice: the app runs as root with every capability (user = \"root\" in fuse.toml)",
-        );
+        match capabilities {
+            Some(caps) if caps.names.is_empty() => progress(
+                "notice: the app runs as root with no capability (user = \"root\" and capabilities = [] in fuse.toml)",
+            ),
+            Some(caps) => progress(&format!(
+                "notice: the app runs as root with capabilities {} only (user = \"root\" and capabilities in fuse.toml)",
+                caps.names.join(", ")
+            )),
+            None => progress(
+                "notice: the app runs as root with every capability (user = \"root\" in fuse.toml)",
+            ),
+        }
     }
+    spec.caps = capabilities.map(|c| c.mask);
+    let accounts = config
+        .as_ref()
+        .map(|c| c.accounts.clone())
+        .unwrap_or_default();
     layout::add_user(
         &mut tree,
         &mut spec,
         user.unwrap_or(layout::AppUser::NONROOT),
+        &accounts,
     )?;
     tree.add_bytes(layout::SPEC_PATH, spec.try_encode()?, 0o644)?;
 
@@ -237,6 +253,7 @@ pub(crate) fn build(
             cwd: spec.cwd.clone(),
             uid: spec.uid,
             gid: spec.gid,
+            capabilities: capabilities.map(|c| c.names.iter().map(|n| n.to_string()).collect()),
             hostname: spec.hostname.clone(),
         },
         contents: Contents {

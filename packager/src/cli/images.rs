@@ -242,6 +242,14 @@ pub(super) fn inspect(reference: &str, json_output: bool) -> Result<i32> {
     println!("  args: {:?}", m.app.args);
     println!("  cwd:  {}", m.app.cwd);
     println!("  env:  {}", m.app.env.join(" "));
+    if let Some(caps) = &m.app.capabilities {
+        let caps = if caps.is_empty() {
+            "none".to_string()
+        } else {
+            caps.join(", ")
+        };
+        println!("  capabilities (root): {caps}");
+    }
     if !m.config.environments.is_empty() {
         println!(
             "Environments: {} (default {})",

@@ -35,6 +35,10 @@ pub(crate) struct AppSection {
     pub(crate) cwd: String,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
+    /// The capabilities a root app keeps (fuse.toml's `capabilities`), by name; absent: every
+    /// one for root, none for any other user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) capabilities: Option<Vec<String>>,
     pub(crate) hostname: String,
 }
 
@@ -177,6 +181,7 @@ pub(crate) mod tests {
                 cwd: "/app".into(),
                 uid: 0,
                 gid: 0,
+                capabilities: None,
                 hostname: "hello".into(),
             },
             notes: BTreeMap::new(),

@@ -83,6 +83,7 @@ pub(crate) fn app_spec(
         cwd: crate::build::layout::APP_DIR.into(),
         uid: 0,
         gid: 0,
+        caps: None,
         hostname: input.name.name.clone(),
     }
 }
