@@ -71,6 +71,12 @@ static void child(const struct app_spec *s)
 		child_fail(EXIT_INIT_FAILURE, "cannot start %s: setsid: %s", s->exe, strerror(errno));
 	int fd = open("/dev/console", O_RDWR | O_NOCTTY);
 	if (fd >= 0) {
+		/* The console becomes the app's, as login hands a tty to its user: servers that log
+		 * to /dev/stdout reopen it by name (/proc/self/fd/1), which a root-owned 0600 node
+		 * refuses. The app could already write to it; the exit status does not travel on
+		 * it (status.c). */
+		if (s->uid != 0 && fchown(fd, s->uid, s->gid) < 0)
+			warn("cannot hand the console to uid %u: %s", (unsigned)s->uid, strerror(errno));
 		dup2(fd, STDIN_FILENO);
 		dup2(fd, STDOUT_FILENO);
 		dup2(fd, STDERR_FILENO);
