@@ -115,6 +115,8 @@ pub(crate) struct Config {
     pub(crate) default_environment: Option<String>,
     /// `[jvm]`, `[node]`, `[python]`: left for the runtime of that kind to read.
     pub(crate) runtime: BTreeMap<String, toml::Table>,
+    /// `[sysroot] packages`: Debian packages fuse adds to its sysroot of a foreign arch.
+    pub(crate) sysroot_packages: Vec<String>,
     pub(crate) test: TestConfig,
     /// Where `default_environment` was set, for the message when it names no environment.
     default_origin: Option<Origin>,
@@ -258,6 +260,13 @@ impl Config {
         }
         if let Some(test) = raw.test {
             config.test = test_from(&src, &config.ports, test)?;
+        }
+        if let Some(sysroot) = raw.sysroot {
+            for name in sysroot.packages {
+                let origin = src.origin(name.span());
+                check_package_name(name.get_ref()).with_context(|| origin.to_string())?;
+                config.sysroot_packages.push(name.into_inner());
+            }
         }
         Ok(config)
     }
@@ -415,7 +424,16 @@ struct RawConfig {
     jvm: Option<toml::Table>,
     node: Option<toml::Table>,
     python: Option<toml::Table>,
+    sysroot: Option<RawSysroot>,
     test: Option<RawTest>,
+}
+
+/// `[sysroot]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSysroot {
+    #[serde(default)]
+    packages: Vec<Spanned<String>>,
 }
 
 /// `[environments.<name>]`, and the whole of a `fuse-<name>.toml`.
@@ -647,6 +665,23 @@ fn user_from(src: &Source<'_>, user: Spanned<UserValue>) -> Result<AppUser> {
     parsed.with_context(|| {
         format!("{origin}: invalid user: use \"nonroot\" (the default), \"root\", a uid (1000) or \"UID:GID\"")
     })
+}
+
+/// A Debian package name (policy 5.6.1: lower-case letters, digits, `+`, `-`, `.`, at least two
+/// characters, starting with a letter or digit); refused before anything reaches apt.
+pub(crate) fn check_package_name(name: &str) -> Result<()> {
+    let ok = name.len() >= 2
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if !ok {
+        bail!("invalid Debian package name '{name}': use lower-case letters, digits, '+', '-' and '.' (e.g. libssl3)");
+    }
+    Ok(())
 }
 
 fn check_identifier(origin: &Origin, what: &str, name: &str) -> Result<()> {

@@ -37,12 +37,13 @@ pub(crate) fn assemble(
     // Another arch (or --sysroot): node and its libraries come from the target's root; with no
     // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::host::sysroot`).
     let sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
-        let packages: &[&str] = if input.node.is_none() {
-            &["nodejs"]
+        let mut packages: Vec<&str> = if input.node.is_none() {
+            vec!["nodejs"]
         } else {
-            &[]
+            Vec::new()
         };
-        crate::host::sysroot::for_build(input.arch, input.sysroot, packages, progress)?
+        packages.extend(input.packages.iter().map(String::as_str));
+        crate::host::sysroot::for_build(input.arch, input.sysroot, &packages, progress)?
     } else {
         None
     };
