@@ -1254,6 +1254,25 @@ timeout = "2m"
     }
 
     #[test]
+    fn sysroot_packages_are_debian_names() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        let c =
+            load("[sysroot]\npackages = [\"libssl3\", \"libstdc++6\", \"liblua5.1-0\"]\n").unwrap();
+        assert_eq!(c.sysroot_packages, ["libssl3", "libstdc++6", "liblua5.1-0"]);
+        assert!(load("").unwrap().sysroot_packages.is_empty());
+        let err = format!(
+            "{:#}",
+            load("[sysroot]\npackages = [\"libssl3\", \"Lib_SSL\"]\n").unwrap_err()
+        );
+        assert!(
+            err.starts_with("/x/fuse.toml:2:24: invalid Debian package name 'Lib_SSL'"),
+            "{err}"
+        );
+        let err = format!("{:#}", load("[sysroot]\npath = \"/\"\n").unwrap_err());
+        assert!(err.contains("unknown field `path`"), "{err}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
