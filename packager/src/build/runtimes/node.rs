@@ -12,11 +12,10 @@
 //! (`/lib/...`, `/lib64/...`), the app at `/app` (a single script at `/app/<file>`). The spec runs
 //! `node /app/<entry>` in `/app` with `NODE_ENV=production`.
 
-use super::app::{app_spec, default_env, AppImage, RuntimeInput};
+use super::app::{app_spec, default_env, resolve_closure, AppImage, RuntimeInput};
 use super::appdir;
 use crate::build::layout;
 use anyhow::{bail, Context, Result};
-use fuse_rootfs::elf;
 use fuse_rootfs::tree::Tree;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -36,7 +35,7 @@ pub(crate) fn assemble(
     let entry = add_app(&mut tree, input.input, progress)?;
     // Another arch (or --sysroot): node and its libraries come from the target's root; with no
     // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::host::sysroot`).
-    let sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
+    let mut sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
         let mut packages: Vec<&str> = if input.node.is_none() {
             vec!["nodejs"]
         } else {
@@ -51,7 +50,7 @@ pub(crate) fn assemble(
         (None, Some(sysroot)) => find_node(Some(&sysroot.path.join("usr/bin/node")))?,
         _ => find_node(input.node)?,
     };
-    let version = add_node(&mut tree, &node, input, sysroot.as_ref(), progress)?;
+    let version = add_node(&mut tree, &node, input, &mut sysroot, progress)?;
 
     let entry = format!("{}/{entry}", layout::APP_DIR);
     let mut env = default_env(input.name);
@@ -350,11 +349,11 @@ fn add_node(
     tree: &mut Tree,
     node: &Path,
     input: &RuntimeInput<'_>,
-    sysroot: Option<&crate::host::sysroot::Sysroot>,
+    sysroot: &mut Option<crate::host::sysroot::Sysroot>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
     let mut options = input.closure_options();
-    if let Some(sysroot) = sysroot {
+    if let Some(sysroot) = sysroot.as_ref() {
         options.sysroot = sysroot.path.clone();
         // Debian's node loads some of its built-in modules from these files at run time (its
         // `--shared-builtin-*-path`s); the rest of their packages (6.8 MB) is never read.
@@ -365,8 +364,8 @@ fn add_node(
             }
         }
     }
-    let closure = elf::resolve_closure(node, NODE_PATH, &options)?;
-    let version = match sysroot.and_then(|s| s.packages.get("nodejs")) {
+    let closure = resolve_closure(input.arch, node, NODE_PATH, &mut options, sysroot, progress)?;
+    let version = match sysroot.as_ref().and_then(|s| s.packages.get("nodejs")) {
         // A foreign node cannot run here: its Debian version says which it is.
         Some(package) if input.arch != fuse_rootfs::Arch::host() => debian_node_version(package),
         _ if input.arch != fuse_rootfs::Arch::host() => "unknown".to_string(),
