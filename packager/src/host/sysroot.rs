@@ -210,6 +210,12 @@ fn debian_with(
     apt.update()?;
     for p in packages {
         if let std::collections::btree_map::Entry::Vacant(entry) = state.requested.entry(key(p)) {
+            if !apt.knows(p) {
+                bail!(
+                    "Debian 12 has no {} package {p}: check the name given to --package or [sysroot] packages",
+                    debian_arch(arch)
+                );
+            }
             entry.insert(if recursive {
                 apt.depends(p)?
             } else {
