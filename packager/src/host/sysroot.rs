@@ -125,6 +125,10 @@ struct State {
     /// Library soname -> the package that ships it (`None`: none does), as [`provider`] found.
     #[serde(default)]
     providers: BTreeMap<String, Option<String>>,
+    /// File (relative to the root) -> the package it was unpacked from (sysroots made before
+    /// this was recorded lack the packages unpacked then).
+    #[serde(default)]
+    owners: BTreeMap<String, String>,
 }
 
 impl State {
@@ -255,11 +259,62 @@ fn debian_with(
                 deb.display()
             );
         }
+        // Which package each file came from: the manifest then names the packages an image's
+        // libraries really came from, whatever else the shared root holds.
+        for file in deb_files(&deb)? {
+            let file = file.trim_start_matches("./").trim_start_matches('/');
+            if !file.is_empty() && !file.ends_with('/') {
+                state.owners.insert(file.to_string(), name.clone());
+            }
+        }
         state.unpacked.insert(name.clone(), version);
         std::fs::remove_file(&deb).ok();
     }
     state.save(&dir)?;
     Ok(sysroot(&state, &names))
+}
+
+/// Makes `sysroot.packages` name what an image took from fuse's shared sysroot: the packages
+/// asked for and, for every file of `used` (host paths in the root), the package it came from
+/// with its dependencies. So the manifest is the same whichever other images grew the root
+/// first (one that added libssl3 earlier makes this image find libssl.so.3 without adding it).
+pub(crate) fn record_used(arch: Arch, sysroot: &mut Sysroot, used: &[&Path]) -> Result<()> {
+    let Some(requested) = &sysroot.requested else {
+        return Ok(());
+    };
+    let dir = debian_dir(arch);
+    let _lock = FileLock::exclusive(&dir.join("lock"))?;
+    let mut state = State::load(&dir);
+    let mut owners = BTreeSet::new();
+    for path in used {
+        let Ok(rel) = path.strip_prefix(&sysroot.path) else {
+            continue;
+        };
+        if let Some(owner) = state.owners.get(&rel.to_string_lossy().into_owned()) {
+            owners.insert(owner.clone());
+        }
+    }
+    let mut apt = None;
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for p in requested.iter().chain(&owners) {
+        if !state.requested.contains_key(p) {
+            let apt = match &mut apt {
+                Some(apt) => apt,
+                None => apt.insert(Apt::new(arch, &dir)?),
+            };
+            let closure = apt.depends(p)?;
+            state.requested.insert(p.clone(), closure);
+        }
+        names.extend(state.requested[p].iter().cloned());
+    }
+    if apt.is_some() {
+        state.save(&dir)?;
+    }
+    sysroot.packages = names
+        .into_iter()
+        .filter_map(|n| state.unpacked.get(&n).map(|v| (n, v.clone())))
+        .collect();
+    Ok(())
 }
 
 /// Downloads the `.deb` files of `packages` (no dependencies) for `arch` into `into`, through

@@ -80,7 +80,18 @@ pub(crate) fn resolve_closure(
     let mut added = BTreeSet::new();
     loop {
         let err = match elf::resolve_closure(program, image_path, options) {
-            Ok(closure) => return Ok(closure),
+            Ok(closure) => {
+                if let Some(current) = sysroot.as_mut() {
+                    let used: Vec<&Path> = closure
+                        .interpreter
+                        .iter()
+                        .chain(&closure.libraries)
+                        .map(|l| l.host_path.as_path())
+                        .collect();
+                    sysroot::record_used(arch, current, &used)?;
+                }
+                return Ok(closure);
+            }
             Err(err) => err,
         };
         let (
