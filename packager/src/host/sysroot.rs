@@ -492,9 +492,10 @@ impl Apt {
             format!("Dir::State::status={}", status_file.display()),
             format!("Dir::Cache={}", state.join("cache").display()),
             // Keep apt's parsed package cache (Docker images switch it off): without it every
-            // apt-cache call parses the 19 MB of lists again, 2 to 4 s.
+            // apt-cache call parses the 19 MB of lists again, 2 to 4 s; with it 0.5 s, for
+            // 37 MB of disk (the source-side twin would double that and save nothing).
             "Dir::Cache::pkgcache=pkgcache.bin".into(),
-            "Dir::Cache::srcpkgcache=srcpkgcache.bin".into(),
+            "Dir::Cache::srcpkgcache=".into(),
             // The state is private to this sysroot: no need for (or access to) apt's locks.
             "Debug::NoLocking=1".into(),
             // Only the package indexes: no translations, no AppStream metadata.
