@@ -50,6 +50,46 @@ fn redis_arm64() -> PathBuf {
     root
 }
 
+/// Debian's arm64 zlib (`libz.so.1`, in package zlib1g), unpacked like [`redis_arm64`].
+fn zlib_arm64() -> PathBuf {
+    let dir = fuse_bin()
+        .parent()
+        .unwrap()
+        .join("fixtures/debian12-arm64-zlib");
+    let root = dir.join("root");
+    if root.join("lib/aarch64-linux-gnu/libz.so.1").exists() {
+        return root;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let work = tempfile::tempdir_in(&dir).unwrap();
+    let out = Command::new("apt-get")
+        .args(["download", "-q", "zlib1g:arm64"])
+        .current_dir(work.path())
+        .output()
+        .expect("apt-get must be installed");
+    assert!(
+        out.status.success(),
+        "apt-get download failed (ci/setup adds the arm64 architecture): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = std::fs::read_dir(work.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap();
+    let unpacked = work.path().join("root");
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::rename(&unpacked, &root).unwrap();
+    root
+}
+
 /// `redis-cli` of the host against 127.0.0.1:`port`; its answer.
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("timeout")
@@ -233,4 +273,60 @@ fn package_is_refused_without_a_fuse_sysroot_or_with_a_bad_name() {
         ["build", "--sysroot", "/", "--package", "libssl3", app],
         &["not to --sysroot"],
     );
+}
+
+/// `libz.so.1` is in `zlib1g`, not in the `libz1` Debian's naming policy gives: the package is
+/// found in Debian's Contents index (fetched into an empty cache: 45 MB), added, and the
+/// program runs with it. `--package` adds a package nothing links against, and the manifest
+/// names it.
+#[test]
+fn a_library_outside_the_naming_policy_is_found_in_the_contents_index_and_runs() {
+    let zlib = zlib_arm64();
+    let sb = Sandbox::with_private_cache("aarch64");
+    let app = sb.program_for(
+        "aarch64",
+        "#include <stdio.h>\nconst char *zlibVersion(void);\n\
+         int main(void) { printf(\"zlib %s in the guest\\n\", zlibVersion()); return 0; }\n",
+        "zver-1.0",
+        &[zlib
+            .join("lib/aarch64-linux-gnu/libz.so.1")
+            .to_str()
+            .unwrap()],
+    );
+    let run = sb
+        .fuse()
+        .args([
+            "run",
+            "--arch",
+            "aarch64",
+            "--accel",
+            "tcg",
+            "--package",
+            "liblz4-1",
+        ])
+        .arg(&app)
+        .run();
+    run.assert_success();
+    assert!(
+        run.stdout_str().contains("zlib 1.2.13 in the guest"),
+        "{run}"
+    );
+    let manifest = json(
+        sb.fuse()
+            .args(["inspect", "--json", "zver:1.0"])
+            .run()
+            .assert_success(),
+    );
+    let packages = manifest["notes"]["sysroot.packages"].as_str().unwrap();
+    for package in ["zlib1g=", "liblz4-1=", "libc6="] {
+        assert!(packages.contains(package), "{package} not in {packages}");
+    }
+    let stderr = run.stderr_str();
+    for notice in [
+        "fuse: Fetching Debian's index of arm64 package contents",
+        "fuse: Adding Debian package zlib1g (arm64) for libz.so.1, needed by zver-1.0",
+    ] {
+        assert!(stderr.contains(notice), "no '{notice}':\n{run}");
+    }
+    assert_no_leaked_qemu();
 }

@@ -278,23 +278,34 @@ fn debian_with(
 /// asked for and, for every file of `used` (host paths in the root), the package it came from
 /// with its dependencies. So the manifest is the same whichever other images grew the root
 /// first (one that added libssl3 earlier makes this image find libssl.so.3 without adding it).
-pub(crate) fn record_used(arch: Arch, sysroot: &mut Sysroot, used: &[&Path]) -> Result<()> {
+pub(crate) fn record_used(
+    arch: Arch,
+    sysroot: &mut Sysroot,
+    used: &[(&str, &Path)],
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
     let Some(requested) = &sysroot.requested else {
         return Ok(());
     };
     let dir = debian_dir(arch);
     let _lock = FileLock::exclusive(&dir.join("lock"))?;
     let mut state = State::load(&dir);
+    let mut apt = None;
     let mut owners = BTreeSet::new();
-    for path in used {
+    for (name, path) in used {
         let Ok(rel) = path.strip_prefix(&sysroot.path) else {
             continue;
         };
-        if let Some(owner) = state.owners.get(&rel.to_string_lossy().into_owned()) {
-            owners.insert(owner.clone());
-        }
+        let owner = match state.owners.get(&rel.to_string_lossy().into_owned()) {
+            Some(owner) => Some(owner.clone()),
+            // Unpacked before fuse recorded owners: the package that ships the soname.
+            None => {
+                let soname = name.rsplit('/').next().unwrap_or(name);
+                provider_in(arch, &dir, &mut state, &mut apt, soname, progress)?
+            }
+        };
+        owners.extend(owner);
     }
-    let mut apt = None;
     let mut names: BTreeSet<String> = BTreeSet::new();
     for p in requested.iter().chain(&owners) {
         if !state.requested.contains_key(p) {
@@ -348,11 +359,35 @@ pub(crate) fn provider(
     let dir = debian_dir(arch);
     let _lock = FileLock::exclusive(&dir.join("lock"))?;
     let mut state = State::load(&dir);
+    let mut apt = None;
+    let found = provider_in(arch, &dir, &mut state, &mut apt, soname, progress)?;
+    if apt.is_some() {
+        state.save(&dir)?;
+    }
+    Ok(found)
+}
+
+/// [`provider`] under the sysroot's lock: `state` caches the answer, `apt` is made on first
+/// need (a cached answer needs none).
+fn provider_in(
+    arch: Arch,
+    dir: &Path,
+    state: &mut State,
+    apt: &mut Option<Apt>,
+    soname: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<String>> {
     if let Some(known) = state.providers.get(soname) {
         return Ok(known.clone());
     }
-    let apt = Apt::new(arch, &dir)?;
-    apt.update()?;
+    let apt = match apt {
+        Some(apt) => apt,
+        None => {
+            let made = Apt::new(arch, dir)?;
+            made.update()?;
+            apt.insert(made)
+        }
+    };
     let lib_dirs = fuse_rootfs::elf::standard_dirs(arch);
     let mut found = None;
     if let Some(candidate) = policy_package(soname) {
@@ -379,7 +414,6 @@ pub(crate) fn provider(
         found = apt.contents_provider(soname, &lib_dirs)?;
     }
     state.providers.insert(soname.to_string(), found.clone());
-    state.save(&dir)?;
     Ok(found)
 }
 

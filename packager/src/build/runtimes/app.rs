@@ -82,13 +82,13 @@ pub(crate) fn resolve_closure(
         let err = match elf::resolve_closure(program, image_path, options) {
             Ok(closure) => {
                 if let Some(current) = sysroot.as_mut() {
-                    let used: Vec<&Path> = closure
+                    let used: Vec<(&str, &Path)> = closure
                         .interpreter
                         .iter()
                         .chain(&closure.libraries)
-                        .map(|l| l.host_path.as_path())
+                        .map(|l| (l.name.as_str(), l.host_path.as_path()))
                         .collect();
-                    sysroot::record_used(arch, current, &used)?;
+                    sysroot::record_used(arch, current, &used, progress)?;
                 }
                 return Ok(closure);
             }
