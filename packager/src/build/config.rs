@@ -120,6 +120,8 @@ pub(crate) struct Config {
     pub(crate) default_environment: Option<String>,
     /// `[jvm]`, `[node]`, `[python]`: left for the runtime of that kind to read.
     pub(crate) runtime: BTreeMap<String, toml::Table>,
+    /// `[sysroot] packages`: Debian packages fuse adds to its sysroot of a foreign arch.
+    pub(crate) sysroot_packages: Vec<String>,
     pub(crate) test: TestConfig,
     /// Where `default_environment` was set, for the message when it names no environment.
     default_origin: Option<Origin>,
@@ -277,6 +279,13 @@ impl Config {
         }
         if let Some(test) = raw.test {
             config.test = test_from(&src, &config.ports, test)?;
+        }
+        if let Some(sysroot) = raw.sysroot {
+            for name in sysroot.packages {
+                let origin = src.origin(name.span());
+                check_package_name(name.get_ref()).with_context(|| origin.to_string())?;
+                config.sysroot_packages.push(name.into_inner());
+            }
         }
         Ok(config)
     }
@@ -439,7 +448,16 @@ struct RawConfig {
     jvm: Option<toml::Table>,
     node: Option<toml::Table>,
     python: Option<toml::Table>,
+    sysroot: Option<RawSysroot>,
     test: Option<RawTest>,
+}
+
+/// `[sysroot]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSysroot {
+    #[serde(default)]
+    packages: Vec<Spanned<String>>,
 }
 
 /// `[environments.<name>]`, and the whole of a `fuse-<name>.toml`.
@@ -794,6 +812,23 @@ fn check_account_name(origin: &Origin, table: &str, name: &str) -> Result<()> {
     }
     if name == "root" || name == "nonroot" {
         bail!("{origin}: [{table}] cannot define {name}, fuse's own (`user = \"{name}\"` runs the app as it)");
+    }
+    Ok(())
+}
+
+/// A Debian package name (policy 5.6.1: lower-case letters, digits, `+`, `-`, `.`, at least two
+/// characters, starting with a letter or digit); refused before anything reaches apt.
+pub(crate) fn check_package_name(name: &str) -> Result<()> {
+    let ok = name.len() >= 2
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if !ok {
+        bail!("invalid Debian package name '{name}': use lower-case letters, digits, '+', '-' and '.' (e.g. libssl3)");
     }
     Ok(())
 }
@@ -1581,6 +1616,25 @@ timeout = "2m"
         assert_eq!(c.image_name(&derived).unwrap().to_string(), "web:1.0");
         let c = Config::from_str(Path::new("fuse.toml"), "").unwrap();
         assert!(c.image_name(&derived).is_none());
+    }
+
+    #[test]
+    fn sysroot_packages_are_debian_names() {
+        let load = |text: &str| Config::from_str(Path::new("/x/fuse.toml"), text);
+        let c =
+            load("[sysroot]\npackages = [\"libssl3\", \"libstdc++6\", \"liblua5.1-0\"]\n").unwrap();
+        assert_eq!(c.sysroot_packages, ["libssl3", "libstdc++6", "liblua5.1-0"]);
+        assert!(load("").unwrap().sysroot_packages.is_empty());
+        let err = format!(
+            "{:#}",
+            load("[sysroot]\npackages = [\"libssl3\", \"Lib_SSL\"]\n").unwrap_err()
+        );
+        assert!(
+            err.starts_with("/x/fuse.toml:2:24: invalid Debian package name 'Lib_SSL'"),
+            "{err}"
+        );
+        let err = format!("{:#}", load("[sysroot]\npath = \"/\"\n").unwrap_err());
+        assert!(err.contains("unknown field `path`"), "{err}");
     }
 
     #[test]

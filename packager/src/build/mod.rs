@@ -23,7 +23,7 @@ use crate::image::manifest::{
 use crate::image::naming;
 
 use crate::image::store::{Store, StoredImage};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use fuse_rootfs::block_cache::BlockCache;
 use fuse_rootfs::Arch;
 use runtimes::RuntimeInput;
@@ -53,6 +53,8 @@ pub(crate) struct BuildRequest {
     /// `--compression`; `None`: the configuration's `compression`, else the app kind's default
     /// ([`RootfsCompression::default_for`]).
     pub(crate) compression: Option<RootfsCompression>,
+    /// `--package`: Debian packages for fuse's sysroot of a foreign arch.
+    pub(crate) packages: Vec<String>,
 }
 
 /// Uncompressed bytes of the tree by part (see `Contents::parts`).
@@ -76,6 +78,46 @@ fn content_parts(
         *parts.entry(part.to_string()).or_insert(0) += size;
     }
     parts
+}
+
+/// The Debian packages to add to fuse's sysroot: `[sysroot] packages`, then `--package`. Only
+/// native and Node.js images of a foreign arch without `--sysroot` have such a sysroot: there
+/// `--package` is refused (the configuration's list is not, as the same `fuse.toml` serves
+/// every arch; the host's own libraries are used for the host's).
+fn sysroot_packages(
+    request: &BuildRequest,
+    config: Option<&Config>,
+    kind: detect::Kind,
+    arch: Arch,
+) -> Result<Vec<String>> {
+    for name in &request.packages {
+        config::check_package_name(name).context("--package")?;
+    }
+    let fuse_sysroot = arch != Arch::host() && request.interpreters.sysroot.is_none();
+    let uses_packages = matches!(kind, detect::Kind::Native | detect::Kind::Node);
+    if let Some(first) = request.packages.first() {
+        if request.interpreters.sysroot.is_some() {
+            bail!("--package {first} adds to fuse's own sysroot, not to --sysroot: install the package into that root instead");
+        }
+        if !fuse_sysroot {
+            bail!("--package {first} adds to fuse's sysroot for another arch: for a {arch} image, install the package on this host (apt-get install {first})");
+        }
+        if !uses_packages {
+            bail!("--package {first} adds libraries for native and Node.js apps; a {} app takes none from it", kind.as_str());
+        }
+    }
+    let mut packages: Vec<String> = Vec::new();
+    if fuse_sysroot && uses_packages {
+        let configured = config
+            .map(|c| c.sysroot_packages.as_slice())
+            .unwrap_or_default();
+        for name in configured.iter().chain(&request.packages) {
+            if !packages.contains(name) {
+                packages.push(name.clone());
+            }
+        }
+    }
+    Ok(packages)
 }
 
 /// Builds the image for `request` into `store`. `progress` gets human-readable lines.
@@ -122,6 +164,7 @@ pub(crate) fn build(
         }
     };
     let arch = request.arch.unwrap_or_else(Arch::host);
+    let packages = sysroot_packages(request, config.as_ref(), kind, arch)?;
 
     // The app first: its errors (missing library, wrong arch) are the likeliest and cheapest.
     let app = runtimes::assemble(
@@ -137,6 +180,7 @@ pub(crate) fn build(
             python: request.interpreters.python.as_deref(),
             venv: request.interpreters.venv.as_deref(),
             sysroot: request.interpreters.sysroot.as_deref(),
+            packages: &packages,
             config: config.as_ref(),
         },
         progress,

@@ -88,6 +88,10 @@ pub(super) struct BuildFlags {
     /// else a Debian 12 sysroot fuse makes in its cache).
     #[arg(long, value_name = "PATH")]
     pub(crate) sysroot: Option<PathBuf>,
+    /// A Debian package (with its dependencies) to add to fuse's sysroot of a foreign arch, for
+    /// libraries the app needs (repeatable; adds to `[sysroot] packages`).
+    #[arg(long = "package", value_name = "NAME")]
+    pub(crate) packages: Vec<String>,
     /// The app's configuration file (default: fuse.toml beside the app file, or inside an app
     /// directory); fuse-<env>.toml files beside it are merged too.
     #[arg(long = "config", value_name = "PATH")]
@@ -114,6 +118,7 @@ impl BuildFlags {
             },
             config: self.config.clone(),
             compression: self.compression,
+            packages: self.packages.clone(),
         }
     }
 }

@@ -1,10 +1,14 @@
 //! What every runtime takes ([`RuntimeInput`]) and makes ([`AppImage`]), and the spec and
 //! environment every app starts with.
 
+use crate::host::sysroot::{self, Sysroot};
 use crate::image::naming::ImageName;
+use anyhow::{bail, Result};
 use fuse_boot::spec::AppSpec;
+use fuse_rootfs::elf::{self, Closure, ClosureOptions, ElfError};
 use fuse_rootfs::tree::Tree;
 use fuse_rootfs::Arch;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// What a runtime produces for the builder.
@@ -38,6 +42,9 @@ pub(crate) struct RuntimeInput<'a> {
     /// The target's root to take shared libraries from (`--sysroot`); `None`: the host's `/`
     /// for the host's arch, else fuse's Debian sysroot (see `crate::host::sysroot`).
     pub(crate) sysroot: Option<&'a Path>,
+    /// Debian packages to add to fuse's sysroot of a foreign arch (`--package`, `[sysroot]
+    /// packages`), with their dependencies.
+    pub(crate) packages: &'a [String],
     /// The app's `fuse.toml`, if it has one: runtime options are in `config.runtime_table(
     /// "jvm")` / `config.runtime_options("jvm")` (`[jvm] options = [...]`), same for node and
     /// python. Args, env and files of the configuration are applied by the builder after.
@@ -54,6 +61,102 @@ impl RuntimeInput<'_> {
             ..Default::default()
         }
     }
+}
+
+/// Resolves the shared-library closure of `program` (placed at `image_path`) in `sysroot`. In
+/// fuse's own Debian sysroot a missing library is not the end: the package that ships it is
+/// found ([`sysroot::provider`]), added with a notice, and the closure resolved again, so an
+/// arm64 program needs no hand-made sysroot. `sysroot` and `options.sysroot` then name the
+/// grown sysroot (its notes list the added packages). The host's own libraries (no sysroot) and
+/// a user's `--sysroot` are never changed: a missing library there is an error.
+pub(crate) fn resolve_closure(
+    arch: Arch,
+    program: &Path,
+    image_path: &str,
+    options: &mut ClosureOptions,
+    sysroot: &mut Option<Sysroot>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Closure> {
+    let mut added = BTreeSet::new();
+    loop {
+        let err = match elf::resolve_closure(program, image_path, options) {
+            Ok(closure) => {
+                if let Some(current) = sysroot.as_mut() {
+                    let used: Vec<(&str, &Path)> = closure
+                        .interpreter
+                        .iter()
+                        .chain(&closure.libraries)
+                        .map(|l| (l.name.as_str(), l.host_path.as_path()))
+                        .collect();
+                    sysroot::record_used(arch, current, &used, progress)?;
+                }
+                return Ok(closure);
+            }
+            Err(err) => err,
+        };
+        let (
+            ElfError::MissingLibrary {
+                name, needed_by, ..
+            },
+            Some(current),
+        ) = (&err, sysroot.as_ref())
+        else {
+            return Err(err.into());
+        };
+        // The needing ELF as the image will have it, not as fuse's cache path.
+        let who = needed_by
+            .strip_prefix(&current.path)
+            .map(|p| format!("/{}", p.display()))
+            .unwrap_or_else(|_| needed_by.display().to_string());
+        let short = who.rsplit('/').next().unwrap_or(&who).to_string();
+        let debian = sysroot::debian_arch(arch);
+        if current.requested.is_none() {
+            bail!(
+                "Missing library {name} needed by {who}: the sysroot {} does not have it: add it there, or its directory with --library-path DIR",
+                current.label
+            );
+        }
+        let provider = if name.contains('/') {
+            None
+        } else {
+            sysroot::provider(arch, name, progress)?
+        };
+        match provider {
+            Some(package) if added.insert(package.clone()) => {
+                progress(&format!(
+                    "Adding Debian package {package} ({debian}) for {name}, needed by {short}"
+                ));
+                let grown = current
+                    .with_package(arch, &package, progress)?
+                    .expect("a sysroot with requested packages is fuse's");
+                options.sysroot = grown.path.clone();
+                *sysroot = Some(grown);
+            }
+            Some(package) => bail!(
+                "Missing library {name} needed by {who}: Debian package {package} ({debian}) ships it, but not where the loader looks: give its directory with --library-path DIR"
+            ),
+            None => bail!(
+                "Missing library {name} needed by {who}: no Debian 12 {debian} package ships it: add the package that has it with --package NAME, its directory with --library-path DIR, or use --sysroot PATH"
+            ),
+        }
+    }
+}
+
+/// Adds `program` (0755) at `image_path`, its interpreter (0755) and libraries (0644).
+pub(crate) fn add_closure(
+    tree: &mut Tree,
+    program: &Path,
+    image_path: &str,
+    closure: &Closure,
+) -> Result<()> {
+    tree.add_host_file(image_path, program, 0o755)?;
+    if let Some(interp) = &closure.interpreter {
+        tree.add_host_file(&interp.image_path, &interp.host_path, 0o755)?;
+    }
+    for lib in &closure.libraries {
+        tree.add_host_file(&lib.image_path, &lib.host_path, 0o644)?;
+    }
+    Ok(())
 }
 
 /// The interpreters of the script runtimes, as given on the command line.

@@ -1,6 +1,6 @@
 //! Native apps: an ELF executable plus its shared-library closure, nothing else.
 
-use super::app::{app_spec, default_env, AppImage, RuntimeInput};
+use super::app::{add_closure, app_spec, default_env, resolve_closure, AppImage, RuntimeInput};
 use crate::build::layout;
 use anyhow::Result;
 use fuse_rootfs::elf;
@@ -28,17 +28,26 @@ pub(crate) fn assemble(
         .into());
     }
     let mut options = input.closure_options();
-    let mut notes = Vec::new();
     // A static program needs no libraries, hence no sysroot.
-    if !info.is_static {
-        if let Some(sysroot) =
-            crate::host::sysroot::for_build(input.arch, input.sysroot, &[], progress)?
-        {
-            options.sysroot = sysroot.path.clone();
-            notes = sysroot.notes();
-        }
+    let mut sysroot = if info.is_static {
+        None
+    } else {
+        let packages: Vec<&str> = input.packages.iter().map(String::as_str).collect();
+        crate::host::sysroot::for_build(input.arch, input.sysroot, &packages, progress)?
+    };
+    if let Some(sysroot) = &sysroot {
+        options.sysroot = sysroot.path.clone();
     }
-    elf::add_with_closure(&mut tree, input.input, &exe, &options)?;
+    let closure = resolve_closure(
+        input.arch,
+        input.input,
+        &exe,
+        &mut options,
+        &mut sysroot,
+        progress,
+    )?;
+    add_closure(&mut tree, input.input, &exe, &closure)?;
+    let notes = sysroot.map(|s| s.notes()).unwrap_or_default();
     let spec = app_spec(input, exe.clone(), vec![exe], default_env(input.name));
     Ok(AppImage { tree, spec, notes })
 }

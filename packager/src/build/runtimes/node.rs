@@ -13,12 +13,11 @@
 //! `node /app/<entry>` in `/app` with `NODE_ENV=production`. Native addons (`*.node`) and programs
 //! in `node_modules` come with their libraries (see [`closure`]).
 
-use super::app::{app_spec, default_env, AppImage, RuntimeInput};
+use super::app::{app_spec, default_env, resolve_closure, AppImage, RuntimeInput};
 use super::appdir::{self, AppElf};
 use super::closure;
 use crate::build::layout;
 use anyhow::{bail, Context, Result};
-use fuse_rootfs::elf;
 use fuse_rootfs::tree::Tree;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -38,13 +37,14 @@ pub(crate) fn assemble(
     let (entry, elves) = add_app(&mut tree, input.input, progress)?;
     // Another arch (or --sysroot): node and its libraries come from the target's root; with no
     // --node, Debian's arm64 `nodejs` in fuse's sysroot (see `crate::host::sysroot`).
-    let sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
-        let packages: &[&str] = if input.node.is_none() {
-            &["nodejs"]
+    let mut sysroot = if input.arch != fuse_rootfs::Arch::host() || input.sysroot.is_some() {
+        let mut packages: Vec<&str> = if input.node.is_none() {
+            vec!["nodejs"]
         } else {
-            &[]
+            Vec::new()
         };
-        crate::host::sysroot::for_build(input.arch, input.sysroot, packages, progress)?
+        packages.extend(input.packages.iter().map(String::as_str));
+        crate::host::sysroot::for_build(input.arch, input.sysroot, &packages, progress)?
     } else {
         None
     };
@@ -52,19 +52,13 @@ pub(crate) fn assemble(
         (None, Some(sysroot)) => find_node(Some(&sysroot.path.join("usr/bin/node")))?,
         _ => find_node(input.node)?,
     };
+    let version = add_node(&mut tree, &node, input, &mut sysroot, progress)?;
+    // Addons (`*.node`) and programs in node_modules, after node's own libraries, in the
+    // sysroot as node's resolution left it.
     let mut options = input.closure_options();
     if let Some(sysroot) = &sysroot {
         options.sysroot = sysroot.path.clone();
     }
-    let version = add_node(
-        &mut tree,
-        &node,
-        input,
-        &options,
-        sysroot.as_ref(),
-        progress,
-    )?;
-    // Addons (`*.node`) and programs in node_modules, after node's own libraries.
     closure::add_app_libraries(&mut tree, &elves, &options, progress)?;
 
     let entry = format!("{}/{entry}", layout::APP_DIR);
@@ -368,11 +362,12 @@ fn add_node(
     tree: &mut Tree,
     node: &Path,
     input: &RuntimeInput<'_>,
-    options: &elf::ClosureOptions,
-    sysroot: Option<&crate::host::sysroot::Sysroot>,
+    sysroot: &mut Option<crate::host::sysroot::Sysroot>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    if let Some(sysroot) = sysroot {
+    let mut options = input.closure_options();
+    if let Some(sysroot) = sysroot.as_ref() {
+        options.sysroot = sysroot.path.clone();
         // Debian's node loads some of its built-in modules from these files at run time (its
         // `--shared-builtin-*-path`s); the rest of their packages (6.8 MB) is never read.
         for file in DEBIAN_SHARED_BUILTINS {
@@ -382,8 +377,8 @@ fn add_node(
             }
         }
     }
-    let closure = elf::resolve_closure(node, NODE_PATH, options)?;
-    let version = match sysroot.and_then(|s| s.packages.get("nodejs")) {
+    let closure = resolve_closure(input.arch, node, NODE_PATH, &mut options, sysroot, progress)?;
+    let version = match sysroot.as_ref().and_then(|s| s.packages.get("nodejs")) {
         // A foreign node cannot run here: its Debian version says which it is.
         Some(package) if input.arch != fuse_rootfs::Arch::host() => debian_node_version(package),
         _ if input.arch != fuse_rootfs::Arch::host() => "unknown".to_string(),
