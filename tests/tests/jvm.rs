@@ -797,3 +797,126 @@ fn h2_tcp_server_is_reached_by_h2_shell_from_the_host() {
     assert!(sb.home().join("volumes/h2data.ext4").is_file());
     assert_no_leaked_qemu();
 }
+
+/// What sqlite-jdbc, netty or zstd-jni do with the native library they bundle: extract it to
+/// `java.io.tmpdir` and `System.load` it, else `System.loadLibrary` it from
+/// `java.library.path`.
+const JNI_LOADER: &str = r#"
+import java.io.*;
+import java.nio.file.*;
+public class Greet {
+    static native String hello();
+    public static void main(String[] args) throws Exception {
+        String arch = System.getProperty("os.arch").equals("amd64") ? "x86_64" : System.getProperty("os.arch");
+        String res = "/native/Linux/" + arch + "/libgreet.so";
+        try (InputStream in = Greet.class.getResourceAsStream(res)) {
+            if (in == null) throw new IllegalStateException("no " + res + " in the jar");
+            File f = File.createTempFile("libgreet-", ".so");
+            f.deleteOnExit();
+            Files.copy(in, f.toPath(), StandardCopyOption.REPLACE_EXISTING);
+            System.load(f.getAbsolutePath());
+            System.out.println("loaded the extracted copy");
+        } catch (UnsatisfiedLinkError e) {
+            System.out.println("extracted copy failed: " + e.getMessage());
+            System.loadLibrary("greet");
+        }
+        System.out.println(hello());
+    }
+}
+"#;
+
+/// The JNI library: `Greet.hello()` hashes with libcrypt's `crypt` (a library the Java
+/// runtime does not bring), the return value saying which copy was loaded.
+fn greet_c(copy: &str) -> String {
+    format!(
+        r#"
+#include <jni.h>
+#include <crypt.h>
+#include <stdio.h>
+JNIEXPORT jstring JNICALL Java_Greet_hello(JNIEnv *env, jclass cls) {{
+    char buf[256];
+    snprintf(buf, sizeof buf, "{copy} greets: %s", crypt("fuse", "$6$fusesalt$"));
+    return (*env)->NewStringUTF(env, buf);
+}}
+"#
+    )
+}
+
+#[test]
+fn jar_bundled_native_library_loads_from_the_jni_directory() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let jdk = Path::new("/usr/lib/jvm/java-17-openjdk-amd64/include");
+    let include = format!("-I{}", jdk.display());
+    let include_linux = format!("-I{}/linux", jdk.display());
+    let lib = |name: &str, copy: &str, extra: &[&str]| {
+        let mut args = vec!["-shared", "-fPIC", &include, &include_linux];
+        args.extend(extra);
+        sb.program_for(arch, &greet_c(copy), name, &args)
+    };
+    let glibc = lib("libgreet.so", "glibc", &["-lcrypt"]);
+    // Shipped for Android beside the glibc build, under the same name: never the one chosen.
+    let android = lib("android-libgreet.so", "android", &["-lcrypt"]);
+    // A musl build: needs musl's `libc.so`, which the image's loader does not have.
+    let fake_libc = sb.program_for(
+        arch,
+        "int musl_marker;",
+        "libc.so",
+        &["-shared", "-fPIC", "-nostdlib", "-Wl,-soname,libc.so"],
+    );
+    let lib_dir = format!("-L{}", fake_libc.parent().unwrap().display());
+    let musl = sb.program_for(
+        arch,
+        "void *Java_Greet_hello(void) { return 0; }",
+        "musl-libgreet.so",
+        &["-shared", "-fPIC", "-nostdlib", &lib_dir, "-l:libc.so"],
+    );
+    let jar = java_jar(
+        dir,
+        "greet.jar",
+        "Greet",
+        &[("Greet.java", JNI_LOADER)],
+        &[
+            ("native/Linux-Android/x86_64/libgreet.so", &android),
+            ("native/Linux-Musl/x86_64/libgreet.so", &musl),
+            ("native/Linux/x86_64/libgreet.so", &glibc),
+        ],
+    );
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&jar)
+        .run();
+    out.assert_success()
+        // The guest's /tmp is noexec: the library's own fallback is what loads it.
+        .assert_stdout_contains("extracted copy failed")
+        .assert_stdout_contains("glibc greets: $6$fusesalt$")
+        .assert_stderr_contains(
+            "placed 1 native library bundled in the jar in /usr/lib/x86_64-linux-gnu/jni",
+        )
+        .assert_stderr_contains("libgreet.so (from native/Linux/x86_64/libgreet.so)")
+        .assert_stderr_contains("native/Linux-Musl/x86_64/libgreet.so (musl)")
+        .assert_stderr_contains("native/Linux-Android/x86_64/libgreet.so (Android)");
+    let stdout = out.stdout_str();
+    assert!(!stdout.contains("android greets"), "{stdout}");
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "greet:latest"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspect["notes"]["jar.natives"], "libgreet.so");
+    // Same jar, another store: the same image.
+    let other = Sandbox::new();
+    let again = json(
+        other
+            .fuse()
+            .args(["build", "--json", "--arch", arch])
+            .arg(&jar)
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["digest"], inspect["digest"]);
+    assert_no_leaked_qemu();
+}

@@ -1,0 +1,230 @@
+//! Native libraries bundled in a jar (sqlite-jdbc's `libsqlitejdbc.so`, netty's epoll
+//! transport, zstd-jni, JNA's `libjnidispatch.so`...). Such a library extracts its `.so` to
+//! `java.io.tmpdir` at run time and `System.load`s it; the guest's `/tmp` is `noexec`, so that
+//! fails, and the libraries then fall back to `System.loadLibrary`, which searches
+//! `java.library.path`. fuse places them there at build time: in the JNI directory of the
+//! image's multiarch triplet (`/usr/lib/x86_64-linux-gnu/jni`, on Debian's JVMs' default
+//! `java.library.path`; for a JVM whose default lacks it, the directory is added with
+//! `-Djava.library.path`), each with the closure of its shared libraries, like any ELF of an app.
+//!
+//! Jars ship one copy per platform. Kept: 64-bit ELF for the image's machine (read from the
+//! header by [`super::jar`]), for glibc: a copy whose path names musl, Alpine or Android, or
+//! that needs musl's or bionic's `libc.so` (glibc's is `libc.so.6`), is left out. Two different
+//! libraries under one file name: the first in jar order (a nested jar's entries at its place)
+//! wins, as the class loader finds the outer jar's resources first; the others are named in the
+//! notice.
+
+use super::closure::foreign;
+use super::jar::JarNative;
+use anyhow::{Context, Result};
+use fuse_rootfs::elf::{self, ClosureOptions, ElfInfo};
+use fuse_rootfs::tree::Tree;
+use fuse_rootfs::Arch;
+use std::path::Path;
+
+/// The JNI directory of `arch`, where Debian puts JNI libraries and its JVMs look for them.
+pub(crate) fn jni_dir(arch: Arch) -> String {
+    format!("/usr/lib/{}/jni", arch.gnu_triple())
+}
+
+/// Upstream OpenJDK's default `java.library.path` on Linux, kept after the JNI directory when
+/// fuse has to set the property.
+const UPSTREAM_LIBRARY_PATH: &str = "/usr/java/packages/lib:/usr/lib64:/lib64:/lib:/usr/lib";
+
+/// The `-Djava.library.path` option the JVM needs to find [`jni_dir`], or `None` when its
+/// default has it already (Debian's OpenJDK builds name it in `libjvm.so`).
+pub(crate) fn library_path_option(libjvm: &Path, arch: Arch) -> Result<Option<String>> {
+    let jni = jni_dir(arch);
+    let bytes = std::fs::read(libjvm)
+        .with_context(|| format!("Cannot read the Java runtime's {}", libjvm.display()))?;
+    let needle = format!("{jni}:");
+    if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "-Djava.library.path={jni}:{UPSTREAM_LIBRARY_PATH}"
+    )))
+}
+
+/// Why a native library of the jar is left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Skip {
+    /// For another C library (`musl`, `Android`).
+    Libc(&'static str),
+    /// For another machine or class, or musl by its loader (as [`foreign`] says).
+    Foreign(String),
+    /// Not a readable ELF file.
+    Unreadable,
+    /// Another library with the same file name came first (its entry).
+    Shadowed(String),
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::Libc(libc) => f.write_str(libc),
+            Skip::Foreign(why) => f.write_str(why),
+            Skip::Unreadable => f.write_str("not a readable ELF file"),
+            Skip::Shadowed(first) => write!(f, "{first} comes first"),
+        }
+    }
+}
+
+/// The C library the entry's directories name, when not glibc (sqlite-jdbc's `Linux-Musl/`
+/// and `Linux-Android/`, `linux-x86_64-musl/`, `alpine/`).
+fn libc_by_path(entry: &str) -> Option<&'static str> {
+    let dirs = entry.rsplit_once('/').map_or("", |(dirs, _)| dirs);
+    let dirs = dirs.to_ascii_lowercase();
+    if dirs.contains("android") {
+        Some("Android")
+    } else if dirs.contains("musl") || dirs.contains("alpine") {
+        Some("musl")
+    } else {
+        None
+    }
+}
+
+/// The C library the ELF needs, when not glibc: musl's and bionic's are both `libc.so`.
+fn libc_by_elf(info: &ElfInfo) -> Option<&'static str> {
+    if info
+        .needed
+        .iter()
+        .any(|n| n == "liblog.so" || n == "libandroid.so")
+    {
+        Some("Android")
+    } else if info.needed.iter().any(|n| n == "libc.so") {
+        Some("musl or Android: needs libc.so, not glibc's libc.so.6")
+    } else {
+        None
+    }
+}
+
+/// The libraries to place, in jar order, and those left out with why.
+#[derive(Debug, Default)]
+pub(crate) struct Selection<'a> {
+    pub(crate) chosen: Vec<&'a JarNative>,
+    pub(crate) skipped: Vec<(&'a JarNative, Skip)>,
+}
+
+/// Picks the libraries of `natives` (all ELF for the image's machine, in jar order) the image's
+/// loader can load, one per file name.
+pub(crate) fn select<'a>(natives: &'a [JarNative], options: &ClosureOptions) -> Selection<'a> {
+    let mut sel = Selection::default();
+    for native in natives {
+        let why = match elf::inspect(&native.file) {
+            Err(_) => Some(Skip::Unreadable),
+            Ok(info) => libc_by_path(&native.entry)
+                .or_else(|| libc_by_elf(&info))
+                .map(Skip::Libc)
+                .or_else(|| foreign(&info, options).map(|f| Skip::Foreign(f.to_string()))),
+        };
+        if let Some(why) = why {
+            sel.skipped.push((native, why));
+            continue;
+        }
+        if let Some(first) = sel
+            .chosen
+            .iter()
+            .find(|c| c.file_name() == native.file_name())
+        {
+            // The same library in two jars (a shaded copy): nothing to choose between.
+            let same = std::fs::read(&first.file).ok() == std::fs::read(&native.file).ok();
+            if !same {
+                sel.skipped
+                    .push((native, Skip::Shadowed(first.entry.clone())));
+            }
+            continue;
+        }
+        sel.chosen.push(native);
+    }
+    sel
+}
+
+/// Places the chosen native libraries of the jar `jar_name` in [`jni_dir`] with their
+/// libraries (those of the Java runtime at `runtime`, already in the image, are not copied
+/// again), and prints what was placed and left out. Returns the placed file names, sorted.
+pub(crate) fn add_jar_natives(
+    tree: &mut Tree,
+    natives: &[JarNative],
+    jar_name: &str,
+    runtime: &Path,
+    options: &ClosureOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<String>> {
+    let sel = select(natives, options);
+    let dir = jni_dir(options.arch);
+    // A JNI library may need the runtime's libjvm.so or libjava.so: found there, loaded already.
+    let runtime = std::fs::canonicalize(runtime)
+        .with_context(|| format!("Cannot open the Java runtime at {}", runtime.display()))?;
+    let mut options = options.clone();
+    options
+        .extra_library_paths
+        .extend([runtime.join("lib/server"), runtime.join("lib")]);
+    let mut placed = Vec::new();
+    for native in &sel.chosen {
+        let image = format!("{dir}/{}", native.file_name());
+        let context = || {
+            format!(
+                "Cannot package the native library {} bundled in {jar_name}",
+                native.entry
+            )
+        };
+        // In memory: the scratch copy is gone when the tree is written (a few MB at most).
+        let bytes = std::fs::read(&native.file).with_context(context)?;
+        tree.add_bytes(&image, bytes, 0o644).with_context(context)?;
+        let closure = elf::resolve_closure(&native.file, &image, &options).with_context(context)?;
+        let interpreter = closure.interpreter.iter().map(|i| (i, 0o755));
+        let libraries = closure.libraries.iter().map(|l| (l, 0o644));
+        for (lib, mode) in interpreter.chain(libraries) {
+            if lib.host_path.starts_with(&runtime) || tree.get(&lib.image_path).is_some() {
+                continue;
+            }
+            tree.add_host_file(&lib.image_path, &lib.host_path, mode)
+                .with_context(context)?;
+        }
+        placed.push((native.file_name().to_string(), native.entry.clone()));
+    }
+    placed.sort();
+    if let Some(notice) = notice(&placed, &sel.skipped, &dir) {
+        progress(&notice);
+    }
+    Ok(placed.into_iter().map(|(name, _)| name).collect())
+}
+
+/// One line: what was placed where, and what was left out.
+fn notice(
+    placed: &[(String, String)],
+    skipped: &[(&JarNative, Skip)],
+    dir: &str,
+) -> Option<String> {
+    if placed.is_empty() && skipped.is_empty() {
+        return None;
+    }
+    let mut line = if placed.is_empty() {
+        "no native library bundled in the jar is for this image".to_string()
+    } else {
+        let list: Vec<String> = placed
+            .iter()
+            .map(|(name, entry)| format!("{name} (from {entry})"))
+            .collect();
+        format!(
+            "placed {} native librar{} bundled in the jar in {dir} (on java.library.path, where it loads from when extracting to /tmp fails): {}",
+            placed.len(),
+            if placed.len() == 1 { "y" } else { "ies" },
+            list.join(", ")
+        )
+    };
+    if !skipped.is_empty() {
+        let shown: Vec<String> = skipped
+            .iter()
+            .take(3)
+            .map(|(n, why)| format!("{} ({why})", n.entry))
+            .collect();
+        let more = match skipped.len() {
+            n if n > 3 => format!(", and {} more", n - 3),
+            _ => String::new(),
+        };
+        line.push_str(&format!("; left out: {}{more}", shown.join(", ")));
+    }
+    Some(line)
+}
