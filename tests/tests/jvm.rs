@@ -870,7 +870,14 @@ fn jar_bundled_native_library_loads_from_the_jni_directory() {
         arch,
         "void *Java_Greet_hello(void) { return 0; }",
         "musl-libgreet.so",
-        &["-shared", "-fPIC", "-nostdlib", &lib_dir, "-l:libc.so"],
+        &[
+            "-shared",
+            "-fPIC",
+            "-nostdlib",
+            "-Wl,--no-as-needed",
+            &lib_dir,
+            "-l:libc.so",
+        ],
     );
     let jar = java_jar(
         dir,

@@ -764,6 +764,96 @@ mod tests {
         zip.finish().unwrap();
     }
 
+    /// The start of a 64-bit little-endian ELF for `machine`, padded with `tail`.
+    pub(crate) fn elf_head(machine: u16, tail: &[u8]) -> Vec<u8> {
+        let mut b = b"\x7fELF\x02\x01\x01".to_vec();
+        b.resize(18, 0);
+        b.extend(machine.to_le_bytes());
+        b.extend(tail);
+        b
+    }
+
+    #[test]
+    fn native_libraries_for_the_machine_are_extracted_in_jar_order() {
+        let host = Arch::host();
+        let other = match host {
+            Arch::X86_64 => Arch::Aarch64,
+            Arch::Aarch64 => Arch::X86_64,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mine = elf_head(host.elf_machine(), b"mine");
+        let dep_lib = elf_head(host.elf_machine(), b"dep");
+        let dep = dir.path().join("dep.jar");
+        write_jar(&dep, &[("META-INF/native/libdep.so", &dep_lib)]);
+        let dep_bytes = std::fs::read(&dep).unwrap();
+        let mut elf32 = mine.clone();
+        elf32[4] = 1;
+        let app = dir.path().join("app.jar");
+        write_jar(
+            &app,
+            &[
+                (MANIFEST, b"Manifest-Version: 1.0\nMain-Class: app.Main\n\n"),
+                ("native/Linux/x/libx.so", &mine),
+                (
+                    "native/Linux/other/libx.so",
+                    &elf_head(other.elf_machine(), b"o"),
+                ),
+                ("native/Linux/x86/libx.so", &elf32),
+                ("native/libtext.so", b"not an ELF at all, just text"),
+                ("native/x.so", &mine),
+                ("BOOT-INF/lib/dep.jar", &dep_bytes),
+            ],
+        );
+        let info = read(&app, None, host).unwrap();
+        let entries: Vec<&str> = info.natives.iter().map(|n| n.entry.as_str()).collect();
+        assert_eq!(
+            entries,
+            [
+                "native/Linux/x/libx.so",
+                "BOOT-INF/lib/dep.jar!/META-INF/native/libdep.so"
+            ]
+        );
+        assert_eq!(std::fs::read(&info.natives[0].file).unwrap(), mine);
+        assert_eq!(std::fs::read(&info.natives[1].file).unwrap(), dep_lib);
+        assert_eq!(info.natives[1].file_name(), "libdep.so");
+        // The other machine's build is what is read for it.
+        let info = read(&app, None, other).unwrap();
+        let entries: Vec<&str> = info.natives.iter().map(|n| n.entry.as_str()).collect();
+        assert_eq!(entries, ["native/Linux/other/libx.so"]);
+    }
+
+    #[test]
+    fn native_libraries_count_against_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = elf_head(Arch::host().elf_machine(), &vec![0u8; 2 << 20]);
+        let app = dir.path().join("app.jar");
+        write_jar(
+            &app,
+            &[
+                (MANIFEST, b"Manifest-Version: 1.0\nMain-Class: app.Main\n\n"),
+                ("native/libbig.so", &big),
+            ],
+        );
+        let err = read_within(&app, 1 << 20).unwrap_err();
+        assert!(
+            matches!(&err, JarError::TooLarge { entry, .. } if entry == "native/libbig.so"),
+            "{err}"
+        );
+        assert_eq!(read_within(&app, 4 << 20).unwrap().natives.len(), 1);
+    }
+
+    #[test]
+    fn native_library_names_are_what_load_library_finds() {
+        assert!(is_native_name(
+            "org/sqlite/native/Linux/x86_64/libsqlitejdbc.so"
+        ));
+        assert!(is_native_name("libjnidispatch.so"));
+        assert!(!is_native_name("native/lib.so"));
+        assert!(!is_native_name("native/greet.so"));
+        assert!(!is_native_name("native/libgreet.so.1"));
+        assert!(!is_native_name("native/libgreet.dylib"));
+    }
+
     /// A minimal class file whose constant pool holds `utf8` strings (plus a long, to check
     /// the two-slot rule).
     fn class_file(utf8: &[&str]) -> Vec<u8> {

@@ -228,3 +228,160 @@ fn notice(
     }
     Some(line)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    /// Compiles the shared object `name` from `src` in `dir`.
+    fn so(dir: &Path, name: &str, src: &str, extra: &[&str]) -> PathBuf {
+        let c = dir.join(format!("{name}.c"));
+        std::fs::write(&c, src).unwrap();
+        let out = Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(dir.join(name))
+            .arg(&c)
+            .args(extra)
+            .current_dir(dir)
+            .output()
+            .expect("cc must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join(name)
+    }
+
+    fn native(entry: &str, file: &Path) -> JarNative {
+        JarNative {
+            entry: entry.into(),
+            file: file.to_path_buf(),
+        }
+    }
+
+    #[test]
+    fn glibc_builds_for_the_machine_are_chosen_first_in_jar_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let a = so(d, "a.so", "int greet(void) { return 1; }", &[]);
+        let a_again = d.join("a-again.so");
+        std::fs::copy(&a, &a_again).unwrap();
+        let b = so(d, "b.so", "int greet(void) { return 2; }", &[]);
+        let z = so(d, "z.so", "int zz(void) { return 3; }", &[]);
+        // musl's and bionic's C library is `libc.so`.
+        so(
+            d,
+            "libc.so",
+            "int c;",
+            &["-nostdlib", "-Wl,-soname,libc.so"],
+        );
+        let bionic = so(
+            d,
+            "bionic.so",
+            "int greet(void) { return 4; }",
+            &["-nostdlib", "-Wl,--no-as-needed", "-L.", "-l:libc.so"],
+        );
+        let mut other_bytes = std::fs::read(&a).unwrap();
+        let other = match Arch::host() {
+            Arch::X86_64 => Arch::Aarch64,
+            Arch::Aarch64 => Arch::X86_64,
+        };
+        other_bytes[18..20].copy_from_slice(&other.elf_machine().to_le_bytes());
+        let other_file = d.join("other.so");
+        std::fs::write(&other_file, other_bytes).unwrap();
+        let natives = vec![
+            native("org/x/native/Linux-Musl/x86_64/libgreet.so", &b),
+            native("org/x/native/Linux-Android/aarch64/libgreet.so", &b),
+            native("lib/alpine/libgreet.so", &b),
+            native("org/x/native/Linux/generic/libgreet.so", &bionic),
+            native("org/x/native/Linux/x86_64/libgreet.so", &a),
+            native("org/x/native/Linux/other/libz.so", &other_file),
+            native("BOOT-INF/lib/shaded.jar!/native/libgreet.so", &a_again),
+            native("BOOT-INF/lib/old.jar!/native/libgreet.so", &b),
+            native("META-INF/native/libz.so", &z),
+        ];
+        let sel = select(&natives, &ClosureOptions::default());
+        let chosen: Vec<&str> = sel.chosen.iter().map(|n| n.entry.as_str()).collect();
+        assert_eq!(
+            chosen,
+            [
+                "org/x/native/Linux/x86_64/libgreet.so",
+                "META-INF/native/libz.so"
+            ]
+        );
+        let skipped: Vec<(&str, String)> = sel
+            .skipped
+            .iter()
+            .map(|(n, why)| (n.entry.as_str(), why.to_string()))
+            .collect();
+        assert_eq!(skipped.len(), 6, "{skipped:?}");
+        assert_eq!(skipped[0].1, "musl");
+        assert_eq!(skipped[1].1, "Android");
+        assert_eq!(skipped[2].1, "musl");
+        assert!(skipped[3].1.starts_with("musl or Android"), "{skipped:?}");
+        assert_eq!(skipped[4].1, other.to_string());
+        // The identical shaded copy is no choice; the different one is named.
+        assert_eq!(
+            skipped[5],
+            (
+                "BOOT-INF/lib/old.jar!/native/libgreet.so",
+                "org/x/native/Linux/x86_64/libgreet.so comes first".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn the_notice_is_one_line_naming_what_was_placed_and_left_out() {
+        let placed = vec![("libgreet.so".to_string(), "n/Linux/libgreet.so".to_string())];
+        let musl = native("n/Linux-Musl/libgreet.so", Path::new("/x"));
+        let skipped: Vec<(&JarNative, Skip)> =
+            (0..5).map(|_| (&musl, Skip::Libc("musl"))).collect();
+        let line = notice(&placed, &skipped, "/usr/lib/x86_64-linux-gnu/jni").unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with(
+                "placed 1 native library bundled in the jar in /usr/lib/x86_64-linux-gnu/jni"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("libgreet.so (from n/Linux/libgreet.so)"),
+            "{line}"
+        );
+        assert!(
+            line.contains("left out: n/Linux-Musl/libgreet.so (musl)"),
+            "{line}"
+        );
+        assert!(line.ends_with(", and 2 more"), "{line}");
+        assert_eq!(notice(&[], &[], "/d"), None);
+    }
+
+    #[test]
+    fn library_path_is_set_only_for_a_jvm_whose_default_lacks_the_jni_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let debian = dir.path().join("debian-libjvm.so");
+        std::fs::write(
+            &debian,
+            b"\0%s%s/usr/java/packages/lib:/usr/lib/x86_64-linux-gnu/jni:/lib/x86_64-linux-gnu:/usr/lib\0",
+        )
+        .unwrap();
+        let upstream = dir.path().join("upstream-libjvm.so");
+        std::fs::write(
+            &upstream,
+            b"\0%s%s/usr/java/packages/lib:/usr/lib64:/lib64:/lib:/usr/lib\0",
+        )
+        .unwrap();
+        assert_eq!(library_path_option(&debian, Arch::X86_64).unwrap(), None);
+        assert_eq!(
+            library_path_option(&debian, Arch::Aarch64).unwrap().as_deref(),
+            Some("-Djava.library.path=/usr/lib/aarch64-linux-gnu/jni:/usr/java/packages/lib:/usr/lib64:/lib64:/lib:/usr/lib")
+        );
+        assert_eq!(
+            library_path_option(&upstream, Arch::X86_64).unwrap().as_deref(),
+            Some("-Djava.library.path=/usr/lib/x86_64-linux-gnu/jni:/usr/java/packages/lib:/usr/lib64:/lib64:/lib:/usr/lib")
+        );
+    }
+}
