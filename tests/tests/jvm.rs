@@ -842,11 +842,15 @@ JNIEXPORT jstring JNICALL Java_Greet_hello(JNIEnv *env, jclass cls) {{
     )
 }
 
-#[test]
-fn jar_bundled_native_library_loads_from_the_jni_directory() {
-    let arch = "x86_64";
-    let sb = Sandbox::new();
-    let dir = sb.dir.path();
+/// The builds of `libgreet.so` a jar bundles: glibc (linked with libcrypt), Android (glibc
+/// too, told apart by its path only) and musl (needs musl's `libc.so`).
+struct GreetBuilds {
+    glibc: std::path::PathBuf,
+    android: std::path::PathBuf,
+    musl: std::path::PathBuf,
+}
+
+fn greet_builds(sb: &Sandbox, arch: &str) -> GreetBuilds {
     let jdk = Path::new("/usr/lib/jvm/java-17-openjdk-amd64/include");
     let include = format!("-I{}", jdk.display());
     let include_linux = format!("-I{}/linux", jdk.display());
@@ -856,9 +860,7 @@ fn jar_bundled_native_library_loads_from_the_jni_directory() {
         sb.program_for(arch, &greet_c(copy), name, &args)
     };
     let glibc = lib("libgreet.so", "glibc", &["-lcrypt"]);
-    // Shipped for Android beside the glibc build, under the same name: never the one chosen.
     let android = lib("android-libgreet.so", "android", &["-lcrypt"]);
-    // A musl build: needs musl's `libc.so`, which the image's loader does not have.
     let fake_libc = sb.program_for(
         arch,
         "int musl_marker;",
@@ -879,6 +881,23 @@ fn jar_bundled_native_library_loads_from_the_jni_directory() {
             "-l:libc.so",
         ],
     );
+    GreetBuilds {
+        glibc,
+        android,
+        musl,
+    }
+}
+
+#[test]
+fn jar_bundled_native_library_loads_from_the_jni_directory() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let GreetBuilds {
+        glibc,
+        android,
+        musl,
+    } = greet_builds(&sb, arch);
     let jar = java_jar(
         dir,
         "greet.jar",
@@ -925,5 +944,72 @@ fn jar_bundled_native_library_loads_from_the_jni_directory() {
             .assert_success(),
     );
     assert_eq!(again["digest"], inspect["digest"]);
+    assert_no_leaked_qemu();
+}
+
+/// [`JNI_LOADER`] for a Spring Boot fat jar: the library is in a nested jar.
+const NESTED_JNI_LOADER: &str = r#"
+import java.io.*;
+import java.nio.file.*;
+import java.util.jar.*;
+public class Greet {
+    static native String hello();
+    public static void main(String[] args) throws Exception {
+        String res = "native/Linux/x86_64/libgreet.so";
+        try (JarInputStream in = new JarInputStream(
+                Greet.class.getResourceAsStream("/BOOT-INF/lib/greet-native.jar"))) {
+            JarEntry e;
+            while ((e = in.getNextJarEntry()) != null && !e.getName().equals(res)) {}
+            if (e == null) throw new IllegalStateException("no " + res + " in the nested jar");
+            File f = File.createTempFile("libgreet-", ".so");
+            f.deleteOnExit();
+            Files.copy(in, f.toPath(), StandardCopyOption.REPLACE_EXISTING);
+            System.load(f.getAbsolutePath());
+            System.out.println("loaded the extracted copy");
+        } catch (UnsatisfiedLinkError e) {
+            System.out.println("extracted copy failed: " + e.getMessage());
+            System.loadLibrary("greet");
+        }
+        System.out.println(hello());
+    }
+}
+"#;
+
+#[test]
+fn native_library_in_a_nested_jar_of_a_fat_jar_loads() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let GreetBuilds { glibc, musl, .. } = greet_builds(&sb, arch);
+    let native = java_jar(
+        dir,
+        "greet-native.jar",
+        "",
+        &[("Marker.java", "public class Marker {}")],
+        &[
+            ("native/Linux-Musl/x86_64/libgreet.so", &musl),
+            ("native/Linux/x86_64/libgreet.so", &glibc),
+        ],
+    );
+    let jar = java_jar(
+        dir,
+        "boot.jar",
+        "Greet",
+        &[("Greet.java", NESTED_JNI_LOADER)],
+        &[("BOOT-INF/lib/greet-native.jar", &native)],
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("extracted copy failed")
+        .assert_stdout_contains("glibc greets: $6$fusesalt$")
+        .assert_stderr_contains(
+            "libgreet.so (from BOOT-INF/lib/greet-native.jar!/native/Linux/x86_64/libgreet.so)",
+        )
+        .assert_stderr_contains(
+            "BOOT-INF/lib/greet-native.jar!/native/Linux-Musl/x86_64/libgreet.so (musl)",
+        );
     assert_no_leaked_qemu();
 }
