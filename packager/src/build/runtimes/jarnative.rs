@@ -334,6 +334,76 @@ mod tests {
     }
 
     #[test]
+    fn placed_with_their_libraries_and_a_missing_one_is_a_one_line_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let runtime = d.join("runtime");
+        std::fs::create_dir_all(runtime.join("lib/server")).unwrap();
+        let ok = so(
+            d,
+            "ok.so",
+            "int greet(void) { return 1; }",
+            &["-Wl,--no-as-needed", "-lcrypt"],
+        );
+        let mut tree = Tree::new();
+        let mut notices = Vec::new();
+        let placed = add_jar_natives(
+            &mut tree,
+            &[native("native/Linux/x86_64/libok.so", &ok)],
+            "app.jar",
+            &runtime,
+            &ClosureOptions::default(),
+            &mut |n| notices.push(n.to_string()),
+        )
+        .unwrap();
+        assert_eq!(placed, ["libok.so"]);
+        let paths: Vec<&str> = tree.iter().map(|(p, _)| p).collect();
+        let jni = jni_dir(Arch::host());
+        assert!(
+            paths.contains(&format!("{jni}/libok.so").as_str()),
+            "{paths:?}"
+        );
+        assert!(
+            paths.iter().any(|p| p.ends_with("/libcrypt.so.1")),
+            "{paths:?}"
+        );
+        assert_eq!(notices.len(), 1, "{notices:?}");
+
+        so(
+            d,
+            "libgone.so",
+            "int gone(void) { return 0; }",
+            &["-Wl,-soname,libgone.so"],
+        );
+        let needs = so(
+            d,
+            "needs.so",
+            "int n(void) { return 0; }",
+            &["-Wl,--no-as-needed", "-L.", "-lgone"],
+        );
+        std::fs::remove_file(d.join("libgone.so")).unwrap();
+        let err = add_jar_natives(
+            &mut Tree::new(),
+            &[native("lib/x.jar!/native/libneeds.so", &needs)],
+            "app.jar",
+            &runtime,
+            &ClosureOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(!msg.contains('\n'), "{msg}");
+        for needle in [
+            "lib/x.jar!/native/libneeds.so",
+            "app.jar",
+            "libgone.so",
+            "--library-path",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing: {msg}");
+        }
+    }
+
+    #[test]
     fn the_notice_is_one_line_naming_what_was_placed_and_left_out() {
         let placed = vec![("libgreet.so".to_string(), "n/Linux/libgreet.so".to_string())];
         let musl = native("n/Linux-Musl/libgreet.so", Path::new("/x"));
