@@ -24,6 +24,7 @@ on_every_arch! {
     modules_beyond_base_are_detected_and_work => modules_beyond_base;
     fat_jar_with_a_nested_dependency_runs => fat_jar;
     http_server_is_reachable_through_a_published_port => http_server;
+    jar_native_library_for_the_image_arch_is_chosen => native_for_arch;
 }
 
 /// The ceiling of a Java hello image. aarch64 gets 3 MB more: its kernel is the uncompressed
@@ -1011,5 +1012,58 @@ fn native_library_in_a_nested_jar_of_a_fat_jar_loads() {
         .assert_stderr_contains(
             "BOOT-INF/lib/greet-native.jar!/native/Linux-Musl/x86_64/libgreet.so (musl)",
         );
+    assert_no_leaked_qemu();
+}
+
+/// A jar with `libgreet.so` for both machines: the image's is placed, and answers from it.
+fn native_for_arch(arch: &str) {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let jdk = Path::new("/usr/lib/jvm/java-17-openjdk-amd64/include");
+    let include = format!("-I{}", jdk.display());
+    let include_linux = format!("-I{}/linux", jdk.display());
+    let src = r#"
+#include <jni.h>
+#include <stdio.h>
+#include <sys/utsname.h>
+JNIEXPORT jstring JNICALL Java_Greet_hello(JNIEnv *env, jclass cls) {
+    char buf[256];
+    struct utsname u;
+    uname(&u);
+    snprintf(buf, sizeof buf, "greets from the %s build on %s", BUILD, u.machine);
+    return (*env)->NewStringUTF(env, buf);
+}
+"#;
+    let build = |for_arch: &str| {
+        let define = format!("-DBUILD=\"{for_arch}\"");
+        sb.program_for(
+            for_arch,
+            src,
+            &format!("libgreet-{for_arch}.so"),
+            &["-shared", "-fPIC", &include, &include_linux, &define],
+        )
+    };
+    let x86 = build("x86_64");
+    let arm = build("aarch64");
+    let jar = java_jar(
+        dir,
+        "greet.jar",
+        "Greet",
+        &[("Greet.java", JNI_LOADER)],
+        &[
+            ("native/Linux/aarch64/libgreet.so", &arm),
+            ("native/Linux/x86_64/libgreet.so", &x86),
+        ],
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("extracted copy failed")
+        .assert_stdout_contains(&format!("greets from the {arch} build on {arch}"))
+        .assert_stderr_contains(&format!(
+            "in /usr/lib/{arch}-linux-gnu/jni (on java.library.path, where it loads from when extracting to /tmp fails): libgreet.so (from native/Linux/{arch}/libgreet.so)"
+        ));
     assert_no_leaked_qemu();
 }
