@@ -24,6 +24,7 @@ on_every_arch! {
     modules_beyond_base_are_detected_and_work => modules_beyond_base;
     fat_jar_with_a_nested_dependency_runs => fat_jar;
     http_server_is_reachable_through_a_published_port => http_server;
+    jar_native_library_for_the_image_arch_is_chosen => native_for_arch;
 }
 
 /// The ceiling of a Java hello image. aarch64 gets 3 MB more: its kernel is the uncompressed
@@ -795,5 +796,274 @@ fn h2_tcp_server_is_reached_by_h2_shell_from_the_host() {
     assert!(out.stdout_str().lines().any(|l| l == "84"), "{out}");
     h2.kill();
     assert!(sb.home().join("volumes/h2data.ext4").is_file());
+    assert_no_leaked_qemu();
+}
+
+/// What sqlite-jdbc, netty or zstd-jni do with the native library they bundle: extract it to
+/// `java.io.tmpdir` and `System.load` it, else `System.loadLibrary` it from
+/// `java.library.path`.
+const JNI_LOADER: &str = r#"
+import java.io.*;
+import java.nio.file.*;
+public class Greet {
+    static native String hello();
+    public static void main(String[] args) throws Exception {
+        String arch = System.getProperty("os.arch").equals("amd64") ? "x86_64" : System.getProperty("os.arch");
+        String res = "/native/Linux/" + arch + "/libgreet.so";
+        try (InputStream in = Greet.class.getResourceAsStream(res)) {
+            if (in == null) throw new IllegalStateException("no " + res + " in the jar");
+            File f = File.createTempFile("libgreet-", ".so");
+            f.deleteOnExit();
+            Files.copy(in, f.toPath(), StandardCopyOption.REPLACE_EXISTING);
+            System.load(f.getAbsolutePath());
+            System.out.println("loaded the extracted copy");
+        } catch (UnsatisfiedLinkError e) {
+            System.out.println("extracted copy failed: " + e.getMessage());
+            System.loadLibrary("greet");
+        }
+        System.out.println(hello());
+    }
+}
+"#;
+
+/// The JNI library: `Greet.hello()` hashes with libcrypt's `crypt` (a library the Java
+/// runtime does not bring), the return value saying which copy was loaded.
+fn greet_c(copy: &str) -> String {
+    format!(
+        r#"
+#include <jni.h>
+#include <crypt.h>
+#include <stdio.h>
+JNIEXPORT jstring JNICALL Java_Greet_hello(JNIEnv *env, jclass cls) {{
+    char buf[256];
+    snprintf(buf, sizeof buf, "{copy} greets: %s", crypt("fuse", "$6$fusesalt$"));
+    return (*env)->NewStringUTF(env, buf);
+}}
+"#
+    )
+}
+
+/// The builds of `libgreet.so` a jar bundles: glibc (linked with libcrypt), Android (glibc
+/// too, told apart by its path only) and musl (needs musl's `libc.so`).
+struct GreetBuilds {
+    glibc: std::path::PathBuf,
+    android: std::path::PathBuf,
+    musl: std::path::PathBuf,
+}
+
+fn greet_builds(sb: &Sandbox, arch: &str) -> GreetBuilds {
+    let jdk = Path::new("/usr/lib/jvm/java-17-openjdk-amd64/include");
+    let include = format!("-I{}", jdk.display());
+    let include_linux = format!("-I{}/linux", jdk.display());
+    let lib = |name: &str, copy: &str, extra: &[&str]| {
+        let mut args = vec!["-shared", "-fPIC", &include, &include_linux];
+        args.extend(extra);
+        sb.program_for(arch, &greet_c(copy), name, &args)
+    };
+    let glibc = lib("libgreet.so", "glibc", &["-lcrypt"]);
+    let android = lib("android-libgreet.so", "android", &["-lcrypt"]);
+    let fake_libc = sb.program_for(
+        arch,
+        "int musl_marker;",
+        "libc.so",
+        &["-shared", "-fPIC", "-nostdlib", "-Wl,-soname,libc.so"],
+    );
+    let lib_dir = format!("-L{}", fake_libc.parent().unwrap().display());
+    let musl = sb.program_for(
+        arch,
+        "void *Java_Greet_hello(void) { return 0; }",
+        "musl-libgreet.so",
+        &[
+            "-shared",
+            "-fPIC",
+            "-nostdlib",
+            "-Wl,--no-as-needed",
+            &lib_dir,
+            "-l:libc.so",
+        ],
+    );
+    GreetBuilds {
+        glibc,
+        android,
+        musl,
+    }
+}
+
+#[test]
+fn jar_bundled_native_library_loads_from_the_jni_directory() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let GreetBuilds {
+        glibc,
+        android,
+        musl,
+    } = greet_builds(&sb, arch);
+    let jar = java_jar(
+        dir,
+        "greet.jar",
+        "Greet",
+        &[("Greet.java", JNI_LOADER)],
+        &[
+            ("native/Linux-Android/x86_64/libgreet.so", &android),
+            ("native/Linux-Musl/x86_64/libgreet.so", &musl),
+            ("native/Linux/x86_64/libgreet.so", &glibc),
+        ],
+    );
+    let out = sb
+        .fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&jar)
+        .run();
+    out.assert_success()
+        // The guest's /tmp is noexec: the library's own fallback is what loads it.
+        .assert_stdout_contains("extracted copy failed")
+        .assert_stdout_contains("glibc greets: $6$fusesalt$")
+        .assert_stderr_contains(
+            "placed 1 native library bundled in the jar in /usr/lib/x86_64-linux-gnu/jni",
+        )
+        .assert_stderr_contains("libgreet.so (from native/Linux/x86_64/libgreet.so)")
+        .assert_stderr_contains("native/Linux-Musl/x86_64/libgreet.so (musl)")
+        .assert_stderr_contains("native/Linux-Android/x86_64/libgreet.so (Android)");
+    let stdout = out.stdout_str();
+    assert!(!stdout.contains("android greets"), "{stdout}");
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "greet:latest"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspect["notes"]["jar.natives"], "libgreet.so");
+    // Same jar, another store: the same image.
+    let other = Sandbox::new();
+    let again = json(
+        other
+            .fuse()
+            .args(["build", "--json", "--arch", arch])
+            .arg(&jar)
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["digest"], inspect["digest"]);
+    assert_no_leaked_qemu();
+}
+
+/// [`JNI_LOADER`] for a Spring Boot fat jar: the library is in a nested jar.
+const NESTED_JNI_LOADER: &str = r#"
+import java.io.*;
+import java.nio.file.*;
+import java.util.jar.*;
+public class Greet {
+    static native String hello();
+    public static void main(String[] args) throws Exception {
+        String res = "native/Linux/x86_64/libgreet.so";
+        try (JarInputStream in = new JarInputStream(
+                Greet.class.getResourceAsStream("/BOOT-INF/lib/greet-native.jar"))) {
+            JarEntry e;
+            while ((e = in.getNextJarEntry()) != null && !e.getName().equals(res)) {}
+            if (e == null) throw new IllegalStateException("no " + res + " in the nested jar");
+            File f = File.createTempFile("libgreet-", ".so");
+            f.deleteOnExit();
+            Files.copy(in, f.toPath(), StandardCopyOption.REPLACE_EXISTING);
+            System.load(f.getAbsolutePath());
+            System.out.println("loaded the extracted copy");
+        } catch (UnsatisfiedLinkError e) {
+            System.out.println("extracted copy failed: " + e.getMessage());
+            System.loadLibrary("greet");
+        }
+        System.out.println(hello());
+    }
+}
+"#;
+
+#[test]
+fn native_library_in_a_nested_jar_of_a_fat_jar_loads() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let GreetBuilds { glibc, musl, .. } = greet_builds(&sb, arch);
+    let native = java_jar(
+        dir,
+        "greet-native.jar",
+        "",
+        &[("Marker.java", "public class Marker {}")],
+        &[
+            ("native/Linux-Musl/x86_64/libgreet.so", &musl),
+            ("native/Linux/x86_64/libgreet.so", &glibc),
+        ],
+    );
+    let jar = java_jar(
+        dir,
+        "boot.jar",
+        "Greet",
+        &[("Greet.java", NESTED_JNI_LOADER)],
+        &[("BOOT-INF/lib/greet-native.jar", &native)],
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("extracted copy failed")
+        .assert_stdout_contains("glibc greets: $6$fusesalt$")
+        .assert_stderr_contains(
+            "libgreet.so (from BOOT-INF/lib/greet-native.jar!/native/Linux/x86_64/libgreet.so)",
+        )
+        .assert_stderr_contains(
+            "BOOT-INF/lib/greet-native.jar!/native/Linux-Musl/x86_64/libgreet.so (musl)",
+        );
+    assert_no_leaked_qemu();
+}
+
+/// A jar with `libgreet.so` for both machines: the image's is placed, and answers from it.
+fn native_for_arch(arch: &str) {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let jdk = Path::new("/usr/lib/jvm/java-17-openjdk-amd64/include");
+    let include = format!("-I{}", jdk.display());
+    let include_linux = format!("-I{}/linux", jdk.display());
+    let src = r#"
+#include <jni.h>
+#include <stdio.h>
+#include <sys/utsname.h>
+JNIEXPORT jstring JNICALL Java_Greet_hello(JNIEnv *env, jclass cls) {
+    char buf[256];
+    struct utsname u;
+    uname(&u);
+    snprintf(buf, sizeof buf, "greets from the %s build on %s", BUILD, u.machine);
+    return (*env)->NewStringUTF(env, buf);
+}
+"#;
+    let build = |for_arch: &str| {
+        let define = format!("-DBUILD=\"{for_arch}\"");
+        sb.program_for(
+            for_arch,
+            src,
+            &format!("libgreet-{for_arch}.so"),
+            &["-shared", "-fPIC", &include, &include_linux, &define],
+        )
+    };
+    let x86 = build("x86_64");
+    let arm = build("aarch64");
+    let jar = java_jar(
+        dir,
+        "greet.jar",
+        "Greet",
+        &[("Greet.java", JNI_LOADER)],
+        &[
+            ("native/Linux/aarch64/libgreet.so", &arm),
+            ("native/Linux/x86_64/libgreet.so", &x86),
+        ],
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "--arch", arch])
+        .arg(&jar)
+        .run()
+        .assert_success()
+        .assert_stdout_contains("extracted copy failed")
+        .assert_stdout_contains(&format!("greets from the {arch} build on {arch}"))
+        .assert_stderr_contains(&format!(
+            "in /usr/lib/{arch}-linux-gnu/jni (on java.library.path, where it loads from when extracting to /tmp fails): libgreet.so (from native/Linux/{arch}/libgreet.so)"
+        ));
     assert_no_leaked_qemu();
 }

@@ -17,7 +17,7 @@ use fuse_rootfs::tree::Tree;
 
 /// Why an app's ELF file is left unresolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Foreign {
+pub(crate) enum Foreign {
     /// Built for another machine or class (`aarch64`, `x86_64 (32-bit)`).
     Arch(String),
     /// Built against musl, whose loader and libc the image does not have.
@@ -34,7 +34,7 @@ impl std::fmt::Display for Foreign {
 }
 
 /// Whether `info` is an ELF the image's loader would not load.
-fn foreign(info: &ElfInfo, options: &ClosureOptions) -> Option<Foreign> {
+pub(crate) fn foreign(info: &ElfInfo, options: &ClosureOptions) -> Option<Foreign> {
     if info.arch != Some(options.arch) || !info.is_64 {
         return Some(Foreign::Arch(info.arch_name()));
     }

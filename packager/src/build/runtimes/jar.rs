@@ -14,11 +14,17 @@
 //! nested jar costs [`ENTRY_COST`] more (the zip reader's index of it), counted before the
 //! nested jar is opened. Nested jars are streamed to scratch files, never held in memory; a
 //! class file or manifest is read into memory only below [`MAX_IN_MEMORY`].
+//!
+//! Native libraries bundled in the jar or its nested jars (`lib*.so` entries: sqlite-jdbc,
+//! netty, JNA...) count against the same budget: for each, the ELF header is read first, and
+//! only those for the image's machine (64-bit) are streamed to scratch files, for
+//! [`super::jarnative`] to place in the image.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
+use fuse_rootfs::Arch;
 use sha2::{Digest, Sha256};
 use zip::result::ZipError;
 use zip::ZipArchive;
@@ -119,6 +125,26 @@ pub(crate) struct JarInfo {
     /// The JDK classes (internal names, e.g. `java/net/http/HttpClient`) referred to by the
     /// bytecode of the jar and its nested jars: what the module set depends on.
     pub(crate) jdk_refs: BTreeSet<String>,
+    /// The native libraries (`lib*.so` ELF entries) for the image's machine, in jar order (a
+    /// nested jar's at its place), extracted to scratch files.
+    pub(crate) natives: Vec<JarNative>,
+}
+
+/// A native library bundled in a jar, for the image's machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JarNative {
+    /// Its entry, `org/sqlite/native/Linux/x86_64/libsqlitejdbc.so`, or within a nested jar
+    /// `BOOT-INF/lib/x.jar!/org/...`.
+    pub(crate) entry: String,
+    /// The scratch copy (named by fuse, not the jar).
+    pub(crate) file: PathBuf,
+}
+
+impl JarNative {
+    /// The library's file name (what `System.loadLibrary` looks for: `lib<name>.so`).
+    pub(crate) fn file_name(&self) -> &str {
+        self.entry.rsplit('/').next().unwrap_or(&self.entry)
+    }
 }
 
 impl JarInfo {
@@ -153,15 +179,16 @@ pub(crate) fn looks_like_jar(path: &Path, magic: &[u8]) -> bool {
 
 /// Reads the jar at `path`: checks every entry name, finds `Main-Class` (or checks that
 /// `main_class`, when given, is in the jar), extracts nested jars, collects the JDK classes the
-/// bytecode refers to. At most [`budget_for`] the jar's size is read.
-pub(crate) fn read(path: &Path, main_class: Option<&str>) -> Result<JarInfo> {
+/// bytecode refers to, extracts the native libraries for `arch`. At most [`budget_for`] the
+/// jar's size is read.
+pub(crate) fn read(path: &Path, main_class: Option<&str>, arch: Arch) -> Result<JarInfo> {
     let io_error = |source| JarError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file = std::fs::File::open(path).map_err(io_error)?;
     let size = file.metadata().map_err(io_error)?.len();
-    read_with_budget(path, file, budget_for(size), main_class)
+    read_with_budget(path, file, budget_for(size), main_class, arch)
 }
 
 /// [`read`] with the budget given (the unit tests use small ones).
@@ -170,6 +197,7 @@ fn read_with_budget(
     file: std::fs::File,
     budget: u64,
     main_class: Option<&str>,
+    arch: Arch,
 ) -> Result<JarInfo> {
     let corrupt = |source| JarError::Corrupt {
         path: path.to_path_buf(),
@@ -217,8 +245,14 @@ fn read_with_budget(
         nested: Vec::new(),
         scratch: None,
         jdk_refs: BTreeSet::new(),
+        natives: Vec::new(),
     };
-    scan(path, &mut zip, &mut info, &mut budget, true)?;
+    let mut scanning = Scanning {
+        info: &mut info,
+        budget: &mut budget,
+        arch,
+    };
+    scan(path, &mut zip, &mut scanning, None)?;
     Ok(info)
 }
 
@@ -248,7 +282,8 @@ impl Budget {
                 continue;
             }
             let size = entry.size();
-            if !name.ends_with(".jar") && size > MAX_IN_MEMORY {
+            let streamed = name.ends_with(".jar") || is_native_name(name);
+            if !streamed && size > MAX_IN_MEMORY {
                 return Err(too_large(path, name, MAX_IN_MEMORY, WHY_ONE));
             }
             left = left
@@ -342,9 +377,27 @@ fn too_large(path: &Path, entry: &str, limit: u64, why: &'static str) -> JarErro
     }
 }
 
-/// Whether [`scan`] reads the entry `name`: class files, and nested jars of the outer jar.
+/// Whether [`scan`] reads the entry `name`: class files, native libraries, and nested jars of
+/// the outer jar.
 fn wanted(name: &str, outer: bool) -> bool {
-    name.ends_with(".class") || outer && name.ends_with(".jar")
+    name.ends_with(".class") || is_native_name(name) || outer && name.ends_with(".jar")
+}
+
+/// Whether the entry `name` may be a JNI library the JVM can load by name: `System.loadLibrary`
+/// (the fallback of libraries whose extraction failed) looks only for `lib<name>.so`.
+pub(crate) fn is_native_name(name: &str) -> bool {
+    let file = name.rsplit('/').next().unwrap_or(name);
+    file.len() > "lib.so".len() && file.starts_with("lib") && file.ends_with(".so")
+}
+
+/// Whether `head`, the start of a file, is a 64-bit little-endian ELF for `arch` (both fuse's
+/// machines are little-endian).
+pub(crate) fn elf_for(head: &[u8], arch: Arch) -> bool {
+    head.len() >= 20
+        && head.starts_with(b"\x7fELF")
+        && head[4] == 2
+        && head[5] == 1
+        && u16::from_le_bytes([head[18], head[19]]) == arch.elf_machine()
 }
 
 /// Copies the entry to `out` in chunks, taking each from the budget, and checks it held
@@ -355,9 +408,20 @@ fn copy_entry<R: Read>(
     out: &mut dyn Write,
     budget: &mut Budget,
 ) -> Result<()> {
+    copy_rest(path, entry, 0, out, budget)
+}
+
+/// [`copy_entry`] of an entry whose first `done` bytes were read (and taken) already.
+fn copy_rest<R: Read>(
+    path: &Path,
+    entry: &mut zip::read::ZipFile<'_, R>,
+    done: u64,
+    out: &mut dyn Write,
+    budget: &mut Budget,
+) -> Result<()> {
     let name = entry.name().to_string();
     let declared = entry.size();
-    let mut actual: u64 = 0;
+    let mut actual: u64 = done;
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = entry.read(&mut buf).map_err(|e| JarError::Corrupt {
@@ -431,15 +495,39 @@ pub(crate) fn is_enclosed(name: &str) -> bool {
         && name.split('/').all(|part| part != "..")
 }
 
-/// Reads the class files (for JDK references) and, in the outer jar, the nested jars (to
-/// scratch files, whose classes are read in turn).
+/// What [`scan`] fills in and reads against.
+struct Scanning<'a> {
+    info: &'a mut JarInfo,
+    budget: &'a mut Budget,
+    /// The machine native libraries are extracted for.
+    arch: Arch,
+}
+
+impl Scanning<'_> {
+    /// The scratch directory, made on first use.
+    fn scratch_dir(&mut self) -> io::Result<PathBuf> {
+        match &self.info.scratch {
+            Some(dir) => Ok(dir.path().to_path_buf()),
+            None => {
+                let dir = tempfile::tempdir()?;
+                let path = dir.path().to_path_buf();
+                self.info.scratch = Some(dir);
+                Ok(path)
+            }
+        }
+    }
+}
+
+/// Reads the class files (for JDK references), the native libraries for the image's machine
+/// and, in the outer jar, the nested jars (to scratch files, whose entries are read in turn).
+/// `within` is the nested jar's entry name when scanning one.
 fn scan<R: Read + Seek>(
     path: &Path,
     zip: &mut ZipArchive<R>,
-    info: &mut JarInfo,
-    budget: &mut Budget,
-    outer: bool,
+    s: &mut Scanning<'_>,
+    within: Option<&str>,
 ) -> Result<()> {
+    let outer = within.is_none();
     let corrupt = |source| JarError::Corrupt {
         path: path.to_path_buf(),
         source,
@@ -451,16 +539,16 @@ fn scan<R: Read + Seek>(
             continue;
         }
         if outer && name.starts_with("BOOT-INF/") {
-            info.spring_boot = true;
+            s.info.spring_boot = true;
         }
         if !wanted(&name, outer) {
             continue;
         }
         if name.ends_with(".class") {
-            let bytes = read_to_memory(path, &mut entry, budget)?;
+            let bytes = read_to_memory(path, &mut entry, s.budget)?;
             // A class file that does not parse is not ours to judge (the JVM will); jdeps reports
             // it if it matters.
-            let _ = class_refs(&bytes, &mut info.jdk_refs);
+            let _ = class_refs(&bytes, &mut s.info.jdk_refs);
             continue;
         }
         let scratch_error = |source| JarError::Scratch {
@@ -468,17 +556,39 @@ fn scan<R: Read + Seek>(
             entry: name.clone(),
             source,
         };
-        let dir = match &info.scratch {
-            Some(dir) => dir.path().to_path_buf(),
-            None => {
-                let dir = tempfile::tempdir().map_err(scratch_error)?;
-                let path = dir.path().to_path_buf();
-                info.scratch = Some(dir);
-                path
+        if is_native_name(&name) {
+            // The ELF header decides: libraries for other machines are not read further.
+            let mut head = Vec::with_capacity(20);
+            (&mut entry)
+                .take(20)
+                .read_to_end(&mut head)
+                .map_err(|e| JarError::Corrupt {
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                })?;
+            s.budget.take(path, &name, head.len() as u64)?;
+            if !elf_for(&head, s.arch) {
+                continue;
             }
-        };
+            let dir = s.scratch_dir().map_err(scratch_error)?;
+            let file_path = dir.join(format!("native-{:04}.so", s.info.natives.len()));
+            let mut file = std::fs::File::create(&file_path).map_err(scratch_error)?;
+            let mut out = io::BufWriter::new(&mut file);
+            out.write_all(&head).map_err(scratch_error)?;
+            copy_rest(path, &mut entry, head.len() as u64, &mut out, s.budget)?;
+            out.flush().map_err(scratch_error)?;
+            s.info.natives.push(JarNative {
+                entry: match within {
+                    Some(jar) => format!("{jar}!/{name}"),
+                    None => name.clone(),
+                },
+                file: file_path,
+            });
+            continue;
+        }
+        let dir = s.scratch_dir().map_err(scratch_error)?;
         // Names of our own: the entry names were checked, but need not be valid file names.
-        let file_path = dir.join(format!("nested-{:04}.jar", info.nested.len()));
+        let file_path = dir.join(format!("nested-{:04}.jar", s.info.nested.len()));
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -487,7 +597,7 @@ fn scan<R: Read + Seek>(
             .map_err(scratch_error)?;
         {
             let mut out = io::BufWriter::new(&mut file);
-            copy_entry(path, &mut entry, &mut out, budget)?;
+            copy_entry(path, &mut entry, &mut out, s.budget)?;
             out.flush().map_err(scratch_error)?;
         }
         drop(entry);
@@ -497,7 +607,8 @@ fn scan<R: Read + Seek>(
             path: path.join(&name),
             source,
         })?;
-        budget.take_as(path, &name, entries.saturating_mul(ENTRY_COST), WHY_ENTRIES)?;
+        s.budget
+            .take_as(path, &name, entries.saturating_mul(ENTRY_COST), WHY_ENTRIES)?;
         file.rewind().map_err(scratch_error)?;
         let nested_path = path.join(&name);
         let mut inner =
@@ -515,9 +626,9 @@ fn scan<R: Read + Seek>(
             });
         }
         check_names(&nested_path, &mut inner)?;
-        budget.check_declared(&nested_path, &mut inner, false)?;
-        scan(&nested_path, &mut inner, info, budget, false)?;
-        info.nested.push(file_path);
+        s.budget.check_declared(&nested_path, &mut inner, false)?;
+        scan(&nested_path, &mut inner, s, Some(&name))?;
+        s.info.nested.push(file_path);
     }
     Ok(())
 }
@@ -653,6 +764,96 @@ mod tests {
         zip.finish().unwrap();
     }
 
+    /// The start of a 64-bit little-endian ELF for `machine`, padded with `tail`.
+    pub(crate) fn elf_head(machine: u16, tail: &[u8]) -> Vec<u8> {
+        let mut b = b"\x7fELF\x02\x01\x01".to_vec();
+        b.resize(18, 0);
+        b.extend(machine.to_le_bytes());
+        b.extend(tail);
+        b
+    }
+
+    #[test]
+    fn native_libraries_for_the_machine_are_extracted_in_jar_order() {
+        let host = Arch::host();
+        let other = match host {
+            Arch::X86_64 => Arch::Aarch64,
+            Arch::Aarch64 => Arch::X86_64,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mine = elf_head(host.elf_machine(), b"mine");
+        let dep_lib = elf_head(host.elf_machine(), b"dep");
+        let dep = dir.path().join("dep.jar");
+        write_jar(&dep, &[("META-INF/native/libdep.so", &dep_lib)]);
+        let dep_bytes = std::fs::read(&dep).unwrap();
+        let mut elf32 = mine.clone();
+        elf32[4] = 1;
+        let app = dir.path().join("app.jar");
+        write_jar(
+            &app,
+            &[
+                (MANIFEST, b"Manifest-Version: 1.0\nMain-Class: app.Main\n\n"),
+                ("native/Linux/x/libx.so", &mine),
+                (
+                    "native/Linux/other/libx.so",
+                    &elf_head(other.elf_machine(), b"o"),
+                ),
+                ("native/Linux/x86/libx.so", &elf32),
+                ("native/libtext.so", b"not an ELF at all, just text"),
+                ("native/x.so", &mine),
+                ("BOOT-INF/lib/dep.jar", &dep_bytes),
+            ],
+        );
+        let info = read(&app, None, host).unwrap();
+        let entries: Vec<&str> = info.natives.iter().map(|n| n.entry.as_str()).collect();
+        assert_eq!(
+            entries,
+            [
+                "native/Linux/x/libx.so",
+                "BOOT-INF/lib/dep.jar!/META-INF/native/libdep.so"
+            ]
+        );
+        assert_eq!(std::fs::read(&info.natives[0].file).unwrap(), mine);
+        assert_eq!(std::fs::read(&info.natives[1].file).unwrap(), dep_lib);
+        assert_eq!(info.natives[1].file_name(), "libdep.so");
+        // The other machine's build is what is read for it.
+        let info = read(&app, None, other).unwrap();
+        let entries: Vec<&str> = info.natives.iter().map(|n| n.entry.as_str()).collect();
+        assert_eq!(entries, ["native/Linux/other/libx.so"]);
+    }
+
+    #[test]
+    fn native_libraries_count_against_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = elf_head(Arch::host().elf_machine(), &vec![0u8; 2 << 20]);
+        let app = dir.path().join("app.jar");
+        write_jar(
+            &app,
+            &[
+                (MANIFEST, b"Manifest-Version: 1.0\nMain-Class: app.Main\n\n"),
+                ("native/libbig.so", &big),
+            ],
+        );
+        let err = read_within(&app, 1 << 20).unwrap_err();
+        assert!(
+            matches!(&err, JarError::TooLarge { entry, .. } if entry == "native/libbig.so"),
+            "{err}"
+        );
+        assert_eq!(read_within(&app, 4 << 20).unwrap().natives.len(), 1);
+    }
+
+    #[test]
+    fn native_library_names_are_what_load_library_finds() {
+        assert!(is_native_name(
+            "org/sqlite/native/Linux/x86_64/libsqlitejdbc.so"
+        ));
+        assert!(is_native_name("libjnidispatch.so"));
+        assert!(!is_native_name("native/lib.so"));
+        assert!(!is_native_name("native/greet.so"));
+        assert!(!is_native_name("native/libgreet.so.1"));
+        assert!(!is_native_name("native/libgreet.dylib"));
+    }
+
     /// A minimal class file whose constant pool holds `utf8` strings (plus a long, to check
     /// the two-slot rule).
     fn class_file(utf8: &[&str]) -> Vec<u8> {
@@ -746,7 +947,7 @@ mod tests {
                 ("lib/dep.jar", &dep_bytes),
             ],
         );
-        let info = read(&app, None).unwrap();
+        let info = read(&app, None, Arch::host()).unwrap();
         assert_eq!(info.main_class, "app.Main");
         assert!(!info.spring_boot);
         assert_eq!(info.nested.len(), 1);
@@ -768,7 +969,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            read(&again, None).unwrap().refs_digest(),
+            read(&again, None, Arch::host()).unwrap().refs_digest(),
             info.refs_digest()
         );
         let more = dir.path().join("more.jar");
@@ -779,7 +980,10 @@ mod tests {
                 ("app/Main.class", &class_file(&["java/net/http/HttpClient"])),
             ],
         );
-        assert_ne!(read(&more, None).unwrap().refs_digest(), info.refs_digest());
+        assert_ne!(
+            read(&more, None, Arch::host()).unwrap().refs_digest(),
+            info.refs_digest()
+        );
     }
 
     #[test]
@@ -788,7 +992,7 @@ mod tests {
         let no_main = dir.path().join("lib.jar");
         write_jar(&no_main, &[(MANIFEST, b"Manifest-Version: 1.0\n")]);
         assert!(matches!(
-            read(&no_main, None),
+            read(&no_main, None, Arch::host()),
             Err(JarError::NoMainClass { .. })
         ));
         // A library jar runs when the class is named, and only a class it holds.
@@ -801,17 +1005,19 @@ mod tests {
             ],
         );
         assert_eq!(
-            read(&lib, Some("org.tools.Server")).unwrap().main_class,
+            read(&lib, Some("org.tools.Server"), Arch::host())
+                .unwrap()
+                .main_class,
             "org.tools.Server"
         );
-        let err = read(&lib, Some("org.tools.Nope")).unwrap_err();
+        let err = read(&lib, Some("org.tools.Nope"), Arch::host()).unwrap_err();
         assert!(matches!(err, JarError::NoSuchClass { .. }), "{err:?}");
         assert!(err.to_string().contains("no org/tools/Nope.class"), "{err}");
 
         let corrupt = dir.path().join("corrupt.jar");
         std::fs::write(&corrupt, b"PK\x03\x04 and then nothing a zip reader wants").unwrap();
         assert!(matches!(
-            read(&corrupt, None),
+            read(&corrupt, None, Arch::host()),
             Err(JarError::Corrupt { .. })
         ));
 
@@ -828,7 +1034,7 @@ mod tests {
             let patched = replace_all(&bytes, placeholder.as_bytes(), bad.as_bytes());
             assert_ne!(patched, bytes);
             std::fs::write(&slip, patched).unwrap();
-            let err = read(&slip, None).unwrap_err();
+            let err = read(&slip, None, Arch::host()).unwrap_err();
             assert!(matches!(err, JarError::UnsafeEntry { .. }), "{bad}: {err}");
             assert!(err.to_string().contains(bad), "{err}");
         }
@@ -846,7 +1052,7 @@ mod tests {
                 ("lib/inner.jar", &std::fs::read(&inner).unwrap()),
             ],
         );
-        let err = read(&outer, None).unwrap_err();
+        let err = read(&outer, None, Arch::host()).unwrap_err();
         assert!(matches!(err, JarError::UnsafeEntry { .. }), "{err}");
         assert!(err.to_string().contains("lib/inner.jar"), "{err}");
     }
@@ -866,7 +1072,13 @@ mod tests {
     }
 
     fn read_within(path: &Path, budget: u64) -> Result<JarInfo> {
-        read_with_budget(path, std::fs::File::open(path).unwrap(), budget, None)
+        read_with_budget(
+            path,
+            std::fs::File::open(path).unwrap(),
+            budget,
+            None,
+            Arch::host(),
+        )
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use super::app::{app_spec, default_env, AppImage, RuntimeInput};
 use super::jar::{self, JarInfo};
+use super::jarnative;
 use super::jdk::{find_jdk, jdk_candidates, target_jdk, Jdk};
 use crate::build::layout;
 use crate::host::lock::FileLock;
@@ -508,7 +509,7 @@ pub(crate) fn assemble(
         (None, Some(config)) => config.runtime_string("jvm", "main_class")?,
         (None, None) => None,
     };
-    let info = jar::read(input.input, main_class.as_deref())?;
+    let info = jar::read(input.input, main_class.as_deref(), input.arch)?;
     // Another arch (or --sysroot): the target's JDK, linked by a host JDK of its version.
     let (jdk, sysroot) = if input.arch != Arch::host() || input.sysroot.is_some() {
         target_jdk(input.arch, input.jdk, input.sysroot, progress)?
@@ -527,12 +528,34 @@ pub(crate) fn assemble(
         input.arch,
         sysroot.as_ref().map(|s| s.path.as_path()),
     )?;
-    let jar_image = format!("{}/{}", layout::APP_DIR, jar_file_name(input));
+    let jar_name = jar_file_name(input);
+    let jar_image = format!("{}/{}", layout::APP_DIR, jar_name);
     tree.add_host_file(&jar_image, input.input, 0o644)?;
+    // The jar's native libraries, where `System.loadLibrary` finds them.
+    let mut closure_options = ClosureOptions {
+        arch: input.arch,
+        ..ClosureOptions::default()
+    };
+    if let Some(sysroot) = &sysroot {
+        closure_options.sysroot = sysroot.path.clone();
+    }
+    let natives = jarnative::add_jar_natives(
+        &mut tree,
+        &info.natives,
+        &jar_name,
+        &runtime,
+        &closure_options,
+        progress,
+    )?;
+    let library_path = match natives.is_empty() {
+        true => None,
+        false => jarnative::library_path_option(&runtime.join("lib/server/libjvm.so"), input.arch)?,
+    };
 
     let java = format!("{RUNTIME_DIR}/bin/java");
     let mut args = vec!["java".to_string()];
     args.extend(JvmOptions::default().args());
+    args.extend(library_path);
     // `[jvm] options` of fuse.toml come after the defaults: the JVM takes the last of a
     // repeated option, so they override.
     if let Some(config) = input.config {
@@ -570,6 +593,9 @@ pub(crate) fn assemble(
         (manifest::NOTE_FIXED_ARGS.to_string(), fixed.to_string()),
     ];
     let mut notes = notes;
+    if !natives.is_empty() {
+        notes.push(("jar.natives".to_string(), natives.join(",")));
+    }
     notes.extend(sysroot.iter().flat_map(|s| s.notes()));
     Ok(AppImage { tree, spec, notes })
 }
@@ -585,6 +611,7 @@ mod tests {
             nested: Vec::new(),
             scratch: None,
             jdk_refs: refs.iter().map(|r| r.to_string()).collect(),
+            natives: Vec::new(),
         }
     }
 

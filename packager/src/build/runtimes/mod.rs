@@ -10,6 +10,7 @@ pub(crate) mod app;
 pub(crate) mod appdir;
 pub(crate) mod closure;
 pub(crate) mod jar;
+pub(crate) mod jarnative;
 pub(crate) mod jdk;
 pub(crate) mod jvm;
 pub(crate) mod native;
