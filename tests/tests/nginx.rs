@@ -74,8 +74,14 @@ fn nginx_app(sb: &Sandbox, users: &str) -> PathBuf {
 
 /// `curl -sS -i http://127.0.0.1:port/path`: the status line, headers and body.
 fn curl(port: u16, path: &str) -> Option<String> {
+    curl_with(port, path, &[])
+}
+
+/// `curl` with extra arguments (`-H`...).
+fn curl_with(port: u16, path: &str, extra: &[&str]) -> Option<String> {
     let out = Command::new("curl")
         .args(["-sS", "-i", "--max-time", "10"])
+        .args(extra)
         .arg(format!("http://127.0.0.1:{port}{path}"))
         .output()
         .expect("curl is needed (ci/setup installs it)");
@@ -179,5 +185,69 @@ fn without_its_user_in_the_image_debian_nginx_stops_at_getpwnam() {
     out.assert_code(1)
         .assert_stdout_contains("[emerg]")
         .assert_stdout_contains("getpwnam(\"www-data\") failed in /etc/nginx/nginx.conf:1");
+    assert_no_leaked_qemu();
+}
+
+/// Issue 12 item 8: a release that changes a page but not its size. nginx's ETag is
+/// mtime-size and it answers 304 to a matching If-None-Match; with every file at time 0, a
+/// client holding the old page kept it. File times now follow content (SOURCE_DATE_EPOCH
+/// fixed in both builds: the same commit rebuilt), so the old ETag no longer matches.
+#[test]
+fn a_changed_page_of_the_same_size_is_not_answered_304() {
+    let sb = Sandbox::new();
+    let app = nginx_app(&sb, "\n[users]\nwww-data = 33\n");
+    // Boots the image with `page`; returns its ETag, after checking what a client holding
+    // `held` (an earlier ETag) gets.
+    let serve = |page: &str, held: Option<&str>| -> String {
+        sb.dir.write("app/html/notes.txt", page);
+        sb.fuse()
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .arg("build")
+            .arg(app.join("debian/usr/sbin/nginx"))
+            .arg("--config")
+            .arg(app.join("fuse.toml"))
+            .run()
+            .assert_success();
+        let port = free_port();
+        let mut running = sb
+            .fuse()
+            .args(["run", "--accel", "tcg", "--grace", "5", "-p"])
+            .arg(format!("{port}:80"))
+            .arg("nginx")
+            .spawn();
+        let first = wait_until(Duration::from_secs(240), Duration::from_millis(500), || {
+            assert!(running.is_running(), "fuse exited before nginx answered");
+            curl(port, "/notes.txt")
+        })
+        .expect("nginx never answered");
+        let etag = header(&first, "ETag").expect("an ETag").to_string();
+        // The client's revalidation of what it holds: 304 for the same page.
+        let again = curl_with(
+            port,
+            "/notes.txt",
+            &["-H", &format!("If-None-Match: {etag}")],
+        )
+        .expect("conditional GET");
+        assert!(again.starts_with("HTTP/1.1 304 "), "{again}");
+        // A client holding the previous release's page: the new page, not 304.
+        if let Some(held) = held {
+            let revalidated = curl_with(
+                port,
+                "/notes.txt",
+                &["-H", &format!("If-None-Match: {held}")],
+            )
+            .expect("conditional GET");
+            assert!(revalidated.starts_with("HTTP/1.1 200 "), "{revalidated}");
+            assert_eq!(body(&revalidated), page);
+        }
+        running.signal(libc::SIGTERM);
+        running.wait().assert_code(0);
+        etag
+    };
+    let (v1, v2) = ("release 1 of the notes\n", "release 2 of the notes\n");
+    assert_eq!(v1.len(), v2.len());
+    let old = serve(v1, None);
+    let new = serve(v2, Some(&old));
+    assert_ne!(old, new, "same size, other content: another ETag");
     assert_no_leaked_qemu();
 }
