@@ -4,90 +4,54 @@
 
 mod common;
 
-use common::{json, Sandbox};
-use fuse_tests::{assert_no_leaked_qemu, fuse_bin};
+use common::{cached_fixture, json, run_tool, Sandbox};
+use fuse_tests::assert_no_leaked_qemu;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Debian's arm64 redis 7 (bookworm), as `apt-get download` gives it, unpacked with
-/// `dpkg-deb -x` into a fixture directory beside the fuse binary (fetched once, 1 MB). Debian's
-/// `/usr/bin/redis-server` is a link to `redis-check-rdb` (redis-tools), the one binary that
-/// is both and chooses by the name it is started as.
-fn redis_arm64() -> PathBuf {
-    let dir = fuse_bin()
-        .parent()
-        .unwrap()
-        .join("fixtures/debian12-arm64-redis");
-    let root = dir.join("root");
-    if root.join("usr/bin/redis-check-rdb").is_file() {
-        return root;
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    let work = tempfile::tempdir_in(&dir).unwrap();
-    let out = Command::new("apt-get")
-        .args(["download", "-q", "redis-server:arm64", "redis-tools:arm64"])
-        .current_dir(work.path())
-        .output()
-        .expect("apt-get must be installed");
-    assert!(
-        out.status.success(),
-        "apt-get download failed (ci/setup adds the arm64 architecture): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let unpacked = work.path().join("root");
-    for entry in std::fs::read_dir(work.path()).unwrap().flatten() {
-        if entry.path().extension().is_some_and(|e| e == "deb") {
-            let status = Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(entry.path())
-                .arg(&unpacked)
-                .status()
-                .unwrap();
-            assert!(status.success(), "dpkg-deb -x {}", entry.path().display());
+/// Debian's arm64 `packages` (bookworm), as `apt-get download` gives them, unpacked with
+/// `dpkg-deb -x` into one root, a fixture beside the fuse binary (fetched once).
+fn debian_arm64(fixture: &str, packages: &[&str]) -> PathBuf {
+    cached_fixture(fixture, |dir| {
+        let mut download = Command::new("apt-get");
+        download.args(["download", "-q"]).current_dir(dir);
+        download.args(packages.iter().map(|p| format!("{p}:arm64")));
+        run_tool(
+            &mut download,
+            "apt-get download (ci/setup adds the arm64 architecture)",
+        );
+        let mut debs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        debs.sort();
+        assert_eq!(debs.len(), packages.len(), "{debs:?}");
+        for deb in debs {
+            run_tool(
+                Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(&deb)
+                    .arg(dir.join("root")),
+                "dpkg-deb",
+            );
+            std::fs::remove_file(&deb).unwrap();
         }
-    }
-    std::fs::rename(&unpacked, &root).unwrap();
-    root
+    })
+    .join("root")
 }
 
-/// Debian's arm64 zlib (`libz.so.1`, in package zlib1g), unpacked like [`redis_arm64`].
+/// Debian's arm64 redis 7 (1 MB). Debian's `/usr/bin/redis-server` is a link to
+/// `redis-check-rdb` (redis-tools), the one binary that is both and chooses by the name it is
+/// started as.
+fn redis_arm64() -> PathBuf {
+    debian_arm64("debian12-arm64-redis", &["redis-server", "redis-tools"])
+}
+
+/// Debian's arm64 zlib (`libz.so.1`, in package zlib1g).
 fn zlib_arm64() -> PathBuf {
-    let dir = fuse_bin()
-        .parent()
-        .unwrap()
-        .join("fixtures/debian12-arm64-zlib");
-    let root = dir.join("root");
-    if root.join("lib/aarch64-linux-gnu/libz.so.1").exists() {
-        return root;
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    let work = tempfile::tempdir_in(&dir).unwrap();
-    let out = Command::new("apt-get")
-        .args(["download", "-q", "zlib1g:arm64"])
-        .current_dir(work.path())
-        .output()
-        .expect("apt-get must be installed");
-    assert!(
-        out.status.success(),
-        "apt-get download failed (ci/setup adds the arm64 architecture): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deb = std::fs::read_dir(work.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .unwrap();
-    let unpacked = work.path().join("root");
-    let status = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpacked)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::fs::rename(&unpacked, &root).unwrap();
-    root
+    debian_arm64("debian12-arm64-zlib", &["zlib1g"])
 }
 
 /// `redis-cli` of the host against 127.0.0.1:`port`; its answer.

@@ -102,21 +102,23 @@ fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
-#[test]
-fn debian_nginx_serves_the_host_with_its_own_config() {
-    let sb = Sandbox::new();
-    let app = nginx_app(&sb, "\n[users]\nwww-data = 33\n");
-    sb.fuse()
+/// `fuse build` of the nginx in `app` with its fuse.toml, `SOURCE_DATE_EPOCH` fixed.
+fn build_nginx(sb: &Sandbox, app: &Path) -> fuse_tests::Output {
+    let out = sb
+        .fuse()
+        .env("SOURCE_DATE_EPOCH", "1700000000")
         .arg("build")
         .arg(app.join("debian/usr/sbin/nginx"))
         .arg("--config")
         .arg(app.join("fuse.toml"))
-        .run()
-        .assert_success()
-        .assert_stderr_contains(
-            "the app runs as root with capabilities chown, setgid, setuid only",
-        );
+        .run();
+    out.assert_success();
+    out
+}
 
+/// Boots the image `nginx` with port 80 published; the running fuse, the host port and the
+/// first answer to `GET path`.
+fn boot_nginx(sb: &Sandbox, path: &str) -> (fuse_tests::Running, u16, String) {
     let port = free_port();
     let mut running = sb
         .fuse()
@@ -124,11 +126,22 @@ fn debian_nginx_serves_the_host_with_its_own_config() {
         .arg(format!("{port}:80"))
         .arg("nginx")
         .spawn();
-    let index = wait_until(Duration::from_secs(240), Duration::from_millis(500), || {
+    let first = wait_until(Duration::from_secs(240), Duration::from_millis(500), || {
         assert!(running.is_running(), "fuse exited before nginx answered");
-        curl(port, "/")
+        curl(port, path)
     })
     .expect("nginx never answered");
+    (running, port, first)
+}
+
+#[test]
+fn debian_nginx_serves_the_host_with_its_own_config() {
+    let sb = Sandbox::new();
+    let app = nginx_app(&sb, "\n[users]\nwww-data = 33\n");
+    build_nginx(&sb, &app).assert_stderr_contains(
+        "the app runs as root with capabilities chown, setgid, setuid only",
+    );
+    let (running, port, index) = boot_nginx(&sb, "/");
     assert!(index.starts_with("HTTP/1.1 200 OK\r\n"), "{index}");
     assert!(
         header(&index, "Server").is_some_and(|s| s.starts_with("nginx/")),
@@ -169,13 +182,7 @@ fn debian_nginx_serves_the_host_with_its_own_config() {
 fn without_its_user_in_the_image_debian_nginx_stops_at_getpwnam() {
     let sb = Sandbox::new();
     let app = nginx_app(&sb, "\n");
-    sb.fuse()
-        .arg("build")
-        .arg(app.join("debian/usr/sbin/nginx"))
-        .arg("--config")
-        .arg(app.join("fuse.toml"))
-        .run()
-        .assert_success();
+    build_nginx(&sb, &app);
     let out = sb
         .fuse()
         .args(["run", "--accel", "tcg", "nginx"])
@@ -200,26 +207,8 @@ fn a_changed_page_of_the_same_size_is_not_answered_304() {
     // `held` (an earlier ETag) gets.
     let serve = |page: &str, held: Option<&str>| -> String {
         sb.dir.write("app/html/notes.txt", page);
-        sb.fuse()
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .arg("build")
-            .arg(app.join("debian/usr/sbin/nginx"))
-            .arg("--config")
-            .arg(app.join("fuse.toml"))
-            .run()
-            .assert_success();
-        let port = free_port();
-        let mut running = sb
-            .fuse()
-            .args(["run", "--accel", "tcg", "--grace", "5", "-p"])
-            .arg(format!("{port}:80"))
-            .arg("nginx")
-            .spawn();
-        let first = wait_until(Duration::from_secs(240), Duration::from_millis(500), || {
-            assert!(running.is_running(), "fuse exited before nginx answered");
-            curl(port, "/notes.txt")
-        })
-        .expect("nginx never answered");
+        build_nginx(&sb, &app);
+        let (running, port, first) = boot_nginx(&sb, "/notes.txt");
         let etag = header(&first, "ETag").expect("an ETag").to_string();
         // The client's revalidation of what it holds: 304 for the same page.
         let again = curl_with(
