@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, http_get_until, java_jar, json, Sandbox};
+use common::{free_port, java_jar, json, serve_once, Sandbox};
 use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch};
 use std::path::Path;
@@ -269,15 +269,7 @@ public class Web {
     assert!(modules(&sb, "web:latest")
         .iter()
         .any(|m| m == "jdk.httpserver"));
-    let port = free_port();
-    let mut running = sb
-        .fuse()
-        .args(["run", "-p", &format!("{port}:8080"), "web:latest"])
-        .spawn();
-    let response = http_get_until(&mut running, port, Duration::from_secs(120));
-    running.signal(libc::SIGINT);
-    let out = running.wait();
-    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    let (response, out) = serve_once(&sb, "web:latest", 8080);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         response.ends_with("hello from the JVM in a VM\n"),

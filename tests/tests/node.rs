@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cached_fixture, copy_tree, free_port, http_get_until, json, run_tool, Sandbox};
+use common::{cached_fixture, copy_tree, json, run_tool, serve_once, Sandbox};
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch, TestDir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -234,16 +234,7 @@ fn http_server(arch: &str) {
             .assert_success(),
     );
     assert_eq!(inspect["rootfs"]["format"], "squashfs+zstd", "{inspect}");
-    let port = free_port();
-    let mut running = sb
-        .fuse()
-        .arg("run")
-        .args(["-p", &format!("{port}:8080"), "web"])
-        .spawn();
-    let response = http_get_until(&mut running, port, Duration::from_secs(120));
-    running.signal(libc::SIGINT);
-    let out = running.wait();
-    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    let (response, out) = serve_once(&sb, "web", 8080);
     assert!(
         response.ends_with("hello over http from web\n"),
         "{response}\n{out}"
@@ -412,15 +403,7 @@ fn express_app_with_a_native_addon_gets_its_args_from_fuse_toml() {
         assert!(listing.contains(wanted), "{wanted} missing:\n{listing}");
     }
 
-    let port = free_port();
-    let mut running = sb
-        .fuse()
-        .args(["run", "-p", &format!("{port}:8091"), "greeter"])
-        .spawn();
-    let response = http_get_until(&mut running, port, Duration::from_secs(120));
-    running.signal(libc::SIGINT);
-    let out = running.wait();
-    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    let (response, out) = serve_once(&sb, "greeter", 8091);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}\n{out}");
     assert!(
         response.ends_with(&format!(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cached_fixture, free_port, http_get_until, json, run_tool, Sandbox};
+use common::{cached_fixture, json, run_tool, serve_once, Sandbox};
 use fuse_tests::assert_no_leaked_qemu;
 use std::path::PathBuf;
 use std::process::Command;
@@ -273,15 +273,7 @@ fn flask_app_gets_its_args_from_fuse_toml_and_serves_http() {
         .timeout(Duration::from_secs(600))
         .run()
         .assert_success();
-    let port = free_port();
-    let mut running = sb
-        .fuse()
-        .args(["run", "-p", &format!("{port}:8090"), "hello-flask"])
-        .spawn();
-    let response = http_get_until(&mut running, port, Duration::from_secs(120));
-    running.signal(libc::SIGINT);
-    let out = running.wait();
-    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    let (response, out) = serve_once(&sb, "hello-flask", 8090);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}\n{out}");
     assert!(
         response.ends_with("hello from fuse.toml from flask on port 8090\n"),

@@ -191,6 +191,22 @@ pub fn http_get_until(
     answer.flatten()
 }
 
+/// `fuse run -p PORT:guest_port IMAGE` until its first HTTP answer on the host port, then
+/// Ctrl-C: the answer (status line, headers, body) and fuse's output. Panics with that output
+/// when nothing answered.
+pub fn serve_once(sb: &Sandbox, image: &str, guest_port: u16) -> (String, fuse_tests::Output) {
+    let port = free_port();
+    let mut running = sb
+        .fuse()
+        .args(["run", "-p", &format!("{port}:{guest_port}"), image])
+        .spawn();
+    let response = http_get_until(&mut running, port, Duration::from_secs(120));
+    running.signal(libc::SIGINT);
+    let out = running.wait();
+    let response = response.unwrap_or_else(|| panic!("no HTTP answer on port {port}\n{out}"));
+    (response, out)
+}
+
 /// Compiles the Java `sources` (`(file name, text)`) with `javac` and packs the classes, plus
 /// `extra` files (`(entry name, host file)`), into `dir/<name>` with `jar`, `Main-Class: main`
 /// (none when `main` is empty). Panics with the tools' output on failure.
