@@ -56,7 +56,9 @@ pub fn verity_table(v: &VerityRoot) -> String {
 /// `dm-mod.waitfor=` names both partitions: the kernel creates the device at `late_initcall`,
 /// and an NVMe disk (a cloud's root disk) is probed asynchronously, so without it the
 /// partitions may not exist yet and the root is never created. The kernel polls until both
-/// are there (at once for virtio-blk, which probes synchronously; measured no slower).
+/// are there (at once for virtio-blk, which probes synchronously: a direct hello boot measured
+/// no slower, 1.65-1.87 s against 1.83-2.05 s before). A disk without those partitions then
+/// makes the kernel wait forever rather than fail; `fuse run` checks the disk's digest first.
 pub fn image_cmdline_verity(arch: Arch, v: &VerityRoot) -> String {
     let base = image_cmdline(arch, VERITY_DEVICE);
     let (head, tail) = base.split_at(

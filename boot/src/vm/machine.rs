@@ -289,7 +289,11 @@ pub(crate) fn qemu_args_with(
         // No option ROM: the kernel is loaded directly, iPXE would only cost boot time.
         let nic = match config.machine {
             Machine::Virtio => format!("virtio-net-{bus}"),
-            Machine::Cloud => "e1000".to_string(),
+            // QEMU's e1000 negotiates its link for 500 ms after the driver resets it, and
+            // the driver sees the link only at its next watchdog run (every 2 s); the init
+            // waits for the link before DHCP. Off, the link is up at once: hello under UEFI
+            // on x86_64 8.9 s -> 7.3 s to exit (TCG).
+            Machine::Cloud => "e1000,autonegotiation=off".to_string(),
         };
         arg(&mut args, format!("{nic},netdev=n0,romfile="));
     }
@@ -521,7 +525,7 @@ mod tests {
                 machine,
                 "-device nvme,serial=fuse-root,drive=root,bootindex=0",
                 "-device virtio-blk-pci,drive=data0",
-                "-device e1000,netdev=n0,romfile=",
+                "-device e1000,autonegotiation=off,netdev=n0,romfile=",
             ] {
                 assert!(joined.contains(want), "{want} missing in {joined}");
             }
