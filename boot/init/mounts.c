@@ -200,7 +200,8 @@ static void wait_root(const char *spec, char *dev, size_t devlen)
 			    spec);
 		if (now_ms() >= deadline)
 			die(EXIT_INIT_FAILURE,
-			    "no root device %s after %d s: is the root image attached as the first virtio disk?",
+			    "no root device %s after %d s: is the root image attached as the first disk "
+			    "(virtio or NVMe)?",
 			    spec, ROOT_WAIT_MS / 1000);
 		sleep_ms(10);
 	}

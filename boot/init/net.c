@@ -31,6 +31,10 @@
 
 #define DHCP_TOTAL_MS 3000 /* give up after this: the app still runs, without network */
 #define DHCP_RETRY_MS 800  /* resend a request not answered within this */
+/* How long a NIC may take to report its link up after IFF_UP: virtio-net is up at once, an
+ * emulated e1000 (the cloud machine's) or a cloud's ENA only after its link watchdog ran, and
+ * what is sent before that is lost. */
+#define CARRIER_WAIT_MS 3000
 
 #define DHCP_SERVER_PORT 67
 #define DHCP_CLIENT_PORT 68
@@ -89,6 +93,23 @@ static int if_up(int sock, const char *name)
 	if (ioctl(sock, SIOCSIFFLAGS, &ifr) < 0)
 		return -errno;
 	return 0;
+}
+
+/* Waits until `name` has its link (IFF_RUNNING), CARRIER_WAIT_MS at most. Returns whether
+ * it has. */
+static bool wait_carrier(int sock, const char *name)
+{
+	long long deadline = now_ms() + CARRIER_WAIT_MS;
+	for (;;) {
+		struct ifreq ifr;
+		memset(&ifr, 0, sizeof(ifr));
+		snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", name);
+		if (ioctl(sock, SIOCGIFFLAGS, &ifr) == 0 && (ifr.ifr_flags & IFF_RUNNING))
+			return true;
+		if (now_ms() >= deadline)
+			return false;
+		sleep_ms(5);
+	}
 }
 
 static uint16_t ip_checksum(const void *data, size_t len)
@@ -362,8 +383,15 @@ static void apply_lease(int sock, const char *ifname, struct lease *l)
 		memset(&ifr, 0, sizeof(ifr));
 		snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
 		ifr.ifr_mtu = l->mtu;
-		if (ioctl(sock, SIOCSIFMTU, &ifr) < 0)
-			warn("cannot set the MTU of %s to %d: %s", ifname, l->mtu, strerror(errno));
+		/* EINVAL: more than the NIC takes (passt offers 65520, an e1000 takes 16110): it
+		 * keeps its own, smaller MTU, which is always safe. */
+		if (ioctl(sock, SIOCSIFMTU, &ifr) < 0) {
+			if (errno == EINVAL)
+				debug("%s keeps its MTU: it does not take %d", ifname, l->mtu);
+			else
+				warn("cannot set the MTU of %s to %d: %s", ifname, l->mtu,
+				     strerror(errno));
+		}
 	}
 	if (l->router) {
 		struct rtentry rt;
@@ -441,6 +469,9 @@ void net_setup(const char *hostname)
 	if (r < 0) {
 		warn("no network: cannot bring up %s: %s", ifname, strerror(-r));
 	} else {
+		if (!wait_carrier(sock, ifname))
+			debug("%s has no link after %d ms; trying DHCP anyway", ifname,
+			      CARRIER_WAIT_MS);
 		r = dhcp(ifname, ifindex, mac, &lease);
 		ok = r == 1;
 		if (r == 0)

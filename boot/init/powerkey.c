@@ -4,7 +4,9 @@
  * On x86 the kernel's tiny ACPI power button driver sends SIGTERM to the init. QEMU's arm64
  * `virt` machine booted without firmware has no ACPI: its power button (QMP system_powerdown)
  * is a GPIO line the kernel's gpio-keys driver reports as KEY_POWER on an evdev device. The
- * init watches that device and treats a press exactly like SIGTERM.
+ * init watches that device and treats a press exactly like SIGTERM. Under UEFI with ACPI
+ * (Graviton, `virt,acpi=on`) the tiny ACPI power button driver signals the init as on x86, and
+ * there is no such device.
  */
 #define _GNU_SOURCE
 #include "init.h"

@@ -83,6 +83,46 @@ pub enum Firmware {
     Uefi { code: PathBuf, vars: PathBuf },
 }
 
+/// The hardware a VM is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Machine {
+    /// QEMU's paravirtual devices: `q35`, or `virt` described by device tree; a virtio-blk
+    /// root disk, virtio-net and virtio-rng. The fastest.
+    #[default]
+    Virtio,
+    /// The hardware of a cloud instance (EC2 Nitro, x86_64 and Graviton): `q35`, or `virt`
+    /// with ACPI tables (`acpi=on`, which only UEFI firmware hands the kernel); the root disk
+    /// on NVMe, an Intel e1000 NIC (no virtio-net) and no virtio-rng. Data disks stay
+    /// virtio-blk.
+    Cloud,
+}
+
+/// An unknown `--machine` value.
+#[derive(Debug, thiserror::Error)]
+#[error("Unknown machine '{0}': use virtio or cloud")]
+pub struct UnknownMachine(pub String);
+
+impl FromStr for Machine {
+    type Err = UnknownMachine;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "virtio" => Ok(Machine::Virtio),
+            "cloud" => Ok(Machine::Cloud),
+            other => Err(UnknownMachine(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Machine::Virtio => "virtio",
+            Machine::Cloud => "cloud",
+        })
+    }
+}
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -93,8 +133,8 @@ pub struct VmConfig {
     /// names the console and says `panic=-1`. The runner only adds run-time extras
     /// (`noapictimer` under TCG on x86_64, `loglevel=7` when `verbose`).
     pub cmdline: String,
-    /// The root disk, attached read-only as the first virtio-blk disk (`/dev/vda`): the
-    /// image's GPT disk (the init finds the root partition by `fuse.root=PARTUUID=`), or a
+    /// The root disk, attached read-only as the first virtio-blk disk (`/dev/vda`; on the
+    /// [`Machine::Cloud`] an NVMe namespace, `/dev/nvme0n1`): the image's GPT disk (the init finds the root partition by `fuse.root=PARTUUID=`), or a
     /// bare squashfs with `fuse.root=/dev/vda`.
     pub root_disk: PathBuf,
     pub memory_mib: u32,
@@ -118,6 +158,7 @@ pub struct VmConfig {
     /// Raw disk images attached read-write after the root, as `/dev/vdb`, `/dev/vdc`, ...
     pub data_disks: Vec<PathBuf>,
     pub firmware: Firmware,
+    pub machine: Machine,
 }
 
 impl VmConfig {
@@ -147,6 +188,7 @@ impl VmConfig {
             stop_grace: DEFAULT_STOP_GRACE,
             data_disks: Vec::new(),
             firmware: Firmware::Direct,
+            machine: Machine::Virtio,
         }
     }
 }
@@ -222,6 +264,17 @@ mod tests {
         for bad in ["", "0:80", "a:b", "80:80/sctp", "70000:1"] {
             assert!(bad.parse::<PortForward>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn test_parse_machine() {
+        for m in [Machine::Virtio, Machine::Cloud] {
+            assert_eq!(m.to_string().parse::<Machine>().unwrap(), m);
+        }
+        assert_eq!(
+            "ec2".parse::<Machine>().unwrap_err().to_string(),
+            "Unknown machine 'ec2': use virtio or cloud"
+        );
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //!
 //! SIGINT/SIGTERM/SIGHUP while a VM runs stop it gracefully: the runner presses the ACPI power
 //! button through QMP (see [`crate::qmp`]), the guest kernel sends SIGTERM to the init, which
-//! forwards it to the app and powers off when the app has exited (aarch64 `virt` has no ACPI:
-//! `system_powerdown` raises a GPIO line the kernel's gpio-keys driver reports as KEY_POWER,
-//! and the init reads that from /dev/input as SIGTERM). If the app exits within
+//! forwards it to the app and powers off when the app has exited (aarch64 `virt` without ACPI,
+//! the default: `system_powerdown` raises a GPIO line the kernel's gpio-keys driver reports as
+//! KEY_POWER, and the init reads that from /dev/input as SIGTERM; the cloud machine's
+//! `virt,acpi=on` signals it through the GED as an ACPI power button, as on x86_64). If the app exits within
 //! [`VmConfig::stop_grace`], [`run`] returns its exit code as usual; otherwise the VM is
 //! killed and [`run`] returns [`RunError::StopTimeout`]. A second stop signal kills the VM at
 //! once ([`RunError::Interrupted`]), as does the first when the grace period is zero. Another

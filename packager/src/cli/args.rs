@@ -13,8 +13,8 @@ use crate::run::overlay::Selection;
 use crate::run::volumes::VolumeSpec;
 use crate::run::RunOptions;
 use clap::Args;
-use fuse_boot::vm::AccelChoice;
 use fuse_boot::vm::PortForward;
+use fuse_boot::vm::{AccelChoice, Machine};
 use fuse_rootfs::Arch;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -185,6 +185,11 @@ pub(super) struct VmFlags {
     /// disk; fastest) or uefi (OVMF firmware boots the disk, as a cloud does).
     #[arg(long, default_value = "direct", value_parser = parse::<BootMode>)]
     pub(crate) firmware: BootMode,
+    /// The VM's hardware: virtio (fastest) or cloud (an EC2 Nitro instance's: NVMe root disk,
+    /// an Intel e1000 NIC, aarch64 with ACPI; implies --firmware uefi), to check that the image
+    /// boots on a cloud.
+    #[arg(long, default_value = "virtio", value_parser = parse::<Machine>)]
+    pub(crate) machine: Machine,
 }
 
 impl TryFrom<&VmFlags> for RunOptions {
@@ -210,6 +215,7 @@ impl TryFrom<&VmFlags> for RunOptions {
             grace: Duration::from_secs(f.grace),
             volumes: f.volume.clone(),
             firmware: f.firmware,
+            machine: f.machine,
             image_defaults: true,
         })
     }

@@ -609,9 +609,41 @@ mod tests {
                 "{required}"
             );
         }
-        // x86-only drivers stay out of the arm64 kernel.
-        assert!(!options.contains_key("CONFIG_SERIAL_8250"));
-        assert!(!options.contains_key("CONFIG_ACPI"));
+        // x86-only options stay out of the arm64 kernel.
+        assert!(!options.contains_key("CONFIG_PVH"));
+        assert!(!options.contains_key("CONFIG_XZ_DEC_X86"));
+    }
+
+    #[test]
+    fn both_arches_cover_the_cloud_machine() {
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let options = parse_config(&fragments(arch).unwrap());
+            for required in [
+                "CONFIG_BLK_DEV_NVME",
+                "CONFIG_ENA_ETHERNET",
+                "CONFIG_E1000",
+                "CONFIG_PCI_MSI",
+                "CONFIG_ACPI",
+                "CONFIG_ACPI_TINY_POWER_BUTTON",
+                "CONFIG_EFI",
+                "CONFIG_SERIAL_8250_CONSOLE",
+            ] {
+                assert_eq!(
+                    options.get(required).map(String::as_str),
+                    Some("y"),
+                    "{arch}: {required}"
+                );
+            }
+        }
+        // Graviton: its 16550 UART is a PCI device, its clock comes through UEFI.
+        let arm = parse_config(&fragments(Arch::Aarch64).unwrap());
+        for required in ["CONFIG_SERIAL_8250_PCI", "CONFIG_RTC_DRV_EFI"] {
+            assert_eq!(
+                arm.get(required).map(String::as_str),
+                Some("y"),
+                "{required}"
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::image::manifest::{Manifest, NOTE_FIXED_ARGS};
 use crate::image::store::{Store, StoredImage};
 use anyhow::{Context, Result};
 use boot::BootMode;
-use fuse_boot::vm::AccelChoice;
+use fuse_boot::vm::{AccelChoice, Machine};
 use fuse_boot::vm::{PortForward, Proto, RunControl, Spawned, StopRequest, VmConfig, VmOutcome};
 use health::{HealthCheck, HealthKind};
 use overlay::Selection;
@@ -67,6 +67,10 @@ pub(crate) struct RunOptions {
     pub(crate) volumes: Vec<VolumeSpec>,
     /// Direct boot (kernel and initramfs out of the disk) or through UEFI firmware.
     pub(crate) firmware: BootMode,
+    /// The VM's hardware (`--machine`); [`Machine::Cloud`] boots through UEFI whatever
+    /// `firmware` says.
+    #[serde(with = "crate::host::serde_text::one", default)]
+    pub(crate) machine: Machine,
     /// Publish the image's named ports and wait on its health check when the options give
     /// none (`fuse run`); `fuse test` publishes only its own check's port.
     pub(crate) image_defaults: bool,
@@ -87,12 +91,22 @@ impl Default for RunOptions {
             grace: DEFAULT_GRACE,
             volumes: Vec::new(),
             firmware: BootMode::Direct,
+            machine: Machine::Virtio,
             image_defaults: true,
         }
     }
 }
 
 impl RunOptions {
+    /// How the disk boots: the cloud machine only through UEFI firmware (aarch64's ACPI tables
+    /// come from it, and a cloud has no other way).
+    pub(crate) fn boot_mode(&self) -> BootMode {
+        match self.machine {
+            Machine::Cloud => BootMode::Uefi,
+            Machine::Virtio => self.firmware,
+        }
+    }
+
     /// The checks of `-p` and `--health` that need no image, made before anything is built;
     /// returns the health check's host port.
     pub(crate) fn check_ports(&self) -> Result<Option<u16>> {
@@ -210,7 +224,7 @@ pub(crate) fn launch(
     let fw_cfg: Vec<_> = overlay_file.iter().map(|f| f.fw_cfg()).collect();
     // Both boot modes boot the image's disk: its bytes are the image's digest.
     let (root_disk, boot_files, firmware) =
-        boot::vm_boot(store, image, options.firmware, scratch.path())?;
+        boot::vm_boot(store, image, options.boot_mode(), scratch.path())?;
     let config = VmConfig {
         arch: manifest.arch,
         kernel: boot_files.kernel,
@@ -232,6 +246,7 @@ pub(crate) fn launch(
         qmp_socket: hooks.qmp_socket.clone(),
         stop_grace: options.grace,
         data_disks: volumes.iter().map(|v| v.file.clone()).collect(),
+        machine: options.machine,
     };
     // The health probe runs in its own thread from QEMU's spawn on; a failed check stops
     // the VM through `stop`.
@@ -333,6 +348,7 @@ mod tests {
             health: Some("http:/healthz@80".parse().unwrap()),
             volumes: vec!["db:/data:64M".parse().unwrap()],
             firmware: BootMode::Uefi,
+            machine: Machine::Cloud,
             ..RunOptions::default()
         };
         let text = serde_json::to_string(&options).unwrap();
