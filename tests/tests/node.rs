@@ -321,7 +321,14 @@ fn crypt_addon(dir: &Path) {
         Command::new("npm").args(["root", "-g"]),
         "npm must be installed",
     );
-    let gyp = Path::new(gyp.trim()).join("npm/node_modules/node-gyp/bin/node-gyp.js");
+    // npm's own node-gyp (Node.js's npm), else Debian's `node-gyp` package (Debian's npm).
+    let gyp = [
+        Path::new(gyp.trim()).join("npm/node_modules/node-gyp/bin/node-gyp.js"),
+        PathBuf::from("/usr/share/nodejs/node-gyp/bin/node-gyp.js"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .expect("node-gyp not found: install npm (ci/setup does)");
     run_tool(
         Command::new("node")
             .arg(&gyp)
