@@ -397,6 +397,13 @@ fn killed_run_secrets(arch: &str) {
     });
     assert!(ended.is_some(), "the supervisor survived SIGKILL");
     fuse().arg("ps").run().assert_success();
+    // The sweep removed the overlay; the ended instance keeps only what the app printed (as
+    // `docker logs` does) until it is pruned.
+    assert_eq!(
+        files_containing(&dirs, &secret),
+        vec![runtime.join(&id).join("console.log")]
+    );
+    fuse().args(["prune", &id]).run().assert_success();
     assert_eq!(files_containing(&dirs, &secret), Vec::<PathBuf>::new());
     assert_no_leaked_qemu();
 }
