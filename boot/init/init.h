@@ -44,6 +44,8 @@ __attribute__((noreturn, format(printf, 2, 3))) void die(int code, const char *f
 __attribute__((format(printf, 1, 2))) void error_line(const char *fmt, ...);
 /* `fuse-init: warning: ...` on the console; the boot continues. */
 __attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
+/* `fuse-init: ...` on the console: what whoever reads a cloud instance's console needs. */
+__attribute__((format(printf, 1, 2))) void info(const char *fmt, ...);
 /* `fuse-init: debug: ...` with the time since boot, only with fuse.debug=1. */
 __attribute__((format(printf, 1, 2))) void debug(const char *fmt, ...);
 /* Sync, report `code` (status.c), and power the machine off. Never returns. */
@@ -132,13 +134,22 @@ struct app_spec {
 	char *hostname;
 	char **volumes; /* `/dev/NAME:/PATH` from the run overlay; NULL when there are none */
 	size_t volc;
+	size_t fixed_args; /* argv[1..=fixed_args]: the launcher's own, kept by user-data args */
 };
 /* Parse the baked spec (overlay=false) or apply a run overlay to `s` (overlay=true).
  * Returns 0, or -1 with a reason in `err`. */
 int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, char *err,
 	       size_t errlen);
-/* Load /etc/fuse/spec and the fw_cfg overlay; dies with a clear message on any problem. */
-void load_spec(struct app_spec *s);
+/* Load /etc/fuse/spec and, when QEMU passed one, the fw_cfg run overlay (selecting its
+ * environment or the default). Returns whether there was an overlay: without one the
+ * configuration is still to come from the cloud (apply_userdata). Dies with a clear message on
+ * any problem. */
+bool load_spec(struct app_spec *s);
+/* Apply fuse's user-data (JSON, see docs/config.md) found at `source` to the spec: select its
+ * environment (or the image's default), then its variables and arguments. `buf` NULL: no
+ * user-data, the default environment. Returns the selected environment's name (static), or
+ * NULL when the image has none. Dies on user-data that is not valid fuse user-data. */
+const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, const char *source);
 
 /* ---- app.c --------------------------------------------------------------------------- */
 
@@ -148,8 +159,47 @@ pid_t start_app(const struct app_spec *s);
 
 /* ---- net.c ----------------------------------------------------------------------------- */
 
-/* Bring up lo, configure eth0 by DHCP if it exists, write /run/hosts and /run/resolv.conf. */
-void net_setup(const char *hostname);
+/* Bring up lo, configure eth0 by DHCP if it exists (and /run/resolv.conf from the lease).
+ * Returns whether eth0 got an address. */
+bool net_up(void);
+/* Write /run/hosts: localhost, and the host name (and its FQDN when not NULL) on our address. */
+void net_write_files(const char *hostname, const char *fqdn);
+
+/* ---- json.c ---------------------------------------------------------------------------- */
+
+enum json_type { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+/* A parsed JSON value. Strings are NUL-free UTF-8; numbers keep their text. */
+struct json {
+	enum json_type type;
+	bool boolean;
+	char *str;           /* JSON_STRING, JSON_NUMBER */
+	struct json **items; /* JSON_ARRAY, JSON_OBJECT */
+	char **keys;         /* JSON_OBJECT */
+	size_t n;
+};
+/* Parse a whole document; NULL with a reason in `err` when it is not valid JSON. */
+struct json *json_parse(const char *buf, size_t len, char *err, size_t errlen);
+void json_free(struct json *j);
+/* The member `key` of an object, or NULL. */
+const struct json *json_get(const struct json *obj, const char *key);
+
+/* ---- cloud.c --------------------------------------------------------------------------- */
+
+/* The run-time configuration a cloud hands over, when there is no fw_cfg overlay. */
+struct cloud_config {
+	char *userdata; /* NULL: none */
+	size_t len;
+	char *hostname; /* the instance's short host name from its metadata, or NULL */
+	char *fqdn;     /* and its full name, or NULL */
+	char source[96]; /* where it came from, for the console (never a value) */
+	bool found;      /* a disk or the metadata service was there (maybe without user-data) */
+};
+/* A NoCloud (`cidata`) or config-drive (`config-2`) disk: vfat or iso9660, on any block
+ * device. Returns whether one was found (its user-data may still be absent). */
+bool cloud_disk(struct cloud_config *c);
+/* EC2's instance metadata service, IMDSv2 only (a session token first; IMDSv1 never). Needs
+ * the network up. Returns whether the service answered. */
+bool cloud_imds(struct cloud_config *c);
 
 /* ---- powerkey.c ------------------------------------------------------------------------ */
 

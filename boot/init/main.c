@@ -2,8 +2,9 @@
  * fuse-init: PID 1 of a fuse VM.
  *
  * Boot: mount the early filesystems in the initramfs, switch to the read-only root, mount the
- * run-time filesystems, read the app spec, set the host name, configure the network, start
- * the app. Then supervise: reap every zombie, forward termination signals to the app, and when
+ * run-time filesystems, read the app spec and its run-time configuration (fuse's fw_cfg
+ * overlay, else the cloud's: cloud.c), configure the network, set the host name, start the
+ * app. Then supervise: reap every zombie, forward termination signals to the app, and when
  * the app exits stop everything else and power off, reporting its exit code through the status
  * port (status.c), which the app cannot write to.
  */
@@ -212,11 +213,40 @@ int main(void)
 	power_fd = power_key_open();
 
 	struct app_spec spec;
-	load_spec(&spec);
+	struct cloud_config cloud = {0};
+	bool overlay = load_spec(&spec);
+	/* Without fuse's overlay this is a machine fuse did not start: the configuration comes
+	 * from the cloud. A disk first (it needs no network), the metadata service after DHCP. */
+	bool disk = !overlay && cloud_disk(&cloud);
+	bool online = net_up();
+	if (!overlay) {
+		if (!disk && online)
+			cloud_imds(&cloud);
+		if (!cloud.found && !cloud.source[0])
+			snprintf(cloud.source, sizeof(cloud.source),
+				 "no cidata/config-2 disk, no network for IMDS");
+		const char *env = apply_userdata(&spec, cloud.userdata, cloud.len, cloud.source);
+		char chosen[96];
+		snprintf(chosen, sizeof(chosen), "%s%s%s", env ? "environment " : "no environments",
+			 env ? env : "", env && !cloud.userdata ? " (the image's default)" : "");
+		if (cloud.userdata)
+			info("run-time configuration: user-data from %s; %s", cloud.source, chosen);
+		else
+			info("run-time configuration: none (%s%s); %s", cloud.source,
+			     cloud.found ? ": no user-data" : "", chosen);
+		if (cloud.userdata)
+			/* Secrets may be in it: do not leave them in memory longer than needed. */
+			explicit_bzero(cloud.userdata, cloud.len);
+		free(cloud.userdata);
+		if (cloud.hostname) {
+			free(spec.hostname);
+			spec.hostname = xstrdup(cloud.hostname);
+		}
+	}
 	mount_volumes(&spec);
 	if (sethostname(spec.hostname, strlen(spec.hostname)) < 0)
 		warn("cannot set the host name to %s: %s", spec.hostname, strerror(errno));
-	net_setup(spec.hostname);
+	net_write_files(spec.hostname, cloud.fqdn);
 
 	pid_t app = start_app(&spec);
 	int status = supervise(sfd, app);

@@ -409,14 +409,23 @@ static void apply_lease(int sock, const char *ifname, struct lease *l)
 	}
 }
 
+/* The lease eth0 got in net_up, for net_write_files. */
+static struct lease current;
+static bool have_lease;
+
 /* /run/hosts (/etc/hosts links there): localhost, and our name on our address. */
-static void write_hosts(const char *hostname, const struct lease *l)
+static void write_hosts(const char *hostname, const char *fqdn)
 {
 	char buf[512];
 	/* Without a lease, give the name a loopback address so lookups of it still work. */
-	const char *addr = l ? inet_ntoa((struct in_addr){l->addr}) : "127.0.1.1";
-	int n = snprintf(buf, sizeof(buf), "127.0.0.1 localhost\n::1 localhost\n%s %s\n", addr,
-			 hostname);
+	const char *addr = have_lease ? inet_ntoa((struct in_addr){current.addr}) : "127.0.1.1";
+	int n = fqdn && strcmp(fqdn, hostname) != 0
+			? snprintf(buf, sizeof(buf), "127.0.0.1 localhost\n::1 localhost\n%s %s %s\n",
+				   addr, fqdn, hostname)
+			: snprintf(buf, sizeof(buf), "127.0.0.1 localhost\n::1 localhost\n%s %s\n",
+				   addr, hostname);
+	if (n < 0 || (size_t)n >= sizeof(buf))
+		return;
 	int r = write_file("/run/hosts", buf, (size_t)n, 0644);
 	if (r < 0)
 		warn("cannot write /run/hosts: %s", strerror(-r));
@@ -436,13 +445,12 @@ static void write_resolv(const struct lease *l)
 		warn("cannot write /run/resolv.conf: %s", strerror(-r));
 }
 
-void net_setup(const char *hostname)
+bool net_up(void)
 {
 	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	if (sock < 0) {
 		warn("no network: cannot open a socket: %s", strerror(errno));
-		write_hosts(hostname, NULL);
-		return;
+		return false;
 	}
 	int r = if_up(sock, "lo");
 	if (r < 0)
@@ -453,8 +461,7 @@ void net_setup(const char *hostname)
 	if (ifindex == 0) {
 		/* No network device given to the VM: nothing to configure, nothing to say. */
 		close(sock);
-		write_hosts(hostname, NULL);
-		return;
+		return false;
 	}
 	struct ifreq ifr;
 	memset(&ifr, 0, sizeof(ifr));
@@ -463,8 +470,6 @@ void net_setup(const char *hostname)
 	if (ioctl(sock, SIOCGIFHWADDR, &ifr) == 0)
 		memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
 
-	struct lease lease;
-	bool ok = false;
 	r = if_up(sock, ifname);
 	if (r < 0) {
 		warn("no network: cannot bring up %s: %s", ifname, strerror(-r));
@@ -472,18 +477,23 @@ void net_setup(const char *hostname)
 		if (!wait_carrier(sock, ifname))
 			debug("%s has no link after %d ms; trying DHCP anyway", ifname,
 			      CARRIER_WAIT_MS);
-		r = dhcp(ifname, ifindex, mac, &lease);
-		ok = r == 1;
+		r = dhcp(ifname, ifindex, mac, &current);
+		have_lease = r == 1;
 		if (r == 0)
 			warn("no network: no DHCP answer on %s within %d s; continuing without an "
 			     "address",
 			     ifname, DHCP_TOTAL_MS / 1000);
 	}
-	if (ok) {
-		apply_lease(sock, ifname, &lease);
-		write_resolv(&lease);
-		debug("%s is %s", ifname, inet_ntoa((struct in_addr){lease.addr}));
+	if (have_lease) {
+		apply_lease(sock, ifname, &current);
+		write_resolv(&current);
+		debug("%s is %s", ifname, inet_ntoa((struct in_addr){current.addr}));
 	}
-	write_hosts(hostname, ok ? &lease : NULL);
 	close(sock);
+	return have_lease;
+}
+
+void net_write_files(const char *hostname, const char *fqdn)
+{
+	write_hosts(hostname, fqdn);
 }

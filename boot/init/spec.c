@@ -12,6 +12,8 @@
  *   caps      decimal mask, bit N = capability N: all uid 0 keeps (once, uid 0 only; default
  *             every capability)
  *   hostname  the machine's host name (once, default "fuse")
+ *   fixed-args  decimal count of argv[1..] that run-time args keep (the runtime launcher's
+ *             own, e.g. `-jar /app/x.jar`; once, default 0)
  * Keys of the overlay:
  *   reset-args  `1`: argv[1..] of the spec is cleared (so an overlay can clear the args)
  *   arg         replaces argv[1..] of the spec (the first one clears them), argv[0] stays
@@ -200,6 +202,13 @@ int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, ch
 				s->uid = id;
 			else
 				s->gid = id;
+		} else if (strcmp(key, "fixed-args") == 0) {
+			unsigned int n;
+			if (s->fixed_args)
+				return fail(err, errlen, "key '%s' is given twice", key);
+			if (!parse_id(val, &n) || n == 0)
+				return fail(err, errlen, "fixed-args '%s' is not a positive count", val);
+			s->fixed_args = n;
 		} else if (strcmp(key, "caps") == 0) {
 			if (s->have_caps)
 				return fail(err, errlen, "key '%s' is given twice", key);
@@ -223,6 +232,9 @@ int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, ch
 		return fail(err, errlen, "exe '%s' is not an absolute path", s->exe);
 	if (s->argc == 0)
 		return fail(err, errlen, "no arg (argv[0] is required)");
+	if (s->fixed_args >= s->argc)
+		return fail(err, errlen, "fixed-args %zu is not below the %zu args", s->fixed_args,
+			    s->argc);
 	if (!s->cwd)
 		s->cwd = xstrdup("/");
 	if (s->cwd[0] != '/')
@@ -351,7 +363,7 @@ static char *default_environment(void)
 	return buf;
 }
 
-void load_spec(struct app_spec *s)
+bool load_spec(struct app_spec *s)
 {
 	memset(s, 0, sizeof(*s));
 	/* Vectors are always NULL-terminated, even when empty, for execve. */
@@ -371,21 +383,140 @@ void load_spec(struct app_spec *s)
 		die(EXIT_INIT_FAILURE, "bad app spec %s: %s", SPEC_PATH, err);
 	free(buf);
 
-	/* The overlay exists only when the runner passed -fw_cfg name=opt/fuse/run,... */
+	/* The overlay exists only when the runner passed -fw_cfg name=opt/fuse/run,... (fuse
+	 * always does; a cloud never can). */
 	r = read_file(OVERLAY_PATH, SPEC_MAX_BYTES, &buf, &len);
-	if (r < 0 && r != -ENOENT)
+	if (r == -ENOENT)
+		return false;
+	if (r < 0)
 		die(EXIT_INIT_FAILURE, "cannot read the run overlay %s: %s", OVERLAY_PATH,
 		    strerror(-r));
 	/* The environment first: the overlay's own values override the environment's. */
-	const char *selected = r == 0 ? overlay_environment(buf, len) : NULL;
+	const char *selected = overlay_environment(buf, len);
 	char *fallback = selected ? NULL : default_environment();
 	if (selected || fallback)
 		select_environment(s, selected ? selected : fallback);
 	free(fallback);
-	if (r == -ENOENT)
-		return;
 	if (spec_parse(s, buf, len, true, err, sizeof(err)) < 0)
 		die(EXIT_INIT_FAILURE, "bad run overlay (fw_cfg opt/fuse/run): %s", err);
 	free(buf);
 	debug("run overlay applied");
+	return true;
+}
+
+/* Why `buf` is not fuse's user-data when it does not even start as a JSON object: the formats
+ * a cloud user is likely to have passed by mistake. Only fixed words are quoted, since the
+ * text may hold secrets. */
+static const char *foreign_userdata(const char *buf, size_t len)
+{
+	static const struct {
+		const char *prefix, *what;
+	} known[] = {
+		{"#cloud-config", "cloud-init's #cloud-config"},
+		{"#!", "a script (#!)"},
+		{"Content-Type:", "a MIME multipart document"},
+		{"\x1f\x8b", "gzip-compressed (pass it uncompressed)"},
+	};
+	for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++) {
+		size_t n = strlen(known[i].prefix);
+		if (len >= n && memcmp(buf, known[i].prefix, n) == 0)
+			return known[i].what;
+	}
+	return "not a JSON object";
+}
+
+/* A variable name as `-e` takes it (boot/src/spec.rs validates the same). */
+static bool valid_env_name(const char *k)
+{
+	return *k != '\0' && !strchr(k, '=');
+}
+
+const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, const char *source)
+{
+	static char selected[ENV_NAME_MAX + 1];
+	char *fallback = NULL;
+	const char *env_name = NULL;
+	struct json *doc = NULL;
+	char err[256];
+
+	if (buf) {
+		size_t i = 0;
+		while (i < len && (buf[i] == ' ' || buf[i] == '\n' || buf[i] == '\r' ||
+				   buf[i] == '\t'))
+			i++;
+		if (i == len || buf[i] != '{')
+			die(EXIT_INIT_FAILURE,
+			    "the user-data from %s is not fuse's: it is %s; make it with `fuse "
+			    "userdata` (format: docs/config.md)",
+			    source, i == len ? "blank" : foreign_userdata(buf + i, len - i));
+		doc = json_parse(buf, len, err, sizeof(err));
+		if (!doc)
+			die(EXIT_INIT_FAILURE, "bad user-data from %s: %s", source, err);
+		for (size_t k = 0; k < doc->n; k++) {
+			const char *key = doc->keys[k];
+			if (strcmp(key, "fuse") && strcmp(key, "environment") && strcmp(key, "env") &&
+			    strcmp(key, "args"))
+				die(EXIT_INIT_FAILURE,
+				    "bad user-data from %s: unknown key \"%.40s\" (it takes fuse, "
+				    "environment, env, args)",
+				    source, key);
+		}
+		const struct json *version = json_get(doc, "fuse");
+		if (!version || version->type != JSON_NUMBER || strcmp(version->str, "1") != 0)
+			die(EXIT_INIT_FAILURE,
+			    "bad user-data from %s: it must say \"fuse\": 1 (the format version this "
+			    "init reads)",
+			    source);
+		const struct json *e = json_get(doc, "environment");
+		if (e && e->type != JSON_STRING)
+			die(EXIT_INIT_FAILURE, "bad user-data from %s: \"environment\" is not a string",
+			    source);
+		env_name = e ? e->str : NULL;
+	}
+	if (!env_name)
+		env_name = fallback = default_environment();
+	if (env_name) {
+		select_environment(s, env_name);
+		snprintf(selected, sizeof(selected), "%s", env_name);
+	}
+	free(fallback);
+	if (!doc)
+		return env_name ? selected : NULL;
+
+	const struct json *env = json_get(doc, "env");
+	if (env && env->type != JSON_OBJECT)
+		die(EXIT_INIT_FAILURE, "bad user-data from %s: \"env\" is not an object", source);
+	for (size_t i = 0; env && i < env->n; i++) {
+		if (!valid_env_name(env->keys[i]))
+			die(EXIT_INIT_FAILURE,
+			    "bad user-data from %s: invalid variable name \"%.40s\" (empty, or holds "
+			    "'=')",
+			    source, env->keys[i]);
+		if (env->items[i]->type != JSON_STRING)
+			die(EXIT_INIT_FAILURE, "bad user-data from %s: the value of %.40s is not a string",
+			    source, env->keys[i]);
+		size_t klen = strlen(env->keys[i]), vlen = strlen(env->items[i]->str);
+		char *kv = xmalloc(klen + vlen + 2);
+		memcpy(kv, env->keys[i], klen);
+		kv[klen] = '=';
+		memcpy(kv + klen + 1, env->items[i]->str, vlen + 1);
+		env_set(s, kv);
+		free(kv);
+	}
+	const struct json *args = json_get(doc, "args");
+	if (args && args->type != JSON_ARRAY)
+		die(EXIT_INIT_FAILURE, "bad user-data from %s: \"args\" is not an array", source);
+	if (args) {
+		/* The app's arguments, as after the image on `fuse run`: the launcher's stay. */
+		vec_truncate(s->argv, &s->argc, 1 + s->fixed_args);
+		for (size_t i = 0; i < args->n; i++) {
+			if (args->items[i]->type != JSON_STRING)
+				die(EXIT_INIT_FAILURE,
+				    "bad user-data from %s: args[%zu] is not a string", source, i);
+			vec_push(&s->argv, &s->argc, args->items[i]->str);
+		}
+	}
+	json_free(doc);
+	debug("user-data applied");
+	return env_name ? selected : NULL;
 }

@@ -39,7 +39,8 @@ static void write_all(int fd, const char *buf, size_t len)
 static void vreport(const char *level, const char *fmt, va_list ap)
 {
 	char line[1024];
-	int n = snprintf(line, sizeof(line), "fuse-init: %s: ", level);
+	int n = level ? snprintf(line, sizeof(line), "fuse-init: %s: ", level)
+		      : snprintf(line, sizeof(line), "fuse-init: ");
 	if (n < 0)
 		return;
 	int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
@@ -74,6 +75,14 @@ void warn(const char *fmt, ...)
 	va_list ap;
 	va_start(ap, fmt);
 	vreport("warning", fmt, ap);
+	va_end(ap);
+}
+
+void info(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vreport(NULL, fmt, ap);
 	va_end(ap);
 }
 

@@ -34,6 +34,15 @@ pub mod bench {
         pub cmdline: String,
     }
 
+    /// UEFI firmware for `arch` (its variables copied into `scratch`), as `fuse run
+    /// --firmware uefi` and the cloud machine boot with.
+    pub fn uefi_firmware(
+        arch: fuse_rootfs::Arch,
+        scratch: &Path,
+    ) -> anyhow::Result<fuse_boot::vm::Firmware> {
+        crate::run::boot::uefi_firmware(arch, scratch)
+    }
+
     /// Builds the app at `app` for `arch` into the store at `store_dir`.
     pub fn build_image(
         store_dir: &Path,

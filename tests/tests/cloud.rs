@@ -4,14 +4,24 @@
 //! app, a small C server, reports the hardware it sees over the network (a published port on
 //! the host's 127.0.0.1), and a graceful stop (QMP system_powerdown: the ACPI power button)
 //! reaches it as SIGTERM.
+//!
+//! The run-time configuration as a cloud hands it over: fuse's user-data (made by `fuse
+//! userdata`) from an IMDSv2 server the test runs on the host's loopback, which the guest
+//! reaches at 169.254.169.254:80 (`fuse run --metadata-server`: QEMU's guestfwd); the same
+//! from a NoCloud disk (`fuse export --format nocloud`, and one made by genisoimage from
+//! hand-written files, as cloud-init's documentation makes them); and neither, where the
+//! image boots with its baked default environment.
 
 mod common;
 
 use common::{free_port, Sandbox};
 use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Describes the machine it runs on (root disk, NIC driver, firmware, how the hardware is
@@ -135,4 +145,433 @@ fn unknown_machine_is_refused_naming_the_choices() {
     out.assert_code(2)
         .assert_stderr_contains("Unknown machine 'ec2': use virtio or cloud");
     assert!(out.stdout_str().is_empty(), "{out}");
+}
+
+/// Prints what its run-time configuration made of it: the environment's variable, an injected
+/// one, its arguments, its host name and the /etc/hosts line naming it.
+const CONFIG_APP: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char host[128] = "", line[512];
+    gethostname(host, sizeof host);
+    printf("app-env: %s\n", getenv("APP_ENV") ? getenv("APP_ENV") : "(unset)");
+    printf("injected: %s\n", getenv("INJECTED") ? getenv("INJECTED") : "(unset)");
+    for (int i = 1; i < argc; i++) printf("arg: %s\n", argv[i]);
+    printf("hostname: %s\n", host);
+    FILE *f = fopen("/etc/hosts", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (strstr(line, host)) printf("hosts: %s", line);
+    return 0;
+}
+"#;
+
+const CONFIG_TOML: &str = r#"
+name = "cfgshow"
+args = ["baked-arg"]
+
+[environments.dev.env]
+APP_ENV = "dev"
+
+[environments.prod.env]
+APP_ENV = "prod"
+"#;
+
+/// Builds the `cfgshow` image for `arch` (environments dev, the default, and prod).
+fn build_config_app(sb: &Sandbox, arch: &str) {
+    let exe = sb.program_for(arch, CONFIG_APP, "cfgshow", &["-static"]);
+    sb.dir.write("fuse.toml", CONFIG_TOML);
+    sb.fuse()
+        .args(["build", "--arch", arch])
+        .arg(&exe)
+        .run()
+        .assert_success();
+}
+
+/// One request as the metadata server saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    method: String,
+    path: String,
+    /// It carried the session token the server handed out.
+    with_token: bool,
+    /// The token TTL header of a token request.
+    ttl: Option<String>,
+}
+
+/// An IMDSv2 server on the host's loopback: `PUT /latest/api/token` (with a TTL header) gives
+/// a session token; every other request without that token is refused with 401, as EC2 does
+/// with IMDSv2 required. Serves `/latest/user-data` and `/latest/meta-data/local-hostname`.
+struct Imds {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Imds {
+    fn start(user_data: Vec<u8>, hostname: &str) -> Imds {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let token = format!("AQAEA{}token", std::process::id());
+        let (seen2, stop2, hostname) = (seen.clone(), stop.clone(), hostname.to_string());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let seen = Imds::answer(conn, &token, &user_data, &hostname);
+                seen2.lock().unwrap().extend(seen);
+            }
+        });
+        Imds {
+            port,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn answer(conn: TcpStream, token: &str, user_data: &[u8], hostname: &str) -> Option<Seen> {
+        let mut reader = BufReader::new(conn.try_clone().ok()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).ok()?;
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+        let (mut given_token, mut ttl) = (None, None);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
+                break;
+            }
+            let (name, value) = line.trim_end().split_once(':')?;
+            match name.to_ascii_lowercase().as_str() {
+                "x-aws-ec2-metadata-token" => given_token = Some(value.trim().to_string()),
+                "x-aws-ec2-metadata-token-ttl-seconds" => ttl = Some(value.trim().to_string()),
+                _ => {}
+            }
+        }
+        let with_token = given_token.as_deref() == Some(token);
+        let (status, body): (&str, &[u8]) = match (method.as_str(), path.as_str()) {
+            ("PUT", "/latest/api/token") if ttl.is_some() => ("200 OK", token.as_bytes()),
+            ("PUT", "/latest/api/token") => ("400 Bad Request", b""),
+            _ if !with_token => ("401 Unauthorized", b""),
+            ("GET", "/latest/user-data") => ("200 OK", user_data),
+            ("GET", "/latest/meta-data/local-hostname") => ("200 OK", hostname.as_bytes()),
+            _ => ("404 Not Found", b""),
+        };
+        let mut conn = conn;
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(body);
+        Some(Seen {
+            method,
+            path,
+            with_token,
+            ttl,
+        })
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Lines of `out` starting with `prefix`, without it.
+fn lines_with<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
+    out.lines().filter_map(|l| l.strip_prefix(prefix)).collect()
+}
+
+on_every_arch! {
+    user_data_from_imdsv2_selects_the_environment_and_injects => imds_user_data;
+}
+
+fn imds_user_data(arch: &str) {
+    let sb = Sandbox::new();
+    build_config_app(&sb, arch);
+    // The injected value comes from fuse's own environment (`-e INJECTED`), not argv; it
+    // holds what JSON must escape.
+    let secret = "s3cret \"quoted\" \\ back";
+    let user_data = sb.dir.join("user-data.json");
+    sb.fuse()
+        .env("INJECTED", secret)
+        .args([
+            "userdata", "cfgshow", "--env", "prod", "-e", "INJECTED", "-o",
+        ])
+        .arg(&user_data)
+        .args(["--", "run-arg", "two words"])
+        .run()
+        .assert_success();
+    let imds = Imds::start(
+        std::fs::read(&user_data).unwrap(),
+        "ip-10-1-2-3.eu-west-1.compute.internal",
+    );
+    // The server is an IMDSv2 one: without a token, nothing.
+    let mut plain = TcpStream::connect((Ipv4Addr::LOCALHOST, imds.port)).unwrap();
+    plain
+        .write_all(b"GET /latest/user-data HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    plain.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    imds.seen.lock().unwrap().clear();
+
+    let out = sb
+        .fuse()
+        .args([
+            "run",
+            "--machine",
+            "cloud",
+            "--accel",
+            "tcg",
+            "--arch",
+            arch,
+        ])
+        .arg("--metadata-server")
+        .arg(format!("127.0.0.1:{}", imds.port))
+        .arg("cfgshow")
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    assert!(
+        stdout.contains(
+            "fuse-init: run-time configuration: user-data from EC2 IMDSv2; environment prod\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(lines_with(&stdout, "app-env: "), ["prod"], "{out}");
+    assert_eq!(lines_with(&stdout, "injected: "), [secret], "{out}");
+    // The user-data's arguments replace the baked ones.
+    assert_eq!(
+        lines_with(&stdout, "arg: "),
+        ["run-arg", "two words"],
+        "{out}"
+    );
+    // The instance's name from the metadata: the short name, the FQDN beside it in /etc/hosts.
+    assert_eq!(lines_with(&stdout, "hostname: "), ["ip-10-1-2-3"], "{out}");
+    let hosts = lines_with(&stdout, "hosts: ");
+    assert!(
+        hosts.len() == 1
+            && hosts[0].ends_with(" ip-10-1-2-3.eu-west-1.compute.internal ip-10-1-2-3"),
+        "{out}"
+    );
+    // IMDSv2 only: a token first, then every request with it; IMDSv1 (no token) never.
+    let seen = imds.seen();
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("PUT", "/latest/api/token"),
+        "{seen:?}"
+    );
+    assert!(
+        seen[0]
+            .ttl
+            .as_deref()
+            .is_some_and(|t| t.parse::<u32>().is_ok()),
+        "{seen:?}"
+    );
+    assert!(seen[1..].iter().all(|s| s.with_token), "{seen:?}");
+    let paths: Vec<&str> = seen[1..].iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/latest/user-data", "/latest/meta-data/local-hostname"],
+        "{seen:?}"
+    );
+    // The secret reached the app, and nothing else of fuse's: not the console's init lines.
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.starts_with("fuse-init") && l.contains("s3cret")),
+        "{out}"
+    );
+    assert_no_leaked_qemu();
+}
+
+/// `fuse export --format nocloud`: the user-data of one deployment on a vfat `CIDATA` disk, attached as an extra virtio disk; on the cloud machine the root is NVMe.
+#[test]
+fn user_data_from_a_nocloud_disk_made_by_fuse_export() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    build_config_app(&sb, arch);
+    let seed = sb.dir.join("seed.img");
+    sb.fuse()
+        .args(["export", "cfgshow", "--format", "nocloud", "--env", "prod"])
+        .args(["-e", "INJECTED=from-the-seed", "-o"])
+        .arg(&seed)
+        .run()
+        .assert_success();
+    let out = sb
+        .fuse()
+        .args([
+            "run",
+            "--machine",
+            "cloud",
+            "--accel",
+            "tcg",
+            "--arch",
+            arch,
+            "--seed",
+        ])
+        .arg(&seed)
+        .arg("cfgshow")
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    assert!(
+        stdout.contains(
+            "fuse-init: run-time configuration: user-data from the NoCloud disk vda (CIDATA); environment prod\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(lines_with(&stdout, "app-env: "), ["prod"], "{out}");
+    assert_eq!(
+        lines_with(&stdout, "injected: "),
+        ["from-the-seed"],
+        "{out}"
+    );
+    // No args in the user-data: the baked ones.
+    assert_eq!(lines_with(&stdout, "arg: "), ["baked-arg"], "{out}");
+    assert_no_leaked_qemu();
+}
+
+/// A NoCloud seed as cloud-init's documentation makes one, by hand: user-data written
+/// following docs/config.md, meta-data with the instance's host name, an iso9660 image by
+/// genisoimage (volume id `cidata`, Joliet and Rock Ridge).
+#[test]
+fn a_hand_written_iso9660_seed_configures_the_app() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    build_config_app(&sb, arch);
+    let files = sb.dir.join("seed-files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(
+        files.join("user-data"),
+        "{\n  \"fuse\": 1,\n  \"env\": {\"INJECTED\": \"by hand \\u00e9\\ud83d\\ude00\"},\n  \"args\": []\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        files.join("meta-data"),
+        "instance-id: i-0123456789\nlocal-hostname: shop-7\n",
+    )
+    .unwrap();
+    let seed = sb.dir.join("seed.iso");
+    let status = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-output"])
+        .arg(&seed)
+        .args(["-volid", "cidata", "-joliet", "-rock"])
+        .arg(files.join("user-data"))
+        .arg(files.join("meta-data"))
+        .status()
+        .expect("genisoimage (Debian package genisoimage, installed by ci/setup)");
+    assert!(status.success());
+    let out = sb
+        .fuse()
+        .args([
+            "run",
+            "--machine",
+            "cloud",
+            "--accel",
+            "tcg",
+            "--arch",
+            arch,
+            "--seed",
+        ])
+        .arg(&seed)
+        .arg("cfgshow")
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    assert!(
+        stdout.contains(
+            "fuse-init: run-time configuration: user-data from the NoCloud disk vda (cidata); environment dev (the image's default)\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(lines_with(&stdout, "app-env: "), ["dev"], "{out}");
+    assert_eq!(lines_with(&stdout, "injected: "), ["by hand é😀"], "{out}");
+    // `"args": []` clears the baked arguments.
+    assert!(lines_with(&stdout, "arg: ").is_empty(), "{out}");
+    assert_eq!(lines_with(&stdout, "hostname: "), ["shop-7"], "{out}");
+    assert_no_leaked_qemu();
+}
+
+/// Neither a fw_cfg overlay, nor a seed disk (the attached disk is blank), nor a metadata
+/// service (the guest's packets to 169.254.169.254 are dropped, as on a network without
+/// one): the image's defaults, after the init waited for the service no longer than its
+/// bound. The wait is the init's own measure, printed on the console.
+#[test]
+fn without_a_cloud_config_the_baked_default_boots_after_a_bounded_wait() {
+    let arch = "x86_64";
+    let sb = Sandbox::new();
+    build_config_app(&sb, arch);
+    let blank = sb.dir.write("blank.img", vec![0u8; 1 << 20]);
+    let out = sb
+        .fuse()
+        .args([
+            "run",
+            "--machine",
+            "cloud",
+            "--accel",
+            "tcg",
+            "--arch",
+            arch,
+            "--seed",
+        ])
+        .arg(&blank)
+        .arg("cfgshow")
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    let line = lines_with(
+        &stdout,
+        "fuse-init: run-time configuration: none (no cidata/config-2 disk, no IMDS answer in ",
+    );
+    assert_eq!(line.len(), 1, "{out}");
+    let (ms, rest) = line[0].split_once(" ms)").unwrap();
+    assert_eq!(rest, "; environment dev (the image's default)", "{out}");
+    let ms: u64 = ms.parse().unwrap();
+    assert!(
+        ms <= 1000,
+        "the init waited {ms} ms for a metadata service: {out}"
+    );
+    assert_eq!(lines_with(&stdout, "app-env: "), ["dev"], "{out}");
+    assert_eq!(lines_with(&stdout, "arg: "), ["baked-arg"], "{out}");
+    assert_eq!(lines_with(&stdout, "hostname: "), ["cfgshow"], "{out}");
+    assert_no_leaked_qemu();
+}
+
+/// Under a plain `fuse run` the configuration is fuse's overlay, always: the init looks for
+/// no cloud (no console line about it, and so no connection to a metadata service, which on
+/// a host that is itself a cloud instance would be the host's).
+#[test]
+fn a_plain_run_never_looks_for_a_cloud_configuration() {
+    let sb = Sandbox::new();
+    build_config_app(&sb, "x86_64");
+    let out = sb.fuse().args(["run", "--accel", "tcg", "cfgshow"]).run();
+    out.assert_success();
+    assert!(
+        !out.stdout_str().contains("run-time configuration"),
+        "{out}"
+    );
+    assert_eq!(lines_with(&out.stdout_str(), "app-env: "), ["dev"], "{out}");
 }
