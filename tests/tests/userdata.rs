@@ -393,3 +393,132 @@ fn help_names_the_new_flags_and_the_relay_stays_hidden() {
         "{export}"
     );
 }
+
+/// Reads the seed disk's block device attributes, asks 169.254.169.254:80 (twice: the relay
+/// serves each connection), and tries the slirp gateway's view of the host's loopback.
+const CLOUD_CLIENT: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+static void show(const char *path) {
+    char buf[64] = "";
+    FILE *f = fopen(path, "r");
+    if (f && fgets(buf, sizeof buf, f)) buf[strcspn(buf, "\n")] = 0;
+    printf("%s: %s\n", path, f ? buf : "(none)");
+    if (f) fclose(f);
+}
+/* Connects within 3 s (polling the connect), or returns -1. */
+static int dial(const char *ip, int port) {
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0 && errno != EINPROGRESS) { close(s); return -1; }
+    struct pollfd p = { .fd = s, .events = POLLOUT };
+    int err = 0; socklen_t len = sizeof err;
+    if (poll(&p, 1, 3000) != 1 || getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len) || err) { close(s); return -1; }
+    fcntl(s, F_SETFL, 0);
+    return s;
+}
+int main(int argc, char **argv) {
+    /* The first virtio disk after the root: vdb, or vda on the cloud machine (NVMe root). */
+    show("/sys/block/vda/ro");
+    show("/sys/block/vda/size");
+    show("/sys/block/vdb/ro");
+    show("/sys/block/vdb/size");
+    for (int i = 0; i < 2; i++) {
+        int s = -1;
+        for (int t = 0; t < 20 && s < 0; t++) if ((s = dial("169.254.169.254", 80)) < 0) sleep(1);
+        if (s < 0) { printf("metadata: unreachable\n"); return 1; }
+        const char *req = "GET /latest/user-data HTTP/1.0\r\n\r\n";
+        if (write(s, req, strlen(req)) < 0) return 1;
+        char buf[512]; ssize_t n; size_t got = 0;
+        while (got < sizeof buf - 1 && (n = read(s, buf + got, sizeof buf - 1 - got)) > 0) got += n;
+        buf[got] = 0;
+        char *body = strstr(buf, "\r\n\r\n");
+        printf("metadata %d: %s\n", i, body ? body + 4 : buf);
+        close(s);
+    }
+    int other = dial("169.254.169.2", atoi(argv[1]));
+    printf("host loopback through the gateway: %s\n", other < 0 ? "blocked" : "REACHED");
+    return 0;
+}
+"#;
+
+/// `fuse run --seed --metadata-server` on both machines, booted: the seed is a read-only
+/// virtio disk of the seed's size after the root (no volume here: vdb, or vda beside the cloud
+/// machine's NVMe root), the guest's 169.254.169.254:80
+/// reaches a server on the host's 127.0.0.1 connection after connection (QEMU spawns `fuse
+/// __relay` for each, as nobody when fuse runs as root), and nothing else of the host is
+/// reachable (slirp's `restrict=on`).
+#[test]
+fn seed_and_metadata_server_reach_the_guest() {
+    let sb = Sandbox::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port().to_string();
+    let exe = sb.program(CLOUD_CLIENT, "cloudclient", &["-static"]);
+    sb.dir.write(
+        "fuse.toml",
+        format!("name = \"cc\"\nversion = \"1.0\"\nargs = [\"{other_port}\"]\n"),
+    );
+    sb.fuse().arg("build").arg(&exe).run().assert_success();
+    let seed = sb.dir.join("seed.img");
+    sb.fuse()
+        .args(["export", "cc:1.0", "--format", "nocloud", "-o"])
+        .arg(&seed)
+        .run()
+        .assert_success();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && conn.read_exact(&mut byte).is_ok() {
+                request.push(byte[0]);
+            }
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = format!("served {n} {}", String::from_utf8_lossy(&request[..3]));
+            let _ = write!(conn, "HTTP/1.0 200 OK\r\n\r\n{body}");
+        }
+    });
+    for (machine, disk) in [("virtio", "vdb"), ("cloud", "vda")] {
+        let before = served.load(std::sync::atomic::Ordering::SeqCst);
+        let out = sb
+            .fuse()
+            .args([
+                "run",
+                "--accel",
+                "tcg",
+                "--timeout",
+                "120",
+                "--machine",
+                machine,
+            ])
+            .arg("--seed")
+            .arg(&seed)
+            .args(["--metadata-server", &format!("127.0.0.1:{port}"), "cc:1.0"])
+            .run();
+        out.assert_success();
+        let text = out.stdout_str();
+        for want in [
+            format!("/sys/block/{disk}/ro: 1"),
+            format!("/sys/block/{disk}/size: 2048"),
+            format!("metadata 0: served {before} GET"),
+            format!("metadata 1: served {} GET", before + 1),
+            "host loopback through the gateway: blocked".into(),
+        ] {
+            assert!(text.contains(&want), "{machine}: '{want}' missing\n{out}");
+        }
+    }
+    drop(other);
+    fuse_tests::assert_no_leaked_qemu();
+}
