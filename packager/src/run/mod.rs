@@ -248,6 +248,14 @@ pub(crate) fn launch(
     // service. Only a run that plays the cloud's channel (the options refuse every value that
     // would need an overlay then) goes without.
     let overlay_file = if options.cloud.is_set() {
+        let selection = &options.selection;
+        if selection.environment.is_some()
+            || !selection.env.is_empty()
+            || !options.args.is_empty()
+            || !options.volumes.is_empty()
+        {
+            anyhow::bail!("A run with --seed or --metadata-server takes its configuration from the user-data only: no --env, -e, --env-file, arguments or -v");
+        }
         None
     } else {
         let args = (!options.args.is_empty()).then(|| run_args(manifest, &options.args));
