@@ -17,6 +17,7 @@
 //! | `gid`      | decimal group id to run as (once, default 0)               |
 //! | `caps`     | decimal mask, bit N = capability N: all uid 0 keeps (once, uid 0 only; default every one) |
 //! | `hostname` | the VM's host name (once, default `fuse`)                  |
+//! | `fixed-args` | decimal count of argv\[1..\] entries that are the runtime launcher's own (`-jar /app/x.jar`): run-time arguments replace only what follows them (once, written only when > 0; default 0) |
 //!
 //! Keys of the overlay: `reset-args` = `1` (argv\[1..\] is cleared), `arg` (replaces
 //! argv\[1..\]: the first one clears them; argv\[0\] stays), `env` (`KEY=VALUE`, added or
@@ -90,6 +91,10 @@ pub enum SpecError {
     CapsNotRoot(u32),
     #[error("Invalid caps '{0}': it must be a decimal mask")]
     BadCaps(String),
+    #[error("Invalid fixed-args '{0}': it must be a decimal count")]
+    BadFixedArgs(String),
+    #[error("The app spec keeps {fixed} launcher arguments but has only {args} arguments")]
+    FixedArgs { fixed: usize, args: usize },
     #[error("The app spec is empty")]
     Empty,
     #[error("The app spec is truncated: it does not end with a NUL byte")]
@@ -134,6 +139,10 @@ pub struct AppSpec {
     /// `<linux/capability.h>`); `None`: every one.
     pub caps: Option<u64>,
     pub hostname: String,
+    /// How many of argv\[1..\] are the runtime launcher's own arguments (`-jar /app/x.jar`,
+    /// `/app/main.js`), kept in front when arguments come at run time from a source that
+    /// does not know them (cloud user-data); 0 for a native app.
+    pub fixed_args: usize,
 }
 
 impl AppSpec {
@@ -149,6 +158,7 @@ impl AppSpec {
             gid: 0,
             caps: None,
             hostname: DEFAULT_HOSTNAME.into(),
+            fixed_args: 0,
         }
     }
 
@@ -179,6 +189,12 @@ impl AppSpec {
         }
         if self.caps.is_some() && self.uid != 0 {
             return Err(SpecError::CapsNotRoot(self.uid));
+        }
+        if self.fixed_args >= self.args.len() {
+            return Err(SpecError::FixedArgs {
+                fixed: self.fixed_args,
+                args: self.args.len() - 1,
+            });
         }
         validate_hostname(&self.hostname)
     }
@@ -218,6 +234,9 @@ impl AppSpec {
             out.pair("caps", &caps.to_string());
         }
         out.pair("hostname", &self.hostname);
+        if self.fixed_args > 0 {
+            out.pair("fixed-args", &self.fixed_args.to_string());
+        }
         out.0
     }
 
@@ -232,8 +251,9 @@ impl AppSpec {
             gid: 0,
             caps: None,
             hostname: String::new(),
+            fixed_args: 0,
         };
-        let (mut have_uid, mut have_gid) = (false, false);
+        let (mut have_uid, mut have_gid, mut have_fixed) = (false, false, false);
         for (key, value) in pairs(bytes)? {
             match key {
                 "exe" => set_once(&mut spec.exe, "exe", value)?,
@@ -261,6 +281,16 @@ impl AppSpec {
                         .ok()
                         .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()));
                     spec.caps = Some(mask.ok_or_else(|| SpecError::BadCaps(value.to_string()))?);
+                }
+                "fixed-args" => {
+                    if std::mem::replace(&mut have_fixed, true) {
+                        return Err(SpecError::Duplicate("fixed-args"));
+                    }
+                    spec.fixed_args = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                        .ok_or_else(|| SpecError::BadFixedArgs(value.to_string()))?;
                 }
                 other => return Err(SpecError::UnknownKey(other.to_string())),
             }
@@ -294,7 +324,7 @@ pub struct RunOverlay {
 }
 
 impl RunOverlay {
-    /// True when the overlay changes nothing (the runner then passes no fw_cfg file).
+    /// True when the overlay changes nothing (only its version pair is encoded).
     pub fn is_empty(&self) -> bool {
         self.args.is_none()
             && self.env.is_empty()
@@ -554,6 +584,7 @@ mod tests {
             gid: 100,
             caps: None,
             hostname: "server".into(),
+            fixed_args: 0,
         }
     }
 
@@ -588,6 +619,34 @@ mod tests {
             assert_eq!(
                 AppSpec::decode(&bytes),
                 Err(SpecError::BadCaps(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fixed_args_round_trip_only_when_set() {
+        let mut spec = sample();
+        assert!(!spec.encode().windows(10).any(|w| w == b"fixed-args"));
+        spec.fixed_args = 2;
+        let bytes = spec.encode();
+        assert!(bytes.ends_with(b"fixed-args\x002\x00"));
+        assert_eq!(AppSpec::decode(&bytes).unwrap(), spec);
+        spec.fixed_args = 3;
+        assert_eq!(
+            spec.validate(),
+            Err(SpecError::FixedArgs { fixed: 3, args: 2 })
+        );
+        for bad in ["", "-1", "x", "+1"] {
+            let bytes = [
+                &b"fuse-spec\x001\x00exe\x00/a\x00arg\x00a\x00fixed-args\x00"[..],
+                bad.as_bytes(),
+                b"\x00",
+            ]
+            .concat();
+            assert_eq!(
+                AppSpec::decode(&bytes),
+                Err(SpecError::BadFixedArgs(bad.into())),
                 "{bad:?}"
             );
         }

@@ -2,6 +2,7 @@
 //! Plain data; how it becomes a QEMU command line is `vm::machine`.
 
 use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -69,6 +70,57 @@ impl fmt::Display for PortForward {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.host, self.guest, self.proto.as_str())
     }
+}
+
+/// A TCP address in the guest whose connections QEMU hands, one spawned `command` each, to
+/// the host (slirp's `guestfwd`): how `fuse run --metadata-server` plays a cloud's instance
+/// metadata service at 169.254.169.254:80. The guest then gets QEMU's slirp with
+/// `restrict=on` (nothing else is reachable) on the /24 holding `addr`, since slirp forwards
+/// only addresses inside its own network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestForward {
+    /// The guest's destination.
+    pub addr: SocketAddrV4,
+    /// What QEMU spawns per connection, its stdin and stdout the connection: a command line
+    /// as a POSIX shell splits it (QEMU uses `g_shell_parse_argv`; quote paths).
+    pub command: String,
+}
+
+/// Guest forwards slirp cannot serve.
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid guest forward to {addr}: {why}")]
+pub struct InvalidGuestForward {
+    pub addr: SocketAddrV4,
+    pub why: &'static str,
+}
+
+/// The /24 the guest's slirp network gets for `forwards` (that of the first), or `None`
+/// without forwards. Every forward must be in it, and not on an address slirp keeps: the
+/// network and broadcast addresses, its host (.2), DNS (.3) and DHCP range (.15 to .30).
+pub fn guest_forward_network(
+    forwards: &[GuestForward],
+) -> Result<Option<Ipv4Addr>, InvalidGuestForward> {
+    let Some(first) = forwards.first() else {
+        return Ok(None);
+    };
+    let net = u32::from(*first.addr.ip()) & 0xffff_ff00;
+    for fwd in forwards {
+        let ip = u32::from(*fwd.addr.ip());
+        let why = if ip & 0xffff_ff00 != net {
+            Some("every guest forward must be in one /24 (slirp's network)")
+        } else if matches!(ip & 0xff, 0 | 2 | 3 | 15..=30 | 255) {
+            Some("slirp keeps .0, .2, .3, .15 to .30 and .255 of its network")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(InvalidGuestForward {
+                addr: fwd.addr,
+                why,
+            });
+        }
+    }
+    Ok(Some(Ipv4Addr::from(net)))
 }
 
 /// How the VM boots.
@@ -157,6 +209,12 @@ pub struct VmConfig {
     pub stop_grace: Duration,
     /// Raw disk images attached read-write after the root, as `/dev/vdb`, `/dev/vdc`, ...
     pub data_disks: Vec<PathBuf>,
+    /// A raw disk image attached read-only as the virtio disk after the data disks: a cloud's
+    /// configuration disk (a NoCloud seed, `fuse export --format nocloud`), on both machines.
+    pub config_disk: Option<PathBuf>,
+    /// Guest TCP addresses served by host commands; any makes the network QEMU's slirp with
+    /// `restrict=on` (see [`GuestForward`]).
+    pub guest_forwards: Vec<GuestForward>,
     pub firmware: Firmware,
     pub machine: Machine,
 }
@@ -187,6 +245,8 @@ impl VmConfig {
             qmp_socket: None,
             stop_grace: DEFAULT_STOP_GRACE,
             data_disks: Vec::new(),
+            config_disk: None,
+            guest_forwards: Vec::new(),
             firmware: Firmware::Direct,
             machine: Machine::Virtio,
         }
@@ -263,6 +323,28 @@ mod tests {
         assert_eq!(p.to_string(), "9000:9000/tcp");
         for bad in ["", "0:80", "a:b", "80:80/sctp", "70000:1"] {
             assert!(bad.parse::<PortForward>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn test_guest_forward_network() {
+        let fwd = |a: &str| GuestForward {
+            addr: a.parse().unwrap(),
+            command: "relay".into(),
+        };
+        assert_eq!(guest_forward_network(&[]).unwrap(), None);
+        assert_eq!(
+            guest_forward_network(&[fwd("169.254.169.254:80"), fwd("169.254.169.123:123")])
+                .unwrap(),
+            Some(Ipv4Addr::new(169, 254, 169, 0))
+        );
+        for bad in [
+            vec![fwd("169.254.169.254:80"), fwd("10.0.2.100:80")],
+            vec![fwd("169.254.169.2:80")],
+            vec![fwd("169.254.169.20:80")],
+            vec![fwd("169.254.169.255:80")],
+        ] {
+            assert!(guest_forward_network(&bad).is_err(), "{bad:?}");
         }
     }
 

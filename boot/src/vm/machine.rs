@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use fuse_rootfs::Arch;
 
-use super::config::{Accel, Firmware, Machine, VmConfig};
+use super::config::{guest_forward_network, Accel, Firmware, Machine, VmConfig};
 
 /// The x86_64 machine type (see the module documentation for why).
 pub(crate) const X86_MACHINE: &str = "q35";
@@ -142,9 +142,10 @@ pub(crate) fn effective_cmdline(config: &VmConfig, accel: Accel) -> String {
 pub(crate) enum NetBackend {
     /// passt, on the socket pair end at [`QEMU_NET_FD`]; it forwards the ports itself.
     Passt,
-    /// The fallback on a host without a default route (passt refuses to start there): QEMU's
-    /// slirp with `restrict=on`, so the guest opens no connection at all (10.0.2.2 included);
-    /// published ports still work.
+    /// The fallback on a host without a default route (passt refuses to start there), and the
+    /// backend of a VM with guest forwards (passt has none): QEMU's slirp with `restrict=on`,
+    /// so the guest opens no connection at all (10.0.2.2 included) but to its guest
+    /// forwards; published ports still work.
     SlirpRestricted,
 }
 
@@ -156,12 +157,24 @@ fn netdev(config: &VmConfig, net: NetBackend) -> String {
         }
         NetBackend::SlirpRestricted => {
             let mut netdev = String::from("user,id=n0,restrict=on");
+            // slirp forwards only addresses inside its network (checked before the spawn).
+            if let Ok(Some(net)) = guest_forward_network(&config.guest_forwards) {
+                netdev.push_str(&format!(",net={net}/24"));
+            }
             for fwd in &config.port_forwards {
                 netdev.push_str(&format!(
                     ",hostfwd={}:127.0.0.1:{}-:{}",
                     fwd.proto.as_str(),
                     fwd.host,
                     fwd.guest
+                ));
+            }
+            for fwd in &config.guest_forwards {
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:{}:{}-cmd:{}",
+                    fwd.addr.ip(),
+                    fwd.addr.port(),
+                    fwd.command.replace(',', ",,")
                 ));
             }
             netdev
@@ -270,6 +283,16 @@ pub(crate) fn qemu_args_with(
         arg(&mut args, "-device");
         arg(&mut args, format!("virtio-blk-{bus},drive=data{i}"));
     }
+    // The cloud's configuration disk last, read-only, virtio on both machines (as a NoCloud
+    // seed is attached to a cloud VM as a plain extra disk).
+    if let Some(disk) = &config.config_disk {
+        let mut drive = OsString::from("if=none,id=seed,format=raw,readonly=on,file=");
+        drive.push(escape_option(disk.as_os_str()));
+        arg(&mut args, "-drive");
+        args.push(drive);
+        arg(&mut args, "-device");
+        arg(&mut args, format!("virtio-blk-{bus},drive=seed"));
+    }
     if config.machine == Machine::Virtio {
         arg(&mut args, "-device");
         arg(&mut args, format!("virtio-rng-{bus}"));
@@ -298,7 +321,9 @@ pub(crate) fn qemu_args_with(
         arg(&mut args, format!("{nic},netdev=n0,romfile="));
     }
 
-    confinement_args(status_file, &mut args, running_as_root());
+    // A guest forward's command is spawned by QEMU per connection: its sandbox must let it.
+    let spawn = config.network && !config.guest_forwards.is_empty();
+    confinement_args(status_file, &mut args, running_as_root(), spawn);
 
     for (name, file) in &config.fw_cfg {
         let mut value = OsString::from("name=");
@@ -333,13 +358,14 @@ pub(crate) fn drops_privileges() -> bool {
 /// - pvpanic: the guest kernel tells QEMU it panicked, and QEMU then exits with status 1
 ///   (`-action panic=exit-failure`), so a panic is known without reading console text;
 /// - `-sandbox`: QEMU's seccomp filter (no obsolete syscalls, no fork/exec, no scheduler or
-///   resource changes, no set*id);
+///   resource changes, no set*id); fork/exec stay allowed (`spawn`) only for a VM with guest
+///   forwards, whose commands QEMU spawns;
 /// - as root, `-runas nobody`: QEMU opens every file it needs (disks, sockets, the status
 ///   file, firmware variables) at start-up, then drops to `nobody`. QEMU 7.2 (Debian 12)
 ///   installs the seccomp filter before that drop, so `elevateprivileges=deny` would kill it
 ///   (SIGSYS, measured); as `nobody` with no capabilities, set*id cannot raise anything anyway,
 ///   and `spawn=deny` rules out setuid programs.
-fn confinement_args(status: Option<&Path>, args: &mut Vec<OsString>, root: bool) {
+fn confinement_args(status: Option<&Path>, args: &mut Vec<OsString>, root: bool, spawn: bool) {
     if let Some(status) = status {
         let mut chardev = OsString::from("file,id=status,path=");
         chardev.push(escape_option(status.as_os_str()));
@@ -350,12 +376,15 @@ fn confinement_args(status: Option<&Path>, args: &mut Vec<OsString>, root: bool)
         );
     }
     args.extend(["-device", "pvpanic-pci", "-action", "panic=exit-failure"].map(OsString::from));
-    let sandbox = if root {
-        "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
-    } else {
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-    };
-    args.extend(["-sandbox", sandbox].map(OsString::from));
+    let mut sandbox = String::from("on,obsolete=deny");
+    if !root {
+        sandbox.push_str(",elevateprivileges=deny");
+    }
+    if !spawn {
+        sandbox.push_str(",spawn=deny");
+    }
+    sandbox.push_str(",resourcecontrol=deny");
+    args.extend(["-sandbox".into(), sandbox.into()]);
     if root {
         args.extend(["-runas", QEMU_USER].map(OsString::from));
     }
@@ -544,7 +573,7 @@ mod tests {
     fn test_confinement_args() {
         let joined = |status: Option<&Path>, root: bool| {
             let mut args = Vec::new();
-            confinement_args(status, &mut args, root);
+            confinement_args(status, &mut args, root, false);
             args.into_iter()
                 .map(|a| a.into_string().unwrap())
                 .collect::<Vec<_>>()
@@ -562,6 +591,62 @@ mod tests {
             "-device pvpanic-pci -action panic=exit-failure \
              -sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny -runas nobody"
         );
+    }
+
+    #[test]
+    fn test_args_config_disk_after_the_data_disks() {
+        for machine in [Machine::Virtio, Machine::Cloud] {
+            let mut c = config();
+            c.machine = machine;
+            c.data_disks = vec!["/v/a.ext4".into()];
+            c.config_disk = Some("/s/my,seed.img".into());
+            let joined = qemu_args(&c, Accel::Tcg, None)
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let want = "-device virtio-blk-pci,drive=data0 \
+                 -drive if=none,id=seed,format=raw,readonly=on,file=/s/my,,seed.img \
+                 -device virtio-blk-pci,drive=seed";
+            assert!(joined.contains(want), "{want} missing in {joined}");
+        }
+        assert!(!qemu_args(&config(), Accel::Tcg, None)
+            .iter()
+            .any(|a| a.to_string_lossy().contains("id=seed")));
+    }
+
+    #[test]
+    fn test_args_guest_forward_netdev() {
+        let mut c = config();
+        c.network = true;
+        c.port_forwards = vec!["8080:80".parse().unwrap()];
+        c.guest_forwards = vec![crate::vm::GuestForward {
+            addr: "169.254.169.254:80".parse().unwrap(),
+            command: "'/opt/a,b/fuse' __relay 127.0.0.1:9000".into(),
+        }];
+        let args = qemu_args_with(&c, Accel::Tcg, None, NetBackend::SlirpRestricted);
+        assert!(
+            args.windows(2).any(|w| {
+                w[0] == "-netdev"
+                    && w[1]
+                        == "user,id=n0,restrict=on,net=169.254.169.0/24,\
+                        hostfwd=tcp:127.0.0.1:8080-:80,\
+                        guestfwd=tcp:169.254.169.254:80-cmd:'/opt/a,,b/fuse' __relay 127.0.0.1:9000"
+            }),
+            "{args:?}"
+        );
+        // QEMU spawns the command per connection: its sandbox allows that, and only then.
+        let sandbox = |args: &[OsString]| {
+            args.windows(2)
+                .find(|w| w[0] == "-sandbox")
+                .map(|w| w[1].to_string_lossy().into_owned())
+                .unwrap()
+        };
+        assert!(!sandbox(&args).contains("spawn=deny"), "{args:?}");
+        c.guest_forwards.clear();
+        let args = qemu_args_with(&c, Accel::Tcg, None, NetBackend::SlirpRestricted);
+        assert!(sandbox(&args).contains("spawn=deny"), "{args:?}");
+        assert!(!args.iter().any(|a| a.to_string_lossy().contains("net=")));
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub use accel::{
     probe_accel, select_accel, AccelError, AccelSelection, ProbeVerdict, PROBE_TIMEOUT,
 };
 pub use config::{
-    Accel, AccelChoice, Firmware, InvalidPortForward, Machine, PortForward, Proto, UnknownAccel,
-    UnknownMachine, VmConfig,
+    guest_forward_network, Accel, AccelChoice, Firmware, GuestForward, InvalidGuestForward,
+    InvalidPortForward, Machine, PortForward, Proto, UnknownAccel, UnknownMachine, VmConfig,
 };
 pub use machine::{find_qemu, QemuMissing, VM_NAME_ARG};
 pub use passt::{guest_network_up, PasstError};

@@ -123,6 +123,8 @@ pub enum RunError {
     Accel(#[from] AccelError),
     #[error(transparent)]
     Network(#[from] PasstError),
+    #[error(transparent)]
+    GuestForward(#[from] super::config::InvalidGuestForward),
     #[error("Cannot start {binary}")]
     Spawn {
         binary: String,
@@ -324,6 +326,7 @@ pub fn run_controlled(
         .chain([&config.root_disk])
         .chain(config.fw_cfg.iter().map(|(_, p)| p))
         .chain(config.data_disks.iter())
+        .chain(config.config_disk.iter())
     {
         std::fs::metadata(path).map_err(|source| RunError::MissingInput {
             path: path.clone(),
@@ -350,8 +353,10 @@ pub fn run_controlled(
         .get_or_insert_with(|| private_dir.path().join("qmp.sock"))
         .clone();
     let config = &config;
-    // passt, unless the host has no default route (passt refuses to start there).
-    let net = match passt::host_has_default_route() {
+    // passt, unless the VM has guest forwards (passt has none) or the host has no default
+    // route (passt refuses to start there).
+    super::config::guest_forward_network(&config.guest_forwards)?;
+    let net = match config.guest_forwards.is_empty() && passt::host_has_default_route() {
         true => NetBackend::Passt,
         false => NetBackend::SlirpRestricted,
     };

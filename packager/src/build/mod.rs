@@ -195,6 +195,8 @@ pub(crate) fn build(
         .unwrap_or(0);
     let image_config =
         environments::bake(&mut tree, &mut spec, config.as_ref(), kind.as_str(), fixed)?;
+    // The init keeps these in front of arguments that come from a cloud's user-data.
+    spec.fixed_args = fixed;
     let user = config.as_ref().and_then(|c| c.user);
     let capabilities = config.as_ref().and_then(|c| c.capabilities.as_ref());
     if user.is_some_and(|u| u.uid == 0) {

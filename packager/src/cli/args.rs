@@ -11,7 +11,7 @@ use crate::run::boot::BootMode;
 use crate::run::health::HealthCheck;
 use crate::run::overlay::Selection;
 use crate::run::volumes::VolumeSpec;
-use crate::run::RunOptions;
+use crate::run::{CloudSource, RunOptions};
 use clap::Args;
 use fuse_boot::vm::PortForward;
 use fuse_boot::vm::{AccelChoice, Machine};
@@ -123,9 +123,10 @@ impl BuildFlags {
     }
 }
 
-/// How an image is booted: `fuse run` and `fuse test` alike.
-#[derive(Debug, Clone, Args)]
-pub(super) struct VmFlags {
+/// What a deployment selects and injects: `fuse run`, `fuse test`, `fuse userdata` and
+/// `fuse export --format nocloud` alike.
+#[derive(Debug, Clone, Default, Args)]
+pub(super) struct SelectionFlags {
     /// Arguments for the app, replacing the image's (after `--`).
     #[arg(last = true)]
     pub(crate) args: Vec<String>,
@@ -138,13 +139,51 @@ pub(super) struct VmFlags {
         value_name = "NAME"
     )]
     pub(crate) environment: Option<String>,
-    /// Set a variable for this run only, never stored in the image (repeatable); `-e KEY`
+    /// Set a variable, never stored in the image (repeatable; a later one wins); `-e KEY`
     /// passes KEY's value from your environment.
     #[arg(short = 'e', value_name = "KEY=VALUE")]
     pub(crate) set: Vec<String>,
-    /// Read variables for this run from a dotenv file (KEY=VALUE lines; repeatable; `-e` wins).
+    /// Read variables from a dotenv file (KEY=VALUE lines; repeatable; `-e` wins).
     #[arg(long = "env-file", value_name = "FILE")]
     pub(crate) env_files: Vec<PathBuf>,
+}
+
+impl SelectionFlags {
+    /// Whether none of these flags was given.
+    pub(super) fn is_empty(&self) -> bool {
+        self.args.is_empty()
+            && self.environment.is_none()
+            && self.set.is_empty()
+            && self.env_files.is_empty()
+    }
+
+    /// The selection, with every value checked as `fuse run` checks it (`-e`, the env files,
+    /// sizes), before anything is built, booted or written.
+    pub(super) fn selection(&self) -> anyhow::Result<Selection> {
+        let selection =
+            Selection::from_flags(self.environment.as_deref(), &self.set, &self.env_files)?;
+        crate::run::overlay::check_sizes(&selection.env, &self.args)?;
+        Ok(selection)
+    }
+
+    /// The first of these flags given, by name (for refusals).
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.environment.is_some(), "--env"),
+            (!self.set.is_empty(), "-e"),
+            (!self.env_files.is_empty(), "--env-file"),
+            (!self.args.is_empty(), "Arguments after --"),
+        ]
+        .into_iter()
+        .find_map(|(given, name)| given.then_some(name))
+    }
+}
+
+/// How an image is booted: `fuse run` and `fuse test` alike.
+#[derive(Debug, Clone, Args)]
+pub(super) struct VmFlags {
+    #[command(flatten)]
+    pub(crate) selection: SelectionFlags,
     /// Accelerator: auto (KVM where a probe shows it works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = parse::<AccelChoice>)]
     pub(crate) accel: AccelChoice,
@@ -190,6 +229,61 @@ pub(super) struct VmFlags {
     /// boots on a cloud.
     #[arg(long, default_value = "virtio", value_parser = parse::<Machine>)]
     pub(crate) machine: Machine,
+    /// Attach a NoCloud seed disk (from `fuse export --format nocloud`) read-only, as a cloud
+    /// attaches its configuration disk: the app's configuration comes from its user-data, as
+    /// on a cloud (fuse passes none of its own; --env, -e, --env-file, arguments and -v are
+    /// refused).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) seed: Option<PathBuf>,
+    /// Play a cloud's instance metadata service: the guest's 169.254.169.254:80 leads to
+    /// HOST:PORT on the host (nothing else is reachable from the guest); the app's
+    /// configuration comes from that server's user-data, as on EC2 (fuse passes none of its
+    /// own, as with --seed; with both, the seed disk is read first).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metadata_server: Option<String>,
+}
+
+impl VmFlags {
+    /// The cloud channel of `--seed` / `--metadata-server`, checked (the seed readable, the
+    /// server's address valid); refuses what would need fuse's own configuration with it.
+    fn cloud_source(&self) -> anyhow::Result<CloudSource> {
+        use anyhow::Context;
+        let mode = match (&self.seed, &self.metadata_server) {
+            (None, None) => return Ok(CloudSource::default()),
+            (Some(_), Some(_)) => "--seed and --metadata-server",
+            (Some(_), None) => "--seed",
+            (None, Some(_)) => "--metadata-server",
+        };
+        if let Some(flag) = self.selection.first_given() {
+            anyhow::bail!(
+                "{flag} cannot be used with {mode}: the app's configuration then comes from the user-data, as on a cloud, so it goes in the user-data: make it with `fuse userdata` or `fuse export --format nocloud`"
+            );
+        }
+        if !self.volume.is_empty() {
+            anyhow::bail!(
+                "-v cannot be used with {mode}: volumes reach the init through fuse's own configuration, which a run that plays the cloud's does not pass"
+            );
+        }
+        let mut cloud = CloudSource::default();
+        if let Some(seed) = &self.seed {
+            let readable = std::fs::File::open(seed).and_then(|f| f.metadata());
+            match readable {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => anyhow::bail!("The seed disk {} is not a file", seed.display()),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("Cannot read the seed disk {}", seed.display()))
+                }
+            }
+            // Absolute: a detached run's supervisor reads it from elsewhere.
+            cloud.seed = Some(std::fs::canonicalize(seed)?);
+        }
+        if let Some(target) = &self.metadata_server {
+            crate::run::relay::check_target(target)?;
+            cloud.metadata_server = Some(target.clone());
+        }
+        Ok(cloud)
+    }
 }
 
 impl TryFrom<&VmFlags> for RunOptions {
@@ -200,10 +294,10 @@ impl TryFrom<&VmFlags> for RunOptions {
         if let (Some(h), Some(secs)) = (health.as_mut(), f.health_timeout) {
             h.timeout = Duration::from_secs(secs);
         }
-        let selection = Selection::from_flags(f.environment.as_deref(), &f.set, &f.env_files)?;
-        crate::run::overlay::check_sizes(&selection.env, &f.args)?;
+        let cloud = f.cloud_source()?;
+        let selection = f.selection.selection()?;
         Ok(RunOptions {
-            args: f.args.clone(),
+            args: f.selection.args.clone(),
             selection,
             accel: f.accel,
             memory_mib: at_least_one("--memory", "memory", f.memory)?,
@@ -217,6 +311,7 @@ impl TryFrom<&VmFlags> for RunOptions {
             firmware: f.firmware,
             machine: f.machine,
             image_defaults: true,
+            cloud,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! `kernel build`, and how `fuse run`/`fuse test` turn their target into a stored image.
 
 use super::args::parse;
-use super::args::{BuildFlags, TargetArgs};
+use super::args::{BuildFlags, SelectionFlags, TargetArgs};
 use super::print::progress_line;
 use crate::host::digest;
 use crate::host::fs::human_size;
@@ -10,6 +10,7 @@ use crate::host::kernel::{self, KernelRequest};
 use crate::image::disk;
 use crate::image::export::{self, ExportFormat};
 use crate::image::manifest::Manifest;
+use crate::image::seed;
 use crate::image::store::{Store, StoredImage};
 use crate::run::instances::Instance;
 use anyhow::{bail, Context, Result};
@@ -330,11 +331,43 @@ pub(super) fn verify(reference: &str, json_output: bool) -> Result<i32> {
     )
 }
 
+/// What `fuse export --format` writes: the image's disk in a format, or a NoCloud seed disk
+/// (`crate::image::seed`), which is not the image but one deployment's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ExportTarget {
+    Disk(ExportFormat),
+    NoCloud,
+}
+
+impl std::str::FromStr for ExportTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "nocloud" {
+            return Ok(ExportTarget::NoCloud);
+        }
+        s.parse::<ExportFormat>()
+            .map(ExportTarget::Disk)
+            .map_err(|_| format!("unknown format '{s}': use raw, qcow2, vmdk, vhd or nocloud"))
+    }
+}
+
 pub(super) fn export(
     reference: &str,
-    format: ExportFormat,
+    target: ExportTarget,
     output: &std::path::Path,
+    selection: &SelectionFlags,
 ) -> Result<i32> {
+    let format = match target {
+        ExportTarget::NoCloud => return export_seed(reference, output, selection),
+        ExportTarget::Disk(format) => format,
+    };
+    if !selection.is_empty() {
+        bail!(
+            "--env, -e, --env-file and arguments configure a deployment: they go in a seed disk (--format nocloud), not in the image's disk ({} writes the image, the same for every deployment)",
+            format.as_str()
+        );
+    }
     let store = Store::open_default()?;
     let target = disk::resolve(&store, reference)?;
     if let Some(image) = &target.image {
@@ -342,6 +375,44 @@ pub(super) fn export(
     }
     export::export(&target.path, format, output)?;
     println!("{} {}", output.display(), format.as_str());
+    Ok(0)
+}
+
+/// The stored image a deployment's configuration is made for (not a disk file: its
+/// environments and digest are in the store's manifest).
+fn deployed_image(store: &Store, reference: &str) -> Result<StoredImage> {
+    store.find(reference)?.with_context(|| {
+        format!("No image '{reference}' in the store: give an image from `fuse ls` (name[:version] or digest)")
+    })
+}
+
+/// `fuse export --format nocloud`: the seed disk of one deployment.
+fn export_seed(reference: &str, output: &Path, flags: &SelectionFlags) -> Result<i32> {
+    let selection = flags.selection()?;
+    let store = Store::open_default()?;
+    let image = deployed_image(&store, reference)?;
+    let user_data = crate::run::userdata::user_data(&image.manifest, &selection, &flags.args)?;
+    let meta_data = seed::meta_data(&image.digest);
+    let disk = seed::build(user_data.as_bytes(), meta_data.as_bytes())?;
+    crate::host::fs::write_private(output, &disk)?;
+    println!("{} nocloud", output.display());
+    Ok(0)
+}
+
+/// `fuse userdata`: prints (or writes, 0600) one deployment's user-data.
+pub(super) fn userdata(
+    reference: &str,
+    flags: &SelectionFlags,
+    output: Option<&Path>,
+) -> Result<i32> {
+    let selection = flags.selection()?;
+    let store = Store::open_default()?;
+    let image = deployed_image(&store, reference)?;
+    let text = crate::run::userdata::user_data(&image.manifest, &selection, &flags.args)?;
+    match output {
+        Some(path) => crate::host::fs::write_private(path, text.as_bytes())?,
+        None => print!("{text}"),
+    }
     Ok(0)
 }
 

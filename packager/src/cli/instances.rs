@@ -67,10 +67,12 @@ fn detach(image: &StoredImage, options: RunOptions, auto_remove: bool) -> Result
     // Everything that can fail early fails here, in the foreground, as one line.
     let options = options.with_image_defaults(&image.manifest);
     options.check_ports()?;
-    crate::run::overlay::check_environment(
-        &image.manifest,
-        options.selection.environment.as_deref(),
-    )?;
+    if !options.cloud.is_set() {
+        crate::run::overlay::check_environment(
+            &image.manifest,
+            options.selection.environment.as_deref(),
+        )?;
+    }
     let patience = match &options.health {
         Some(h) => h.timeout + START_PATIENCE,
         None => START_PATIENCE,
@@ -96,6 +98,24 @@ pub(super) fn supervise(dir: &std::path::Path) -> Result<i32> {
         dir,
         &super::exit::code_of,
     )?))
+}
+
+/// The hidden `fuse __relay HOST:PORT` (see `crate::run::relay`): exit 0 when both directions
+/// ended, 1 when the server could not be reached. Nothing goes to stderr, which QEMU connects
+/// to the guest's connection: it is pointed at /dev/null first.
+pub(super) fn relay(target: &str) -> i32 {
+    // SAFETY: plain fd calls on the process's own standard error.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
+    }
+    match crate::run::relay::relay(target) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
 }
 
 /// Docker's STATUS of an ended instance: `Exited (3) 5 seconds ago`, `Exited (unknown) …`.

@@ -2,8 +2,8 @@
 //! printed as one line and mapped to exit codes in one place ([`exit`]).
 //!
 //! `args` holds the flag groups shared by commands, `images` the image commands (build, ls,
-//! rm, inspect, verify, export, kernel), `instances` the VM commands (run, run -d, ps, logs,
-//! kill, prune, the hidden supervisor), `test` the `fuse test` command, `print` the progress lines.
+//! rm, inspect, verify, export, userdata, kernel), `instances` the VM commands (run, run -d,
+//! ps, logs, kill, prune, the hidden supervisor and relay), `test` the `fuse test` command, `print` the progress lines.
 
 mod args;
 mod exit;
@@ -63,16 +63,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write an image's disk in the format a hypervisor or cloud imports.
+    /// Write an image's disk in the format a hypervisor or cloud imports, or (nocloud) a seed
+    /// disk with one deployment's configuration.
+    #[command(
+        long_about = "Write an image's disk in the format a hypervisor or cloud imports, or \
+            (--format nocloud) a seed disk with one deployment's configuration.\n\n\
+            raw, qcow2, vmdk and vhd convert the image's disk: the image itself, the same for \
+            every deployment. nocloud writes something else: not the image, but the \
+            configuration disk a cloud or hypervisor attaches beside it (a NoCloud seed: a \
+            FAT volume labelled CIDATA holding `user-data`, as `fuse userdata` prints it, and \
+            `meta-data`); the image's init reads it at boot. Only nocloud takes --env, -e, \
+            --env-file and arguments after --."
+    )]
     Export {
-        /// Image (name[:version] or digest), or a disk file.
+        /// Image (name[:version] or digest), or a disk file (not with nocloud).
         image: String,
-        /// raw (GCE, dd), qcow2 (KVM, OpenStack), vmdk (VMware, AWS import), vhd (Azure).
-        #[arg(long, value_parser = parse::<crate::image::export::ExportFormat>)]
-        format: crate::image::export::ExportFormat,
+        /// raw (GCE, dd), qcow2 (KVM, OpenStack), vmdk (VMware, AWS import), vhd (Azure): the
+        /// image's disk; nocloud: a NoCloud seed disk with this deployment's user-data (not
+        /// the image).
+        #[arg(long, value_parser = parse::<images::ExportTarget>)]
+        format: images::ExportTarget,
         /// The file to write.
         #[arg(long, short)]
         output: PathBuf,
+        #[command(flatten)]
+        selection: args::SelectionFlags,
+    },
+    /// Print the user-data of one deployment of an image (the environment, variables and
+    /// arguments `fuse run` would pass), for a cloud's user-data field or a seed disk.
+    #[command(
+        long_about = "Print the user-data of one deployment of an image: the environment, \
+            variables and arguments `fuse run` would pass, as one line of JSON \
+            ({\"fuse\":1,\"environment\":…,\"env\":{…},\"args\":[…]}). Give it to a cloud as the \
+            instance's user-data (EC2: --user-data file://FILE), or write a seed disk with \
+            `fuse export --format nocloud`: the image's init reads it at boot when fuse passes \
+            no configuration of its own. It holds the values of -e: write it with -o (0600), \
+            and `-e KEY` takes KEY's value from your environment, not the command line."
+    )]
+    Userdata {
+        /// Image (name[:version] or digest).
+        image: String,
+        #[command(flatten)]
+        selection: args::SelectionFlags,
+        /// Write it to FILE (mode 0600, replaced whole) instead of printing it.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Manage the guest kernel.
     #[command(subcommand)]
@@ -113,6 +148,10 @@ enum Command {
     /// Internal: runs the VM of a detached instance, as its directory's request file says.
     #[command(name = "__supervise", hide = true)]
     Supervise { dir: PathBuf },
+    /// Internal: QEMU runs it per guest connection of `fuse run --metadata-server`, the
+    /// connection its stdin and stdout; relays it to HOST:PORT.
+    #[command(name = "__relay", hide = true)]
+    Relay { target: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,7 +196,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
             image,
             format,
             output,
-        } => images::export(&image, format, &output),
+            selection,
+        } => images::export(&image, format, &output, &selection),
+        Command::Userdata {
+            image,
+            selection,
+            output,
+        } => images::userdata(&image, &selection, output.as_deref()),
         Command::Kernel(KernelCommand::Build { target, json }) => {
             images::kernel_build(&target, json)
         }
@@ -167,5 +212,6 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Kill { ids } => instances::kill(&ids),
         Command::Prune { ids } => instances::prune(&ids),
         Command::Supervise { dir } => instances::supervise(&dir),
+        Command::Relay { target } => Ok(instances::relay(&target)),
     }
 }

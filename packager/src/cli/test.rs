@@ -112,15 +112,23 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
     // over its timeout.
     let mut options = RunOptions::try_from(&args.vm)?;
     let selection = &mut options.selection;
-    if selection.environment.is_none() {
+    let from_table = test.environment.is_some() || !test.env.is_empty();
+    if options.cloud.is_set() && from_table {
+        // The user-data decides, as --env and -e may not be given with it.
+        progress_line(
+            "notice: the [test] table's environment and env are not used: with --seed or --metadata-server the user-data configures the app",
+        );
+    } else if selection.environment.is_none() {
         selection.environment = test.environment.clone();
     }
-    let mut env: Vec<(String, String)> = test.env.clone().into_iter().collect();
-    for (k, v) in selection.env.drain(..) {
-        env.retain(|(key, _)| *key != k);
-        env.push((k, v));
+    if !options.cloud.is_set() {
+        let mut env: Vec<(String, String)> = test.env.clone().into_iter().collect();
+        for (k, v) in selection.env.drain(..) {
+            env.retain(|(key, _)| *key != k);
+            env.push((k, v));
+        }
+        selection.env = env;
     }
-    selection.env = env;
     options.timeout = options
         .timeout
         .or(test.timeout)

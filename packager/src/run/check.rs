@@ -466,7 +466,10 @@ pub(crate) fn run_test(
     Ok(Report {
         image: image.name.to_string(),
         digest: image.digest.clone(),
-        environment: effective_environment(&image.manifest, &options.selection),
+        // With --seed/--metadata-server the user-data picks it, which fuse does not read.
+        environment: (!options.cloud.is_set())
+            .then(|| effective_environment(&image.manifest, &options.selection))
+            .flatten(),
         duration,
         exit_code: seen.exit_code,
         checks,

@@ -3,7 +3,8 @@
 //! [`RunOptions`] and defaults; they differ only in the [`Hooks`] they pass and where the
 //! console output goes.
 //!
-//! `overlay` carries what one run selects and injects, `boot` chooses direct or UEFI boot,
+//! `overlay` carries what one run selects and injects (`userdata` the same as a cloud's
+//! user-data, `relay` plays a cloud's metadata service), `boot` chooses direct or UEFI boot,
 //! `ports`, `health` and `volumes` are the run's network, readiness and data, `instances`
 //! keeps the state of detached runs, `check` evaluates what `fuse test` expects.
 
@@ -14,6 +15,8 @@ pub(crate) mod health;
 pub(crate) mod instances;
 pub(crate) mod overlay;
 pub(crate) mod ports;
+pub(crate) mod relay;
+pub(crate) mod userdata;
 pub(crate) mod volumes;
 
 use crate::image::config::HealthProbe;
@@ -74,6 +77,25 @@ pub(crate) struct RunOptions {
     /// Publish the image's named ports and wait on its health check when the options give
     /// none (`fuse run`); `fuse test` publishes only its own check's port.
     pub(crate) image_defaults: bool,
+    /// The cloud's configuration, played locally: no run overlay, so the init reads it here.
+    #[serde(default)]
+    pub(crate) cloud: CloudSource,
+}
+
+/// Where a run plays a cloud's configuration channel from (`--seed`, `--metadata-server`).
+/// Either one means the run passes no fw_cfg overlay, so the init falls through to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CloudSource {
+    /// A NoCloud seed disk (absolute path), attached read-only after the data disks.
+    pub(crate) seed: Option<PathBuf>,
+    /// `HOST:PORT` on the host that the guest's 169.254.169.254:80 leads to.
+    pub(crate) metadata_server: Option<String>,
+}
+
+impl CloudSource {
+    pub(crate) fn is_set(&self) -> bool {
+        self.seed.is_some() || self.metadata_server.is_some()
+    }
 }
 
 impl Default for RunOptions {
@@ -93,6 +115,7 @@ impl Default for RunOptions {
             firmware: BootMode::Direct,
             machine: Machine::Virtio,
             image_defaults: true,
+            cloud: CloudSource::default(),
         }
     }
 }
@@ -215,12 +238,32 @@ pub(crate) fn launch(
     let options = &options.with_image_defaults(manifest);
     let health_port = options.check_ports()?;
     let scratch = store.temp_dir()?;
-    let args = (!options.args.is_empty()).then(|| run_args(manifest, &options.args));
-    let overlay = overlay::run_overlay(manifest, &options.selection, args)?;
+    let guest_forwards = match &options.cloud.metadata_server {
+        Some(target) => vec![relay::metadata_forward(target)?],
+        None => Vec::new(),
+    };
     let volumes = volumes::prepare(&options.volumes, manifest, &image.name.to_string(), notice)?;
-    let overlay = volumes::add_to_overlay(overlay, &volumes);
-    let overlay_dir = hooks.private_dir.as_deref().unwrap_or(scratch.path());
-    let overlay_file = overlay::write_overlay(overlay_dir, &overlay)?;
+    // Always an overlay (maybe only its version pair): without one the init would look for a
+    // cloud's configuration, and through passt on a cloud host reach the host's own metadata
+    // service. Only a run that plays the cloud's channel (the options refuse every value that
+    // would need an overlay then) goes without.
+    let overlay_file = if options.cloud.is_set() {
+        let selection = &options.selection;
+        if selection.environment.is_some()
+            || !selection.env.is_empty()
+            || !options.args.is_empty()
+            || !options.volumes.is_empty()
+        {
+            anyhow::bail!("A run with --seed or --metadata-server takes its configuration from the user-data only: no --env, -e, --env-file, arguments or -v");
+        }
+        None
+    } else {
+        let args = (!options.args.is_empty()).then(|| run_args(manifest, &options.args));
+        let overlay = overlay::run_overlay(manifest, &options.selection, args)?;
+        let overlay = volumes::add_to_overlay(overlay, &volumes);
+        let overlay_dir = hooks.private_dir.as_deref().unwrap_or(scratch.path());
+        Some(overlay::write_overlay(overlay_dir, &overlay)?)
+    };
     let fw_cfg: Vec<_> = overlay_file.iter().map(|f| f.fw_cfg()).collect();
     // Both boot modes boot the image's disk: its bytes are the image's digest.
     let (root_disk, boot_files, firmware) =
@@ -246,6 +289,8 @@ pub(crate) fn launch(
         qmp_socket: hooks.qmp_socket.clone(),
         stop_grace: options.grace,
         data_disks: volumes.iter().map(|v| v.file.clone()).collect(),
+        config_disk: options.cloud.seed.clone(),
+        guest_forwards,
         machine: options.machine,
     };
     // The health probe runs in its own thread from QEMU's spawn on; a failed check stops
@@ -349,6 +394,10 @@ mod tests {
             volumes: vec!["db:/data:64M".parse().unwrap()],
             firmware: BootMode::Uefi,
             machine: Machine::Cloud,
+            cloud: CloudSource {
+                seed: Some("/tmp/seed.img".into()),
+                metadata_server: Some("127.0.0.1:8080".into()),
+            },
             ..RunOptions::default()
         };
         let text = serde_json::to_string(&options).unwrap();

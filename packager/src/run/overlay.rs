@@ -149,15 +149,14 @@ pub(crate) fn run_overlay(
 }
 
 /// Writes the overlay for QEMU's fw_cfg into `dir` (a 0700 directory that goes with the run:
-/// the instance's, or the run's scratch) as a 0600 file; `None` when the overlay changes
-/// nothing. It holds every injected value, so it lives only until QEMU has read it (see
-/// [`OverlayFile::remove_once_read`]), and goes whatever happens when dropped.
-pub(crate) fn write_overlay(dir: &Path, overlay: &RunOverlay) -> Result<Option<OverlayFile>> {
+/// the instance's, or the run's scratch) as a 0600 file, also when it changes nothing (then
+/// only its version pair): its presence tells the init that this run's configuration came
+/// from fuse, so it looks for no cloud's. It holds every injected value, so it lives only
+/// until QEMU has read it (see [`OverlayFile::remove_once_read`]), and goes whatever happens
+/// when dropped.
+pub(crate) fn write_overlay(dir: &Path, overlay: &RunOverlay) -> Result<OverlayFile> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    if overlay.is_empty() {
-        return Ok(None);
-    }
     let bytes = overlay.try_encode().context("Invalid run-time value")?;
     let path = dir.join(OVERLAY_FILE);
     // Owned (removed on drop) from the moment it exists: a failed write leaves nothing.
@@ -169,7 +168,7 @@ pub(crate) fn write_overlay(dir: &Path, overlay: &RunOverlay) -> Result<Option<O
         .open(&file.path)
         .and_then(|mut f| f.write_all(&bytes))
         .with_context(|| format!("Cannot write the run overlay {}", file.path.display()))?;
-    Ok(Some(file))
+    Ok(file)
 }
 
 /// The overlay's file name in its directory.
@@ -326,6 +325,19 @@ mod tests {
         let mut with_default = m.clone();
         with_default.config.default_environment = Some("dev".into());
         assert!(run_overlay(&with_default, &Selection::default(), None).is_ok());
+    }
+
+    #[test]
+    fn an_empty_overlay_is_written_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_overlay(dir.path(), &RunOverlay::default()).unwrap();
+        let (name, path) = file.fw_cfg();
+        assert_eq!(name, RUN_OVERLAY_FW_CFG_NAME);
+        assert_eq!(std::fs::read(&path).unwrap(), b"fuse-spec\x001\x00");
+        assert_eq!(path.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        drop(file);
+        assert!(!path.exists(), "removed when dropped");
     }
 
     #[test]

@@ -188,6 +188,7 @@ pub(crate) fn app_spec(
         gid: 0,
         caps: None,
         hostname: input.name.name.clone(),
+        fixed_args: 0,
     }
 }
 
