@@ -35,7 +35,10 @@
  * millisecond; elsewhere the address leads nowhere and its packets are dropped, and this is
  * all the boot waits for it (the issue's bound: 1 s). */
 #define IMDS_CONNECT_MS 500
-/* How long one answer may take once connected. */
+/* How long the token's answer may take once connected: a network may accept the connection
+ * and lead it nowhere (a proxy, a user-mode network), and the boot waits for that too. Once
+ * the service has answered, the other answers get more patience. */
+#define IMDS_TOKEN_ANSWER_MS 1000
 #define IMDS_ANSWER_MS 3000
 /* The session token's lifetime: the init needs it for three requests at boot. */
 #define IMDS_TOKEN_TTL "60"
@@ -292,8 +295,8 @@ static bool send_all(int fd, const char *buf, size_t len, long long deadline)
  * service did not answer (no connection within IMDS_CONNECT_MS), or -1 when its answer was
  * broken or late (with a reason in `why`).
  */
-static int imds_request(const char *method, const char *path, const char *header, char **body,
-			size_t *body_len, char *why, size_t whylen)
+static int imds_request(const char *method, const char *path, const char *header, int answer_ms,
+			char **body, size_t *body_len, char *why, size_t whylen)
 {
 	*body = NULL;
 	*body_len = 0;
@@ -305,7 +308,7 @@ static int imds_request(const char *method, const char *path, const char *header
 			 "%s %s HTTP/1.1\r\nHost: " IMDS_ADDR "\r\n%s\r\nConnection: close\r\n"
 			 "Content-Length: 0\r\n\r\n",
 			 method, path, header);
-	long long deadline = now_ms() + IMDS_ANSWER_MS;
+	long long deadline = now_ms() + answer_ms;
 	if (n < 0 || (size_t)n >= sizeof(req) || !send_all(fd, req, (size_t)n, deadline)) {
 		close(fd);
 		snprintf(why, whylen, "the request could not be sent");
@@ -320,7 +323,7 @@ static int imds_request(const char *method, const char *path, const char *header
 		if (left <= 0 || poll(&p, 1, (int)left) != 1) {
 			free(buf);
 			close(fd);
-			snprintf(why, whylen, "no complete answer within %d ms", IMDS_ANSWER_MS);
+			snprintf(why, whylen, "no complete answer within %d ms", answer_ms);
 			return -1;
 		}
 		ssize_t r = recv(fd, buf + len, cap - len, 0);
@@ -379,9 +382,11 @@ bool cloud_imds(struct cloud_config *c)
 	size_t len;
 	long long start = now_ms();
 	int st = imds_request("PUT", "/latest/api/token",
-			      "X-aws-ec2-metadata-token-ttl-seconds: " IMDS_TOKEN_TTL, &token, &len,
-			      why, sizeof(why));
-	if (st == 0) {
+			      "X-aws-ec2-metadata-token-ttl-seconds: " IMDS_TOKEN_TTL,
+			      IMDS_TOKEN_ANSWER_MS, &token, &len, why, sizeof(why));
+	if (st <= 0) {
+		/* No connection, or one that led nowhere: no metadata service on this network. */
+		debug("no IMDS: %s", st < 0 ? why : "no connection");
 		snprintf(c->source, sizeof(c->source),
 			 "no cidata/config-2 disk, no IMDS answer in %lld ms", now_ms() - start);
 		return false;
@@ -392,10 +397,7 @@ bool cloud_imds(struct cloud_config *c)
 		free(token);
 		/* A service that refuses a session (disabled, or not EC2's) cannot hold this
 		 * instance's user-data either: the image's defaults. IMDSv1 is never tried. */
-		if (st < 0)
-			warn("the instance metadata service gave no session token: %s", why);
-		else
-			warn("the instance metadata service refused a session token (HTTP %d)", st);
+		warn("the instance metadata service refused a session token (HTTP %d)", st);
 		snprintf(c->source, sizeof(c->source), "EC2 IMDSv2 (no session token)");
 		return true;
 	}
@@ -408,7 +410,8 @@ bool cloud_imds(struct cloud_config *c)
 	snprintf(header, sizeof(header), "X-aws-ec2-metadata-token: %s", token);
 	free(token);
 
-	st = imds_request("GET", "/latest/user-data", header, &body, &len, why, sizeof(why));
+	st = imds_request("GET", "/latest/user-data", header, IMDS_ANSWER_MS, &body, &len, why,
+			  sizeof(why));
 	if (st == 200 && len > 0) {
 		c->userdata = body;
 		c->len = len;
@@ -422,8 +425,8 @@ bool cloud_imds(struct cloud_config *c)
 			die(EXIT_INIT_FAILURE, "cannot read the user-data from EC2 IMDSv2: %s", why);
 		die(EXIT_INIT_FAILURE, "cannot read the user-data from EC2 IMDSv2: HTTP %d", st);
 	}
-	st = imds_request("GET", "/latest/meta-data/local-hostname", header, &body, &len, why,
-			  sizeof(why));
+	st = imds_request("GET", "/latest/meta-data/local-hostname", header, IMDS_ANSWER_MS, &body,
+			  &len, why, sizeof(why));
 	if (st == 200)
 		set_hostname(c, body, "EC2 IMDSv2");
 	free(body);

@@ -146,10 +146,12 @@ int spec_parse(struct app_spec *s, const char *buf, size_t len, bool overlay, ch
  * any problem. */
 bool load_spec(struct app_spec *s);
 /* Apply fuse's user-data (JSON, see docs/config.md) found at `source` to the spec: select its
- * environment (or the image's default), then its variables and arguments. `buf` NULL: no
- * user-data, the default environment. Returns the selected environment's name (static), or
- * NULL when the image has none. Dies on user-data that is not valid fuse user-data. */
-const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, const char *source);
+ * environment (or the image's default, saying so in *by_default), then its variables and
+ * arguments. `buf` NULL: no user-data, the default environment. Returns the selected
+ * environment's name (static), or NULL when the image has none. Dies on user-data that is not
+ * valid fuse user-data. */
+const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, const char *source,
+			   bool *by_default);
 
 /* ---- app.c --------------------------------------------------------------------------- */
 

@@ -225,10 +225,12 @@ int main(void)
 		if (!cloud.found && !cloud.source[0])
 			snprintf(cloud.source, sizeof(cloud.source),
 				 "no cidata/config-2 disk, no network for IMDS");
-		const char *env = apply_userdata(&spec, cloud.userdata, cloud.len, cloud.source);
+		bool by_default;
+		const char *env =
+			apply_userdata(&spec, cloud.userdata, cloud.len, cloud.source, &by_default);
 		char chosen[96];
 		snprintf(chosen, sizeof(chosen), "%s%s%s", env ? "environment " : "no environments",
-			 env ? env : "", env && !cloud.userdata ? " (the image's default)" : "");
+			 env ? env : "", env && by_default ? " (the image's default)" : "");
 		if (cloud.userdata)
 			info("run-time configuration: user-data from %s; %s", cloud.source, chosen);
 		else

@@ -431,7 +431,8 @@ static bool valid_env_name(const char *k)
 	return *k != '\0' && !strchr(k, '=');
 }
 
-const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, const char *source)
+const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, const char *source,
+			   bool *by_default)
 {
 	static char selected[ENV_NAME_MAX + 1];
 	char *fallback = NULL;
@@ -473,6 +474,7 @@ const char *apply_userdata(struct app_spec *s, const char *buf, size_t len, cons
 			    source);
 		env_name = e ? e->str : NULL;
 	}
+	*by_default = !env_name;
 	if (!env_name)
 		env_name = fallback = default_environment();
 	if (env_name) {

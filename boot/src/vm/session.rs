@@ -353,10 +353,13 @@ pub fn run_controlled(
         .get_or_insert_with(|| private_dir.path().join("qmp.sock"))
         .clone();
     let config = &config;
-    // passt, unless the VM has guest forwards (passt has none) or the host has no default
-    // route (passt refuses to start there).
+    // passt, unless the VM has guest forwards (passt has none), plays a cloud's configuration
+    // disk (its init, given no fw_cfg overlay, then looks for a metadata service too, which
+    // must not be the host's network's: on a cloud host that would be the host's own IMDS),
+    // or the host has no default route (passt refuses to start there).
     super::config::guest_forward_network(&config.guest_forwards)?;
-    let net = match config.guest_forwards.is_empty() && passt::host_has_default_route() {
+    let isolated = !config.guest_forwards.is_empty() || config.config_disk.is_some();
+    let net = match !isolated && passt::host_has_default_route() {
         true => NetBackend::Passt,
         false => NetBackend::SlirpRestricted,
     };

@@ -17,6 +17,8 @@ use serde::Serialize;
 
 /// The format version (`"fuse"`).
 pub(crate) const USER_DATA_VERSION: u32 = 1;
+/// The most the init reads (`USERDATA_MAX` in boot/init/cloud.c); EC2 takes 16 KB.
+pub(crate) const USER_DATA_MAX: usize = 64 * 1024;
 
 /// The user-data document, in its key order.
 #[derive(Debug, Serialize)]
@@ -68,12 +70,35 @@ pub(crate) fn user_data(
     };
     let mut text = serde_json::to_string(&doc).context("Cannot write the user-data")?;
     text.push('\n');
+    if text.len() > USER_DATA_MAX {
+        anyhow::bail!(
+            "The user-data would be {} KiB: the image's init reads at most {} KiB (EC2 takes 16 KB); inject large values as files on a volume instead",
+            text.len().div_ceil(1024),
+            USER_DATA_MAX / 1024
+        );
+    }
     Ok(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_data_over_what_the_init_reads_is_refused() {
+        let m = manifest(&[]);
+        let big = |n: usize| Selection {
+            environment: None,
+            env: vec![("K".into(), "x".repeat(n))],
+        };
+        assert!(user_data(&m, &big(60 * 1024), &[]).is_ok());
+        let err = user_data(&m, &big(USER_DATA_MAX), &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the image's init reads at most 64 KiB"),
+            "{err}"
+        );
+    }
 
     fn manifest(envs: &[&str]) -> Manifest {
         let mut m = crate::image::manifest::tests::sample();
