@@ -172,6 +172,18 @@ fn bench_arch(
     config.network = true;
     config.memory_mib = 256;
     config.timeout = Some(Duration::from_secs(120));
+    // An empty run overlay, as `fuse run` always passes: the init takes its configuration from
+    // it and looks for no cloud (without it the VM's network would be isolated, see
+    // `vm::session`, and the init would probe for a metadata service).
+    let overlay = work.join(format!("{arch}-overlay"));
+    std::fs::write(
+        &overlay,
+        fuse_boot::spec::RunOverlay::default().try_encode()?,
+    )?;
+    config.fw_cfg = vec![(
+        fuse_boot::spec::RUN_OVERLAY_FW_CFG_NAME.to_string(),
+        overlay,
+    )];
 
     if std::env::args().any(|a| a == "--without-verity") {
         let verity = fuse_boot::cmdline::parse_verity(&config.cmdline)

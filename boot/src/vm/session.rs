@@ -353,12 +353,17 @@ pub fn run_controlled(
         .get_or_insert_with(|| private_dir.path().join("qmp.sock"))
         .clone();
     let config = &config;
-    // passt, unless the VM has guest forwards (passt has none), plays a cloud's configuration
-    // disk (its init, given no fw_cfg overlay, then looks for a metadata service too, which
-    // must not be the host's network's: on a cloud host that would be the host's own IMDS),
-    // or the host has no default route (passt refuses to start there).
+    // passt, unless the VM has guest forwards (passt has none), gets no run overlay (a fuse
+    // init then looks for its configuration on the cloud, a metadata service included, which
+    // must not be found through the host's network: on a cloud host that would be the host's
+    // own IMDS), or the host has no default route (passt refuses to start there).
     super::config::guest_forward_network(&config.guest_forwards)?;
-    let isolated = !config.guest_forwards.is_empty() || config.config_disk.is_some();
+    let has_overlay = config
+        .fw_cfg
+        .iter()
+        .any(|(name, _)| name == crate::spec::RUN_OVERLAY_FW_CFG_NAME);
+    let isolated =
+        !config.guest_forwards.is_empty() || config.config_disk.is_some() || !has_overlay;
     let net = match !isolated && passt::host_has_default_route() {
         true => NetBackend::Passt,
         false => NetBackend::SlirpRestricted,
