@@ -298,6 +298,33 @@ impl Drop for Imds {
     }
 }
 
+/// Boots `cfgshow` on the cloud machine with `seed` attached as its configuration disk;
+/// returns how it ended (successfully) and its console output.
+fn boot_with_seed(
+    sb: &Sandbox,
+    arch: &str,
+    seed: &std::path::Path,
+) -> (fuse_tests::Output, String) {
+    let out = sb
+        .fuse()
+        .args([
+            "run",
+            "--machine",
+            "cloud",
+            "--accel",
+            "tcg",
+            "--arch",
+            arch,
+        ])
+        .arg("--seed")
+        .arg(seed)
+        .arg("cfgshow")
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    (out, stdout)
+}
+
 /// Lines of `out` starting with `prefix`, without it.
 fn lines_with<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
     out.lines().filter_map(|l| l.strip_prefix(prefix)).collect()
@@ -425,23 +452,7 @@ fn user_data_from_a_nocloud_disk_made_by_fuse_export() {
         .arg(&seed)
         .run()
         .assert_success();
-    let out = sb
-        .fuse()
-        .args([
-            "run",
-            "--machine",
-            "cloud",
-            "--accel",
-            "tcg",
-            "--arch",
-            arch,
-            "--seed",
-        ])
-        .arg(&seed)
-        .arg("cfgshow")
-        .run();
-    out.assert_success();
-    let stdout = out.stdout_str();
+    let (out, stdout) = boot_with_seed(&sb, arch, &seed);
     assert!(
         stdout.contains(
             "fuse-init: run-time configuration: user-data from the NoCloud disk vda (CIDATA); environment prod\n"
@@ -489,23 +500,7 @@ fn a_hand_written_iso9660_seed_configures_the_app() {
         .status()
         .expect("genisoimage (Debian package genisoimage, installed by ci/setup)");
     assert!(status.success());
-    let out = sb
-        .fuse()
-        .args([
-            "run",
-            "--machine",
-            "cloud",
-            "--accel",
-            "tcg",
-            "--arch",
-            arch,
-            "--seed",
-        ])
-        .arg(&seed)
-        .arg("cfgshow")
-        .run();
-    out.assert_success();
-    let stdout = out.stdout_str();
+    let (out, stdout) = boot_with_seed(&sb, arch, &seed);
     assert!(
         stdout.contains(
             "fuse-init: run-time configuration: user-data from the NoCloud disk vda (cidata); environment dev (the image's default)\n"
@@ -532,23 +527,7 @@ fn without_a_cloud_config_the_baked_default_boots_after_a_bounded_wait() {
     let sb = Sandbox::new();
     build_config_app(&sb, arch);
     let blank = sb.dir.write("blank.img", vec![0u8; 1 << 20]);
-    let out = sb
-        .fuse()
-        .args([
-            "run",
-            "--machine",
-            "cloud",
-            "--accel",
-            "tcg",
-            "--arch",
-            arch,
-            "--seed",
-        ])
-        .arg(&blank)
-        .arg("cfgshow")
-        .run();
-    out.assert_success();
-    let stdout = out.stdout_str();
+    let (out, stdout) = boot_with_seed(&sb, arch, &blank);
     let line = lines_with(
         &stdout,
         "fuse-init: run-time configuration: none (no cidata/config-2 disk, no IMDS answer in ",

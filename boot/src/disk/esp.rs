@@ -25,9 +25,10 @@ pub enum EspError {
 }
 
 /// Every timestamp of the volume: the FAT epoch, 1980-01-01 00:00 (what a zero date field
-/// means), so no build's clock or time zone reaches the disk.
+/// means), so no build's clock or time zone reaches the disk. fuse's other FAT volume, the
+/// NoCloud seed (`fuse export --format nocloud`), is written with it too.
 #[derive(Debug)]
-struct FixedTime;
+pub struct FixedTime;
 
 const EPOCH: Date = Date {
     year: 1980,
@@ -53,7 +54,8 @@ impl fatfs::TimeProvider for FixedTime {
     }
 }
 
-static FIXED_TIME: FixedTime = FixedTime;
+/// The [`FixedTime`] to hand `fatfs::FsOptions::time_provider`.
+pub static FIXED_TIME: FixedTime = FixedTime;
 
 /// Bytes per cluster: the smallest that keeps FAT16 under its cluster limit.
 fn cluster_size(data_bytes: u64) -> u32 {

@@ -14,7 +14,8 @@
 
 use crate::host::digest;
 use anyhow::{bail, ensure, Context, Result};
-use fatfs::{Date, DateTime, FatType, FileSystem, FormatVolumeOptions, FsOptions, Time};
+use fatfs::{FatType, FileSystem, FormatVolumeOptions, FsOptions};
+use fuse_boot::disk::esp::FIXED_TIME;
 use std::io::{Cursor, Write};
 
 /// The volume label NoCloud looks for (cloud-init accepts `cidata` and `CIDATA`).
@@ -28,36 +29,6 @@ const MIB: u64 = 1 << 20;
 /// Most clusters a FAT12 volume may have is 4084; stay well under.
 const FAT12_CLUSTERS: u64 = 4000;
 const DIR_ENTRY: usize = 32;
-
-/// Every timestamp of the volume: the FAT epoch, 1980-01-01 00:00.
-#[derive(Debug)]
-struct FixedTime;
-
-const EPOCH: Date = Date {
-    year: 1980,
-    month: 1,
-    day: 1,
-};
-
-impl fatfs::TimeProvider for FixedTime {
-    fn get_current_date(&self) -> Date {
-        EPOCH
-    }
-
-    fn get_current_date_time(&self) -> DateTime {
-        DateTime {
-            date: EPOCH,
-            time: Time {
-                hour: 0,
-                min: 0,
-                sec: 0,
-                millis: 0,
-            },
-        }
-    }
-}
-
-static FIXED_TIME: FixedTime = FixedTime;
 
 /// The meta-data for an image of digest `image_digest`: its instance id.
 pub(crate) fn meta_data(image_digest: &str) -> String {
