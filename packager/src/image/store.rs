@@ -141,19 +141,49 @@ impl Store {
     /// at the disk; returns the image digest (the disk's). The build's lease ends here: its
     /// blobs are the image's now.
     pub(crate) fn tag(&self, manifest: &Manifest, disk: &str) -> Result<String> {
+        let name = ImageName {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+        };
+        self.tag_as(manifest, disk, &name)
+    }
+
+    /// As [`Store::tag`], under `name` rather than the manifest's own name (a pulled image
+    /// is named after its registry reference, `registry/repository:tag`).
+    pub(crate) fn tag_as(
+        &self,
+        manifest: &Manifest,
+        disk: &str,
+        name: &ImageName,
+    ) -> Result<String> {
         let _lock = self.lock()?;
         let m = self.put_bytes_locked(&manifest.to_bytes())?;
         crate::host::fs::write_atomic(&self.index_path(disk), format!("{m}\n").as_bytes())?;
-        let reference = self
-            .root
-            .join("refs")
-            .join(&manifest.name)
-            .join(&manifest.version);
+        let reference = self.ref_path(name);
         crate::host::fs::write_atomic(&reference, format!("{disk}\n").as_bytes())?;
         if let Some(lease) = self.lease_path() {
             let _ = std::fs::remove_file(lease);
         }
         Ok(disk.to_string())
+    }
+
+    /// `refs/<name>/<version>`; a registry name's `/` is written `%2F` (a local name has
+    /// neither `/` nor `%`), so every name is one directory.
+    fn ref_path(&self, name: &ImageName) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(name.name.replace('/', "%2F"))
+            .join(&name.version)
+    }
+
+    /// The image stored under exactly `name` (local or pulled).
+    pub(crate) fn find_name(&self, name: &ImageName) -> Result<Option<StoredImage>> {
+        let path = self.ref_path(name);
+        match std::fs::read_to_string(&path) {
+            Ok(d) => Ok(Some(self.load(name.clone(), d.trim().to_string())?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("Cannot read {}", path.display())),
+        }
     }
 
     /// This process's lease file.
@@ -294,7 +324,7 @@ impl Store {
                     .trim()
                     .to_string();
                 let image_name = ImageName {
-                    name: name.clone(),
+                    name: name.replace("%2F", "/"),
                     version,
                 };
                 images.push(self.load(image_name, d)?);
@@ -316,6 +346,17 @@ impl Store {
             if let Some(first) = found.into_iter().next() {
                 return Ok(Some(first));
             }
+        }
+        if reference.contains('/') {
+            // A pulled image's name, `registry/repository[:tag]`.
+            let (name, version) = match reference.rsplit_once(':') {
+                Some((n, v)) if !v.contains('/') => (n, v),
+                _ => (reference, "latest"),
+            };
+            return self.find_name(&ImageName {
+                name: name.to_string(),
+                version: version.to_string(),
+            });
         }
         let Ok(wanted) = naming::parse(reference) else {
             return Ok(None);
@@ -350,11 +391,7 @@ impl Store {
     /// Removes a reference, then every blob no remaining image uses. Returns bytes freed.
     pub(crate) fn remove(&self, image: &StoredImage) -> Result<u64> {
         let _lock = self.lock()?;
-        let reference = self
-            .root
-            .join("refs")
-            .join(&image.name.name)
-            .join(&image.name.version);
+        let reference = self.ref_path(&image.name);
         std::fs::remove_file(&reference)
             .with_context(|| format!("Cannot remove {}", reference.display()))?;
         let dir = reference.parent().expect("refs/<name>");
