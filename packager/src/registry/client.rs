@@ -292,7 +292,7 @@ impl Client {
                         registry: self.registry.clone(),
                         operation: operation.to_string(),
                         reason: transport_reason(&e, try_number),
-                        tls: is_tls(&e),
+                        tls: tls_spoken(&e),
                     }
                     .into()
                 });
@@ -432,7 +432,7 @@ impl Client {
                     registry: self.registry.clone(),
                     operation: format!("{operation} (token from {realm})"),
                     reason: transport_reason(&e, 1),
-                    tls: is_tls(&e),
+                    tls: tls_spoken(&e),
                 })?;
         let status = response.status().as_u16();
         if status != 200 {
@@ -685,9 +685,24 @@ fn is_transport(e: &anyhow::Error) -> bool {
     )
 }
 
+/// The TLS error under a request's error, if it is one.
+fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        _ => None,
+    }
+}
+
 fn is_tls(e: &ureq::Error) -> bool {
-    matches!(e, ureq::Error::Tls(_) | ureq::Error::Rustls(_))
-        || matches!(e, ureq::Error::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()))
+    matches!(e, ureq::Error::Tls(_)) || rustls_error(e).is_some()
+}
+
+/// Whether the server spoke TLS (and it failed: a certificate not trusted, an alert), as
+/// opposed to answering in plain HTTP, which reads as a corrupt TLS message.
+fn tls_spoken(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Tls(_))
+        || rustls_error(e).is_some_and(|r| !matches!(r, rustls::Error::InvalidMessage(_)))
 }
 
 fn transport_reason(e: &ureq::Error, tries: u32) -> String {
