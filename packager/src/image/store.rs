@@ -533,6 +533,46 @@ mod tests {
     }
 
     #[test]
+    fn a_pulled_image_is_stored_under_its_registry_name() {
+        let m = sample();
+        let (_dir, store) = store_with_blobs(&m);
+        let disk = disk_of(&store, &m);
+        let pulled = ImageName {
+            name: "127.0.0.1:5000/team/hello".into(),
+            version: "1.0".into(),
+        };
+        store.tag_as(&m, &disk, &pulled).unwrap();
+        assert!(store
+            .root
+            .join("refs/127.0.0.1:5000%2Fteam%2Fhello/1.0")
+            .is_file());
+        let names: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|i| i.name.to_string())
+            .collect();
+        assert_eq!(names, ["127.0.0.1:5000/team/hello:1.0", "hello:1.0"]);
+        let found = store
+            .find("127.0.0.1:5000/team/hello:1.0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.name, pulled);
+        assert_eq!(found.manifest, m, "the manifest keeps its own name");
+        assert!(store
+            .find("127.0.0.1:5000/team/hello:2.0")
+            .unwrap()
+            .is_none());
+        assert!(store.find_name(&pulled).unwrap().is_some());
+        store.remove(&found).unwrap();
+        assert!(store.find_name(&pulled).unwrap().is_none());
+        assert!(
+            store.find("hello:1.0").unwrap().is_some(),
+            "the local one stays"
+        );
+    }
+
+    #[test]
     fn shared_blobs_survive_removing_one_image() {
         let a = sample();
         let mut b = sample();
