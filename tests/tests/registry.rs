@@ -31,8 +31,19 @@ struct Secured {
     htpasswd: PathBuf,
 }
 
+/// Token auth for a registry: the token service's realm and the certificate its tokens are
+/// signed with.
+struct TokenAuth {
+    realm: String,
+    cert: PathBuf,
+}
+
 impl Registry {
     fn start(dir: &Path, secured: Option<&Secured>) -> Registry {
+        Registry::start_with(dir, secured, None)
+    }
+
+    fn start_with(dir: &Path, secured: Option<&Secured>, token: Option<&TokenAuth>) -> Registry {
         assert!(
             Path::new(REGISTRY).is_file(),
             "{REGISTRY} is missing: install docker-registry (bash ci/setup)"
@@ -50,6 +61,13 @@ impl Registry {
                 s.cert.display(),
                 s.key.display(),
                 s.htpasswd.display()
+            ));
+        }
+        if let Some(t) = token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                t.realm,
+                t.cert.display()
             ));
         }
         let config_path = dir.join("registry.yml");
@@ -518,4 +536,232 @@ fn basic_auth_and_tls_with_a_private_ca() {
         .run();
     assert_one_error(&out, &["HTTP 401"]);
     assert_no_leaked_qemu();
+}
+
+const TOKEN_SERVICE: &str = "fuse-test-service";
+const TOKEN_ISSUER: &str = "fuse-test-issuer";
+
+fn base64(bytes: &[u8], url: bool) -> String {
+    let table: &[u8] = if url {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(table[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        if !url {
+            out.push_str(&"=".repeat(3 - chunk.len()));
+        }
+    }
+    out
+}
+
+/// What the token service was asked: the scope, and whether credentials came with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TokenRequest {
+    scope: String,
+    authenticated: bool,
+}
+
+/// A token service as distribution's token auth specifies it, on 127.0.0.1: Basic auth
+/// `ci:s3cret` earns a JWT (RS256, signed by openssl with `key`, its certificate in `x5c`)
+/// granting the scope asked for; no or wrong credentials, 401. Serves until the test ends
+/// (each accept is bounded by the test's own timeout).
+fn token_service(
+    key: PathBuf,
+    cert_der: Vec<u8>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<TokenRequest>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let realm = format!("http://{}/token", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap_or(0);
+            let mut authorization = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("authorization") {
+                        authorization = v.trim().to_string();
+                    }
+                }
+            }
+            let target = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_string();
+            let query = target.split_once('?').map_or("", |(_, q)| q);
+            let scope = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("scope="))
+                .unwrap_or("")
+                .replace("%3A", ":")
+                .replace("%2F", "/")
+                .replace("%2C", ",");
+            let authenticated = authorization == format!("Basic {}", base64(b"ci:s3cret", false));
+            log.lock().unwrap().push(TokenRequest {
+                scope: scope.clone(),
+                authenticated,
+            });
+            if !authenticated {
+                let _ = stream.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            let access = match scope
+                .strip_prefix("repository:")
+                .and_then(|s| s.rsplit_once(':'))
+            {
+                Some((name, actions)) => serde_json::json!([{
+                    "type": "repository",
+                    "name": name,
+                    "actions": actions.split(',').collect::<Vec<_>>(),
+                }]),
+                None => serde_json::json!([]),
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [base64(&cert_der, false)]});
+            let claims = serde_json::json!({
+                "iss": TOKEN_ISSUER, "sub": "ci", "aud": TOKEN_SERVICE,
+                "exp": now + 600, "nbf": now - 60, "iat": now - 60,
+                "jti": format!("{now}-{}", log.lock().unwrap().len()), "access": access,
+            });
+            let signing_input = format!(
+                "{}.{}",
+                base64(header.to_string().as_bytes(), true),
+                base64(claims.to_string().as_bytes(), true)
+            );
+            let mut openssl = Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            openssl
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(signing_input.as_bytes())
+                .unwrap();
+            let signature = openssl.wait_with_output().unwrap().stdout;
+            let token = format!("{signing_input}.{}", base64(&signature, true));
+            let body =
+                serde_json::json!({"token": token, "access_token": token, "expires_in": 600})
+                    .to_string();
+            let _ = stream.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (realm, seen)
+}
+
+#[test]
+fn bearer_tokens_from_the_registrys_token_service() {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    tool(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "token.key",
+                "-out",
+                "token.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=fuse test token signer",
+            ])
+            .current_dir(dir),
+        "openssl: token signer",
+    );
+    let der = Command::new("openssl")
+        .args(["x509", "-in", "token.crt", "-outform", "DER"])
+        .current_dir(dir)
+        .output()
+        .unwrap()
+        .stdout;
+    let (realm, seen) = token_service(dir.join("token.key"), der);
+    let registry = Registry::start_with(
+        dir,
+        None,
+        Some(&TokenAuth {
+            realm,
+            cert: dir.join("token.crt"),
+        }),
+    );
+    let image = build_hello(&sb);
+    let reference = registry.reference("team/hello:1.0");
+    let host = registry.reference("");
+    let host = host.trim_end_matches('/');
+
+    // Anonymous: the token service refuses, and the error says to log in.
+    let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
+    assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
+
+    fuse(&sb)
+        .args(["login", host, "-u", "ci", "--password-stdin"])
+        .stdin("s3cret")
+        .run()
+        .assert_success();
+    let pushed = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], image.as_str());
+
+    let seen = seen.lock().unwrap().clone();
+    let asked = |scope: &str| seen.iter().any(|r| r.scope == scope && r.authenticated);
+    assert!(
+        asked("repository:team/hello:pull,push"),
+        "push asks pull,push: {seen:?}"
+    );
+    assert!(
+        asked("repository:team/hello:pull"),
+        "pull asks pull only: {seen:?}"
+    );
+    assert!(
+        asked(""),
+        "login asks a token for the registry itself: {seen:?}"
+    );
 }

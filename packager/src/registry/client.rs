@@ -109,7 +109,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn agent(connection: &Connection, verify: bool) -> Result<ureq::Agent> {
+fn agent(connection: &Connection, verify: bool, loopback: bool) -> Result<ureq::Agent> {
     use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
     // ring, as the process's provider: ureq is built without one of its own.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -142,8 +142,12 @@ fn agent(connection: &Connection, verify: bool) -> Result<ureq::Agent> {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .tls_config(tls)
-        // The registry is reached directly: no proxy from the environment sees credentials.
-        .proxy(None)
+        // HTTPS_PROXY / NO_PROXY as curl and docker read them; never for a loopback registry.
+        .proxy(if loopback {
+            None
+        } else {
+            ureq::Proxy::try_from_env()
+        })
         .user_agent(concat!("fuse/", env!("CARGO_PKG_VERSION")))
         .timeout_connect(Some(Duration::from_secs(15)))
         .timeout_recv_response(Some(Duration::from_secs(120)))
@@ -167,7 +171,7 @@ impl Client {
         let host = reference.api_host().to_string();
         let plain_allowed = connection.insecure || is_loopback(&host);
         let mut client = Client {
-            agent: agent(connection, !connection.insecure)?,
+            agent: agent(connection, !connection.insecure, is_loopback(&host))?,
             base: format!("https://{host}"),
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
