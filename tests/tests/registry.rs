@@ -44,11 +44,19 @@ impl Registry {
     }
 
     fn start_with(dir: &Path, secured: Option<&Secured>, token: Option<&TokenAuth>) -> Registry {
+        Registry::start_on(dir, common::free_port(), secured, token)
+    }
+
+    fn start_on(
+        dir: &Path,
+        port: u16,
+        secured: Option<&Secured>,
+        token: Option<&TokenAuth>,
+    ) -> Registry {
         assert!(
             Path::new(REGISTRY).is_file(),
             "{REGISTRY} is missing: install docker-registry (bash ci/setup)"
         );
-        let port = common::free_port();
         let storage = dir.join("registry-storage");
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
@@ -763,5 +771,35 @@ fn bearer_tokens_from_the_registrys_token_service() {
     assert!(
         asked(""),
         "login asks a token for the registry itself: {seen:?}"
+    );
+}
+
+/// A registry that is not up yet when the push starts (a restart, a flaky network): the
+/// push's requests are tried again with backoff and it completes once the registry answers.
+#[test]
+fn a_push_waits_out_a_registry_that_comes_up_late() {
+    let sb = Sandbox::new();
+    build_hello(&sb);
+    let port = common::free_port();
+    let reference = format!("127.0.0.1:{port}/x/hello:1.0");
+    let push = fuse(&sb)
+        .args(["push", "hello:1.0", &reference, "--json"])
+        .spawn();
+    std::thread::sleep(Duration::from_millis(1500));
+    let registry = Registry::start_on(sb.dir.path(), port, None, None);
+    let out = push.wait();
+    let pushed = json(out.assert_success());
+    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    drop(registry);
+
+    // Nothing listening at all: a clear error after the tries, naming the registry.
+    let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
+    assert_one_error(
+        &out,
+        &[
+            &format!("Registry 127.0.0.1:{port}: connect"),
+            "cannot connect",
+            "after 5 tries",
+        ],
     );
 }

@@ -187,13 +187,9 @@ impl Client {
             Ok(()) => Ok(client),
             Err(https) if plain_allowed && is_transport(&https) => {
                 client.base = format!("http://{host}");
-                client.ping().map(|()| client).map_err(|http| {
-                    if is_transport(&http) {
-                        https
-                    } else {
-                        http
-                    }
-                })
+                // HTTPS got no TLS answer at all: what plain HTTP got says more.
+                drop(https);
+                client.ping().map(|()| client)
             }
             Err(e) => Err(e),
         }

@@ -58,7 +58,11 @@ pub(crate) struct PullReport {
 
 /// The credentials the Docker config holds for `registry`, if any.
 fn credentials_for(registry: &str) -> Result<Option<credentials::Credentials>> {
-    credentials::lookup(&credentials::config_path()?, registry)
+    // No HOME and no DOCKER_CONFIG: anonymous, as the registry may well allow.
+    match credentials::config_path() {
+        Ok(path) => credentials::lookup(&path, registry),
+        Err(_) => Ok(None),
+    }
 }
 
 /// `label: 12.3 MB of 50.1 MB (10.2 MB/s)`.
