@@ -5,10 +5,10 @@
 //!
 //! Data flows `cli → registry → image`: this room reads and writes the store, nothing else.
 
-pub(crate) mod challenge;
+mod challenge;
 pub(crate) mod client;
 pub(crate) mod credentials;
-pub(crate) mod oci;
+mod oci;
 pub(crate) mod reference;
 
 use crate::host::digest;
