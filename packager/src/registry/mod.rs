@@ -421,3 +421,36 @@ pub(crate) fn registry_name(text: &str) -> Result<String> {
     })?;
     Ok(parsed.registry)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_takes_a_registry_as_docker_login_does() {
+        assert_eq!(
+            registry_name("reg.example.com:5000").unwrap(),
+            "reg.example.com:5000"
+        );
+        assert_eq!(
+            registry_name("https://reg.example.com/").unwrap(),
+            "reg.example.com"
+        );
+        assert_eq!(registry_name("index.docker.io").unwrap(), "docker.io");
+        assert_eq!(registry_name("localhost:5000").unwrap(), "localhost:5000");
+        for bad in ["team", "-x.io", "reg.io:0"] {
+            let err = registry_name(bad).unwrap_err().to_string();
+            assert!(err.contains("is not a registry host"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn progress_says_bytes_and_rate() {
+        let line = progress_text("pushing rootfs", 12_300_000, 50_100_000, Instant::now());
+        assert!(
+            line.starts_with("pushing rootfs: 12.3 MB of 50.1 MB ("),
+            "{line}"
+        );
+        assert!(line.ends_with("/s)"), "{line}");
+    }
+}
