@@ -177,6 +177,12 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
         assert_one_error(&out, &[why]);
     }
 
+    let out = fuse(&sb).args(["push", "hello:1.0"]).run();
+    assert_one_error(
+        &out,
+        &["hello:1.0 was never pushed", "HOST[:PORT]/REPOSITORY"],
+    );
+
     let first = json(
         fuse(&sb)
             .args(["push", "hello:1.0", &reference, "--json"])
@@ -203,6 +209,15 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     assert_eq!(second["blobs_skipped"], 5, "{second}");
     assert_eq!(second["digest"], manifest_digest.as_str(), "deterministic");
     assert!(second["bytes_sent"].as_u64().unwrap() < 4096, "{second}");
+    // Without a reference: where the image's name was pushed last, tagged with its version.
+    let third = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(third["reference"], reference.as_str(), "{third}");
+    assert_eq!(third["digest"], manifest_digest.as_str());
 
     // skopeo reads the manifest fuse pushed: the same bytes (digest), fuse's artifact type.
     let raw = tool(

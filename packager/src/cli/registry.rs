@@ -37,8 +37,9 @@ impl From<&RegistryFlags> for Connection {
 pub(super) struct PushArgs {
     /// The image (name[:version] or digest).
     image: String,
-    /// Where to: HOST[:PORT]/REPOSITORY[:TAG] (TAG defaults to latest).
-    reference: String,
+    /// Where to: HOST[:PORT]/REPOSITORY[:TAG] (TAG defaults to latest). Without it: the
+    /// repository this image name was last pushed to, tagged with the image's version.
+    reference: Option<String>,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Machine-readable output: digest, bytes sent, blobs sent and skipped.
@@ -81,7 +82,11 @@ fn progress(quiet: bool) -> impl Fn(&str) + Sync {
 }
 
 pub(super) fn push(args: PushArgs) -> Result<i32> {
-    let reference = Reference::parse(&args.reference)?;
+    let given = args
+        .reference
+        .as_deref()
+        .map(Reference::parse)
+        .transpose()?;
     check_ca_cert(&args.registry)?;
     let store = Store::open_default()?;
     let image = store.find(&args.image)?.with_context(|| {
@@ -90,12 +95,28 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             args.image
         )
     })?;
+    let reference = match given {
+        Some(r) => r,
+        None => {
+            let repository = store.pushed_repository(&image.name.name).with_context(|| {
+                format!(
+                    "Image {} was never pushed: say where, `fuse push {} HOST[:PORT]/REPOSITORY[:TAG]` (remembered for its next push)",
+                    image.name, image.name
+                )
+            })?;
+            Reference::parse(&format!("{repository}:{}", image.name.version))?
+        }
+    };
     let report = crate::registry::push(
         &store,
         &image,
         &reference,
         &Connection::from(&args.registry),
         &progress(args.json),
+    )?;
+    store.set_pushed_repository(
+        &image.name.name,
+        &format!("{}/{}", reference.registry, reference.repository),
     )?;
     if args.json {
         println!(

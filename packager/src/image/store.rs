@@ -13,6 +13,8 @@
 //!   something writes to it
 //! - `leases/<pid>-<start time>`: the blobs a build in flight has put, which garbage
 //!   collection keeps until the build tags its image (or its process is gone)
+//! - `repositories/<name>`: the registry repository the image name was last pushed to, where
+//!   `fuse push NAME:VERSION` without a reference pushes it next
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
@@ -53,6 +55,7 @@ impl Store {
             root.join("tmp"),
             root.join("verified"),
             root.join("leases"),
+            root.join("repositories"),
         ] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("Cannot create the image store at {}", dir.display()))?;
@@ -174,6 +177,29 @@ impl Store {
             .join("refs")
             .join(name.name.replace('/', "%2F"))
             .join(&name.version)
+    }
+
+    /// The registry repository (`registry/repository`) images called `name` were last
+    /// pushed to.
+    pub(crate) fn pushed_repository(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.repository_path(name))
+            .ok()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Records where images called `name` were pushed.
+    pub(crate) fn set_pushed_repository(&self, name: &str, repository: &str) -> Result<()> {
+        crate::host::fs::write_atomic(
+            &self.repository_path(name),
+            format!("{repository}\n").as_bytes(),
+        )
+    }
+
+    fn repository_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("repositories")
+            .join(name.replace('/', "%2F"))
     }
 
     /// The image stored under exactly `name` (local or pulled).
