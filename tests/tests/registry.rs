@@ -315,6 +315,32 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
         .run()
         .assert_success();
 
+    // Pinned by the manifest's digest: the same image, its version named after the digest.
+    let pinned = json(
+        fuse(&sb)
+            .args([
+                "pull",
+                &format!("{}@{manifest_digest}", registry.reference("x/hello")),
+                "--json",
+            ])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pinned["digest"], image.as_str(), "{pinned}");
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    assert_eq!(
+        pinned["image"],
+        registry.reference(&format!("x/hello:sha256-{}", &hex[..16]))
+    );
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = fuse(&sb)
+        .args([
+            "pull",
+            &format!("{}@{wrong}", registry.reference("x/hello")),
+        ])
+        .run();
+    assert_one_error(&out, &["HTTP 404"]);
+
     // What skopeo copied back pulls as the same image; the parts the store has are reused.
     let again = json(
         fuse(&sb)
