@@ -218,6 +218,21 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     );
     assert_eq!(third["reference"], reference.as_str(), "{third}");
     assert_eq!(third["digest"], manifest_digest.as_str());
+    // To another repository of the registry: mounted from the first, nothing sent again.
+    let mounted = json(
+        fuse(&sb)
+            .args([
+                "push",
+                "hello:1.0",
+                &registry.reference("z/mounted:1"),
+                "--json",
+            ])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
+    assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
+    assert!(mounted["bytes_sent"].as_u64().unwrap() < 4096, "{mounted}");
 
     // skopeo reads the manifest fuse pushed: the same bytes (digest), fuse's artifact type.
     let raw = tool(
@@ -656,13 +671,16 @@ fn token_service(
                 .unwrap_or("")
                 .to_string();
             let query = target.split_once('?').map_or("", |(_, q)| q);
-            let scope = query
+            let scopes: Vec<String> = query
                 .split('&')
-                .find_map(|kv| kv.strip_prefix("scope="))
-                .unwrap_or("")
-                .replace("%3A", ":")
-                .replace("%2F", "/")
-                .replace("%2C", ",");
+                .filter_map(|kv| kv.strip_prefix("scope="))
+                .map(|s| {
+                    s.replace("%3A", ":")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",")
+                })
+                .collect();
+            let scope = scopes.join(" ");
             let authenticated = authorization == format!("Basic {}", base64(b"ci:s3cret", false));
             log.lock().unwrap().push(TokenRequest {
                 scope: scope.clone(),
@@ -674,17 +692,17 @@ fn token_service(
                 );
                 continue;
             }
-            let access = match scope
-                .strip_prefix("repository:")
-                .and_then(|s| s.rsplit_once(':'))
-            {
-                Some((name, actions)) => serde_json::json!([{
-                    "type": "repository",
-                    "name": name,
-                    "actions": actions.split(',').collect::<Vec<_>>(),
-                }]),
-                None => serde_json::json!([]),
-            };
+            let access: Vec<serde_json::Value> = scopes
+                .iter()
+                .filter_map(|s| s.strip_prefix("repository:")?.rsplit_once(':'))
+                .map(|(name, actions)| {
+                    serde_json::json!({
+                        "type": "repository",
+                        "name": name,
+                        "actions": actions.split(',').collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -799,8 +817,12 @@ fn bearer_tokens_from_the_registrys_token_service() {
     );
     assert_eq!(pulled["digest"], image.as_str());
 
-    let seen = seen.lock().unwrap().clone();
-    let asked = |scope: &str| seen.iter().any(|r| r.scope == scope && r.authenticated);
+    let seen_all = seen;
+    let seen = seen_all.lock().unwrap().clone();
+    let asked = |scope: &str| {
+        seen.iter()
+            .any(|r| r.authenticated && r.scope.split(' ').any(|s| s == scope))
+    };
     assert!(
         asked("repository:team/hello:pull,push"),
         "push asks pull,push: {seen:?}"
@@ -810,8 +832,30 @@ fn bearer_tokens_from_the_registrys_token_service() {
         "pull asks pull only: {seen:?}"
     );
     assert!(
-        asked(""),
+        seen.iter().any(|r| r.authenticated && r.scope.is_empty()),
         "login asks a token for the registry itself: {seen:?}"
+    );
+
+    // Another repository of the registry: every blob is mounted from the first, none sent; the
+    // token asked to pull from it too.
+    let mounted = json(
+        fuse(&sb)
+            .args([
+                "push",
+                &reference,
+                &registry.reference("team/other:1"),
+                "--json",
+            ])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
+    assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
+    let seen = seen_all.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|r| r.authenticated
+            && r.scope == "repository:team/other:pull,push repository:team/hello:pull"),
+        "{seen:?}"
     );
 }
 

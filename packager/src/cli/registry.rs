@@ -128,15 +128,17 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
                 "bytes_sent": report.bytes_sent,
                 "blobs_sent": report.blobs_sent,
                 "blobs_skipped": report.blobs_skipped,
+                "blobs_mounted": report.blobs_mounted,
             })
         );
     } else {
         progress_line(&format!(
-            "pushed {} as {} ({} blobs sent, {} already there, {})",
+            "pushed {} as {} ({} blobs sent, {} already there, {} mounted from other repositories, {})",
             image.name,
             report.reference,
             report.blobs_sent,
             report.blobs_skipped,
+            report.blobs_mounted,
             crate::host::fs::human_size(report.bytes_sent)
         ));
         println!("{}", report.manifest_digest);

@@ -188,6 +188,22 @@ impl Store {
             .filter(|r| !r.is_empty())
     }
 
+    /// Every repository images were pushed to (`registry/repository`), sorted.
+    pub(crate) fn pushed_repositories(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("repositories");
+        let mut found = BTreeSet::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("Cannot read {}", dir.display()))?
+        {
+            let text = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+            let repository = text.trim();
+            if !repository.is_empty() {
+                found.insert(repository.to_string());
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
     /// Records where images called `name` were pushed.
     pub(crate) fn set_pushed_repository(&self, name: &str, repository: &str) -> Result<()> {
         crate::host::fs::write_atomic(

@@ -92,6 +92,9 @@ pub(crate) struct Client {
     registry: String,
     repository: String,
     access: Access,
+    /// Other repositories of the registry that blobs may be mounted from: a token also asks
+    /// to pull from them.
+    mount_sources: Vec<String>,
     credentials: Option<Credentials>,
     /// The `Authorization` header the last challenge was answered with.
     authorization: Option<String>,
@@ -168,6 +171,18 @@ impl Client {
         connection: &Connection,
         credentials: Option<Credentials>,
     ) -> Result<Client> {
+        Client::connect_with_sources(reference, access, connection, credentials, Vec::new())
+    }
+
+    /// As [`Client::connect`], with the repositories blobs may be mounted from
+    /// ([`Client::mount_blob`]).
+    pub(crate) fn connect_with_sources(
+        reference: &Reference,
+        access: Access,
+        connection: &Connection,
+        credentials: Option<Credentials>,
+        mount_sources: Vec<String>,
+    ) -> Result<Client> {
         let host = reference.api_host().to_string();
         let plain_allowed = connection.insecure || is_loopback(&host);
         let mut client = Client {
@@ -175,6 +190,7 @@ impl Client {
             base: format!("https://{host}"),
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
+            mount_sources,
             access,
             credentials,
             authorization: None,
@@ -415,6 +431,10 @@ impl Client {
             let scope = format!("repository:{}:{}", self.repository, self.access.actions());
             query.push(format!("scope={}", encode_query(&scope)));
         }
+        for source in &self.mount_sources {
+            let scope = format!("repository:{source}:pull");
+            query.push(format!("scope={}", encode_query(&scope)));
+        }
         let separator = if realm.contains('?') { '&' } else { '?' };
         let url = if query.is_empty() {
             realm.clone()
@@ -497,22 +517,39 @@ impl Client {
         }
     }
 
+    /// Whether repository `source` of the registry has blob `digest`.
+    pub(crate) fn source_has_blob(&mut self, source: &str, digest: &str) -> Result<bool> {
+        let op = format!("check blob {} in {source}", short(digest));
+        let url = format!("{}/v2/{source}/blobs/{digest}", self.base);
+        let response = self.send(&op, Method::HEAD, &url, &[], Payload::None)?;
+        // Not there, or not ours to read: either way, no mount from it.
+        Ok(response.status().as_u16() == 200)
+    }
+
     /// Uploads blob `digest` from `path`: POST for an upload session, then one PUT of the
-    /// whole blob to its Location with `?digest=`.
+    /// whole blob to its Location with `?digest=`. With `mount_from`, the POST first asks the
+    /// registry to mount the blob from that repository (nothing sent when it does: returns
+    /// true); a registry that declines answers with an upload session, which is used.
     pub(crate) fn upload_blob(
         &mut self,
         digest: &str,
         path: &Path,
         progress: Option<&(dyn Fn(u64) + Sync)>,
-    ) -> Result<()> {
+        mount_from: Option<&str>,
+    ) -> Result<bool> {
         let op = format!("upload blob {}", short(digest));
-        let response = self.send(
-            &op,
-            Method::POST,
-            &self.url("blobs/uploads/"),
-            &[],
-            Payload::Bytes(&[]),
-        )?;
+        let url = match mount_from {
+            Some(source) => self.url(&format!(
+                "blobs/uploads/?mount={}&from={}",
+                encode_query(digest),
+                encode_query(source)
+            )),
+            None => self.url("blobs/uploads/"),
+        };
+        let response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
+        if mount_from.is_some() && response.status().as_u16() == 201 {
+            return Ok(true);
+        }
         self.expect(&response, &op, &[202])?;
         let location = response
             .headers()
@@ -534,7 +571,8 @@ impl Client {
             &[("Content-Type", "application/octet-stream")],
             Payload::File(path, progress),
         )?;
-        self.expect(&response, &op, &[201, 204])
+        self.expect(&response, &op, &[201, 204])?;
+        Ok(false)
     }
 
     /// A Location header as a URL: absolute, or relative to the registry.

@@ -41,6 +41,8 @@ pub(crate) struct PushReport {
     pub(crate) bytes_sent: u64,
     pub(crate) blobs_sent: usize,
     pub(crate) blobs_skipped: usize,
+    /// Blobs the registry mounted from another of its repositories (no bytes sent).
+    pub(crate) blobs_mounted: usize,
 }
 
 /// What `fuse pull` did.
@@ -149,11 +151,13 @@ pub(crate) fn push(
     let manifest_bytes = manifest.to_bytes();
     let manifest_digest = digest::of_bytes(&manifest_bytes);
 
-    let mut client = Client::connect(
+    let sources = mount_sources(store, reference)?;
+    let mut client = Client::connect_with_sources(
         reference,
         Access::Push,
         connection,
         credentials_for(&reference.registry)?,
+        sources.clone(),
     )?;
     let mut report = PushReport {
         reference: reference.to_string(),
@@ -162,6 +166,7 @@ pub(crate) fn push(
         bytes_sent: 0,
         blobs_sent: 0,
         blobs_skipped: 0,
+        blobs_mounted: 0,
     };
     let blobs: Vec<(&str, &Descriptor, PathBuf)> = vec![
         ("config", &manifest.config, config_path.clone()),
@@ -175,12 +180,22 @@ pub(crate) fn push(
             report.blobs_skipped += 1;
             continue;
         }
+        let mut mount_from = None;
+        for source in &sources {
+            if client.source_has_blob(source, &blob.digest)? {
+                mount_from = Some(source.as_str());
+                break;
+            }
+        }
         let started = Instant::now();
         let label = format!("pushing {title} {}", digest::short(&blob.digest));
         let size = blob.size;
         let tick = |done: u64| progress(&progress_text(&label, done, size, started));
         let tick: Option<&(dyn Fn(u64) + Sync)> = (size >= QUIET_BELOW).then_some(&tick);
-        client.upload_blob(&blob.digest, &path, tick)?;
+        if client.upload_blob(&blob.digest, &path, tick, mount_from)? {
+            report.blobs_mounted += 1;
+            continue;
+        }
         if size >= QUIET_BELOW {
             progress(&progress_text(&label, size, size, started));
         }
@@ -197,6 +212,25 @@ pub(crate) fn push(
         );
     }
     Ok(report)
+}
+
+/// Repositories of `target`'s registry that may hold the image's blobs already (where images
+/// were pushed or pulled from), for the registry to mount them from rather than have them sent
+/// again; at most 5, so a missing blob costs a bounded number of checks.
+fn mount_sources(store: &Store, target: &Reference) -> Result<Vec<String>> {
+    let prefix = format!("{}/", target.registry);
+    let pulled = store.list()?.into_iter().map(|i| i.name.name);
+    let mut sources: Vec<String> = store
+        .pushed_repositories()?
+        .into_iter()
+        .chain(pulled)
+        .filter_map(|r| r.strip_prefix(&prefix).map(str::to_string))
+        .filter(|r| *r != target.repository)
+        .collect();
+    sources.sort();
+    sources.dedup();
+    sources.truncate(5);
+    Ok(sources)
 }
 
 /// Pulls `reference` into the store under its name (`registry/repository:tag`): the parts
