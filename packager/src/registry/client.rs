@@ -175,7 +175,7 @@ impl Client {
     }
 
     /// As [`Client::connect`], with the repositories blobs may be mounted from
-    /// ([`Client::mount_blob`]).
+    /// ([`Client::upload_blob`]).
     pub(crate) fn connect_with_sources(
         reference: &Reference,
         access: Access,
@@ -214,8 +214,8 @@ impl Client {
     /// `GET /v2/`: the registry speaks the API; a challenge is answered now.
     fn ping(&mut self) -> Result<()> {
         let url = format!("{}/v2/", self.base);
-        let response = self.send("connect", Method::GET, &url, &[], Payload::None)?;
-        self.expect(&response, "connect", &[200])
+        let mut response = self.send("connect", Method::GET, &url, &[], Payload::None)?;
+        self.expect(&mut response, "connect", &[200])
     }
 
     /// The registry, for messages.
@@ -233,13 +233,39 @@ impl Client {
         .into()
     }
 
-    /// Fails unless `response` has one of `ok`, with the registry's own message.
-    fn expect(&self, response: &Response<ureq::Body>, operation: &str, ok: &[u16]) -> Result<()> {
+    /// Fails unless `response` has one of `ok`, with the registry's own message (the first of
+    /// the distribution spec's `errors`).
+    fn expect(
+        &self,
+        response: &mut Response<ureq::Body>,
+        operation: &str,
+        ok: &[u16],
+    ) -> Result<()> {
         let status = response.status().as_u16();
         if ok.contains(&status) {
             return Ok(());
         }
-        Err(self.error(operation, status, self.detail(status)))
+        let said = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 10)
+            .read_to_vec()
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                let e = v.get("errors")?.get(0)?;
+                let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("");
+                let message = e.get("message").and_then(|m| m.as_str()).unwrap_or("");
+                Some(format!(" ({code}: {message})"))
+            })
+            .unwrap_or_default();
+        let detail = self.detail(status);
+        // The registry's words go after the reason, before fuse's hint.
+        let detail = match detail.split_once(':') {
+            Some((reason, hint)) => format!("{reason}{said}:{hint}"),
+            None => format!("{detail}{said}"),
+        };
+        Err(self.error(operation, status, detail))
     }
 
     /// What to say after a status.
@@ -496,6 +522,16 @@ impl Client {
             })
     }
 
+    /// `repository:tag` or `repository@sha256:...`, for messages.
+    fn named(&self, reference: &str) -> String {
+        let separator = if reference.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
+        format!("{}{separator}{reference}", self.repository)
+    }
+
     fn url(&self, rest: &str) -> String {
         format!("{}/v2/{}/{rest}", self.base, self.repository)
     }
@@ -546,11 +582,11 @@ impl Client {
             )),
             None => self.url("blobs/uploads/"),
         };
-        let response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
+        let mut response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
         if mount_from.is_some() && response.status().as_u16() == 201 {
             return Ok(true);
         }
-        self.expect(&response, &op, &[202])?;
+        self.expect(&mut response, &op, &[202])?;
         let location = response
             .headers()
             .get(http::header::LOCATION)
@@ -564,14 +600,14 @@ impl Client {
         let mut url = self.resolve_location(location);
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str(&format!("digest={}", encode_query(digest)));
-        let response = self.send(
+        let mut response = self.send(
             &op,
             Method::PUT,
             &url,
             &[("Content-Type", "application/octet-stream")],
             Payload::File(path, progress),
         )?;
-        self.expect(&response, &op, &[201, 204])?;
+        self.expect(&mut response, &op, &[201, 204])?;
         Ok(false)
     }
 
@@ -592,14 +628,14 @@ impl Client {
     /// Streams blob `digest`: the response, for the caller to read and check.
     pub(crate) fn get_blob(&mut self, digest: &str) -> Result<Response<ureq::Body>> {
         let op = format!("download blob {}", short(digest));
-        let response = self.send(
+        let mut response = self.send(
             &op,
             Method::GET,
             &self.url(&format!("blobs/{digest}")),
             &[],
             Payload::None,
         )?;
-        self.expect(&response, &op, &[200])?;
+        self.expect(&mut response, &op, &[200])?;
         Ok(response)
     }
 
@@ -610,15 +646,15 @@ impl Client {
         media_type: &str,
         bytes: &[u8],
     ) -> Result<Option<String>> {
-        let op = format!("put manifest {}:{reference}", self.repository);
-        let response = self.send(
+        let op = format!("put manifest {}", self.named(reference));
+        let mut response = self.send(
             &op,
             Method::PUT,
             &self.url(&format!("manifests/{reference}")),
             &[("Content-Type", media_type)],
             Payload::Bytes(bytes),
         )?;
-        self.expect(&response, &op, &[201, 200])?;
+        self.expect(&mut response, &op, &[201, 200])?;
         Ok(response
             .headers()
             .get("Docker-Content-Digest")
@@ -633,7 +669,7 @@ impl Client {
         reference: &str,
         media_types: &[&str],
     ) -> Result<(String, Vec<u8>)> {
-        let op = format!("get manifest {}:{reference}", self.repository);
+        let op = format!("get manifest {}", self.named(reference));
         let accept = media_types.join(", ");
         let mut response = self.send(
             &op,
@@ -647,12 +683,13 @@ impl Client {
                 &op,
                 404,
                 format!(
-                    " Not Found: no {}:{reference} in {}",
-                    self.repository, self.registry
+                    " Not Found: no {} in {}",
+                    self.named(reference),
+                    self.registry
                 ),
             ));
         }
-        self.expect(&response, &op, &[200])?;
+        self.expect(&mut response, &op, &[200])?;
         let media_type = response
             .headers()
             .get(http::header::CONTENT_TYPE)
