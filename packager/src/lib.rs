@@ -11,6 +11,7 @@ mod build;
 mod cli;
 mod host;
 mod image;
+mod registry;
 mod run;
 
 pub use cli::main;

@@ -38,10 +38,12 @@ fn no_import_circle_between_modules() {
 }
 
 /// The packager's rooms and the rooms each may use: data flows `cli → build → image ← run`,
-/// and `host` (fuse's state on the host) is used by all and uses none.
-const PACKAGER_ROOMS: [(&str, &[&str]); 5] = [
-    ("cli", &["build", "image", "run", "host"]),
+/// `cli → registry → image` (push and pull read and write the store), and `host` (fuse's
+/// state on the host) is used by all and uses none.
+const PACKAGER_ROOMS: [(&str, &[&str]); 6] = [
+    ("cli", &["build", "image", "run", "registry", "host"]),
     ("build", &["image", "host"]),
+    ("registry", &["image", "host"]),
     ("run", &["image", "host"]),
     ("image", &["host"]),
     ("host", &[]),

@@ -8,31 +8,7 @@ use anyhow::{Context, Result};
 use fuse_boot::disk;
 use fuse_rootfs::verity::HashTree;
 use fuse_rootfs::Arch;
-use std::path::{Path, PathBuf};
-
-/// The `.osrel` of an image's UKI: what a boot menu or `bootctl` shows.
-fn osrel(manifest: &Manifest) -> String {
-    format!(
-        "ID=fuse\nNAME=fuse\nIMAGE_ID={}\nIMAGE_VERSION={}\nPRETTY_NAME=\"fuse {}\"\n",
-        manifest.name,
-        manifest.version,
-        manifest.reference()
-    )
-}
-
-/// The EFI stub for `arch`: `$FUSE_EFI_STUB`, else systemd's from `systemd-boot-efi`.
-fn stub(arch: Arch) -> Result<Vec<u8>> {
-    let path = std::env::var_os("FUSE_EFI_STUB")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| disk::stub_path(arch));
-    std::fs::read(&path).with_context(|| {
-        format!(
-            "No EFI stub at {}: install Debian's systemd-boot-efi (bash ci/setup), or set FUSE_EFI_STUB",
-            path.display()
-        )
-    })
-}
+use std::path::Path;
 
 /// The dm-verity tree of the root filesystem `rootfs` (whose digest is `digest`) and the
 /// kernel command line that mounts it through dm-verity: computed before the manifest, which
@@ -58,24 +34,14 @@ pub(crate) struct Parts<'a> {
 
 /// Writes the disk of `manifest`, made of `parts`, to `out`.
 pub(crate) fn write(manifest: &Manifest, parts: &Parts<'_>, out: &Path) -> Result<()> {
-    let stub = stub(manifest.arch)?;
-    let manifest_bytes = manifest.to_bytes();
-    let osrel = osrel(manifest);
-    disk::build_disk(
-        &disk::DiskInputs {
-            arch: manifest.arch,
-            stub: &stub,
-            kernel: parts.kernel,
-            initrd: parts.initrd,
-            cmdline: &manifest.cmdline,
-            osrel: &osrel,
-            manifest: &manifest_bytes,
-            rootfs: parts.rootfs,
-            rootfs_digest: &manifest.rootfs.digest,
-            verity: parts.verity,
-        },
+    let stub = crate::image::disk::efi_stub(manifest.arch)?;
+    crate::image::disk::assemble(
+        manifest,
+        &stub,
+        parts.kernel,
+        parts.initrd,
+        parts.rootfs,
+        parts.verity,
         out,
     )
-    .context("Cannot write the image's disk")?;
-    Ok(())
 }

@@ -187,8 +187,13 @@ fn open_target(
     })
 }
 
-pub(super) fn inspect(reference: &str, json_output: bool) -> Result<i32> {
+pub(super) fn inspect(
+    reference: &str,
+    json_output: bool,
+    registry: &super::registry::RegistryFlags,
+) -> Result<i32> {
     let store = Store::open_default()?;
+    let reference = &super::registry::ensure_local(&store, reference, registry)?;
     let (name, image_digest, manifest, disk) = open_target(&store, reference)?;
     let m = &manifest;
     if json_output {

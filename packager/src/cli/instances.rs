@@ -26,6 +26,8 @@ pub(super) struct RunArgs {
     build: BuildFlags,
     #[command(flatten)]
     vm: VmFlags,
+    #[command(flatten)]
+    registry: super::registry::RegistryFlags,
     /// Run in the background: print the instance id and return (see `fuse ps`, `logs`, `kill`).
     #[arg(long, short)]
     detach: bool,
@@ -47,7 +49,8 @@ pub(super) fn run(args: RunArgs) -> Result<i32> {
         // An unsafe state directory is refused before anything is built.
         crate::host::paths::runtime_dir()?;
     }
-    let image = super::images::resolve(&store, &args.target, &args.build)?;
+    let target = super::registry::ensure_local(&store, &args.target, &args.registry)?;
+    let image = super::images::resolve(&store, &target, &args.build)?;
     if args.detach {
         return detach(&image, options, args.rm);
     }

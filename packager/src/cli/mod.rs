@@ -10,6 +10,7 @@ mod exit;
 mod images;
 mod instances;
 mod print;
+mod registry;
 mod test;
 
 use anyhow::Result;
@@ -50,10 +51,13 @@ enum Command {
     /// Show what an image is made of: its disk (partitions, ESP, UKI sections), components,
     /// sizes, largest files, app spec.
     Inspect {
-        /// Image (name[:version] or digest), or a disk file.
+        /// Image (name[:version] or digest), a disk file, or a registry reference (pulled
+        /// when not in the store).
         image: String,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        registry: registry::RegistryFlags,
     },
     /// Check a disk against its manifest: GPT CRCs, partition GUIDs, the ESP, every UKI
     /// section and the root partition; each problem is reported with its location, exit 1.
@@ -145,6 +149,19 @@ enum Command {
         /// Instance ids (or unique prefixes), from `fuse ps -a`; none: all ended instances.
         ids: Vec<String>,
     },
+    /// Push an image to an OCI registry (its parts as layers; blobs there already are skipped);
+    /// prints the manifest digest.
+    Push(registry::PushArgs),
+    /// Pull an image from an OCI registry into the store, as REGISTRY/REPOSITORY:TAG; every
+    /// blob and the rebuilt disk are checked against their digests before anything is stored.
+    Pull(registry::PullArgs),
+    /// Log in to a registry: the credentials go where the Docker config keeps them.
+    Login(registry::LoginArgs),
+    /// Forget the credentials for a registry.
+    Logout {
+        /// The registry: HOST[:PORT].
+        registry: String,
+    },
     /// Internal: runs the VM of a detached instance, as its directory's request file says.
     #[command(name = "__supervise", hide = true)]
     Supervise { dir: PathBuf },
@@ -190,7 +207,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => instances::run(args),
         Command::Ls(flag) => images::list(flag.json),
         Command::Rm { images, force } => images::remove(&images, force),
-        Command::Inspect { image, json } => images::inspect(&image, json),
+        Command::Inspect {
+            image,
+            json,
+            registry,
+        } => images::inspect(&image, json, &registry),
         Command::Verify { image, json } => images::verify(&image, json),
         Command::Export {
             image,
@@ -211,6 +232,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Logs { id, follow } => instances::logs(&id, follow),
         Command::Kill { ids } => instances::kill(&ids),
         Command::Prune { ids } => instances::prune(&ids),
+        Command::Push(args) => registry::push(args),
+        Command::Pull(args) => registry::pull(args),
+        Command::Login(args) => registry::login(args),
+        Command::Logout { registry } => registry::logout(&registry),
         Command::Supervise { dir } => instances::supervise(&dir),
         Command::Relay { target } => Ok(instances::relay(&target)),
     }

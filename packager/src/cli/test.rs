@@ -31,6 +31,8 @@ pub(super) struct TestArgs {
     build: BuildFlags,
     #[command(flatten)]
     vm: VmFlags,
+    #[command(flatten)]
+    registry: super::registry::RegistryFlags,
     /// The app must exit with this code.
     #[arg(long, value_name = "CODE")]
     expect_exit: Option<i32>,
@@ -135,7 +137,8 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
         .or(Some(check::DEFAULT_TIMEOUT));
     options.check_ports()?;
 
-    let image = super::images::resolve(&store, &args.target, &args.build)?;
+    let target = super::registry::ensure_local(&store, &args.target, &args.registry)?;
+    let image = super::images::resolve(&store, &target, &args.build)?;
     let report = check::run_test(
         &store,
         &image,

@@ -11,7 +11,98 @@ use crate::image::store::{BlobCheck, Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use fuse_boot::disk::verify::Expected;
 use fuse_boot::disk::{self, BootFiles};
+use fuse_rootfs::verity::HashTree;
+use fuse_rootfs::Arch;
 use std::path::{Path, PathBuf};
+
+/// The `.osrel` of an image's UKI: what a boot menu or `bootctl` shows.
+fn osrel(manifest: &Manifest) -> String {
+    format!(
+        "ID=fuse\nNAME=fuse\nIMAGE_ID={}\nIMAGE_VERSION={}\nPRETTY_NAME=\"fuse {}\"\n",
+        manifest.name,
+        manifest.version,
+        manifest.reference()
+    )
+}
+
+/// Where the EFI stub for `arch` is: `$FUSE_EFI_STUB`, else systemd's from `systemd-boot-efi`.
+pub(crate) fn efi_stub_path(arch: Arch) -> PathBuf {
+    std::env::var_os("FUSE_EFI_STUB")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| disk::stub_path(arch))
+}
+
+/// The EFI stub the UKI is made with: not one of the image's stored parts, so a disk is
+/// rebuilt from its parts only with the same stub (a pushed image carries it).
+pub(crate) fn efi_stub(arch: Arch) -> Result<Vec<u8>> {
+    let path = efi_stub_path(arch);
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "No EFI stub at {}: install Debian's systemd-boot-efi (bash ci/setup), or set FUSE_EFI_STUB",
+            path.display()
+        )
+    })
+}
+
+/// Writes the disk of `manifest` to `out`: the UKI (`stub` + `kernel`, `initrd`, command
+/// line, os-release, manifest) on the ESP, the root filesystem `rootfs` and its dm-verity
+/// tree. The same inputs give the same bytes: `fuse build` writes a disk this way, and
+/// `fuse pull` rebuilds one.
+pub(crate) fn assemble(
+    manifest: &Manifest,
+    stub: &[u8],
+    kernel: &[u8],
+    initrd: &[u8],
+    rootfs: &Path,
+    verity: &HashTree,
+    out: &Path,
+) -> Result<()> {
+    let manifest_bytes = manifest.to_bytes();
+    let osrel = osrel(manifest);
+    disk::build_disk(
+        &disk::DiskInputs {
+            arch: manifest.arch,
+            stub,
+            kernel,
+            initrd,
+            cmdline: &manifest.cmdline,
+            osrel: &osrel,
+            manifest: &manifest_bytes,
+            rootfs,
+            rootfs_digest: &manifest.rootfs.digest,
+            verity,
+        },
+        out,
+    )
+    .context("Cannot write the image's disk")?;
+    Ok(())
+}
+
+/// Rebuilds the disk of `manifest` from its parts' files (the root's dm-verity tree computed
+/// again) into `out`; returns the disk's digest.
+pub(crate) fn rebuild(
+    manifest: &Manifest,
+    stub: &[u8],
+    kernel: &Path,
+    initrd: &Path,
+    rootfs: &Path,
+    out: &Path,
+) -> Result<String> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("Cannot read {}", p.display()));
+    let tree = disk::rootfs_tree(rootfs, &manifest.rootfs.digest)
+        .context("Cannot compute the root filesystem's dm-verity tree")?;
+    assemble(
+        manifest,
+        stub,
+        &read(kernel)?,
+        &read(initrd)?,
+        rootfs,
+        &tree,
+        out,
+    )?;
+    digest::of_file(out).with_context(|| format!("Cannot read {}", out.display()))
+}
 
 /// The disk of a stored image, checked to exist.
 pub(crate) fn disk_path(store: &Store, image: &StoredImage) -> Result<PathBuf> {

@@ -13,6 +13,8 @@
 //!   something writes to it
 //! - `leases/<pid>-<start time>`: the blobs a build in flight has put, which garbage
 //!   collection keeps until the build tags its image (or its process is gone)
+//! - `repositories/<name>`: the registry repository the image name was last pushed to, where
+//!   `fuse push NAME:VERSION` without a reference pushes it next
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
@@ -53,6 +55,7 @@ impl Store {
             root.join("tmp"),
             root.join("verified"),
             root.join("leases"),
+            root.join("repositories"),
         ] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("Cannot create the image store at {}", dir.display()))?;
@@ -141,19 +144,88 @@ impl Store {
     /// at the disk; returns the image digest (the disk's). The build's lease ends here: its
     /// blobs are the image's now.
     pub(crate) fn tag(&self, manifest: &Manifest, disk: &str) -> Result<String> {
+        let name = ImageName {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+        };
+        self.tag_as(manifest, disk, &name)
+    }
+
+    /// As [`Store::tag`], under `name` rather than the manifest's own name (a pulled image
+    /// is named after its registry reference, `registry/repository:tag`).
+    pub(crate) fn tag_as(
+        &self,
+        manifest: &Manifest,
+        disk: &str,
+        name: &ImageName,
+    ) -> Result<String> {
         let _lock = self.lock()?;
         let m = self.put_bytes_locked(&manifest.to_bytes())?;
         crate::host::fs::write_atomic(&self.index_path(disk), format!("{m}\n").as_bytes())?;
-        let reference = self
-            .root
-            .join("refs")
-            .join(&manifest.name)
-            .join(&manifest.version);
+        let reference = self.ref_path(name);
         crate::host::fs::write_atomic(&reference, format!("{disk}\n").as_bytes())?;
         if let Some(lease) = self.lease_path() {
             let _ = std::fs::remove_file(lease);
         }
         Ok(disk.to_string())
+    }
+
+    /// `refs/<name>/<version>`; a registry name's `/` is written `%2F` (a local name has
+    /// neither `/` nor `%`), so every name is one directory.
+    fn ref_path(&self, name: &ImageName) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(name.name.replace('/', "%2F"))
+            .join(&name.version)
+    }
+
+    /// The registry repository (`registry/repository`) images called `name` were last
+    /// pushed to.
+    pub(crate) fn pushed_repository(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.repository_path(name))
+            .ok()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Every repository images were pushed to (`registry/repository`), sorted.
+    pub(crate) fn pushed_repositories(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("repositories");
+        let mut found = BTreeSet::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("Cannot read {}", dir.display()))?
+        {
+            let text = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+            let repository = text.trim();
+            if !repository.is_empty() {
+                found.insert(repository.to_string());
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// Records where images called `name` were pushed.
+    pub(crate) fn set_pushed_repository(&self, name: &str, repository: &str) -> Result<()> {
+        crate::host::fs::write_atomic(
+            &self.repository_path(name),
+            format!("{repository}\n").as_bytes(),
+        )
+    }
+
+    fn repository_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("repositories")
+            .join(name.replace('/', "%2F"))
+    }
+
+    /// The image stored under exactly `name` (local or pulled).
+    pub(crate) fn find_name(&self, name: &ImageName) -> Result<Option<StoredImage>> {
+        let path = self.ref_path(name);
+        match std::fs::read_to_string(&path) {
+            Ok(d) => Ok(Some(self.load(name.clone(), d.trim().to_string())?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("Cannot read {}", path.display())),
+        }
     }
 
     /// This process's lease file.
@@ -294,7 +366,7 @@ impl Store {
                     .trim()
                     .to_string();
                 let image_name = ImageName {
-                    name: name.clone(),
+                    name: name.replace("%2F", "/"),
                     version,
                 };
                 images.push(self.load(image_name, d)?);
@@ -316,6 +388,17 @@ impl Store {
             if let Some(first) = found.into_iter().next() {
                 return Ok(Some(first));
             }
+        }
+        if reference.contains('/') {
+            // A pulled image's name, `registry/repository[:tag]`.
+            let (name, version) = match reference.rsplit_once(':') {
+                Some((n, v)) if !v.contains('/') => (n, v),
+                _ => (reference, "latest"),
+            };
+            return self.find_name(&ImageName {
+                name: name.to_string(),
+                version: version.to_string(),
+            });
         }
         let Ok(wanted) = naming::parse(reference) else {
             return Ok(None);
@@ -350,11 +433,7 @@ impl Store {
     /// Removes a reference, then every blob no remaining image uses. Returns bytes freed.
     pub(crate) fn remove(&self, image: &StoredImage) -> Result<u64> {
         let _lock = self.lock()?;
-        let reference = self
-            .root
-            .join("refs")
-            .join(&image.name.name)
-            .join(&image.name.version);
+        let reference = self.ref_path(&image.name);
         std::fs::remove_file(&reference)
             .with_context(|| format!("Cannot remove {}", reference.display()))?;
         let dir = reference.parent().expect("refs/<name>");
@@ -492,6 +571,46 @@ mod tests {
         assert_eq!(
             std::fs::read_dir(store.root.join("index")).unwrap().count(),
             0
+        );
+    }
+
+    #[test]
+    fn a_pulled_image_is_stored_under_its_registry_name() {
+        let m = sample();
+        let (_dir, store) = store_with_blobs(&m);
+        let disk = disk_of(&store, &m);
+        let pulled = ImageName {
+            name: "127.0.0.1:5000/team/hello".into(),
+            version: "1.0".into(),
+        };
+        store.tag_as(&m, &disk, &pulled).unwrap();
+        assert!(store
+            .root
+            .join("refs/127.0.0.1:5000%2Fteam%2Fhello/1.0")
+            .is_file());
+        let names: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|i| i.name.to_string())
+            .collect();
+        assert_eq!(names, ["127.0.0.1:5000/team/hello:1.0", "hello:1.0"]);
+        let found = store
+            .find("127.0.0.1:5000/team/hello:1.0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.name, pulled);
+        assert_eq!(found.manifest, m, "the manifest keeps its own name");
+        assert!(store
+            .find("127.0.0.1:5000/team/hello:2.0")
+            .unwrap()
+            .is_none());
+        assert!(store.find_name(&pulled).unwrap().is_some());
+        store.remove(&found).unwrap();
+        assert!(store.find_name(&pulled).unwrap().is_none());
+        assert!(
+            store.find("hello:1.0").unwrap().is_some(),
+            "the local one stays"
         );
     }
 

@@ -1,0 +1,247 @@
+//! The registry commands: `fuse push`, `pull`, `login`, `logout`, and the pull that `fuse run`,
+//! `test` and `inspect` make when given a registry reference not in the store (as `docker run`
+//! does).
+
+use super::print::progress_line;
+use crate::image::store::Store;
+use crate::registry::client::Connection;
+use crate::registry::credentials::Credentials;
+use crate::registry::reference::{is_remote, Reference};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default, Args)]
+pub(super) struct RegistryFlags {
+    /// Allow plain HTTP, and any TLS certificate, for a registry not on localhost.
+    #[arg(long)]
+    insecure: bool,
+    /// A PEM CA certificate to trust for the registry, besides the system's.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl From<&RegistryFlags> for Connection {
+    fn from(f: &RegistryFlags) -> Self {
+        Connection {
+            insecure: f.insecure,
+            ca_cert: f.ca_cert.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(super) struct PushArgs {
+    /// The image (name[:version] or digest).
+    image: String,
+    /// Where to: HOST[:PORT]/REPOSITORY[:TAG] (TAG defaults to latest). Without it: the
+    /// repository this image name was last pushed to, tagged with the image's version.
+    reference: Option<String>,
+    #[command(flatten)]
+    registry: RegistryFlags,
+    /// Machine-readable output: digest, bytes sent, blobs sent and skipped.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct PullArgs {
+    /// HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST].
+    reference: String,
+    #[command(flatten)]
+    registry: RegistryFlags,
+    /// Machine-readable output: digests, bytes received, blobs received and reused.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct LoginArgs {
+    /// The registry: HOST[:PORT].
+    registry: String,
+    /// User name.
+    #[arg(long, short)]
+    username: Option<String>,
+    /// Read the password (or token) from standard input; it is never taken as an argument.
+    #[arg(long)]
+    password_stdin: bool,
+    #[command(flatten)]
+    flags: RegistryFlags,
+}
+
+/// Progress on stderr, or nothing (for --json).
+fn progress(quiet: bool) -> impl Fn(&str) + Sync {
+    move |line: &str| {
+        if !quiet {
+            progress_line(line)
+        }
+    }
+}
+
+pub(super) fn push(args: PushArgs) -> Result<i32> {
+    let given = args
+        .reference
+        .as_deref()
+        .map(Reference::parse)
+        .transpose()?;
+    check_ca_cert(&args.registry)?;
+    let store = Store::open_default()?;
+    let image = store.find(&args.image)?.with_context(|| {
+        format!(
+            "No image named '{}' in the store: see `fuse ls`",
+            args.image
+        )
+    })?;
+    let reference = match given {
+        Some(r) => r,
+        None => {
+            let repository = store.pushed_repository(&image.name.name).with_context(|| {
+                format!(
+                    "Image {} was never pushed: say where, `fuse push {} HOST[:PORT]/REPOSITORY[:TAG]` (remembered for its next push)",
+                    image.name, image.name
+                )
+            })?;
+            Reference::parse(&format!("{repository}:{}", image.name.version))?
+        }
+    };
+    let report = crate::registry::push(
+        &store,
+        &image,
+        &reference,
+        &Connection::from(&args.registry),
+        &progress(args.json),
+    )?;
+    store.set_pushed_repository(
+        &image.name.name,
+        &format!("{}/{}", reference.registry, reference.repository),
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "reference": report.reference,
+                "digest": report.manifest_digest,
+                "image_digest": report.image_digest,
+                "bytes_sent": report.bytes_sent,
+                "blobs_sent": report.blobs_sent,
+                "blobs_skipped": report.blobs_skipped,
+                "blobs_mounted": report.blobs_mounted,
+            })
+        );
+    } else {
+        progress_line(&format!(
+            "pushed {} as {} ({} blobs sent, {} already there, {} mounted from other repositories, {})",
+            image.name,
+            report.reference,
+            report.blobs_sent,
+            report.blobs_skipped,
+            report.blobs_mounted,
+            crate::host::fs::human_size(report.bytes_sent)
+        ));
+        println!("{}", report.manifest_digest);
+    }
+    Ok(0)
+}
+
+pub(super) fn pull(args: PullArgs) -> Result<i32> {
+    let reference = Reference::parse(&args.reference)?;
+    check_ca_cert(&args.registry)?;
+    let store = Store::open_default()?;
+    let report = crate::registry::pull(
+        &store,
+        &reference,
+        &Connection::from(&args.registry),
+        &progress(args.json),
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "image": report.image,
+                "digest": report.image_digest,
+                "manifest_digest": report.manifest_digest,
+                "bytes_received": report.bytes_received,
+                "blobs_received": report.blobs_received,
+                "blobs_reused": report.blobs_reused,
+            })
+        );
+    } else {
+        println!("{} {}", report.image, report.image_digest);
+    }
+    Ok(0)
+}
+
+pub(super) fn login(args: LoginArgs) -> Result<i32> {
+    let registry = crate::registry::registry_name(&args.registry)?;
+    check_ca_cert(&args.flags)?;
+    let Some(username) = args.username.filter(|u| !u.is_empty()) else {
+        bail!("Give the user name with --username USER (and the password on stdin with --password-stdin)");
+    };
+    if !args.password_stdin {
+        bail!("Give the password on standard input with --password-stdin (fuse never takes a password as an argument), e.g. `printenv REGISTRY_PASSWORD | fuse login {registry} -u {username} --password-stdin`");
+    }
+    let mut password = String::new();
+    std::io::stdin()
+        .read_to_string(&mut password)
+        .context("Cannot read the password from standard input")?;
+    let password = password
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&password)
+        .to_string();
+    if password.is_empty() {
+        bail!("The password on standard input is empty");
+    }
+    let saved = crate::registry::login(
+        &registry,
+        Credentials { username, password },
+        &Connection::from(&args.flags),
+    )?;
+    println!("Login to {registry} succeeded (credentials saved in {saved})");
+    Ok(0)
+}
+
+pub(super) fn logout(registry: &str) -> Result<i32> {
+    let registry = crate::registry::registry_name(registry)?;
+    if crate::registry::logout(&registry)? {
+        println!("Logged out of {registry}");
+    } else {
+        println!("Not logged in to {registry}");
+    }
+    Ok(0)
+}
+
+fn check_ca_cert(flags: &RegistryFlags) -> Result<()> {
+    if let Some(path) = &flags.ca_cert {
+        if !path.is_file() {
+            bail!("--ca-cert {}: no such file", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `target` as the store knows it: a registry reference not in the store is pulled first
+/// (and named `registry/repository:tag` there); a path or a local name is left as it is.
+pub(super) fn ensure_local(store: &Store, target: &str, flags: &RegistryFlags) -> Result<String> {
+    if Path::new(target).exists() || !is_remote(target) {
+        return Ok(target.to_string());
+    }
+    let reference = Reference::parse(target)?;
+    let local = reference.local_name();
+    if store.find_name(&local)?.is_some() {
+        return Ok(local.to_string());
+    }
+    check_ca_cert(flags)?;
+    progress_line(&format!("{target} is not in the store: pulling it"));
+    let report = crate::registry::pull(
+        store,
+        &reference,
+        &Connection::from(flags),
+        &progress(false),
+    )?;
+    progress_line(&format!("pulled {} {}", report.image, report.image_digest));
+    Ok(local.to_string())
+}

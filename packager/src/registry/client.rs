@@ -1,0 +1,812 @@
+//! A small client of the OCI distribution API (v2), blocking, over `ureq`: blobs (HEAD, GET,
+//! POST + monolithic PUT), manifests (GET, PUT), the `WWW-Authenticate` flow (Basic, and Bearer
+//! tokens for `repository:NAME:pull[,push]`), retries with backoff on 5xx and dropped
+//! connections. Every error is one line naming the registry, the operation and the status.
+
+use super::challenge::{self, Challenge};
+use super::credentials::Credentials;
+use super::reference::{is_loopback, Reference};
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use std::io::Seek;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use ureq::http::{self, Method, Response};
+
+/// Tries of one request before its error is reported (4 waits: 0.5, 1, 2, 4 s).
+const TRIES: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// How to reach a registry: TLS (system trust store, plus `ca_cert`), plain HTTP only for
+/// loopback or with `insecure` (which also accepts any certificate).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Connection {
+    pub(crate) insecure: bool,
+    pub(crate) ca_cert: Option<PathBuf>,
+}
+
+/// A registry's answer that fuse cannot go on from, or a registry it cannot reach.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegistryError {
+    #[error("Registry {registry}: {operation}: HTTP {status}{detail}")]
+    Status {
+        registry: String,
+        operation: String,
+        status: u16,
+        /// The registry's own message (its `errors[0]`), and what to do.
+        detail: String,
+    },
+    #[error("Registry {registry}: {operation}: {reason}")]
+    Transport {
+        registry: String,
+        operation: String,
+        reason: String,
+        /// TLS was spoken and failed (a certificate not trusted...): not a plain-HTTP server.
+        tls: bool,
+    },
+}
+
+/// What a client needs of a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Pull,
+    Push,
+}
+
+impl Access {
+    fn actions(self) -> &'static str {
+        match self {
+            Access::Pull => "pull",
+            Access::Push => "pull,push",
+        }
+    }
+}
+
+/// What a request sends.
+#[derive(Clone, Copy)]
+pub(crate) enum Payload<'a> {
+    None,
+    Bytes(&'a [u8]),
+    /// A file, streamed (with its length); `progress` hears how far it got about once a second.
+    File(&'a Path, Option<&'a (dyn Fn(u64) + Sync)>),
+}
+
+impl std::fmt::Debug for Payload<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::None => f.write_str("None"),
+            Payload::Bytes(b) => write!(f, "Bytes({})", b.len()),
+            Payload::File(p, _) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+/// A client of one repository of one registry.
+pub(crate) struct Client {
+    agent: ureq::Agent,
+    /// `https://host[:port]` or `http://...`.
+    base: String,
+    /// The registry as the user named it, for messages.
+    registry: String,
+    repository: String,
+    access: Access,
+    /// Other repositories of the registry that blobs may be mounted from: a token also asks
+    /// to pull from them.
+    mount_sources: Vec<String>,
+    credentials: Option<Credentials>,
+    /// The `Authorization` header the last challenge was answered with.
+    authorization: Option<String>,
+    /// Tries of a request ([`TRIES`], 1 while probing for HTTPS).
+    tries: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("repository", &self.repository)
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+fn agent(connection: &Connection, verify: bool, loopback: bool) -> Result<ureq::Agent> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    // ring, as the process's provider: ureq is built without one of its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots: Vec<Certificate<'static>> = Vec::new();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        roots.push(Certificate::from_der(cert.as_ref()).to_owned());
+    }
+    if let Some(path) = &connection.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("Cannot read the CA certificate {}", path.display()))?;
+        let before = roots.len();
+        for item in ureq::tls::parse_pem(&pem) {
+            if let Ok(ureq::tls::PemItem::Certificate(cert)) = item {
+                roots.push(cert);
+            }
+        }
+        if roots.len() == before {
+            anyhow::bail!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give the registry's CA certificate to --ca-cert",
+                path.display()
+            );
+        }
+    }
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::new_with_certs(&roots))
+        .disable_verification(!verify)
+        .build();
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(tls)
+        // HTTPS_PROXY / NO_PROXY as curl and docker read them; never for a loopback registry.
+        .proxy(if loopback {
+            None
+        } else {
+            ureq::Proxy::try_from_env()
+        })
+        .user_agent(concat!("fuse/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        // Stalled transfers fail (and are retried) instead of hanging.
+        .timeout_per_read(Some(Duration::from_secs(120)))
+        .max_redirects(5)
+        .build();
+    Ok(config.new_agent())
+}
+
+impl Client {
+    /// Connects to the registry of `reference` for `access`: HTTPS, or plain HTTP for a
+    /// loopback registry or with `insecure`, when HTTPS cannot be spoken; answers the
+    /// registry's challenge (if any) before the first real request.
+    pub(crate) fn connect(
+        reference: &Reference,
+        access: Access,
+        connection: &Connection,
+        credentials: Option<Credentials>,
+    ) -> Result<Client> {
+        Client::connect_with_sources(reference, access, connection, credentials, Vec::new())
+    }
+
+    /// As [`Client::connect`], with the repositories blobs may be mounted from
+    /// ([`Client::upload_blob`]).
+    pub(crate) fn connect_with_sources(
+        reference: &Reference,
+        access: Access,
+        connection: &Connection,
+        credentials: Option<Credentials>,
+        mount_sources: Vec<String>,
+    ) -> Result<Client> {
+        let host = reference.api_host().to_string();
+        let plain_allowed = connection.insecure || is_loopback(&host);
+        let mut client = Client {
+            agent: agent(connection, !connection.insecure, is_loopback(&host))?,
+            base: format!("https://{host}"),
+            registry: reference.registry.clone(),
+            repository: reference.repository.clone(),
+            mount_sources,
+            access,
+            credentials,
+            authorization: None,
+            // Where plain HTTP may follow, one try tells whether HTTPS is spoken.
+            tries: if plain_allowed { 1 } else { TRIES },
+        };
+        let probed = client.ping();
+        client.tries = TRIES;
+        match probed {
+            Ok(()) => Ok(client),
+            Err(https) if plain_allowed && is_transport(&https) => {
+                client.base = format!("http://{host}");
+                // HTTPS got no TLS answer at all: what plain HTTP got says more.
+                drop(https);
+                client.ping().map(|()| client)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v2/`: the registry speaks the API; a challenge is answered now.
+    fn ping(&mut self) -> Result<()> {
+        let url = format!("{}/v2/", self.base);
+        let mut response = self.send("connect", Method::GET, &url, &[], Payload::None)?;
+        self.expect(&mut response, "connect", &[200])
+    }
+
+    /// The registry, for messages.
+    pub(crate) fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    fn error(&self, operation: &str, status: u16, detail: String) -> anyhow::Error {
+        RegistryError::Status {
+            registry: self.registry.clone(),
+            operation: operation.to_string(),
+            status,
+            detail,
+        }
+        .into()
+    }
+
+    /// Fails unless `response` has one of `ok`, with the registry's own message (the first of
+    /// the distribution spec's `errors`).
+    fn expect(
+        &self,
+        response: &mut Response<ureq::Body>,
+        operation: &str,
+        ok: &[u16],
+    ) -> Result<()> {
+        let status = response.status().as_u16();
+        if ok.contains(&status) {
+            return Ok(());
+        }
+        let said = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 10)
+            .read_to_vec()
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                let e = v.get("errors")?.get(0)?;
+                let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("");
+                let message = e.get("message").and_then(|m| m.as_str()).unwrap_or("");
+                Some(format!(" ({code}: {message})"))
+            })
+            .unwrap_or_default();
+        let detail = self.detail(status);
+        // The registry's words go after the reason, before fuse's hint.
+        let detail = match detail.split_once(':') {
+            Some((reason, hint)) => format!("{reason}{said}:{hint}"),
+            None => format!("{detail}{said}"),
+        };
+        Err(self.error(operation, status, detail))
+    }
+
+    /// What to say after a status.
+    fn detail(&self, status: u16) -> String {
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let hint =
+            match status {
+                401 if self.credentials.is_some() => format!(
+                ": the registry refused the credentials of {}: log in again with `fuse login {}`",
+                self.credentials.as_ref().map_or("", |c| c.username.as_str()),
+                self.registry
+            ),
+                401 => format!(
+                    ": log in with `fuse login {}` (the Docker config's credentials are used)",
+                    self.registry
+                ),
+                403 => format!(
+                    ": the credentials for {} may not {} {}",
+                    self.registry,
+                    self.access.actions(),
+                    self.repository
+                ),
+                _ => String::new(),
+            };
+        format!(" {reason}{hint}")
+    }
+
+    /// Sends a request, answering an authentication challenge once and retrying 5xx answers
+    /// and dropped connections with backoff ([`TRIES`] in all).
+    pub(crate) fn send(
+        &mut self,
+        operation: &str,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        payload: Payload<'_>,
+    ) -> Result<Response<ureq::Body>> {
+        let mut challenged = false;
+        let mut try_number = 1;
+        loop {
+            let result = self.send_once(&method, url, headers, payload);
+            let retry = match &result {
+                Ok(r) if r.status().as_u16() == 401 && !challenged => {
+                    challenged = true;
+                    let header = r
+                        .headers()
+                        .get_all(http::header::WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if self.authenticate(operation, &challenge::parse(&header))? {
+                        continue;
+                    }
+                    false
+                }
+                Ok(r) => r.status().is_server_error() || r.status().as_u16() == 429,
+                Err(e) => retryable(e),
+            };
+            if !retry || try_number >= self.tries {
+                return result.map_err(|e| {
+                    RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        operation: operation.to_string(),
+                        reason: transport_reason(&e, try_number),
+                        tls: tls_spoken(&e),
+                    }
+                    .into()
+                });
+            }
+            std::thread::sleep(FIRST_BACKOFF * 2u32.pow(try_number - 1));
+            try_number += 1;
+        }
+    }
+
+    fn send_once(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        payload: Payload<'_>,
+    ) -> std::result::Result<Response<ureq::Body>, ureq::Error> {
+        let mut builder = http::Request::builder().method(method.clone()).uri(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        // Credentials go to the registry only, never to a host a Location points elsewhere.
+        if let Some(auth) = &self.authorization {
+            if url.starts_with(&format!("{}/", self.base)) {
+                builder = builder.header(http::header::AUTHORIZATION, auth);
+            }
+        }
+        match payload {
+            Payload::None => self.agent.run(builder.body(())?),
+            Payload::Bytes(bytes) => self.agent.run(builder.body(bytes)?),
+            Payload::File(path, progress) => {
+                let file = std::fs::File::open(path)?;
+                // A duplicate shares the file offset: how far the upload has read.
+                let probe = file.try_clone()?;
+                let done = Arc::new(AtomicBool::new(false));
+                std::thread::scope(|scope| {
+                    if let Some(progress) = progress {
+                        let done = done.clone();
+                        let mut probe = probe;
+                        scope.spawn(move || {
+                            while !done.load(Ordering::Relaxed) {
+                                for _ in 0..10 {
+                                    std::thread::sleep(Duration::from_millis(100));
+                                    if done.load(Ordering::Relaxed) {
+                                        return;
+                                    }
+                                }
+                                if let Ok(pos) = probe.stream_position() {
+                                    progress(pos);
+                                }
+                            }
+                        });
+                    }
+                    let result = self.agent.run(builder.body(file)?);
+                    done.store(true, Ordering::Relaxed);
+                    result
+                })
+            }
+        }
+    }
+
+    /// Answers a challenge; whether the request is worth sending again.
+    fn authenticate(&mut self, operation: &str, challenges: &[Challenge]) -> Result<bool> {
+        let no_credentials = || {
+            self.error(
+                operation,
+                401,
+                format!(
+                    " Unauthorized: no credentials for {}: log in with `fuse login {}`",
+                    self.registry, self.registry
+                ),
+            )
+        };
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let token = self.token(operation, bearer)?;
+            self.authorization = Some(format!("Bearer {token}"));
+            return Ok(true);
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            let Some(c) = &self.credentials else {
+                return Err(no_credentials());
+            };
+            if self.authorization.is_some() {
+                // The credentials were sent and refused.
+                return Ok(false);
+            }
+            self.authorization = Some(basic(c));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A bearer token from the challenge's realm for this repository (credentials, when
+    /// there are any, as Basic auth; anonymous otherwise).
+    fn token(&mut self, operation: &str, bearer: &Challenge) -> Result<String> {
+        let realm = bearer.params.get("realm").with_context(|| {
+            format!(
+                "Registry {}: {operation}: its Bearer challenge names no realm",
+                self.registry
+            )
+        })?;
+        let realm_host = realm
+            .split_once("://")
+            .map(|(_, r)| r.split('/').next().unwrap_or(r))
+            .unwrap_or("");
+        if !realm.starts_with("https://")
+            && !(realm.starts_with("http://")
+                && (is_loopback(realm_host) || self.base.starts_with("http://")))
+        {
+            anyhow::bail!(
+                "Registry {}: {operation}: its token service {realm} is not HTTPS: refusing to send credentials there",
+                self.registry
+            );
+        }
+        let mut query = Vec::new();
+        if let Some(service) = bearer.params.get("service") {
+            query.push(format!("service={}", encode_query(service)));
+        }
+        // No repository (a login's check): a token for the registry itself.
+        if !self.repository.is_empty() {
+            let scope = format!("repository:{}:{}", self.repository, self.access.actions());
+            query.push(format!("scope={}", encode_query(&scope)));
+        }
+        for source in &self.mount_sources {
+            let scope = format!("repository:{source}:pull");
+            query.push(format!("scope={}", encode_query(&scope)));
+        }
+        let separator = if realm.contains('?') { '&' } else { '?' };
+        let url = if query.is_empty() {
+            realm.clone()
+        } else {
+            format!("{realm}{separator}{}", query.join("&"))
+        };
+        let mut request = http::Request::builder().method(Method::GET).uri(&url);
+        if let Some(c) = &self.credentials {
+            request = request.header(http::header::AUTHORIZATION, basic(c));
+        }
+        let mut response =
+            self.agent
+                .run(request.body(())?)
+                .map_err(|e| RegistryError::Transport {
+                    registry: self.registry.clone(),
+                    operation: format!("{operation} (token from {realm})"),
+                    reason: transport_reason(&e, 1),
+                    tls: tls_spoken(&e),
+                })?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let what = if self.credentials.is_some() {
+                format!(
+                    " token refused: log in again with `fuse login {}`",
+                    self.registry
+                )
+            } else {
+                format!(
+                    " no token without credentials: log in with `fuse login {}`",
+                    self.registry
+                )
+            };
+            return Err(self.error(&format!("{operation} (token from {realm})"), status, what));
+        }
+        let body: serde_json::Value = serde_json::from_slice(
+            &response
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_vec()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+        .with_context(|| {
+            format!(
+                "Registry {}: token service {realm} answered no JSON",
+                self.registry
+            )
+        })?;
+        body.get("token")
+            .or_else(|| body.get("access_token"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "Registry {}: token service {realm} answered no token",
+                    self.registry
+                )
+            })
+    }
+
+    /// `repository:tag` or `repository@sha256:...`, for messages.
+    fn named(&self, reference: &str) -> String {
+        let separator = if reference.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
+        format!("{}{separator}{reference}", self.repository)
+    }
+
+    fn url(&self, rest: &str) -> String {
+        format!("{}/v2/{}/{rest}", self.base, self.repository)
+    }
+
+    /// Whether the repository has blob `digest`.
+    pub(crate) fn has_blob(&mut self, digest: &str) -> Result<bool> {
+        let op = format!("check blob {}", short(digest));
+        let response = self.send(
+            &op,
+            Method::HEAD,
+            &self.url(&format!("blobs/{digest}")),
+            &[],
+            Payload::None,
+        )?;
+        match response.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            status => Err(self.error(&op, status, self.detail(status))),
+        }
+    }
+
+    /// Whether repository `source` of the registry has blob `digest`.
+    pub(crate) fn source_has_blob(&mut self, source: &str, digest: &str) -> Result<bool> {
+        let op = format!("check blob {} in {source}", short(digest));
+        let url = format!("{}/v2/{source}/blobs/{digest}", self.base);
+        let response = self.send(&op, Method::HEAD, &url, &[], Payload::None)?;
+        // Not there, or not ours to read: either way, no mount from it.
+        Ok(response.status().as_u16() == 200)
+    }
+
+    /// Uploads blob `digest` from `path`: POST for an upload session, then one PUT of the
+    /// whole blob to its Location with `?digest=`. With `mount_from`, the POST first asks the
+    /// registry to mount the blob from that repository (nothing sent when it does: returns
+    /// true); a registry that declines answers with an upload session, which is used.
+    pub(crate) fn upload_blob(
+        &mut self,
+        digest: &str,
+        path: &Path,
+        progress: Option<&(dyn Fn(u64) + Sync)>,
+        mount_from: Option<&str>,
+    ) -> Result<bool> {
+        let op = format!("upload blob {}", short(digest));
+        let url = match mount_from {
+            Some(source) => self.url(&format!(
+                "blobs/uploads/?mount={}&from={}",
+                encode_query(digest),
+                encode_query(source)
+            )),
+            None => self.url("blobs/uploads/"),
+        };
+        let mut response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
+        if mount_from.is_some() && response.status().as_u16() == 201 {
+            return Ok(true);
+        }
+        self.expect(&mut response, &op, &[202])?;
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .with_context(|| {
+                format!(
+                    "Registry {}: {op}: its answer has no Location",
+                    self.registry
+                )
+            })?;
+        let mut url = self.resolve_location(location);
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("digest={}", encode_query(digest)));
+        let mut response = self.send(
+            &op,
+            Method::PUT,
+            &url,
+            &[("Content-Type", "application/octet-stream")],
+            Payload::File(path, progress),
+        )?;
+        self.expect(&mut response, &op, &[201, 204])?;
+        Ok(false)
+    }
+
+    /// A Location header as a URL: absolute, or relative to the registry.
+    fn resolve_location(&self, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            format!(
+                "{}/v2/{}/blobs/uploads/{location}",
+                self.base, self.repository
+            )
+        }
+    }
+
+    /// Streams blob `digest`: the response, for the caller to read and check.
+    pub(crate) fn get_blob(&mut self, digest: &str) -> Result<Response<ureq::Body>> {
+        let op = format!("download blob {}", short(digest));
+        let mut response = self.send(
+            &op,
+            Method::GET,
+            &self.url(&format!("blobs/{digest}")),
+            &[],
+            Payload::None,
+        )?;
+        self.expect(&mut response, &op, &[200])?;
+        Ok(response)
+    }
+
+    /// Puts a manifest under `reference` (a tag); returns the digest the registry gave it.
+    pub(crate) fn put_manifest(
+        &mut self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Option<String>> {
+        let op = format!("put manifest {}", self.named(reference));
+        let mut response = self.send(
+            &op,
+            Method::PUT,
+            &self.url(&format!("manifests/{reference}")),
+            &[("Content-Type", media_type)],
+            Payload::Bytes(bytes),
+        )?;
+        self.expect(&mut response, &op, &[201, 200])?;
+        Ok(response
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|d| d.to_str().ok())
+            .map(str::to_string))
+    }
+
+    /// Gets the manifest `reference` (a tag or digest), accepting `media_types`; returns its
+    /// media type and bytes (at most 4 MiB, the distribution spec's limit).
+    pub(crate) fn get_manifest(
+        &mut self,
+        reference: &str,
+        media_types: &[&str],
+    ) -> Result<(String, Vec<u8>)> {
+        let op = format!("get manifest {}", self.named(reference));
+        let accept = media_types.join(", ");
+        let mut response = self.send(
+            &op,
+            Method::GET,
+            &self.url(&format!("manifests/{reference}")),
+            &[("Accept", &accept)],
+            Payload::None,
+        )?;
+        if response.status().as_u16() == 404 {
+            return Err(self.error(
+                &op,
+                404,
+                format!(
+                    " Not Found: no {} in {}",
+                    self.named(reference),
+                    self.registry
+                ),
+            ));
+        }
+        self.expect(&mut response, &op, &[200])?;
+        let media_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|t| t.to_str().ok())
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(4 << 20)
+            .read_to_vec()
+            .map_err(|e| RegistryError::Transport {
+                registry: self.registry.clone(),
+                operation: op.clone(),
+                reason: e.to_string(),
+                tls: false,
+            })?;
+        Ok((media_type, bytes))
+    }
+}
+
+fn basic(c: &Credentials) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password))
+    )
+}
+
+fn short(digest: &str) -> String {
+    format!("sha256:{}", crate::host::digest::short(digest))
+}
+
+/// Percent-encodes a query value.
+fn encode_query(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a failed request may succeed when sent again: the connection, not the request.
+fn retryable(e: &ureq::Error) -> bool {
+    matches!(
+        e,
+        ureq::Error::Io(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::Timeout(_)
+            | ureq::Error::Protocol(_)
+            | ureq::Error::BodyStalled
+    )
+}
+
+/// Whether an error says the registry does not speak HTTPS: no answer, and no TLS failure
+/// (a certificate not trusted must be reported, not answered by trying plain HTTP).
+fn is_transport(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<RegistryError>(),
+        Some(RegistryError::Transport { tls: false, .. })
+    )
+}
+
+/// The TLS error under a request's error, if it is one.
+fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        _ => None,
+    }
+}
+
+fn is_tls(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Tls(_)) || rustls_error(e).is_some()
+}
+
+/// Whether the server spoke TLS (and it failed: a certificate not trusted, an alert), as
+/// opposed to answering in plain HTTP, which reads as a corrupt TLS message.
+fn tls_spoken(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Tls(_))
+        || rustls_error(e).is_some_and(|r| !matches!(r, rustls::Error::InvalidMessage(_)))
+}
+
+fn transport_reason(e: &ureq::Error, tries: u32) -> String {
+    let what = match e {
+        _ if is_tls(e) => format!(
+            "TLS failed ({e}): for a registry with a private CA give --ca-cert FILE (or --insecure)"
+        ),
+        ureq::Error::ConnectionFailed | ureq::Error::Io(_) => {
+            format!("cannot connect, or the connection dropped ({e})")
+        }
+        _ => e.to_string(),
+    };
+    if tries > 1 {
+        format!("{what}, after {tries} tries")
+    } else {
+        what
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(
+            encode_query("repository:x/hello:pull,push"),
+            "repository%3Ax%2Fhello%3Apull%2Cpush"
+        );
+        assert_eq!(encode_query("sha256:ab"), "sha256%3Aab");
+    }
+}

@@ -1,0 +1,490 @@
+//! Images in OCI registries: `fuse push` and `fuse pull` over a small client of the
+//! distribution API (`client`), references (`reference`), the Docker config's credentials
+//! (`credentials`), `WWW-Authenticate` challenges (`challenge`) and the format an image
+//! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull).
+//!
+//! Data flows `cli → registry → image`: this room reads and writes the store, nothing else.
+
+mod challenge;
+pub(crate) mod client;
+pub(crate) mod credentials;
+mod oci;
+pub(crate) mod reference;
+
+use crate::host::digest;
+use crate::host::fs::human_size;
+use crate::image::disk;
+use crate::image::manifest::Manifest;
+use crate::image::store::{BlobCheck, Store, StoredImage};
+use anyhow::{bail, Context, Result};
+use client::{Access, Client, Connection};
+use oci::{Descriptor, Layers, OciManifest};
+use reference::Reference;
+use sha2::{Digest as _, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Progress lines (`fuse: ...` on stderr, or nothing with --json).
+pub(crate) type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// Blobs smaller than this get no progress lines of their own.
+const QUIET_BELOW: u64 = 1 << 20;
+
+/// What `fuse push` did.
+#[derive(Debug, Clone)]
+pub(crate) struct PushReport {
+    pub(crate) reference: String,
+    /// The OCI manifest's digest: `REFERENCE@DIGEST` pulls exactly this.
+    pub(crate) manifest_digest: String,
+    pub(crate) image_digest: String,
+    pub(crate) bytes_sent: u64,
+    pub(crate) blobs_sent: usize,
+    pub(crate) blobs_skipped: usize,
+    /// Blobs the registry mounted from another of its repositories (no bytes sent).
+    pub(crate) blobs_mounted: usize,
+}
+
+/// What `fuse pull` did.
+#[derive(Debug, Clone)]
+pub(crate) struct PullReport {
+    /// The name the image is stored under (`registry/repository:tag`).
+    pub(crate) image: String,
+    pub(crate) manifest_digest: String,
+    pub(crate) image_digest: String,
+    pub(crate) bytes_received: u64,
+    pub(crate) blobs_received: usize,
+    /// Blobs the local store had already.
+    pub(crate) blobs_reused: usize,
+}
+
+/// The credentials the Docker config holds for `registry`, if any.
+fn credentials_for(registry: &str) -> Result<Option<credentials::Credentials>> {
+    // No HOME and no DOCKER_CONFIG: anonymous, as the registry may well allow.
+    match credentials::config_path() {
+        Ok(path) => credentials::lookup(&path, registry),
+        Err(_) => Ok(None),
+    }
+}
+
+/// `label: 12.3 MB of 50.1 MB (10.2 MB/s)`.
+fn progress_text(label: &str, done: u64, total: u64, started: Instant) -> String {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    format!(
+        "{label}: {} of {} ({}/s)",
+        human_size(done),
+        human_size(total),
+        human_size((done as f64 / secs) as u64)
+    )
+}
+
+/// Pushes `image` to `reference` (a tag): every part not in the repository yet, then the
+/// manifest. The disk is not sent; the parts are checked first to rebuild it bit for bit.
+pub(crate) fn push(
+    store: &Store,
+    image: &StoredImage,
+    reference: &Reference,
+    connection: &Connection,
+    progress: Progress<'_>,
+) -> Result<PushReport> {
+    let Some(tag) = reference.tag.clone().filter(|_| reference.digest.is_none()) else {
+        bail!("Push to a tag, not a digest: {reference} (the digest is the registry's answer)");
+    };
+    let m = &image.manifest;
+    let name = &image.name;
+    disk::verified_disk_path(store, image)?;
+    for (part, d, _) in m.components() {
+        match store.check_blob(d)? {
+            BlobCheck::Intact => {}
+            BlobCheck::Missing => bail!(
+                "Image {name} has no {part} ({}) in the store: rebuild it with `fuse build`",
+                digest::short(d)
+            ),
+            BlobCheck::Corrupt { .. } => bail!(
+                "Image {name} is corrupt in the store: its {part} {} has changed: rebuild it with `fuse build`",
+                digest::short(d)
+            ),
+        }
+    }
+
+    // The stub is not stored with the image: the host's must be the one the disk was made
+    // with, which rebuilding the disk from the parts proves (or the push is refused).
+    let scratch = store.temp_dir()?;
+    let stub = disk::efi_stub(m.arch)?;
+    let stub_path = scratch.path().join("efi-stub");
+    std::fs::write(&stub_path, &stub)
+        .with_context(|| format!("Cannot write {}", stub_path.display()))?;
+    let rebuilt = disk::rebuild(
+        m,
+        &stub,
+        &store.blob_path(&m.kernel.digest),
+        &store.blob_path(&m.init.digest),
+        &store.blob_path(&m.rootfs.digest),
+        &scratch.path().join("disk.raw"),
+    )?;
+    if rebuilt != image.digest {
+        bail!(
+            "Image {name} cannot be pushed as its parts: with this host's EFI stub ({}) they make a disk of sha256 {}, not the image's {}: the stub changed since the image was built; rebuild it with `fuse build`",
+            disk::efi_stub_path(m.arch).display(),
+            digest::short(&rebuilt),
+            digest::short(&image.digest)
+        );
+    }
+    std::fs::remove_file(scratch.path().join("disk.raw")).ok();
+
+    let config = m.to_bytes();
+    let config_path = scratch.path().join("config.json");
+    std::fs::write(&config_path, &config)
+        .with_context(|| format!("Cannot write {}", config_path.display()))?;
+    let layers = Layers {
+        kernel: oci::layer(oci::KERNEL, &m.kernel.digest, m.kernel.size, "kernel"),
+        initrd: oci::layer(oci::INITRD, &m.init.digest, m.init.size, "initrd"),
+        efi_stub: oci::layer(
+            oci::EFI_STUB,
+            &digest::of_bytes(&stub),
+            stub.len() as u64,
+            "efi-stub",
+        ),
+        rootfs: oci::layer(oci::ROOTFS, &m.rootfs.digest, m.rootfs.size, "rootfs"),
+    };
+    let manifest = oci::manifest_for(m, &image.digest, &config, &layers);
+    let manifest_bytes = manifest.to_bytes();
+    let manifest_digest = digest::of_bytes(&manifest_bytes);
+
+    let sources = mount_sources(store, reference)?;
+    let mut client = Client::connect_with_sources(
+        reference,
+        Access::Push,
+        connection,
+        credentials_for(&reference.registry)?,
+        sources.clone(),
+    )?;
+    let mut report = PushReport {
+        reference: reference.to_string(),
+        manifest_digest: manifest_digest.clone(),
+        image_digest: image.digest.clone(),
+        bytes_sent: 0,
+        blobs_sent: 0,
+        blobs_skipped: 0,
+        blobs_mounted: 0,
+    };
+    let blobs: Vec<(&str, &Descriptor, PathBuf)> = vec![
+        ("config", &manifest.config, config_path.clone()),
+        ("kernel", &layers.kernel, store.blob_path(&m.kernel.digest)),
+        ("initrd", &layers.initrd, store.blob_path(&m.init.digest)),
+        ("efi-stub", &layers.efi_stub, stub_path.clone()),
+        ("rootfs", &layers.rootfs, store.blob_path(&m.rootfs.digest)),
+    ];
+    for (title, blob, path) in blobs {
+        if client.has_blob(&blob.digest)? {
+            report.blobs_skipped += 1;
+            continue;
+        }
+        let mut mount_from = None;
+        for source in &sources {
+            if client.source_has_blob(source, &blob.digest)? {
+                mount_from = Some(source.as_str());
+                break;
+            }
+        }
+        let started = Instant::now();
+        let label = format!("pushing {title} {}", digest::short(&blob.digest));
+        let size = blob.size;
+        let tick = |done: u64| progress(&progress_text(&label, done, size, started));
+        let tick: Option<&(dyn Fn(u64) + Sync)> = (size >= QUIET_BELOW).then_some(&tick);
+        if client.upload_blob(&blob.digest, &path, tick, mount_from)? {
+            report.blobs_mounted += 1;
+            continue;
+        }
+        if size >= QUIET_BELOW {
+            progress(&progress_text(&label, size, size, started));
+        }
+        report.bytes_sent += size;
+        report.blobs_sent += 1;
+    }
+    let answered = client.put_manifest(&tag, oci::MANIFEST, &manifest_bytes)?;
+    report.bytes_sent += manifest_bytes.len() as u64;
+    if let Some(answered) = answered.filter(|a| *a != manifest_digest) {
+        bail!(
+            "Registry {}: put manifest {}:{tag}: it answered digest {answered}, not the manifest's {manifest_digest}",
+            client.registry(),
+            reference.repository
+        );
+    }
+    Ok(report)
+}
+
+/// Repositories of `target`'s registry that may hold the image's blobs already (where images
+/// were pushed or pulled from), for the registry to mount them from rather than have them sent
+/// again; at most 5, so a missing blob costs a bounded number of checks.
+fn mount_sources(store: &Store, target: &Reference) -> Result<Vec<String>> {
+    let prefix = format!("{}/", target.registry);
+    let pulled = store.list()?.into_iter().map(|i| i.name.name);
+    let mut sources: Vec<String> = store
+        .pushed_repositories()?
+        .into_iter()
+        .chain(pulled)
+        .filter_map(|r| r.strip_prefix(&prefix).map(str::to_string))
+        .filter(|r| *r != target.repository)
+        .collect();
+    sources.sort();
+    sources.dedup();
+    sources.truncate(5);
+    Ok(sources)
+}
+
+/// Pulls `reference` into the store under its name (`registry/repository:tag`): the parts
+/// the store lacks, each checked against its digest as it streams, then the disk rebuilt and
+/// checked against the image digest. Nothing is stored unless all of it matches.
+pub(crate) fn pull(
+    store: &Store,
+    reference: &Reference,
+    connection: &Connection,
+    progress: Progress<'_>,
+) -> Result<PullReport> {
+    let what = reference.to_string();
+    let mut client = Client::connect(
+        reference,
+        Access::Pull,
+        connection,
+        credentials_for(&reference.registry)?,
+    )?;
+    let (media_type, bytes) =
+        client.get_manifest(reference.manifest_reference(), &oci::ACCEPTED)?;
+    let manifest_digest = digest::of_bytes(&bytes);
+    if let Some(pinned) = &reference.digest {
+        if *pinned != manifest_digest {
+            bail!(
+                "Registry {}: the manifest of {what} has sha256 {}, not the digest asked for: nothing was stored",
+                reference.registry,
+                digest::short(&manifest_digest)
+            );
+        }
+    }
+    let oci_manifest = OciManifest::parse(&media_type, &bytes, &what)?;
+    let image_digest = oci_manifest.image_digest(&what)?.to_string();
+
+    let scratch = store.temp_dir()?;
+    let mut report = PullReport {
+        image: reference.local_name().to_string(),
+        manifest_digest,
+        image_digest: image_digest.clone(),
+        bytes_received: bytes.len() as u64,
+        blobs_received: 0,
+        blobs_reused: 0,
+    };
+    let config_path = scratch.path().join("config.json");
+    if oci_manifest.config.size > 4 << 20 {
+        bail!(
+            "{what}: its config is {} bytes, more than a fuse manifest",
+            oci_manifest.config.size
+        );
+    }
+    download(
+        &mut client,
+        &what,
+        "config",
+        &oci_manifest.config,
+        &config_path,
+        progress,
+    )?;
+    report.bytes_received += oci_manifest.config.size;
+    report.blobs_received += 1;
+    let config = std::fs::read(&config_path)?;
+    let manifest = Manifest::from_bytes(&config)
+        .with_context(|| format!("{what}: its config is not a fuse image manifest"))?;
+    let layers = oci_manifest.layers(&manifest, &what)?;
+
+    // Parts the store has intact are used from it; the others are fetched into scratch.
+    let mut fetched: Vec<PathBuf> = Vec::new();
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for (title, layer, stored) in [
+        ("kernel", &layers.kernel, true),
+        ("initrd", &layers.initrd, true),
+        ("efi-stub", &layers.efi_stub, false),
+        ("rootfs", &layers.rootfs, true),
+    ] {
+        if stored && store.check_blob(&layer.digest)? == BlobCheck::Intact {
+            report.blobs_reused += 1;
+            paths.push(store.blob_path(&layer.digest));
+            continue;
+        }
+        let path = scratch.path().join(title);
+        download(&mut client, &what, title, layer, &path, progress)?;
+        report.bytes_received += layer.size;
+        report.blobs_received += 1;
+        if stored {
+            fetched.push(path.clone());
+        }
+        paths.push(path);
+    }
+    let stub = std::fs::read(&paths[2])?;
+    let disk_file = scratch.path().join("disk.raw");
+    let rebuilt = disk::rebuild(
+        &manifest, &stub, &paths[0], &paths[1], &paths[3], &disk_file,
+    )?;
+    if rebuilt != image_digest {
+        bail!(
+            "{what}: its parts rebuild a disk of sha256 {}, not the image digest {} its manifest names: nothing was stored",
+            digest::short(&rebuilt),
+            digest::short(&image_digest)
+        );
+    }
+    for path in fetched {
+        store.put_file(&path)?;
+    }
+    let disk = store.put_file(&disk_file)?;
+    store.tag_as(&manifest, &disk, &reference.local_name())?;
+    Ok(report)
+}
+
+/// Streams blob `blob` into `path` (through a temp file renamed at the end), hashing as it
+/// goes: a blob whose bytes are not its digest is refused, naming it. A connection that drops
+/// mid-blob is tried again (the client's tries for the request itself come first).
+fn download(
+    client: &mut Client,
+    what: &str,
+    title: &str,
+    blob: &Descriptor,
+    path: &Path,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let label = format!("pulling {title} {}", digest::short(&blob.digest));
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let started = Instant::now();
+        let response = client.get_blob(&blob.digest)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("Cannot write in {}", dir.display()))?;
+        let mut hasher = Sha256::new();
+        let mut last = Instant::now();
+        let mut received = 0u64;
+        let short = format!("sha256:{}", digest::short(&blob.digest));
+        let mut reader = response.into_body().into_reader();
+        let mut buf = vec![0u8; 1 << 16];
+        let dropped = loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => n,
+                Err(e) => break Some(e),
+            };
+            received += n as u64;
+            if received > blob.size {
+                bail!(
+                    "Registry {}: blob {short} ({title}) of {what} is corrupt: more than its {} bytes: nothing was stored",
+                    client.registry(),
+                    blob.size
+                );
+            }
+            hasher.update(&buf[..n]);
+            tmp.write_all(&buf[..n])
+                .with_context(|| format!("Cannot write {}", path.display()))?;
+            if blob.size >= QUIET_BELOW && last.elapsed().as_secs() >= 1 {
+                last = Instant::now();
+                progress(&progress_text(&label, received, blob.size, started));
+            }
+        };
+        if let Some(e) = dropped {
+            if tries < 3 {
+                progress(&format!(
+                    "{label}: the connection dropped ({e}), trying again"
+                ));
+                continue;
+            }
+            bail!(
+                "Registry {}: download blob {short} ({title}): the connection dropped ({e}) after {tries} tries",
+                client.registry()
+            );
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if received != blob.size || actual != blob.digest {
+            bail!(
+                "Registry {}: blob {short} ({title}) of {what} is corrupt: its {received} bytes have sha256 {}, not the {} bytes of its digest: nothing was stored",
+                client.registry(),
+                digest::short(&actual),
+                blob.size
+            );
+        }
+        if blob.size >= QUIET_BELOW {
+            progress(&progress_text(&label, received, blob.size, started));
+        }
+        tmp.persist(path)
+            .with_context(|| format!("Cannot write {}", path.display()))?;
+        return Ok(());
+    }
+}
+
+/// Checks `credentials` against `registry` (`host[:port]`), then saves them where the Docker
+/// config keeps them; returns where that is.
+pub(crate) fn login(
+    registry: &str,
+    credentials: credentials::Credentials,
+    connection: &Connection,
+) -> Result<String> {
+    let target = Reference {
+        registry: registry.to_string(),
+        repository: String::new(),
+        tag: None,
+        digest: None,
+    };
+    Client::connect(&target, Access::Pull, connection, Some(credentials.clone()))
+        .with_context(|| format!("Login to {registry} failed"))?;
+    credentials::store(&credentials::config_path()?, registry, &credentials)
+}
+
+/// Forgets the credentials for `registry`; whether there were any.
+pub(crate) fn logout(registry: &str) -> Result<bool> {
+    credentials::erase(&credentials::config_path()?, registry)
+}
+
+/// A registry as `fuse login` takes it (`host[:port]`, with or without `https://`), as the
+/// Docker config names it (`docker.io` for Docker Hub).
+pub(crate) fn registry_name(text: &str) -> Result<String> {
+    let host = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .unwrap_or(text)
+        .trim_end_matches('/');
+    let host = host.split('/').next().unwrap_or(host);
+    let parsed = Reference::parse(&format!("{host}/x")).map_err(|_| {
+        anyhow::anyhow!(
+            "'{text}' is not a registry host: write HOST[:PORT], e.g. registry.example.com:5000"
+        )
+    })?;
+    Ok(parsed.registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_takes_a_registry_as_docker_login_does() {
+        assert_eq!(
+            registry_name("reg.example.com:5000").unwrap(),
+            "reg.example.com:5000"
+        );
+        assert_eq!(
+            registry_name("https://reg.example.com/").unwrap(),
+            "reg.example.com"
+        );
+        assert_eq!(registry_name("index.docker.io").unwrap(), "docker.io");
+        assert_eq!(registry_name("localhost:5000").unwrap(), "localhost:5000");
+        for bad in ["team", "-x.io", "reg.io:0"] {
+            let err = registry_name(bad).unwrap_err().to_string();
+            assert!(err.contains("is not a registry host"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn progress_says_bytes_and_rate() {
+        let line = progress_text("pushing rootfs", 12_300_000, 50_100_000, Instant::now());
+        assert!(
+            line.starts_with("pushing rootfs: 12.3 MB of 50.1 MB ("),
+            "{line}"
+        );
+        assert!(line.ends_with("/s)"), "{line}");
+    }
+}

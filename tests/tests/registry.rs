@@ -1,0 +1,890 @@
+//! `fuse push` / `fuse pull` against a real OCI registry on loopback: Debian's
+//! `docker-registry` (distribution 2.8), started by each test with a config it writes
+//! (filesystem storage in the test's directory, 127.0.0.1 and a free port), plain HTTP, and
+//! with htpasswd basic auth and TLS from a CA the test makes with openssl. skopeo, a client
+//! nobody here wrote, reads and copies what fuse pushed.
+
+mod common;
+
+use common::{assert_one_error, flip_byte, json, sha256_hex, Sandbox, HELLO};
+use fuse_boot::poll::wait_until;
+use fuse_tests::{assert_no_leaked_qemu, FuseCmd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const REGISTRY: &str = "/usr/bin/docker-registry";
+
+/// A registry process of the test's own, killed and reaped when dropped (on every path,
+/// panics included).
+struct Registry {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+    log: PathBuf,
+}
+
+/// TLS and basic auth for a registry: its certificate and key, the htpasswd file.
+struct Secured {
+    cert: PathBuf,
+    key: PathBuf,
+    htpasswd: PathBuf,
+}
+
+/// Token auth for a registry: the token service's realm and the certificate its tokens are
+/// signed with.
+struct TokenAuth {
+    realm: String,
+    cert: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path, secured: Option<&Secured>) -> Registry {
+        Registry::start_with(dir, secured, None)
+    }
+
+    fn start_with(dir: &Path, secured: Option<&Secured>, token: Option<&TokenAuth>) -> Registry {
+        Registry::start_on(dir, common::free_port(), secured, token)
+    }
+
+    fn start_on(
+        dir: &Path,
+        port: u16,
+        secured: Option<&Secured>,
+        token: Option<&TokenAuth>,
+    ) -> Registry {
+        assert!(
+            Path::new(REGISTRY).is_file(),
+            "{REGISTRY} is missing: install docker-registry (bash ci/setup)"
+        );
+        let storage = dir.join("registry-storage");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: fuse-test\n",
+            storage.display()
+        );
+        if let Some(s) = secured {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: fuse-test\n    path: {}\n",
+                s.cert.display(),
+                s.key.display(),
+                s.htpasswd.display()
+            ));
+        }
+        if let Some(t) = token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                t.realm,
+                t.cert.display()
+            ));
+        }
+        let config_path = dir.join("registry.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.join("registry.log");
+        let child = Command::new(REGISTRY)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join("registry.err")).unwrap())
+            .spawn()
+            .expect("cannot start docker-registry");
+        let mut registry = Registry {
+            child,
+            port,
+            storage,
+            log,
+        };
+        let up = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        if up.is_none() || registry.child.try_wait().unwrap().is_some() {
+            panic!(
+                "docker-registry did not listen on 127.0.0.1:{port}:\n{}",
+                std::fs::read_to_string(dir.join("registry.err")).unwrap_or_default()
+            );
+        }
+        registry
+    }
+
+    /// `127.0.0.1:PORT/<repository_tag>`.
+    fn reference(&self, repository_tag: &str) -> String {
+        format!("127.0.0.1:{}/{repository_tag}", self.port)
+    }
+
+    /// Where the registry keeps blob `digest`.
+    fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.log;
+    }
+}
+
+/// `fuse` with the sandbox's store and a Docker config of its own (never the user's).
+fn fuse(sb: &Sandbox) -> FuseCmd {
+    sb.fuse().env("DOCKER_CONFIG", sb.dir.join("docker"))
+}
+
+/// Builds the static hello image; returns its digest.
+fn build_hello(sb: &Sandbox) -> String {
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    let out = fuse(sb).args(["build", "--json"]).arg(&app).run();
+    json(out.assert_success())["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The names in `fuse ls --json`.
+fn listed(sb: &Sandbox) -> Vec<String> {
+    let out = fuse(sb).args(["ls", "--json"]).run();
+    json(out.assert_success())
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["image"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn tool(cmd: &mut Command, what: &str) -> String {
+    common::run_tool(cmd, what)
+}
+
+#[test]
+fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
+    let sb = Sandbox::new();
+    let registry = Registry::start(sb.dir.path(), None);
+    let image = build_hello(&sb);
+    let reference = registry.reference("x/hello:1.0");
+
+    // Bad references are refused before anything is sent.
+    for (bad, why) in [
+        ("team/hello:1.0", "no default registry"),
+        ("127.0.0.1:1/Team/hello", "invalid repository component"),
+    ] {
+        let out = fuse(&sb).args(["push", "hello:1.0", bad]).run();
+        assert_one_error(&out, &[why]);
+    }
+
+    let out = fuse(&sb).args(["push", "hello:1.0"]).run();
+    assert_one_error(
+        &out,
+        &["hello:1.0 was never pushed", "HOST[:PORT]/REPOSITORY"],
+    );
+
+    let first = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(
+        first["blobs_sent"], 5,
+        "config, kernel, initrd, stub, rootfs: {first}"
+    );
+    assert_eq!(first["blobs_skipped"], 0, "{first}");
+    assert_eq!(first["image_digest"], image.as_str());
+    assert!(first["bytes_sent"].as_u64().unwrap() > 1_000_000, "{first}");
+    let manifest_digest = first["digest"].as_str().unwrap().to_string();
+
+    // Pushed again: nothing but the manifest, which is the same bytes.
+    let second = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(second["blobs_sent"], 0, "{second}");
+    assert_eq!(second["blobs_skipped"], 5, "{second}");
+    assert_eq!(second["digest"], manifest_digest.as_str(), "deterministic");
+    assert!(second["bytes_sent"].as_u64().unwrap() < 4096, "{second}");
+    // Without a reference: where the image's name was pushed last, tagged with its version.
+    let third = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(third["reference"], reference.as_str(), "{third}");
+    assert_eq!(third["digest"], manifest_digest.as_str());
+    // To another repository of the registry: mounted from the first, nothing sent again.
+    let mounted = json(
+        fuse(&sb)
+            .args([
+                "push",
+                "hello:1.0",
+                &registry.reference("z/mounted:1"),
+                "--json",
+            ])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
+    assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
+    assert!(mounted["bytes_sent"].as_u64().unwrap() < 4096, "{mounted}");
+
+    // skopeo reads the manifest fuse pushed: the same bytes (digest), fuse's artifact type.
+    let raw = tool(
+        Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ]),
+        "skopeo inspect",
+    );
+    let dir = sb.dir.path();
+    std::fs::write(dir.join("manifest.json"), &raw).unwrap();
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&dir.join("manifest.json"))),
+        manifest_digest
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(
+        manifest["artifactType"],
+        "application/vnd.fuse.image.v1+json"
+    );
+    assert_eq!(
+        manifest["annotations"]["vnd.fuse.image.digest"],
+        image.as_str()
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4, "{raw}");
+
+    // skopeo copies it to an OCI layout: every blob's bytes match its digest; and back into
+    // the registry under another name, from which fuse pulls the same image.
+    let layout = dir.join("layout");
+    tool(
+        Command::new("skopeo").args([
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{reference}"),
+            &format!("oci:{}:1.0", layout.display()),
+        ]),
+        "skopeo copy to oci:",
+    );
+    let mut digests: Vec<&str> = layers
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    digests.push(manifest["config"]["digest"].as_str().unwrap());
+    for d in digests {
+        let file = layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(&file)),
+            d,
+            "{}",
+            file.display()
+        );
+    }
+    let copy = registry.reference("y/copied:2");
+    tool(
+        Command::new("skopeo").args([
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:1.0", layout.display()),
+            &format!("docker://{copy}"),
+        ]),
+        "skopeo copy back",
+    );
+
+    // Removed locally, pulled back: the same image, named after the reference, and it boots.
+    fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
+    assert!(listed(&sb).is_empty());
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
+    assert_eq!(pulled["image"], reference.as_str());
+    assert_eq!(pulled["manifest_digest"], manifest_digest.as_str());
+    assert_eq!(pulled["blobs_received"], 5, "{pulled}");
+    assert_eq!(listed(&sb), vec![reference.clone()]);
+    let out = fuse(&sb).args(["run", &reference]).run();
+    out.assert_success()
+        .assert_stdout_contains("hello from the guest");
+    let inspected = json(
+        fuse(&sb)
+            .args(["inspect", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspected["digest"], image.as_str());
+    fuse(&sb)
+        .args(["verify", &reference])
+        .run()
+        .assert_success();
+
+    // Pinned by the manifest's digest: the same image, its version named after the digest.
+    let pinned = json(
+        fuse(&sb)
+            .args([
+                "pull",
+                &format!("{}@{manifest_digest}", registry.reference("x/hello")),
+                "--json",
+            ])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pinned["digest"], image.as_str(), "{pinned}");
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    assert_eq!(
+        pinned["image"],
+        registry.reference(&format!("x/hello:sha256-{}", &hex[..16]))
+    );
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = fuse(&sb)
+        .args([
+            "pull",
+            &format!("{}@{wrong}", registry.reference("x/hello")),
+        ])
+        .run();
+    assert_one_error(&out, &["HTTP 404"]);
+
+    // What skopeo copied back pulls as the same image; the parts the store has are reused.
+    let again = json(
+        fuse(&sb)
+            .args(["pull", &copy, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["digest"], image.as_str(), "{again}");
+    assert_eq!(
+        again["blobs_reused"], 3,
+        "kernel, initrd and rootfs are in the store: {again}"
+    );
+    assert_eq!(again["blobs_received"], 2, "config and EFI stub: {again}");
+    assert_no_leaked_qemu();
+}
+
+#[test]
+fn run_pulls_by_itself_and_a_corrupt_blob_is_refused_with_nothing_stored() {
+    let builder = Sandbox::new();
+    let registry = Registry::start(builder.dir.path(), None);
+    let image = build_hello(&builder);
+    let reference = registry.reference("x/hello:1.0");
+    fuse(&builder)
+        .args(["push", "hello:1.0", &reference])
+        .run()
+        .assert_success();
+
+    // Another machine's store: `fuse run REF` pulls, then boots.
+    let user = Sandbox::new();
+    let out = fuse(&user).args(["run", &reference]).run();
+    out.assert_success()
+        .assert_stdout_contains("hello from the guest")
+        .assert_stderr_contains("pulling it");
+    let stored = json(
+        fuse(&user)
+            .args(["inspect", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(stored["digest"], image.as_str());
+    // A second run finds it in the store.
+    let out = fuse(&user).args(["run", &reference]).run();
+    out.assert_success();
+    assert!(!out.stderr_str().contains("pulling"), "{out}");
+    // A local name without a registry host stays local.
+    let out = fuse(&user).args(["run", "hello:1.0"]).run();
+    assert_one_error(&out, &["No app file or image named 'hello:1.0'"]);
+
+    // One byte of the root filesystem flipped in the registry's storage: the pull refuses it,
+    // naming the blob, and stores nothing.
+    let rootfs = stored["rootfs"]["digest"].as_str().unwrap().to_string();
+    flip_byte(&registry.blob_data(&rootfs), 4096);
+    let fresh = Sandbox::new();
+    let out = fuse(&fresh).args(["pull", &reference]).run();
+    let short = &rootfs.trim_start_matches("sha256:")[..12];
+    assert_one_error(&out, &["corrupt", short, "rootfs", "nothing was stored"]);
+    assert!(listed(&fresh).is_empty(), "nothing stored");
+    let blobs = std::fs::read_dir(fresh.home().join("images/blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "no blob stored either");
+    let out = fuse(&fresh).args(["run", &reference]).run();
+    assert_one_error(&out, &["corrupt", short]);
+    assert!(listed(&fresh).is_empty());
+    assert_no_leaked_qemu();
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and an htpasswd file (bcrypt) with
+/// user `ci`, password `s3cret`.
+fn secure(dir: &Path) -> (Secured, PathBuf) {
+    let openssl = |args: &[&str], what: &str| {
+        tool(Command::new("openssl").args(args).current_dir(dir), what);
+    };
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fuse test CA",
+        ],
+        "openssl: CA",
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        "openssl: server key",
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+        "openssl: server certificate",
+    );
+    let htpasswd = tool(
+        Command::new("htpasswd").args(["-Bbn", "ci", "s3cret"]),
+        "htpasswd",
+    );
+    std::fs::write(dir.join("htpasswd"), htpasswd).unwrap();
+    (
+        Secured {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            htpasswd: dir.join("htpasswd"),
+        },
+        dir.join("ca.crt"),
+    )
+}
+
+#[test]
+fn basic_auth_and_tls_with_a_private_ca() {
+    let sb = Sandbox::new();
+    let (secured, ca) = secure(sb.dir.path());
+    let registry = Registry::start(sb.dir.path(), Some(&secured));
+    let image = build_hello(&sb);
+    let reference = registry.reference("team/hello:1.0");
+    let host = registry.reference("");
+    let host = host.trim_end_matches('/');
+    let ca = ca.to_str().unwrap();
+    let config = sb.dir.join("docker/config.json");
+
+    // The CA is not the system's: refused, saying what to do.
+    let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
+    assert_one_error(&out, &[host, "TLS", "--ca-cert"]);
+    // Trusted, but not logged in.
+    let out = fuse(&sb)
+        .args(["push", "hello:1.0", &reference, "--ca-cert", ca])
+        .run();
+    assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
+    // A wrong password is refused and not saved; no password is ever taken in argv.
+    let out = fuse(&sb)
+        .args([
+            "login",
+            host,
+            "-u",
+            "ci",
+            "--password-stdin",
+            "--ca-cert",
+            ca,
+        ])
+        .stdin("wrong\n")
+        .run();
+    assert_one_error(
+        &out,
+        &["Login to", "HTTP 401", "refused the credentials of ci"],
+    );
+    assert!(!config.exists() || !std::fs::read_to_string(&config).unwrap().contains(host));
+    let out = fuse(&sb).args(["login", host, "-u", "ci"]).run();
+    assert_one_error(&out, &["--password-stdin"]);
+
+    let out = fuse(&sb)
+        .args([
+            "login",
+            host,
+            "-u",
+            "ci",
+            "--password-stdin",
+            "--ca-cert",
+            ca,
+        ])
+        .stdin("s3cret\n")
+        .run();
+    out.assert_success();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the Docker config holds a secret");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    // base64("ci:s3cret"), where docker login puts it.
+    assert_eq!(saved["auths"][host]["auth"], "Y2k6czNjcmV0", "{saved}");
+
+    let pushed = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--ca-cert", ca, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--ca-cert", ca, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], image.as_str());
+    fuse(&sb)
+        .args(["run", &reference])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("hello from the guest");
+
+    // Logged out: the registry refuses a pull again.
+    fuse(&sb).args(["logout", host]).run().assert_success();
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(!saved.contains(host), "{saved}");
+    let out = fuse(&sb)
+        .args([
+            "pull",
+            &registry.reference("team/hello:1.0"),
+            "--ca-cert",
+            ca,
+        ])
+        .env("FUSE_HOME", sb.dir.join("other-home"))
+        .run();
+    assert_one_error(&out, &["HTTP 401"]);
+    assert_no_leaked_qemu();
+}
+
+const TOKEN_SERVICE: &str = "fuse-test-service";
+const TOKEN_ISSUER: &str = "fuse-test-issuer";
+
+fn base64(bytes: &[u8], url: bool) -> String {
+    let table: &[u8] = if url {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(table[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        if !url {
+            out.push_str(&"=".repeat(3 - chunk.len()));
+        }
+    }
+    out
+}
+
+/// What the token service was asked: the scope, and whether credentials came with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TokenRequest {
+    scope: String,
+    authenticated: bool,
+}
+
+/// A token service as distribution's token auth specifies it, on 127.0.0.1: Basic auth
+/// `ci:s3cret` earns a JWT (RS256, signed by openssl with `key`, its certificate in `x5c`)
+/// granting the scope asked for; no or wrong credentials, 401. Serves until the test ends
+/// (each accept is bounded by the test's own timeout).
+fn token_service(
+    key: PathBuf,
+    cert_der: Vec<u8>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<TokenRequest>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let realm = format!("http://{}/token", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap_or(0);
+            let mut authorization = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("authorization") {
+                        authorization = v.trim().to_string();
+                    }
+                }
+            }
+            let target = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_string();
+            let query = target.split_once('?').map_or("", |(_, q)| q);
+            let scopes: Vec<String> = query
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("scope="))
+                .map(|s| {
+                    s.replace("%3A", ":")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",")
+                })
+                .collect();
+            let scope = scopes.join(" ");
+            let authenticated = authorization == format!("Basic {}", base64(b"ci:s3cret", false));
+            log.lock().unwrap().push(TokenRequest {
+                scope: scope.clone(),
+                authenticated,
+            });
+            if !authenticated {
+                let _ = stream.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            let access: Vec<serde_json::Value> = scopes
+                .iter()
+                .filter_map(|s| s.strip_prefix("repository:")?.rsplit_once(':'))
+                .map(|(name, actions)| {
+                    serde_json::json!({
+                        "type": "repository",
+                        "name": name,
+                        "actions": actions.split(',').collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [base64(&cert_der, false)]});
+            let claims = serde_json::json!({
+                "iss": TOKEN_ISSUER, "sub": "ci", "aud": TOKEN_SERVICE,
+                "exp": now + 600, "nbf": now - 60, "iat": now - 60,
+                "jti": format!("{now}-{}", log.lock().unwrap().len()), "access": access,
+            });
+            let signing_input = format!(
+                "{}.{}",
+                base64(header.to_string().as_bytes(), true),
+                base64(claims.to_string().as_bytes(), true)
+            );
+            let mut openssl = Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            openssl
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(signing_input.as_bytes())
+                .unwrap();
+            let signature = openssl.wait_with_output().unwrap().stdout;
+            let token = format!("{signing_input}.{}", base64(&signature, true));
+            let body =
+                serde_json::json!({"token": token, "access_token": token, "expires_in": 600})
+                    .to_string();
+            let _ = stream.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (realm, seen)
+}
+
+#[test]
+fn bearer_tokens_from_the_registrys_token_service() {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    tool(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "token.key",
+                "-out",
+                "token.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=fuse test token signer",
+            ])
+            .current_dir(dir),
+        "openssl: token signer",
+    );
+    let der = Command::new("openssl")
+        .args(["x509", "-in", "token.crt", "-outform", "DER"])
+        .current_dir(dir)
+        .output()
+        .unwrap()
+        .stdout;
+    let (realm, seen) = token_service(dir.join("token.key"), der);
+    let registry = Registry::start_with(
+        dir,
+        None,
+        Some(&TokenAuth {
+            realm,
+            cert: dir.join("token.crt"),
+        }),
+    );
+    let image = build_hello(&sb);
+    let reference = registry.reference("team/hello:1.0");
+    let host = registry.reference("");
+    let host = host.trim_end_matches('/');
+
+    // Anonymous: the token service refuses, and the error says to log in.
+    let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
+    assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
+
+    fuse(&sb)
+        .args(["login", host, "-u", "ci", "--password-stdin"])
+        .stdin("s3cret")
+        .run()
+        .assert_success();
+    let pushed = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], image.as_str());
+
+    let seen_all = seen;
+    let seen = seen_all.lock().unwrap().clone();
+    let asked = |scope: &str| {
+        seen.iter()
+            .any(|r| r.authenticated && r.scope.split(' ').any(|s| s == scope))
+    };
+    assert!(
+        asked("repository:team/hello:pull,push"),
+        "push asks pull,push: {seen:?}"
+    );
+    assert!(
+        asked("repository:team/hello:pull"),
+        "pull asks pull only: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|r| r.authenticated && r.scope.is_empty()),
+        "login asks a token for the registry itself: {seen:?}"
+    );
+
+    // Another repository of the registry: every blob is mounted from the first, none sent; the
+    // token asked to pull from it too.
+    let mounted = json(
+        fuse(&sb)
+            .args([
+                "push",
+                &reference,
+                &registry.reference("team/other:1"),
+                "--json",
+            ])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
+    assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
+    let seen = seen_all.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|r| r.authenticated
+            && r.scope == "repository:team/other:pull,push repository:team/hello:pull"),
+        "{seen:?}"
+    );
+}
+
+/// A registry that is not up yet when the push starts (a restart, a flaky network): the
+/// push's requests are tried again with backoff and it completes once the registry answers.
+#[test]
+fn a_push_waits_out_a_registry_that_comes_up_late() {
+    let sb = Sandbox::new();
+    build_hello(&sb);
+    let port = common::free_port();
+    let reference = format!("127.0.0.1:{port}/x/hello:1.0");
+    let push = fuse(&sb)
+        .args(["push", "hello:1.0", &reference, "--json"])
+        .spawn();
+    std::thread::sleep(Duration::from_millis(1500));
+    let registry = Registry::start_on(sb.dir.path(), port, None, None);
+    let out = push.wait();
+    let pushed = json(out.assert_success());
+    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    drop(registry);
+
+    // Nothing listening at all: a clear error after the tries, naming the registry.
+    let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
+    assert_one_error(
+        &out,
+        &[
+            &format!("Registry 127.0.0.1:{port}: connect"),
+            "cannot connect",
+            "after 5 tries",
+        ],
+    );
+}
