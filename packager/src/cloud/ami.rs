@@ -65,6 +65,12 @@ pub(crate) fn ami_name(image: &StoredImage) -> String {
     name.chars().take(128).collect()
 }
 
+/// The snapshot's and AMI's description, `fuse/NAME:VERSION@sha256:…`. No spaces: moto (the
+/// tests' EC2) checks a Query API signature against a body it re-encodes with `+` for spaces.
+fn description(image: &StoredImage) -> String {
+    format!("fuse/{}@{}", image.name, image.digest)
+}
+
 /// EC2's name for `arch`.
 fn ec2_arch(arch: Arch) -> &'static str {
     match arch {
@@ -144,7 +150,7 @@ pub(crate) fn ensure_ami(
 
     let registration = Registration {
         name: name.clone(),
-        description: format!("fuse image {} {}", image.name, image.digest),
+        description: description(image),
         architecture: ec2_arch(image.manifest.arch),
         snapshot: snapshot.clone(),
         root_device: ROOT_DEVICE,
@@ -180,7 +186,7 @@ fn upload(
     let gib = size.div_ceil(1 << 30).max(1);
     let blocks = size.div_ceil(BLOCK_SIZE as u64);
     let token = format!("fuse-{}", &digest::hex_part(&image.digest)[..48.min(digest::hex_part(&image.digest).len())]);
-    let description = format!("fuse image {} {}", image.name, image.digest);
+    let description = description(image);
     let started = ebs::start_snapshot(client, gib, &description, tags, &token)?;
     progress(&format!(
         "uploading {} ({} MiB, {blocks} blocks of 512 KiB) into snapshot {} ({gib} GiB) in {}",
