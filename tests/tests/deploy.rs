@@ -32,7 +32,9 @@ fn moto_venv() -> PathBuf {
     cached_fixture("moto-5.2.5", |dir| {
         let venv = dir.join("venv");
         run_tool(
-            Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv),
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
             "python3 -m venv needs python3-venv",
         );
         run_tool(
@@ -96,10 +98,19 @@ impl Moto {
             key_id: String::new(),
             secret: String::new(),
         };
-        let up = fuse_boot::poll::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
-        });
-        assert!(up.is_some(), "moto_server did not listen on 127.0.0.1:{port}");
+        let up = fuse_boot::poll::wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
+            },
+        );
+        assert!(
+            up.is_some(),
+            "moto_server did not listen on 127.0.0.1:{port}"
+        );
         let keys = moto.helper(&["keys"]);
         moto.key_id = keys["id"].as_str().unwrap().to_string();
         moto.secret = keys["secret"].as_str().unwrap().to_string();
@@ -132,7 +143,10 @@ impl Moto {
             .arg("deploy")
             .env("AWS_ENDPOINT_URL", &self.url)
             .env("AWS_CONFIG_FILE", sb.dir.join("aws-config"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", sb.dir.join("aws-credentials"));
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                sb.dir.join("aws-credentials"),
+            );
         for var in [
             "AWS_PROFILE",
             "AWS_REGION",
@@ -167,14 +181,23 @@ impl Moto {
 /// A static hello image in the sandbox's store and its raw disk.
 fn hello_image(sb: &Sandbox) -> (String, Vec<u8>) {
     let app = sb.program(common::HELLO, "hello-1.0", &["-static"]);
-    let built = json(sb.fuse().args(["build", "--json"]).arg(&app).run().assert_success());
+    let built = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(&app)
+            .run()
+            .assert_success(),
+    );
     let raw = sb.dir.join("hello.raw");
     sb.fuse()
         .args(["export", "hello:1.0", "--format", "raw", "-o"])
         .arg(&raw)
         .run()
         .assert_success();
-    (built["digest"].as_str().unwrap().to_string(), std::fs::read(&raw).unwrap())
+    (
+        built["digest"].as_str().unwrap().to_string(),
+        std::fs::read(&raw).unwrap(),
+    )
 }
 
 fn b64_sha256(data: &[u8]) -> String {
@@ -202,22 +225,37 @@ fn an_image_becomes_an_ami_once_per_digest() {
         .filter(|(_, b)| b.iter().any(|&x| x != 0))
         .map(|(i, b)| (i, *b))
         .collect();
-    assert!(nonzero.len() < blocks.len(), "a disk with no zero block tests less");
+    assert!(
+        nonzero.len() < blocks.len(),
+        "a disk with no zero block tests less"
+    );
 
     moto.helper(&["start-recording"]);
     let started = std::time::Instant::now();
-    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0", "--json"]).run();
+    let out = moto
+        .fuse_with_keys(&sb)
+        .args(["ami", "hello:1.0", "--json"])
+        .run();
     out.assert_success();
     let elapsed = started.elapsed();
     let first = json(&out);
-    assert!(out.stderr_str().is_empty(), "--json prints no progress:\n{out}");
+    assert!(
+        out.stderr_str().is_empty(),
+        "--json prints no progress:\n{out}"
+    );
     let ami = first["ami"].as_str().unwrap().to_string();
     let snapshot = first["snapshot"].as_str().unwrap().to_string();
-    assert!(ami.starts_with("ami-") && snapshot.starts_with("snap-"), "{first}");
+    assert!(
+        ami.starts_with("ami-") && snapshot.starts_with("snap-"),
+        "{first}"
+    );
     assert_eq!(first["reused"], false);
     assert_eq!(first["region"], REGION);
     assert_eq!(first["blocks_sent"], nonzero.len() as u64);
-    assert_eq!(first["blocks_skipped"], (blocks.len() - nonzero.len()) as u64);
+    assert_eq!(
+        first["blocks_skipped"],
+        (blocks.len() - nonzero.len()) as u64
+    );
     assert_eq!(first["bytes_sent"], (nonzero.len() * BLOCK) as u64);
     eprintln!(
         "measured: hello image, disk {} bytes: {} of {} blocks sent ({} bytes) to moto in {:.2} s (fuse's own figure {:.2} s)",
@@ -233,7 +271,11 @@ fn an_image_becomes_an_ami_once_per_digest() {
     let stored = moto.helper(&["blocks", &moto.key_id, &moto.secret, &snapshot]);
     let stored = stored.as_object().unwrap();
     assert_eq!(
-        stored.keys().map(|k| k.parse::<usize>().unwrap()).collect::<Vec<_>>().len(),
+        stored
+            .keys()
+            .map(|k| k.parse::<usize>().unwrap())
+            .collect::<Vec<_>>()
+            .len(),
         nonzero.len(),
         "blocks in the snapshot: {stored:?}"
     );
@@ -241,8 +283,15 @@ fn an_image_becomes_an_ami_once_per_digest() {
         let got = &stored[&index.to_string()];
         let mut full = block.to_vec();
         full.resize(BLOCK, 0);
-        assert_eq!(got["len"], BLOCK as u64, "block {index} is a full 512 KiB block");
-        assert_eq!(got["sha256"], hex(&Sha256::digest(&full)), "block {index} differs from the disk");
+        assert_eq!(
+            got["len"], BLOCK as u64,
+            "block {index} is a full 512 KiB block"
+        );
+        assert_eq!(
+            got["sha256"],
+            hex(&Sha256::digest(&full)),
+            "block {index} differs from the disk"
+        );
     }
 
     // What fuse sent, as moto recorded it.
@@ -253,15 +302,32 @@ fn an_image_becomes_an_ami_once_per_digest() {
         .collect();
     assert_eq!(puts.len(), nonzero.len());
     for put in &puts {
-        let index: usize = put["path"].as_str().unwrap().rsplit('/').next().unwrap().parse().unwrap();
+        let index: usize = put["path"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         let mut full = nonzero[&index].to_vec();
         full.resize(BLOCK, 0);
-        assert_eq!(put["headers"]["x-amz-checksum"], b64_sha256(&full), "block {index}'s checksum");
+        assert_eq!(
+            put["headers"]["x-amz-checksum"],
+            b64_sha256(&full),
+            "block {index}'s checksum"
+        );
         assert_eq!(put["headers"]["x-amz-checksum-algorithm"], "SHA256");
         assert_eq!(put["body_sha256"], b64_sha256(&full));
         let auth = put["headers"]["authorization"].as_str().unwrap();
-        assert!(auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={}/", moto.key_id)), "{auth}");
-        assert!(auth.contains(&format!("/{REGION}/ebs/aws4_request")), "{auth}");
+        assert!(
+            auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={}/", moto.key_id)),
+            "{auth}"
+        );
+        assert!(
+            auth.contains(&format!("/{REGION}/ebs/aws4_request")),
+            "{auth}"
+        );
     }
     let start = calls
         .iter()
@@ -269,14 +335,30 @@ fn an_image_becomes_an_ami_once_per_digest() {
         .expect("StartSnapshot");
     assert_eq!(start["json"]["VolumeSize"], 1);
     let token = start["json"]["ClientToken"].as_str().unwrap();
-    assert!(token.starts_with("fuse-") && digest.contains(&token[5..]), "{token}");
+    assert!(
+        token.starts_with("fuse-") && digest.contains(&token[5..]),
+        "{token}"
+    );
     let tags = &start["json"]["Tags"];
-    assert!(tags.as_array().unwrap().contains(&serde_json::json!({"Key": "fuse:digest", "Value": digest})), "{tags}");
+    assert!(
+        tags.as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"Key": "fuse:digest", "Value": digest})),
+        "{tags}"
+    );
     let complete = calls
         .iter()
-        .find(|c| c["path"].as_str().unwrap().starts_with("/snapshots/completion/"))
+        .find(|c| {
+            c["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("/snapshots/completion/")
+        })
         .expect("CompleteSnapshot");
-    assert_eq!(complete["headers"]["x-amz-changedblockscount"], nonzero.len().to_string());
+    assert_eq!(
+        complete["headers"]["x-amz-changedblockscount"],
+        nonzero.len().to_string()
+    );
     let register = actions(&calls, "RegisterImage");
     assert_eq!(register.len(), 1);
     let params = &register[0]["params"];
@@ -295,7 +377,10 @@ fn an_image_becomes_an_ami_once_per_digest() {
         assert_eq!(params[key], value, "RegisterImage {key}: {params}");
     }
     let name = params["Name"].as_str().unwrap();
-    assert!(name.starts_with("fuse-hello-1.0-") && digest.contains(&name[15..]), "{name}");
+    assert!(
+        name.starts_with("fuse-hello-1.0-") && digest.contains(&name[15..]),
+        "{name}"
+    );
     // The AMI carries the digest tag (moto keeps tags, not RegisterImage's parameters).
     let described = moto.helper(&["image", &moto.key_id, &moto.secret, &ami]);
     assert_eq!(described["Tags"]["fuse:digest"], digest.as_str());
@@ -303,20 +388,56 @@ fn an_image_becomes_an_ami_once_per_digest() {
 
     // Again: the AMI is found by its digest, nothing is uploaded or registered.
     moto.helper(&["reset-recording"]);
-    let again = json(moto.fuse_with_keys(&sb).args(["ami", "hello:1.0", "--json"]).run().assert_success());
+    let again = json(
+        moto.fuse_with_keys(&sb)
+            .args(["ami", "hello:1.0", "--json"])
+            .run()
+            .assert_success(),
+    );
     assert_eq!(again["ami"], ami.as_str());
     assert_eq!(again["reused"], true);
     assert_eq!(again["bytes_sent"], 0);
     assert_eq!(again["blocks_sent"], 0);
     let calls = moto.recording();
     assert!(
-        calls.iter().all(|c| c["params"]["Action"] == "DescribeImages"),
+        calls
+            .iter()
+            .all(|c| c["params"]["Action"] == "DescribeImages"),
         "a reuse only looks: {calls:?}"
     );
     // Without --json: progress is absent (nothing to upload) and one result line says so.
     let plain = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
     plain.assert_success();
-    assert!(plain.stdout_str().starts_with(&format!("{ami} {REGION} (reused")), "{plain}");
+    assert!(
+        plain
+            .stdout_str()
+            .starts_with(&format!("{ami} {REGION} (reused")),
+        "{plain}"
+    );
+
+    // The AMI gone but its snapshot kept (a run stopped between the two): the snapshot tagged
+    // with the digest is registered again, nothing uploaded.
+    moto.helper(&["deregister", &moto.key_id, &moto.secret, &ami]);
+    moto.helper(&["reset-recording"]);
+    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains(&format!(
+            "snapshot {snapshot} of hello:1.0 is uploaded already"
+        )),
+        "{out}"
+    );
+    let calls = moto.recording();
+    assert!(
+        !calls.iter().any(|c| c["method"] == "PUT"),
+        "nothing uploaded again"
+    );
+    let register = actions(&calls, "RegisterImage");
+    assert_eq!(register.len(), 1);
+    assert_eq!(
+        register[0]["params"]["BlockDeviceMapping.1.Ebs.SnapshotId"],
+        snapshot.as_str()
+    );
 }
 
 #[test]
@@ -334,7 +455,10 @@ fn credentials_and_region_as_aws_users_keep_them() {
         .args(["ami", "hello:1.0"])
         .run();
     assert_one_error(&out, &["No AWS region", "--region", "AWS_REGION"]);
-    assert!(moto.recording().is_empty(), "nothing may be sent without a region");
+    assert!(
+        moto.recording().is_empty(),
+        "nothing may be sent without a region"
+    );
 
     // A wrong secret: AWS's (moto's) signature error, in one line, and no secret in it.
     let wrong = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYWRONGKEY";
@@ -344,9 +468,15 @@ fn credentials_and_region_as_aws_users_keep_them() {
         .env("AWS_SECRET_ACCESS_KEY", wrong)
         .args(["ami", "hello:1.0", "--region", REGION])
         .run();
-    let line = assert_one_error(&out, &["AWS EC2 DescribeImages failed: HTTP 401 AuthFailure"]);
+    let line = assert_one_error(
+        &out,
+        &["AWS EC2 DescribeImages failed: HTTP 401 AuthFailure"],
+    );
     let all = format!("{}{}", out.stdout_str(), out.stderr_str());
-    assert!(!all.contains(wrong) && !all.contains(&moto.secret), "{line}");
+    assert!(
+        !all.contains(wrong) && !all.contains(&moto.secret),
+        "{line}"
+    );
 
     // The keys in a shared credentials file's profile, its region in the config file's
     // `[profile NAME]` section; `[NAME]` in the config file is not that profile.
@@ -381,7 +511,10 @@ fn credentials_and_region_as_aws_users_keep_them() {
     assert_eq!(by_env["ami"], by_flag["ami"]);
     assert_eq!(by_env["reused"], true);
     // A profile that does not exist: one line naming it.
-    let out = moto.fuse(&sb).args(["ami", "hello:1.0", "--profile", "nope"]).run();
+    let out = moto
+        .fuse(&sb)
+        .args(["ami", "hello:1.0", "--profile", "nope"])
+        .run();
     assert_one_error(&out, &["AWS profile 'nope'"]);
 }
 

@@ -72,7 +72,10 @@ fn deploy_ami(reference: &str, flags: &AwsFlags, json: bool) -> Result<i32> {
     } else if outcome.reused {
         println!(
             "{} {} (reused: {} is tagged {}; nothing uploaded)",
-            outcome.ami, outcome.region, outcome.name, ami::DIGEST_TAG
+            outcome.ami,
+            outcome.region,
+            outcome.name,
+            ami::DIGEST_TAG
         );
     } else {
         println!(

@@ -120,7 +120,10 @@ pub(crate) fn ensure_ami(
         .into_iter()
         .find(usable)
     {
-        progress(&format!("{} is registered but untagged: tagging it", found.id));
+        progress(&format!(
+            "{} is registered but untagged: tagging it",
+            found.id
+        ));
         ec2::create_tags(client, &[&found.id], &tags)?;
         outcome.ami = found.id;
         outcome.snapshot = found.snapshot;
@@ -165,7 +168,9 @@ pub(crate) fn ensure_ami(
 
 /// Whether a block holds only zeros (a fresh EBS volume reads zeros where nothing was written).
 pub(crate) fn is_zero(block: &[u8]) -> bool {
-    block.chunks(64).all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
+    block
+        .chunks(64)
+        .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
 }
 
 /// Uploads `disk` into a new snapshot; its id.
@@ -177,15 +182,23 @@ fn upload(
     outcome: &mut AmiOutcome,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let file = std::fs::File::open(disk)
-        .with_context(|| format!("Cannot open the disk of {} at {}", image.name, disk.display()))?;
+    let file = std::fs::File::open(disk).with_context(|| {
+        format!(
+            "Cannot open the disk of {} at {}",
+            image.name,
+            disk.display()
+        )
+    })?;
     let size = file
         .metadata()
         .with_context(|| format!("Cannot read the size of {}", disk.display()))?
         .len();
     let gib = size.div_ceil(1 << 30).max(1);
     let blocks = size.div_ceil(BLOCK_SIZE as u64);
-    let token = format!("fuse-{}", &digest::hex_part(&image.digest)[..48.min(digest::hex_part(&image.digest).len())]);
+    let token = format!(
+        "fuse-{}",
+        &digest::hex_part(&image.digest)[..48.min(digest::hex_part(&image.digest).len())]
+    );
     let description = description(image);
     let started = ebs::start_snapshot(client, gib, &description, tags, &token)?;
     progress(&format!(
@@ -252,7 +265,10 @@ fn upload(
             std::thread::sleep(Duration::from_millis(50));
             if last.elapsed() >= Duration::from_secs(2) {
                 last = Instant::now();
-                progress(&report(sent.load(Ordering::Relaxed), skipped.load(Ordering::Relaxed)));
+                progress(&report(
+                    sent.load(Ordering::Relaxed),
+                    skipped.load(Ordering::Relaxed),
+                ));
             }
         }
     });
@@ -277,16 +293,19 @@ fn wait_sealed(client: &Client, snapshot: &str, progress: &mut dyn FnMut(&str)) 
     let mut last_said = Instant::now();
     loop {
         let found = ec2::describe_snapshots(client, &[("snapshot-id", snapshot)])?;
-        match found.first().map(|s| (s.state.as_str(), s.progress.as_str())) {
+        match found
+            .first()
+            .map(|s| (s.state.as_str(), s.progress.as_str()))
+        {
             Some(("completed", _)) => return Ok(()),
-            Some(("error", _)) => bail!("AWS could not complete snapshot {snapshot} (state error): run the command again"),
-            Some((state, done)) => {
-                if last_said.elapsed() >= Duration::from_secs(10) {
-                    last_said = Instant::now();
-                    progress(&format!("snapshot {snapshot}: {state} {done}"));
-                }
+            Some(("error", _)) => bail!(
+                "AWS could not complete snapshot {snapshot} (state error): delete it (`aws ec2 delete-snapshot --snapshot-id {snapshot}`) and run the command again"
+            ),
+            Some((state, done)) if last_said.elapsed() >= Duration::from_secs(10) => {
+                last_said = Instant::now();
+                progress(&format!("snapshot {snapshot}: {state} {done}"));
             }
-            None => {}
+            _ => {}
         }
         if begun.elapsed() > SEAL_TIMEOUT {
             bail!("Snapshot {snapshot} is not completed after {} minutes: run the command again later to go on", SEAL_TIMEOUT.as_secs() / 60);

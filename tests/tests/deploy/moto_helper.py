@@ -108,5 +108,9 @@ elif command == "image":
     ec2 = client("ec2", key, secret)
     image = ec2.describe_images(ImageIds=[ami])["Images"][0]
     print(json.dumps({"Name": image.get("Name"), "Tags": {t["Key"]: t["Value"] for t in image.get("Tags", [])}}))
+elif command == "deregister":
+    key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
+    client("ec2", key, secret).deregister_image(ImageId=ami)
+    print("{}")
 else:
     sys.exit(f"unknown command {command}")

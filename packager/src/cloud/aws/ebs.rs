@@ -89,14 +89,21 @@ pub(crate) fn put_snapshot_block(
 
 /// CompleteSnapshot after `changed_blocks` blocks were written; AWS's status (`pending` until
 /// it has sealed the snapshot, then `completed`).
-pub(crate) fn complete_snapshot(client: &Client, snapshot: &str, changed_blocks: u64) -> Result<String> {
+pub(crate) fn complete_snapshot(
+    client: &Client,
+    snapshot: &str,
+    changed_blocks: u64,
+) -> Result<String> {
     let reply = client.send(&Call {
         service: Service::Ebs,
         operation: "CompleteSnapshot",
         method: "POST",
         path: format!("/snapshots/completion/{snapshot}"),
         query: Vec::new(),
-        headers: vec![("x-amz-changedblockscount".into(), changed_blocks.to_string())],
+        headers: vec![(
+            "x-amz-changedblockscount".into(),
+            changed_blocks.to_string(),
+        )],
         body: b"",
         body_sha256: None,
     })?;

@@ -187,7 +187,11 @@ pub(crate) fn register_image(client: &Client, r: &Registration) -> Result<String
 }
 
 /// Tags `resources` with every `(key, value)`.
-pub(crate) fn create_tags(client: &Client, resources: &[&str], tags: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn create_tags(
+    client: &Client,
+    resources: &[&str],
+    tags: &[(&str, &str)],
+) -> Result<()> {
     let mut params = Vec::new();
     for (i, r) in resources.iter().enumerate() {
         params.push(p(format!("ResourceId.{}", i + 1), *r));

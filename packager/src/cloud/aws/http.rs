@@ -26,6 +26,9 @@ pub(crate) enum AwsError {
         operation: &'static str,
         endpoint: String,
         reason: String,
+        /// A dropped or refused connection, a timeout: may pass on a retry (a certificate
+        /// error or a bad URL will not).
+        transient: bool,
     },
 }
 
@@ -80,9 +83,7 @@ impl Client {
         }
         let tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
             .build();
         let agent = ureq::Agent::config_builder()
@@ -167,27 +168,28 @@ impl Client {
         } else {
             format!("{scheme}://{authority}{path}?{query}")
         };
-        let transport = |reason: String| AwsError::Transport {
+        let transport = |err: &ureq::Error| AwsError::Transport {
             service: call.service.display(),
             operation: call.operation,
             endpoint: endpoint.to_string(),
-            reason,
+            reason: describe(err),
+            transient: transient(err),
         };
         let mut builder = match call.method {
             "GET" => ureq::http::Request::get(&url),
             "PUT" => ureq::http::Request::put(&url),
             _ => ureq::http::Request::post(&url),
         };
-        for (name, value) in headers.iter().chain([&("authorization".to_string(), authorization)]) {
+        for (name, value) in headers
+            .iter()
+            .chain([&("authorization".to_string(), authorization)])
+        {
             builder = builder.header(name.as_str(), value.as_str());
         }
         let request = builder
             .body(call.body)
-            .map_err(|e| transport(format!("bad request: {e}")))?;
-        let mut response = self
-            .agent
-            .run(request)
-            .map_err(|e| transport(describe(&e)))?;
+            .map_err(|e| transport(&ureq::Error::Http(e)))?;
+        let mut response = self.agent.run(request).map_err(|e| transport(&e))?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -202,7 +204,7 @@ impl Client {
             .with_config()
             .limit(MAX_REPLY)
             .read_to_vec()
-            .map_err(|e| transport(describe(&e)))?;
+            .map_err(|e| transport(&e))?;
         if (200..300).contains(&status) {
             return Ok(Reply { body });
         }
@@ -230,9 +232,19 @@ fn describe(err: &ureq::Error) -> String {
     }
 }
 
+/// Whether a failure to talk to AWS may pass on a retry.
+fn transient(err: &ureq::Error) -> bool {
+    match err {
+        // rustls reports a bad certificate as an I/O error wrapping its own.
+        ureq::Error::Io(e) => !e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
 fn retriable(err: &AwsError) -> bool {
     match err {
-        AwsError::Transport { reason, .. } => !reason.starts_with("bad request"),
+        AwsError::Transport { transient, .. } => *transient,
         AwsError::Status { status, code, .. } => {
             *status >= 500
                 || *status == 429
@@ -289,7 +301,9 @@ pub(crate) fn error_of(body: &[u8], error_type: Option<&str>) -> (String, String
     }
     if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
         let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(clean);
-        let message = get("message").or_else(|| get("Message")).unwrap_or_default();
+        let message = get("message")
+            .or_else(|| get("Message"))
+            .unwrap_or_default();
         let code = error_type
             .map(type_code)
             .or_else(|| get("__type").map(|t| type_code(&t)))
@@ -299,12 +313,131 @@ pub(crate) fn error_of(body: &[u8], error_type: Option<&str>) -> (String, String
     }
     let code = error_type.map(type_code).unwrap_or_else(|| "Error".into());
     let message = clean(text.lines().next().unwrap_or(""));
-    (code, if message.is_empty() { "(no message)".into() } else { message })
+    (
+        code,
+        if message.is_empty() {
+            "(no message)".into()
+        } else {
+            message
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    /// A server on 127.0.0.1 that answers each connection with the next of `answers` (`None`:
+    /// drops the connection after reading the request); the requests' heads it saw.
+    fn serve(answers: Vec<Option<String>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for answer in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                heads.push(head);
+                if let Some(answer) = answer {
+                    let mut stream = reader.into_inner();
+                    write!(
+                        stream,
+                        "{answer}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .unwrap();
+                }
+            }
+            heads
+        });
+        (url, handle)
+    }
+
+    fn client(url: &str) -> Client {
+        Client::new(Session {
+            credentials: sigv4::Credentials {
+                access_key_id: "AKIDEXAMPLE".into(),
+                secret_access_key: "never-shown".into(),
+                session_token: Some("token".into()),
+                source: "test".into(),
+            },
+            region: "eu-west-1".into(),
+            ec2_endpoint: url.into(),
+            ebs_endpoint: url.into(),
+        })
+        .unwrap()
+    }
+
+    fn call() -> Call<'static> {
+        Call {
+            service: Service::Ebs,
+            operation: "CompleteSnapshot",
+            method: "POST",
+            path: "/snapshots/completion/snap-1".into(),
+            query: Vec::new(),
+            headers: vec![("x-amz-changedblockscount".into(), "3".into())],
+            body: b"",
+            body_sha256: None,
+        }
+    }
+
+    #[test]
+    fn retries_dropped_connections_and_5xx_then_succeeds() {
+        let (url, server) = serve(vec![
+            None,
+            Some("HTTP/1.1 503 Service Unavailable".into()),
+            Some("HTTP/1.1 202 Accepted".into()),
+        ]);
+        let started = std::time::Instant::now();
+        client(&url).send(&call()).unwrap();
+        let heads = server.join().unwrap();
+        assert_eq!(heads.len(), 3);
+        // Backed off between tries: at least half of 250 ms, then half of 500 ms.
+        assert!(started.elapsed() >= Duration::from_millis(375));
+        for head in &heads {
+            let lower = head.to_ascii_lowercase();
+            assert!(
+                lower.starts_with("post /snapshots/completion/snap-1 http/1.1"),
+                "{head}"
+            );
+            assert!(lower.contains("x-amz-security-token: token"), "{head}");
+            assert!(
+                lower.contains("authorization: aws4-hmac-sha256 credential=akidexample/")
+                    && lower.contains("/eu-west-1/ebs/aws4_request")
+                    && lower.contains("signedheaders=host;x-amz-changedblockscount;x-amz-date;x-amz-security-token"),
+                "{head}"
+            );
+            assert!(!head.contains("never-shown"));
+        }
+    }
+
+    #[test]
+    fn a_client_error_is_not_retried_and_is_one_line() {
+        let (url, server) = serve(vec![Some(
+            "HTTP/1.1 400 Bad Request\r\nx-amzn-ErrorType: ValidationException:http://x/".into(),
+        )]);
+        let err = client(&url).send(&call()).unwrap_err();
+        assert_eq!(server.join().unwrap().len(), 1);
+        assert_eq!(
+            format!("{err:#}"),
+            "AWS EBS CompleteSnapshot failed: HTTP 400 ValidationException: (no message)"
+        );
+    }
 
     #[test]
     fn ec2_xml_errors() {
@@ -322,18 +455,30 @@ mod tests {
  the signature you provided.</Message><Type>Sender</Type></Error></Errors></ErrorResponse>"#;
         let (code, message) = error_of(body, None);
         assert_eq!(code, "SignatureDoesNotMatch");
-        assert_eq!(message, "The request signature we calculated does not match the signature you provided.");
+        assert_eq!(
+            message,
+            "The request signature we calculated does not match the signature you provided."
+        );
     }
 
     #[test]
     fn json_and_other_errors() {
         let body = br#"{"message":"The snapshot is not pending","Reason":"SNAPSHOT_NOT_FOUND"}"#;
         assert_eq!(
-            error_of(body, Some("ValidationException:http://internal.amazon.com/coral/x/")),
-            ("ValidationException".into(), "The snapshot is not pending".into())
+            error_of(
+                body,
+                Some("ValidationException:http://internal.amazon.com/coral/x/")
+            ),
+            (
+                "ValidationException".into(),
+                "The snapshot is not pending".into()
+            )
         );
         assert_eq!(
-            error_of(br#"{"__type":"com.amazon#ThrottlingException","Message":"slow down"}"#, None),
+            error_of(
+                br#"{"__type":"com.amazon#ThrottlingException","Message":"slow down"}"#,
+                None
+            ),
             ("ThrottlingException".into(), "slow down".into())
         );
         assert_eq!(
@@ -358,8 +503,17 @@ mod tests {
         assert!(!retriable(&status(403, "SignatureDoesNotMatch")));
         assert!(!retriable(&status(400, "ValidationException")));
         let line = status(403, "SignatureDoesNotMatch").to_string();
-        assert_eq!(line, "AWS EBS PutSnapshotBlock failed: HTTP 403 SignatureDoesNotMatch: ");
-        assert_eq!(default_port_stripped("https", "ec2.x.amazonaws.com:443"), "ec2.x.amazonaws.com");
-        assert_eq!(default_port_stripped("http", "127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(
+            line,
+            "AWS EBS PutSnapshotBlock failed: HTTP 403 SignatureDoesNotMatch: "
+        );
+        assert_eq!(
+            default_port_stripped("https", "ec2.x.amazonaws.com:443"),
+            "ec2.x.amazonaws.com"
+        );
+        assert_eq!(
+            default_port_stripped("http", "127.0.0.1:5000"),
+            "127.0.0.1:5000"
+        );
     }
 }

@@ -188,8 +188,8 @@ pub(crate) fn session_from(
     }
     let credentials = credentials(opts, env, &files, &profile)?;
     let region = region(opts, env, &files, &profile)?;
-    let ignore = env("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let ignore =
+        env("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let endpoint = |service: Service| -> Result<String> {
         let var = format!("AWS_ENDPOINT_URL_{}", service.id().to_ascii_uppercase());
         let configured = if ignore {
@@ -396,8 +396,13 @@ region = wrong-section-style
         assert_eq!(s.region, "us-east-1");
         assert_eq!(s.ec2_endpoint, "https://ec2.us-east-1.amazonaws.com");
         // `[profile dev]` in config, `[dev]` in credentials; `[dev]` in config is not it.
-        let s = resolve(&AwsOptions::default(), &[("AWS_PROFILE", "dev")], CREDENTIALS, CONFIG)
-            .unwrap();
+        let s = resolve(
+            &AwsOptions::default(),
+            &[("AWS_PROFILE", "dev")],
+            CREDENTIALS,
+            CONFIG,
+        )
+        .unwrap();
         assert_eq!(s.credentials.access_key_id, "AKIDDEV");
         assert_eq!(s.credentials.session_token.as_deref(), Some("token-dev"));
         assert_eq!(s.region, "eu-west-1");
@@ -407,7 +412,10 @@ region = wrong-section-style
             region: None,
         };
         let s = resolve(&opts, &[], CREDENTIALS, CONFIG).unwrap();
-        assert_eq!((s.credentials.access_key_id.as_str(), s.region.as_str()), ("AKIDCFG", "ap-south-1"));
+        assert_eq!(
+            (s.credentials.access_key_id.as_str(), s.region.as_str()),
+            ("AKIDCFG", "ap-south-1")
+        );
     }
 
     #[test]
@@ -428,7 +436,10 @@ region = wrong-section-style
             region: Some("sa-east-1".into()),
         };
         let s = resolve(&opts, &env_keys, CREDENTIALS, CONFIG).unwrap();
-        assert_eq!((s.credentials.access_key_id.as_str(), s.region.as_str()), ("AKIDDEV", "sa-east-1"));
+        assert_eq!(
+            (s.credentials.access_key_id.as_str(), s.region.as_str()),
+            ("AKIDDEV", "sa-east-1")
+        );
         let mut with_region = env_keys.to_vec();
         with_region.push(("AWS_REGION", "eu-north-1"));
         let s = resolve(&AwsOptions::default(), &with_region, CREDENTIALS, CONFIG).unwrap();
@@ -448,8 +459,13 @@ region = wrong-section-style
         ignored.push(("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true"));
         let s = resolve(&AwsOptions::default(), &ignored, CREDENTIALS, CONFIG).unwrap();
         assert_eq!(s.ebs_endpoint, "https://ebs.us-east-1.amazonaws.com");
-        let err = resolve(&AwsOptions::default(), &[("AWS_ENDPOINT_URL", "localhost:1")], CREDENTIALS, CONFIG)
-            .unwrap_err();
+        let err = resolve(
+            &AwsOptions::default(),
+            &[("AWS_ENDPOINT_URL", "localhost:1")],
+            CREDENTIALS,
+            CONFIG,
+        )
+        .unwrap_err();
         assert!(format!("{err}").contains("http://"), "{err}");
     }
 
@@ -462,16 +478,29 @@ region = wrong-section-style
         assert!(e.starts_with("No AWS region: give --region"), "{e}");
         let e = err(&AwsOptions::default(), &[], "", "");
         assert!(e.starts_with("No AWS credentials"), "{e}");
-        let e = err(&AwsOptions::default(), &[("AWS_PROFILE", "nope")], CREDENTIALS, CONFIG);
+        let e = err(
+            &AwsOptions::default(),
+            &[("AWS_PROFILE", "nope")],
+            CREDENTIALS,
+            CONFIG,
+        );
         assert!(e.contains("'nope' is in neither"), "{e}");
-        let e = err(&AwsOptions::default(), &[("AWS_ACCESS_KEY_ID", "x")], "", CONFIG);
+        let e = err(
+            &AwsOptions::default(),
+            &[("AWS_ACCESS_KEY_ID", "x")],
+            "",
+            CONFIG,
+        );
         assert!(e.contains("AWS_SECRET_ACCESS_KEY is not"), "{e}");
         let opts = AwsOptions {
             profile: Some("role".into()),
             region: None,
         };
         let e = err(&opts, &[], CREDENTIALS, CONFIG);
-        assert!(e.contains("through role_arn") && e.contains("export-credentials"), "{e}");
+        assert!(
+            e.contains("through role_arn") && e.contains("export-credentials"),
+            "{e}"
+        );
         let opts = AwsOptions {
             region: Some("eu-west-1/../x".into()),
             profile: None,

@@ -20,7 +20,10 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"<redacted>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("source", &self.source)
             .finish()
     }
@@ -72,7 +75,9 @@ fn canonical_headers(headers: &[(String, String)]) -> (String, String) {
     let mut map: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for (name, value) in headers {
         let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
-        map.entry(name.to_ascii_lowercase()).or_default().push(value);
+        map.entry(name.to_ascii_lowercase())
+            .or_default()
+            .push(value);
     }
     let canonical: String = map
         .iter()
@@ -182,8 +187,10 @@ mod tests {
     const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     fn sign(method: &str, path: &str, query: &[(&str, &str)], extra: &[(&str, &str)]) -> String {
-        let query: Vec<(String, String)> =
-            query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let query: Vec<(String, String)> = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut headers = vec![
             ("Host".to_string(), "example.amazonaws.com".to_string()),
             ("X-Amz-Date".to_string(), DATE.to_string()),
@@ -211,17 +218,31 @@ mod tests {
         let plain = "host;x-amz-date";
         assert_eq!(
             sign("GET", "/", &[], &[]),
-            expect(plain, "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"),
+            expect(
+                plain,
+                "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
+            ),
             "get-vanilla"
         );
         assert_eq!(
             sign("POST", "/", &[], &[]),
-            expect(plain, "5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"),
+            expect(
+                plain,
+                "5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"
+            ),
             "post-vanilla"
         );
         assert_eq!(
-            sign("GET", "/", &[("Param2", "value2"), ("Param1", "value1")], &[]),
-            expect(plain, "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"),
+            sign(
+                "GET",
+                "/",
+                &[("Param2", "value2"), ("Param1", "value1")],
+                &[]
+            ),
+            expect(
+                plain,
+                "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"
+            ),
             "get-vanilla-query-order-key-case"
         );
         assert_eq!(
@@ -231,7 +252,10 @@ mod tests {
                 &[],
                 &[]
             ),
-            expect(plain, "07ef7494c76fa4850883e2b006601f940f8a34d404d0cfa977f52a65bbf5f24f"),
+            expect(
+                plain,
+                "07ef7494c76fa4850883e2b006601f940f8a34d404d0cfa977f52a65bbf5f24f"
+            ),
             "get-unreserved"
         );
         assert_eq!(
@@ -295,6 +319,9 @@ mod tests {
     #[test]
     fn debug_never_shows_the_secret() {
         let shown = format!("{:?}", suite_credentials());
-        assert!(shown.contains("AKIDEXAMPLE") && !shown.contains("EXAMPLEKEY"), "{shown}");
+        assert!(
+            shown.contains("AKIDEXAMPLE") && !shown.contains("EXAMPLEKEY"),
+            "{shown}"
+        );
     }
 }
