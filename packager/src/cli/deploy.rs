@@ -12,9 +12,11 @@ use clap::{Args, Subcommand};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DeployCommand {
-    /// Make the image an AMI in a region, once per digest: an AMI tagged with the image's
-    /// digest is reused; otherwise its disk is uploaded with the EBS direct APIs (non-zero
-    /// blocks only) and registered (UEFI, ENA, IMDSv2 required, the image's architecture).
+    /// Make the image an AMI in a region, once per digest.
+    ///
+    /// An AMI tagged with the image's digest (fuse:digest) is reused; otherwise the image's
+    /// disk is uploaded with the EBS direct APIs (its non-zero 512 KiB blocks only) and
+    /// registered: UEFI, ENA, IMDSv2 required, the image's architecture.
     Ami {
         /// Image (name[:version] or digest).
         image: String,

@@ -47,11 +47,7 @@ pub(crate) struct AmiOutcome {
 
 /// The AMI's name: image name, version and digest, in the characters EC2 allows.
 pub(crate) fn ami_name(image: &StoredImage) -> String {
-    let raw = format!(
-        "fuse-{}-{}",
-        image.name,
-        &digest::hex_part(&image.digest)[..12.min(digest::hex_part(&image.digest).len())]
-    );
+    let raw = format!("fuse-{}-{}", image.name, digest::short(&image.digest));
     let name: String = raw
         .chars()
         .map(|c| {
@@ -67,8 +63,10 @@ pub(crate) fn ami_name(image: &StoredImage) -> String {
 
 /// The snapshot's and AMI's description, `fuse/NAME:VERSION@sha256:…`. No spaces: moto (the
 /// tests' EC2) checks a Query API signature against a body it re-encodes with `+` for spaces.
+/// At most 255 characters, as EC2 and EBS take.
 fn description(image: &StoredImage) -> String {
-    format!("fuse/{}@{}", image.name, image.digest)
+    let text = format!("fuse/{}@{}", image.name, image.digest);
+    text.chars().take(255).collect()
 }
 
 /// EC2's name for `arch`.
@@ -195,10 +193,10 @@ fn upload(
         .len();
     let gib = size.div_ceil(1 << 30).max(1);
     let blocks = size.div_ceil(BLOCK_SIZE as u64);
-    let token = format!(
-        "fuse-{}",
-        &digest::hex_part(&image.digest)[..48.min(digest::hex_part(&image.digest).len())]
-    );
+    // Per digest (the same disk, the same size): a retried StartSnapshot gets the same
+    // snapshot back while AWS remembers the token.
+    let hex = digest::hex_part(&image.digest);
+    let token = format!("fuse-{}", &hex[..hex.len().min(48)]);
     let description = description(image);
     let started = ebs::start_snapshot(client, gib, &description, tags, &token)?;
     progress(&format!(
