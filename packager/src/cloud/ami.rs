@@ -199,6 +199,15 @@ fn upload(
     let token = format!("fuse-{}", &hex[..hex.len().min(48)]);
     let description = description(image);
     let started = ebs::start_snapshot(client, gib, &description, tags, &token)?;
+    // The token returned an earlier run's snapshot that AWS failed (left pending past its
+    // timeout): it cannot take blocks.
+    if started.status == "error" {
+        bail!(
+            "AWS failed snapshot {} that an earlier run of this command started: delete it (`aws ec2 delete-snapshot --snapshot-id {}`) and run the command again",
+            started.id,
+            started.id
+        );
+    }
     progress(&format!(
         "uploading {} ({} MiB, {blocks} blocks of 512 KiB) into snapshot {} ({gib} GiB) in {}",
         image.name,
