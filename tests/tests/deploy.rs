@@ -79,7 +79,8 @@ impl Moto {
         // The venv's python, not its bin/moto_server: the fixture was made in a scratch
         // directory and renamed, and scripts' shebangs name the old path. The helper's `serve`
         // is moto_server with one fix (see the script).
-        let child = Command::new(venv.join("bin/python"))
+        let mut child = Command::new(venv.join("bin/python"));
+        child
             .arg(&helper)
             .args([&url, "serve"])
             .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
@@ -87,9 +88,20 @@ impl Moto {
             .env("MOTO_RECORDER_FILEPATH", sb.dir.join("moto-recording"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start moto_server");
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The server
+        // dies with the test's thread, also when the test binary is killed (Drop does not run).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            child.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = child.spawn().expect("cannot start moto_server");
         let mut moto = Moto {
             child,
             url,
