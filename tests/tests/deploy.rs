@@ -212,6 +212,43 @@ fn hello_image(sb: &Sandbox) -> (String, Vec<u8>) {
     )
 }
 
+/// The non-zero 512 KiB blocks of `disk` by index.
+fn nonzero_blocks(disk: &[u8]) -> BTreeMap<usize, &[u8]> {
+    disk.chunks(BLOCK)
+        .enumerate()
+        .filter(|(_, b)| b.iter().any(|&x| x != 0))
+        .collect()
+}
+
+/// The snapshot read back (ListSnapshotBlocks + GetSnapshotBlock) holds exactly the disk's
+/// non-zero blocks, each a whole 512 KiB block with the disk's bytes; no zero block.
+#[track_caller]
+fn assert_snapshot_is(moto: &Moto, snapshot: &str, nonzero: &BTreeMap<usize, &[u8]>) {
+    let stored = moto.helper(&["blocks", &moto.key_id, &moto.secret, snapshot]);
+    let stored = stored.as_object().unwrap();
+    let mut indexes: Vec<usize> = stored.keys().map(|k| k.parse().unwrap()).collect();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        nonzero.keys().copied().collect::<Vec<_>>(),
+        "blocks in the snapshot"
+    );
+    for (index, block) in nonzero {
+        let got = &stored[&index.to_string()];
+        let mut full = block.to_vec();
+        full.resize(BLOCK, 0);
+        assert_eq!(
+            got["len"], BLOCK as u64,
+            "block {index} is a whole 512 KiB block"
+        );
+        assert_eq!(
+            got["sha256"],
+            hex(&Sha256::digest(&full)),
+            "block {index} differs from the disk"
+        );
+    }
+}
+
 fn b64_sha256(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
@@ -231,12 +268,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
     let moto = Moto::start(&sb);
     let (digest, disk) = hello_image(&sb);
     let blocks: Vec<&[u8]> = disk.chunks(BLOCK).collect();
-    let nonzero: BTreeMap<usize, &[u8]> = blocks
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.iter().any(|&x| x != 0))
-        .map(|(i, b)| (i, *b))
-        .collect();
+    let nonzero = nonzero_blocks(&disk);
     assert!(
         nonzero.len() < blocks.len(),
         "a disk with no zero block tests less"
@@ -279,32 +311,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
         first["seconds"].as_f64().unwrap()
     );
 
-    // The snapshot read back equals the disk: every non-zero block, no zero block.
-    let stored = moto.helper(&["blocks", &moto.key_id, &moto.secret, &snapshot]);
-    let stored = stored.as_object().unwrap();
-    assert_eq!(
-        stored
-            .keys()
-            .map(|k| k.parse::<usize>().unwrap())
-            .collect::<Vec<_>>()
-            .len(),
-        nonzero.len(),
-        "blocks in the snapshot: {stored:?}"
-    );
-    for (index, block) in &nonzero {
-        let got = &stored[&index.to_string()];
-        let mut full = block.to_vec();
-        full.resize(BLOCK, 0);
-        assert_eq!(
-            got["len"], BLOCK as u64,
-            "block {index} is a full 512 KiB block"
-        );
-        assert_eq!(
-            got["sha256"],
-            hex(&Sha256::digest(&full)),
-            "block {index} differs from the disk"
-        );
-    }
+    assert_snapshot_is(&moto, &snapshot, &nonzero);
 
     // What fuse sent, as moto recorded it.
     let calls = moto.recording();
@@ -449,6 +456,38 @@ fn an_image_becomes_an_ami_once_per_digest() {
     assert_eq!(
         register[0]["params"]["BlockDeviceMapping.1.Ebs.SnapshotId"],
         snapshot.as_str()
+    );
+}
+
+#[test]
+fn an_upload_a_stopped_run_left_is_finished_not_restarted() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    let (digest, disk) = hello_image(&sb);
+    let nonzero = nonzero_blocks(&disk);
+    let first = nonzero.keys().next().unwrap().to_string();
+    let leftover = moto.helper(&["leftover", &moto.key_id, &moto.secret, &digest, &first]);
+    let leftover = leftover["id"].as_str().unwrap();
+
+    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains(&format!(
+            "snapshot {leftover} of hello:1.0 was left pending by an earlier run: uploading into it"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stdout_str().contains(&format!(" {leftover} (")),
+        "{out}"
+    );
+    // Every non-zero block sent again (the leftover's wrong bytes replaced), one snapshot.
+    assert_snapshot_is(&moto, leftover, &nonzero);
+    let snapshots = moto.helper(&["snapshots", &moto.key_id, &moto.secret, &digest]);
+    assert_eq!(
+        snapshots,
+        serde_json::json!([{"id": leftover, "state": "completed"}]),
+        "one snapshot per digest"
     );
 }
 

@@ -130,23 +130,29 @@ pub(crate) fn ensure_ami(
         return Ok(outcome);
     }
 
-    let snapshots = ec2::describe_snapshots(
-        client,
-        &[(&tag_filter, &image.digest), ("status", "completed")],
-    )?;
-    let snapshot = match snapshots.into_iter().next() {
-        Some(done) => {
+    // A snapshot an earlier run uploaded (completed) or was uploading (pending) when it
+    // stopped: the first is registered as it is, the second filled (every non-zero block sent
+    // again: a block is written whole or not at all) and completed.
+    let tagged = ec2::describe_snapshots(client, &[(&tag_filter, &image.digest)])?;
+    let completed = tagged.iter().find(|s| s.state == "completed");
+    let pending = tagged.iter().find(|s| s.state == "pending");
+    let snapshot = match (completed, pending) {
+        (Some(done), _) => {
             progress(&format!(
                 "snapshot {} of {} is uploaded already: registering it",
                 done.id, image.name
             ));
-            done.id
+            done.id.clone()
         }
-        None => {
-            let id = upload(client, image, disk, &tags, &mut outcome, progress)?;
-            wait_sealed(client, &id, progress)?;
-            id
+        (None, Some(unfinished)) => {
+            progress(&format!(
+                "snapshot {} of {} was left pending by an earlier run: uploading into it",
+                unfinished.id, image.name
+            ));
+            fill(client, image, disk, &unfinished.id, &mut outcome, progress)?;
+            unfinished.id.clone()
         }
+        (None, None) => start_and_fill(client, image, disk, &tags, &mut outcome, progress)?,
     };
 
     let registration = Registration {
@@ -171,8 +177,8 @@ pub(crate) fn is_zero(block: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
 }
 
-/// Uploads `disk` into a new snapshot; its id.
-fn upload(
+/// Starts a snapshot of `disk` and uploads it; its id.
+fn start_and_fill(
     client: &Client,
     image: &StoredImage,
     disk: &Path,
@@ -180,19 +186,10 @@ fn upload(
     outcome: &mut AmiOutcome,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let file = std::fs::File::open(disk).with_context(|| {
-        format!(
-            "Cannot open the disk of {} at {}",
-            image.name,
-            disk.display()
-        )
-    })?;
-    let size = file
-        .metadata()
+    let size = std::fs::metadata(disk)
         .with_context(|| format!("Cannot read the size of {}", disk.display()))?
         .len();
     let gib = size.div_ceil(1 << 30).max(1);
-    let blocks = size.div_ceil(BLOCK_SIZE as u64);
     // Per digest (the same disk, the same size): a retried StartSnapshot gets the same
     // snapshot back while AWS remembers the token.
     let hex = digest::hex_part(&image.digest);
@@ -208,11 +205,41 @@ fn upload(
             started.id
         );
     }
+    // The token returned the snapshot of a run that completed it but stopped before
+    // registering it (and EC2 did not list it yet).
+    if started.status == "completed" {
+        return Ok(started.id);
+    }
+    fill(client, image, disk, &started.id, outcome, progress)?;
+    Ok(started.id)
+}
+
+/// Uploads the non-zero blocks of `disk` into the pending `snapshot`, completes it and waits
+/// until EC2 reports it completed.
+fn fill(
+    client: &Client,
+    image: &StoredImage,
+    disk: &Path,
+    snapshot: &str,
+    outcome: &mut AmiOutcome,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let file = std::fs::File::open(disk).with_context(|| {
+        format!(
+            "Cannot open the disk of {} at {}",
+            image.name,
+            disk.display()
+        )
+    })?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("Cannot read the size of {}", disk.display()))?
+        .len();
+    let blocks = size.div_ceil(BLOCK_SIZE as u64);
     progress(&format!(
-        "uploading {} ({} MiB, {blocks} blocks of 512 KiB) into snapshot {} ({gib} GiB) in {}",
+        "uploading {} ({} MiB, {blocks} blocks of 512 KiB) into snapshot {snapshot} in {}",
         image.name,
         size.div_ceil(1 << 20),
-        started.id,
         client.session().region
     ));
 
@@ -240,7 +267,7 @@ fn upload(
                     return Ok(());
                 }
                 let sha: [u8; 32] = Sha256::digest(&buf).into();
-                ebs::put_snapshot_block(client, &started.id, index, &buf, sha)
+                ebs::put_snapshot_block(client, snapshot, index, &buf, sha)
                     .with_context(|| format!("Cannot upload block {index} of {}", image.name))?;
                 sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -281,8 +308,7 @@ fn upload(
     });
     if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(err.context(format!(
-            "The upload into snapshot {} stopped; run the command again to retry",
-            started.id
+            "The upload into snapshot {snapshot} stopped; run the command again to go on"
         )));
     }
     let (sent, skipped) = (sent.into_inner(), skipped.into_inner());
@@ -290,8 +316,8 @@ fn upload(
     outcome.blocks_sent = sent;
     outcome.blocks_skipped = skipped;
     outcome.bytes_sent = sent * BLOCK_SIZE as u64;
-    ebs::complete_snapshot(client, &started.id, sent)?;
-    Ok(started.id)
+    ebs::complete_snapshot(client, snapshot, sent)?;
+    wait_sealed(client, snapshot, progress)
 }
 
 /// Waits until EC2 reports `snapshot` completed.

@@ -57,6 +57,25 @@ if command == "serve":
             return record(self, *args, **kwargs)
 
     Recorder._record_request = record_locked
+
+    # moto's EC2 lists a snapshot that the EBS direct APIs started as completed at once; AWS
+    # lists it pending until CompleteSnapshot. Keep the two in step, as AWS does.
+    from moto.ebs.models import EBSBackend
+
+    start_snapshot, complete_snapshot = EBSBackend.start_snapshot, EBSBackend.complete_snapshot
+
+    def start_pending(self, *args, **kwargs):
+        snapshot = start_snapshot(self, *args, **kwargs)
+        self.ec2_backend.snapshots[snapshot.snapshot_id].status = "pending"
+        return snapshot
+
+    def complete_both(self, snapshot_id, *args, **kwargs):
+        status = complete_snapshot(self, snapshot_id, *args, **kwargs)
+        self.ec2_backend.snapshots[snapshot_id].status = status
+        return status
+
+    EBSBackend.start_snapshot = start_pending
+    EBSBackend.complete_snapshot = complete_both
     main(["-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]])
 elif command == "keys":
     # The first actions moto lets through without authentication (INITIAL_NO_AUTH_ACTION_COUNT).
@@ -108,6 +127,24 @@ elif command == "image":
     ec2 = client("ec2", key, secret)
     image = ec2.describe_images(ImageIds=[ami])["Images"][0]
     print(json.dumps({"Name": image.get("Name"), "Tags": {t["Key"]: t["Value"] for t in image.get("Tags", [])}}))
+elif command == "leftover":
+    # What a run stopped mid-upload leaves: a pending snapshot tagged with the digest, some
+    # blocks in it (here one of the disk's non-zero block indexes, with other bytes).
+    key, secret, digest, index = sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
+    ebs = client("ebs", key, secret)
+    snap = ebs.start_snapshot(VolumeSize=1, Tags=[{"Key": "fuse:digest", "Value": digest}])
+    data = b"leftover" * (524288 // 8)
+    ebs.put_snapshot_block(
+        SnapshotId=snap["SnapshotId"], BlockIndex=index, BlockData=data, DataLength=len(data),
+        Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(), ChecksumAlgorithm="SHA256",
+    )
+    print(json.dumps({"id": snap["SnapshotId"]}))
+elif command == "snapshots":
+    key, secret, digest = sys.argv[4], sys.argv[5], sys.argv[6]
+    found = client("ec2", key, secret).describe_snapshots(
+        OwnerIds=["self"], Filters=[{"Name": "tag:fuse:digest", "Values": [digest]}]
+    )["Snapshots"]
+    print(json.dumps([{"id": s["SnapshotId"], "state": s["State"]} for s in found]))
 elif command == "deregister":
     key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
     client("ec2", key, secret).deregister_image(ImageId=ami)
