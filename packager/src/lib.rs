@@ -5,10 +5,12 @@
 //! - `build`: app → stored image (configuration, detection, runtimes, environments, the disk);
 //! - `image`: what an image is and where it lives (manifest, store, names, disk, export);
 //! - `run`: boots a stored image through one launch path (`fuse run`, `run -d`, `test`);
+//! - `cloud`: a stored image in a cloud (`fuse deploy`: its own AWS client, image → AMI);
 //! - `host`: fuse's state on the host (kernel cache, sysroots, paths, locks, digests).
 
 mod build;
 mod cli;
+mod cloud;
 mod host;
 mod image;
 mod registry;

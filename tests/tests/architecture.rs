@@ -38,13 +38,15 @@ fn no_import_circle_between_modules() {
 }
 
 /// The packager's rooms and the rooms each may use: data flows `cli → build → image ← run`,
-/// `cli → registry → image` (push and pull read and write the store), and `host` (fuse's
-/// state on the host) is used by all and uses none.
-const PACKAGER_ROOMS: [(&str, &[&str]); 6] = [
-    ("cli", &["build", "image", "run", "registry", "host"]),
+/// `cli → registry → image` (push and pull read and write the store), `cloud` (an image in a
+/// cloud) reads `image` as `run` does, and `host` (fuse's state on the host) is used by all and
+/// uses none.
+const PACKAGER_ROOMS: [(&str, &[&str]); 7] = [
+    ("cli", &["build", "image", "run", "registry", "cloud", "host"]),
     ("build", &["image", "host"]),
     ("registry", &["image", "host"]),
     ("run", &["image", "host"]),
+    ("cloud", &["image", "host"]),
     ("image", &["host"]),
     ("host", &[]),
 ];

@@ -6,6 +6,7 @@
 //! ps, logs, kill, prune, the hidden supervisor and relay), `test` the `fuse test` command, `print` the progress lines.
 
 mod args;
+mod deploy;
 mod exit;
 mod images;
 mod instances;
@@ -116,6 +117,9 @@ enum Command {
     /// Manage the guest kernel.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Deploy an image to a cloud (AWS).
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
     /// Boot an image once and check its exit code, output or HTTP answer (for CI): one line
     /// per check, JUnit/JSON reports, exit 0 when all pass.
     Test(test::TestArgs),
@@ -227,6 +231,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Kernel(KernelCommand::Build { target, json }) => {
             images::kernel_build(&target, json)
         }
+        Command::Deploy(command) => deploy::command(command),
         Command::Test(args) => test::command(args),
         Command::Ps { all, json } => instances::ps(all, json),
         Command::Logs { id, follow } => instances::logs(&id, follow),

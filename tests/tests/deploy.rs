@@ -1,0 +1,574 @@
+//! `fuse deploy ami` against moto (`moto_server` from PyPI, in a venv made once per target
+//! directory), started by each test on 127.0.0.1 with signature checking on: moto lets its
+//! first three actions through unauthenticated, which create an IAM user, its policy and its
+//! keys; every later request must be signed with those keys. Every connection goes to
+//! 127.0.0.1: fuse's endpoints are set by AWS_ENDPOINT_URL, and nothing moto returns is
+//! dialled.
+//!
+//! moto's gaps, handled here: it does not check block checksums (the snapshot is read back
+//! with ListSnapshotBlocks + GetSnapshotBlock and compared with the disk, and the checksum
+//! headers fuse sent are compared with the blocks through moto's request recorder), and its
+//! RegisterImage keeps only the name and description (the parameters fuse sent are asserted
+//! from the recorder).
+
+mod common;
+
+use common::{assert_one_error, cached_fixture, json, run_tool, Sandbox};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const MOTO: &str = "moto[server]==5.2.5";
+const HELPER: &str = include_str!("deploy/moto_helper.py");
+const REGION: &str = "eu-west-1";
+/// AWS's EBS direct API block size (moto reports 512; AWS's is fixed at 512 KiB).
+const BLOCK: usize = 524_288;
+
+/// The venv with moto and boto3, made once per target directory.
+fn moto_venv() -> PathBuf {
+    cached_fixture("moto-5.2.5", |dir| {
+        let venv = dir.join("venv");
+        run_tool(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+            "python3 -m venv needs python3-venv",
+        );
+        run_tool(
+            Command::new(venv.join("bin/pip")).args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                MOTO,
+            ]),
+            "pip installs moto from PyPI: the network must reach it",
+        );
+    })
+    .join("venv")
+}
+
+/// A moto_server on 127.0.0.1 with authentication on, and keys of an IAM user it made; killed
+/// and reaped when dropped (also when the test panics).
+struct Moto {
+    child: Child,
+    url: String,
+    venv: PathBuf,
+    helper: PathBuf,
+    key_id: String,
+    secret: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    fn start(sb: &Sandbox) -> Moto {
+        let venv = moto_venv();
+        let helper = sb.dir.join("moto_helper.py");
+        std::fs::write(&helper, HELPER).unwrap();
+        let port = common::free_port();
+        let log = std::fs::File::create(sb.dir.join("moto.log")).unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        // The venv's python, not its bin/moto_server: the fixture was made in a scratch
+        // directory and renamed, and scripts' shebangs name the old path. The helper's `serve`
+        // is moto_server with one fix (see the script).
+        let mut child = Command::new(venv.join("bin/python"));
+        child
+            .arg(&helper)
+            .args([&url, "serve"])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+            .env("MOTO_RECORDER_FILEPATH", sb.dir.join("moto-recording"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The server
+        // dies with the test's thread, also when the test binary is killed (Drop does not run).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            child.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = child.spawn().expect("cannot start moto_server");
+        let mut moto = Moto {
+            child,
+            url,
+            venv,
+            helper,
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        let up = fuse_boot::poll::wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
+            },
+        );
+        assert!(
+            up.is_some(),
+            "moto_server did not listen on 127.0.0.1:{port}"
+        );
+        let keys = moto.helper(&["keys"]);
+        moto.key_id = keys["id"].as_str().unwrap().to_string();
+        moto.secret = keys["secret"].as_str().unwrap().to_string();
+        moto
+    }
+
+    /// Runs the helper script's `command` (JSON out).
+    fn helper(&self, args: &[&str]) -> Value {
+        let out = run_tool(
+            Command::new(self.venv.join("bin/python"))
+                .arg(&self.helper)
+                .arg(&self.url)
+                .arg(args[0])
+                .arg(REGION)
+                .args(&args[1..]),
+            "the moto helper script",
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("helper printed no JSON ({e}): {out}"))
+    }
+
+    /// The calls moto recorded since the recording was (re)started.
+    fn recording(&self) -> Vec<Value> {
+        self.helper(&["recording"]).as_array().unwrap().clone()
+    }
+
+    /// `fuse deploy ami …` aimed at this moto, with nothing of the host's AWS setup.
+    fn fuse(&self, sb: &Sandbox) -> fuse_tests::FuseCmd {
+        let mut cmd = sb
+            .fuse()
+            .arg("deploy")
+            .env("AWS_ENDPOINT_URL", &self.url)
+            .env("AWS_CONFIG_FILE", sb.dir.join("aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                sb.dir.join("aws-credentials"),
+            );
+        for var in [
+            "AWS_PROFILE",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL_EC2",
+            "AWS_ENDPOINT_URL_EBS",
+            "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            cmd = cmd.env_remove(var);
+        }
+        cmd.timeout(Duration::from_secs(180))
+    }
+
+    /// The same with the IAM user's keys in the environment and the region set.
+    fn fuse_with_keys(&self, sb: &Sandbox) -> fuse_tests::FuseCmd {
+        self.fuse(sb)
+            .env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_REGION", REGION)
+    }
+}
+
+/// A static hello image in the sandbox's store and its raw disk.
+fn hello_image(sb: &Sandbox) -> (String, Vec<u8>) {
+    let app = sb.program(common::HELLO, "hello-1.0", &["-static"]);
+    let built = json(
+        sb.fuse()
+            .args(["build", "--json"])
+            .arg(&app)
+            .run()
+            .assert_success(),
+    );
+    let raw = sb.dir.join("hello.raw");
+    sb.fuse()
+        .args(["export", "hello:1.0", "--format", "raw", "-o"])
+        .arg(&raw)
+        .run()
+        .assert_success();
+    (
+        built["digest"].as_str().unwrap().to_string(),
+        std::fs::read(&raw).unwrap(),
+    )
+}
+
+/// The non-zero 512 KiB blocks of `disk` by index.
+fn nonzero_blocks(disk: &[u8]) -> BTreeMap<usize, &[u8]> {
+    disk.chunks(BLOCK)
+        .enumerate()
+        .filter(|(_, b)| b.iter().any(|&x| x != 0))
+        .collect()
+}
+
+/// The snapshot read back (ListSnapshotBlocks + GetSnapshotBlock) holds exactly the disk's
+/// non-zero blocks, each a whole 512 KiB block with the disk's bytes; no zero block.
+#[track_caller]
+fn assert_snapshot_is(moto: &Moto, snapshot: &str, nonzero: &BTreeMap<usize, &[u8]>) {
+    let stored = moto.helper(&["blocks", &moto.key_id, &moto.secret, snapshot]);
+    let stored = stored.as_object().unwrap();
+    let mut indexes: Vec<usize> = stored.keys().map(|k| k.parse().unwrap()).collect();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        nonzero.keys().copied().collect::<Vec<_>>(),
+        "blocks in the snapshot"
+    );
+    for (index, block) in nonzero {
+        let got = &stored[&index.to_string()];
+        let mut full = block.to_vec();
+        full.resize(BLOCK, 0);
+        assert_eq!(
+            got["len"], BLOCK as u64,
+            "block {index} is a whole 512 KiB block"
+        );
+        assert_eq!(
+            got["sha256"],
+            hex(&Sha256::digest(&full)),
+            "block {index} differs from the disk"
+        );
+    }
+}
+
+fn b64_sha256(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
+}
+
+/// The calls of the recording with this EC2 `Action`.
+fn actions<'a>(calls: &'a [Value], action: &str) -> Vec<&'a Value> {
+    calls
+        .iter()
+        .filter(|c| c["params"]["Action"] == action)
+        .collect()
+}
+
+#[test]
+fn an_image_becomes_an_ami_once_per_digest() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    let (digest, disk) = hello_image(&sb);
+    let blocks: Vec<&[u8]> = disk.chunks(BLOCK).collect();
+    let nonzero = nonzero_blocks(&disk);
+    assert!(
+        nonzero.len() < blocks.len(),
+        "a disk with no zero block tests less"
+    );
+
+    moto.helper(&["start-recording"]);
+    let started = std::time::Instant::now();
+    let out = moto
+        .fuse_with_keys(&sb)
+        .args(["ami", "hello:1.0", "--json"])
+        .run();
+    out.assert_success();
+    let elapsed = started.elapsed();
+    let first = json(&out);
+    assert!(
+        out.stderr_str().is_empty(),
+        "--json prints no progress:\n{out}"
+    );
+    let ami = first["ami"].as_str().unwrap().to_string();
+    let snapshot = first["snapshot"].as_str().unwrap().to_string();
+    assert!(
+        ami.starts_with("ami-") && snapshot.starts_with("snap-"),
+        "{first}"
+    );
+    assert_eq!(first["reused"], false);
+    assert_eq!(first["region"], REGION);
+    assert_eq!(first["blocks_sent"], nonzero.len() as u64);
+    assert_eq!(
+        first["blocks_skipped"],
+        (blocks.len() - nonzero.len()) as u64
+    );
+    assert_eq!(first["bytes_sent"], (nonzero.len() * BLOCK) as u64);
+    eprintln!(
+        "measured: hello image, disk {} bytes: {} of {} blocks sent ({} bytes) to moto in {:.2} s (fuse's own figure {:.2} s)",
+        disk.len(),
+        nonzero.len(),
+        blocks.len(),
+        nonzero.len() * BLOCK,
+        elapsed.as_secs_f64(),
+        first["seconds"].as_f64().unwrap()
+    );
+
+    assert_snapshot_is(&moto, &snapshot, &nonzero);
+
+    // What fuse sent, as moto recorded it.
+    let calls = moto.recording();
+    let puts: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c["method"] == "PUT" && c["path"].as_str().unwrap().contains("/blocks/"))
+        .collect();
+    assert_eq!(puts.len(), nonzero.len());
+    for put in &puts {
+        let index: usize = put["path"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut full = nonzero[&index].to_vec();
+        full.resize(BLOCK, 0);
+        assert_eq!(
+            put["headers"]["x-amz-checksum"],
+            b64_sha256(&full),
+            "block {index}'s checksum"
+        );
+        assert_eq!(put["headers"]["x-amz-checksum-algorithm"], "SHA256");
+        assert_eq!(put["body_sha256"], b64_sha256(&full));
+        let auth = put["headers"]["authorization"].as_str().unwrap();
+        assert!(
+            auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={}/", moto.key_id)),
+            "{auth}"
+        );
+        assert!(
+            auth.contains(&format!("/{REGION}/ebs/aws4_request")),
+            "{auth}"
+        );
+    }
+    let start = calls
+        .iter()
+        .find(|c| c["path"] == "/snapshots" && c["method"] == "POST")
+        .expect("StartSnapshot");
+    assert_eq!(start["json"]["VolumeSize"], 1);
+    let token = start["json"]["ClientToken"].as_str().unwrap();
+    assert!(
+        token.starts_with("fuse-") && digest.contains(&token[5..]),
+        "{token}"
+    );
+    let tags = &start["json"]["Tags"];
+    assert!(
+        tags.as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"Key": "fuse:digest", "Value": digest})),
+        "{tags}"
+    );
+    let complete = calls
+        .iter()
+        .find(|c| {
+            c["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("/snapshots/completion/")
+        })
+        .expect("CompleteSnapshot");
+    assert_eq!(
+        complete["headers"]["x-amz-changedblockscount"],
+        nonzero.len().to_string()
+    );
+    let register = actions(&calls, "RegisterImage");
+    assert_eq!(register.len(), 1);
+    let params = &register[0]["params"];
+    for (key, value) in [
+        ("BootMode", "uefi"),
+        ("EnaSupport", "true"),
+        ("Architecture", "x86_64"),
+        ("ImdsSupport", "v2.0"),
+        ("VirtualizationType", "hvm"),
+        ("RootDeviceName", "/dev/xvda"),
+        ("BlockDeviceMapping.1.DeviceName", "/dev/xvda"),
+        ("BlockDeviceMapping.1.Ebs.SnapshotId", snapshot.as_str()),
+        ("BlockDeviceMapping.1.Ebs.VolumeType", "gp3"),
+        ("BlockDeviceMapping.1.Ebs.DeleteOnTermination", "true"),
+    ] {
+        assert_eq!(params[key], value, "RegisterImage {key}: {params}");
+    }
+    let name = params["Name"].as_str().unwrap();
+    assert!(
+        name.starts_with("fuse-hello-1.0-") && digest.contains(&name[15..]),
+        "{name}"
+    );
+    // The AMI carries the digest tag (moto keeps tags, not RegisterImage's parameters).
+    let described = moto.helper(&["image", &moto.key_id, &moto.secret, &ami]);
+    assert_eq!(described["Tags"]["fuse:digest"], digest.as_str());
+    assert_eq!(described["Tags"]["fuse:image"], "hello:1.0");
+
+    // Again: the AMI is found by its digest, nothing is uploaded or registered.
+    moto.helper(&["reset-recording"]);
+    let again = json(
+        moto.fuse_with_keys(&sb)
+            .args(["ami", "hello:1.0", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["ami"], ami.as_str());
+    assert_eq!(again["reused"], true);
+    assert_eq!(again["bytes_sent"], 0);
+    assert_eq!(again["blocks_sent"], 0);
+    let calls = moto.recording();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["params"]["Action"] == "DescribeImages"),
+        "a reuse only looks: {calls:?}"
+    );
+    // Without --json: progress is absent (nothing to upload) and one result line says so.
+    let plain = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
+    plain.assert_success();
+    assert!(
+        plain
+            .stdout_str()
+            .starts_with(&format!("{ami} {REGION} (reused")),
+        "{plain}"
+    );
+
+    // The AMI gone but its snapshot kept (a run stopped between the two): the snapshot tagged
+    // with the digest is registered again, nothing uploaded.
+    moto.helper(&["deregister", &moto.key_id, &moto.secret, &ami]);
+    moto.helper(&["reset-recording"]);
+    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains(&format!(
+            "snapshot {snapshot} of hello:1.0 is uploaded already"
+        )),
+        "{out}"
+    );
+    let calls = moto.recording();
+    assert!(
+        !calls.iter().any(|c| c["method"] == "PUT"),
+        "nothing uploaded again"
+    );
+    let register = actions(&calls, "RegisterImage");
+    assert_eq!(register.len(), 1);
+    assert_eq!(
+        register[0]["params"]["BlockDeviceMapping.1.Ebs.SnapshotId"],
+        snapshot.as_str()
+    );
+}
+
+#[test]
+fn an_upload_a_stopped_run_left_is_finished_not_restarted() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    let (digest, disk) = hello_image(&sb);
+    let nonzero = nonzero_blocks(&disk);
+    let first = nonzero.keys().next().unwrap().to_string();
+    let leftover = moto.helper(&["leftover", &moto.key_id, &moto.secret, &digest, &first]);
+    let leftover = leftover["id"].as_str().unwrap();
+
+    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains(&format!(
+            "snapshot {leftover} of hello:1.0 was left pending by an earlier run: uploading into it"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stdout_str().contains(&format!(" {leftover} (")),
+        "{out}"
+    );
+    // Every non-zero block sent again (the leftover's wrong bytes replaced), one snapshot.
+    assert_snapshot_is(&moto, leftover, &nonzero);
+    let snapshots = moto.helper(&["snapshots", &moto.key_id, &moto.secret, &digest]);
+    assert_eq!(
+        snapshots,
+        serde_json::json!([{"id": leftover, "state": "completed"}]),
+        "one snapshot per digest"
+    );
+}
+
+#[test]
+fn credentials_and_region_as_aws_users_keep_them() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    hello_image(&sb);
+    moto.helper(&["start-recording"]);
+
+    // No region anywhere: one line, before anything is sent.
+    let out = moto
+        .fuse(&sb)
+        .env("AWS_ACCESS_KEY_ID", &moto.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &moto.secret)
+        .args(["ami", "hello:1.0"])
+        .run();
+    assert_one_error(&out, &["No AWS region", "--region", "AWS_REGION"]);
+    assert!(
+        moto.recording().is_empty(),
+        "nothing may be sent without a region"
+    );
+
+    // A wrong secret: AWS's (moto's) signature error, in one line, and no secret in it.
+    let wrong = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYWRONGKEY";
+    let out = moto
+        .fuse(&sb)
+        .env("AWS_ACCESS_KEY_ID", &moto.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", wrong)
+        .args(["ami", "hello:1.0", "--region", REGION])
+        .run();
+    let line = assert_one_error(
+        &out,
+        &["AWS EC2 DescribeImages failed: HTTP 401 AuthFailure"],
+    );
+    let all = format!("{}{}", out.stdout_str(), out.stderr_str());
+    assert!(
+        !all.contains(wrong) && !all.contains(&moto.secret),
+        "{line}"
+    );
+
+    // The keys in a shared credentials file's profile, its region in the config file's
+    // `[profile NAME]` section; `[NAME]` in the config file is not that profile.
+    std::fs::write(
+        sb.dir.join("aws-credentials"),
+        format!(
+            "[default]\naws_access_key_id = AKIAWRONG\naws_secret_access_key = wrong\n\n[deployer]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            moto.key_id, moto.secret
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        sb.dir.join("aws-config"),
+        format!("[deployer]\nregion = us-east-1\n\n[profile deployer]\nregion = {REGION}\n"),
+    )
+    .unwrap();
+    let by_flag = json(
+        moto.fuse(&sb)
+            .args(["ami", "hello:1.0", "--json", "--profile", "deployer"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(by_flag["region"], REGION);
+    assert_eq!(by_flag["reused"], false);
+    let by_env = json(
+        moto.fuse(&sb)
+            .env("AWS_PROFILE", "deployer")
+            .args(["ami", "hello:1.0", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(by_env["ami"], by_flag["ami"]);
+    assert_eq!(by_env["reused"], true);
+    // A profile that does not exist: one line naming it.
+    let out = moto
+        .fuse(&sb)
+        .args(["ami", "hello:1.0", "--profile", "nope"])
+        .run();
+    assert_one_error(&out, &["AWS profile 'nope'"]);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

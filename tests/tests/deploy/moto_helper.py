@@ -1,0 +1,153 @@
+"""The deploy tests' side of moto: IAM keys, the request recorder, reading snapshots back.
+
+Every call goes to the moto_server the test started on 127.0.0.1 (argv[1]); it prints JSON.
+"""
+import base64
+import hashlib
+import json
+import sys
+import urllib.parse
+import urllib.request
+
+import boto3
+
+url, command = sys.argv[1], sys.argv[2]
+assert url.startswith("http://127.0.0.1:"), url
+
+
+def client(service, key=None, secret=None):
+    return boto3.client(
+        service,
+        endpoint_url=url,
+        region_name=sys.argv[3] if len(sys.argv) > 3 else "eu-west-1",
+        aws_access_key_id=key or "bootstrap",
+        aws_secret_access_key=secret or "bootstrap",
+    )
+
+
+if command == "serve":
+    # moto 5.2.5 checks the signature of a request with an empty body (EBS CompleteSnapshot,
+    # GetSnapshotBlock) as if its body were its headers form-encoded, so no client's signature
+    # matches (boto3's own CompleteSnapshot fails the same way); AWS signs an empty body as
+    # empty. Fix that one thing; every signature is still checked. (A form POST, EC2's Query
+    # API, reaches this with its body in the parsed form, which moto re-encodes: kept.)
+    from moto.iam import access_control
+    from moto.server import main
+
+    create = access_control.IAMRequestBase._create_aws_request
+
+    def create_with_empty_body(self):
+        form = self._headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded")
+        if not self._body and not form:
+            self._data = b""
+        return create(self)
+
+    access_control.IAMRequestBase._create_aws_request = create_with_empty_body
+
+    # The recorder appends each request to its file unlocked: fuse's parallel block uploads
+    # would interleave their lines. One at a time.
+    import threading
+
+    from moto.moto_api._internal.recorder.models import Recorder
+
+    record, lock = Recorder._record_request, threading.Lock()
+
+    def record_locked(self, *args, **kwargs):
+        with lock:
+            return record(self, *args, **kwargs)
+
+    Recorder._record_request = record_locked
+
+    # moto's EC2 lists a snapshot that the EBS direct APIs started as completed at once; AWS
+    # lists it pending until CompleteSnapshot. Keep the two in step, as AWS does.
+    from moto.ebs.models import EBSBackend
+
+    start_snapshot, complete_snapshot = EBSBackend.start_snapshot, EBSBackend.complete_snapshot
+
+    def start_pending(self, *args, **kwargs):
+        snapshot = start_snapshot(self, *args, **kwargs)
+        self.ec2_backend.snapshots[snapshot.snapshot_id].status = "pending"
+        return snapshot
+
+    def complete_both(self, snapshot_id, *args, **kwargs):
+        status = complete_snapshot(self, snapshot_id, *args, **kwargs)
+        self.ec2_backend.snapshots[snapshot_id].status = status
+        return status
+
+    EBSBackend.start_snapshot = start_pending
+    EBSBackend.complete_snapshot = complete_both
+    main(["-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]])
+elif command == "keys":
+    # The first actions moto lets through without authentication (INITIAL_NO_AUTH_ACTION_COUNT).
+    iam = client("iam")
+    iam.create_user(UserName="deployer")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="deployer", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="deployer")["AccessKey"]
+    print(json.dumps({"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}))
+elif command in ("start-recording", "reset-recording"):
+    # Resetting makes the recording file, which downloading an empty recording needs.
+    for step in ("reset-recording", command):
+        req = urllib.request.Request(f"{url}/moto-api/recorder/{step}", method="POST")
+        urllib.request.urlopen(req).read()
+    print("{}")
+elif command == "recording":
+    text = urllib.request.urlopen(f"{url}/moto-api/recorder/download-recording").read().decode()
+    calls = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        body = entry.get("body") or ""
+        raw = base64.b64decode(body) if entry.get("body_encoded") else body.encode()
+        headers = {k.lower(): v for k, v in entry["headers"].items()}
+        path = urllib.parse.urlsplit(entry["url"]).path
+        call = {"method": entry["method"], "path": path, "headers": headers}
+        if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            call["params"] = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
+        elif headers.get("content-type", "").startswith("application/json"):
+            call["json"] = json.loads(raw or b"{}")
+        else:
+            call["body_sha256"] = base64.b64encode(hashlib.sha256(raw).digest()).decode()
+            call["body_len"] = len(raw)
+        calls.append(call)
+    print(json.dumps(calls))
+elif command == "blocks":
+    key, secret, snapshot = sys.argv[4], sys.argv[5], sys.argv[6]
+    ebs = client("ebs", key, secret)
+    listing = ebs.list_snapshot_blocks(SnapshotId=snapshot)
+    blocks = {}
+    for b in listing["Blocks"]:
+        got = ebs.get_snapshot_block(SnapshotId=snapshot, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"])
+        data = got["BlockData"].read()
+        blocks[str(b["BlockIndex"])] = {"sha256": hashlib.sha256(data).hexdigest(), "len": len(data)}
+    print(json.dumps(blocks))
+elif command == "image":
+    key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
+    ec2 = client("ec2", key, secret)
+    image = ec2.describe_images(ImageIds=[ami])["Images"][0]
+    print(json.dumps({"Name": image.get("Name"), "Tags": {t["Key"]: t["Value"] for t in image.get("Tags", [])}}))
+elif command == "leftover":
+    # What a run stopped mid-upload leaves: a pending snapshot tagged with the digest, some
+    # blocks in it (here one of the disk's non-zero block indexes, with other bytes).
+    key, secret, digest, index = sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
+    ebs = client("ebs", key, secret)
+    snap = ebs.start_snapshot(VolumeSize=1, Tags=[{"Key": "fuse:digest", "Value": digest}])
+    data = b"leftover" * (524288 // 8)
+    ebs.put_snapshot_block(
+        SnapshotId=snap["SnapshotId"], BlockIndex=index, BlockData=data, DataLength=len(data),
+        Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(), ChecksumAlgorithm="SHA256",
+    )
+    print(json.dumps({"id": snap["SnapshotId"]}))
+elif command == "snapshots":
+    key, secret, digest = sys.argv[4], sys.argv[5], sys.argv[6]
+    found = client("ec2", key, secret).describe_snapshots(
+        OwnerIds=["self"], Filters=[{"Name": "tag:fuse:digest", "Values": [digest]}]
+    )["Snapshots"]
+    print(json.dumps([{"id": s["SnapshotId"], "state": s["State"]} for s in found]))
+elif command == "deregister":
+    key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
+    client("ec2", key, secret).deregister_image(ImageId=ami)
+    print("{}")
+else:
+    sys.exit(f"unknown command {command}")
