@@ -669,6 +669,25 @@ impl Client {
         reference: &str,
         media_types: &[&str],
     ) -> Result<(String, Vec<u8>)> {
+        self.fetch_manifest(reference, media_types, true)
+            .map(|m| m.expect("a missing manifest is an error"))
+    }
+
+    /// As [`Client::get_manifest`], `None` when the registry has no such manifest.
+    pub(crate) fn find_manifest(
+        &mut self,
+        reference: &str,
+        media_types: &[&str],
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        self.fetch_manifest(reference, media_types, false)
+    }
+
+    fn fetch_manifest(
+        &mut self,
+        reference: &str,
+        media_types: &[&str],
+        required: bool,
+    ) -> Result<Option<(String, Vec<u8>)>> {
         let op = format!("get manifest {}", self.named(reference));
         let accept = media_types.join(", ");
         let mut response = self.send(
@@ -678,6 +697,9 @@ impl Client {
             &[("Accept", &accept)],
             Payload::None,
         )?;
+        if response.status().as_u16() == 404 && !required {
+            return Ok(None);
+        }
         if response.status().as_u16() == 404 {
             return Err(self.error(
                 &op,
@@ -711,7 +733,7 @@ impl Client {
                 reason: e.to_string(),
                 tls: false,
             })?;
-        Ok((media_type, bytes))
+        Ok(Some((media_type, bytes)))
     }
 }
 
