@@ -1221,3 +1221,115 @@ fn a_containerdisk_holds_the_disk_as_kubevirt_wants_it() {
     }
     assert_ne!(pushed[0], pushed[1]);
 }
+
+/// The bytes the registry has received so far for uploads in progress (its `_uploads`).
+fn upload_bytes(storage: &Path) -> u64 {
+    fn walk(dir: &Path, total: &mut u64, inside: bool) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name();
+            let inside = inside || name == "_uploads";
+            if path.is_dir() {
+                walk(&path, total, inside);
+            } else if inside && name == "data" {
+                *total += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    let mut total = 0;
+    walk(storage, &mut total, false);
+    total
+}
+
+#[test]
+fn the_registry_killed_mid_push_and_restarted() {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    // 48 MiB of random bytes in the image: an upload that takes seconds on loopback.
+    let app = sb.program(HELLO, "big-1.0", &["-static"]);
+    let mut random = vec![0u8; 48 << 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .unwrap();
+    std::fs::write(dir.join("blob.bin"), &random).unwrap();
+    std::fs::write(
+        dir.join("big.toml"),
+        "[files]\n\"/data/blob.bin\" = \"blob.bin\"\n",
+    )
+    .unwrap();
+    let out = fuse(&sb)
+        .args(["build", "--json", "--config"])
+        .arg(dir.join("big.toml"))
+        .arg(&app)
+        .run();
+    let image = json(out.assert_success())["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let registry = Registry::start(dir, None);
+    let port = registry.port;
+    let storage = registry.storage.clone();
+    let reference = registry.reference("x/big:1.0");
+    // Pushes, and kills the registry once it has 4 MiB more of an upload in progress (not all
+    // of it: only the rootfs, 48 MiB, is that large; the kernel is 2.4 MB).
+    let push_and_kill = |registry: Registry| {
+        let before = upload_bytes(&storage);
+        let push = fuse(&sb)
+            .args(["push", "big:1.0", &reference, "--json"])
+            .spawn();
+        let received = wait_until(Duration::from_secs(120), Duration::from_millis(20), || {
+            Some(upload_bytes(&storage)).filter(|b| *b >= before + (4 << 20))
+        });
+        assert!(received.is_some(), "no upload got 4 MiB further");
+        drop(registry);
+        push
+    };
+
+    // Not back: one clear error after the tries, naming the registry and the upload.
+    let push = push_and_kill(registry);
+    let out = push.wait();
+    assert_one_error(
+        &out,
+        &[
+            &format!("Registry 127.0.0.1:{port}: upload blob sha256:"),
+            "after 5 tries",
+        ],
+    );
+
+    // Back on the same port and storage while the push waits: the dropped upload starts
+    // again in a new session and the push completes.
+    let registry = Registry::start_on(dir, port, None, None);
+    let push = push_and_kill(registry);
+    let registry = Registry::start_on(dir, port, None, None);
+    let out = push.wait();
+    let pushed = json(out.assert_success());
+    assert!(
+        pushed["uploads_restarted"].as_u64().unwrap() >= 1,
+        "{pushed}"
+    );
+    assert_eq!(pushed["image_digest"], image.as_str());
+    // Everything is there now: a re-run sends the manifest alone.
+    let again = json(
+        fuse(&sb)
+            .args(["push", "big:1.0", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["blobs_sent"], 0, "{again}");
+    assert_eq!(again["digest"], pushed["digest"]);
+
+    // What the registry kept is the image: pulled into an empty store, the same digest.
+    fuse(&sb).args(["rm", "big:1.0"]).run().assert_success();
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
+    drop(registry);
+}

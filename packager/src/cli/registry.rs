@@ -153,6 +153,7 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
                 "blobs_sent": report.blobs_sent,
                 "blobs_skipped": report.blobs_skipped,
                 "blobs_mounted": report.blobs_mounted,
+                "uploads_restarted": report.uploads_restarted,
             })
         );
     } else {

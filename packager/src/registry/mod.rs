@@ -53,6 +53,8 @@ pub(crate) struct PushReport {
     pub(crate) blobs_skipped: usize,
     /// Blobs the registry mounted from another of its repositories (no bytes sent).
     pub(crate) blobs_mounted: usize,
+    /// Blob uploads started again after their connection dropped.
+    pub(crate) uploads_restarted: u32,
 }
 
 /// What `fuse pull` did.
@@ -145,6 +147,7 @@ pub(crate) fn push(
         blobs_sent: 0,
         blobs_skipped: 0,
         blobs_mounted: 0,
+        uploads_restarted: 0,
     };
     for (title, blob, path) in &blobs {
         if client.has_blob(&blob.digest)? {
@@ -173,6 +176,7 @@ pub(crate) fn push(
         report.bytes_sent += size;
         report.blobs_sent += 1;
     }
+    report.uploads_restarted = client.uploads_restarted;
 
     // What the tag holds for other architectures stays beside this one, in an index.
     let ours = index::Entry {
