@@ -1008,7 +1008,8 @@ fn two_arches_under_one_tag_make_an_index_and_pull_picks_one() {
         .args(["run", "--arch", "x86_64", &reference])
         .run();
     out.assert_success()
-        .assert_stdout_contains("hello from the guest");
+        .assert_stdout_contains("hello from the guest")
+        .assert_stderr_contains("is stored for aarch64, not x86_64: pulling it");
     let inspected = json(
         fuse(&sb)
             .args(["inspect", &reference, "--json"])

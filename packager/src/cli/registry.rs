@@ -271,13 +271,19 @@ pub(super) fn ensure_local(
     }
     let reference = Reference::parse(target)?;
     let local = reference.local_name();
-    if let Some(stored) = store.find_name(&local)? {
-        if arch.is_none_or(|a| a == stored.manifest.arch) {
-            return Ok(local.to_string());
+    let why = match store.find_name(&local)? {
+        Some(stored) if arch.is_none_or(|a| a == stored.manifest.arch) => {
+            return Ok(local.to_string())
         }
-    }
+        Some(stored) => format!(
+            "is stored for {}, not {}",
+            stored.manifest.arch.as_str(),
+            arch.map_or("", |a| a.as_str())
+        ),
+        None => "is not in the store".to_string(),
+    };
     check_ca_cert(flags)?;
-    progress_line(&format!("{target} is not in the store: pulling it"));
+    progress_line(&format!("{target} {why}: pulling it"));
     let report = crate::registry::pull(
         store,
         &reference,
