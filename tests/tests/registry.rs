@@ -1025,6 +1025,37 @@ fn two_arches_under_one_tag_make_an_index_and_pull_picks_one() {
     );
     assert_eq!(host["digest"], amd.as_str(), "the host's arch: {host}");
 
+    // An index without this host's arch (made by hand, with the arm64 entry alone): one
+    // error naming the arches it has.
+    let mut arm_only = index.clone();
+    arm_only["manifests"] = serde_json::json!([index["manifests"][1].clone()]);
+    let file = sb.dir.path().join("arm-only.json");
+    std::fs::write(&file, serde_json::to_vec(&arm_only).unwrap()).unwrap();
+    tool(
+        Command::new("curl")
+            .args(["-sSf", "-X", "PUT", "-H"])
+            .arg("Content-Type: application/vnd.oci.image.index.v1+json")
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(format!(
+                "http://127.0.0.1:{}/v2/x/hello/manifests/arm-only",
+                registry.port
+            )),
+        "curl PUT index",
+    );
+    let out = fuse(&sb)
+        .args([
+            "pull",
+            &registry.reference("x/hello:arm-only"),
+            "--arch",
+            "x86_64",
+        ])
+        .run();
+    assert_one_error(
+        &out,
+        &["has no image for x86_64 (linux/amd64): it has linux/arm64 (--arch aarch64)"],
+    );
+
     // A single image of another arch than the one asked for: one clear error.
     let single = registry.reference("x/only-amd64:1.0");
     push("hello:1.0", &single, &[]);
