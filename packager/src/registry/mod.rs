@@ -1,7 +1,9 @@
 //! Images in OCI registries: `fuse push` and `fuse pull` over a small client of the
 //! distribution API (`client`), references (`reference`), the Docker config's credentials
 //! (`credentials`), `WWW-Authenticate` challenges (`challenge`) and the format an image
-//! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull).
+//! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull), or as a
+//! KubeVirt containerDisk (`containerdisk`); several architectures under one tag make an
+//! image index (`index`).
 //!
 //! Data flows `cli → registry → image`: this room reads and writes the store, nothing else.
 
