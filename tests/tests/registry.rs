@@ -888,3 +888,480 @@ fn a_push_waits_out_a_registry_that_comes_up_late() {
         ],
     );
 }
+
+/// `skopeo inspect --raw` of `reference` (plain HTTP), as JSON, and its sha256.
+fn skopeo_raw(dir: &Path, reference: &str) -> (serde_json::Value, String) {
+    let raw = tool(
+        Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ]),
+        "skopeo inspect --raw",
+    );
+    let file = dir.join("raw.json");
+    std::fs::write(&file, &raw).unwrap();
+    (
+        serde_json::from_str(&raw).unwrap(),
+        format!("sha256:{}", sha256_hex(&file)),
+    )
+}
+
+/// The `platform.architecture` of every entry of an index, in order.
+fn index_arches(index: &serde_json::Value) -> Vec<String> {
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            assert_eq!(m["platform"]["os"], "linux", "{index}");
+            m["platform"]["architecture"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn two_arches_under_one_tag_make_an_index_and_pull_picks_one() {
+    let sb = Sandbox::new();
+    let registry = Registry::start(sb.dir.path(), None);
+    let amd = build_hello(&sb);
+    let app = sb.program_for("aarch64", HELLO, "hello-arm", &["-static"]);
+    let out = fuse(&sb)
+        .args([
+            "build",
+            "--json",
+            "--arch",
+            "aarch64",
+            "--name",
+            "hello-arm64:1.0",
+        ])
+        .arg(&app)
+        .run();
+    let arm = json(out.assert_success())["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reference = registry.reference("x/hello:1.0");
+    let push = |image: &str, reference: &str, extra: &[&str]| {
+        json(
+            fuse(&sb)
+                .args(["push", image, reference, "--json"])
+                .args(extra)
+                .run()
+                .assert_success(),
+        )
+    };
+
+    // One arch: a plain manifest, as before.
+    let first = push("hello:1.0", &reference, &[]);
+    assert_eq!(first["index_digest"], serde_json::Value::Null, "{first}");
+    assert_eq!(first["platforms"], serde_json::json!(["linux/amd64"]));
+    // The other arch to the same tag: an index of both.
+    let second = push("hello-arm64:1.0", &reference, &[]);
+    let index_digest = second["index_digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        second["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64"])
+    );
+    let (index, raw_digest) = skopeo_raw(sb.dir.path(), &reference);
+    assert_eq!(
+        raw_digest, index_digest,
+        "skopeo reads the index fuse pushed"
+    );
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(index["artifactType"], "application/vnd.fuse.image.v1+json");
+    assert_eq!(index_arches(&index), ["amd64", "arm64"]);
+    assert_eq!(index["manifests"][0]["digest"], first["digest"]);
+    assert_eq!(index["manifests"][1]["digest"], second["digest"]);
+    for m in index["manifests"].as_array().unwrap() {
+        assert_eq!(m["artifactType"], "application/vnd.fuse.image.v1+json");
+    }
+    // The same arch again replaces its entry: the same image, the same index.
+    let again = push("hello:1.0", &reference, &[]);
+    assert_eq!(again["index_digest"], index_digest.as_str(), "{again}");
+    // The other order, to another tag: the same index bytes.
+    let other = registry.reference("x/hello:other-order");
+    push("hello-arm64:1.0", &other, &[]);
+    let reversed = push("hello:1.0", &other, &[]);
+    assert_eq!(
+        reversed["index_digest"],
+        index_digest.as_str(),
+        "deterministic"
+    );
+
+    // Pull picks the host's arch, or --arch.
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--arch", "aarch64", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], arm.as_str(), "{pulled}");
+    assert_eq!(pulled["index_digest"], index_digest.as_str());
+    assert_eq!(pulled["manifest_digest"], second["digest"]);
+    // The stored image is arm64: `run --arch x86_64` pulls the x86_64 one and boots it.
+    let out = fuse(&sb)
+        .args(["run", "--arch", "x86_64", &reference])
+        .run();
+    out.assert_success()
+        .assert_stdout_contains("hello from the guest")
+        .assert_stderr_contains("is stored for aarch64, not x86_64: pulling it");
+    let inspected = json(
+        fuse(&sb)
+            .args(["inspect", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspected["digest"], amd.as_str());
+    let host = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(host["digest"], amd.as_str(), "the host's arch: {host}");
+
+    // An index without this host's arch (made by hand, with the arm64 entry alone): one
+    // error naming the arches it has.
+    let mut arm_only = index.clone();
+    arm_only["manifests"] = serde_json::json!([index["manifests"][1].clone()]);
+    let file = sb.dir.path().join("arm-only.json");
+    std::fs::write(&file, serde_json::to_vec(&arm_only).unwrap()).unwrap();
+    tool(
+        Command::new("curl")
+            .args(["-sSf", "-X", "PUT", "-H"])
+            .arg("Content-Type: application/vnd.oci.image.index.v1+json")
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(format!(
+                "http://127.0.0.1:{}/v2/x/hello/manifests/arm-only",
+                registry.port
+            )),
+        "curl PUT index",
+    );
+    let out = fuse(&sb)
+        .args([
+            "pull",
+            &registry.reference("x/hello:arm-only"),
+            "--arch",
+            "x86_64",
+        ])
+        .run();
+    assert_one_error(
+        &out,
+        &["has no image for x86_64 (linux/amd64): it has linux/arm64 (--arch aarch64)"],
+    );
+
+    // A single image of another arch than the one asked for: one clear error.
+    let single = registry.reference("x/only-amd64:1.0");
+    push("hello:1.0", &single, &[]);
+    let out = fuse(&sb).args(["pull", &single, "--arch", "aarch64"]).run();
+    assert_one_error(
+        &out,
+        &["is an image for x86_64, not aarch64", "nothing was stored"],
+    );
+
+    // containerDisks of both arches under one tag: an index of ordinary container images.
+    let disks = registry.reference("x/hello-disk:1.0");
+    push(
+        "hello:1.0",
+        &disks,
+        &["--containerdisk", "--disk-format", "raw"],
+    );
+    let both = push(
+        "hello-arm64:1.0",
+        &disks,
+        &["--containerdisk", "--disk-format", "raw"],
+    );
+    let (index, raw_digest) = skopeo_raw(sb.dir.path(), &disks);
+    assert_eq!(Some(raw_digest.as_str()), both["index_digest"].as_str());
+    assert_eq!(index_arches(&index), ["amd64", "arm64"]);
+    assert_eq!(index.get("artifactType"), None, "{index}");
+    // fuse pull of a containerDisk says what it is.
+    let out = fuse(&sb).args(["pull", &disks]).run();
+    assert_one_error(&out, &["not a fuse image"]);
+    assert_no_leaked_qemu();
+}
+
+/// The one layer of the image skopeo copied to `layout` (tag `tag`), and its config.
+fn oci_layer(layout: &Path, tag: &str) -> (PathBuf, serde_json::Value) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no {tag} in {index}"));
+    let blob = |d: &serde_json::Value| {
+        layout
+            .join("blobs/sha256")
+            .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(&entry["digest"])).unwrap()).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(&manifest["config"]["digest"])).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0], layers[0]["digest"],
+        "an uncompressed layer is its own diff_id"
+    );
+    (blob(&layers[0]["digest"]), config)
+}
+
+#[test]
+fn a_containerdisk_holds_the_disk_as_kubevirt_wants_it() {
+    let sb = Sandbox::new();
+    let registry = Registry::start(sb.dir.path(), None);
+    let image = build_hello(&sb);
+    let dir = sb.dir.path();
+
+    let out = fuse(&sb)
+        .args([
+            "push",
+            "hello:1.0",
+            &registry.reference("x/d:1"),
+            "--disk-format",
+            "raw",
+        ])
+        .run();
+    assert_one_error(&out, &["--disk-format", "add --containerdisk"]);
+    let out = fuse(&sb)
+        .args([
+            "push",
+            "hello:1.0",
+            &registry.reference("x/d:1"),
+            "--containerdisk",
+            "--disk-format",
+            "vmdk",
+        ])
+        .run();
+    out.assert_failure()
+        .assert_stderr_contains("use qcow2 or raw");
+
+    let layout = dir.join("layout");
+    let mut pushed = Vec::new();
+    for format in ["raw", "qcow2"] {
+        let reference = registry.reference(&format!("x/hello-disk:{format}"));
+        let push = || {
+            json(
+                fuse(&sb)
+                    .args(["push", "hello:1.0", &reference, "--json", "--containerdisk"])
+                    .args(["--disk-format", format])
+                    .run()
+                    .assert_success(),
+            )
+        };
+        let first = push();
+        assert_eq!(first["blobs_sent"], 2, "config and layer: {first}");
+        assert_eq!(push()["digest"], first["digest"], "deterministic");
+        pushed.push(first["digest"].as_str().unwrap().to_string());
+
+        // skopeo sees an ordinary image for this machine.
+        let inspected: serde_json::Value = serde_json::from_str(&tool(
+            Command::new("skopeo").args([
+                "inspect",
+                "--tls-verify=false",
+                &format!("docker://{reference}"),
+            ]),
+            "skopeo inspect",
+        ))
+        .unwrap();
+        assert_eq!(inspected["Architecture"], "amd64", "{inspected}");
+        assert_eq!(inspected["Os"], "linux", "{inspected}");
+        assert_eq!(inspected["Layers"].as_array().unwrap().len(), 1);
+
+        tool(
+            Command::new("skopeo").args([
+                "copy",
+                "--src-tls-verify=false",
+                // Else skopeo gzips the layer on its way to the layout.
+                "--dest-oci-accept-uncompressed-layers",
+                &format!("docker://{reference}"),
+                &format!("oci:{}:{format}", layout.display()),
+            ]),
+            "skopeo copy to oci:",
+        );
+        let (layer, config) = oci_layer(&layout, format);
+        assert_eq!(config["architecture"], "amd64");
+        let listing = tool(
+            Command::new("tar")
+                .args(["--numeric-owner", "-tvf"])
+                .arg(&layer),
+            "tar -tvf",
+        );
+        let file = if format == "raw" {
+            "disk.img"
+        } else {
+            "disk.qcow2"
+        };
+        let lines: Vec<Vec<&str>> = listing
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines.len(), 2, "exactly /disk/ and its file:\n{listing}");
+        assert_eq!(
+            (lines[0][0], lines[0][1], lines[0][5]),
+            ("dr-xr-xr-x", "107/107", "disk/"),
+            "{listing}"
+        );
+        assert_eq!(
+            (lines[1][0], lines[1][1], lines[1][5]),
+            ("-r--r-----", "107/107", format!("disk/{file}").as_str()),
+            "{listing}"
+        );
+        let out_dir = dir.join(format!("extracted-{format}"));
+        std::fs::create_dir_all(&out_dir).unwrap();
+        tool(
+            Command::new("tar")
+                .args(["-xf"])
+                .arg(&layer)
+                .arg("-C")
+                .arg(&out_dir),
+            "tar -xf",
+        );
+        let extracted = out_dir.join("disk").join(file);
+        let raw = if format == "raw" {
+            extracted
+        } else {
+            let raw = out_dir.join("back.raw");
+            tool(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", "qcow2", "-O", "raw"])
+                    .arg(&extracted)
+                    .arg(&raw),
+                "qemu-img convert back to raw",
+            );
+            raw
+        };
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(&raw)),
+            image,
+            "{format}: the image's disk bytes"
+        );
+    }
+    assert_ne!(pushed[0], pushed[1]);
+}
+
+/// The bytes the registry has received so far for uploads in progress (its `_uploads`).
+fn upload_bytes(storage: &Path) -> u64 {
+    fn walk(dir: &Path, total: &mut u64, inside: bool) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name();
+            let inside = inside || name == "_uploads";
+            if path.is_dir() {
+                walk(&path, total, inside);
+            } else if inside && name == "data" {
+                *total += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    let mut total = 0;
+    walk(storage, &mut total, false);
+    total
+}
+
+#[test]
+fn the_registry_killed_mid_push_and_restarted() {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    // 48 MiB of random bytes in the image: an upload that takes seconds on loopback.
+    let app = sb.program(HELLO, "big-1.0", &["-static"]);
+    let mut random = vec![0u8; 48 << 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .unwrap();
+    std::fs::write(dir.join("blob.bin"), &random).unwrap();
+    std::fs::write(
+        dir.join("big.toml"),
+        "[files]\n\"/data/blob.bin\" = \"blob.bin\"\n",
+    )
+    .unwrap();
+    let out = fuse(&sb)
+        .args(["build", "--json", "--config"])
+        .arg(dir.join("big.toml"))
+        .arg(&app)
+        .run();
+    let image = json(out.assert_success())["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let registry = Registry::start(dir, None);
+    let port = registry.port;
+    let storage = registry.storage.clone();
+    let reference = registry.reference("x/big:1.0");
+    // Pushes, and kills the registry once it has 4 MiB more of an upload in progress (not all
+    // of it: only the rootfs, 48 MiB, is that large; the kernel is 2.4 MB).
+    let push_and_kill = |registry: Registry| {
+        let before = upload_bytes(&storage);
+        let push = fuse(&sb)
+            .args(["push", "big:1.0", &reference, "--json"])
+            .spawn();
+        let received = wait_until(Duration::from_secs(120), Duration::from_millis(20), || {
+            Some(upload_bytes(&storage)).filter(|b| *b >= before + (4 << 20))
+        });
+        assert!(received.is_some(), "no upload got 4 MiB further");
+        drop(registry);
+        push
+    };
+
+    // Not back: one clear error after the tries, naming the registry and the upload.
+    let push = push_and_kill(registry);
+    let out = push.wait();
+    assert_one_error(
+        &out,
+        &[
+            &format!("Registry 127.0.0.1:{port}: upload blob sha256:"),
+            "after 5 tries",
+        ],
+    );
+
+    // Back on the same port and storage while the push waits: the dropped upload starts
+    // again in a new session and the push completes.
+    let registry = Registry::start_on(dir, port, None, None);
+    let push = push_and_kill(registry);
+    let registry = Registry::start_on(dir, port, None, None);
+    let out = push.wait();
+    let pushed = json(out.assert_success());
+    assert!(
+        pushed["uploads_restarted"].as_u64().unwrap() >= 1,
+        "{pushed}"
+    );
+    assert_eq!(pushed["image_digest"], image.as_str());
+    // Everything is there now: a re-run sends the manifest alone.
+    let again = json(
+        fuse(&sb)
+            .args(["push", "big:1.0", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["blobs_sent"], 0, "{again}");
+    assert_eq!(again["digest"], pushed["digest"]);
+
+    // What the registry kept is the image: pulled into an empty store, the same digest.
+    fuse(&sb).args(["rm", "big:1.0"]).run().assert_success();
+    let pulled = json(
+        fuse(&sb)
+            .args(["pull", &reference, "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
+    drop(registry);
+}

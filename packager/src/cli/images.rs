@@ -193,7 +193,7 @@ pub(super) fn inspect(
     registry: &super::registry::RegistryFlags,
 ) -> Result<i32> {
     let store = Store::open_default()?;
-    let reference = &super::registry::ensure_local(&store, reference, registry)?;
+    let reference = &super::registry::ensure_local(&store, reference, registry, None)?;
     let (name, image_digest, manifest, disk) = open_target(&store, reference)?;
     let m = &manifest;
     if json_output {

@@ -5,10 +5,13 @@
 use super::print::progress_line;
 use crate::image::store::Store;
 use crate::registry::client::Connection;
+use crate::registry::containerdisk::DiskFormat;
 use crate::registry::credentials::Credentials;
 use crate::registry::reference::{is_remote, Reference};
+use crate::registry::PushFormat;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use fuse_rootfs::Arch;
 use serde_json::json;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -40,6 +43,13 @@ pub(super) struct PushArgs {
     /// Where to: HOST[:PORT]/REPOSITORY[:TAG] (TAG defaults to latest). Without it: the
     /// repository this image name was last pushed to, tagged with the image's version.
     reference: Option<String>,
+    /// Push a KubeVirt containerDisk (a container image holding the disk as /disk/disk.qcow2
+    /// or /disk/disk.img) instead of fuse's image artifact.
+    #[arg(long)]
+    containerdisk: bool,
+    /// With --containerdisk: the disk's format, qcow2 (default) or raw.
+    #[arg(long, value_name = "FORMAT", value_parser = super::args::parse::<DiskFormat>)]
+    disk_format: Option<DiskFormat>,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Machine-readable output: digest, bytes sent, blobs sent and skipped.
@@ -51,6 +61,10 @@ pub(super) struct PushArgs {
 pub(super) struct PullArgs {
     /// HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST].
     reference: String,
+    /// From an image index (several architectures under one tag), the image for this
+    /// architecture: x86_64 or aarch64 (default: the host's).
+    #[arg(long, value_parser = super::args::parse::<Arch>)]
+    arch: Option<Arch>,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Machine-readable output: digests, bytes received, blobs received and reused.
@@ -88,6 +102,13 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
         .map(Reference::parse)
         .transpose()?;
     check_ca_cert(&args.registry)?;
+    let format = match (args.containerdisk, args.disk_format) {
+        (false, None) => PushFormat::Image,
+        (false, Some(_)) => {
+            bail!("--disk-format is the format of a containerDisk: add --containerdisk")
+        }
+        (true, format) => PushFormat::ContainerDisk(format.unwrap_or(DiskFormat::Qcow2)),
+    };
     let store = Store::open_default()?;
     let image = store.find(&args.image)?.with_context(|| {
         format!(
@@ -111,6 +132,7 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
         &store,
         &image,
         &reference,
+        format,
         &Connection::from(&args.registry),
         &progress(args.json),
     )?;
@@ -124,11 +146,14 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             json!({
                 "reference": report.reference,
                 "digest": report.manifest_digest,
+                "index_digest": report.index_digest,
+                "platforms": report.platforms,
                 "image_digest": report.image_digest,
                 "bytes_sent": report.bytes_sent,
                 "blobs_sent": report.blobs_sent,
                 "blobs_skipped": report.blobs_skipped,
                 "blobs_mounted": report.blobs_mounted,
+                "uploads_restarted": report.uploads_restarted,
             })
         );
     } else {
@@ -141,6 +166,13 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             report.blobs_mounted,
             crate::host::fs::human_size(report.bytes_sent)
         ));
+        if let Some(index) = &report.index_digest {
+            progress_line(&format!(
+                "{} is an image index of {}: {index}",
+                report.reference,
+                report.platforms.join(", ")
+            ));
+        }
         println!("{}", report.manifest_digest);
     }
     Ok(0)
@@ -153,6 +185,7 @@ pub(super) fn pull(args: PullArgs) -> Result<i32> {
     let report = crate::registry::pull(
         &store,
         &reference,
+        args.arch,
         &Connection::from(&args.registry),
         &progress(args.json),
     )?;
@@ -163,6 +196,7 @@ pub(super) fn pull(args: PullArgs) -> Result<i32> {
                 "image": report.image,
                 "digest": report.image_digest,
                 "manifest_digest": report.manifest_digest,
+                "index_digest": report.index_digest,
                 "bytes_received": report.bytes_received,
                 "blobs_received": report.blobs_received,
                 "blobs_reused": report.blobs_reused,
@@ -225,20 +259,35 @@ fn check_ca_cert(flags: &RegistryFlags) -> Result<()> {
 
 /// `target` as the store knows it: a registry reference not in the store is pulled first
 /// (and named `registry/repository:tag` there); a path or a local name is left as it is.
-pub(super) fn ensure_local(store: &Store, target: &str, flags: &RegistryFlags) -> Result<String> {
+/// With `arch`, a stored image of another architecture is pulled again (for that one).
+pub(super) fn ensure_local(
+    store: &Store,
+    target: &str,
+    flags: &RegistryFlags,
+    arch: Option<Arch>,
+) -> Result<String> {
     if Path::new(target).exists() || !is_remote(target) {
         return Ok(target.to_string());
     }
     let reference = Reference::parse(target)?;
     let local = reference.local_name();
-    if store.find_name(&local)?.is_some() {
-        return Ok(local.to_string());
-    }
+    let why = match store.find_name(&local)? {
+        Some(stored) if arch.is_none_or(|a| a == stored.manifest.arch) => {
+            return Ok(local.to_string())
+        }
+        Some(stored) => format!(
+            "is stored for {}, not {}",
+            stored.manifest.arch.as_str(),
+            arch.map_or("", |a| a.as_str())
+        ),
+        None => "is not in the store".to_string(),
+    };
     check_ca_cert(flags)?;
-    progress_line(&format!("{target} is not in the store: pulling it"));
+    progress_line(&format!("{target} {why}: pulling it"));
     let report = crate::registry::pull(
         store,
         &reference,
+        arch,
         &Connection::from(flags),
         &progress(false),
     )?;

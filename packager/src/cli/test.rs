@@ -137,7 +137,12 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
         .or(Some(check::DEFAULT_TIMEOUT));
     options.check_ports()?;
 
-    let target = super::registry::ensure_local(&store, &args.target, &args.registry)?;
+    let target = super::registry::ensure_local(
+        &store,
+        &args.target,
+        &args.registry,
+        args.build.target.arch,
+    )?;
     let image = super::images::resolve(&store, &target, &args.build)?;
     let report = check::run_test(
         &store,

@@ -100,6 +100,8 @@ pub(crate) struct Client {
     authorization: Option<String>,
     /// Tries of a request ([`TRIES`], 1 while probing for HTTPS).
     tries: u32,
+    /// Blob uploads started again in a new session after their connection dropped.
+    pub(crate) uploads_restarted: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -196,6 +198,7 @@ impl Client {
             authorization: None,
             // Where plain HTTP may follow, one try tells whether HTTPS is spoken.
             tries: if plain_allowed { 1 } else { TRIES },
+            uploads_restarted: 0,
         };
         let probed = client.ping();
         client.tries = TRIES;
@@ -566,6 +569,11 @@ impl Client {
     /// whole blob to its Location with `?digest=`. With `mount_from`, the POST first asks the
     /// registry to mount the blob from that repository (nothing sent when it does: returns
     /// true); a registry that declines answers with an upload session, which is used.
+    ///
+    /// The PUT is tried once per session: a connection that dropped mid-blob leaves a session
+    /// the registry no longer accepts (its data half written, or the registry restarted and
+    /// answers before reading the body), so the next try (after the backoff) is a new session,
+    /// [`TRIES`] sessions in all; [`Client::uploads_restarted`] counts them.
     pub(crate) fn upload_blob(
         &mut self,
         digest: &str,
@@ -574,41 +582,72 @@ impl Client {
         mount_from: Option<&str>,
     ) -> Result<bool> {
         let op = format!("upload blob {}", short(digest));
-        let url = match mount_from {
-            Some(source) => self.url(&format!(
-                "blobs/uploads/?mount={}&from={}",
-                encode_query(digest),
-                encode_query(source)
-            )),
-            None => self.url("blobs/uploads/"),
-        };
-        let mut response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
-        if mount_from.is_some() && response.status().as_u16() == 201 {
-            return Ok(true);
-        }
-        self.expect(&mut response, &op, &[202])?;
-        let location = response
-            .headers()
-            .get(http::header::LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .with_context(|| {
-                format!(
-                    "Registry {}: {op}: its answer has no Location",
-                    self.registry
-                )
+        let mut session = 1;
+        loop {
+            let url = match mount_from {
+                Some(source) => self.url(&format!(
+                    "blobs/uploads/?mount={}&from={}",
+                    encode_query(digest),
+                    encode_query(source)
+                )),
+                None => self.url("blobs/uploads/"),
+            };
+            let mut response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
+            if mount_from.is_some() && response.status().as_u16() == 201 {
+                return Ok(true);
+            }
+            self.expect(&mut response, &op, &[202])?;
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .with_context(|| {
+                    format!(
+                        "Registry {}: {op}: its answer has no Location",
+                        self.registry
+                    )
+                })?;
+            let mut url = self.resolve_location(location);
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("digest={}", encode_query(digest)));
+            let tries = std::mem::replace(&mut self.tries, 1);
+            let sent = self.send(
+                &op,
+                Method::PUT,
+                &url,
+                &[("Content-Type", "application/octet-stream")],
+                Payload::File(path, progress),
+            );
+            self.tries = tries;
+            let again = match &sent {
+                Ok(r) => r.status().is_server_error() || r.status().as_u16() == 429,
+                Err(e) => is_transport(e),
+            };
+            if again && session < self.tries {
+                std::thread::sleep(FIRST_BACKOFF * 2u32.pow(session - 1));
+                session += 1;
+                self.uploads_restarted += 1;
+                continue;
+            }
+            let mut response = sent.map_err(|e| match e.downcast::<RegistryError>() {
+                Ok(RegistryError::Transport {
+                    registry,
+                    operation,
+                    reason,
+                    tls,
+                }) if session > 1 => RegistryError::Transport {
+                    registry,
+                    operation,
+                    reason: format!("{reason}, in {session} upload sessions"),
+                    tls,
+                }
+                .into(),
+                Ok(other) => other.into(),
+                Err(e) => e,
             })?;
-        let mut url = self.resolve_location(location);
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str(&format!("digest={}", encode_query(digest)));
-        let mut response = self.send(
-            &op,
-            Method::PUT,
-            &url,
-            &[("Content-Type", "application/octet-stream")],
-            Payload::File(path, progress),
-        )?;
-        self.expect(&mut response, &op, &[201, 204])?;
-        Ok(false)
+            self.expect(&mut response, &op, &[201, 204])?;
+            return Ok(false);
+        }
     }
 
     /// A Location header as a URL: absolute, or relative to the registry.
@@ -669,6 +708,25 @@ impl Client {
         reference: &str,
         media_types: &[&str],
     ) -> Result<(String, Vec<u8>)> {
+        self.fetch_manifest(reference, media_types, true)
+            .map(|m| m.expect("a missing manifest is an error"))
+    }
+
+    /// As [`Client::get_manifest`], `None` when the registry has no such manifest.
+    pub(crate) fn find_manifest(
+        &mut self,
+        reference: &str,
+        media_types: &[&str],
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        self.fetch_manifest(reference, media_types, false)
+    }
+
+    fn fetch_manifest(
+        &mut self,
+        reference: &str,
+        media_types: &[&str],
+        required: bool,
+    ) -> Result<Option<(String, Vec<u8>)>> {
         let op = format!("get manifest {}", self.named(reference));
         let accept = media_types.join(", ");
         let mut response = self.send(
@@ -678,6 +736,9 @@ impl Client {
             &[("Accept", &accept)],
             Payload::None,
         )?;
+        if response.status().as_u16() == 404 && !required {
+            return Ok(None);
+        }
         if response.status().as_u16() == 404 {
             return Err(self.error(
                 &op,
@@ -711,7 +772,7 @@ impl Client {
                 reason: e.to_string(),
                 tls: false,
             })?;
-        Ok((media_type, bytes))
+        Ok(Some((media_type, bytes)))
     }
 }
 

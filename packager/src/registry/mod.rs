@@ -1,23 +1,31 @@
 //! Images in OCI registries: `fuse push` and `fuse pull` over a small client of the
 //! distribution API (`client`), references (`reference`), the Docker config's credentials
 //! (`credentials`), `WWW-Authenticate` challenges (`challenge`) and the format an image
-//! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull).
+//! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull), or as a
+//! KubeVirt containerDisk (`containerdisk`); several architectures under one tag make an
+//! image index (`index`).
 //!
 //! Data flows `cli → registry → image`: this room reads and writes the store, nothing else.
 
 mod challenge;
 pub(crate) mod client;
+pub(crate) mod containerdisk;
 pub(crate) mod credentials;
+mod index;
 mod oci;
 pub(crate) mod reference;
 
 use crate::host::digest;
 use crate::host::fs::human_size;
 use crate::image::disk;
+use crate::image::export::{self, ExportFormat};
 use crate::image::manifest::Manifest;
 use crate::image::store::{BlobCheck, Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use client::{Access, Client, Connection};
+use containerdisk::DiskFormat;
+use fuse_rootfs::Arch;
+use index::{Index, Platform};
 use oci::{Descriptor, Layers, OciManifest};
 use reference::Reference;
 use sha2::{Digest as _, Sha256};
@@ -37,12 +45,18 @@ pub(crate) struct PushReport {
     pub(crate) reference: String,
     /// The OCI manifest's digest: `REFERENCE@DIGEST` pulls exactly this.
     pub(crate) manifest_digest: String,
+    /// The image index's, when the tag now lists several architectures.
+    pub(crate) index_digest: Option<String>,
+    /// The platforms the tag now has (`linux/amd64`...).
+    pub(crate) platforms: Vec<String>,
     pub(crate) image_digest: String,
     pub(crate) bytes_sent: u64,
     pub(crate) blobs_sent: usize,
     pub(crate) blobs_skipped: usize,
     /// Blobs the registry mounted from another of its repositories (no bytes sent).
     pub(crate) blobs_mounted: usize,
+    /// Blob uploads started again after their connection dropped.
+    pub(crate) uploads_restarted: u32,
 }
 
 /// What `fuse pull` did.
@@ -51,6 +65,8 @@ pub(crate) struct PullReport {
     /// The name the image is stored under (`registry/repository:tag`).
     pub(crate) image: String,
     pub(crate) manifest_digest: String,
+    /// The image index's the manifest was picked from, if any.
+    pub(crate) index_digest: Option<String>,
     pub(crate) image_digest: String,
     pub(crate) bytes_received: u64,
     pub(crate) blobs_received: usize,
@@ -78,76 +94,40 @@ fn progress_text(label: &str, done: u64, total: u64, started: Instant) -> String
     )
 }
 
-/// Pushes `image` to `reference` (a tag): every part not in the repository yet, then the
-/// manifest. The disk is not sent; the parts are checked first to rebuild it bit for bit.
+/// What an image is pushed as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushFormat {
+    /// fuse's artifact: the parts, the disk rebuilt from them on pull.
+    Image,
+    /// A KubeVirt containerDisk: a container image holding the disk in this format.
+    ContainerDisk(DiskFormat),
+}
+
+/// A blob to push: its title (for progress), descriptor and file.
+type Blob = (&'static str, Descriptor, PathBuf);
+
+/// Pushes `image` to `reference` (a tag): every blob not in the repository yet, then the
+/// manifest. A tag holding the same kind of thing for another architecture becomes an image
+/// index of both (see [`index`]).
 pub(crate) fn push(
     store: &Store,
     image: &StoredImage,
     reference: &Reference,
+    format: PushFormat,
     connection: &Connection,
     progress: Progress<'_>,
 ) -> Result<PushReport> {
     let Some(tag) = reference.tag.clone().filter(|_| reference.digest.is_none()) else {
         bail!("Push to a tag, not a digest: {reference} (the digest is the registry's answer)");
     };
-    let m = &image.manifest;
-    let name = &image.name;
-    disk::verified_disk_path(store, image)?;
-    for (part, d, _) in m.components() {
-        match store.check_blob(d)? {
-            BlobCheck::Intact => {}
-            BlobCheck::Missing => bail!(
-                "Image {name} has no {part} ({}) in the store: rebuild it with `fuse build`",
-                digest::short(d)
-            ),
-            BlobCheck::Corrupt { .. } => bail!(
-                "Image {name} is corrupt in the store: its {part} {} has changed: rebuild it with `fuse build`",
-                digest::short(d)
-            ),
-        }
-    }
-
-    // The stub is not stored with the image: the host's must be the one the disk was made
-    // with, which rebuilding the disk from the parts proves (or the push is refused).
+    let disk_path = disk::verified_disk_path(store, image)?;
     let scratch = store.temp_dir()?;
-    let stub = disk::efi_stub(m.arch)?;
-    let stub_path = scratch.path().join("efi-stub");
-    std::fs::write(&stub_path, &stub)
-        .with_context(|| format!("Cannot write {}", stub_path.display()))?;
-    let rebuilt = disk::rebuild(
-        m,
-        &stub,
-        &store.blob_path(&m.kernel.digest),
-        &store.blob_path(&m.init.digest),
-        &store.blob_path(&m.rootfs.digest),
-        &scratch.path().join("disk.raw"),
-    )?;
-    if rebuilt != image.digest {
-        bail!(
-            "Image {name} cannot be pushed as its parts: with this host's EFI stub ({}) they make a disk of sha256 {}, not the image's {}: the stub changed since the image was built; rebuild it with `fuse build`",
-            disk::efi_stub_path(m.arch).display(),
-            digest::short(&rebuilt),
-            digest::short(&image.digest)
-        );
-    }
-    std::fs::remove_file(scratch.path().join("disk.raw")).ok();
-
-    let config = m.to_bytes();
-    let config_path = scratch.path().join("config.json");
-    std::fs::write(&config_path, &config)
-        .with_context(|| format!("Cannot write {}", config_path.display()))?;
-    let layers = Layers {
-        kernel: oci::layer(oci::KERNEL, &m.kernel.digest, m.kernel.size, "kernel"),
-        initrd: oci::layer(oci::INITRD, &m.init.digest, m.init.size, "initrd"),
-        efi_stub: oci::layer(
-            oci::EFI_STUB,
-            &digest::of_bytes(&stub),
-            stub.len() as u64,
-            "efi-stub",
-        ),
-        rootfs: oci::layer(oci::ROOTFS, &m.rootfs.digest, m.rootfs.size, "rootfs"),
+    let (manifest, blobs) = match format {
+        PushFormat::Image => image_blobs(store, image, scratch.path())?,
+        PushFormat::ContainerDisk(f) => {
+            containerdisk_blobs(image, &disk_path, f, scratch.path(), progress)?
+        }
     };
-    let manifest = oci::manifest_for(m, &image.digest, &config, &layers);
     let manifest_bytes = manifest.to_bytes();
     let manifest_digest = digest::of_bytes(&manifest_bytes);
 
@@ -162,20 +142,16 @@ pub(crate) fn push(
     let mut report = PushReport {
         reference: reference.to_string(),
         manifest_digest: manifest_digest.clone(),
+        index_digest: None,
+        platforms: Vec::new(),
         image_digest: image.digest.clone(),
         bytes_sent: 0,
         blobs_sent: 0,
         blobs_skipped: 0,
         blobs_mounted: 0,
+        uploads_restarted: 0,
     };
-    let blobs: Vec<(&str, &Descriptor, PathBuf)> = vec![
-        ("config", &manifest.config, config_path.clone()),
-        ("kernel", &layers.kernel, store.blob_path(&m.kernel.digest)),
-        ("initrd", &layers.initrd, store.blob_path(&m.init.digest)),
-        ("efi-stub", &layers.efi_stub, stub_path.clone()),
-        ("rootfs", &layers.rootfs, store.blob_path(&m.rootfs.digest)),
-    ];
-    for (title, blob, path) in blobs {
+    for (title, blob, path) in &blobs {
         if client.has_blob(&blob.digest)? {
             report.blobs_skipped += 1;
             continue;
@@ -192,7 +168,7 @@ pub(crate) fn push(
         let size = blob.size;
         let tick = |done: u64| progress(&progress_text(&label, done, size, started));
         let tick: Option<&(dyn Fn(u64) + Sync)> = (size >= QUIET_BELOW).then_some(&tick);
-        if client.upload_blob(&blob.digest, &path, tick, mount_from)? {
+        if client.upload_blob(&blob.digest, path, tick, mount_from)? {
             report.blobs_mounted += 1;
             continue;
         }
@@ -202,16 +178,222 @@ pub(crate) fn push(
         report.bytes_sent += size;
         report.blobs_sent += 1;
     }
-    let answered = client.put_manifest(&tag, oci::MANIFEST, &manifest_bytes)?;
-    report.bytes_sent += manifest_bytes.len() as u64;
-    if let Some(answered) = answered.filter(|a| *a != manifest_digest) {
+    report.uploads_restarted = client.uploads_restarted;
+
+    // What the tag holds for other architectures stays beside this one, in an index.
+    let ours = index::Entry {
+        media_type: oci::MANIFEST.to_string(),
+        digest: manifest_digest.clone(),
+        size: manifest_bytes.len() as u64,
+        artifact_type: manifest.artifact_type.clone(),
+        platform: Some(Platform::linux(image.manifest.arch)),
+        annotations: Default::default(),
+    };
+    let merged = Index::merged(tag_entries(&mut client, &tag)?, ours);
+    report.platforms = merged
+        .manifests
+        .iter()
+        .filter_map(|e| e.platform.as_ref().map(|p| p.to_string()))
+        .collect();
+    let (put_as, media_type, bytes, digest) = if merged.manifests.len() == 1 {
+        (tag.clone(), oci::MANIFEST, manifest_bytes, manifest_digest)
+    } else {
+        client.put_manifest(&manifest_digest, oci::MANIFEST, &manifest_bytes)?;
+        report.bytes_sent += manifest_bytes.len() as u64;
+        let bytes = merged.to_bytes();
+        let digest = digest::of_bytes(&bytes);
+        report.index_digest = Some(digest.clone());
+        (tag.clone(), oci::INDEX, bytes, digest)
+    };
+    let answered = client.put_manifest(&put_as, media_type, &bytes)?;
+    report.bytes_sent += bytes.len() as u64;
+    if let Some(answered) = answered.filter(|a| *a != digest) {
         bail!(
-            "Registry {}: put manifest {}:{tag}: it answered digest {answered}, not the manifest's {manifest_digest}",
+            "Registry {}: put manifest {}:{tag}: it answered digest {answered}, not the manifest's {digest}",
             client.registry(),
             reference.repository
         );
     }
     Ok(report)
+}
+
+/// The manifest and blobs of fuse's artifact: the parts, checked first to rebuild the disk.
+fn image_blobs(
+    store: &Store,
+    image: &StoredImage,
+    scratch: &Path,
+) -> Result<(OciManifest, Vec<Blob>)> {
+    let m = &image.manifest;
+    let name = &image.name;
+    for (part, d, _) in m.components() {
+        match store.check_blob(d)? {
+            BlobCheck::Intact => {}
+            BlobCheck::Missing => bail!(
+                "Image {name} has no {part} ({}) in the store: rebuild it with `fuse build`",
+                digest::short(d)
+            ),
+            BlobCheck::Corrupt { .. } => bail!(
+                "Image {name} is corrupt in the store: its {part} {} has changed: rebuild it with `fuse build`",
+                digest::short(d)
+            ),
+        }
+    }
+
+    // The stub is not stored with the image: the host's must be the one the disk was made
+    // with, which rebuilding the disk from the parts proves (or the push is refused).
+    let stub = disk::efi_stub(m.arch)?;
+    let stub_path = scratch.join("efi-stub");
+    std::fs::write(&stub_path, &stub)
+        .with_context(|| format!("Cannot write {}", stub_path.display()))?;
+    let rebuilt = disk::rebuild(
+        m,
+        &stub,
+        &store.blob_path(&m.kernel.digest),
+        &store.blob_path(&m.init.digest),
+        &store.blob_path(&m.rootfs.digest),
+        &scratch.join("disk.raw"),
+    )?;
+    if rebuilt != image.digest {
+        bail!(
+            "Image {name} cannot be pushed as its parts: with this host's EFI stub ({}) they make a disk of sha256 {}, not the image's {}: the stub changed since the image was built; rebuild it with `fuse build`",
+            disk::efi_stub_path(m.arch).display(),
+            digest::short(&rebuilt),
+            digest::short(&image.digest)
+        );
+    }
+    std::fs::remove_file(scratch.join("disk.raw")).ok();
+
+    let config = m.to_bytes();
+    let config_path = scratch.join("config.json");
+    std::fs::write(&config_path, &config)
+        .with_context(|| format!("Cannot write {}", config_path.display()))?;
+    let layers = Layers {
+        kernel: oci::layer(oci::KERNEL, &m.kernel.digest, m.kernel.size, "kernel"),
+        initrd: oci::layer(oci::INITRD, &m.init.digest, m.init.size, "initrd"),
+        efi_stub: oci::layer(
+            oci::EFI_STUB,
+            &digest::of_bytes(&stub),
+            stub.len() as u64,
+            "efi-stub",
+        ),
+        rootfs: oci::layer(oci::ROOTFS, &m.rootfs.digest, m.rootfs.size, "rootfs"),
+    };
+    let manifest = oci::manifest_for(m, &image.digest, &config, &layers);
+    let blobs = vec![
+        ("config", manifest.config.clone(), config_path),
+        (
+            "kernel",
+            layers.kernel.clone(),
+            store.blob_path(&m.kernel.digest),
+        ),
+        (
+            "initrd",
+            layers.initrd.clone(),
+            store.blob_path(&m.init.digest),
+        ),
+        ("efi-stub", layers.efi_stub.clone(), stub_path),
+        (
+            "rootfs",
+            layers.rootfs.clone(),
+            store.blob_path(&m.rootfs.digest),
+        ),
+    ];
+    Ok((manifest, blobs))
+}
+
+/// The manifest and blobs of a containerDisk: the disk (converted to qcow2 by qemu-img, or
+/// raw as it is) in a one-layer container image.
+fn containerdisk_blobs(
+    image: &StoredImage,
+    disk_path: &Path,
+    format: DiskFormat,
+    scratch: &Path,
+    progress: Progress<'_>,
+) -> Result<(OciManifest, Vec<Blob>)> {
+    let m = &image.manifest;
+    let disk_file = match format {
+        DiskFormat::Raw => disk_path.to_path_buf(),
+        DiskFormat::Qcow2 => {
+            let out = scratch.join("disk.qcow2");
+            progress(&format!("converting the disk of {} to qcow2", image.name));
+            export::export(disk_path, ExportFormat::Qcow2, &out)?;
+            out
+        }
+    };
+    let layer_path = scratch.join("layer.tar");
+    let (layer_digest, layer_size) =
+        containerdisk::write_layer(&disk_file, format.file_name(), oci::epoch(m), &layer_path)?;
+    let config = containerdisk::config(m, &layer_digest);
+    let config_path = scratch.join("config.json");
+    std::fs::write(&config_path, &config)
+        .with_context(|| format!("Cannot write {}", config_path.display()))?;
+    let manifest =
+        containerdisk::manifest_for(m, &image.digest, &config, (&layer_digest, layer_size));
+    let blobs = vec![
+        ("config", manifest.config.clone(), config_path),
+        ("disk layer", manifest.layers[0].clone(), layer_path),
+    ];
+    Ok((manifest, blobs))
+}
+
+/// What `tag` holds now, as index entries with their platforms: nothing (no such tag), the
+/// entries of an index, or one manifest of fuse's or a container image with the platform
+/// its config names. Anything else is none of fuse's business: the push replaces it.
+fn tag_entries(client: &mut Client, tag: &str) -> Result<Vec<index::Entry>> {
+    let Some((media_type, bytes)) = client.find_manifest(tag, &oci::ACCEPTED)? else {
+        return Ok(Vec::new());
+    };
+    if media_type == oci::INDEX {
+        return Ok(Index::parse(&bytes, tag)
+            .map(|i| i.manifests)
+            .unwrap_or_default());
+    }
+    if media_type != oci::MANIFEST {
+        return Ok(Vec::new());
+    }
+    let Ok(manifest) = serde_json::from_slice::<OciManifest>(&bytes) else {
+        return Ok(Vec::new());
+    };
+    let config = &manifest.config;
+    if config.size > 4 << 20
+        || (config.media_type != oci::CONFIG && config.media_type != containerdisk::CONFIG)
+    {
+        return Ok(Vec::new());
+    }
+    let mut response = client.get_blob(&config.digest)?;
+    let config_bytes = response
+        .body_mut()
+        .with_config()
+        .limit(4 << 20)
+        .read_to_vec()
+        .with_context(|| {
+            format!(
+                "Registry {}: download the config of {tag}",
+                client.registry()
+            )
+        })?;
+    if digest::of_bytes(&config_bytes) != config.digest {
+        bail!(
+            "Registry {}: the config of {tag} (sha256:{}) is corrupt",
+            client.registry(),
+            digest::short(&config.digest)
+        );
+    }
+    let platform = if config.media_type == oci::CONFIG {
+        Manifest::from_bytes(&config_bytes)
+            .ok()
+            .map(|m| Platform::linux(m.arch))
+    } else {
+        serde_json::from_slice::<Platform>(&config_bytes).ok()
+    };
+    Ok(vec![index::Entry {
+        media_type,
+        digest: digest::of_bytes(&bytes),
+        size: bytes.len() as u64,
+        artifact_type: manifest.artifact_type,
+        platform,
+        annotations: Default::default(),
+    }])
 }
 
 /// Repositories of `target`'s registry that may hold the image's blobs already (where images
@@ -236,9 +418,12 @@ fn mount_sources(store: &Store, target: &Reference) -> Result<Vec<String>> {
 /// Pulls `reference` into the store under its name (`registry/repository:tag`): the parts
 /// the store lacks, each checked against its digest as it streams, then the disk rebuilt and
 /// checked against the image digest. Nothing is stored unless all of it matches.
+/// An image index picks `arch` (the host's by default); a single manifest of another
+/// architecture than an `arch` asked for is refused.
 pub(crate) fn pull(
     store: &Store,
     reference: &Reference,
+    arch: Option<Arch>,
     connection: &Connection,
     progress: Progress<'_>,
 ) -> Result<PullReport> {
@@ -249,9 +434,9 @@ pub(crate) fn pull(
         connection,
         credentials_for(&reference.registry)?,
     )?;
-    let (media_type, bytes) =
+    let (mut media_type, mut bytes) =
         client.get_manifest(reference.manifest_reference(), &oci::ACCEPTED)?;
-    let manifest_digest = digest::of_bytes(&bytes);
+    let mut manifest_digest = digest::of_bytes(&bytes);
     if let Some(pinned) = &reference.digest {
         if *pinned != manifest_digest {
             bail!(
@@ -261,6 +446,23 @@ pub(crate) fn pull(
             );
         }
     }
+    let mut index_digest = None;
+    let mut expected_arch = arch;
+    if media_type == oci::INDEX {
+        let wanted = arch.unwrap_or_else(Arch::host);
+        let entry = Index::parse(&bytes, &what)?.pick(wanted, &what)?.clone();
+        (media_type, bytes) = client.get_manifest(&entry.digest, &oci::ACCEPTED)?;
+        if digest::of_bytes(&bytes) != entry.digest {
+            bail!(
+                "Registry {}: the {} manifest of {what} does not have the digest its index names ({}): nothing was stored",
+                reference.registry,
+                wanted.as_str(),
+                digest::short(&entry.digest)
+            );
+        }
+        index_digest = Some(std::mem::replace(&mut manifest_digest, entry.digest));
+        expected_arch = Some(wanted);
+    }
     let oci_manifest = OciManifest::parse(&media_type, &bytes, &what)?;
     let image_digest = oci_manifest.image_digest(&what)?.to_string();
 
@@ -268,6 +470,7 @@ pub(crate) fn pull(
     let mut report = PullReport {
         image: reference.local_name().to_string(),
         manifest_digest,
+        index_digest,
         image_digest: image_digest.clone(),
         bytes_received: bytes.len() as u64,
         blobs_received: 0,
@@ -293,6 +496,13 @@ pub(crate) fn pull(
     let config = std::fs::read(&config_path)?;
     let manifest = Manifest::from_bytes(&config)
         .with_context(|| format!("{what}: its config is not a fuse image manifest"))?;
+    if let Some(wanted) = expected_arch.filter(|a| *a != manifest.arch) {
+        bail!(
+            "{what} is an image for {}, not {}: nothing was stored",
+            manifest.arch.as_str(),
+            wanted.as_str()
+        );
+    }
     let layers = oci_manifest.layers(&manifest, &what)?;
 
     // Parts the store has intact are used from it; the others are fetched into scratch.

@@ -84,16 +84,34 @@ pub(crate) fn layer(media_type: &str, digest: &str, size: u64, title: &str) -> D
     }
 }
 
-/// The image's epoch from its manifest note (`1733150000 (SOURCE_DATE_EPOCH)`), as RFC 3339;
-/// 2000-01-01 (fuse's fixed epoch) when the note is missing.
-fn created(manifest: &Manifest) -> String {
-    let seconds = manifest
+/// The image's epoch from its manifest note (`1733150000 (SOURCE_DATE_EPOCH)`); 2000-01-01
+/// (fuse's fixed epoch) when the note is missing.
+pub(crate) fn epoch(manifest: &Manifest) -> i64 {
+    manifest
         .notes
         .get("files.epoch")
         .and_then(|n| n.split_whitespace().next())
         .and_then(|s| s.parse::<i64>().ok())
-        .unwrap_or(946_684_800);
-    rfc3339(seconds)
+        .unwrap_or(946_684_800)
+}
+
+/// The image's epoch as RFC 3339.
+pub(crate) fn created(manifest: &Manifest) -> String {
+    rfc3339(epoch(manifest))
+}
+
+/// The annotations every manifest fuse pushes carries: the epoch, the image's name, version
+/// and digest.
+pub(crate) fn image_annotations(
+    manifest: &Manifest,
+    image_digest: &str,
+) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (CREATED.to_string(), created(manifest)),
+        (TITLE.to_string(), manifest.name.clone()),
+        (VERSION.to_string(), manifest.version.clone()),
+        (ANNOTATION_DIGEST.to_string(), image_digest.to_string()),
+    ])
 }
 
 /// `seconds` since 1970 as `YYYY-MM-DDTHH:MM:SSZ` (Howard Hinnant's civil-from-days).
@@ -135,12 +153,7 @@ pub(crate) fn manifest_for(
             annotations: BTreeMap::new(),
         },
         layers: layers.all().into_iter().cloned().collect(),
-        annotations: BTreeMap::from([
-            (CREATED.to_string(), created(manifest)),
-            (TITLE.to_string(), manifest.name.clone()),
-            (VERSION.to_string(), manifest.version.clone()),
-            (ANNOTATION_DIGEST.to_string(), image_digest.to_string()),
-        ]),
+        annotations: image_annotations(manifest, image_digest),
     }
 }
 
@@ -153,10 +166,10 @@ impl OciManifest {
     /// Reads a manifest got as `media_type`, refusing anything that is not a fuse image.
     pub(crate) fn parse(media_type: &str, bytes: &[u8], what: &str) -> Result<OciManifest> {
         match media_type {
-            INDEX | DOCKER_LIST => bail!(
-                "{what} is an image index (several platforms): fuse cannot pull one yet, name one image by its digest"
-            ),
-            DOCKER_MANIFEST => bail!("{what} is a container image (Docker manifest), not a fuse image"),
+            INDEX | DOCKER_LIST => bail!("{what} is an image index, not an image manifest"),
+            DOCKER_MANIFEST => {
+                bail!("{what} is a container image (Docker manifest), not a fuse image")
+            }
             _ => {}
         }
         let m: OciManifest = serde_json::from_slice(bytes)
