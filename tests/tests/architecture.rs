@@ -42,7 +42,10 @@ fn no_import_circle_between_modules() {
 /// cloud) reads `image` as `run` does, and `host` (fuse's state on the host) is used by all and
 /// uses none.
 const PACKAGER_ROOMS: [(&str, &[&str]); 7] = [
-    ("cli", &["build", "image", "run", "registry", "cloud", "host"]),
+    (
+        "cli",
+        &["build", "image", "run", "registry", "cloud", "host"],
+    ),
     ("build", &["image", "host"]),
     ("registry", &["image", "host"]),
     ("run", &["image", "host"]),
