@@ -120,6 +120,21 @@ fn find(store: &Store, reference: &str) -> Result<StoredImage> {
         .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))
 }
 
+/// `fuse sbom IMAGE [-o FILE]`.
+pub(super) fn sbom(reference: &str, output: Option<&Path>) -> Result<i32> {
+    let store = Store::open_default()?;
+    let image = find(&store, reference)?;
+    let tool = format!("fuse-{}", env!("CARGO_PKG_VERSION"));
+    let bytes = crate::image::sbom::generate(&store, &image, &tool)?;
+    match output {
+        Some(path) => {
+            std::fs::write(path, &bytes).with_context(|| format!("Writing {}", path.display()))?
+        }
+        None => std::io::Write::write_all(&mut std::io::stdout().lock(), &bytes)?,
+    }
+    Ok(0)
+}
+
 /// `fuse rm [--force] IMAGE...`.
 pub(super) fn remove(images: &[String], force: bool) -> Result<i32> {
     let store = Store::open_default()?;

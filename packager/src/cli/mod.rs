@@ -60,6 +60,16 @@ enum Command {
         #[command(flatten)]
         registry: registry::RegistryFlags,
     },
+    /// Write an SPDX 2.3 JSON bill of materials of an image: the image, kernel, init, runtime,
+    /// the packages found in it (jars' Maven coordinates, npm, Python, a sysroot's Debian
+    /// packages) and every file with its SHA-256; the same image gives the same bytes.
+    Sbom {
+        /// Image (name[:version] or digest).
+        image: String,
+        /// Write it to FILE instead of printing it.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Check a disk against its manifest: GPT CRCs, partition GUIDs, the ESP, every UKI
     /// section and the root partition; each problem is reported with its location, exit 1.
     Verify {
@@ -216,6 +226,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             json,
             registry,
         } => images::inspect(&image, json, &registry),
+        Command::Sbom { image, output } => images::sbom(&image, output.as_deref()),
         Command::Verify { image, json } => images::verify(&image, json),
         Command::Export {
             image,

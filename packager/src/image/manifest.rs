@@ -133,6 +133,21 @@ impl Manifest {
         format!("{}:{}", self.name, self.version)
     }
 
+    /// The image's epoch from its manifest note (`1733150000 (SOURCE_DATE_EPOCH)`);
+    /// 2000-01-01 (fuse's fixed epoch) when the note is missing.
+    pub(crate) fn epoch(&self) -> i64 {
+        self.notes
+            .get("files.epoch")
+            .and_then(|n| n.split_whitespace().next())
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(946_684_800)
+    }
+
+    /// The image's epoch as RFC 3339.
+    pub(crate) fn created(&self) -> String {
+        rfc3339(self.epoch())
+    }
+
     /// Every blob the image is made of, with its size.
     pub(crate) fn components(&self) -> [(&'static str, &str, u64); 3] {
         [
@@ -146,6 +161,27 @@ impl Manifest {
     pub(crate) fn total_size(&self) -> u64 {
         self.components().iter().map(|c| c.2).sum::<u64>() + self.to_bytes().len() as u64
     }
+}
+
+/// `seconds` since 1970 as `YYYY-MM-DDTHH:MM:SSZ` (Howard Hinnant's civil-from-days).
+pub(crate) fn rfc3339(seconds: i64) -> String {
+    let days = seconds.div_euclid(86_400);
+    let rest = seconds.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 #[cfg(test)]

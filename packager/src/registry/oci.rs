@@ -84,20 +84,14 @@ pub(crate) fn layer(media_type: &str, digest: &str, size: u64, title: &str) -> D
     }
 }
 
-/// The image's epoch from its manifest note (`1733150000 (SOURCE_DATE_EPOCH)`); 2000-01-01
-/// (fuse's fixed epoch) when the note is missing.
+/// The image's epoch (see [`Manifest::epoch`]).
 pub(crate) fn epoch(manifest: &Manifest) -> i64 {
-    manifest
-        .notes
-        .get("files.epoch")
-        .and_then(|n| n.split_whitespace().next())
-        .and_then(|s| s.parse::<i64>().ok())
-        .unwrap_or(946_684_800)
+    manifest.epoch()
 }
 
 /// The image's epoch as RFC 3339.
 pub(crate) fn created(manifest: &Manifest) -> String {
-    rfc3339(epoch(manifest))
+    manifest.created()
 }
 
 /// The annotations every manifest fuse pushes carries: the epoch, the image's name, version
@@ -112,27 +106,6 @@ pub(crate) fn image_annotations(
         (VERSION.to_string(), manifest.version.clone()),
         (ANNOTATION_DIGEST.to_string(), image_digest.to_string()),
     ])
-}
-
-/// `seconds` since 1970 as `YYYY-MM-DDTHH:MM:SSZ` (Howard Hinnant's civil-from-days).
-fn rfc3339(seconds: i64) -> String {
-    let days = seconds.div_euclid(86_400);
-    let rest = seconds.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 /// The OCI manifest of an image: `config` is its fuse manifest's bytes' descriptor.
@@ -315,10 +288,19 @@ mod tests {
 
     #[test]
     fn dates_are_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(946_684_800), "2000-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_733_150_000), "2024-12-02T14:33:20Z");
+        assert_eq!(crate::image::manifest::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            crate::image::manifest::rfc3339(946_684_800),
+            "2000-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            crate::image::manifest::rfc3339(951_782_400),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            crate::image::manifest::rfc3339(1_733_150_000),
+            "2024-12-02T14:33:20Z"
+        );
     }
 
     #[test]
