@@ -109,7 +109,7 @@ fn static_hello_sbom_validates_has_its_files_and_is_deterministic() {
     let hello = sb.program(HELLO, "hello", &["-static"]);
     sb.fuse().arg("build").arg(&hello).run().assert_success();
     let inspect = json(
-        &sb.fuse()
+        sb.fuse()
             .args(["inspect", "--json", "hello"])
             .run()
             .assert_success(),
