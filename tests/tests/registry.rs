@@ -1365,3 +1365,86 @@ fn the_registry_killed_mid_push_and_restarted() {
     assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
     drop(registry);
 }
+
+/// `fuse push --sbom` attaches the image's SBOM to the pushed manifest. distribution 2.8 has
+/// no referrers API, so it goes under the tag schema fallback: an index tagged
+/// `sha256-<hex>` listing the artifact manifest, whose `subject` is the pushed manifest.
+/// `fuse sbom REF` reads it back, the same bytes `fuse sbom IMAGE` makes locally; a second
+/// push keeps one entry (the same artifact manifest).
+#[test]
+fn push_sbom_attaches_it_under_the_fallback_tag_and_sbom_reads_it_back() {
+    let sb = Sandbox::new();
+    let registry = Registry::start(sb.dir.path(), None);
+    build_hello(&sb);
+    let reference = registry.reference("x/hello:1.0");
+
+    // Nothing attached yet: one clear error.
+    fuse(&sb)
+        .args(["push", "hello:1.0", &reference])
+        .run()
+        .assert_success();
+    let out = fuse(&sb).args(["sbom", &reference]).run();
+    assert_one_error(&out, &["no application/spdx+json attached", "--sbom"]);
+
+    let pushed = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--sbom", "--json"])
+            .run()
+            .assert_success(),
+    );
+    let manifest_digest = pushed["digest"].as_str().unwrap();
+    let sbom_digest = pushed["sbom_digest"].as_str().unwrap().to_string();
+
+    let local = sb.dir.join("local.spdx.json");
+    fuse(&sb)
+        .args(["sbom", "hello:1.0", "-o"])
+        .arg(&local)
+        .run()
+        .assert_success();
+    let remote = sb.dir.join("remote.spdx.json");
+    fuse(&sb)
+        .args(["sbom", &reference, "-o"])
+        .arg(&remote)
+        .run()
+        .assert_success();
+    assert_eq!(
+        std::fs::read(&local).unwrap(),
+        std::fs::read(&remote).unwrap(),
+        "the SBOM read back is not the one made locally"
+    );
+
+    // skopeo, not fuse, reads the fallback index and the artifact manifest.
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    let fallback = registry.reference(&format!("x/hello:sha256-{hex}"));
+    let (index, _) = skopeo_raw(sb.dir.path(), &fallback);
+    assert_eq!(
+        index["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{index}"
+    );
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{index}");
+    assert_eq!(entries[0]["digest"], sbom_digest.as_str(), "{index}");
+    assert_eq!(entries[0]["artifactType"], "application/spdx+json");
+    let (artifact, digest) = skopeo_raw(
+        sb.dir.path(),
+        &registry.reference(&format!("x/hello@{sbom_digest}")),
+    );
+    assert_eq!(digest, sbom_digest);
+    assert_eq!(artifact["artifactType"], "application/spdx+json");
+    assert_eq!(artifact["subject"]["digest"], manifest_digest, "{artifact}");
+    assert_eq!(
+        artifact["layers"][0]["digest"],
+        format!("sha256:{}", sha256_hex(&local)).as_str()
+    );
+
+    // Pushed again: the same artifact, still listed once.
+    let again = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--sbom", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(again["sbom_digest"], sbom_digest.as_str());
+    let (index, _) = skopeo_raw(sb.dir.path(), &fallback);
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
+}

@@ -120,12 +120,28 @@ fn find(store: &Store, reference: &str) -> Result<StoredImage> {
         .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))
 }
 
-/// `fuse sbom IMAGE [-o FILE]`.
-pub(super) fn sbom(reference: &str, output: Option<&Path>) -> Result<i32> {
+/// `fuse sbom IMAGE [-o FILE]`: made from the stored image, or (for a registry reference not
+/// in the store) the one pushed with it, as it was pushed.
+pub(super) fn sbom(
+    reference: &str,
+    output: Option<&Path>,
+    registry: &super::registry::RegistryFlags,
+) -> Result<i32> {
     let store = Store::open_default()?;
-    let image = find(&store, reference)?;
-    let tool = format!("fuse-{}", env!("CARGO_PKG_VERSION"));
-    let bytes = crate::image::sbom::generate(&store, &image, &tool)?;
+    let bytes = match store.find(reference)? {
+        Some(image) => {
+            crate::image::sbom::generate(&store, &image, &crate::image::sbom::this_tool())?
+        }
+        None if crate::registry::reference::is_remote(reference) => {
+            crate::registry::referrers::fetch(
+                &crate::registry::reference::Reference::parse(reference)?,
+                Arch::host(),
+                &registry.into(),
+                crate::registry::referrers::SPDX_JSON,
+            )?
+        }
+        None => find(&store, reference).map(|_| Vec::new())?,
+    };
     match output {
         Some(path) => {
             std::fs::write(path, &bytes).with_context(|| format!("Writing {}", path.display()))?

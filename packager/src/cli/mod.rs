@@ -64,11 +64,14 @@ enum Command {
     /// the packages found in it (jars' Maven coordinates, npm, Python, a sysroot's Debian
     /// packages) and every file with its SHA-256; the same image gives the same bytes.
     Sbom {
-        /// Image (name[:version] or digest).
+        /// Image (name[:version] or digest), or a registry reference whose pushed SBOM (`fuse
+        /// push --sbom`) is read back.
         image: String,
         /// Write it to FILE instead of printing it.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        registry: registry::RegistryFlags,
     },
     /// Check a disk against its manifest: GPT CRCs, partition GUIDs, the ESP, every UKI
     /// section and the root partition; each problem is reported with its location, exit 1.
@@ -226,7 +229,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             json,
             registry,
         } => images::inspect(&image, json, &registry),
-        Command::Sbom { image, output } => images::sbom(&image, output.as_deref()),
+        Command::Sbom {
+            image,
+            output,
+            registry,
+        } => images::sbom(&image, output.as_deref(), &registry),
         Command::Verify { image, json } => images::verify(&image, json),
         Command::Export {
             image,

@@ -8,6 +8,7 @@ use crate::registry::client::Connection;
 use crate::registry::containerdisk::DiskFormat;
 use crate::registry::credentials::Credentials;
 use crate::registry::reference::{is_remote, Reference};
+use crate::registry::referrers::Subject;
 use crate::registry::PushFormat;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -50,6 +51,11 @@ pub(super) struct PushArgs {
     /// With --containerdisk: the disk's format, qcow2 (default) or raw.
     #[arg(long, value_name = "FORMAT", value_parser = super::args::parse::<DiskFormat>)]
     disk_format: Option<DiskFormat>,
+    /// Also attach the image's SPDX SBOM (`fuse sbom`) to the pushed manifest, as an OCI 1.1
+    /// artifact (`application/spdx+json`), listed by the referrers API or, where the registry
+    /// has none, under the tag `sha256-<hex of the manifest digest>`.
+    #[arg(long)]
+    sbom: bool,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Machine-readable output: digest, bytes sent, blobs sent and skipped.
@@ -128,14 +134,40 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             Reference::parse(&format!("{repository}:{}", image.name.version))?
         }
     };
+    // Made before the push: an image whose SBOM cannot be made is not pushed half-way.
+    let sbom = match args.sbom {
+        true => {
+            let bytes =
+                crate::image::sbom::generate(&store, &image, &crate::image::sbom::this_tool())?;
+            let dir = store.temp_dir()?;
+            let path = dir.path().join("sbom.spdx.json");
+            std::fs::write(&path, bytes)
+                .with_context(|| format!("Cannot write {}", path.display()))?;
+            Some((dir, path))
+        }
+        false => None,
+    };
+    let connection = Connection::from(&args.registry);
     let report = crate::registry::push(
         &store,
         &image,
         &reference,
         format,
-        &Connection::from(&args.registry),
+        &connection,
         &progress(args.json),
     )?;
+    let sbom_digest = match &sbom {
+        Some((_, path)) => Some(crate::registry::referrers::attach(
+            &reference,
+            &connection,
+            &Subject::manifest(&report.manifest_digest, report.manifest_size),
+            crate::registry::referrers::SPDX_JSON,
+            path,
+            "sbom.spdx.json",
+            &image.manifest.created(),
+        )?),
+        None => None,
+    };
     store.set_pushed_repository(
         &image.name.name,
         &format!("{}/{}", reference.registry, reference.repository),
@@ -154,6 +186,7 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
                 "blobs_skipped": report.blobs_skipped,
                 "blobs_mounted": report.blobs_mounted,
                 "uploads_restarted": report.uploads_restarted,
+                "sbom_digest": sbom_digest,
             })
         );
     } else {
@@ -166,6 +199,12 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             report.blobs_mounted,
             crate::host::fs::human_size(report.bytes_sent)
         ));
+        if let Some(d) = &sbom_digest {
+            progress_line(&format!(
+                "attached its SBOM to {}: {d}",
+                report.manifest_digest
+            ));
+        }
         if let Some(index) = &report.index_digest {
             progress_line(&format!(
                 "{} is an image index of {}: {index}",

@@ -63,6 +63,11 @@ impl Package {
     }
 }
 
+/// The creator fuse names in its SBOMs: this fuse (`fuse-0.1.0`).
+pub(crate) fn this_tool() -> String {
+    format!("fuse-{}", env!("CARGO_PKG_VERSION"))
+}
+
 /// The SBOM of `image` as SPDX 2.3 JSON bytes (newline-terminated); `tool` names the creator
 /// (`fuse-0.1.0`).
 pub(crate) fn generate(store: &Store, image: &StoredImage, tool: &str) -> Result<Vec<u8>> {

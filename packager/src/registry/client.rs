@@ -678,6 +678,34 @@ impl Client {
         Ok(response)
     }
 
+    /// The referrers API's index of the artifacts whose subject is `digest`; `None` when the
+    /// registry does not have the API (distribution 2.8 answers 404).
+    pub(crate) fn referrers(&mut self, digest: &str) -> Result<Option<Vec<u8>>> {
+        let op = format!("list referrers of {}", short(digest));
+        let mut response = self.send(
+            &op,
+            Method::GET,
+            &self.url(&format!("referrers/{digest}")),
+            &[("Accept", super::oci::INDEX)],
+            Payload::None,
+        )?;
+        let is_index = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|t| t.to_str().ok())
+            .is_some_and(|t| t.starts_with(super::oci::INDEX));
+        if response.status().as_u16() != 200 || !is_index {
+            return Ok(None);
+        }
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(4 << 20)
+            .read_to_vec()
+            .with_context(|| format!("Registry {}: {op}", self.registry))?;
+        Ok(Some(body))
+    }
+
     /// Puts a manifest under `reference` (a tag); returns the digest the registry gave it.
     pub(crate) fn put_manifest(
         &mut self,

@@ -3,7 +3,8 @@
 //! (`credentials`), `WWW-Authenticate` challenges (`challenge`) and the format an image
 //! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull), or as a
 //! KubeVirt containerDisk (`containerdisk`); several architectures under one tag make an
-//! image index (`index`).
+//! image index (`index`); artifacts such as an SBOM are attached to a pushed manifest
+//! (`referrers`).
 //!
 //! Data flows `cli → registry → image`: this room reads and writes the store, nothing else.
 
@@ -14,6 +15,7 @@ pub(crate) mod credentials;
 mod index;
 mod oci;
 pub(crate) mod reference;
+pub(crate) mod referrers;
 
 use crate::host::digest;
 use crate::host::fs::human_size;
@@ -45,6 +47,8 @@ pub(crate) struct PushReport {
     pub(crate) reference: String,
     /// The OCI manifest's digest: `REFERENCE@DIGEST` pulls exactly this.
     pub(crate) manifest_digest: String,
+    /// The OCI manifest's size (the subject of what is attached to it).
+    pub(crate) manifest_size: u64,
     /// The image index's, when the tag now lists several architectures.
     pub(crate) index_digest: Option<String>,
     /// The platforms the tag now has (`linux/amd64`...).
@@ -142,6 +146,7 @@ pub(crate) fn push(
     let mut report = PushReport {
         reference: reference.to_string(),
         manifest_digest: manifest_digest.clone(),
+        manifest_size: manifest_bytes.len() as u64,
         index_digest: None,
         platforms: Vec::new(),
         image_digest: image.digest.clone(),
