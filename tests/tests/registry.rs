@@ -1448,3 +1448,76 @@ fn push_sbom_attaches_it_under_the_fallback_tag_and_sbom_reads_it_back() {
     let (index, _) = skopeo_raw(sb.dir.path(), &fallback);
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
 }
+
+/// `fuse test REF --attach` boots the image pulled from REF and attaches its JSON report to
+/// the image's manifest beside the SBOM: the fallback index then lists both, and the report
+/// blob is the bytes of `--json FILE`. A local image cannot be attached to: one clear error.
+#[test]
+fn test_attach_pushes_the_report_as_a_referrer() {
+    let sb = Sandbox::new();
+    let registry = Registry::start(sb.dir.path(), None);
+    build_hello(&sb);
+    let reference = registry.reference("x/hello:1.0");
+    let out = fuse(&sb).args(["test", "hello:1.0", "--attach"]).run();
+    assert_one_error(&out, &["--attach", "registry reference"]);
+
+    let pushed = json(
+        fuse(&sb)
+            .args(["push", "hello:1.0", &reference, "--sbom", "--json"])
+            .run()
+            .assert_success(),
+    );
+    let manifest_digest = pushed["digest"].as_str().unwrap();
+    let report = sb.dir.join("report.json");
+    let out = fuse(&sb)
+        .args([
+            "test",
+            &reference,
+            "--attach",
+            "--expect-contains",
+            "hello from the guest",
+            "--json",
+        ])
+        .arg(&report)
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains("attached the test report"),
+        "{out}"
+    );
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    let (index, _) = skopeo_raw(
+        sb.dir.path(),
+        &registry.reference(&format!("x/hello:sha256-{hex}")),
+    );
+    let entries = index["manifests"].as_array().unwrap();
+    let types: Vec<&str> = entries
+        .iter()
+        .map(|e| e["artifactType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "application/spdx+json",
+            "application/vnd.fuse.test-report.v1+json"
+        ],
+        "{index}"
+    );
+    let (artifact, _) = skopeo_raw(
+        sb.dir.path(),
+        &registry.reference(&format!(
+            "x/hello@{}",
+            entries[1]["digest"].as_str().unwrap()
+        )),
+    );
+    assert_eq!(artifact["subject"]["digest"], manifest_digest, "{artifact}");
+    let blob = registry.blob_data(artifact["layers"][0]["digest"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(&blob).unwrap(),
+        std::fs::read(&report).unwrap(),
+        "the attached report is not the one written"
+    );
+    // The SBOM is still found among them.
+    fuse(&sb).args(["sbom", &reference]).run().assert_success();
+    fuse_tests::assert_no_leaked_qemu();
+}

@@ -2,7 +2,8 @@
 //! `fuse run`) and check what CI checks before promoting it:
 //! the exit code, the output (regular expressions, substrings), an HTTP answer through a
 //! forwarded port. Prints one line per check, writes JUnit XML (`--junit FILE`) and a JSON
-//! report (`--json FILE`, or `--json` alone for stdout), exits 0 when every check passed.
+//! report (`--json FILE`, or `--json` alone for stdout), exits 0 when every check passed;
+//! `--attach` pushes the JSON report beside the image in its registry.
 //!
 //! Expectations come from the `--expect-*` flags, else from the `[test]` table of the app's
 //! configuration (`docs/config.md`), else "exits with 0". The `[test]` table is read from the
@@ -12,10 +13,13 @@
 use super::args::{BuildFlags, VmFlags};
 use super::print::progress_line;
 use crate::build::config::{Config, TestConfig};
+use crate::image::manifest::rfc3339;
 use crate::image::store::Store;
+use crate::registry::reference::{is_remote, Reference};
+use crate::registry::referrers;
 use crate::run::check::{self, Expectations, HttpExpectation};
 use crate::run::RunOptions;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use regex::Regex;
 use std::path::{Path, PathBuf};
 
@@ -53,7 +57,15 @@ pub(super) struct TestArgs {
     /// stderr).
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     json: Option<PathBuf>,
+    /// Attach the JSON report to the tested image in its registry (the target must be a
+    /// registry reference), as an OCI 1.1 artifact (application/vnd.fuse.test-report.v1+json)
+    /// whose subject is the image's manifest.
+    #[arg(long)]
+    attach: bool,
 }
+
+/// The artifact type of a test report attached with `--attach`.
+const TEST_REPORT: &str = "application/vnd.fuse.test-report.v1+json";
 
 /// The expectations of a `[test]` table.
 fn from_config(test: &TestConfig) -> Expectations {
@@ -73,6 +85,16 @@ fn from_config(test: &TestConfig) -> Expectations {
 pub(super) fn command(args: TestArgs) -> Result<i32> {
     let store = Store::open_default()?;
     let target_path = Path::new(&args.target);
+    let attach_to = match args.attach {
+        true if !target_path.exists() && is_remote(&args.target) => {
+            Some(Reference::parse(&args.target)?)
+        }
+        true => bail!(
+            "--attach attaches the report to an image in a registry: give a registry reference (HOST[:PORT]/REPOSITORY[:TAG]), not {}",
+            args.target
+        ),
+        false => None,
+    };
     let test_config = if target_path.exists() {
         Config::discover(target_path, args.build.config.as_deref())?
     } else {
@@ -201,6 +223,29 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
             std::fs::write(path, format!("{text}\n"))
                 .with_context(|| format!("Cannot write the JSON report {}", path.display()))?;
         }
+    }
+    if let Some(reference) = &attach_to {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        let dir = store.temp_dir()?;
+        let path = dir.path().join("test-report.json");
+        std::fs::write(&path, format!("{text}\n"))
+            .with_context(|| format!("Cannot write {}", path.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let digest = referrers::attach_to_image(
+            reference,
+            image.manifest.arch,
+            &(&args.registry).into(),
+            &image.digest,
+            TEST_REPORT,
+            &path,
+            "test-report.json",
+            &rfc3339(now),
+        )?;
+        progress_line(&format!(
+            "attached the test report to {reference}: {digest}"
+        ));
     }
     Ok(if report.passed() { 0 } else { 1 })
 }

@@ -108,8 +108,7 @@ fn unpack(blob: &Path, dir: &Path) -> Result<()> {
         .stdin(Stdio::null())
         .output()
         .context("Running unsquashfs: install squashfs-tools (apt-get install squashfs-tools)")?;
-    // Device nodes cannot be made unprivileged; unsquashfs then exits 2 having written the rest.
-    if !output.status.success() && !dir.is_dir() {
+    if !output.status.success() {
         bail!(
             "unsquashfs could not read the root filesystem: {}",
             String::from_utf8_lossy(&output.stderr).trim()
@@ -483,6 +482,42 @@ mod tests {
             "/venv/bin/x"
         );
         assert_eq!(normalize("/a/./b"), "/a/b");
+    }
+
+    #[test]
+    fn jars_give_the_maven_coordinates_of_their_pom_properties() {
+        use std::io::Write as _;
+        use zip::write::SimpleFileOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let jar = dir.path().join("app.jar");
+        let mut zip = zip::ZipWriter::new(File::create(&jar).unwrap());
+        let opts = SimpleFileOptions::default();
+        for (name, body) in [
+            ("META-INF/MANIFEST.MF", "Main-Class: A\n"),
+            (
+                "META-INF/maven/org.example/lib/pom.properties",
+                "#generated\nversion=1.2.3\ngroupId=org.example\nartifactId=lib\n",
+            ),
+            (
+                "META-INF/maven/com.acme/app/pom.properties",
+                "groupId=com.acme\nartifactId=app\nversion=2.0\n",
+            ),
+            ("META-INF/maven/broken/x/pom.properties", "groupId=broken\n"),
+        ] {
+            zip.start_file(name, opts).unwrap();
+            zip.write_all(body.as_bytes()).unwrap();
+        }
+        zip.finish().unwrap();
+        assert_eq!(
+            maven_coordinates(&jar).unwrap(),
+            vec![
+                ("com.acme".into(), "app".into(), "2.0".into()),
+                ("org.example".into(), "lib".into(), "1.2.3".into()),
+            ]
+        );
+        // Not a zip: no coordinates, no error.
+        std::fs::write(&jar, b"not a jar").unwrap();
+        assert!(maven_coordinates(&jar).unwrap().is_empty());
     }
 
     #[test]

@@ -147,6 +147,75 @@ pub(crate) fn attach(
     Ok(manifest_digest)
 }
 
+/// The manifest `reference` names (for an index: its manifest for `arch`), with the fuse image
+/// digest it carries (none for what fuse did not push as its artifact).
+fn resolve(
+    client: &mut Client,
+    reference: &Reference,
+    arch: Arch,
+) -> Result<(Subject, Option<String>)> {
+    let what = reference.to_string();
+    let (mut media_type, mut bytes) =
+        client.get_manifest(reference.manifest_reference(), &oci::ACCEPTED)?;
+    if media_type == oci::INDEX {
+        let entry = Index::parse(&bytes, &what)?.pick(arch, &what)?.clone();
+        (media_type, bytes) = client.get_manifest(&entry.digest, &oci::ACCEPTED)?;
+        if digest::of_bytes(&bytes) != entry.digest {
+            bail!(
+                "Registry {}: the {} manifest of {what} does not have the digest its index names",
+                reference.registry,
+                arch.as_str()
+            );
+        }
+    }
+    let image = oci::OciManifest::parse(&media_type, &bytes, &what)
+        .ok()
+        .and_then(|m| m.image_digest(&what).ok().map(str::to_string));
+    let subject = Subject {
+        media_type,
+        digest: digest::of_bytes(&bytes),
+        size: bytes.len() as u64,
+    };
+    Ok((subject, image))
+}
+
+/// Attaches the file `path` to the manifest of `image_digest` that `reference` names (for an
+/// index: its manifest for `arch`); refused when the reference now names another image.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attach_to_image(
+    reference: &Reference,
+    arch: Arch,
+    connection: &Connection,
+    image_digest: &str,
+    artifact_type: &str,
+    path: &Path,
+    title: &str,
+    created: &str,
+) -> Result<String> {
+    let mut client = Client::connect(
+        reference,
+        Access::Pull,
+        connection,
+        super::credentials_for(&reference.registry)?,
+    )?;
+    let (subject, image) = resolve(&mut client, reference, arch)?;
+    if image.as_deref() != Some(image_digest) {
+        bail!(
+            "{reference} no longer names the image tested ({}): nothing was attached; pull it again and test that",
+            digest::short(image_digest)
+        );
+    }
+    attach(
+        reference,
+        connection,
+        &subject,
+        artifact_type,
+        path,
+        title,
+        created,
+    )
+}
+
 /// The file of the newest artifact of `artifact_type` attached to the manifest `reference`
 /// names (for an index: its manifest for `arch`), checked against its digest.
 pub(crate) fn fetch(
@@ -162,15 +231,7 @@ pub(crate) fn fetch(
         connection,
         super::credentials_for(&reference.registry)?,
     )?;
-    let (media_type, bytes) =
-        client.get_manifest(reference.manifest_reference(), &oci::ACCEPTED)?;
-    let mut subject = digest::of_bytes(&bytes);
-    if media_type == oci::INDEX {
-        subject = Index::parse(&bytes, &what)?
-            .pick(arch, &what)?
-            .digest
-            .clone();
-    }
+    let subject = resolve(&mut client, reference, arch)?.0.digest;
     let listed = match client.referrers(&subject)? {
         Some(index) => index,
         None => match client.find_manifest(&fallback_tag(&subject), &[oci::INDEX])? {
