@@ -246,3 +246,83 @@ fn python_venv_distributions_are_packages_owning_their_files() {
         "{python}"
     );
 }
+
+/// A Node app with packages from npm (one scoped): each `node_modules/*/package.json` is a
+/// package with its name, version and purl, owning the files under its directory; node itself
+/// is the runtime, owning /usr/bin/node.
+#[test]
+fn node_modules_are_packages_owning_their_files() {
+    let sb = Sandbox::new();
+    let modules = cached_fixture("npm-ms-2.1.3-types-ms-0.7.34", |dir| {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{ "name": "fixture", "version": "1.0.0", "private": true }"#,
+        )
+        .unwrap();
+        run_tool(
+            Command::new("npm")
+                .args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "ms@2.1.3",
+                    "@types/ms@0.7.34",
+                ])
+                .current_dir(dir),
+            "npm installs from the registry: the network must reach it",
+        );
+    });
+    let app = sb.dir.join("msapp");
+    common::copy_tree(&modules, &app);
+    sb.dir.write(
+        app.join("package.json"),
+        r#"{ "name": "msapp", "version": "1.0.0", "main": "index.js" }"#,
+    );
+    sb.dir
+        .write(app.join("index.js"), "console.log(require('ms')(60000));\n");
+    sb.fuse()
+        .arg("build")
+        .arg(&app)
+        .timeout(Duration::from_secs(600))
+        .run()
+        .assert_success();
+    let (path, _, doc) = sbom(&sb, "msapp", "ms.spdx.json");
+    assert_valid(&path);
+    let ms = package(&doc, "ms");
+    assert_eq!(ms["versionInfo"], "2.1.3");
+    assert_eq!(
+        ms["externalRefs"][0]["referenceLocator"],
+        "pkg:npm/ms@2.1.3"
+    );
+    let types = package(&doc, "@types/ms");
+    assert_eq!(
+        types["externalRefs"][0]["referenceLocator"],
+        "pkg:npm/%40types/ms@0.7.34"
+    );
+    let index = doc["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["fileName"]
+                .as_str()
+                .unwrap()
+                .ends_with("/node_modules/ms/index.js")
+        })
+        .expect("ms/index.js in the files");
+    assert_eq!(
+        checksum(index, "SHA256"),
+        sha256_hex(&modules.join("node_modules/ms/index.js"))
+    );
+    assert!(contains(
+        &doc,
+        ms["SPDXID"].as_str().unwrap(),
+        index["SPDXID"].as_str().unwrap()
+    ));
+    let node = package(&doc, "node");
+    assert!(contains(
+        &doc,
+        node["SPDXID"].as_str().unwrap(),
+        file(&doc, "/usr/bin/node")["SPDXID"].as_str().unwrap()
+    ));
+}
