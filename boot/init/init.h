@@ -165,7 +165,7 @@ pid_t start_app(const struct app_spec *s);
  * Returns whether eth0 got an address. */
 bool net_up(void);
 /* Write /run/hosts: localhost, and the host name (and its FQDN when not NULL) on our address. */
-void net_write_files(const char *hostname, const char *fqdn);
+void net_write_hosts(const char *hostname, const char *fqdn);
 
 /* ---- json.c ---------------------------------------------------------------------------- */
 

@@ -248,7 +248,7 @@ int main(void)
 	mount_volumes(&spec);
 	if (sethostname(spec.hostname, strlen(spec.hostname)) < 0)
 		warn("cannot set the host name to %s: %s", spec.hostname, strerror(errno));
-	net_write_files(spec.hostname, cloud.fqdn);
+	net_write_hosts(spec.hostname, cloud.fqdn);
 
 	pid_t app = start_app(&spec);
 	int status = supervise(sfd, app);

@@ -409,12 +409,12 @@ static void apply_lease(int sock, const char *ifname, struct lease *l)
 	}
 }
 
-/* The lease eth0 got in net_up, for net_write_files. */
+/* The lease eth0 got in net_up, for net_write_hosts. */
 static struct lease current;
 static bool have_lease;
 
 /* /run/hosts (/etc/hosts links there): localhost, and our name on our address. */
-static void write_hosts(const char *hostname, const char *fqdn)
+void net_write_hosts(const char *hostname, const char *fqdn)
 {
 	char buf[512];
 	/* Without a lease, give the name a loopback address so lookups of it still work. */
@@ -491,9 +491,4 @@ bool net_up(void)
 	}
 	close(sock);
 	return have_lease;
-}
-
-void net_write_files(const char *hostname, const char *fqdn)
-{
-	write_hosts(hostname, fqdn);
 }

@@ -57,6 +57,9 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 pub const EXIT_INTEGRITY: u8 = 74;
 /// The format version this fuse writes and its init reads.
 pub const SPEC_VERSION: &str = "1";
+/// The most user-data the init reads from a cloud (`USERDATA_MAX` in boot/init/cloud.c); EC2
+/// takes 16 KB.
+pub const USER_DATA_MAX: usize = 64 * 1024;
 /// The host name when the spec gives none.
 pub const DEFAULT_HOSTNAME: &str = "fuse";
 /// Longest host name Linux accepts.

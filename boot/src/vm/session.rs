@@ -353,18 +353,18 @@ pub fn run_controlled(
         .get_or_insert_with(|| private_dir.path().join("qmp.sock"))
         .clone();
     let config = &config;
-    // passt, unless the VM has guest forwards (passt has none), gets no run overlay (a fuse
-    // init then looks for its configuration on the cloud, a metadata service included, which
-    // must not be found through the host's network: on a cloud host that would be the host's
-    // own IMDS), or the host has no default route (passt refuses to start there).
+    // passt only for a VM given fuse's run overlay: without one a fuse init looks for its
+    // configuration on the cloud, a metadata service included, which must not be found
+    // through the host's network (on a cloud host, the host's own IMDS). Otherwise, and for
+    // guest forwards (passt has none) or a host without a default route (passt refuses to
+    // start there), QEMU's restricted slirp.
     super::config::guest_forward_network(&config.guest_forwards)?;
     let has_overlay = config
         .fw_cfg
         .iter()
         .any(|(name, _)| name == crate::spec::RUN_OVERLAY_FW_CFG_NAME);
-    let isolated =
-        !config.guest_forwards.is_empty() || config.config_disk.is_some() || !has_overlay;
-    let net = match !isolated && passt::host_has_default_route() {
+    let passt = has_overlay && config.guest_forwards.is_empty();
+    let net = match passt && passt::host_has_default_route() {
         true => NetBackend::Passt,
         false => NetBackend::SlirpRestricted,
     };

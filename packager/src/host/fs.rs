@@ -4,30 +4,38 @@ use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to `path` through a temp file in the same directory and an atomic rename.
+/// Writes `bytes` to `path` through a temp file in the same directory and an atomic rename,
+/// creating the directory if needed.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("Cannot write in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all().ok();
-    tmp.persist(path)
-        .with_context(|| format!("Cannot write {}", path.display()))?;
-    Ok(())
+    write_through_temp(path, bytes, None)
 }
 
 /// Writes `bytes` to `path`, mode 0600 (it may hold secrets), through a temp file in the same
 /// directory and an atomic rename: `path` is the whole new file or untouched, never partial.
+/// The directory must exist (it is the user's choice of output).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
+    write_through_temp(path, bytes, Some(0o600))
+}
+
+/// The directory a relative file name without one lives in: `.`.
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".fuse-")
-        .permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap_or(Path::new("."))
+}
+
+/// A temp file beside `path` (created with `mode`, else the default), synced, renamed over it.
+fn write_through_temp(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = parent_dir(path);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".fuse-");
+    if let Some(mode) = mode {
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    let mut tmp = builder
         .tempfile_in(dir)
         .with_context(|| format!("Cannot write in {}", dir.display()))?;
     tmp.write_all(bytes)

@@ -26,8 +26,10 @@ pub(crate) const USER_DATA: &str = "user-data";
 pub(crate) const META_DATA: &str = "meta-data";
 
 const MIB: u64 = 1 << 20;
-/// Most clusters a FAT12 volume may have is 4084; stay well under.
-const FAT12_CLUSTERS: u64 = 4000;
+/// The seed's size: user-data is at most 64 KiB (`fuse_boot::spec::USER_DATA_MAX`, the
+/// init's cap), so 1 MiB of 512-byte clusters (2,048, under FAT12's 4,084) always holds it.
+const SIZE: u64 = MIB;
+const CLUSTER: u32 = 512;
 const DIR_ENTRY: usize = 32;
 
 /// The meta-data for an image of digest `image_digest`: its instance id.
@@ -35,23 +37,22 @@ pub(crate) fn meta_data(image_digest: &str) -> String {
     format!("instance-id: fuse-{}\n", digest::short(image_digest))
 }
 
-/// The seed disk holding `user_data` and `meta_data`: 1 MiB (more for a larger user-data),
-/// FAT12.
+/// The seed disk holding `user_data` and `meta_data`: 1 MiB, FAT12.
 pub(crate) fn build(user_data: &[u8], meta_data: &[u8]) -> Result<Vec<u8>> {
     let files: [(&str, &[u8]); 2] = [(USER_DATA, user_data), (META_DATA, meta_data)];
-    let data: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
-    let size = (data + data / 8 + 128 * 1024).div_ceil(MIB).max(1) * MIB;
-    let mut cluster = 512u64;
-    while size / cluster > FAT12_CLUSTERS {
-        cluster *= 2;
-    }
+    let data: usize = files.iter().map(|(_, b)| b.len()).sum();
+    ensure!(
+        data <= fuse_boot::spec::USER_DATA_MAX + 4096,
+        "The seed's files are {} KiB: more than a seed holds",
+        data / 1024
+    );
     // The serial identifies the volume: the same contents, the same serial.
     let hash = digest::of_bytes(&[user_data, b"\0", meta_data].concat());
     let serial = u32::from_str_radix(&digest::hex_part(&hash)[..8], 16)?;
-    let mut volume = Cursor::new(vec![0u8; size as usize]);
+    let mut volume = Cursor::new(vec![0u8; SIZE as usize]);
     let options = FormatVolumeOptions::new()
         .fat_type(FatType::Fat12)
-        .bytes_per_cluster(cluster as u32)
+        .bytes_per_cluster(CLUSTER)
         .volume_id(serial)
         .volume_label(*LABEL);
     fatfs::format_volume(&mut volume, options).context("Cannot format the seed disk")?;
@@ -192,11 +193,23 @@ mod tests {
     }
 
     #[test]
-    fn a_large_user_data_fits() {
-        let user = vec![b'x'; 3 << 20];
+    fn the_largest_user_data_fits_and_more_is_refused() {
+        let user = vec![b'x'; fuse_boot::spec::USER_DATA_MAX];
         let vol = build(&user, b"instance-id: x\n").unwrap();
-        assert!(vol.len() as u64 >= 4 * MIB, "{}", vol.len());
-        assert_eq!(&vol[54..62], b"FAT12   ");
+        assert_eq!(vol.len() as u64, MIB);
+        let mut disk = Cursor::new(vol);
+        let fs = FileSystem::new(&mut disk, FsOptions::new()).unwrap();
+        // fatfs (without its `alloc` feature) sees the short names only.
+        let entry = fs
+            .root_dir()
+            .iter()
+            .map(|e| e.unwrap())
+            .find(|e| e.short_file_name_as_bytes().starts_with(b"USER-D"))
+            .unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut entry.to_file(), &mut back).unwrap();
+        assert_eq!(back, user);
+        assert!(build(&vec![b'x'; 1 << 20], b"").is_err());
     }
 
     #[test]

@@ -54,19 +54,17 @@ pub(crate) fn metadata_forward(target: &str) -> Result<GuestForward> {
             exe.display()
         );
     }
-    let words = [
-        exe.to_string_lossy().into_owned(),
-        RELAY_COMMAND.into(),
-        target.into(),
-    ];
     Ok(GuestForward {
         addr: METADATA_ADDR,
-        command: words
-            .iter()
-            .map(|w| shell_quote(w))
-            .collect::<Vec<_>>()
-            .join(" "),
+        command: relay_command(&exe, target),
     })
+}
+
+/// The command line QEMU runs per connection: `EXE __relay TARGET`, each word quoted.
+fn relay_command(exe: &Path, target: &str) -> String {
+    [&*exe.to_string_lossy(), RELAY_COMMAND, target]
+        .map(shell_quote)
+        .join(" ")
 }
 
 /// Whether a user with no claim on `path` (nobody) can execute it: the file and every directory
@@ -185,14 +183,9 @@ mod tests {
     #[test]
     fn the_command_is_fuse_quoted_for_a_shell() {
         assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
-        let fwd = metadata_forward("127.0.0.1:8080");
-        // As root, this test binary may sit where nobody cannot run it.
-        let Ok(fwd) = fwd else { return };
-        assert_eq!(fwd.addr, METADATA_ADDR);
-        assert!(
-            fwd.command.ends_with("' '__relay' '127.0.0.1:8080'"),
-            "{}",
-            fwd.command
+        assert_eq!(
+            relay_command(Path::new("/opt/my tools/fuse"), "127.0.0.1:8080"),
+            "'/opt/my tools/fuse' '__relay' '127.0.0.1:8080'"
         );
     }
 

@@ -12,13 +12,12 @@
 use crate::image::manifest::Manifest;
 use crate::run::overlay::{check_environment, Selection};
 use anyhow::{Context, Result};
+use fuse_boot::spec::USER_DATA_MAX;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
 /// The format version (`"fuse"`).
 pub(crate) const USER_DATA_VERSION: u32 = 1;
-/// The most the init reads (`USERDATA_MAX` in boot/init/cloud.c); EC2 takes 16 KB.
-pub(crate) const USER_DATA_MAX: usize = 64 * 1024;
 
 /// The user-data document, in its key order.
 #[derive(Debug, Serialize)]
