@@ -229,10 +229,12 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
             image.manifest.arch,
             &(&args.registry).into(),
             &image.digest,
-            TEST_REPORT,
-            &path,
-            "test-report.json",
-            &rfc3339(crate::run::instances::now_secs() as i64),
+            &referrers::Artifact {
+                artifact_type: TEST_REPORT,
+                path: &path,
+                title: "test-report.json",
+                created: &rfc3339(crate::run::instances::now_secs() as i64),
+            },
         )?;
         progress_line(&format!(
             "attached the test report to {reference}: {digest}"

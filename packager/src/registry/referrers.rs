@@ -60,31 +60,36 @@ pub(crate) fn fallback_tag(subject_digest: &str) -> String {
     subject_digest.replacen(':', "-", 1)
 }
 
-/// Attaches the file `path` (named `title`) to `subject` in `reference`'s repository as an
-/// artifact of `artifact_type`; returns the artifact manifest's digest. `created` (RFC 3339)
-/// is its annotation, so the same file on the same subject is the same manifest.
+/// A file to attach: `artifact_type` (also its layer's media type), `title` its name there,
+/// `created` (RFC 3339) its manifest's annotation, so the same file on the same subject is
+/// the same manifest.
+pub(crate) struct Artifact<'a> {
+    pub(crate) artifact_type: &'a str,
+    pub(crate) path: &'a Path,
+    pub(crate) title: &'a str,
+    pub(crate) created: &'a str,
+}
+
+/// Attaches `artifact` to `subject` in `reference`'s repository; returns the artifact
+/// manifest's digest.
 pub(crate) fn attach(
     reference: &Reference,
     connection: &Connection,
     subject: &Subject,
-    artifact_type: &str,
-    path: &Path,
-    title: &str,
-    created: &str,
+    artifact: &Artifact<'_>,
 ) -> Result<String> {
     let mut client = super::connect(reference, Access::Push, connection)?;
-    attach_with(&mut client, subject, artifact_type, path, title, created)
+    attach_with(&mut client, subject, artifact)
 }
 
 /// [`attach`] over a client with push access.
-fn attach_with(
-    client: &mut Client,
-    subject: &Subject,
-    artifact_type: &str,
-    path: &Path,
-    title: &str,
-    created: &str,
-) -> Result<String> {
+fn attach_with(client: &mut Client, subject: &Subject, artifact: &Artifact<'_>) -> Result<String> {
+    let &Artifact {
+        artifact_type,
+        path,
+        title,
+        created,
+    } = artifact;
     let layer_digest =
         digest::of_file(path).with_context(|| format!("Reading {}", path.display()))?;
     let layer_size = std::fs::metadata(path)?.len();
@@ -182,18 +187,14 @@ fn resolve(
     Ok((subject, image))
 }
 
-/// Attaches the file `path` to the manifest of `image_digest` that `reference` names (for an
+/// Attaches `artifact` to the manifest of `image_digest` that `reference` names (for an
 /// index: its manifest for `arch`); refused when the reference now names another image.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn attach_to_image(
     reference: &Reference,
     arch: Arch,
     connection: &Connection,
     image_digest: &str,
-    artifact_type: &str,
-    path: &Path,
-    title: &str,
-    created: &str,
+    artifact: &Artifact<'_>,
 ) -> Result<String> {
     // One client for both: push access includes pull.
     let mut client = super::connect(reference, Access::Push, connection)?;
@@ -204,7 +205,7 @@ pub(crate) fn attach_to_image(
             digest::short(image_digest)
         );
     }
-    attach_with(&mut client, &subject, artifact_type, path, title, created)
+    attach_with(&mut client, &subject, artifact)
 }
 
 /// The file of the newest artifact of `artifact_type` attached to the manifest `reference`
