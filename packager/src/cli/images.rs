@@ -40,8 +40,15 @@ pub(super) struct BuildArgs {
 }
 
 /// The image `target` names: a path to an app is built with `build`'s flags (cheap when
-/// nothing changed), anything else is looked up in the store.
-pub(super) fn resolve(store: &Store, target: &str, build: &BuildFlags) -> Result<StoredImage> {
+/// nothing changed), a registry reference not in the store is pulled first (for `build`'s
+/// architecture, if given), anything else is looked up in the store.
+pub(super) fn resolve(
+    store: &Store,
+    target: &str,
+    build: &BuildFlags,
+    registry: &super::registry::RegistryFlags,
+) -> Result<StoredImage> {
+    let target = &super::registry::ensure_local(store, target, registry, build.target.arch)?;
     let path = Path::new(target);
     if path.exists() {
         return crate::build::build(store, &build.request(path.to_path_buf()), &mut |l| {
@@ -117,7 +124,11 @@ pub(super) fn list(json_output: bool) -> Result<i32> {
 fn find(store: &Store, reference: &str) -> Result<StoredImage> {
     store
         .find(reference)?
-        .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))
+        .ok_or_else(|| not_in_store(reference))
+}
+
+fn not_in_store(reference: &str) -> anyhow::Error {
+    anyhow::anyhow!("No image '{reference}' in the store: see `fuse ls`")
 }
 
 /// `fuse sbom IMAGE [-o FILE]`: made from the stored image, or (for a registry reference not
@@ -140,7 +151,7 @@ pub(super) fn sbom(
                 crate::registry::referrers::SPDX_JSON,
             )?
         }
-        None => find(&store, reference).map(|_| Vec::new())?,
+        None => return Err(not_in_store(reference)),
     };
     match output {
         Some(path) => {

@@ -49,13 +49,7 @@ pub(super) fn run(args: RunArgs) -> Result<i32> {
         // An unsafe state directory is refused before anything is built.
         crate::host::paths::runtime_dir()?;
     }
-    let target = super::registry::ensure_local(
-        &store,
-        &args.target,
-        &args.registry,
-        args.build.target.arch,
-    )?;
-    let image = super::images::resolve(&store, &target, &args.build)?;
+    let image = super::images::resolve(&store, &args.target, &args.build, &args.registry)?;
     if args.detach {
         return detach(&image, options, args.rm);
     }

@@ -8,7 +8,7 @@ use crate::registry::client::Connection;
 use crate::registry::containerdisk::DiskFormat;
 use crate::registry::credentials::Credentials;
 use crate::registry::reference::{is_remote, Reference};
-use crate::registry::referrers::Subject;
+use crate::registry::referrers::{Artifact, Subject};
 use crate::registry::PushFormat;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -161,10 +161,12 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             &reference,
             &connection,
             &Subject::manifest(&report.manifest_digest, report.manifest_size),
-            crate::registry::referrers::SPDX_JSON,
-            path,
-            "sbom.spdx.json",
-            &image.manifest.created(),
+            &Artifact {
+                artifact_type: crate::registry::referrers::SPDX_JSON,
+                path,
+                title: "sbom.spdx.json",
+                created: &image.manifest.created(),
+            },
         )?),
         None => None,
     };

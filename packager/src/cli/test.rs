@@ -159,13 +159,7 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
         .or(Some(check::DEFAULT_TIMEOUT));
     options.check_ports()?;
 
-    let target = super::registry::ensure_local(
-        &store,
-        &args.target,
-        &args.registry,
-        args.build.target.arch,
-    )?;
-    let image = super::images::resolve(&store, &target, &args.build)?;
+    let image = super::images::resolve(&store, &args.target, &args.build, &args.registry)?;
     let report = check::run_test(
         &store,
         &image,
@@ -230,18 +224,17 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
         let path = dir.path().join("test-report.json");
         std::fs::write(&path, format!("{text}\n"))
             .with_context(|| format!("Cannot write {}", path.display()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
         let digest = referrers::attach_to_image(
             reference,
             image.manifest.arch,
             &(&args.registry).into(),
             &image.digest,
-            TEST_REPORT,
-            &path,
-            "test-report.json",
-            &rfc3339(now),
+            &referrers::Artifact {
+                artifact_type: TEST_REPORT,
+                path: &path,
+                title: "test-report.json",
+                created: &rfc3339(crate::run::instances::now_secs() as i64),
+            },
         )?;
         progress_line(&format!(
             "attached the test report to {reference}: {digest}"

@@ -8,7 +8,7 @@
 //! The root filesystem is read by unpacking the stored squashfs with `unsquashfs`
 //! (squashfs-tools) into a temporary directory of the store: fuse_rootfs only writes squashfs.
 
-use crate::host::digest;
+use crate::host::{digest, sysroot};
 use crate::image::manifest::{Manifest, NOTE_RUNTIME_DIR};
 use crate::image::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
@@ -60,6 +60,18 @@ impl Package {
             files: Vec::new(),
             inside: None,
         }
+    }
+
+    /// A library, the `n`th package found, known by its package URL (`purl`).
+    fn library(kind: &str, n: usize, name: &str, version: &str, purl: String) -> Package {
+        let mut p = Package::new(
+            format!("SPDXRef-Package-{kind}-{n}"),
+            name,
+            Some(version),
+            "LIBRARY",
+        );
+        p.purl = Some(purl);
+        p
     }
 }
 
@@ -190,13 +202,13 @@ fn find_packages(m: &Manifest, root: &Path, files: &[FileEntry]) -> Result<Vec<P
             for (group, artifact, version) in maven_coordinates(&root.join(&path[1..]))
                 .with_context(|| format!("Reading the jar {path}"))?
             {
-                let mut p = Package::new(
-                    format!("SPDXRef-Package-maven-{}", packages.len()),
+                let mut p = Package::library(
+                    "maven",
+                    packages.len(),
                     &format!("{group}:{artifact}"),
-                    Some(&version),
-                    "LIBRARY",
+                    &version,
+                    format!("pkg:maven/{group}/{artifact}@{version}"),
                 );
-                p.purl = Some(format!("pkg:maven/{group}/{artifact}@{version}"));
                 p.inside = Some(path.clone());
                 packages.push(p);
             }
@@ -218,16 +230,13 @@ fn find_packages(m: &Manifest, root: &Path, files: &[FileEntry]) -> Result<Vec<P
             else {
                 continue;
             };
-            let mut p = Package::new(
-                format!("SPDXRef-Package-npm-{}", packages.len()),
+            let mut p = Package::library(
+                "npm",
+                packages.len(),
                 name,
-                Some(version),
-                "LIBRARY",
+                version,
+                format!("pkg:npm/{}@{version}", name.replacen('@', "%40", 1)),
             );
-            p.purl = Some(format!(
-                "pkg:npm/{}@{version}",
-                name.replacen('@', "%40", 1)
-            ));
             p.prefix = Some(format!("{dir}/"));
             packages.push(p);
         } else if let Some(dist) = path.strip_suffix("/METADATA") {
@@ -243,16 +252,16 @@ fn find_packages(m: &Manifest, root: &Path, files: &[FileEntry]) -> Result<Vec<P
             let (Some(name), Some(version)) = (field("Name:"), field("Version:")) else {
                 continue;
             };
-            let mut p = Package::new(
-                format!("SPDXRef-Package-pypi-{}", packages.len()),
+            let mut p = Package::library(
+                "pypi",
+                packages.len(),
                 &name,
-                Some(&version),
-                "LIBRARY",
+                &version,
+                format!(
+                    "pkg:pypi/{}@{version}",
+                    name.to_lowercase().replace(['_', '.'], "-")
+                ),
             );
-            p.purl = Some(format!(
-                "pkg:pypi/{}@{version}",
-                name.to_lowercase().replace(['_', '.'], "-")
-            ));
             // RECORD lists the distribution's files, relative to the directory above dist-info.
             let site = dist.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
             let record = std::fs::read_to_string(root.join(&dist[1..]).join("RECORD"));
@@ -265,32 +274,24 @@ fn find_packages(m: &Manifest, root: &Path, files: &[FileEntry]) -> Result<Vec<P
         }
     }
 
-    if let Some(list) = m.notes.get("sysroot.packages") {
+    if let Some(list) = m.notes.get(sysroot::NOTE_PACKAGES) {
         for entry in list.split(',') {
             let Some((name, version)) = entry.split_once('=') else {
                 continue;
             };
-            let mut p = Package::new(
-                format!("SPDXRef-Package-deb-{}", packages.len()),
+            packages.push(Package::library(
+                "deb",
+                packages.len(),
                 name,
-                Some(version),
-                "LIBRARY",
-            );
-            p.purl = Some(format!(
-                "pkg:deb/debian/{name}@{version}?arch={}",
-                debian_arch(m)
+                version,
+                format!(
+                    "pkg:deb/debian/{name}@{version}?arch={}",
+                    sysroot::debian_arch(m.arch)
+                ),
             ));
-            packages.push(p);
         }
     }
     Ok(packages)
-}
-
-fn debian_arch(m: &Manifest) -> &'static str {
-    match m.arch.as_str() {
-        "aarch64" | "arm64" => "arm64",
-        _ => "amd64",
-    }
 }
 
 /// `a/b/../c` → `a/c` (RECORD paths of scripts go up from site-packages).

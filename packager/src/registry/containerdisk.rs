@@ -151,7 +151,7 @@ pub(crate) fn config(manifest: &Manifest, layer_digest: &str) -> Vec<u8> {
     let value = serde_json::json!({
         "architecture": oci_arch(manifest.arch),
         "os": "linux",
-        "created": oci::created(manifest),
+        "created": manifest.created(),
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });

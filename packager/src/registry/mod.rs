@@ -87,6 +87,16 @@ fn credentials_for(registry: &str) -> Result<Option<credentials::Credentials>> {
     }
 }
 
+/// A client of `reference`'s repository with the Docker config's credentials for its registry.
+fn connect(reference: &Reference, access: Access, connection: &Connection) -> Result<Client> {
+    Client::connect(
+        reference,
+        access,
+        connection,
+        credentials_for(&reference.registry)?,
+    )
+}
+
 /// `label: 12.3 MB of 50.1 MB (10.2 MB/s)`.
 fn progress_text(label: &str, done: u64, total: u64, started: Instant) -> String {
     let secs = started.elapsed().as_secs_f64().max(0.001);
@@ -124,11 +134,12 @@ pub(crate) fn push(
     let Some(tag) = reference.tag.clone().filter(|_| reference.digest.is_none()) else {
         bail!("Push to a tag, not a digest: {reference} (the digest is the registry's answer)");
     };
-    let disk_path = disk::verified_disk_path(store, image)?;
     let scratch = store.temp_dir()?;
     let (manifest, blobs) = match format {
+        // The stored disk is not sent: the parts are, proven by rebuilding the disk from them.
         PushFormat::Image => image_blobs(store, image, scratch.path())?,
         PushFormat::ContainerDisk(f) => {
+            let disk_path = disk::verified_disk_path(store, image)?;
             containerdisk_blobs(image, &disk_path, f, scratch.path(), progress)?
         }
     };
@@ -327,7 +338,7 @@ fn containerdisk_blobs(
     };
     let layer_path = scratch.join("layer.tar");
     let (layer_digest, layer_size) =
-        containerdisk::write_layer(&disk_file, format.file_name(), oci::epoch(m), &layer_path)?;
+        containerdisk::write_layer(&disk_file, format.file_name(), m.epoch(), &layer_path)?;
     let config = containerdisk::config(m, &layer_digest);
     let config_path = scratch.join("config.json");
     std::fs::write(&config_path, &config)
@@ -433,12 +444,7 @@ pub(crate) fn pull(
     progress: Progress<'_>,
 ) -> Result<PullReport> {
     let what = reference.to_string();
-    let mut client = Client::connect(
-        reference,
-        Access::Pull,
-        connection,
-        credentials_for(&reference.registry)?,
-    )?;
+    let mut client = connect(reference, Access::Pull, connection)?;
     let (mut media_type, mut bytes) =
         client.get_manifest(reference.manifest_reference(), &oci::ACCEPTED)?;
     let mut manifest_digest = digest::of_bytes(&bytes);
@@ -455,17 +461,9 @@ pub(crate) fn pull(
     let mut expected_arch = arch;
     if media_type == oci::INDEX {
         let wanted = arch.unwrap_or_else(Arch::host);
-        let entry = Index::parse(&bytes, &what)?.pick(wanted, &what)?.clone();
-        (media_type, bytes) = client.get_manifest(&entry.digest, &oci::ACCEPTED)?;
-        if digest::of_bytes(&bytes) != entry.digest {
-            bail!(
-                "Registry {}: the {} manifest of {what} does not have the digest its index names ({}): nothing was stored",
-                reference.registry,
-                wanted.as_str(),
-                digest::short(&entry.digest)
-            );
-        }
-        index_digest = Some(std::mem::replace(&mut manifest_digest, entry.digest));
+        let picked;
+        (media_type, bytes, picked) = picked_manifest(&mut client, &bytes, wanted, &what)?;
+        index_digest = Some(std::mem::replace(&mut manifest_digest, picked));
         expected_arch = Some(wanted);
     }
     let oci_manifest = OciManifest::parse(&media_type, &bytes, &what)?;
@@ -551,6 +549,27 @@ pub(crate) fn pull(
     let disk = store.put_file(&disk_file)?;
     store.tag_as(&manifest, &disk, &reference.local_name())?;
     Ok(report)
+}
+
+/// The manifest for `arch` of the image index `index` (of `what`): its media type, bytes and
+/// digest, which is checked to be the one the index names.
+fn picked_manifest(
+    client: &mut Client,
+    index: &[u8],
+    arch: Arch,
+    what: &str,
+) -> Result<(String, Vec<u8>, String)> {
+    let entry = Index::parse(index, what)?.pick(arch, what)?.clone();
+    let (media_type, bytes) = client.get_manifest(&entry.digest, &oci::ACCEPTED)?;
+    if digest::of_bytes(&bytes) != entry.digest {
+        bail!(
+            "Registry {}: the {} manifest of {what} does not have the digest its index names ({})",
+            client.registry(),
+            arch.as_str(),
+            digest::short(&entry.digest)
+        );
+    }
+    Ok((media_type, bytes, entry.digest))
 }
 
 /// Streams blob `blob` into `path` (through a temp file renamed at the end), hashing as it

@@ -84,16 +84,6 @@ pub(crate) fn layer(media_type: &str, digest: &str, size: u64, title: &str) -> D
     }
 }
 
-/// The image's epoch (see [`Manifest::epoch`]).
-pub(crate) fn epoch(manifest: &Manifest) -> i64 {
-    manifest.epoch()
-}
-
-/// The image's epoch as RFC 3339.
-pub(crate) fn created(manifest: &Manifest) -> String {
-    manifest.created()
-}
-
 /// The annotations every manifest fuse pushes carries: the epoch, the image's name, version
 /// and digest.
 pub(crate) fn image_annotations(
@@ -101,7 +91,7 @@ pub(crate) fn image_annotations(
     image_digest: &str,
 ) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (CREATED.to_string(), created(manifest)),
+        (CREATED.to_string(), manifest.created()),
         (TITLE.to_string(), manifest.name.clone()),
         (VERSION.to_string(), manifest.version.clone()),
         (ANNOTATION_DIGEST.to_string(), image_digest.to_string()),

@@ -60,24 +60,36 @@ pub(crate) fn fallback_tag(subject_digest: &str) -> String {
     subject_digest.replacen(':', "-", 1)
 }
 
-/// Attaches the file `path` (named `title`) to `subject` in `reference`'s repository as an
-/// artifact of `artifact_type`; returns the artifact manifest's digest. `created` (RFC 3339)
-/// is its annotation, so the same file on the same subject is the same manifest.
+/// A file to attach: `artifact_type` (also its layer's media type), `title` its name there,
+/// `created` (RFC 3339) its manifest's annotation, so the same file on the same subject is
+/// the same manifest.
+pub(crate) struct Artifact<'a> {
+    pub(crate) artifact_type: &'a str,
+    pub(crate) path: &'a Path,
+    pub(crate) title: &'a str,
+    pub(crate) created: &'a str,
+}
+
+/// Attaches `artifact` to `subject` in `reference`'s repository; returns the artifact
+/// manifest's digest.
 pub(crate) fn attach(
     reference: &Reference,
     connection: &Connection,
     subject: &Subject,
-    artifact_type: &str,
-    path: &Path,
-    title: &str,
-    created: &str,
+    artifact: &Artifact<'_>,
 ) -> Result<String> {
-    let mut client = Client::connect(
-        reference,
-        Access::Push,
-        connection,
-        super::credentials_for(&reference.registry)?,
-    )?;
+    let mut client = super::connect(reference, Access::Push, connection)?;
+    attach_with(&mut client, subject, artifact)
+}
+
+/// [`attach`] over a client with push access.
+fn attach_with(client: &mut Client, subject: &Subject, artifact: &Artifact<'_>) -> Result<String> {
+    let &Artifact {
+        artifact_type,
+        path,
+        title,
+        created,
+    } = artifact;
     let layer_digest =
         digest::of_file(path).with_context(|| format!("Reading {}", path.display()))?;
     let layer_size = std::fs::metadata(path)?.len();
@@ -155,49 +167,37 @@ fn resolve(
     arch: Arch,
 ) -> Result<(Subject, Option<String>)> {
     let what = reference.to_string();
-    let (mut media_type, mut bytes) =
+    let (media_type, bytes) =
         client.get_manifest(reference.manifest_reference(), &oci::ACCEPTED)?;
-    if media_type == oci::INDEX {
-        let entry = Index::parse(&bytes, &what)?.pick(arch, &what)?.clone();
-        (media_type, bytes) = client.get_manifest(&entry.digest, &oci::ACCEPTED)?;
-        if digest::of_bytes(&bytes) != entry.digest {
-            bail!(
-                "Registry {}: the {} manifest of {what} does not have the digest its index names",
-                reference.registry,
-                arch.as_str()
-            );
+    let (media_type, bytes, manifest_digest) = match media_type == oci::INDEX {
+        true => super::picked_manifest(client, &bytes, arch, &what)?,
+        false => {
+            let d = digest::of_bytes(&bytes);
+            (media_type, bytes, d)
         }
-    }
+    };
     let image = oci::OciManifest::parse(&media_type, &bytes, &what)
         .ok()
         .and_then(|m| m.image_digest(&what).ok().map(str::to_string));
     let subject = Subject {
         media_type,
-        digest: digest::of_bytes(&bytes),
+        digest: manifest_digest,
         size: bytes.len() as u64,
     };
     Ok((subject, image))
 }
 
-/// Attaches the file `path` to the manifest of `image_digest` that `reference` names (for an
+/// Attaches `artifact` to the manifest of `image_digest` that `reference` names (for an
 /// index: its manifest for `arch`); refused when the reference now names another image.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn attach_to_image(
     reference: &Reference,
     arch: Arch,
     connection: &Connection,
     image_digest: &str,
-    artifact_type: &str,
-    path: &Path,
-    title: &str,
-    created: &str,
+    artifact: &Artifact<'_>,
 ) -> Result<String> {
-    let mut client = Client::connect(
-        reference,
-        Access::Pull,
-        connection,
-        super::credentials_for(&reference.registry)?,
-    )?;
+    // One client for both: push access includes pull.
+    let mut client = super::connect(reference, Access::Push, connection)?;
     let (subject, image) = resolve(&mut client, reference, arch)?;
     if image.as_deref() != Some(image_digest) {
         bail!(
@@ -205,15 +205,7 @@ pub(crate) fn attach_to_image(
             digest::short(image_digest)
         );
     }
-    attach(
-        reference,
-        connection,
-        &subject,
-        artifact_type,
-        path,
-        title,
-        created,
-    )
+    attach_with(&mut client, &subject, artifact)
 }
 
 /// The file of the newest artifact of `artifact_type` attached to the manifest `reference`
@@ -225,12 +217,7 @@ pub(crate) fn fetch(
     artifact_type: &str,
 ) -> Result<Vec<u8>> {
     let what = reference.to_string();
-    let mut client = Client::connect(
-        reference,
-        Access::Pull,
-        connection,
-        super::credentials_for(&reference.registry)?,
-    )?;
+    let mut client = super::connect(reference, Access::Pull, connection)?;
     let subject = resolve(&mut client, reference, arch)?.0.digest;
     let listed = match client.referrers(&subject)? {
         Some(index) => index,
