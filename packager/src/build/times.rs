@@ -12,10 +12,7 @@ use std::process::{Command, Stdio};
 
 /// The environment variable of the reproducible-builds specification.
 pub(crate) const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
-/// The epoch when neither is there: 2000-01-01T00:00:00Z.
-pub(crate) const FIXED_EPOCH: u32 = 946_684_800;
-/// The manifest note recording the epoch and where it came from.
-pub(crate) const NOTE_EPOCH: &str = "files.epoch";
+pub(crate) use crate::image::manifest::{FIXED_EPOCH, NOTE_EPOCH};
 
 /// An epoch and where it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,6 +16,14 @@ pub(crate) const NOTE_RUNTIME_DIR: &str = "runtime.dir";
 /// The manifest note giving how many arguments after argv\[0\] belong to the launcher
 /// (`<options> -jar /app/x.jar`): run-time arguments go after them instead of replacing them.
 pub(crate) const NOTE_FIXED_ARGS: &str = "args.fixed";
+/// The note recording the epoch every file time derives from, and where it came from
+/// (`build::times`).
+pub(crate) const NOTE_EPOCH: &str = "files.epoch";
+/// The epoch when the build had none: 2000-01-01T00:00:00Z.
+pub(crate) const FIXED_EPOCH: u32 = 946_684_800;
+/// The notes recording the Node.js and Python versions an image's runtime is.
+pub(crate) const NOTE_NODE_VERSION: &str = "node.version";
+pub(crate) const NOTE_PYTHON_VERSION: &str = "python.version";
 
 /// One stored part of an image (a blob in the store).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,10 +145,10 @@ impl Manifest {
     /// 2000-01-01 (fuse's fixed epoch) when the note is missing.
     pub(crate) fn epoch(&self) -> i64 {
         self.notes
-            .get("files.epoch")
+            .get(NOTE_EPOCH)
             .and_then(|n| n.split_whitespace().next())
             .and_then(|s| s.parse::<i64>().ok())
-            .unwrap_or(946_684_800)
+            .unwrap_or(i64::from(FIXED_EPOCH))
     }
 
     /// The image's epoch as RFC 3339.

@@ -9,7 +9,7 @@
 //! (squashfs-tools) into a temporary directory of the store: fuse_rootfs only writes squashfs.
 
 use crate::host::{digest, sysroot};
-use crate::image::manifest::{Manifest, NOTE_RUNTIME_DIR};
+use crate::image::manifest::{Manifest, NOTE_NODE_VERSION, NOTE_PYTHON_VERSION, NOTE_RUNTIME_DIR};
 use crate::image::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -177,8 +177,8 @@ fn find_packages(m: &Manifest, root: &Path, files: &[FileEntry]) -> Result<Vec<P
     let runtime_dir = m.notes.get(NOTE_RUNTIME_DIR).map(|d| format!("{d}/"));
     let runtimes = [
         ("jdk.version", "openjdk", None),
-        ("node.version", "node", Some("/usr/bin/node")),
-        ("python.version", "python", None),
+        (NOTE_NODE_VERSION, "node", Some("/usr/bin/node")),
+        (NOTE_PYTHON_VERSION, "python", None),
     ];
     for (note, name, file) in runtimes {
         if let Some(version) = m.notes.get(note) {

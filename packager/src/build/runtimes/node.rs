@@ -27,7 +27,7 @@ use std::process::Command;
 /// Where node goes in the image.
 pub(crate) const NODE_PATH: &str = "/usr/bin/node";
 /// The manifest note with `node --version`.
-pub(crate) const NOTE_VERSION: &str = "node.version";
+pub(crate) use crate::image::manifest::NOTE_NODE_VERSION as NOTE_VERSION;
 
 pub(crate) fn assemble(
     input: &RuntimeInput<'_>,

@@ -36,7 +36,7 @@ pub(crate) const DEFAULT_PYTHON: &str = "/usr/bin/python3";
 /// Where a virtualenv's packages go.
 pub(crate) const VENV_DIR: &str = "/opt/venv";
 /// The manifest note with the interpreter's version.
-pub(crate) const NOTE_VERSION: &str = "python.version";
+pub(crate) use crate::image::manifest::NOTE_PYTHON_VERSION as NOTE_VERSION;
 
 /// Top-level parts of the standard library an app server never imports: the test suite, the
 /// IDE, Tk and its demos, pip's bootstrap wheels, 2to3, `help()` topics, the static library

@@ -147,26 +147,9 @@ pub(crate) fn authorization(
     )
 }
 
-/// `YYYYMMDDTHHMMSSZ` for a time in seconds since the epoch (UTC).
+/// `YYYYMMDDTHHMMSSZ` for a time in seconds since the epoch (UTC): RFC 3339's basic form.
 pub(crate) fn amz_date(unix_seconds: u64) -> String {
-    let days = (unix_seconds / 86_400) as i64;
-    let secs = unix_seconds % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    crate::image::manifest::rfc3339(unix_seconds as i64).replace(['-', ':'], "")
 }
 
 #[cfg(test)]
