@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{assert_one_error, cached_fixture, json, run_tool, Sandbox};
+use common::{assert_one_error, json, pypi_venv, run_tool, Sandbox};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -29,25 +29,7 @@ const BLOCK: usize = 524_288;
 
 /// The venv with moto and boto3, made once per target directory.
 fn moto_venv() -> PathBuf {
-    cached_fixture("moto-5.2.5", |dir| {
-        let venv = dir.join("venv");
-        run_tool(
-            Command::new("/usr/bin/python3")
-                .args(["-m", "venv"])
-                .arg(&venv),
-            "python3 -m venv needs python3-venv",
-        );
-        run_tool(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                MOTO,
-            ]),
-            "pip installs moto from PyPI: the network must reach it",
-        );
-    })
-    .join("venv")
+    pypi_venv("moto-5.2.5", &[MOTO])
 }
 
 /// A moto_server on 127.0.0.1 with authentication on, and keys of an IAM user it made; killed

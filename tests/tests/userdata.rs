@@ -187,15 +187,7 @@ fn nocloud_export_is_a_deterministic_cidata_seed_with_the_userdata() {
     let flags = ["--env", "prod", "-e", "MSG=a \"quoted\"\nvalue", "--", "x"];
     let userdata = sb.fuse().arg("userdata").arg("cfg:1.0").args(flags).run();
     userdata.assert_success();
-    let digest = common::json(
-        sb.fuse()
-            .args(["inspect", "--json", "cfg:1.0"])
-            .run()
-            .assert_success(),
-    )["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let digest = common::image_digest(&sb, "cfg:1.0");
 
     let export = |name: &str| -> PathBuf {
         let path = sb.dir.join(name);
