@@ -170,18 +170,19 @@ impl Moto {
             .env("AWS_SECRET_ACCESS_KEY", &self.secret)
             .env("AWS_REGION", REGION)
     }
+
+    /// `fuse ami hello:1.0` with the IAM user's keys, asserted to succeed.
+    fn ami(&self, sb: &Sandbox) -> fuse_tests::Output {
+        let out = self.fuse_with_keys(sb).args(["ami", "hello:1.0"]).run();
+        out.assert_success();
+        out
+    }
 }
 
 /// A static hello image in the sandbox's store and its raw disk.
 fn hello_image(sb: &Sandbox) -> (String, Vec<u8>) {
     let app = sb.program(common::HELLO, "hello-1.0", &["-static"]);
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&app);
     let raw = sb.dir.join("hello.raw");
     sb.fuse()
         .args(["export", "hello:1.0", "--format", "raw", "-o"])
@@ -407,8 +408,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
         "a reuse only looks: {calls:?}"
     );
     // Without --json: progress is absent (nothing to upload) and one result line says so.
-    let plain = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
-    plain.assert_success();
+    let plain = moto.ami(&sb);
     assert!(
         plain
             .stdout_str()
@@ -420,8 +420,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
     // with the digest is registered again, nothing uploaded.
     moto.helper(&["deregister", &moto.key_id, &moto.secret, &ami]);
     moto.helper(&["reset-recording"]);
-    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
-    out.assert_success();
+    let out = moto.ami(&sb);
     assert!(
         out.stderr_str().contains(&format!(
             "snapshot {snapshot} of hello:1.0 is uploaded already"
@@ -451,8 +450,7 @@ fn an_upload_a_stopped_run_left_is_finished_not_restarted() {
     let leftover = moto.helper(&["leftover", &moto.key_id, &moto.secret, &digest, &first]);
     let leftover = leftover["id"].as_str().unwrap();
 
-    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
-    out.assert_success();
+    let out = moto.ami(&sb);
     assert!(
         out.stderr_str().contains(&format!(
             "snapshot {leftover} of hello:1.0 was left pending by an earlier run: uploading into it"

@@ -90,13 +90,7 @@ fn env_lines(stdout: &str) -> Vec<&str> {
 fn one_image_every_environment_selected_at_boot() {
     let sb = Sandbox::new();
     let exe = app(&sb);
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&exe)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&exe);
     assert_eq!(
         built["image"], "envshow:2.0",
         "name and version from fuse.toml"
@@ -188,13 +182,7 @@ fn one_image_every_environment_selected_at_boot() {
 
     // Selecting an environment changed nothing stored: same digest, and a rebuild agrees.
     assert_eq!(image_digest(&sb, "envshow:2.0"), built_digest);
-    let rebuilt = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&exe)
-            .run()
-            .assert_success(),
-    );
+    let rebuilt = sb.build_json(&exe);
     assert_eq!(rebuilt["digest"].as_str().unwrap(), built_digest);
     assert_no_leaked_qemu();
 }

@@ -132,14 +132,7 @@ fn same_script_gives_the_same_digest() {
     let src = "console.log('same');\n";
     let build = |sb: &Sandbox| {
         let script = sb.dir.write("same.js", src);
-        json(
-            sb.fuse()
-                .args(["build", "--json"])
-                .arg(&script)
-                .run()
-                .assert_success(),
-        )["digest"]
-            .clone()
+        sb.build_json(&script)["digest"].clone()
     };
     let cold = build(&b);
     assert_eq!(build(&b), cold, "the warm build differs from the cold one");

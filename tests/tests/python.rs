@@ -48,13 +48,7 @@ fn script_prints_and_its_exit_code_propagates() {
          print(f'hello from python {sys.version.split()[0]} in {os.getcwd()} args={sys.argv[1:]}')\n\
          sys.exit(5)\n",
     );
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&script)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&script);
     assert_eq!(built["image"], "pyhello:1.2");
     let size = built["size"].as_u64().unwrap();
     assert!(

@@ -423,6 +423,8 @@ int main(int argc, char **argv) {
     show("/sys/block/vda/size");
     show("/sys/block/vdb/ro");
     show("/sys/block/vdb/size");
+    /* 169.254.169.x are addresses of QEMU's user-mode network, inside the VM: the metadata
+       server's is relayed to the host's 127.0.0.1, the gateway's (.2) is slirp's own. */
     for (int i = 0; i < 2; i++) {
         int s = -1;
         for (int t = 0; t < 20 && s < 0; t++) if ((s = dial("169.254.169.254", 80)) < 0) sleep(1);

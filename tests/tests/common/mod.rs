@@ -67,6 +67,17 @@ impl Sandbox {
         }
     }
 
+    /// `fuse build --json APP`, asserted to succeed: what it printed (`digest`, `image`...).
+    pub fn build_json(&self, app: impl AsRef<std::ffi::OsStr>) -> serde_json::Value {
+        json(
+            self.fuse()
+                .args(["build", "--json"])
+                .arg(app)
+                .run()
+                .assert_success(),
+        )
+    }
+
     /// Compiles a C program into the sandbox.
     pub fn program(&self, src: &str, name: &str, extra_args: &[&str]) -> PathBuf {
         self.dir.compile_c(src, name, extra_args)
