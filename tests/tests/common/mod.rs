@@ -470,6 +470,11 @@ impl<'a> Detached<'a> {
         self.stopped = true;
         self.fuse().args(["kill", &self.id]).run()
     }
+
+    /// The test ended the instance by other means (killed its supervisor): nothing to stop.
+    pub fn ended(mut self) {
+        self.stopped = true;
+    }
 }
 
 impl Drop for Detached<'_> {
