@@ -163,6 +163,15 @@ fn listed(sb: &Sandbox) -> Vec<String> {
         .collect()
 }
 
+/// `fuse login HOST -u ci --password-stdin EXTRA` with `password` on stdin.
+fn login_ci(sb: &Sandbox, host: &str, password: &str, extra: &[&str]) -> fuse_tests::Output {
+    fuse(sb)
+        .args(["login", host, "-u", "ci", "--password-stdin"])
+        .args(extra)
+        .stdin(password)
+        .run()
+}
+
 fn tool(cmd: &mut Command, what: &str) -> String {
     common::run_tool(cmd, what)
 }
@@ -490,18 +499,7 @@ fn basic_auth_and_tls_with_a_private_ca() {
         .run();
     assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
     // A wrong password is refused and not saved; no password is ever taken in argv.
-    let out = fuse(&sb)
-        .args([
-            "login",
-            host,
-            "-u",
-            "ci",
-            "--password-stdin",
-            "--ca-cert",
-            ca,
-        ])
-        .stdin("wrong\n")
-        .run();
+    let out = login_ci(&sb, host, "wrong\n", &["--ca-cert", ca]);
     assert_one_error(
         &out,
         &["Login to", "HTTP 401", "refused the credentials of ci"],
@@ -510,18 +508,7 @@ fn basic_auth_and_tls_with_a_private_ca() {
     let out = fuse(&sb).args(["login", host, "-u", "ci"]).run();
     assert_one_error(&out, &["--password-stdin"]);
 
-    let out = fuse(&sb)
-        .args([
-            "login",
-            host,
-            "-u",
-            "ci",
-            "--password-stdin",
-            "--ca-cert",
-            ca,
-        ])
-        .stdin("s3cret\n")
-        .run();
+    let out = login_ci(&sb, host, "s3cret\n", &["--ca-cert", ca]);
     out.assert_success();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
@@ -756,11 +743,7 @@ fn bearer_tokens_from_the_registrys_token_service() {
     let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
     assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
 
-    fuse(&sb)
-        .args(["login", host, "-u", "ci", "--password-stdin"])
-        .stdin("s3cret")
-        .run()
-        .assert_success();
+    login_ci(&sb, host, "s3cret", &[]).assert_success();
     let pushed = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
     assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
     fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();

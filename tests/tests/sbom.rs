@@ -66,6 +66,16 @@ fn file<'a>(doc: &'a Value, path: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no file {path}"))
 }
 
+/// The file entry whose name ends with `suffix`.
+fn file_ending<'a>(doc: &'a Value, suffix: &str) -> &'a Value {
+    doc["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fileName"].as_str().unwrap().ends_with(suffix))
+        .unwrap_or_else(|| panic!("no file ending with {suffix}"))
+}
+
 fn checksum<'a>(entry: &'a Value, algorithm: &str) -> &'a str {
     entry["checksums"]
         .as_array()
@@ -179,17 +189,7 @@ fn python_venv_distributions_are_packages_owning_their_files() {
         six["externalRefs"][0]["referenceLocator"],
         "pkg:pypi/six@1.17.0"
     );
-    let module = doc["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| {
-            f["fileName"]
-                .as_str()
-                .unwrap()
-                .ends_with("/site-packages/six.py")
-        })
-        .expect("six.py in the files");
+    let module = file_ending(&doc, "/site-packages/six.py");
     assert_eq!(
         checksum(module, "SHA256"),
         sha256_hex(
@@ -251,17 +251,7 @@ fn node_modules_are_packages_owning_their_files() {
         types["externalRefs"][0]["referenceLocator"],
         "pkg:npm/%40types/ms@0.7.34"
     );
-    let index = doc["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| {
-            f["fileName"]
-                .as_str()
-                .unwrap()
-                .ends_with("/node_modules/ms/index.js")
-        })
-        .expect("ms/index.js in the files");
+    let index = file_ending(&doc, "/node_modules/ms/index.js");
     assert_eq!(
         checksum(index, "SHA256"),
         sha256_hex(&modules.join("node_modules/ms/index.js"))
