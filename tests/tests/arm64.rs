@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cached_fixture, json, run_tool, Sandbox};
+use common::{cached_fixture, json, run_tool, Detached, Sandbox};
 use fuse_tests::assert_no_leaked_qemu;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,23 +144,16 @@ fn debian_arm64_redis_builds_without_a_sysroot_and_serves_redis_cli() {
         .arg("redis")
         .run();
     run.assert_success();
-    let id = run.stdout_str().trim().to_string();
+    // Killed also when redis-cli panics below.
+    let instance = Detached::new(&sb, &runtime, run.stdout_str().trim());
     let answers = [
         redis_cli(port, &["PING"]),
         redis_cli(port, &["SET", "fuse", "arm64 redis"]),
         redis_cli(port, &["GET", "fuse"]),
         redis_cli(port, &["INFO", "server"]),
     ];
-    let logs = sb
-        .fuse()
-        .env("FUSE_RUNTIME_DIR", &runtime)
-        .args(["logs", &id])
-        .run();
-    sb.fuse()
-        .env("FUSE_RUNTIME_DIR", &runtime)
-        .args(["kill", &id])
-        .run()
-        .assert_success();
+    let logs = instance.fuse().args(["logs", &instance.id]).run();
+    instance.kill().assert_success();
     assert_eq!(answers[0], "PONG", "{logs}");
     assert_eq!(answers[1], "OK");
     assert_eq!(answers[2], "arm64 redis");

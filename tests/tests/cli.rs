@@ -21,13 +21,7 @@ fn build_names_stores_and_inspects_an_image() {
         "{out}"
     );
 
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&app);
     assert_eq!(built["image"], "hello:1.0");
     assert_eq!(built["digest"], fields[1], "same input, same digest");
     let size = built["size"].as_u64().unwrap();
@@ -72,23 +66,11 @@ fn same_input_gives_the_same_digest_in_another_store() {
     let a = Sandbox::new();
     let b = Sandbox::new();
     let app = a.program(HELLO, "hello", &["-static"]);
-    let da = json(
-        a.fuse()
-            .args(["build", "--json"])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    );
+    let da = a.build_json(&app);
     // A copy elsewhere, with another mtime: the image must not notice.
     let copy = b.dir.join("hello");
     std::fs::copy(&app, &copy).unwrap();
-    let db = json(
-        b.fuse()
-            .args(["build", "--json"])
-            .arg(&copy)
-            .run()
-            .assert_success(),
-    );
+    let db = b.build_json(&copy);
     assert_eq!(da["digest"], db["digest"]);
 }
 

@@ -325,6 +325,9 @@ fn boot_with_seed(
     (out, stdout)
 }
 
+/// The prefix of the init's console line saying where the run-time configuration came from.
+const CONFIGURATION: &str = "fuse-init: run-time configuration: ";
+
 /// Lines of `out` starting with `prefix`, without it.
 fn lines_with<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
     out.lines().filter_map(|l| l.strip_prefix(prefix)).collect()
@@ -386,10 +389,9 @@ fn imds_user_data(arch: &str) {
         .run();
     out.assert_success();
     let stdout = out.stdout_str();
-    assert!(
-        stdout.contains(
-            "fuse-init: run-time configuration: user-data from EC2 IMDSv2; environment prod\n"
-        ),
+    assert_eq!(
+        lines_with(&stdout, CONFIGURATION),
+        ["user-data from EC2 IMDSv2; environment prod"],
         "{out}"
     );
     assert_eq!(lines_with(&stdout, "app-env: "), ["prod"], "{out}");
@@ -453,10 +455,9 @@ fn user_data_from_a_nocloud_disk_made_by_fuse_export() {
         .run()
         .assert_success();
     let (out, stdout) = boot_with_seed(&sb, arch, &seed);
-    assert!(
-        stdout.contains(
-            "fuse-init: run-time configuration: user-data from the NoCloud disk vda (CIDATA); environment prod\n"
-        ),
+    assert_eq!(
+        lines_with(&stdout, CONFIGURATION),
+        ["user-data from the NoCloud disk vda (CIDATA); environment prod"],
         "{out}"
     );
     assert_eq!(lines_with(&stdout, "app-env: "), ["prod"], "{out}");
@@ -501,10 +502,9 @@ fn a_hand_written_iso9660_seed_configures_the_app() {
         .expect("genisoimage (Debian package genisoimage, installed by ci/setup)");
     assert!(status.success());
     let (out, stdout) = boot_with_seed(&sb, arch, &seed);
-    assert!(
-        stdout.contains(
-            "fuse-init: run-time configuration: user-data from the NoCloud disk vda (cidata); environment dev (the image's default)\n"
-        ),
+    assert_eq!(
+        lines_with(&stdout, CONFIGURATION),
+        ["user-data from the NoCloud disk vda (cidata); environment dev (the image's default)"],
         "{out}"
     );
     assert_eq!(lines_with(&stdout, "app-env: "), ["dev"], "{out}");
@@ -530,7 +530,7 @@ fn without_a_cloud_config_the_baked_default_boots_after_a_bounded_wait() {
     let (out, stdout) = boot_with_seed(&sb, arch, &blank);
     let line = lines_with(
         &stdout,
-        "fuse-init: run-time configuration: none (no cidata/config-2 disk, no IMDS answer in ",
+        &format!("{CONFIGURATION}none (no cidata/config-2 disk, no IMDS answer in "),
     );
     assert_eq!(line.len(), 1, "{out}");
     let (ms, rest) = line[0].split_once(" ms)").unwrap();

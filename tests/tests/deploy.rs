@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{assert_one_error, cached_fixture, json, run_tool, Sandbox};
+use common::{assert_one_error, json, pypi_venv, run_tool, Sandbox};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -29,25 +29,7 @@ const BLOCK: usize = 524_288;
 
 /// The venv with moto and boto3, made once per target directory.
 fn moto_venv() -> PathBuf {
-    cached_fixture("moto-5.2.5", |dir| {
-        let venv = dir.join("venv");
-        run_tool(
-            Command::new("/usr/bin/python3")
-                .args(["-m", "venv"])
-                .arg(&venv),
-            "python3 -m venv needs python3-venv",
-        );
-        run_tool(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                MOTO,
-            ]),
-            "pip installs moto from PyPI: the network must reach it",
-        );
-    })
-    .join("venv")
+    pypi_venv("moto-5.2.5", &[MOTO])
 }
 
 /// A moto_server on 127.0.0.1 with authentication on, and keys of an IAM user it made; killed
@@ -188,18 +170,19 @@ impl Moto {
             .env("AWS_SECRET_ACCESS_KEY", &self.secret)
             .env("AWS_REGION", REGION)
     }
+
+    /// `fuse ami hello:1.0` with the IAM user's keys, asserted to succeed.
+    fn ami(&self, sb: &Sandbox) -> fuse_tests::Output {
+        let out = self.fuse_with_keys(sb).args(["ami", "hello:1.0"]).run();
+        out.assert_success();
+        out
+    }
 }
 
 /// A static hello image in the sandbox's store and its raw disk.
 fn hello_image(sb: &Sandbox) -> (String, Vec<u8>) {
     let app = sb.program(common::HELLO, "hello-1.0", &["-static"]);
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&app);
     let raw = sb.dir.join("hello.raw");
     sb.fuse()
         .args(["export", "hello:1.0", "--format", "raw", "-o"])
@@ -425,8 +408,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
         "a reuse only looks: {calls:?}"
     );
     // Without --json: progress is absent (nothing to upload) and one result line says so.
-    let plain = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
-    plain.assert_success();
+    let plain = moto.ami(&sb);
     assert!(
         plain
             .stdout_str()
@@ -438,8 +420,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
     // with the digest is registered again, nothing uploaded.
     moto.helper(&["deregister", &moto.key_id, &moto.secret, &ami]);
     moto.helper(&["reset-recording"]);
-    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
-    out.assert_success();
+    let out = moto.ami(&sb);
     assert!(
         out.stderr_str().contains(&format!(
             "snapshot {snapshot} of hello:1.0 is uploaded already"
@@ -469,8 +450,7 @@ fn an_upload_a_stopped_run_left_is_finished_not_restarted() {
     let leftover = moto.helper(&["leftover", &moto.key_id, &moto.secret, &digest, &first]);
     let leftover = leftover["id"].as_str().unwrap();
 
-    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:1.0"]).run();
-    out.assert_success();
+    let out = moto.ami(&sb);
     assert!(
         out.stderr_str().contains(&format!(
             "snapshot {leftover} of hello:1.0 was left pending by an earlier run: uploading into it"

@@ -13,13 +13,7 @@ const UEFI_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Builds `app` and exports its raw disk; returns (image digest, disk file).
 fn build_and_export(sb: &Sandbox, app: &Path) -> (String, PathBuf) {
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(app)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(app);
     let image = built["image"].as_str().unwrap().to_string();
     let disk = sb.dir.join("disk.raw");
     sb.fuse()
@@ -104,13 +98,7 @@ fn uefi_java_example(arch: &str) {
 fn direct_boot_reads_kernel_and_init_out_of_the_disk() {
     let sb = Sandbox::new();
     let app = sb.program(HELLO, "hello-1.0", &["-static"]);
-    let inspect = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    );
+    let inspect = sb.build_json(&app);
     let image = inspect["image"].as_str().unwrap();
     let manifest = json(
         sb.fuse()
@@ -366,16 +354,7 @@ fn another_user_builds_the_same_disk() {
     // Root builds...
     let sb = Sandbox::new();
     let app = sb.program(HELLO, "hello-1.0", &["-static"]);
-    let ours = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    )["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let ours = sb.build_json(&app)["digest"].as_str().unwrap().to_string();
 
     // ...and `nobody` builds from its own copies: binary, app, home, store and cache. The
     // kernel cache entries are copied so it need not rebuild the kernel (6 minutes).

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{json, Sandbox};
+use common::{image_digest, json, Sandbox};
 use fuse_tests::assert_no_leaked_qemu;
 use std::path::{Path, PathBuf};
 
@@ -86,32 +86,16 @@ fn env_lines(stdout: &str) -> Vec<&str> {
     env
 }
 
-fn digest(sb: &Sandbox, image: &str) -> String {
-    let inspect = json(
-        sb.fuse()
-            .args(["inspect", "--json", image])
-            .run()
-            .assert_success(),
-    );
-    inspect["digest"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn one_image_every_environment_selected_at_boot() {
     let sb = Sandbox::new();
     let exe = app(&sb);
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&exe)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&exe);
     assert_eq!(
         built["image"], "envshow:2.0",
         "name and version from fuse.toml"
     );
-    let image_digest = built["digest"].as_str().unwrap().to_string();
+    let built_digest = built["digest"].as_str().unwrap().to_string();
 
     let inspect = json(
         sb.fuse()
@@ -197,15 +181,9 @@ fn one_image_every_environment_selected_at_boot() {
     );
 
     // Selecting an environment changed nothing stored: same digest, and a rebuild agrees.
-    assert_eq!(digest(&sb, "envshow:2.0"), image_digest);
-    let rebuilt = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&exe)
-            .run()
-            .assert_success(),
-    );
-    assert_eq!(rebuilt["digest"].as_str().unwrap(), image_digest);
+    assert_eq!(image_digest(&sb, "envshow:2.0"), built_digest);
+    let rebuilt = sb.build_json(&exe);
+    assert_eq!(rebuilt["digest"].as_str().unwrap(), built_digest);
     assert_no_leaked_qemu();
 }
 
@@ -248,7 +226,7 @@ fn injected_values_reach_the_app_but_not_the_image_or_the_kernel_command_line() 
     let sb = Sandbox::new();
     let exe = app(&sb);
     sb.fuse().arg("build").arg(&exe).run().assert_success();
-    let before = digest(&sb, "envshow:2.0");
+    let before = image_digest(&sb, "envshow:2.0");
 
     // Unique per run, so finding them anywhere can only mean a leak of this run.
     let nonce = format!(
@@ -299,7 +277,7 @@ fn injected_values_reach_the_app_but_not_the_image_or_the_kernel_command_line() 
     // Not in the image: same digest, and no blob of it, nor any file of its root filesystem
     // (unpacked, since the blob is compressed), nor anything else in the store holds them.
     assert_eq!(
-        digest(&sb, "envshow:2.0"),
+        image_digest(&sb, "envshow:2.0"),
         before,
         "the image did not change"
     );

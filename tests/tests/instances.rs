@@ -58,6 +58,23 @@ struct Instances {
     _serial: MutexGuard<'static, ()>,
 }
 
+/// A failed assertion must not leak a detached VM: whatever still runs is stopped.
+impl Drop for Instances {
+    fn drop(&mut self) {
+        let out = self.fuse().args(["ps", "--json"]).run();
+        let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|list| list.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| i["id"].as_str().map(String::from))
+            .collect();
+        if !ids.is_empty() {
+            self.fuse().arg("kill").args(&ids).run();
+        }
+    }
+}
+
 impl Instances {
     fn new() -> Instances {
         let serial = serial();

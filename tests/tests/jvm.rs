@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, java_jar, json, serve_once, Sandbox};
+use common::{free_port, java_jar, json, serve_once, Detached, Sandbox};
 use fuse_boot::poll::wait_until;
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch};
 use std::path::Path;
@@ -674,34 +674,13 @@ fn zip_bomb_jars_are_refused_within_bounded_memory() {
 /// console, so the image runs another class of it.
 const H2_JAR: &str = "/usr/share/java/h2.jar";
 
-/// A detached instance, killed when dropped (a failed assertion must not leak its VM).
-struct Detached<'a> {
-    sb: &'a Sandbox,
-    runtime: std::path::PathBuf,
-    id: String,
-}
-
-impl Detached<'_> {
-    fn kill(self) {
-        self.sb
-            .fuse()
-            .env("FUSE_RUNTIME_DIR", &self.runtime)
-            .args(["kill", &self.id])
-            .run()
-            .assert_success()
-            .assert_stdout_contains(&format!("stopped {}", self.id));
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Detached<'_> {
-    fn drop(&mut self) {
-        self.sb
-            .fuse()
-            .env("FUSE_RUNTIME_DIR", &self.runtime)
-            .args(["kill", &self.id])
-            .run();
-    }
+/// `fuse kill` of a detached instance, which must say it stopped it.
+fn stop(instance: Detached<'_>) {
+    let stopped = format!("stopped {}", instance.id);
+    instance
+        .kill()
+        .assert_success()
+        .assert_stdout_contains(&stopped);
 }
 
 /// Starts the H2 image detached with its database directory on the volume `h2data`, and
@@ -718,11 +697,7 @@ fn start_h2(sb: &Sandbox, port: u16) -> Detached<'_> {
         .run();
     out.assert_success()
         .assert_stderr_contains(&format!(" ms at tcp://localhost:{port}\n"));
-    Detached {
-        sb,
-        runtime,
-        id: out.stdout_str().trim().to_string(),
-    }
+    Detached::new(sb, &runtime, out.stdout_str().trim())
 }
 
 /// H2's own SQL shell, on the host, against the server in the VM.
@@ -779,14 +754,14 @@ fn h2_tcp_server_is_reached_by_h2_shell_from_the_host() {
     let stdout = out.stdout_str();
     assert!(stdout.lines().any(|l| l == "42"), "{out}");
     assert!(stdout.lines().any(|l| l.starts_with("(1 row")), "{out}");
-    h2.kill();
+    stop(h2);
 
     // The database lives on the volume, not in the VM: a new boot serves the same row.
     let h2 = start_h2(&sb, port);
     let out = h2_shell(port, "SELECT x * 2 FROM t");
     out.assert_success();
     assert!(out.stdout_str().lines().any(|l| l == "84"), "{out}");
-    h2.kill();
+    stop(h2);
     assert!(sb.home().join("volumes/h2data.ext4").is_file());
     assert_no_leaked_qemu();
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, Sandbox, HELLO};
+use common::{free_port, Detached, Sandbox, HELLO};
 use fuse_boot::poll::wait_until;
 use fuse_tests::assert_no_leaked_qemu;
 use std::io::{Read, Write};
@@ -163,14 +163,10 @@ fn tcp_health_check_passes_once_the_guest_listens_detached() {
         .run();
     out.assert_success()
         .assert_stderr_contains(&format!(" ms at tcp://localhost:{port}\n"));
-    let id = out.stdout_str().trim().to_string();
+    let instance = Detached::new(&sb, &runtime, out.stdout_str().trim());
     // Healthy means the guest really listens: the first request is answered.
     assert!(http_get(port, "/").contains("forwarded port"));
-    sb.fuse()
-        .env("FUSE_RUNTIME_DIR", &runtime)
-        .args(["kill", &id])
-        .run()
-        .assert_success();
+    instance.kill().assert_success();
     assert_no_leaked_qemu();
 }
 
@@ -431,35 +427,6 @@ fn passt_processes_here() -> Vec<u32> {
 /// The `ip` commands of a namespace with only `lo`: a host without a default route.
 const OFFLINE: &[&str] = &["link set lo up"];
 
-/// A detached instance, killed when dropped.
-struct Instance<'a> {
-    sb: &'a Sandbox,
-    runtime: &'a std::path::Path,
-    id: &'a str,
-}
-
-impl Instance<'_> {
-    fn kill(self) -> fuse_tests::Output {
-        let out = self.kill_now();
-        std::mem::forget(self);
-        out
-    }
-
-    fn kill_now(&self) -> fuse_tests::Output {
-        self.sb
-            .fuse()
-            .env("FUSE_RUNTIME_DIR", self.runtime)
-            .args(["kill", self.id])
-            .run()
-    }
-}
-
-impl Drop for Instance<'_> {
-    fn drop(&mut self) {
-        self.kill_now();
-    }
-}
-
 /// Runs the probe app for `arch` in a test namespace: the guest must not reach a server on the
 /// namespace's 127.0.0.1 (by any address it knows for the host), must reach a server on
 /// another address (outbound, unless `offline`: a namespace with `lo` only, where the VM gets
@@ -499,11 +466,7 @@ fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
             .assert_stderr_contains(&format!(" ms at tcp://localhost:{port}\n"));
         let id = started.stdout_str().trim().to_string();
         // Stops the instance also when an assertion below fails.
-        let instance = Instance {
-            sb: &sb,
-            runtime: &runtime,
-            id: &id,
-        };
+        let instance = Detached::new(&sb, &runtime, &id);
         assert!(http_get(port, "/").ends_with("served by the guest\n"));
         assert_eq!(
             passt_processes_here().is_empty(),

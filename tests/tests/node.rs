@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cached_fixture, copy_tree, json, run_tool, serve_once, Sandbox};
+use common::{copy_tree, json, npm_modules, run_tool, serve_once, Sandbox};
 use fuse_tests::{assert_no_leaked_qemu, on_every_arch, TestDir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -132,14 +132,7 @@ fn same_script_gives_the_same_digest() {
     let src = "console.log('same');\n";
     let build = |sb: &Sandbox| {
         let script = sb.dir.write("same.js", src);
-        json(
-            sb.fuse()
-                .args(["build", "--json"])
-                .arg(&script)
-                .run()
-                .assert_success(),
-        )["digest"]
-            .clone()
+        sb.build_json(&script)["digest"].clone()
     };
     let cold = build(&b);
     assert_eq!(build(&b), cold, "the warm build differs from the cold one");
@@ -251,20 +244,7 @@ fn http_server(arch: &str) {
 
 /// Express from npm (and what it pulls in), cached under the target directory.
 fn express_modules() -> PathBuf {
-    cached_fixture("npm-express-4.21.2", |dir| {
-        std::fs::write(
-            dir.join("package.json"),
-            r#"{ "name": "fixture", "version": "1.0.0", "private": true }"#,
-        )
-        .unwrap();
-        run_tool(
-            Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--omit=dev"])
-                .arg("express@4.21.2")
-                .current_dir(dir),
-            "npm installs from the registry: the network must reach it",
-        );
-    })
+    npm_modules("npm-express-4.21.2", &["--omit=dev", "express@4.21.2"])
 }
 
 /// A Node-API addon, built by node-gyp in `dir` against the host node's headers, that hashes

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cached_fixture, json, run_tool, serve_once, Sandbox};
+use common::{json, pypi_venv, serve_once, Sandbox};
 use fuse_tests::assert_no_leaked_qemu;
 use std::path::PathBuf;
 use std::process::Command;
@@ -48,13 +48,7 @@ fn script_prints_and_its_exit_code_propagates() {
          print(f'hello from python {sys.version.split()[0]} in {os.getcwd()} args={sys.argv[1:]}')\n\
          sys.exit(5)\n",
     );
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json"])
-            .arg(&script)
-            .run()
-            .assert_success(),
-    );
+    let built = sb.build_json(&script);
     assert_eq!(built["image"], "pyhello:1.2");
     let size = built["size"].as_u64().unwrap();
     assert!(
@@ -155,33 +149,6 @@ fn pyproject_entry_point_runs() {
     assert_no_leaked_qemu();
 }
 
-/// A virtualenv of Debian's python3 with `packages` installed from PyPI as wheels (no compiler
-/// involved), cached under the target directory as `fixture`.
-fn pypi_venv(fixture: &str, packages: &[&str]) -> PathBuf {
-    cached_fixture(fixture, |dir| {
-        let venv = dir.join("venv");
-        run_tool(
-            Command::new("/usr/bin/python3")
-                .arg("-m")
-                .arg("venv")
-                .arg(&venv),
-            "python3 -m venv needs python3-venv",
-        );
-        run_tool(
-            Command::new(venv.join("bin/pip"))
-                .args([
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--only-binary=:all:",
-                ])
-                .args(packages),
-            "pip installs from PyPI: the network must reach it",
-        );
-    })
-    .join("venv")
-}
-
 /// numpy's wheel is what auditwheel makes: compiled extensions needing the host's libstdc++
 /// and libgcc_s, and OpenBLAS + libgfortran bundled in `numpy.libs/`, found through
 /// `$ORIGIN/../../numpy.libs`. markupsafe's `_speedups` needs libpthread. All of it must be
@@ -191,7 +158,7 @@ fn venv_with_numpy_computes_in_the_guest() {
     let sb = Sandbox::new();
     let venv = pypi_venv(
         "venv-numpy-2.2.6-markupsafe-3.0.2",
-        &["numpy==2.2.6", "markupsafe==3.0.2"],
+        &["--only-binary=:all:", "numpy==2.2.6", "markupsafe==3.0.2"],
     );
     let app = sb.dir.join("matrix");
     sb.dir.write(
@@ -245,7 +212,7 @@ fn venv_with_numpy_computes_in_the_guest() {
 #[test]
 fn flask_app_gets_its_args_from_fuse_toml_and_serves_http() {
     let sb = Sandbox::new();
-    let venv = pypi_venv("venv-flask-3.1.1", &["flask==3.1.1"]);
+    let venv = pypi_venv("venv-flask-3.1.1", &["--only-binary=:all:", "flask==3.1.1"]);
     let app = sb.dir.join("hello-flask");
     sb.dir.write(
         app.join("__main__.py"),

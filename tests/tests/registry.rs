@@ -21,7 +21,6 @@ struct Registry {
     child: Child,
     port: u16,
     storage: PathBuf,
-    log: PathBuf,
 }
 
 /// TLS and basic auth for a registry: its certificate and key, the htpasswd file.
@@ -80,6 +79,7 @@ impl Registry {
         }
         let config_path = dir.join("registry.yml");
         std::fs::write(&config_path, config).unwrap();
+        // Kept in the test's directory for a post-mortem.
         let log = dir.join("registry.log");
         let child = Command::new(REGISTRY)
             .arg("serve")
@@ -93,7 +93,6 @@ impl Registry {
             child,
             port,
             storage,
-            log,
         };
         let up = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
@@ -127,7 +126,6 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.log;
     }
 }
 
@@ -146,6 +144,14 @@ fn build_hello(sb: &Sandbox) -> String {
         .to_string()
 }
 
+/// `fuse ARGS` (with `--json` among them), asserted to succeed: the JSON it printed.
+fn fuse_json<S: AsRef<std::ffi::OsStr>>(
+    sb: &Sandbox,
+    args: impl IntoIterator<Item = S>,
+) -> serde_json::Value {
+    json(fuse(sb).args(args).run().assert_success())
+}
+
 /// The names in `fuse ls --json`.
 fn listed(sb: &Sandbox) -> Vec<String> {
     let out = fuse(sb).args(["ls", "--json"]).run();
@@ -155,6 +161,15 @@ fn listed(sb: &Sandbox) -> Vec<String> {
         .iter()
         .map(|i| i["image"].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// `fuse login HOST -u ci --password-stdin EXTRA` with `password` on stdin.
+fn login_ci(sb: &Sandbox, host: &str, password: &str, extra: &[&str]) -> fuse_tests::Output {
+    fuse(sb)
+        .args(["login", host, "-u", "ci", "--password-stdin"])
+        .args(extra)
+        .stdin(password)
+        .run()
 }
 
 fn tool(cmd: &mut Command, what: &str) -> String {
@@ -183,12 +198,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
         &["hello:1.0 was never pushed", "HOST[:PORT]/REPOSITORY"],
     );
 
-    let first = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let first = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
     assert_eq!(
         first["blobs_sent"], 5,
         "config, kernel, initrd, stub, rootfs: {first}"
@@ -199,36 +209,24 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     let manifest_digest = first["digest"].as_str().unwrap().to_string();
 
     // Pushed again: nothing but the manifest, which is the same bytes.
-    let second = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let second = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
     assert_eq!(second["blobs_sent"], 0, "{second}");
     assert_eq!(second["blobs_skipped"], 5, "{second}");
     assert_eq!(second["digest"], manifest_digest.as_str(), "deterministic");
     assert!(second["bytes_sent"].as_u64().unwrap() < 4096, "{second}");
     // Without a reference: where the image's name was pushed last, tagged with its version.
-    let third = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let third = fuse_json(&sb, ["push", "hello:1.0", "--json"]);
     assert_eq!(third["reference"], reference.as_str(), "{third}");
     assert_eq!(third["digest"], manifest_digest.as_str());
     // To another repository of the registry: mounted from the first, nothing sent again.
-    let mounted = json(
-        fuse(&sb)
-            .args([
-                "push",
-                "hello:1.0",
-                &registry.reference("z/mounted:1"),
-                "--json",
-            ])
-            .run()
-            .assert_success(),
+    let mounted = fuse_json(
+        &sb,
+        [
+            "push",
+            "hello:1.0",
+            &registry.reference("z/mounted:1"),
+            "--json",
+        ],
     );
     assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
     assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
@@ -304,12 +302,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     // Removed locally, pulled back: the same image, named after the reference, and it boots.
     fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
     assert!(listed(&sb).is_empty());
-    let pulled = json(
-        fuse(&sb)
-            .args(["pull", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pulled = fuse_json(&sb, ["pull", &reference, "--json"]);
     assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
     assert_eq!(pulled["image"], reference.as_str());
     assert_eq!(pulled["manifest_digest"], manifest_digest.as_str());
@@ -318,12 +311,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     let out = fuse(&sb).args(["run", &reference]).run();
     out.assert_success()
         .assert_stdout_contains("hello from the guest");
-    let inspected = json(
-        fuse(&sb)
-            .args(["inspect", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let inspected = fuse_json(&sb, ["inspect", &reference, "--json"]);
     assert_eq!(inspected["digest"], image.as_str());
     fuse(&sb)
         .args(["verify", &reference])
@@ -331,15 +319,13 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
         .assert_success();
 
     // Pinned by the manifest's digest: the same image, its version named after the digest.
-    let pinned = json(
-        fuse(&sb)
-            .args([
-                "pull",
-                &format!("{}@{manifest_digest}", registry.reference("x/hello")),
-                "--json",
-            ])
-            .run()
-            .assert_success(),
+    let pinned = fuse_json(
+        &sb,
+        [
+            "pull",
+            &format!("{}@{manifest_digest}", registry.reference("x/hello")),
+            "--json",
+        ],
     );
     assert_eq!(pinned["digest"], image.as_str(), "{pinned}");
     let hex = manifest_digest.trim_start_matches("sha256:");
@@ -357,12 +343,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     assert_one_error(&out, &["HTTP 404"]);
 
     // What skopeo copied back pulls as the same image; the parts the store has are reused.
-    let again = json(
-        fuse(&sb)
-            .args(["pull", &copy, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let again = fuse_json(&sb, ["pull", &copy, "--json"]);
     assert_eq!(again["digest"], image.as_str(), "{again}");
     assert_eq!(
         again["blobs_reused"], 3,
@@ -389,12 +370,7 @@ fn run_pulls_by_itself_and_a_corrupt_blob_is_refused_with_nothing_stored() {
     out.assert_success()
         .assert_stdout_contains("hello from the guest")
         .assert_stderr_contains("pulling it");
-    let stored = json(
-        fuse(&user)
-            .args(["inspect", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let stored = fuse_json(&user, ["inspect", &reference, "--json"]);
     assert_eq!(stored["digest"], image.as_str());
     // A second run finds it in the store.
     let out = fuse(&user).args(["run", &reference]).run();
@@ -523,18 +499,7 @@ fn basic_auth_and_tls_with_a_private_ca() {
         .run();
     assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
     // A wrong password is refused and not saved; no password is ever taken in argv.
-    let out = fuse(&sb)
-        .args([
-            "login",
-            host,
-            "-u",
-            "ci",
-            "--password-stdin",
-            "--ca-cert",
-            ca,
-        ])
-        .stdin("wrong\n")
-        .run();
+    let out = login_ci(&sb, host, "wrong\n", &["--ca-cert", ca]);
     assert_one_error(
         &out,
         &["Login to", "HTTP 401", "refused the credentials of ci"],
@@ -543,18 +508,7 @@ fn basic_auth_and_tls_with_a_private_ca() {
     let out = fuse(&sb).args(["login", host, "-u", "ci"]).run();
     assert_one_error(&out, &["--password-stdin"]);
 
-    let out = fuse(&sb)
-        .args([
-            "login",
-            host,
-            "-u",
-            "ci",
-            "--password-stdin",
-            "--ca-cert",
-            ca,
-        ])
-        .stdin("s3cret\n")
-        .run();
+    let out = login_ci(&sb, host, "s3cret\n", &["--ca-cert", ca]);
     out.assert_success();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
@@ -564,20 +518,13 @@ fn basic_auth_and_tls_with_a_private_ca() {
     // base64("ci:s3cret"), where docker login puts it.
     assert_eq!(saved["auths"][host]["auth"], "Y2k6czNjcmV0", "{saved}");
 
-    let pushed = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--ca-cert", ca, "--json"])
-            .run()
-            .assert_success(),
+    let pushed = fuse_json(
+        &sb,
+        ["push", "hello:1.0", &reference, "--ca-cert", ca, "--json"],
     );
     assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
     fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
-    let pulled = json(
-        fuse(&sb)
-            .args(["pull", &reference, "--ca-cert", ca, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pulled = fuse_json(&sb, ["pull", &reference, "--ca-cert", ca, "--json"]);
     assert_eq!(pulled["digest"], image.as_str());
     fuse(&sb)
         .args(["run", &reference])
@@ -796,25 +743,11 @@ fn bearer_tokens_from_the_registrys_token_service() {
     let out = fuse(&sb).args(["push", "hello:1.0", &reference]).run();
     assert_one_error(&out, &[host, "HTTP 401", &format!("fuse login {host}")]);
 
-    fuse(&sb)
-        .args(["login", host, "-u", "ci", "--password-stdin"])
-        .stdin("s3cret")
-        .run()
-        .assert_success();
-    let pushed = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    login_ci(&sb, host, "s3cret", &[]).assert_success();
+    let pushed = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
     assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
     fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
-    let pulled = json(
-        fuse(&sb)
-            .args(["pull", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pulled = fuse_json(&sb, ["pull", &reference, "--json"]);
     assert_eq!(pulled["digest"], image.as_str());
 
     let seen_all = seen;
@@ -838,16 +771,14 @@ fn bearer_tokens_from_the_registrys_token_service() {
 
     // Another repository of the registry: every blob is mounted from the first, none sent; the
     // token asked to pull from it too.
-    let mounted = json(
-        fuse(&sb)
-            .args([
-                "push",
-                &reference,
-                &registry.reference("team/other:1"),
-                "--json",
-            ])
-            .run()
-            .assert_success(),
+    let mounted = fuse_json(
+        &sb,
+        [
+            "push",
+            &reference,
+            &registry.reference("team/other:1"),
+            "--json",
+        ],
     );
     assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
     assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
@@ -865,12 +796,21 @@ fn bearer_tokens_from_the_registrys_token_service() {
 fn a_push_waits_out_a_registry_that_comes_up_late() {
     let sb = Sandbox::new();
     build_hello(&sb);
-    let port = common::free_port();
+    // The port holds a listener that drops the push's first connection unanswered (a
+    // registry going down): the push can only complete by trying again.
+    let early = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = early.local_addr().unwrap().port();
+    early.set_nonblocking(true).unwrap();
     let reference = format!("127.0.0.1:{port}/x/hello:1.0");
     let push = fuse(&sb)
         .args(["push", "hello:1.0", &reference, "--json"])
         .spawn();
-    std::thread::sleep(Duration::from_millis(1500));
+    let first = wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+        early.accept().ok()
+    });
+    assert!(first.is_some(), "the push never connected");
+    drop(first);
+    drop(early);
     let registry = Registry::start_on(sb.dir.path(), port, None, None);
     let out = push.wait();
     let pushed = json(out.assert_success());
@@ -994,12 +934,7 @@ fn two_arches_under_one_tag_make_an_index_and_pull_picks_one() {
     );
 
     // Pull picks the host's arch, or --arch.
-    let pulled = json(
-        fuse(&sb)
-            .args(["pull", &reference, "--arch", "aarch64", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pulled = fuse_json(&sb, ["pull", &reference, "--arch", "aarch64", "--json"]);
     assert_eq!(pulled["digest"], arm.as_str(), "{pulled}");
     assert_eq!(pulled["index_digest"], index_digest.as_str());
     assert_eq!(pulled["manifest_digest"], second["digest"]);
@@ -1010,19 +945,9 @@ fn two_arches_under_one_tag_make_an_index_and_pull_picks_one() {
     out.assert_success()
         .assert_stdout_contains("hello from the guest")
         .assert_stderr_contains("is stored for aarch64, not x86_64: pulling it");
-    let inspected = json(
-        fuse(&sb)
-            .args(["inspect", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let inspected = fuse_json(&sb, ["inspect", &reference, "--json"]);
     assert_eq!(inspected["digest"], amd.as_str());
-    let host = json(
-        fuse(&sb)
-            .args(["pull", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let host = fuse_json(&sb, ["pull", &reference, "--json"]);
     assert_eq!(host["digest"], amd.as_str(), "the host's arch: {host}");
 
     // An index without this host's arch (made by hand, with the arm64 entry alone): one
@@ -1345,23 +1270,13 @@ fn the_registry_killed_mid_push_and_restarted() {
     );
     assert_eq!(pushed["image_digest"], image.as_str());
     // Everything is there now: a re-run sends the manifest alone.
-    let again = json(
-        fuse(&sb)
-            .args(["push", "big:1.0", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let again = fuse_json(&sb, ["push", "big:1.0", &reference, "--json"]);
     assert_eq!(again["blobs_sent"], 0, "{again}");
     assert_eq!(again["digest"], pushed["digest"]);
 
     // What the registry kept is the image: pulled into an empty store, the same digest.
     fuse(&sb).args(["rm", "big:1.0"]).run().assert_success();
-    let pulled = json(
-        fuse(&sb)
-            .args(["pull", &reference, "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pulled = fuse_json(&sb, ["pull", &reference, "--json"]);
     assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
     drop(registry);
 }
@@ -1386,12 +1301,7 @@ fn push_sbom_attaches_it_under_the_fallback_tag_and_sbom_reads_it_back() {
     let out = fuse(&sb).args(["sbom", &reference]).run();
     assert_one_error(&out, &["no application/spdx+json attached", "--sbom"]);
 
-    let pushed = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--sbom", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pushed = fuse_json(&sb, ["push", "hello:1.0", &reference, "--sbom", "--json"]);
     let manifest_digest = pushed["digest"].as_str().unwrap();
     let sbom_digest = pushed["sbom_digest"].as_str().unwrap().to_string();
 
@@ -1438,12 +1348,7 @@ fn push_sbom_attaches_it_under_the_fallback_tag_and_sbom_reads_it_back() {
     );
 
     // Pushed again: the same artifact, still listed once.
-    let again = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--sbom", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let again = fuse_json(&sb, ["push", "hello:1.0", &reference, "--sbom", "--json"]);
     assert_eq!(again["sbom_digest"], sbom_digest.as_str());
     let (index, _) = skopeo_raw(sb.dir.path(), &fallback);
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
@@ -1461,12 +1366,7 @@ fn test_attach_pushes_the_report_as_a_referrer() {
     let out = fuse(&sb).args(["test", "hello:1.0", "--attach"]).run();
     assert_one_error(&out, &["--attach", "registry reference"]);
 
-    let pushed = json(
-        fuse(&sb)
-            .args(["push", "hello:1.0", &reference, "--sbom", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let pushed = fuse_json(&sb, ["push", "hello:1.0", &reference, "--sbom", "--json"]);
     let manifest_digest = pushed["digest"].as_str().unwrap();
     let report = sb.dir.join("report.json");
     let out = fuse(&sb)

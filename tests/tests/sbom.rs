@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{cached_fixture, json, run_tool, sha256_hex, Sandbox, HELLO};
+use common::{json, npm_modules, pypi_venv, run_tool, sha256_hex, Sandbox, HELLO};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,25 +14,7 @@ use std::time::Duration;
 /// The python of a venv with spdx-tools 0.8.3 (its scripts' shebangs name the scratch
 /// directory the fixture was made in, so the tool runs as `python -m`).
 fn spdx_python() -> PathBuf {
-    cached_fixture("venv-spdx-tools-0.8.3", |dir| {
-        let venv = dir.join("venv");
-        run_tool(
-            Command::new("/usr/bin/python3")
-                .args(["-m", "venv"])
-                .arg(&venv),
-            "python3 -m venv needs python3-venv",
-        );
-        run_tool(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "spdx-tools==0.8.3",
-            ]),
-            "pip installs from PyPI: the network must reach it",
-        );
-    })
-    .join("venv/bin/python3")
+    pypi_venv("venv-spdx-tools-0.8.3", &["spdx-tools==0.8.3"]).join("bin/python3")
 }
 
 /// Validates `doc` with pyspdxtools: exit 0, no validation message at all (it exits 1 listing
@@ -82,6 +64,16 @@ fn file<'a>(doc: &'a Value, path: &str) -> &'a Value {
         .iter()
         .find(|f| f["fileName"] == format!(".{path}"))
         .unwrap_or_else(|| panic!("no file {path}"))
+}
+
+/// The file entry whose name ends with `suffix`.
+fn file_ending<'a>(doc: &'a Value, suffix: &str) -> &'a Value {
+    doc["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fileName"].as_str().unwrap().ends_with(suffix))
+        .unwrap_or_else(|| panic!("no file ending with {suffix}"))
 }
 
 fn checksum<'a>(entry: &'a Value, algorithm: &str) -> &'a str {
@@ -139,7 +131,11 @@ fn static_hello_sbom_validates_has_its_files_and_is_deterministic() {
     // The app's file, with the host file's checksum, in the image package.
     let app = file(&doc, "/app/hello");
     assert_eq!(checksum(app, "SHA256"), sha256_hex(&hello));
-    assert_eq!(checksum(app, "SHA1").len(), 40);
+    let sha1 = run_tool(Command::new("sha1sum").arg(&hello), "sha1sum (coreutils)");
+    assert_eq!(
+        checksum(app, "SHA1"),
+        sha1.split_whitespace().next().unwrap()
+    );
     assert!(contains(
         &doc,
         "SPDXRef-Package-image",
@@ -172,26 +168,7 @@ fn unknown_image_is_one_clear_error() {
 #[test]
 fn python_venv_distributions_are_packages_owning_their_files() {
     let sb = Sandbox::new();
-    let venv = cached_fixture("venv-six-1.17.0", |dir| {
-        let venv = dir.join("venv");
-        run_tool(
-            Command::new("/usr/bin/python3")
-                .args(["-m", "venv"])
-                .arg(&venv),
-            "python3 -m venv needs python3-venv",
-        );
-        run_tool(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--only-binary=:all:",
-                "six==1.17.0",
-            ]),
-            "pip installs from PyPI: the network must reach it",
-        );
-    })
-    .join("venv");
+    let venv = pypi_venv("venv-six-1.17.0", &["--only-binary=:all:", "six==1.17.0"]);
     let app = sb.dir.join("sixapp");
     sb.dir.write(
         app.join("__main__.py"),
@@ -212,17 +189,7 @@ fn python_venv_distributions_are_packages_owning_their_files() {
         six["externalRefs"][0]["referenceLocator"],
         "pkg:pypi/six@1.17.0"
     );
-    let module = doc["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| {
-            f["fileName"]
-                .as_str()
-                .unwrap()
-                .ends_with("/site-packages/six.py")
-        })
-        .expect("six.py in the files");
+    let module = file_ending(&doc, "/site-packages/six.py");
     assert_eq!(
         checksum(module, "SHA256"),
         sha256_hex(
@@ -253,25 +220,10 @@ fn python_venv_distributions_are_packages_owning_their_files() {
 #[test]
 fn node_modules_are_packages_owning_their_files() {
     let sb = Sandbox::new();
-    let modules = cached_fixture("npm-ms-2.1.3-types-ms-0.7.34", |dir| {
-        std::fs::write(
-            dir.join("package.json"),
-            r#"{ "name": "fixture", "version": "1.0.0", "private": true }"#,
-        )
-        .unwrap();
-        run_tool(
-            Command::new("npm")
-                .args([
-                    "install",
-                    "--no-audit",
-                    "--no-fund",
-                    "ms@2.1.3",
-                    "@types/ms@0.7.34",
-                ])
-                .current_dir(dir),
-            "npm installs from the registry: the network must reach it",
-        );
-    });
+    let modules = npm_modules(
+        "npm-ms-2.1.3-types-ms-0.7.34",
+        &["ms@2.1.3", "@types/ms@0.7.34"],
+    );
     let app = sb.dir.join("msapp");
     common::copy_tree(&modules, &app);
     sb.dir.write(
@@ -299,17 +251,7 @@ fn node_modules_are_packages_owning_their_files() {
         types["externalRefs"][0]["referenceLocator"],
         "pkg:npm/%40types/ms@0.7.34"
     );
-    let index = doc["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| {
-            f["fileName"]
-                .as_str()
-                .unwrap()
-                .ends_with("/node_modules/ms/index.js")
-        })
-        .expect("ms/index.js in the files");
+    let index = file_ending(&doc, "/node_modules/ms/index.js");
     assert_eq!(
         checksum(index, "SHA256"),
         sha256_hex(&modules.join("node_modules/ms/index.js"))

@@ -374,6 +374,7 @@ fn killed_run_secrets(arch: &str) {
         .run();
     started.assert_success();
     let id = started.stdout_str().trim().to_string();
+    let instance = common::Detached::new(&sb, &runtime, &id);
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(runtime.join(&id).join("state.json")).unwrap())
             .unwrap();
@@ -396,6 +397,7 @@ fn killed_run_secrets(arch: &str) {
         .then_some(())
     });
     assert!(ended.is_some(), "the supervisor survived SIGKILL");
+    instance.ended();
     fuse().arg("ps").run().assert_success();
     // The sweep removed the overlay; the ended instance keeps only what the app printed (as
     // `docker logs` does) until it is pruned.

@@ -187,15 +187,7 @@ fn nocloud_export_is_a_deterministic_cidata_seed_with_the_userdata() {
     let flags = ["--env", "prod", "-e", "MSG=a \"quoted\"\nvalue", "--", "x"];
     let userdata = sb.fuse().arg("userdata").arg("cfg:1.0").args(flags).run();
     userdata.assert_success();
-    let digest = common::json(
-        sb.fuse()
-            .args(["inspect", "--json", "cfg:1.0"])
-            .run()
-            .assert_success(),
-    )["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let digest = common::image_digest(&sb, "cfg:1.0");
 
     let export = |name: &str| -> PathBuf {
         let path = sb.dir.join(name);
@@ -431,6 +423,8 @@ int main(int argc, char **argv) {
     show("/sys/block/vda/size");
     show("/sys/block/vdb/ro");
     show("/sys/block/vdb/size");
+    /* 169.254.169.x are addresses of QEMU's user-mode network, inside the VM: the metadata
+       server's is relayed to the host's 127.0.0.1, the gateway's (.2) is slirp's own. */
     for (int i = 0; i < 2; i++) {
         int s = -1;
         for (int t = 0; t < 20 && s < 0; t++) if ((s = dial("169.254.169.254", 80)) < 0) sleep(1);

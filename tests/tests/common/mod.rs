@@ -67,6 +67,17 @@ impl Sandbox {
         }
     }
 
+    /// `fuse build --json APP`, asserted to succeed: what it printed (`digest`, `image`...).
+    pub fn build_json(&self, app: impl AsRef<std::ffi::OsStr>) -> serde_json::Value {
+        json(
+            self.fuse()
+                .args(["build", "--json"])
+                .arg(app)
+                .run()
+                .assert_success(),
+        )
+    }
+
     /// Compiles a C program into the sandbox.
     pub fn program(&self, src: &str, name: &str, extra_args: &[&str]) -> PathBuf {
         self.dir.compile_c(src, name, extra_args)
@@ -373,4 +384,103 @@ pub fn copy_tree(from: &Path, to: &Path) {
             .arg(to),
         "copying a fixture",
     );
+}
+
+/// A virtualenv of Debian's python3 with `pip install ARGS` from PyPI (requirements and pip's
+/// options, e.g. `--only-binary=:all:`), cached under the target directory as `fixture`
+/// (see [`cached_fixture`]: the name must change with the arguments). Returns the venv.
+pub fn pypi_venv(fixture: &str, pip_args: &[&str]) -> PathBuf {
+    cached_fixture(fixture, |dir| {
+        let venv = dir.join("venv");
+        run_tool(
+            std::process::Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+            "python3 -m venv needs python3-venv",
+        );
+        run_tool(
+            std::process::Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .args(pip_args),
+            "pip installs from PyPI: the network must reach it",
+        );
+    })
+    .join("venv")
+}
+
+/// A directory holding `node_modules` of `npm install ARGS` (packages and npm's options) under
+/// a private package.json, cached under the target directory as `fixture`.
+pub fn npm_modules(fixture: &str, npm_args: &[&str]) -> PathBuf {
+    cached_fixture(fixture, |dir| {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{ "name": "fixture", "version": "1.0.0", "private": true }"#,
+        )
+        .unwrap();
+        run_tool(
+            std::process::Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund"])
+                .args(npm_args)
+                .current_dir(dir),
+            "npm installs from the registry: the network must reach it",
+        );
+    })
+}
+
+/// The manifest digest of the stored `image`, as `fuse inspect --json` gives it.
+pub fn image_digest(sb: &Sandbox, image: &str) -> String {
+    json(
+        sb.fuse()
+            .args(["inspect", "--json", image])
+            .run()
+            .assert_success(),
+    )["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest for {image}"))
+        .to_string()
+}
+
+/// A detached instance (`fuse run -d` with `FUSE_RUNTIME_DIR=runtime`), stopped by `fuse kill`
+/// when dropped, so a failed assertion does not leak its VM.
+pub struct Detached<'a> {
+    sb: &'a Sandbox,
+    runtime: PathBuf,
+    pub id: String,
+    stopped: bool,
+}
+
+impl<'a> Detached<'a> {
+    /// Guards the instance `id` that `fuse run -d` printed; make it right after the start.
+    pub fn new(sb: &'a Sandbox, runtime: &Path, id: &str) -> Detached<'a> {
+        Detached {
+            sb,
+            runtime: runtime.to_path_buf(),
+            id: id.to_string(),
+            stopped: false,
+        }
+    }
+
+    /// `fuse` with this instance's runtime directory.
+    pub fn fuse(&self) -> FuseCmd {
+        self.sb.fuse().env("FUSE_RUNTIME_DIR", &self.runtime)
+    }
+
+    /// `fuse kill ID` (its output, for the caller to assert on); the guard is then spent.
+    pub fn kill(mut self) -> fuse_tests::Output {
+        self.stopped = true;
+        self.fuse().args(["kill", &self.id]).run()
+    }
+
+    /// The test ended the instance by other means (killed its supervisor): nothing to stop.
+    pub fn ended(mut self) {
+        self.stopped = true;
+    }
+}
+
+impl Drop for Detached<'_> {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.fuse().args(["kill", &self.id]).run();
+        }
+    }
 }
