@@ -15,6 +15,7 @@ void read_boot_params(struct boot_params *p)
 {
 	p->root = xstrdup("/dev/vda");
 	p->rootfstype = xstrdup("squashfs");
+	p->app = NULL;
 	p->debug = false;
 
 	char *buf;
@@ -26,6 +27,9 @@ void read_boot_params(struct boot_params *p)
 		if (strncmp(w, "fuse.root=", 10) == 0) {
 			free(p->root);
 			p->root = xstrdup(w + 10);
+		} else if (strncmp(w, "fuse.app=", 9) == 0) {
+			free(p->app);
+			p->app = xstrdup(w + 9);
 		} else if (strncmp(w, "fuse.rootfstype=", 16) == 0) {
 			free(p->rootfstype);
 			p->rootfstype = xstrdup(w + 16);

@@ -97,6 +97,8 @@ int drop_privileges(uid_t uid, gid_t gid, const uint64_t *caps, char *err, size_
 struct boot_params {
 	char *root;      /* fuse.root: /dev/NAME or PARTUUID=<uuid>; default /dev/vda */
 	char *rootfstype; /* fuse.rootfstype: default squashfs */
+	char *app;       /* fuse.app: the app's squashfs (/dev/NAME or PARTUUID=), mounted on
+			  * /app; NULL: the app is in the root filesystem */
 	bool debug;      /* fuse.debug=1 */
 };
 /* Parse /proc/cmdline (proc must be mounted). */
@@ -106,8 +108,9 @@ void read_boot_params(struct boot_params *p);
 
 /* Mount devtmpfs, proc and sysfs in the initramfs. */
 void mount_early(void);
-/* Wait for the root device, mount it read-only on /newroot and make it the root (PID 1
- * keeps running). /dev, /proc and /sys are moved along. */
+/* Wait for the root device, mount it read-only on /newroot (and the app's filesystem on
+ * /newroot/app) and make it the root (PID 1 keeps running). /dev, /proc and /sys are moved
+ * along. */
 void switch_root(const struct boot_params *p);
 /* The run-time mounts of the new root: devpts, /dev/shm, /tmp, /run. */
 void mount_runtime(void);

@@ -224,6 +224,19 @@ void switch_root(const struct boot_params *p)
 		    why);
 	}
 
+	/* The app's own filesystem (its own partition, so a new version of the app leaves the
+	 * root's bytes alone): read-only like the root, mounted before the switch so the app
+	 * never sees /app empty. */
+	if (p->app) {
+		char appdev[512];
+		wait_root(p->app, appdev, sizeof(appdev));
+		if (mount(appdev, "/newroot/app", p->rootfstype, MS_RDONLY | MS_NODEV | MS_NOSUID,
+			  NULL) < 0)
+			die(EXIT_INIT_FAILURE, "cannot mount the app filesystem %s (%s) on /app: %s",
+			    appdev, p->rootfstype, strerror(errno));
+		debug("app device %s mounted on /app", appdev);
+	}
+
 	/* Carry the early mounts into the new root rather than remounting them: devtmpfs keeps
 	 * its nodes and nothing has to be unmounted from under the initramfs. */
 	static const char *const carried[] = {"/dev", "/proc", "/sys"};

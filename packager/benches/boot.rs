@@ -14,6 +14,7 @@
 //! NVMe, an e1000 NIC; aarch64 with ACPI), booting the same disk.
 
 use anyhow::{bail, Context, Result};
+use fuse_boot::cmdline::Volume;
 use fuse_boot::vm::{self, VmConfig, VmOutcome};
 use fuse_boot::vm::{AccelChoice, Machine};
 use fuse_packager::bench::{self, BenchImage};
@@ -189,9 +190,15 @@ fn bench_arch(
         let verity = fuse_boot::cmdline::parse_verity(&config.cmdline)
             .context("the image's command line has no dm-verity table")?
             .map_err(anyhow::Error::msg)?;
+        let app = fuse_boot::cmdline::parse_volume(&config.cmdline, Volume::App)
+            .context("the image's command line has no dm-verity table for /app")?
+            .map_err(anyhow::Error::msg)?;
         let mut plain = config.clone();
-        plain.cmdline =
-            fuse_boot::cmdline::image_cmdline(arch, &format!("PARTUUID={}", verity.data_partuuid));
+        plain.cmdline = format!(
+            "{} fuse.app=PARTUUID={}",
+            fuse_boot::cmdline::image_cmdline(arch, &format!("PARTUUID={}", verity.data_partuuid)),
+            app.data_partuuid
+        );
         // Alternated, so a change in the machine's load weighs on both alike.
         let (a, b) = (
             format!("{arch} dm-verity root"),

@@ -63,12 +63,13 @@ pub mod bench {
         let m = &image.manifest;
         Ok(BenchImage {
             summary: format!(
-                "{}: {} (kernel {}, init {}, rootfs {})",
+                "{}: {} (kernel {}, init {}, rootfs {}, appfs {})",
                 image.name,
                 human_size(m.total_size()),
                 human_size(m.kernel.size),
                 human_size(m.init.size),
-                human_size(m.rootfs.size)
+                human_size(m.rootfs.size),
+                human_size(m.appfs.size)
             ),
             kernel: store.blob_path(&m.kernel.digest),
             initrd: store.blob_path(&m.init.digest),

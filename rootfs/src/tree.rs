@@ -509,6 +509,48 @@ impl Tree {
         sizes
     }
 
+    /// Moves everything below the directory `dir` into a tree of its own rooted there
+    /// (`/app/x` becomes `/x`; its root takes `dir`'s mode), leaving `dir` here, empty, as a
+    /// mount point. A missing `dir` is made (mode 0755) and gives an empty tree.
+    pub fn split_off(&mut self, dir: &str) -> Result<Tree> {
+        validate_path(dir)?;
+        let mode = match self.nodes.get(dir) {
+            Some(Node::Dir { mode }) => *mode,
+            Some(other) => {
+                return Err(TreeError::Conflict {
+                    path: dir.to_string(),
+                    detail: format!(
+                        "it must be a directory (it is mounted on), not a {}",
+                        other.kind()
+                    ),
+                })
+            }
+            None => {
+                self.add_dir(dir, DEFAULT_DIR_MODE)?;
+                DEFAULT_DIR_MODE
+            }
+        };
+        let prefix = format!("{dir}/");
+        let below: Vec<String> = self
+            .nodes
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut split = Tree::new();
+        split.nodes.insert("/".into(), Node::Dir { mode });
+        split.implicit_dirs.clear();
+        for path in below {
+            let node = self.nodes.remove(&path).expect("listed above");
+            let inner = format!("/{}", &path[prefix.len()..]);
+            if self.implicit_dirs.remove(&path) {
+                split.implicit_dirs.insert(inner.clone());
+            }
+            split.nodes.insert(inner, node);
+        }
+        Ok(split)
+    }
+
     fn file_sizes(&self) -> impl Iterator<Item = (&str, u64)> {
         self.nodes.iter().filter_map(|(p, n)| match n {
             Node::File { source, .. } => Some((p.as_str(), source.len().unwrap_or(0))),
@@ -655,5 +697,27 @@ mod tests {
             vec![("/b".into(), 10), ("/a".into(), 3), ("/c".into(), 3)]
         );
         assert_eq!(t.total_file_bytes(), 16);
+    }
+
+    #[test]
+    fn split_off_moves_a_directory_into_its_own_tree() {
+        let mut t = Tree::new();
+        t.add_bytes("/app/a/b", &b"x"[..], 0o644).unwrap();
+        t.add_dir("/app/c", 0o700).unwrap();
+        t.add_bytes("/apple", &b"y"[..], 0o644).unwrap();
+        t.add_bytes("/etc/x", &b"z"[..], 0o644).unwrap();
+        let app = t.split_off("/app").unwrap();
+        let paths: Vec<&str> = app.iter().map(|(p, _)| p).collect();
+        assert_eq!(paths, ["/", "/a", "/a/b", "/c"]);
+        assert!(matches!(app.get("/c"), Some(Node::Dir { mode: 0o700 })));
+        let rest: Vec<&str> = t.iter().map(|(p, _)| p).collect();
+        assert_eq!(rest, ["/", "/app", "/apple", "/etc", "/etc/x"]);
+        assert!(matches!(t.get("/app"), Some(Node::Dir { .. })));
+        // A missing directory is made and gives an empty tree; a file cannot be split off.
+        let mut u = Tree::new();
+        assert!(u.split_off("/app").unwrap().is_empty());
+        assert!(u.contains("/app"));
+        u.add_bytes("/f", &b"x"[..], 0o644).unwrap();
+        assert!(u.split_off("/f").is_err());
     }
 }

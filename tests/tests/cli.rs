@@ -35,7 +35,7 @@ fn build_names_stores_and_inspects_an_image() {
     assert_eq!(inspect["digest"], fields[1]);
     assert_eq!(inspect["arch"], "x86_64");
     assert_eq!(inspect["app"]["exe"], "/app/hello-1.0");
-    let parts: u64 = ["kernel", "init", "rootfs"]
+    let parts: u64 = ["kernel", "init", "rootfs", "appfs"]
         .iter()
         .map(|c| inspect[c]["size"].as_u64().unwrap())
         .sum();

@@ -106,8 +106,8 @@ fn direct_boot_reads_kernel_and_init_out_of_the_disk() {
             .run()
             .assert_success(),
     );
-    // The kernel, init and root blobs go: only the disk is left to boot from.
-    for part in ["kernel", "init", "rootfs"] {
+    // The kernel, init, root and app blobs go: only the disk is left to boot from.
+    for part in ["kernel", "init", "rootfs", "appfs"] {
         let d = manifest[part]["digest"].as_str().unwrap();
         let blob = sb
             .home()
@@ -118,27 +118,33 @@ fn direct_boot_reads_kernel_and_init_out_of_the_disk() {
     let out = sb.fuse().args(["run", image]).run();
     out.assert_success();
     assert_eq!(out.stdout_str().trim_end(), "hello from the guest", "{out}");
-    // The disk's layout as inspect shows it: ESP, root, its verity hash tree, 1 MiB aligned;
-    // the root is the dm-verity device over the two partitions the command line names.
+    // The disk's layout as inspect shows it: ESP, root, its verity hash tree, the app's
+    // filesystem and its tree, 1 MiB aligned; the root and /app are the dm-verity devices
+    // over the partitions the command line names.
     let disk = &manifest["disk"];
     let parts = disk["partitions"].as_array().unwrap();
-    assert_eq!(parts.len(), 3);
+    assert_eq!(parts.len(), 5);
     assert_eq!(parts[0]["type_name"], "EFI System");
     assert_eq!(parts[1]["type"], "4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
     assert_eq!(parts[2]["type"], "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5");
+    assert_eq!(parts[3]["name"], "fuse-app");
+    assert_eq!(parts[4]["name"], "fuse-app-verity");
     for p in parts {
         assert_eq!(p["offset"].as_u64().unwrap() % (1 << 20), 0, "{p}");
     }
     let cmdline = manifest["cmdline"].as_str().unwrap();
-    assert!(
-        cmdline.contains(&format!(
-            "verity 1 PARTUUID={} PARTUUID={} ",
-            parts[1]["guid"].as_str().unwrap(),
-            parts[2]["guid"].as_str().unwrap()
-        )),
-        "{cmdline}"
-    );
+    for (data, hashes) in [(1, 2), (3, 4)] {
+        assert!(
+            cmdline.contains(&format!(
+                "verity 1 PARTUUID={} PARTUUID={} ",
+                parts[data]["guid"].as_str().unwrap(),
+                parts[hashes]["guid"].as_str().unwrap()
+            )),
+            "{cmdline}"
+        );
+    }
     assert!(cmdline.contains("fuse.root=/dev/dm-0"), "{cmdline}");
+    assert!(cmdline.contains("fuse.app=/dev/dm-1"), "{cmdline}");
     let root_hash = disk["verity"]["root_hash"].as_str().unwrap();
     assert!(
         cmdline.contains(&format!(" sha256 {root_hash} ")),

@@ -200,8 +200,8 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
 
     let first = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
     assert_eq!(
-        first["blobs_sent"], 5,
-        "config, kernel, initrd, stub, rootfs: {first}"
+        first["blobs_sent"], 6,
+        "config, kernel, initrd, stub, rootfs, appfs: {first}"
     );
     assert_eq!(first["blobs_skipped"], 0, "{first}");
     assert_eq!(first["image_digest"], image.as_str());
@@ -211,7 +211,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     // Pushed again: nothing but the manifest, which is the same bytes.
     let second = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
     assert_eq!(second["blobs_sent"], 0, "{second}");
-    assert_eq!(second["blobs_skipped"], 5, "{second}");
+    assert_eq!(second["blobs_skipped"], 6, "{second}");
     assert_eq!(second["digest"], manifest_digest.as_str(), "deterministic");
     assert!(second["bytes_sent"].as_u64().unwrap() < 4096, "{second}");
     // Without a reference: where the image's name was pushed last, tagged with its version.
@@ -228,7 +228,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
             "--json",
         ],
     );
-    assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
+    assert_eq!(mounted["blobs_mounted"], 6, "{mounted}");
     assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
     assert!(mounted["bytes_sent"].as_u64().unwrap() < 4096, "{mounted}");
 
@@ -258,7 +258,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
         image.as_str()
     );
     let layers = manifest["layers"].as_array().unwrap();
-    assert_eq!(layers.len(), 4, "{raw}");
+    assert_eq!(layers.len(), 5, "{raw}");
 
     // skopeo copies it to an OCI layout: every blob's bytes match its digest; and back into
     // the registry under another name, from which fuse pulls the same image.
@@ -306,7 +306,7 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
     assert_eq!(pulled["image"], reference.as_str());
     assert_eq!(pulled["manifest_digest"], manifest_digest.as_str());
-    assert_eq!(pulled["blobs_received"], 5, "{pulled}");
+    assert_eq!(pulled["blobs_received"], 6, "{pulled}");
     assert_eq!(listed(&sb), vec![reference.clone()]);
     let out = fuse(&sb).args(["run", &reference]).run();
     out.assert_success()
@@ -346,8 +346,8 @@ fn push_rm_pull_run_and_skopeo_reads_what_was_pushed() {
     let again = fuse_json(&sb, ["pull", &copy, "--json"]);
     assert_eq!(again["digest"], image.as_str(), "{again}");
     assert_eq!(
-        again["blobs_reused"], 3,
-        "kernel, initrd and rootfs are in the store: {again}"
+        again["blobs_reused"], 4,
+        "kernel, initrd, rootfs and appfs are in the store: {again}"
     );
     assert_eq!(again["blobs_received"], 2, "config and EFI stub: {again}");
     assert_no_leaked_qemu();
@@ -522,7 +522,7 @@ fn basic_auth_and_tls_with_a_private_ca() {
         &sb,
         ["push", "hello:1.0", &reference, "--ca-cert", ca, "--json"],
     );
-    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    assert_eq!(pushed["blobs_sent"], 6, "{pushed}");
     fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
     let pulled = fuse_json(&sb, ["pull", &reference, "--ca-cert", ca, "--json"]);
     assert_eq!(pulled["digest"], image.as_str());
@@ -745,7 +745,7 @@ fn bearer_tokens_from_the_registrys_token_service() {
 
     login_ci(&sb, host, "s3cret", &[]).assert_success();
     let pushed = fuse_json(&sb, ["push", "hello:1.0", &reference, "--json"]);
-    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    assert_eq!(pushed["blobs_sent"], 6, "{pushed}");
     fuse(&sb).args(["rm", "hello:1.0"]).run().assert_success();
     let pulled = fuse_json(&sb, ["pull", &reference, "--json"]);
     assert_eq!(pulled["digest"], image.as_str());
@@ -780,7 +780,7 @@ fn bearer_tokens_from_the_registrys_token_service() {
             "--json",
         ],
     );
-    assert_eq!(mounted["blobs_mounted"], 5, "{mounted}");
+    assert_eq!(mounted["blobs_mounted"], 6, "{mounted}");
     assert_eq!(mounted["blobs_sent"], 0, "{mounted}");
     let seen = seen_all.lock().unwrap().clone();
     assert!(
@@ -814,7 +814,7 @@ fn a_push_waits_out_a_registry_that_comes_up_late() {
     let registry = Registry::start_on(sb.dir.path(), port, None, None);
     let out = push.wait();
     let pushed = json(out.assert_success());
-    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    assert_eq!(pushed["blobs_sent"], 6, "{pushed}");
     drop(registry);
 
     // Nothing listening at all: a clear error after the tries, naming the registry.
@@ -1420,4 +1420,80 @@ fn test_attach_pushes_the_report_as_a_referrer() {
     // The SBOM is still found among them.
     fuse(&sb).args(["sbom", &reference]).run().assert_success();
     fuse_tests::assert_no_leaked_qemu();
+}
+
+/// `n` bytes that do not compress (xorshift), so the jar's size is what a push must move.
+fn incompressible(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The app is a filesystem and a layer of its own: after a change to the jar alone, a push
+/// sends the app's layer, the config and the manifest, and skips the kernel, the init, the
+/// stub and the root with the Java runtime: at most the jar's size plus 1 MiB. Pulled into an
+/// empty store, the new version boots and prints what the new jar says.
+#[test]
+fn a_push_after_a_jar_change_sends_only_the_app() {
+    let sb = Sandbox::new();
+    let registry = Registry::start(sb.dir.path(), None);
+    let reference = registry.reference("team/shop:1.0");
+    let data = sb.dir.path().join("data.bin");
+    std::fs::write(&data, incompressible(2 << 20, 7)).unwrap();
+    let jar = |version: &str| {
+        let dir = sb.dir.path().join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        let main = format!(
+            "public class Main {{ public static void main(String[] a) {{ System.out.println(\"shop {version}\"); }} }}"
+        );
+        common::java_jar(
+            &dir,
+            "shop-1.0.jar",
+            "Main",
+            &[("Main.java", &main)],
+            &[("data.bin", &data)],
+        )
+    };
+
+    let v1 = jar("v1");
+    fuse(&sb).args(["build"]).arg(&v1).run().assert_success();
+    let first = fuse_json(&sb, ["push", "shop:1.0", &reference, "--json"]);
+    let stored = fuse_json(&sb, ["inspect", "shop:1.0", "--json"]);
+    let rootfs = stored["rootfs"]["size"].as_u64().unwrap();
+    assert!(
+        first["bytes_sent"].as_u64().unwrap() > rootfs,
+        "the first push sends the root with the runtime: {first}"
+    );
+
+    let v2 = jar("v2");
+    let jar_size = std::fs::metadata(&v2).unwrap().len();
+    fuse(&sb).args(["build"]).arg(&v2).run().assert_success();
+    let rebuilt = fuse_json(&sb, ["inspect", "shop:1.0", "--json"]);
+    assert_eq!(
+        rebuilt["rootfs"]["digest"], stored["rootfs"]["digest"],
+        "a new jar leaves the root's bytes as they were"
+    );
+    assert_ne!(rebuilt["appfs"]["digest"], stored["appfs"]["digest"]);
+    let second = fuse_json(&sb, ["push", "shop:1.0", &reference, "--json"]);
+    let sent = second["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= jar_size + (1 << 20),
+        "{sent} bytes sent for a {jar_size}-byte jar: {second}"
+    );
+    assert_eq!(
+        second["blobs_sent"], 2,
+        "the config and the app's layer: {second}"
+    );
+    assert_eq!(second["blobs_skipped"], 4, "{second}");
+
+    fuse(&sb).args(["rm", "shop:1.0"]).run().assert_success();
+    let out = fuse(&sb).args(["run", &reference]).run();
+    out.assert_success().assert_stdout_contains("shop v2");
+    assert_no_leaked_qemu();
 }

@@ -9,6 +9,8 @@
 //! | 1 MiB | partition 1: EFI System Partition, FAT16, `EFI/BOOT/BOOTX64.EFI` (`BOOTAA64.EFI`) |
 //! | after it | partition 2: the root squashfs (DPS "Linux root" type of the arch, read-only) |
 //! | after it | partition 3: the root's dm-verity hash tree (DPS "root verity" type, read-only) |
+//! | after it | partition 4: the app squashfs, mounted on `/app` (fuse's own type, read-only) |
+//! | after it | partition 5: the app's dm-verity hash tree (fuse's own type, read-only) |
 //! | last MiB | free, then the backup entries and header in the last 33 sectors |
 //!
 //! `BOOTX64.EFI` is a unified kernel image: systemd's EFI stub with `.osrel`, `.cmdline`,
@@ -18,7 +20,10 @@
 //!
 //! The root is read through dm-verity (see [`fuse_rootfs::verity`]): `.cmdline` holds the
 //! table with the root hash ([`crate::cmdline::image_cmdline_verity`]), the kernel creates
-//! the device, and a block that does not match the tree panics the kernel.
+//! the device, and a block that does not match the tree panics the kernel. The app has a
+//! filesystem, tree and device of its own ([`Volume::App`]): a new version of the app changes
+//! partitions 4 and 5 (and the ESP, whose command line names their hashes), never the root's
+//! bytes, so a registry or a snapshot that has the root already is sent only the app.
 
 pub mod esp;
 pub mod gpt;
@@ -28,6 +33,7 @@ pub mod verify;
 
 pub use guid::Guid;
 
+pub use crate::cmdline::Volume;
 use fuse_rootfs::verity;
 use fuse_rootfs::Arch;
 use sha2::{Digest as _, Sha256};
@@ -54,6 +60,29 @@ pub fn verity_type(arch: Arch) -> Guid {
     match arch {
         Arch::X86_64 => Guid::from_u128(0x2c7357ed_ebd2_46d9_aec1_23d437ec2bf5),
         Arch::Aarch64 => Guid::from_u128(0xdf3300ce_d69f_4c92_978c_9bfb0f38d820),
+    }
+}
+
+/// The app filesystem's partition: fuse's own type (the DPS has none for it), so no tool
+/// mistakes it for a root or `/usr`.
+pub const APP_TYPE: Guid = Guid::from_u128(0xf05e0a99_3c1b_4e7a_9d2f_5a1c0e6b7d01);
+
+/// The app's dm-verity hash partition: fuse's own type.
+pub const APP_VERITY_TYPE: Guid = Guid::from_u128(0xf05e0a99_3c1b_4e7a_9d2f_5a1c0e6b7d02);
+
+/// The type of `volume`'s data partition on `arch`.
+pub fn data_type(volume: Volume, arch: Arch) -> Guid {
+    match volume {
+        Volume::Root => root_type(arch),
+        Volume::App => APP_TYPE,
+    }
+}
+
+/// The type of `volume`'s hash partition on `arch`.
+pub fn hash_type(volume: Volume, arch: Arch) -> Guid {
+    match volume {
+        Volume::Root => verity_type(arch),
+        Volume::App => APP_VERITY_TYPE,
     }
 }
 
@@ -87,6 +116,14 @@ fn verity_name(arch: Arch) -> String {
     format!("{}-verity", root_name(arch))
 }
 
+/// The names of `volume`'s data and hash partitions.
+fn partition_names(volume: Volume, arch: Arch) -> (String, String) {
+    match volume {
+        Volume::Root => (root_name(arch).into(), verity_name(arch)),
+        Volume::App => ("fuse-app".into(), "fuse-app-verity".into()),
+    }
+}
+
 fn hex_digest(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
@@ -103,20 +140,45 @@ pub fn verity_partition_uuid(root_hash_hex: &str) -> Guid {
     Guid::derive("verity-partition", root_hash_hex.as_bytes())
 }
 
+/// `volume`'s data partition GUID, from its filesystem's digest (see [`root_partition_uuid`]).
+pub fn data_partition_uuid(volume: Volume, digest: &str) -> Guid {
+    match volume {
+        Volume::Root => root_partition_uuid(digest),
+        Volume::App => Guid::derive("app-partition", hex_digest(digest).as_bytes()),
+    }
+}
+
+/// `volume`'s hash partition GUID, from its tree's root hash (see [`verity_partition_uuid`]).
+pub fn hash_partition_uuid(volume: Volume, root_hash_hex: &str) -> Guid {
+    match volume {
+        Volume::Root => verity_partition_uuid(root_hash_hex),
+        Volume::App => Guid::derive("app-verity-partition", root_hash_hex.as_bytes()),
+    }
+}
+
 /// What the command line says about the verity root of a root filesystem with this digest
 /// and tree (see [`crate::cmdline::image_cmdline_verity`]).
 pub fn verity_root(rootfs_digest: &str, tree: &verity::HashTree) -> crate::cmdline::VerityRoot {
+    volume_verity(Volume::Root, rootfs_digest, tree)
+}
+
+/// What the command line says about `volume`, a filesystem with this digest and tree.
+pub fn volume_verity(
+    volume: Volume,
+    digest: &str,
+    tree: &verity::HashTree,
+) -> crate::cmdline::VerityRoot {
     crate::cmdline::VerityRoot {
-        data_partuuid: root_partition_uuid(rootfs_digest).to_string(),
-        hash_partuuid: verity_partition_uuid(&tree.root_hash_hex()).to_string(),
+        data_partuuid: data_partition_uuid(volume, digest).to_string(),
+        hash_partuuid: hash_partition_uuid(volume, &tree.root_hash_hex()).to_string(),
         data_blocks: tree.data_blocks,
         root_hash: tree.root_hash_hex(),
         salt: tree.salt_hex(),
     }
 }
 
-/// The hash tree of the root filesystem in `path`, whose digest is `rootfs_digest` (the salt
-/// is derived from it).
+/// The hash tree of the filesystem in `path` (the root's or the app's), whose digest is
+/// `rootfs_digest` (the salt is derived from it).
 pub fn rootfs_tree(path: &Path, rootfs_digest: &str) -> Result<verity::HashTree, DiskError> {
     let file = File::open(path).map_err(|source| DiskError::Read {
         path: path.to_path_buf(),
@@ -161,13 +223,13 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("The dm-verity tree given for {path} is not the root filesystem's (root hash {actual}, given {expected}): build again")]
+    #[error("The dm-verity tree given for {path} is not its filesystem's (root hash {actual}, given {expected}): build again")]
     VerityChanged {
         path: PathBuf,
         expected: String,
         actual: String,
     },
-    #[error("The root filesystem {path} changed while the disk was written (digest {actual}, expected {expected}): build again")]
+    #[error("The filesystem {path} changed while the disk was written (digest {actual}, expected {expected}): build again")]
     RootfsChanged {
         path: PathBuf,
         expected: String,
@@ -197,18 +259,33 @@ pub struct DiskInputs<'a> {
     pub kernel: &'a [u8],
     /// The init initramfs.
     pub initrd: &'a [u8],
-    /// The kernel command line, with the verity table of [`verity_root`] of `rootfs_digest`
-    /// and `verity` ([`crate::cmdline::image_cmdline_verity`]).
+    /// The kernel command line, with the verity tables of [`volume_verity`] of `root` and
+    /// `app` ([`crate::cmdline::image_cmdline_verity`]).
     pub cmdline: &'a str,
     /// os-release for `.osrel` (what boot menus show).
     pub osrel: &'a str,
     /// The manifest, stored as `.fuse`; its digest seeds the disk's GUIDs.
     pub manifest: &'a [u8],
-    pub rootfs: &'a Path,
-    /// `sha256:<hex>` of the root filesystem (checked while it is copied).
-    pub rootfs_digest: &'a str,
-    /// The root filesystem's dm-verity tree ([`rootfs_tree`]; checked while it is copied).
-    pub verity: &'a verity::HashTree,
+    /// The root filesystem.
+    pub root: VolumeInput<'a>,
+    /// The app's filesystem (`/app`).
+    pub app: VolumeInput<'a>,
+}
+
+/// A filesystem of the disk with its dm-verity tree.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeInput<'a> {
+    pub path: &'a Path,
+    /// `sha256:<hex>` of the filesystem (checked while it is copied).
+    pub digest: &'a str,
+    /// Its dm-verity tree ([`rootfs_tree`]; checked while it is copied).
+    pub tree: &'a verity::HashTree,
+}
+
+impl<'a> DiskInputs<'a> {
+    fn volumes(&self) -> [(Volume, VolumeInput<'a>); 2] {
+        [(Volume::Root, self.root), (Volume::App, self.app)]
+    }
 }
 
 /// The unified kernel image of `inputs`.
@@ -232,10 +309,6 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
         path: out.to_path_buf(),
         source,
     };
-    let read_err = |source| DiskError::Read {
-        path: inputs.rootfs.to_path_buf(),
-        source,
-    };
     let manifest_digest = sha256_hex(inputs.manifest);
     let uki = build_uki(inputs)?;
     let esp_size = esp::esp_size(&[uki.len() as u64]);
@@ -244,45 +317,54 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
         esp_size,
         esp_serial(&manifest_digest),
     )?;
-    let mut rootfs = File::open(inputs.rootfs).map_err(read_err)?;
-    let rootfs_len = rootfs.metadata().map_err(read_err)?.len();
-
-    let esp_start = MIB;
-    let root_start = esp_start + esp_size;
-    let root_size = rootfs_len.max(1).div_ceil(MIB) * MIB;
-    let verity_start = root_start + root_size;
-    let verity_size = (inputs.verity.hash.len() as u64).max(1).div_ceil(MIB) * MIB;
-    let disk_size = verity_start + verity_size + MIB;
     let sector = gpt::SECTOR;
+    let esp_start = MIB;
+    let mut partitions = vec![gpt::Partition {
+        type_guid: ESP_TYPE,
+        unique_guid: esp_guid(&manifest_digest),
+        first_lba: esp_start / sector,
+        last_lba: (esp_start + esp_size) / sector - 1,
+        attributes: 0,
+        name: "esp".into(),
+    }];
+    // Each filesystem, then its hash tree, each on whole MiBs.
+    let mut at = esp_start + esp_size;
+    let mut placed = Vec::new();
+    for (volume, v) in inputs.volumes() {
+        let len = std::fs::metadata(v.path)
+            .map_err(|source| DiskError::Read {
+                path: v.path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let data_size = len.max(1).div_ceil(MIB) * MIB;
+        let hash_start = at + data_size;
+        let hash_size = (v.tree.hash.len() as u64).max(1).div_ceil(MIB) * MIB;
+        let (data_name, hash_name) = partition_names(volume, inputs.arch);
+        partitions.push(gpt::Partition {
+            type_guid: data_type(volume, inputs.arch),
+            unique_guid: data_partition_uuid(volume, v.digest),
+            first_lba: at / sector,
+            last_lba: (at + data_size) / sector - 1,
+            attributes: gpt::ATTR_READ_ONLY,
+            name: data_name,
+        });
+        partitions.push(gpt::Partition {
+            type_guid: hash_type(volume, inputs.arch),
+            unique_guid: hash_partition_uuid(volume, &v.tree.root_hash_hex()),
+            first_lba: hash_start / sector,
+            last_lba: (hash_start + hash_size) / sector - 1,
+            attributes: gpt::ATTR_READ_ONLY,
+            name: hash_name,
+        });
+        placed.push((v, at, hash_start));
+        at = hash_start + hash_size;
+    }
+    let disk_size = at + MIB;
     let table = gpt::Table {
         disk_guid: disk_guid(&manifest_digest),
         disk_sectors: disk_size / sector,
-        partitions: vec![
-            gpt::Partition {
-                type_guid: ESP_TYPE,
-                unique_guid: esp_guid(&manifest_digest),
-                first_lba: esp_start / sector,
-                last_lba: (esp_start + esp_size) / sector - 1,
-                attributes: 0,
-                name: "esp".into(),
-            },
-            gpt::Partition {
-                type_guid: root_type(inputs.arch),
-                unique_guid: root_partition_uuid(inputs.rootfs_digest),
-                first_lba: root_start / sector,
-                last_lba: (root_start + root_size) / sector - 1,
-                attributes: gpt::ATTR_READ_ONLY,
-                name: root_name(inputs.arch).into(),
-            },
-            gpt::Partition {
-                type_guid: verity_type(inputs.arch),
-                unique_guid: verity_partition_uuid(&inputs.verity.root_hash_hex()),
-                first_lba: verity_start / sector,
-                last_lba: (verity_start + verity_size) / sector - 1,
-                attributes: gpt::ATTR_READ_ONLY,
-                name: verity_name(inputs.arch),
-            },
-        ],
+        partitions,
     };
 
     let dir = out.parent().unwrap_or(Path::new("."));
@@ -297,43 +379,63 @@ pub fn build_disk(inputs: &DiskInputs<'_>, out: &Path) -> Result<gpt::Table, Dis
             file.write_all_at(&bytes, offset).map_err(write_err)?;
         }
         file.write_all_at(&esp, esp_start).map_err(write_err)?;
-        // The root filesystem, hashed on the way: the GUID in the command line was derived
-        // from the digest the caller gave, and the root hash from the tree, so the bytes
-        // must be those.
-        file.seek(SeekFrom::Start(root_start)).map_err(write_err)?;
-        let mut copy = Copy {
-            from: &mut rootfs,
-            to: &mut *file,
-            hasher: Sha256::new(),
-            write_error: None,
-        };
-        let leaves = verity::data_hashes(&mut copy, &inputs.verity.salt);
-        if let Some(e) = copy.write_error.take() {
-            return Err(write_err(e));
+        for (v, data_start, hash_start) in placed {
+            copy_volume(file, &v, data_start, hash_start, out)?;
         }
-        let leaves = leaves.map_err(read_err)?;
-        let actual = format!("sha256:{}", hex::encode(copy.hasher.finalize()));
-        if hex_digest(&actual) != hex_digest(inputs.rootfs_digest) {
-            return Err(DiskError::RootfsChanged {
-                path: inputs.rootfs.to_path_buf(),
-                expected: inputs.rootfs_digest.to_string(),
-                actual,
-            });
-        }
-        let tree = verity::tree_of(&leaves, &inputs.verity.salt);
-        if tree != *inputs.verity {
-            return Err(DiskError::VerityChanged {
-                path: inputs.rootfs.to_path_buf(),
-                expected: inputs.verity.root_hash_hex(),
-                actual: tree.root_hash_hex(),
-            });
-        }
-        file.write_all_at(&tree.hash, verity_start)
-            .map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
     }
     tmp.persist(out).map_err(|e| write_err(e.error))?;
     Ok(table)
+}
+
+/// Copies a filesystem to `data_start` and its tree to `hash_start`, hashing on the way: the
+/// GUID in the command line was derived from the digest the caller gave, and the root hash
+/// from the tree, so the bytes must be those.
+fn copy_volume(
+    file: &mut File,
+    v: &VolumeInput<'_>,
+    data_start: u64,
+    hash_start: u64,
+    out: &Path,
+) -> Result<(), DiskError> {
+    let write_err = |source| DiskError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let read_err = |source| DiskError::Read {
+        path: v.path.to_path_buf(),
+        source,
+    };
+    let mut from = File::open(v.path).map_err(read_err)?;
+    file.seek(SeekFrom::Start(data_start)).map_err(write_err)?;
+    let mut copy = Copy {
+        from: &mut from,
+        to: &mut *file,
+        hasher: Sha256::new(),
+        write_error: None,
+    };
+    let leaves = verity::data_hashes(&mut copy, &v.tree.salt);
+    if let Some(e) = copy.write_error.take() {
+        return Err(write_err(e));
+    }
+    let leaves = leaves.map_err(read_err)?;
+    let actual = format!("sha256:{}", hex::encode(copy.hasher.finalize()));
+    if hex_digest(&actual) != hex_digest(v.digest) {
+        return Err(DiskError::RootfsChanged {
+            path: v.path.to_path_buf(),
+            expected: v.digest.to_string(),
+            actual,
+        });
+    }
+    let tree = verity::tree_of(&leaves, &v.tree.salt);
+    if tree != *v.tree {
+        return Err(DiskError::VerityChanged {
+            path: v.path.to_path_buf(),
+            expected: v.tree.root_hash_hex(),
+            actual: tree.root_hash_hex(),
+        });
+    }
+    file.write_all_at(&tree.hash, hash_start).map_err(write_err)
 }
 
 /// A reader that writes what it reads to `to` and hashes it (the root filesystem's copy).
@@ -396,22 +498,54 @@ impl Disk {
 
     /// The root's verity hash partition.
     pub fn verity(&self) -> Option<&gpt::Partition> {
-        self.table
-            .partitions
-            .iter()
-            .find(|p| Arch::ALL.iter().any(|a| verity_type(*a) == p.type_guid))
+        self.hash_partition(Volume::Root)
     }
 
-    /// The verity table of the UKI's `.cmdline`, if it has one.
+    /// The root's verity table in the UKI's `.cmdline`, if it has one.
     pub fn verity_root(&self) -> Option<Result<crate::cmdline::VerityRoot, String>> {
-        crate::cmdline::parse_verity(&String::from_utf8_lossy(self.section(uki::CMDLINE)?))
+        self.volume_verity(Volume::Root)
+    }
+
+    /// `volume`'s verity table in the UKI's `.cmdline`, if it has one.
+    pub fn volume_verity(
+        &self,
+        volume: Volume,
+    ) -> Option<Result<crate::cmdline::VerityRoot, String>> {
+        crate::cmdline::parse_volume(
+            &String::from_utf8_lossy(self.section(uki::CMDLINE)?),
+            volume,
+        )
     }
 
     pub fn root(&self) -> Option<&gpt::Partition> {
+        self.data_partition(Volume::Root)
+    }
+
+    /// `volume`'s filesystem partition, by type.
+    pub fn data_partition(&self, volume: Volume) -> Option<&gpt::Partition> {
+        self.table.partitions.iter().find(|p| {
+            Arch::ALL
+                .iter()
+                .any(|a| data_type(volume, *a) == p.type_guid)
+        })
+    }
+
+    /// `volume`'s hash partition, by type.
+    pub fn hash_partition(&self, volume: Volume) -> Option<&gpt::Partition> {
+        self.table.partitions.iter().find(|p| {
+            Arch::ALL
+                .iter()
+                .any(|a| hash_type(volume, *a) == p.type_guid)
+        })
+    }
+
+    /// The index of `p` in the table (0-based).
+    pub fn index_of(&self, p: &gpt::Partition) -> usize {
         self.table
             .partitions
             .iter()
-            .find(|p| Arch::ALL.iter().any(|a| root_type(*a) == p.type_guid))
+            .position(|q| q == p)
+            .unwrap_or(0)
     }
 
     /// The arch the root partition's type says.
@@ -635,6 +769,8 @@ mod tests {
         cmdline: String,
         rootfs_digest: String,
         tree: verity::HashTree,
+        app_digest: String,
+        app_tree: verity::HashTree,
     }
 
     pub(super) fn fixture() -> Fixture {
@@ -645,6 +781,10 @@ mod tests {
         let kernel = vec![0x4bu8; 300_000];
         std::fs::write(dir.path().join("kernel"), &kernel).unwrap();
         let tree = rootfs_tree(&dir.path().join("rootfs"), &rootfs_digest).unwrap();
+        let app: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("app"), &app).unwrap();
+        let app_digest = sha256_hex(&app);
+        let app_tree = rootfs_tree(&dir.path().join("app"), &app_digest).unwrap();
         Fixture {
             manifest: b"{\"name\":\"t\"}\n".to_vec(),
             kernel,
@@ -652,15 +792,24 @@ mod tests {
             cmdline: crate::cmdline::image_cmdline_verity(
                 Arch::X86_64,
                 &verity_root(&rootfs_digest, &tree),
+                &volume_verity(Volume::App, &app_digest, &app_tree),
             ),
             rootfs_digest,
             tree,
+            app_digest,
+            app_tree,
             dir,
         }
     }
 
-    /// The fixture's parts as disk inputs, with `stub` and the root at `rootfs`.
-    fn inputs<'a>(f: &'a Fixture, stub: &'a [u8], rootfs: &'a Path) -> DiskInputs<'a> {
+    /// The fixture's parts as disk inputs, with `stub` and the root at `rootfs`, the app at
+    /// `app`.
+    fn inputs<'a>(
+        f: &'a Fixture,
+        stub: &'a [u8],
+        rootfs: &'a Path,
+        app: &'a Path,
+    ) -> DiskInputs<'a> {
         DiskInputs {
             arch: Arch::X86_64,
             stub,
@@ -669,16 +818,24 @@ mod tests {
             cmdline: &f.cmdline,
             osrel: "ID=fuse\n",
             manifest: &f.manifest,
-            rootfs,
-            rootfs_digest: &f.rootfs_digest,
-            verity: &f.tree,
+            root: VolumeInput {
+                path: rootfs,
+                digest: &f.rootfs_digest,
+                tree: &f.tree,
+            },
+            app: VolumeInput {
+                path: app,
+                digest: &f.app_digest,
+                tree: &f.app_tree,
+            },
         }
     }
 
     pub(super) fn build(f: &Fixture, out: &Path) -> gpt::Table {
         let stub = uki::tests::tiny_stub();
         let rootfs = f.dir.path().join("rootfs");
-        build_disk(&inputs(f, &stub, &rootfs), out).unwrap()
+        let app = f.dir.path().join("app");
+        build_disk(&inputs(f, &stub, &rootfs, &app), out).unwrap()
     }
 
     pub(super) fn expected(f: &Fixture) -> Expected {
@@ -694,6 +851,7 @@ mod tests {
                 1_500_000,
                 Some(f.dir.path().join("rootfs")),
             )),
+            appfs: Some((f.app_digest.clone(), 20_000, Some(f.dir.path().join("app")))),
             cmdline: Some(f.cmdline.clone()),
             manifest_digest: Some(sha256_hex(&f.manifest)),
             disk_digest: None,
@@ -720,8 +878,10 @@ mod tests {
         let table = build(&f, &out);
         let size = std::fs::metadata(&out).unwrap().len();
         assert_eq!(size % MIB, 0);
-        // 1 MiB GPT + 3 MiB ESP (FAT16 minimum) + 2 MiB root + 1 MiB verity + 1 MiB tail.
-        assert_eq!(size, 8 * MIB, "{table:?}");
+        // 1 MiB GPT + 3 MiB ESP (FAT16 minimum) + 2 MiB root + 1 MiB verity + 1 MiB app +
+        // 1 MiB app verity + 1 MiB tail.
+        assert_eq!(size, 10 * MIB, "{table:?}");
+        assert_eq!(table.partitions.len(), 5);
         let disk = read_disk(&out).unwrap();
         assert_eq!(disk.table, table);
         assert_eq!(disk.esp_fat, "FAT16");
@@ -762,6 +922,24 @@ mod tests {
             &raw[r..r + 1_500_000],
             &std::fs::read(f.dir.path().join("rootfs")).unwrap()[..]
         );
+        // The app's filesystem and tree, after the root's, named by the command line.
+        let app = disk.data_partition(Volume::App).unwrap();
+        let app_hashes = disk.hash_partition(Volume::App).unwrap();
+        assert!(app.offset() > hashes.offset());
+        assert_eq!(
+            app.unique_guid,
+            data_partition_uuid(Volume::App, &f.app_digest)
+        );
+        let a = app.offset() as usize;
+        assert_eq!(
+            &raw[a..a + 20_000],
+            &std::fs::read(f.dir.path().join("app")).unwrap()[..]
+        );
+        let ah = app_hashes.offset() as usize;
+        assert_eq!(&raw[ah..ah + f.app_tree.hash.len()], &f.app_tree.hash[..]);
+        let va = disk.volume_verity(Volume::App).unwrap().unwrap();
+        assert_eq!(va.data_partuuid, app.unique_guid.to_string());
+        assert_eq!(va.hash_partuuid, app_hashes.unique_guid.to_string());
 
         let mut want = expected(&f);
         want.disk_digest = Some(file_digest(&out).unwrap());
@@ -794,7 +972,8 @@ mod tests {
         let stub = uki::tests::tiny_stub();
         let out = f.dir.path().join("disk.raw");
         let rootfs = f.dir.path().join("rootfs");
-        let err = build_disk(&inputs(&f, &stub, &rootfs), &out).unwrap_err();
+        let app = f.dir.path().join("app");
+        let err = build_disk(&inputs(&f, &stub, &rootfs, &app), &out).unwrap_err();
         assert!(matches!(err, DiskError::VerityChanged { .. }), "{err:?}");
         assert!(!out.exists(), "nothing half-written");
     }

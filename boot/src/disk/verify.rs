@@ -5,9 +5,10 @@
 //! The checks, in order: the protective MBR and both GPT copies (CRCs, then byte for byte
 //! against the table rewritten from the intact copy), the zero gaps between the structures,
 //! the ESP (rebuilt from its UKI, it must come out identical), the UKI's sections against the
-//! manifest, the GUIDs derived from the content, the root partition and its zero padding, the
-//! dm-verity tree (every hash block recomputed, top-down from the root hash in `.cmdline`, as
-//! the kernel checks it at boot), and last the whole disk's digest.
+//! manifest, the GUIDs derived from the content, then for the root and the app's filesystem in
+//! turn its partition and zero padding and its dm-verity tree (every hash block recomputed,
+//! top-down from the root hash in `.cmdline`, as the kernel checks it at boot), and last the
+//! whole disk's digest.
 
 use std::fmt;
 use std::fs::File;
@@ -21,8 +22,9 @@ use crate::error::with_causes;
 use fuse_rootfs::verity::{self, Mismatch};
 
 use super::{
-    disk_guid, efi_boot_path, esp, esp_guid, esp_serial, file_digest, gpt, hex_digest, read_at,
-    read_layout, root_partition_uuid, sha256_hex, uki, verity_partition_uuid, Disk, DiskError, MIB,
+    data_partition_uuid, disk_guid, efi_boot_path, esp, esp_guid, esp_serial, file_digest, gpt,
+    hash_partition_uuid, hex_digest, read_at, read_layout, sha256_hex, uki, Disk, DiskError,
+    Volume, MIB,
 };
 
 /// What a disk should hold, from its manifest (and the store's blobs, when there).
@@ -32,6 +34,8 @@ pub struct Expected {
     pub kernel: Option<(String, u64, Option<PathBuf>)>,
     pub initrd: Option<(String, u64, Option<PathBuf>)>,
     pub rootfs: Option<(String, u64, Option<PathBuf>)>,
+    /// The app's filesystem, likewise.
+    pub appfs: Option<(String, u64, Option<PathBuf>)>,
     pub cmdline: Option<String>,
     /// The manifest's digest, when known from elsewhere than the disk (the store).
     pub manifest_digest: Option<String>,
@@ -102,8 +106,10 @@ pub fn verify(path: &Path, expected: &Expected) -> Result<Vec<Problem>, DiskErro
     check.esp(&disk)?;
     check.sections(&disk, expected);
     check.guids(&disk, &manifest_digest);
-    check.root(&disk, expected)?;
-    check.verity(&disk)?;
+    for volume in Volume::ALL {
+        check.data(&disk, volume, expected)?;
+        check.verity(&disk, volume)?;
+    }
     if check.problems.is_empty() {
         check.disk_digest(&disk, expected)?;
     }
@@ -395,30 +401,34 @@ impl Checker<'_> {
         }
     }
 
-    /// The root partition: its GUID (derived from the root filesystem, and named by the
-    /// command line), its bytes and the zero padding after them.
-    fn root(&mut self, disk: &Disk, expected: &Expected) -> Result<(), DiskError> {
-        let Some(root) = disk.root() else {
-            self.problem("GPT", entry_offset(0), None, "no Linux root partition");
+    /// A filesystem's partition (the root's or the app's): its GUID (derived from the
+    /// filesystem, and named by the command line), its bytes and the zero padding after them.
+    fn data(&mut self, disk: &Disk, volume: Volume, expected: &Expected) -> Result<(), DiskError> {
+        let label = volume.label();
+        let Some(root) = disk.data_partition(volume) else {
+            let what = match volume {
+                Volume::Root => "no Linux root partition",
+                Volume::App => "no app partition",
+            };
+            self.problem("GPT", entry_offset(0), None, what);
             return Ok(());
         };
-        let Some((digest, rootfs_size, reference)) = &expected.rootfs else {
+        let want = match volume {
+            Volume::Root => &expected.rootfs,
+            Volume::App => &expected.appfs,
+        };
+        let Some((digest, rootfs_size, reference)) = want else {
             return Ok(());
         };
-        let index = disk
-            .table
-            .partitions
-            .iter()
-            .position(|p| p == root)
-            .unwrap_or(1);
-        let uuid = root_partition_uuid(digest);
+        let index = disk.index_of(root);
+        let uuid = data_partition_uuid(volume, digest);
         if root.unique_guid != uuid {
             self.problem(
-                "root partition GUID",
+                format!("{label} partition GUID"),
                 entry_offset(index) + 16,
                 None,
                 format!(
-                    "{}, derived from the root filesystem it is {uuid}",
+                    "{}, derived from the {label} filesystem it is {uuid}",
                     root.unique_guid
                 ),
             );
@@ -429,17 +439,17 @@ impl Checker<'_> {
                     "UKI section .cmdline",
                     cmdline_offset(disk),
                     None,
-                    format!("it does not name the root partition PARTUUID={uuid}"),
+                    format!("it does not name the {label} partition PARTUUID={uuid}"),
                 );
             }
         }
         if *rootfs_size > root.size() {
             self.problem(
-                "root partition",
+                format!("{label} partition"),
                 root.offset(),
                 None,
                 format!(
-                    "{} bytes, smaller than the root filesystem ({rootfs_size})",
+                    "{} bytes, smaller than the {label} filesystem ({rootfs_size})",
                     root.size()
                 ),
             );
@@ -452,56 +462,63 @@ impl Checker<'_> {
                 .as_deref()
                 .and_then(|r| first_difference(&data, r));
             self.problem(
-                format!("root partition (partition {})", index + 1),
+                format!("{label} partition (partition {})", index + 1),
                 root.offset() + at.unwrap_or(0),
                 at,
-                format!("digest {actual}, the manifest's root filesystem is {digest}"),
+                format!("digest {actual}, the manifest's {label} filesystem is {digest}"),
             );
         }
         self.zeros(
             root.offset() + rootfs_size,
             root.offset() + root.size(),
-            &format!("root partition (partition {}) padding", index + 1),
+            &format!("{label} partition (partition {}) padding", index + 1),
             root.offset(),
         )
     }
 
-    /// The dm-verity tree: the table in `.cmdline` names the root and hash partitions, and
-    /// the root partition's blocks, the hash partition's blocks and the root hash agree, as
-    /// the kernel checks them when it reads each block.
-    fn verity(&mut self, disk: &Disk) -> Result<(), DiskError> {
-        let (v, hashes, root) = match (disk.verity_root(), disk.verity(), disk.root()) {
+    /// A dm-verity tree (the root's or the app's): the table in `.cmdline` names the data and
+    /// hash partitions, and the data partition's blocks, the hash partition's blocks and the
+    /// root hash agree, as the kernel checks them when it reads each block.
+    fn verity(&mut self, disk: &Disk, volume: Volume) -> Result<(), DiskError> {
+        let label = volume.label();
+        let (v, hashes, root) = match (
+            disk.volume_verity(volume),
+            disk.hash_partition(volume),
+            disk.data_partition(volume),
+        ) {
             (None, None, _) | (_, _, None) => return Ok(()),
             (Some(Err(what)), _, _) => {
                 self.problem("UKI section .cmdline", cmdline_offset(disk), None, what);
                 return Ok(());
             }
             (None, Some(_), _) => {
-                let what = "the disk has a verity partition but the command line no dm-verity table: the root is not verified at boot";
+                let what = format!("the disk has a {label} verity partition but the command line no dm-verity table for it: the {label} is not verified at boot");
                 self.problem("UKI section .cmdline", cmdline_offset(disk), None, what);
                 return Ok(());
             }
             (Some(Ok(_)), None, _) => {
-                let what =
-                    "the command line names a dm-verity hash partition the disk does not have";
+                let what = format!(
+                    "the command line names a {label} dm-verity hash partition the disk does not have"
+                );
                 self.problem("GPT", entry_offset(0), None, what);
                 return Ok(());
             }
             (Some(Ok(v)), Some(h), Some(r)) => (v, h.clone(), r.clone()),
         };
-        let index = |p: &gpt::Partition| {
-            disk.table
-                .partitions
-                .iter()
-                .position(|q| q == p)
-                .unwrap_or(0)
+        let index = |p: &gpt::Partition| disk.index_of(p);
+        let prefix = match volume {
+            Volume::Root => "",
+            Volume::App => "app ",
         };
-        let part = format!("verity hash partition (partition {})", index(&hashes) + 1);
-        let root_part = format!("root partition (partition {})", index(&root) + 1);
-        let derived = verity_partition_uuid(&v.root_hash);
+        let part = format!(
+            "{prefix}verity hash partition (partition {})",
+            index(&hashes) + 1
+        );
+        let root_part = format!("{label} partition (partition {})", index(&root) + 1);
+        let derived = hash_partition_uuid(volume, &v.root_hash);
         if hashes.unique_guid != derived || v.hash_partuuid != derived.to_string() {
             self.problem(
-                "verity hash partition GUID",
+                format!("{prefix}verity hash partition GUID"),
                 entry_offset(index(&hashes)) + 16,
                 None,
                 format!(
@@ -516,7 +533,7 @@ impl Checker<'_> {
                 cmdline_offset(disk),
                 None,
                 format!(
-                    "its dm-verity table names the data partition {}, the root partition is {}",
+                    "its {label} dm-verity table names the data partition {}, the {label} partition is {}",
                     v.data_partuuid, root.unique_guid
                 ),
             );
@@ -548,7 +565,7 @@ impl Checker<'_> {
                 hashes.offset(),
                 None,
                 format!(
-                    "the dm-verity table covers {} data blocks: more than the root ({} bytes) or hash ({} bytes) partition holds",
+                    "the {label} dm-verity table covers {} data blocks: more than the {label} ({} bytes) or hash ({} bytes) partition holds",
                     v.data_blocks,
                     root.size(),
                     hashes.size()
@@ -732,6 +749,8 @@ mod tests {
         let root = disk.root().unwrap().clone();
         let linux = disk.section_disk_offset(uki::LINUX, 1234).unwrap();
         let verity_at = disk.verity().unwrap().offset();
+        let app = disk.data_partition(Volume::App).unwrap().offset();
+        let app_hashes = disk.hash_partition(Volume::App).unwrap().offset();
         let cases: Vec<(u64, &str, Option<u64>)> = vec![
             (root.offset() + 777_777, "root partition", Some(777_777)),
             (linux, "UKI section .linux", Some(1234)),
@@ -758,6 +777,13 @@ mod tests {
                 verity_at + 3 * MIB / 4,
                 "verity hash partition (partition 3) padding",
                 None,
+            ),
+            (app + 12_345, "app partition (partition 4)", Some(12_345)),
+            (app + 30_000, "app partition (partition 4) padding", None),
+            (
+                app_hashes + 5,
+                "app verity hash partition (partition 5)",
+                Some(5),
             ),
         ];
         for (at, part, part_offset) in cases {

@@ -240,8 +240,32 @@ pub(crate) fn build(
         .with_context(|| format!("Cannot assemble the init for {arch}"))?;
     let init_digest = store.put_bytes(&initramfs)?;
 
+    // What the manifest says of the contents is of the whole image, before the app's files
+    // move to a filesystem of their own.
+    let runtime_dir = app
+        .notes
+        .iter()
+        .find(|(k, _)| k == crate::image::manifest::NOTE_RUNTIME_DIR)
+        .map(|(_, v)| v.as_str());
+    let contents = Contents {
+        files: tree.file_count() as u64,
+        bytes: tree.total_file_bytes(),
+        largest: tree
+            .largest_files(10)
+            .into_iter()
+            .map(|(path, size)| FileSize { path, size })
+            .collect(),
+        parts: content_parts(&tree, runtime_dir),
+    };
+    // /app is a filesystem (and partition) of its own: a new version of the app leaves the
+    // root's bytes, the runtime's, as they were.
+    let app_tree = tree
+        .split_off(layout::APP_DIR)
+        .context("Cannot split the app's files from the root filesystem")?;
+
     let scratch = store.temp_dir()?;
     let rootfs_file = scratch.path().join("rootfs.squashfs");
+    let appfs_file = scratch.path().join("appfs.squashfs");
     let compression = request
         .compression
         .or(config.as_ref().and_then(|c| c.compression))
@@ -259,17 +283,18 @@ pub(crate) fn build(
     };
     fuse_rootfs::squashfs::write_squashfs(&tree, &rootfs_file, &squashfs)
         .context("Cannot write the root filesystem")?;
+    fuse_rootfs::squashfs::write_squashfs(&app_tree, &appfs_file, &squashfs)
+        .context("Cannot write the app's filesystem")?;
     let rootfs_size = std::fs::metadata(&rootfs_file)?.len();
-    // Moved, not copied, into the store: the disk is assembled from the blob's file.
+    let appfs_size = std::fs::metadata(&appfs_file)?.len();
+    // Moved, not copied, into the store: the disk is assembled from the blobs' files.
     let rootfs_digest = store.put_file(&rootfs_file)?;
-    let (verity, cmdline) = disk::verity(arch, &store.blob_path(&rootfs_digest), &rootfs_digest)?;
-
-    let runtime_dir = app
-        .notes
-        .iter()
-        .find(|(k, _)| k == crate::image::manifest::NOTE_RUNTIME_DIR)
-        .map(|(_, v)| v.as_str());
-    let parts = content_parts(&tree, runtime_dir);
+    let appfs_digest = store.put_file(&appfs_file)?;
+    let (root_tree, app_tree, cmdline) = disk::verity(
+        arch,
+        (&store.blob_path(&rootfs_digest), &rootfs_digest),
+        (&store.blob_path(&appfs_digest), &appfs_digest),
+    )?;
     let manifest = Manifest {
         schema: SCHEMA,
         name: name.name.clone(),
@@ -289,6 +314,11 @@ pub(crate) fn build(
             size: rootfs_size,
             format: compression.format().into(),
         },
+        appfs: RootfsComponent {
+            digest: appfs_digest.clone(),
+            size: appfs_size,
+            format: compression.format().into(),
+        },
         cmdline,
         notes: app.notes.into_iter().chain([epoch.note()]).collect(),
         app: AppSection {
@@ -302,16 +332,7 @@ pub(crate) fn build(
             capabilities: capabilities.map(|c| c.names.iter().map(|n| n.to_string()).collect()),
             hostname: spec.hostname.clone(),
         },
-        contents: Contents {
-            files: tree.file_count() as u64,
-            bytes: tree.total_file_bytes(),
-            largest: tree
-                .largest_files(10)
-                .into_iter()
-                .map(|(path, size)| FileSize { path, size })
-                .collect(),
-            parts,
-        },
+        contents,
         mount_points: layout::VOLUME_MOUNT_POINTS
             .iter()
             .map(|p| p.to_string())
@@ -320,11 +341,19 @@ pub(crate) fn build(
     };
     // The image is its disk: the digest is the disk's, the manifest rides inside it.
     let disk_file = scratch.path().join("disk.raw");
+    let (root_path, app_path) = (
+        store.blob_path(&rootfs_digest),
+        store.blob_path(&appfs_digest),
+    );
     let parts = disk::Parts {
         kernel: &kernel_bytes,
         initrd: &initramfs,
-        rootfs: &store.blob_path(&rootfs_digest),
-        verity: &verity,
+        volumes: crate::image::disk::Volumes {
+            root: &root_path,
+            root_tree: &root_tree,
+            app: &app_path,
+            app_tree: &app_tree,
+        },
     };
     disk::write(&manifest, &parts, &disk_file)?;
     let disk = store.put_file(&disk_file)?;

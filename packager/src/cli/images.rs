@@ -276,6 +276,12 @@ pub(super) fn inspect(
         m.contents.files,
         human_size(m.contents.bytes)
     );
+    println!(
+        "  {:<8} {:>10}  {}  (/app)",
+        "appfs",
+        human_size(m.appfs.size),
+        digest::short(&m.appfs.digest),
+    );
     if !m.contents.parts.is_empty() {
         let parts: Vec<String> = m
             .contents
@@ -360,7 +366,7 @@ pub(super) fn verify(reference: &str, json_output: bool) -> Result<i32> {
         );
     } else if problems.is_empty() {
         println!(
-            "{}: ok (GPT, ESP, UKI sections .linux .initrd .cmdline .fuse, root partition)",
+            "{}: ok (GPT, ESP, UKI sections .linux .initrd .cmdline .fuse, root and app partitions, their dm-verity trees)",
             target.path.display()
         );
     }
@@ -483,6 +489,12 @@ fn type_name(guid: boot_disk::Guid) -> &'static str {
     if guid == boot_disk::ESP_TYPE {
         return "EFI System";
     }
+    if guid == boot_disk::APP_TYPE {
+        return "fuse app";
+    }
+    if guid == boot_disk::APP_VERITY_TYPE {
+        return "fuse app verity";
+    }
     match Arch::ALL
         .into_iter()
         .find(|a| boot_disk::root_type(*a) == guid)
@@ -553,6 +565,16 @@ fn layout_json(d: &boot_disk::Disk) -> serde_json::Value {
             }),
             _ => serde_json::Value::Null,
         },
+        "app_verity": match d.volume_verity(boot_disk::Volume::App) {
+            Some(Ok(v)) => json!({
+                "root_hash": v.root_hash,
+                "salt": v.salt,
+                "data_blocks": v.data_blocks,
+                "hash_partition": v.hash_partuuid,
+                "hash_size": d.hash_partition(boot_disk::Volume::App).map(|p| p.size()),
+            }),
+            _ => serde_json::Value::Null,
+        },
         "uki": {
             "path": d.uki_path,
             "size": d.uki.len(),
@@ -591,6 +613,14 @@ fn print_layout(d: &boot_disk::Disk) {
         ),
         Some(Err(what)) => println!("Verity:   the command line's table is wrong: {what}"),
         None => println!("Verity:   none (the root is not verified at boot)"),
+    }
+    match d.volume_verity(boot_disk::Volume::App) {
+        Some(Ok(v)) => println!(
+            "          app root hash {} ({} data blocks, salt {})",
+            v.root_hash, v.data_blocks, v.salt
+        ),
+        Some(Err(what)) => println!("          the command line's /app table is wrong: {what}"),
+        None => println!("          no /app table (the app is not verified at boot)"),
     }
     println!("ESP:      {}, serial {:08X}", d.esp_fat, d.esp_serial);
     for (path, size) in &d.esp_files {

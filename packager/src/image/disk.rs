@@ -45,17 +45,27 @@ pub(crate) fn efi_stub(arch: Arch) -> Result<Vec<u8>> {
     })
 }
 
+/// The two filesystems of a disk, each with its dm-verity tree.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Volumes<'a> {
+    /// The root filesystem (everything but `/app`).
+    pub(crate) root: &'a Path,
+    pub(crate) root_tree: &'a HashTree,
+    /// The app's filesystem (`/app`).
+    pub(crate) app: &'a Path,
+    pub(crate) app_tree: &'a HashTree,
+}
+
 /// Writes the disk of `manifest` to `out`: the UKI (`stub` + `kernel`, `initrd`, command
-/// line, os-release, manifest) on the ESP, the root filesystem `rootfs` and its dm-verity
-/// tree. The same inputs give the same bytes: `fuse build` writes a disk this way, and
+/// line, os-release, manifest) on the ESP, the root and app filesystems and their dm-verity
+/// trees. The same inputs give the same bytes: `fuse build` writes a disk this way, and
 /// `fuse pull` rebuilds one.
 pub(crate) fn assemble(
     manifest: &Manifest,
     stub: &[u8],
     kernel: &[u8],
     initrd: &[u8],
-    rootfs: &Path,
-    verity: &HashTree,
+    volumes: &Volumes<'_>,
     out: &Path,
 ) -> Result<()> {
     let manifest_bytes = manifest.to_bytes();
@@ -69,9 +79,16 @@ pub(crate) fn assemble(
             cmdline: &manifest.cmdline,
             osrel: &osrel,
             manifest: &manifest_bytes,
-            rootfs,
-            rootfs_digest: &manifest.rootfs.digest,
-            verity,
+            root: disk::VolumeInput {
+                path: volumes.root,
+                digest: &manifest.rootfs.digest,
+                tree: volumes.root_tree,
+            },
+            app: disk::VolumeInput {
+                path: volumes.app,
+                digest: &manifest.appfs.digest,
+                tree: volumes.app_tree,
+            },
         },
         out,
     )
@@ -79,7 +96,7 @@ pub(crate) fn assemble(
     Ok(())
 }
 
-/// Rebuilds the disk of `manifest` from its parts' files (the root's dm-verity tree computed
+/// Rebuilds the disk of `manifest` from its parts' files (the dm-verity trees computed
 /// again) into `out`; returns the disk's digest.
 pub(crate) fn rebuild(
     manifest: &Manifest,
@@ -87,18 +104,25 @@ pub(crate) fn rebuild(
     kernel: &Path,
     initrd: &Path,
     rootfs: &Path,
+    appfs: &Path,
     out: &Path,
 ) -> Result<String> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("Cannot read {}", p.display()));
-    let tree = disk::rootfs_tree(rootfs, &manifest.rootfs.digest)
+    let root_tree = disk::rootfs_tree(rootfs, &manifest.rootfs.digest)
         .context("Cannot compute the root filesystem's dm-verity tree")?;
+    let app_tree = disk::rootfs_tree(appfs, &manifest.appfs.digest)
+        .context("Cannot compute the app filesystem's dm-verity tree")?;
     assemble(
         manifest,
         stub,
         &read(kernel)?,
         &read(initrd)?,
-        rootfs,
-        &tree,
+        &Volumes {
+            root: rootfs,
+            root_tree: &root_tree,
+            app: appfs,
+            app_tree: &app_tree,
+        },
         out,
     )?;
     digest::of_file(out).with_context(|| format!("Cannot read {}", out.display()))
@@ -248,6 +272,7 @@ pub(crate) fn expected(
         kernel: component(&manifest.kernel.digest, manifest.kernel.size),
         initrd: component(&manifest.init.digest, manifest.init.size),
         rootfs: component(&manifest.rootfs.digest, manifest.rootfs.size),
+        appfs: component(&manifest.appfs.digest, manifest.appfs.size),
         cmdline: Some(manifest.cmdline.clone()),
         manifest_digest: None,
         disk_digest: disk_digest.map(str::to_string),

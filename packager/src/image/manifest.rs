@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bump on incompatible changes; readers reject versions they do not know.
-pub(crate) const SCHEMA: u32 = 1;
+pub(crate) const SCHEMA: u32 = 2;
 
 /// The manifest note giving the directory of the runtime (inspect counts its bytes apart).
 pub(crate) const NOTE_RUNTIME_DIR: &str = "runtime.dir";
@@ -80,7 +80,11 @@ pub(crate) struct Manifest {
     pub(crate) kernel: KernelComponent,
     /// The initramfs holding fuse's init.
     pub(crate) init: Component,
+    /// The root filesystem: everything but `/app`.
     pub(crate) rootfs: RootfsComponent,
+    /// The app's filesystem, mounted on `/app`: a partition of its own, so a new version of
+    /// the app leaves the root's bytes (the runtime's) unchanged and a push sends only this.
+    pub(crate) appfs: RootfsComponent,
     /// The kernel command line the image boots with.
     pub(crate) cmdline: String,
     pub(crate) app: AppSection,
@@ -157,11 +161,12 @@ impl Manifest {
     }
 
     /// Every blob the image is made of, with its size.
-    pub(crate) fn components(&self) -> [(&'static str, &str, u64); 3] {
+    pub(crate) fn components(&self) -> [(&'static str, &str, u64); 4] {
         [
             ("kernel", &self.kernel.digest, self.kernel.size),
             ("init", &self.init.digest, self.init.size),
             ("rootfs", &self.rootfs.digest, self.rootfs.size),
+            ("appfs", &self.appfs.digest, self.appfs.size),
         ]
     }
 
@@ -214,6 +219,11 @@ pub(crate) mod tests {
             rootfs: RootfsComponent {
                 digest: digest::of_bytes(b"r"),
                 size: 3,
+                format: "squashfs+zstd".into(),
+            },
+            appfs: RootfsComponent {
+                digest: digest::of_bytes(b"a"),
+                size: 4,
                 format: "squashfs+zstd".into(),
             },
             cmdline: "console=ttyS0".into(),

@@ -84,16 +84,26 @@ pub(crate) fn this_tool() -> String {
 /// (`fuse-0.1.0`).
 pub(crate) fn generate(store: &Store, image: &StoredImage, tool: &str) -> Result<Vec<u8>> {
     let m = &image.manifest;
-    let blob = store.blob_path(&m.rootfs.digest);
-    if !blob.is_file() {
+    let (blob, app_blob) = (
+        store.blob_path(&m.rootfs.digest),
+        store.blob_path(&m.appfs.digest),
+    );
+    if !blob.is_file() || !app_blob.is_file() {
         bail!(
-            "The root filesystem of {} is missing from the store: pull or rebuild the image",
+            "The root or app filesystem of {} is missing from the store: pull or rebuild the image",
             m.reference()
         );
     }
     let temp = store.temp_dir()?;
     let root = temp.path().join("root");
     unpack(&blob, &root)?;
+    // The app's filesystem goes where the VM mounts it, on the root's empty /app.
+    let app = temp.path().join("app");
+    unpack(&app_blob, &app)?;
+    let mount_point = root.join(crate::build::layout::APP_DIR.trim_start_matches('/'));
+    std::fs::remove_dir(&mount_point)
+        .and_then(|()| std::fs::rename(&app, &mount_point))
+        .with_context(|| format!("Cannot place the app's files at {}", mount_point.display()))?;
     let mut paths = Vec::new();
     walk(&root, &root, &mut paths)?;
     paths.sort();

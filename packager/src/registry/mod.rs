@@ -267,6 +267,7 @@ fn image_blobs(
         &store.blob_path(&m.kernel.digest),
         &store.blob_path(&m.init.digest),
         &store.blob_path(&m.rootfs.digest),
+        &store.blob_path(&m.appfs.digest),
         &scratch.join("disk.raw"),
     )?;
     if rebuilt != image.digest {
@@ -293,6 +294,7 @@ fn image_blobs(
             "efi-stub",
         ),
         rootfs: oci::layer(oci::ROOTFS, &m.rootfs.digest, m.rootfs.size, "rootfs"),
+        appfs: oci::layer(oci::APPFS, &m.appfs.digest, m.appfs.size, "appfs"),
     };
     let manifest = oci::manifest_for(m, &image.digest, &config, &layers);
     let blobs = vec![
@@ -312,6 +314,11 @@ fn image_blobs(
             "rootfs",
             layers.rootfs.clone(),
             store.blob_path(&m.rootfs.digest),
+        ),
+        (
+            "appfs",
+            layers.appfs.clone(),
+            store.blob_path(&m.appfs.digest),
         ),
     ];
     Ok((manifest, blobs))
@@ -516,6 +523,7 @@ pub(crate) fn pull(
         ("initrd", &layers.initrd, true),
         ("efi-stub", &layers.efi_stub, false),
         ("rootfs", &layers.rootfs, true),
+        ("appfs", &layers.appfs, true),
     ] {
         if stored && store.check_blob(&layer.digest)? == BlobCheck::Intact {
             report.blobs_reused += 1;
@@ -534,7 +542,7 @@ pub(crate) fn pull(
     let stub = std::fs::read(&paths[2])?;
     let disk_file = scratch.path().join("disk.raw");
     let rebuilt = disk::rebuild(
-        &manifest, &stub, &paths[0], &paths[1], &paths[3], &disk_file,
+        &manifest, &stub, &paths[0], &paths[1], &paths[3], &paths[4], &disk_file,
     )?;
     if rebuilt != image_digest {
         bail!(

@@ -1,10 +1,12 @@
 //! How an image travels: an OCI 1.1 image manifest whose `artifactType` and config media type
 //! are fuse's own (a container runtime must not mistake it for a container image), the config
 //! blob being the image's manifest as fuse stores it, and one layer per part the disk is
-//! assembled from: kernel, initramfs, EFI stub, root filesystem. The disk itself is not sent:
+//! assembled from: kernel, initramfs, EFI stub, root filesystem, app filesystem. The root holds
+//! the runtime and the app's filesystem only `/app`, so a new version of the app sends the
+//! app's layer (and the small config and manifest) alone. The disk itself is not sent:
 //! it is rebuilt bit for bit from these on pull and checked against the image digest, which
-//! an annotation carries. Parts shared by images (the kernel, init, stub) are sent once per
-//! registry.
+//! an annotation carries. Parts shared by images (the kernel, init, stub, a runtime's root) are
+//! sent once per registry.
 //!
 //! Nothing in the manifest comes from the clock or the machine: `created` is the image's file
 //! epoch, so the same image pushed twice has the same manifest digest.
@@ -27,6 +29,7 @@ pub(crate) const KERNEL: &str = "application/vnd.fuse.image.kernel.v1";
 pub(crate) const INITRD: &str = "application/vnd.fuse.image.initrd.v1";
 pub(crate) const EFI_STUB: &str = "application/vnd.fuse.image.efi-stub.v1";
 pub(crate) const ROOTFS: &str = "application/vnd.fuse.image.rootfs.v1";
+pub(crate) const APPFS: &str = "application/vnd.fuse.image.appfs.v1";
 
 /// The disk's sha256, which is the image digest.
 pub(crate) const ANNOTATION_DIGEST: &str = "vnd.fuse.image.digest";
@@ -66,11 +69,18 @@ pub(crate) struct Layers {
     pub(crate) initrd: Descriptor,
     pub(crate) efi_stub: Descriptor,
     pub(crate) rootfs: Descriptor,
+    pub(crate) appfs: Descriptor,
 }
 
 impl Layers {
-    pub(crate) fn all(&self) -> [&Descriptor; 4] {
-        [&self.kernel, &self.initrd, &self.efi_stub, &self.rootfs]
+    pub(crate) fn all(&self) -> [&Descriptor; 5] {
+        [
+            &self.kernel,
+            &self.initrd,
+            &self.efi_stub,
+            &self.rootfs,
+            &self.appfs,
+        ]
     }
 }
 
@@ -167,7 +177,7 @@ impl OciManifest {
             .with_context(|| format!("{what}: its manifest has no {ANNOTATION_DIGEST} annotation"))
     }
 
-    /// The four parts, by media type, checked against the fuse `manifest` (the config).
+    /// The five parts, by media type, checked against the fuse `manifest` (the config).
     pub(crate) fn layers(&self, manifest: &Manifest, what: &str) -> Result<Layers> {
         let find = |media_type: &str| -> Result<Descriptor> {
             let mut found = self.layers.iter().filter(|l| l.media_type == media_type);
@@ -190,11 +200,13 @@ impl OciManifest {
             initrd: find(INITRD)?,
             efi_stub: find(EFI_STUB)?,
             rootfs: find(ROOTFS)?,
+            appfs: find(APPFS)?,
         };
-        if self.layers.len() != 4 {
+        if self.layers.len() != layers.all().len() {
             bail!(
-                "{what}: its manifest has {} layers, not the 4 of a fuse image",
-                self.layers.len()
+                "{what}: its manifest has {} layers, not the {} of a fuse image",
+                self.layers.len(),
+                layers.all().len()
             );
         }
         for (layer, digest, size) in [
@@ -209,6 +221,7 @@ impl OciManifest {
                 &manifest.rootfs.digest,
                 manifest.rootfs.size,
             ),
+            (&layers.appfs, &manifest.appfs.digest, manifest.appfs.size),
         ] {
             if layer.digest != *digest || layer.size != size {
                 bail!(
@@ -242,6 +255,7 @@ mod tests {
             initrd: layer(INITRD, &m.init.digest, m.init.size, "initrd"),
             efi_stub: layer(EFI_STUB, &digest::of_bytes(b"stub"), 4, "efi-stub"),
             rootfs: layer(ROOTFS, &m.rootfs.digest, m.rootfs.size, "rootfs"),
+            appfs: layer(APPFS, &m.appfs.digest, m.appfs.size, "appfs"),
         }
     }
 

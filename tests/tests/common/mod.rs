@@ -111,7 +111,8 @@ pub fn json(out: &fuse_tests::Output) -> serde_json::Value {
 }
 
 impl Sandbox {
-    /// `unsquashfs -lls` of the root filesystem of `image` in this sandbox's store.
+    /// `unsquashfs -lls` of the root filesystem of `image` in this sandbox's store, followed
+    /// by its app filesystem's listed where the VM mounts it (`squashfs-root/app/...`).
     pub fn rootfs_listing(&self, image: &str) -> String {
         let inspect = json(
             self.fuse()
@@ -119,22 +120,26 @@ impl Sandbox {
                 .run()
                 .assert_success(),
         );
-        let digest = inspect["rootfs"]["digest"].as_str().unwrap();
-        let blob = self
-            .home()
-            .join("images/blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"));
-        let out = std::process::Command::new("unsquashfs")
-            .arg("-lls")
-            .arg(&blob)
-            .output()
-            .expect("unsquashfs (squashfs-tools) is needed");
-        assert!(
-            out.status.success(),
-            "unsquashfs failed on {}",
-            blob.display()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut listing = String::new();
+        for (part, dest) in [("rootfs", "squashfs-root"), ("appfs", "squashfs-root/app")] {
+            let digest = inspect[part]["digest"].as_str().unwrap();
+            let blob = self
+                .home()
+                .join("images/blobs/sha256")
+                .join(digest.trim_start_matches("sha256:"));
+            let out = std::process::Command::new("unsquashfs")
+                .args(["-lls", "-d", dest])
+                .arg(&blob)
+                .output()
+                .expect("unsquashfs (squashfs-tools) is needed");
+            assert!(
+                out.status.success(),
+                "unsquashfs failed on {}",
+                blob.display()
+            );
+            listing.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        listing
     }
 
     /// Runs `fuse ARGS` and asserts it was refused: exit 1, exactly one `fuse: error:` line
