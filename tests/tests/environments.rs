@@ -295,16 +295,23 @@ fn injected_values_reach_the_app_but_not_the_image_or_the_kernel_command_line() 
         blob(&inspect["kernel"]["digest"]),
         blob(&inspect["init"]["digest"]),
         blob(&inspect["rootfs"]["digest"]),
+        blob(&inspect["appfs"]["digest"]),
     ];
     let unpacked = sb.dir.join("unpacked");
-    let status = std::process::Command::new("unsquashfs")
-        .args(["-quiet", "-no-progress", "-d"])
-        .arg(&unpacked)
-        .arg(&image_blobs[3])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("unsquashfs (squashfs-tools) is needed");
-    assert!(status.success());
+    // The root, then the app's filesystem where the VM mounts it.
+    for (blob, dest) in [
+        (&image_blobs[3], unpacked.clone()),
+        (&image_blobs[4], unpacked.join("app")),
+    ] {
+        let status = std::process::Command::new("unsquashfs")
+            .args(["-quiet", "-no-progress", "-f", "-d"])
+            .arg(&dest)
+            .arg(blob)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("unsquashfs (squashfs-tools) is needed");
+        assert!(status.success());
+    }
     // The scan finds what is baked, so finding nothing below means something.
     assert!(
         !files_containing(&unpacked, "baked-marker-value").is_empty(),
