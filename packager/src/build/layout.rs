@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 /// Where the init reads the app spec from (see `fuse_boot::spec`).
 pub(crate) const SPEC_PATH: &str = fuse_boot::spec::SPEC_PATH;
-/// Where the app's own files go.
-pub(crate) const APP_DIR: &str = "/app";
+/// Where the app's own files go: a filesystem of its own in the image.
+pub(crate) const APP_DIR: &str = crate::image::manifest::APP_DIR;
 /// Empty directories every image has for volumes (`fuse run --volume NAME:/data`): the root
 /// is read-only, so a mount point cannot be made at boot. Listed in the manifest.
 pub(crate) const VOLUME_MOUNT_POINTS: &[&str] = &["/data"];

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 /// Bump on incompatible changes; readers reject versions they do not know.
 pub(crate) const SCHEMA: u32 = 2;
+/// Where the app's filesystem ([`Manifest::appfs`]) is mounted: the root has it empty.
+pub(crate) const APP_DIR: &str = "/app";
 
 /// The manifest note giving the directory of the runtime (inspect counts its bytes apart).
 pub(crate) const NOTE_RUNTIME_DIR: &str = "runtime.dir";

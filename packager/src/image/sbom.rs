@@ -100,7 +100,7 @@ pub(crate) fn generate(store: &Store, image: &StoredImage, tool: &str) -> Result
     // The app's filesystem goes where the VM mounts it, on the root's empty /app.
     let app = temp.path().join("app");
     unpack(&app_blob, &app)?;
-    let mount_point = root.join(crate::build::layout::APP_DIR.trim_start_matches('/'));
+    let mount_point = root.join(crate::image::manifest::APP_DIR.trim_start_matches('/'));
     std::fs::remove_dir(&mount_point)
         .and_then(|()| std::fs::rename(&app, &mount_point))
         .with_context(|| format!("Cannot place the app's files at {}", mount_point.display()))?;
