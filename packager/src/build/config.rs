@@ -94,6 +94,9 @@ pub(crate) struct Config {
     pub(crate) layers: Vec<PathBuf>,
     pub(crate) name: Option<String>,
     pub(crate) version: Option<String>,
+    /// `repository`: where `fuse push IMAGE` sends an image of this name never pushed yet
+    /// (`registry/repository`, checked; the tag is the image's version).
+    pub(crate) repository: Option<String>,
     pub(crate) kind: Option<(String, Origin)>,
     /// Root filesystem compression (`--compression` wins).
     pub(crate) compression: Option<RootfsCompression>,
@@ -208,6 +211,17 @@ impl Config {
             let probe = format!("x:{}", version.get_ref());
             naming::parse(&probe).with_context(|| format!("{origin}: invalid version"))?;
             config.version = Some(version.into_inner());
+        }
+        if let Some(repository) = raw.repository {
+            let origin = src.origin(repository.span());
+            let text = repository.get_ref();
+            let parsed = crate::registry::reference::Reference::parse(text)
+                .with_context(|| format!("{origin}: invalid repository"))?;
+            // A tag after the last '/' (a port's ':' is before it).
+            if parsed.digest.is_some() || text.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+                bail!("{origin}: repository '{text}' has a tag or digest: the image's version is its tag, write HOST[:PORT]/REPOSITORY");
+            }
+            config.repository = Some(format!("{}/{}", parsed.registry, parsed.repository));
         }
         config.kind = raw.kind.map(|k| {
             let origin = src.origin(k.span());
@@ -424,6 +438,7 @@ pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
 struct RawConfig {
     name: Option<Spanned<String>>,
     version: Option<Spanned<String>>,
+    repository: Option<Spanned<String>>,
     kind: Option<Spanned<String>>,
     compression: Option<Spanned<String>>,
     args: Option<Vec<String>>,
@@ -1225,6 +1240,27 @@ timeout = "2m"
         let image = c.image_config();
         assert_eq!(image.environments, vec!["dev", "prod"]);
         assert!(!image.is_empty());
+    }
+
+    #[test]
+    fn repository_is_where_a_push_goes_without_a_tag() {
+        let dir = dir_with(&[(
+            "fuse.toml",
+            "repository = \"reg.example.com:5000/team/shop\"\n",
+        )]);
+        let c = Config::load(&dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(
+            c.repository.as_deref(),
+            Some("reg.example.com:5000/team/shop")
+        );
+        let err = load_err(&[("fuse.toml", "repository = \"reg.example.com/shop:1.0\"\n")]);
+        assert!(
+            err.contains("fuse.toml:1:14: repository 'reg.example.com/shop:1.0' has a tag"),
+            "{err}"
+        );
+        let err = load_err(&[("fuse.toml", "repository = \"shop\"\n")]);
+        assert!(err.contains("fuse.toml:1:14: invalid repository"), "{err}");
+        assert!(err.contains("no registry host"), "{err}");
     }
 
     #[test]
