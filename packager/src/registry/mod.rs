@@ -183,7 +183,10 @@ pub(crate) fn push(
             let (blob, path, mount_from) = uploads[i];
             let tick = |done: u64| meter.set(i, done);
             let mounted = client.upload_blob(&blob.digest, path, Some(&tick), mount_from)?;
-            meter.set(i, blob.size);
+            match mounted {
+                true => meter.skip(i),
+                false => meter.set(i, blob.size),
+            }
             Ok(mounted)
         })
     });

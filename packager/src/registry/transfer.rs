@@ -31,7 +31,7 @@ pub(crate) enum Display {
 pub(crate) struct Meter<'a> {
     /// `pushing` or `pulling`.
     verb: &'static str,
-    sizes: Vec<u64>,
+    sizes: Vec<AtomicU64>,
     done: Vec<AtomicU64>,
     started: Instant,
     display: Display,
@@ -50,7 +50,7 @@ impl<'a> Meter<'a> {
         Meter {
             verb,
             done: sizes.iter().map(|_| AtomicU64::new(0)).collect(),
-            sizes,
+            sizes: sizes.into_iter().map(AtomicU64::new).collect(),
             started: Instant::now(),
             display,
             progress,
@@ -60,18 +60,29 @@ impl<'a> Meter<'a> {
 
     /// Transfer `i` has moved `bytes` of its blob (it may go back, when one starts again).
     pub(crate) fn set(&self, i: usize, bytes: u64) {
-        self.done[i].store(bytes.min(self.sizes[i]), Ordering::Relaxed);
+        let size = self.sizes[i].load(Ordering::Relaxed);
+        self.done[i].store(bytes.min(size), Ordering::Relaxed);
+    }
+
+    /// Transfer `i` moved nothing after all (the registry mounted the blob).
+    pub(crate) fn skip(&self, i: usize) {
+        self.sizes[i].store(0, Ordering::Relaxed);
+        self.done[i].store(0, Ordering::Relaxed);
     }
 
     fn total(&self) -> u64 {
-        self.sizes.iter().sum()
+        self.sizes.iter().map(|s| s.load(Ordering::Relaxed)).sum()
     }
 
     /// `pushing 3 blobs: 12.3 MB of 50.1 MB (10.2 MB/s)`.
     pub(crate) fn text(&self) -> String {
         let done: u64 = self.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let n = self.sizes.len();
+        let n = self
+            .sizes
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) > 0)
+            .count();
         format!(
             "{} {n} blob{}: {} of {} ({}/s)",
             self.verb,
@@ -131,7 +142,10 @@ impl<'a> Meter<'a> {
             finished.store(true, Ordering::Relaxed);
             result
         });
-        self.say(&self.text());
+        self.clear();
+        if self.total() >= QUIET_BELOW {
+            (self.progress)(&self.text());
+        }
         result
     }
 }
@@ -211,5 +225,12 @@ mod tests {
         // A transfer that starts again goes back.
         meter.set(0, 0);
         assert!(meter.text().starts_with("pushing 2 blobs: 2.3 MB of"));
+        // A blob the registry mounted is none of the transfer.
+        meter.skip(1);
+        assert!(
+            meter.text().starts_with("pushing 1 blob: 0 B of 10.0 MB"),
+            "{}",
+            meter.text()
+        );
     }
 }
