@@ -218,6 +218,12 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             report.blobs_mounted,
             crate::host::fs::human_size(report.bytes_sent)
         ));
+        if report.uploads_resumed + report.uploads_restarted > 0 {
+            progress_line(&format!(
+                "after failures, {} uploads went on where the registry had stopped them, {} started again",
+                report.uploads_resumed, report.uploads_restarted
+            ));
+        }
         if let Some(d) = &sbom_digest {
             progress_line(&format!(
                 "attached its SBOM to {}: {d}",
