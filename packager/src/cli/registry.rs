@@ -220,7 +220,7 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
         ));
         if report.uploads_resumed + report.uploads_restarted > 0 {
             progress_line(&format!(
-                "after failures, {} uploads went on where the registry had stopped them, {} started again",
+                "after failures: {} blob uploads resumed where the registry had got to, {} started again",
                 report.uploads_resumed, report.uploads_restarted
             ));
         }

@@ -1,7 +1,8 @@
 //! A small client of the OCI distribution API (v2), blocking, over `ureq`: blobs (HEAD, GET,
-//! uploads in chunks that resume where the registry says they stopped), manifests (GET, PUT), the `WWW-Authenticate` flow (Basic, and Bearer
-//! tokens for `repository:NAME:pull[,push]`), retries with backoff on 5xx and dropped
-//! connections. Every error is one line naming the registry, the operation and the status.
+//! uploads in chunks that resume where the registry says they stopped), manifests (GET,
+//! PUT), the `WWW-Authenticate` flow (Basic, and Bearer tokens for
+//! `repository:NAME:pull[,push]`), retries with backoff on 5xx and dropped connections.
+//! Every error is one line naming the registry, the operation and the status.
 
 use super::challenge::{self, Challenge};
 use super::credentials::Credentials;
