@@ -214,14 +214,11 @@ impl Config {
         }
         if let Some(repository) = raw.repository {
             let origin = src.origin(repository.span());
-            let text = repository.get_ref();
-            let parsed = crate::registry::reference::Reference::parse(text)
-                .with_context(|| format!("{origin}: invalid repository"))?;
-            // A tag after the last '/' (a port's ':' is before it).
-            if parsed.digest.is_some() || text.rsplit('/').next().is_some_and(|l| l.contains(':')) {
-                bail!("{origin}: repository '{text}' has a tag or digest: the image's version is its tag, write HOST[:PORT]/REPOSITORY");
+            let text = repository.into_inner();
+            if let Err(why) = check_repository(&text) {
+                bail!("{origin}: repository '{text}' {why}: write HOST[:PORT]/REPOSITORY, e.g. registry.example.com:5000/team/app (the image's version is the tag)");
             }
-            config.repository = Some(format!("{}/{}", parsed.registry, parsed.repository));
+            config.repository = Some(text);
         }
         config.kind = raw.kind.map(|k| {
             let origin = src.origin(k.span());
@@ -412,6 +409,29 @@ fn list_or_none(names: &[String]) -> String {
     } else {
         names.join(", ")
     }
+}
+
+/// What is wrong with a `repository` (`HOST[:PORT]/PATH`, no tag), if anything; `fuse push`
+/// parses it fully as a registry reference (a room `build` does not use).
+fn check_repository(text: &str) -> std::result::Result<(), &'static str> {
+    let Some((host, path)) = text.split_once('/') else {
+        return Err("names no registry host");
+    };
+    if !(host.contains('.') || host.contains(':') || host == "localhost") {
+        return Err("names no registry host (one with a '.' or a ':', or localhost)");
+    }
+    if text.contains('@') || path.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+        return Err("has a tag or digest");
+    }
+    let component = |c: &str| {
+        !c.is_empty()
+            && c.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+    };
+    if !path.split('/').all(component) {
+        return Err("has an invalid repository name (lowercase letters, digits, '.', '_', '-')");
+    }
+    Ok(())
 }
 
 /// Parses a duration: `30s`, `2m`, `500ms`, or a bare number of seconds.
@@ -1258,9 +1278,19 @@ timeout = "2m"
             err.contains("fuse.toml:1:14: repository 'reg.example.com/shop:1.0' has a tag"),
             "{err}"
         );
-        let err = load_err(&[("fuse.toml", "repository = \"shop\"\n")]);
-        assert!(err.contains("fuse.toml:1:14: invalid repository"), "{err}");
-        assert!(err.contains("no registry host"), "{err}");
+        for (bad, why) in [
+            ("shop", "names no registry host"),
+            ("team/shop", "names no registry host"),
+            ("reg.io/Team/shop", "has an invalid repository name"),
+            ("reg.io/shop@sha256:00", "has a tag or digest"),
+        ] {
+            let err = load_err(&[("fuse.toml", &format!("repository = \"{bad}\"\n"))]);
+            assert!(
+                err.contains(&format!("fuse.toml:1:14: repository '{bad}' {why}")),
+                "{err}"
+            );
+            assert!(err.contains("write HOST[:PORT]/REPOSITORY"), "{err}");
+        }
     }
 
     #[test]

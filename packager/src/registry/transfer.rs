@@ -3,7 +3,6 @@
 //! otherwise.
 
 use super::client::Client;
-use super::Progress;
 use crate::host::fs::human_size;
 use anyhow::Result;
 use std::io::Write;
@@ -26,6 +25,9 @@ pub(crate) enum Display {
     /// Lines through the progress callback, about one a second (or none, if it prints none).
     Lines,
 }
+
+/// Where progress lines go (`fuse: ...` on stderr, or nowhere with --json).
+type Progress<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// How far the blobs of one push or pull have got.
 pub(crate) struct Meter<'a> {
