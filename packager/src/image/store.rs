@@ -15,6 +15,8 @@
 //!   collection keeps until the build tags its image (or its process is gone)
 //! - `repositories/<name>`: the registry repository the image name was last pushed to, where
 //!   `fuse push NAME:VERSION` without a reference pushes it next
+//! - `configured-repositories/<name>`: the `repository` of the fuse.toml the image name was
+//!   last built from, where such a push goes when there is no `repositories/<name>`
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
