@@ -1257,15 +1257,17 @@ fn the_registry_killed_mid_push_and_restarted() {
         ],
     );
 
-    // Back on the same port and storage while the push waits: the dropped upload starts
-    // again in a new session and the push completes.
+    // Back on the same port and storage while the push waits: the dropped upload goes on
+    // (in a new session: distribution drops one whose chunk was cut off) and the push
+    // completes.
     let registry = Registry::start_on(dir, port, None, None);
     let push = push_and_kill(registry);
     let registry = Registry::start_on(dir, port, None, None);
     let out = push.wait();
     let pushed = json(out.assert_success());
     assert!(
-        pushed["uploads_restarted"].as_u64().unwrap() >= 1,
+        pushed["uploads_restarted"].as_u64().unwrap() + pushed["uploads_resumed"].as_u64().unwrap()
+            >= 1,
         "{pushed}"
     );
     assert_eq!(pushed["image_digest"], image.as_str());
@@ -1496,4 +1498,269 @@ fn a_push_after_a_jar_change_sends_only_the_app() {
     let out = fuse(&sb).args(["run", &reference]).run();
     out.assert_success().assert_stdout_contains("shop v2");
     assert_no_leaked_qemu();
+}
+
+/// Where a [`CuttingProxy`] cuts its one connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// At the start of the first upload request (PATCH or PUT) after the threshold: the
+    /// registry gets none of that request.
+    AtRequest,
+    /// As soon as the threshold is passed: the registry gets part of a chunk.
+    MidRequest,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a registry that, once `threshold` bytes have gone to
+/// the registry, drops one connection (both ways, as a network fault would) and forwards
+/// everything else as it comes. It counts the connections open at once.
+struct CuttingProxy {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut_done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    most_open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accepting: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, threshold: u64, cut: Cut) -> CuttingProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let cut_done = Arc::new(AtomicBool::new(false));
+        let most_open = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let sent_total = sent.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let (stop2, cut2, most2) = (stop.clone(), cut_done.clone(), most_open.clone());
+        let accepting = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut client) = client else { continue };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                most2.fetch_max(now, Ordering::SeqCst);
+                let (mut client_r, mut server_w) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (sent, cut_done, open) = (sent.clone(), cut2.clone(), open.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match client_r.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let before = sent.fetch_add(n as u64, Ordering::SeqCst);
+                        let upload =
+                            buf[..n].starts_with(b"PATCH ") || buf[..n].starts_with(b"PUT ");
+                        let here = match cut {
+                            Cut::AtRequest => before >= threshold && upload,
+                            Cut::MidRequest => before + n as u64 >= threshold,
+                        };
+                        if here && !cut_done.swap(true, Ordering::SeqCst) {
+                            if cut == Cut::MidRequest {
+                                let _ = server_w.write_all(&buf[..n / 2]);
+                            }
+                            break;
+                        }
+                        if server_w.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client_r.shutdown(Shutdown::Both);
+                    let _ = server_w.shutdown(Shutdown::Both);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server, &mut client);
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy {
+            port,
+            stop,
+            cut_done,
+            sent: sent_total,
+            most_open,
+            accepting: Some(accepting),
+        }
+    }
+
+    fn reference(&self, repository_tag: &str) -> String {
+        format!("127.0.0.1:{}/{repository_tag}", self.port)
+    }
+
+    fn did_cut(&self) -> bool {
+        self.cut_done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes that went to the registry (requests, bodies and all).
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn most_open(&self) -> usize {
+        self.most_open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accepting thread up to see it.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.accepting.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Builds `big:1.0`, a hello image with 32 MiB of random bytes (a rootfs of five chunks);
+/// returns its digest.
+fn build_big(sb: &Sandbox) -> String {
+    let dir = sb.dir.path();
+    let app = sb.program(HELLO, "big-1.0", &["-static"]);
+    let mut random = vec![0u8; 32 << 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .unwrap();
+    std::fs::write(dir.join("blob.bin"), &random).unwrap();
+    std::fs::write(
+        dir.join("big.toml"),
+        "[files]\n\"/data/blob.bin\" = \"blob.bin\"\n",
+    )
+    .unwrap();
+    let out = fuse(sb)
+        .args(["build", "--json", "--config"])
+        .arg(dir.join("big.toml"))
+        .arg(&app)
+        .run();
+    json(out.assert_success())["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A connection dropped between two chunks of an upload: the push asks the registry where
+/// the session is and goes on from there (no new session); the blobs go several at a time.
+/// Dropped in the middle of a chunk, distribution no longer knows the session (its data is
+/// not what its state says): the blob is sent again in a new one. Either way the push
+/// completes with the same manifest, and a parallel pull of it gives the image back.
+#[test]
+fn an_upload_cut_off_resumes_or_restarts_and_transfers_run_in_parallel() {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let image = build_big(&sb);
+
+    let registry = Registry::start(dir, None);
+    let proxy = CuttingProxy::start(registry.port, 12 << 20, Cut::AtRequest);
+    let reference = proxy.reference("x/big:1.0");
+    let resumed = fuse_json(&sb, ["push", "big:1.0", &reference, "--json"]);
+    assert!(proxy.did_cut(), "the proxy cut no connection: {resumed}");
+    assert_eq!(resumed["uploads_resumed"], 1, "{resumed}");
+    assert_eq!(resumed["uploads_restarted"], 0, "{resumed}");
+    assert_eq!(resumed["blobs_sent"], 5, "{resumed}");
+    // No chunk went twice: what crossed the proxy is the blobs and some headers.
+    let blob_bytes = resumed["bytes_sent"].as_u64().unwrap();
+    assert!(
+        proxy.sent() < blob_bytes + (1 << 20),
+        "{} bytes through the proxy for {blob_bytes} of blobs",
+        proxy.sent()
+    );
+    assert_eq!(resumed["image_digest"], image.as_str());
+    assert!(
+        proxy.most_open() >= 3,
+        "blobs uploaded one at a time: at most {} connections at once",
+        proxy.most_open()
+    );
+
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let other = Registry::start(&second, None);
+    let cutter = CuttingProxy::start(other.port, 12 << 20, Cut::MidRequest);
+    let restarted = fuse_json(
+        &sb,
+        ["push", "big:1.0", &cutter.reference("y/big:1.0"), "--json"],
+    );
+    assert!(cutter.did_cut(), "the proxy cut no connection: {restarted}");
+    assert_eq!(restarted["uploads_restarted"], 1, "{restarted}");
+    assert_eq!(restarted["uploads_resumed"], 0, "{restarted}");
+    assert!(
+        cutter.sent() > blob_bytes + (1 << 20),
+        "the cut blob went again"
+    );
+    assert_eq!(restarted["blobs_sent"], 5, "{restarted}");
+    assert_eq!(restarted["digest"], resumed["digest"], "deterministic");
+
+    // What the first registry kept is the image: pulled (parts in parallel) into an empty
+    // store, the same digest; skopeo copies the same manifest.
+    fuse(&sb).args(["rm", "big:1.0"]).run().assert_success();
+    let pulled = fuse_json(&sb, ["pull", &registry.reference("x/big:1.0"), "--json"]);
+    assert_eq!(pulled["digest"], image.as_str(), "{pulled}");
+    assert_eq!(pulled["manifest_digest"], resumed["digest"], "{pulled}");
+    drop(proxy);
+    drop(cutter);
+}
+
+/// `fuse push IMAGE` alone: with no push on record and no `repository` in the fuse.toml, one
+/// error line and nothing sent; with `repository`, there, tagged with the image's version;
+/// after a push elsewhere, where it was pushed last.
+#[test]
+fn push_without_a_reference_goes_where_configured_or_last_pushed() {
+    let sb = Sandbox::new();
+    let dir = sb.dir.path();
+    let registry = Registry::start(dir, None);
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    fuse(&sb)
+        .args(["build", "--json"])
+        .arg(&app)
+        .run()
+        .assert_success();
+    let out = fuse(&sb).args(["push", "hello:1.0"]).run();
+    assert_one_error(
+        &out,
+        &[
+            "hello:1.0 was never pushed and its fuse.toml sets no `repository`",
+            "fuse push hello:1.0 HOST[:PORT]/REPOSITORY[:TAG]",
+        ],
+    );
+    assert!(
+        !registry
+            .storage
+            .join("docker/registry/v2/repositories")
+            .exists(),
+        "nothing was sent"
+    );
+
+    let configured = registry.reference("cfg/hello");
+    std::fs::write(
+        dir.join("cfg.toml"),
+        format!("repository = \"{configured}\"\n"),
+    )
+    .unwrap();
+    fuse(&sb)
+        .args(["build", "--json", "--config"])
+        .arg(dir.join("cfg.toml"))
+        .arg(&app)
+        .run()
+        .assert_success();
+    let pushed = fuse_json(&sb, ["push", "hello:1.0", "--json"]);
+    assert_eq!(pushed["reference"], format!("{configured}:1.0"), "{pushed}");
+    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+
+    let elsewhere = registry.reference("other/hello:1.0");
+    fuse_json(&sb, ["push", "hello:1.0", &elsewhere, "--json"]);
+    let again = fuse_json(&sb, ["push", "hello:1.0", "--json"]);
+    assert_eq!(again["reference"], elsewhere.as_str(), "{again}");
+    assert_eq!(again["digest"], pushed["digest"], "{again}");
 }

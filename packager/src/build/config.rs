@@ -94,6 +94,9 @@ pub(crate) struct Config {
     pub(crate) layers: Vec<PathBuf>,
     pub(crate) name: Option<String>,
     pub(crate) version: Option<String>,
+    /// `repository`: where `fuse push IMAGE` sends an image of this name never pushed yet
+    /// (`registry/repository`, checked; the tag is the image's version).
+    pub(crate) repository: Option<String>,
     pub(crate) kind: Option<(String, Origin)>,
     /// Root filesystem compression (`--compression` wins).
     pub(crate) compression: Option<RootfsCompression>,
@@ -208,6 +211,14 @@ impl Config {
             let probe = format!("x:{}", version.get_ref());
             naming::parse(&probe).with_context(|| format!("{origin}: invalid version"))?;
             config.version = Some(version.into_inner());
+        }
+        if let Some(repository) = raw.repository {
+            let origin = src.origin(repository.span());
+            let text = repository.into_inner();
+            if let Err(why) = check_repository(&text) {
+                bail!("{origin}: repository '{text}' {why}: write HOST[:PORT]/REPOSITORY, e.g. registry.example.com:5000/team/app (the image's version is the tag)");
+            }
+            config.repository = Some(text);
         }
         config.kind = raw.kind.map(|k| {
             let origin = src.origin(k.span());
@@ -400,6 +411,29 @@ fn list_or_none(names: &[String]) -> String {
     }
 }
 
+/// What is wrong with a `repository` (`HOST[:PORT]/PATH`, no tag), if anything; `fuse push`
+/// parses it fully as a registry reference (a room `build` does not use).
+fn check_repository(text: &str) -> std::result::Result<(), &'static str> {
+    let Some((host, path)) = text.split_once('/') else {
+        return Err("names no registry host");
+    };
+    if !(host.contains('.') || host.contains(':') || host == "localhost") {
+        return Err("names no registry host (one with a '.' or a ':', or localhost)");
+    }
+    if text.contains('@') || path.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+        return Err("has a tag or digest");
+    }
+    let component = |c: &str| {
+        !c.is_empty()
+            && c.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+    };
+    if !path.split('/').all(component) {
+        return Err("has an invalid repository name (lowercase letters, digits, '.', '_', '-')");
+    }
+    Ok(())
+}
+
 /// Parses a duration: `30s`, `2m`, `500ms`, or a bare number of seconds.
 pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -424,6 +458,7 @@ pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
 struct RawConfig {
     name: Option<Spanned<String>>,
     version: Option<Spanned<String>>,
+    repository: Option<Spanned<String>>,
     kind: Option<Spanned<String>>,
     compression: Option<Spanned<String>>,
     args: Option<Vec<String>>,
@@ -1225,6 +1260,37 @@ timeout = "2m"
         let image = c.image_config();
         assert_eq!(image.environments, vec!["dev", "prod"]);
         assert!(!image.is_empty());
+    }
+
+    #[test]
+    fn repository_is_where_a_push_goes_without_a_tag() {
+        let dir = dir_with(&[(
+            "fuse.toml",
+            "repository = \"reg.example.com:5000/team/shop\"\n",
+        )]);
+        let c = Config::load(&dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(
+            c.repository.as_deref(),
+            Some("reg.example.com:5000/team/shop")
+        );
+        let err = load_err(&[("fuse.toml", "repository = \"reg.example.com/shop:1.0\"\n")]);
+        assert!(
+            err.contains("fuse.toml:1:14: repository 'reg.example.com/shop:1.0' has a tag"),
+            "{err}"
+        );
+        for (bad, why) in [
+            ("shop", "names no registry host"),
+            ("team/shop", "names no registry host"),
+            ("reg.io/Team/shop", "has an invalid repository name"),
+            ("reg.io/shop@sha256:00", "has a tag or digest"),
+        ] {
+            let err = load_err(&[("fuse.toml", &format!("repository = \"{bad}\"\n"))]);
+            assert!(
+                err.contains(&format!("fuse.toml:1:14: repository '{bad}' {why}")),
+                "{err}"
+            );
+            assert!(err.contains("write HOST[:PORT]/REPOSITORY"), "{err}");
+        }
     }
 
     #[test]

@@ -358,6 +358,10 @@ pub(crate) fn build(
     disk::write(&manifest, &parts, &disk_file)?;
     let disk = store.put_file(&disk_file)?;
     let digest = store.tag(&manifest, &disk)?;
+    store.set_configured_repository(
+        &name.name,
+        config.as_ref().and_then(|c| c.repository.as_deref()),
+    )?;
     Ok(StoredImage {
         name,
         digest,

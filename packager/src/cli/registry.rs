@@ -9,12 +9,13 @@ use crate::registry::containerdisk::DiskFormat;
 use crate::registry::credentials::Credentials;
 use crate::registry::reference::{is_remote, Reference};
 use crate::registry::referrers::{Artifact, Subject};
+use crate::registry::transfer::Display;
 use crate::registry::PushFormat;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fuse_rootfs::Arch;
 use serde_json::json;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
 /// How to reach a registry.
@@ -42,7 +43,8 @@ pub(super) struct PushArgs {
     /// The image (name[:version] or digest).
     image: String,
     /// Where to: HOST[:PORT]/REPOSITORY[:TAG] (TAG defaults to latest). Without it: the
-    /// repository this image name was last pushed to, tagged with the image's version.
+    /// repository this image name was last pushed to, else the `repository` of the
+    /// fuse.toml it was built from, tagged with the image's version.
     reference: Option<String>,
     /// Push a KubeVirt containerDisk (a container image holding the disk as /disk/disk.qcow2
     /// or /disk/disk.img) instead of fuse's image artifact.
@@ -101,6 +103,15 @@ fn progress(quiet: bool) -> impl Fn(&str) + Sync {
     }
 }
 
+/// A progress bar on a terminal; lines elsewhere, or for --json (where they are not printed).
+fn display(json: bool) -> Display {
+    if !json && std::io::stderr().is_terminal() {
+        Display::Bar
+    } else {
+        Display::Lines
+    }
+}
+
 pub(super) fn push(args: PushArgs) -> Result<i32> {
     let given = args
         .reference
@@ -125,12 +136,16 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
     let reference = match given {
         Some(r) => r,
         None => {
-            let repository = store.pushed_repository(&image.name.name).with_context(|| {
-                format!(
-                    "Image {} was never pushed: say where, `fuse push {} HOST[:PORT]/REPOSITORY[:TAG]` (remembered for its next push)",
-                    image.name, image.name
-                )
-            })?;
+            // The last push wins over the fuse.toml: a push elsewhere is deliberate.
+            let repository = store
+                .pushed_repository(&image.name.name)
+                .or_else(|| store.configured_repository(&image.name.name))
+                .with_context(|| {
+                    format!(
+                        "Image {} was never pushed and its fuse.toml sets no `repository`: say where, `fuse push {} HOST[:PORT]/REPOSITORY[:TAG]` (remembered for its next push)",
+                        image.name, image.name
+                    )
+                })?;
             Reference::parse(&format!("{repository}:{}", image.name.version))?
         }
     };
@@ -155,6 +170,7 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
         format,
         &connection,
         &progress(args.json),
+        display(args.json),
     )?;
     let sbom_digest = match &sbom {
         Some((_, path)) => Some(crate::registry::referrers::attach(
@@ -188,6 +204,7 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
                 "blobs_skipped": report.blobs_skipped,
                 "blobs_mounted": report.blobs_mounted,
                 "uploads_restarted": report.uploads_restarted,
+                "uploads_resumed": report.uploads_resumed,
                 "sbom_digest": sbom_digest,
             })
         );
@@ -201,6 +218,12 @@ pub(super) fn push(args: PushArgs) -> Result<i32> {
             report.blobs_mounted,
             crate::host::fs::human_size(report.bytes_sent)
         ));
+        if report.uploads_resumed + report.uploads_restarted > 0 {
+            progress_line(&format!(
+                "after failures: {} blob uploads resumed where the registry had got to, {} started again",
+                report.uploads_resumed, report.uploads_restarted
+            ));
+        }
         if let Some(d) = &sbom_digest {
             progress_line(&format!(
                 "attached its SBOM to {}: {d}",
@@ -229,6 +252,7 @@ pub(super) fn pull(args: PullArgs) -> Result<i32> {
         args.arch,
         &Connection::from(&args.registry),
         &progress(args.json),
+        display(args.json),
     )?;
     if args.json {
         println!(
@@ -331,6 +355,7 @@ pub(super) fn ensure_local(
         arch,
         &Connection::from(flags),
         &progress(false),
+        display(false),
     )?;
     progress_line(&format!("pulled {} {}", report.image, report.image_digest));
     Ok(local.to_string())

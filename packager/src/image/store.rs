@@ -15,6 +15,8 @@
 //!   collection keeps until the build tags its image (or its process is gone)
 //! - `repositories/<name>`: the registry repository the image name was last pushed to, where
 //!   `fuse push NAME:VERSION` without a reference pushes it next
+//! - `configured-repositories/<name>`: the `repository` of the fuse.toml the image name was
+//!   last built from, where such a push goes when there is no `repositories/<name>`
 //!
 //! The layout is an OCI image layout in spirit, so pushing to a registry maps blob for blob.
 
@@ -210,6 +212,39 @@ impl Store {
             &self.repository_path(name),
             format!("{repository}\n").as_bytes(),
         )
+    }
+
+    /// Where the `repository` of the fuse.toml images called `name` were last built from
+    /// says to push them, if it says.
+    pub(crate) fn configured_repository(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.configured_repository_path(name))
+            .ok()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Records (or, with `None`, forgets) the configured repository of images called `name`.
+    pub(crate) fn set_configured_repository(
+        &self,
+        name: &str,
+        repository: Option<&str>,
+    ) -> Result<()> {
+        let path = self.configured_repository_path(name);
+        match repository {
+            Some(r) => crate::host::fs::write_atomic(&path, format!("{r}\n").as_bytes()),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("Cannot remove {}", path.display()))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    fn configured_repository_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("configured-repositories")
+            .join(name.replace('/', "%2F"))
     }
 
     fn repository_path(&self, name: &str) -> PathBuf {

@@ -1,23 +1,30 @@
 //! A small client of the OCI distribution API (v2), blocking, over `ureq`: blobs (HEAD, GET,
-//! POST + monolithic PUT), manifests (GET, PUT), the `WWW-Authenticate` flow (Basic, and Bearer
-//! tokens for `repository:NAME:pull[,push]`), retries with backoff on 5xx and dropped
-//! connections. Every error is one line naming the registry, the operation and the status.
+//! uploads in chunks that resume where the registry says they stopped), manifests (GET,
+//! PUT), the `WWW-Authenticate` flow (Basic, and Bearer tokens for
+//! `repository:NAME:pull[,push]`), retries with backoff on 5xx and dropped connections.
+//! Every error is one line naming the registry, the operation and the status.
 
 use super::challenge::{self, Challenge};
 use super::credentials::Credentials;
 use super::reference::{is_loopback, Reference};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use base64::Engine as _;
-use std::io::Seek;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use ureq::http::{self, Method, Response};
 
 /// Tries of one request before its error is reported (4 waits: 0.5, 1, 2, 4 s).
 const TRIES: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// What one request of an upload carries: a dropped connection costs at most this much again.
+pub(crate) const CHUNK: u64 = 8 << 20;
+
+/// The wait after failure `n` (from 1) of a request, before the next try.
+fn backoff(n: u32) -> Duration {
+    FIRST_BACKOFF * 2u32.pow(n.clamp(1, 8) - 1)
+}
 
 /// How to reach a registry: TLS (system trust store, plus `ca_cert`), plain HTTP only for
 /// loopback or with `insecure` (which also accepts any certificate).
@@ -69,8 +76,9 @@ impl Access {
 pub(crate) enum Payload<'a> {
     None,
     Bytes(&'a [u8]),
-    /// A file, streamed (with its length); `progress` hears how far it got about once a second.
-    File(&'a Path, Option<&'a (dyn Fn(u64) + Sync)>),
+    /// `len` bytes of a file from `offset`, streamed; `progress` hears how far into the file
+    /// the request has read, as it reads.
+    Range(&'a Path, u64, u64, Option<&'a (dyn Fn(u64) + Sync)>),
 }
 
 impl std::fmt::Debug for Payload<'_> {
@@ -78,12 +86,16 @@ impl std::fmt::Debug for Payload<'_> {
         match self {
             Payload::None => f.write_str("None"),
             Payload::Bytes(b) => write!(f, "Bytes({})", b.len()),
-            Payload::File(p, _) => write!(f, "File({})", p.display()),
+            Payload::Range(p, offset, len, _) => {
+                write!(f, "Range({}, {offset}, {len})", p.display())
+            }
         }
     }
 }
 
-/// A client of one repository of one registry.
+/// A client of one repository of one registry. A clone shares the connection pool and the
+/// authorization, for transfers on several threads.
+#[derive(Clone)]
 pub(crate) struct Client {
     agent: ureq::Agent,
     /// `https://host[:port]` or `http://...`.
@@ -100,8 +112,12 @@ pub(crate) struct Client {
     authorization: Option<String>,
     /// Tries of a request ([`TRIES`], 1 while probing for HTTPS).
     tries: u32,
-    /// Blob uploads started again in a new session after their connection dropped.
+    /// Blob uploads started again in a new session after a failure (the registry had lost
+    /// the session).
     pub(crate) uploads_restarted: u32,
+    /// Blob uploads that went on in their session, from where the registry said it was,
+    /// after a failure.
+    pub(crate) uploads_resumed: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -199,6 +215,7 @@ impl Client {
             // Where plain HTTP may follow, one try tells whether HTTPS is spoken.
             tries: if plain_allowed { 1 } else { TRIES },
             uploads_restarted: 0,
+            uploads_resumed: 0,
         };
         let probed = client.ping();
         client.tries = TRIES;
@@ -342,7 +359,7 @@ impl Client {
                     .into()
                 });
             }
-            std::thread::sleep(FIRST_BACKOFF * 2u32.pow(try_number - 1));
+            std::thread::sleep(backoff(try_number));
             try_number += 1;
         }
     }
@@ -367,33 +384,18 @@ impl Client {
         match payload {
             Payload::None => self.agent.run(builder.body(())?),
             Payload::Bytes(bytes) => self.agent.run(builder.body(bytes)?),
-            Payload::File(path, progress) => {
-                let file = std::fs::File::open(path)?;
-                // A duplicate shares the file offset: how far the upload has read.
-                let probe = file.try_clone()?;
-                let done = Arc::new(AtomicBool::new(false));
-                std::thread::scope(|scope| {
-                    if let Some(progress) = progress {
-                        let done = done.clone();
-                        let mut probe = probe;
-                        scope.spawn(move || {
-                            while !done.load(Ordering::Relaxed) {
-                                for _ in 0..10 {
-                                    std::thread::sleep(Duration::from_millis(100));
-                                    if done.load(Ordering::Relaxed) {
-                                        return;
-                                    }
-                                }
-                                if let Ok(pos) = probe.stream_position() {
-                                    progress(pos);
-                                }
-                            }
-                        });
-                    }
-                    let result = self.agent.run(builder.body(file)?);
-                    done.store(true, Ordering::Relaxed);
-                    result
-                })
+            Payload::Range(path, offset, len, progress) => {
+                let mut file = std::fs::File::open(path)?;
+                file.seek(std::io::SeekFrom::Start(offset))?;
+                let mut reader = Counted {
+                    inner: file.take(len),
+                    at: offset,
+                    progress,
+                };
+                let request = builder
+                    .header(http::header::CONTENT_LENGTH, len)
+                    .body(ureq::SendBody::from_reader(&mut reader))?;
+                self.agent.run(request)
             }
         }
     }
@@ -565,15 +567,22 @@ impl Client {
         Ok(response.status().as_u16() == 200)
     }
 
-    /// Uploads blob `digest` from `path`: POST for an upload session, then one PUT of the
-    /// whole blob to its Location with `?digest=`. With `mount_from`, the POST first asks the
-    /// registry to mount the blob from that repository (nothing sent when it does: returns
-    /// true); a registry that declines answers with an upload session, which is used.
+    /// Uploads blob `digest` from `path` and returns whether the registry mounted it instead.
     ///
-    /// The PUT is tried once per session: a connection that dropped mid-blob leaves a session
-    /// the registry no longer accepts (its data half written, or the registry restarted and
-    /// answers before reading the body), so the next try (after the backoff) is a new session,
-    /// [`TRIES`] sessions in all; [`Client::uploads_restarted`] counts them.
+    /// A POST opens an upload session (with `mount_from`, first asking the registry to mount
+    /// the blob from that repository: nothing is sent when it does; a registry that declines
+    /// answers with a session, which is used). The blob then goes in [`CHUNK`]s: a PATCH
+    /// each, with `Content-Range`, and the last one in the PUT `?digest=` that completes it
+    /// (a blob of one chunk is a POST and a PUT, as a monolithic upload).
+    ///
+    /// A request of the session that fails (a dropped connection, 5xx) is not sent again
+    /// blindly: after the backoff, a GET of the session asks the registry how much it holds
+    /// (`Range: 0-N`) and the upload goes on from N+1 ([`Client::uploads_resumed`]). A
+    /// session the registry no longer knows (404: distribution drops one whose data does not
+    /// match its state, as after a chunk cut off half-way) is started again
+    /// ([`Client::uploads_restarted`]), unless the blob is there: the answer to the PUT that
+    /// completed it was what got lost. [`TRIES`] failures without the upload getting further
+    /// are an error.
     pub(crate) fn upload_blob(
         &mut self,
         digest: &str,
@@ -582,72 +591,146 @@ impl Client {
         mount_from: Option<&str>,
     ) -> Result<bool> {
         let op = format!("upload blob {}", short(digest));
-        let mut session = 1;
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("Cannot read {}", path.display()))?
+            .len();
+        // The session's URL (its last Location) and how much of the blob it holds.
+        let mut session: Option<(String, u64)> = None;
+        // Failures since the upload last got further than ever: a long upload over a flaky
+        // link goes on as long as it progresses.
+        let mut failures = 0;
+        let mut furthest = 0;
         loop {
-            let url = match mount_from {
-                Some(source) => self.url(&format!(
-                    "blobs/uploads/?mount={}&from={}",
-                    encode_query(digest),
-                    encode_query(source)
-                )),
-                None => self.url("blobs/uploads/"),
+            let (url, offset) = match session.take() {
+                Some(s) => s,
+                None => match self.start_upload(&op, digest, mount_from)? {
+                    Some(url) => (url, 0),
+                    None => return Ok(true),
+                },
             };
-            let mut response = self.send(&op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
-            if mount_from.is_some() && response.status().as_u16() == 201 {
-                return Ok(true);
+            let last = size - offset <= CHUNK;
+            let end = if last { size } else { offset + CHUNK };
+            let range = format!("{offset}-{}", end.saturating_sub(1));
+            let mut headers = vec![("Content-Type", "application/octet-stream")];
+            if end > offset {
+                headers.push(("Content-Range", range.as_str()));
             }
-            self.expect(&mut response, &op, &[202])?;
-            let location = response
-                .headers()
-                .get(http::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .with_context(|| {
-                    format!(
-                        "Registry {}: {op}: its answer has no Location",
-                        self.registry
-                    )
-                })?;
-            let mut url = self.resolve_location(location);
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&format!("digest={}", encode_query(digest)));
+            let (method, target) = if last {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                let target = format!("{url}{separator}digest={}", encode_query(digest));
+                (Method::PUT, target)
+            } else {
+                (Method::PATCH, url.clone())
+            };
+            // One try: what the registry holds after a failure is asked, not guessed.
             let tries = std::mem::replace(&mut self.tries, 1);
             let sent = self.send(
                 &op,
-                Method::PUT,
-                &url,
-                &[("Content-Type", "application/octet-stream")],
-                Payload::File(path, progress),
+                method,
+                &target,
+                &headers,
+                Payload::Range(path, offset, end - offset, progress),
             );
             self.tries = tries;
-            let again = match &sent {
-                Ok(r) => r.status().is_server_error() || r.status().as_u16() == 429,
-                Err(e) => is_transport(e),
-            };
-            if again && session < self.tries {
-                std::thread::sleep(FIRST_BACKOFF * 2u32.pow(session - 1));
-                session += 1;
-                self.uploads_restarted += 1;
-                continue;
-            }
-            let mut response = sent.map_err(|e| match e.downcast::<RegistryError>() {
-                Ok(RegistryError::Transport {
-                    registry,
-                    operation,
-                    reason,
-                    tls,
-                }) if session > 1 => RegistryError::Transport {
-                    registry,
-                    operation,
-                    reason: format!("{reason}, in {session} upload sessions"),
-                    tls,
+            let failure = match sent {
+                Ok(r) if last && matches!(r.status().as_u16(), 201 | 204) => return Ok(false),
+                Ok(r) if !last && r.status().as_u16() == 202 => {
+                    let next = self.location(&r, &op)?;
+                    let held = held_bytes(r.headers()).unwrap_or(end);
+                    if held > size {
+                        bail!(
+                            "Registry {}: {op}: it says it holds {held} bytes of a blob of {size}",
+                            self.registry
+                        );
+                    }
+                    if held > furthest {
+                        furthest = held;
+                        failures = 0;
+                    }
+                    session = Some((next, held));
+                    continue;
                 }
-                .into(),
-                Ok(other) => other.into(),
-                Err(e) => e,
-            })?;
-            self.expect(&mut response, &op, &[201, 204])?;
-            return Ok(false);
+                Ok(mut r) => {
+                    let status = r.status().as_u16();
+                    let error = self.expect(&mut r, &op, &[]).unwrap_err();
+                    // 416: the registry holds another amount than this chunk started at.
+                    if !(r.status().is_server_error() || matches!(status, 416 | 429)) {
+                        return Err(error);
+                    }
+                    error
+                }
+                Err(e) if is_transport(&e) => e,
+                Err(e) => return Err(e),
+            };
+            failures += 1;
+            if failures >= self.tries {
+                return Err(after_tries(failure, failures));
+            }
+            std::thread::sleep(backoff(failures));
+            match self.upload_status(&op, &url)? {
+                Some((next, held)) if held <= size => {
+                    self.uploads_resumed += 1;
+                    session = Some((next, held));
+                }
+                _ if self.has_blob(digest)? => return Ok(false),
+                _ => self.uploads_restarted += 1,
+            }
         }
+    }
+
+    /// POSTs for an upload session (or a mount, when `mount_from` has the blob): the
+    /// session's URL, or `None` when the registry mounted the blob.
+    fn start_upload(
+        &mut self,
+        op: &str,
+        digest: &str,
+        mount_from: Option<&str>,
+    ) -> Result<Option<String>> {
+        let url = match mount_from {
+            Some(source) => self.url(&format!(
+                "blobs/uploads/?mount={}&from={}",
+                encode_query(digest),
+                encode_query(source)
+            )),
+            None => self.url("blobs/uploads/"),
+        };
+        let mut response = self.send(op, Method::POST, &url, &[], Payload::Bytes(&[]))?;
+        if mount_from.is_some() && response.status().as_u16() == 201 {
+            return Ok(None);
+        }
+        self.expect(&mut response, op, &[202])?;
+        self.location(&response, op).map(Some)
+    }
+
+    /// Where an upload session is: its URL now and how much of the blob it holds, or `None`
+    /// when the registry no longer knows it.
+    fn upload_status(&mut self, op: &str, url: &str) -> Result<Option<(String, u64)>> {
+        let mut response = self.send(op, Method::GET, url, &[], Payload::None)?;
+        match response.status().as_u16() {
+            204 => {
+                let next = self
+                    .location(&response, op)
+                    .unwrap_or_else(|_| url.to_string());
+                Ok(Some((next, held_bytes(response.headers()).unwrap_or(0))))
+            }
+            400 | 404 | 416 => Ok(None),
+            _ => Err(self.expect(&mut response, op, &[204]).unwrap_err()),
+        }
+    }
+
+    /// The Location of an upload answer, as a URL.
+    fn location(&self, response: &Response<ureq::Body>, op: &str) -> Result<String> {
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .with_context(|| {
+                format!(
+                    "Registry {}: {op}: its answer has no Location",
+                    self.registry
+                )
+            })?;
+        Ok(self.resolve_location(location))
     }
 
     /// A Location header as a URL: absolute, or relative to the registry.
@@ -804,6 +887,69 @@ impl Client {
     }
 }
 
+/// A request body that tells how far into its file it has read.
+struct Counted<'a, R> {
+    inner: R,
+    at: u64,
+    progress: Option<&'a (dyn Fn(u64) + Sync)>,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.at += n as u64;
+        if let Some(progress) = self.progress {
+            progress(self.at);
+        }
+        Ok(n)
+    }
+}
+
+/// How much of a blob an upload session holds, from its `Range: 0-N` (`bytes=0-N` for some
+/// registries): N+1. distribution answers `0-0` for an empty session too, read as 0.
+fn held_bytes(headers: &http::HeaderMap) -> Option<u64> {
+    let range = headers.get(http::header::RANGE)?.to_str().ok()?;
+    let range = range.trim().trim_start_matches("bytes=");
+    let (start, end) = range.split_once('-')?;
+    let end: u64 = end.trim().parse().ok()?;
+    match (start.trim(), end) {
+        ("0", 0) => Some(0),
+        ("0", end) => Some(end + 1),
+        _ => None,
+    }
+}
+
+/// The error of the last of `tries` failed tries of an upload, saying so.
+fn after_tries(error: anyhow::Error, tries: u32) -> anyhow::Error {
+    match error.downcast::<RegistryError>() {
+        Ok(RegistryError::Transport {
+            registry,
+            operation,
+            reason,
+            tls,
+        }) => RegistryError::Transport {
+            registry,
+            operation,
+            reason: format!("{reason}, after {tries} tries"),
+            tls,
+        }
+        .into(),
+        Ok(RegistryError::Status {
+            registry,
+            operation,
+            status,
+            detail,
+        }) => RegistryError::Status {
+            registry,
+            operation,
+            status,
+            detail: format!("{detail}, after {tries} tries"),
+        }
+        .into(),
+        Err(e) => e,
+    }
+}
+
 fn basic(c: &Credentials) -> String {
     format!(
         "Basic {}",
@@ -897,5 +1043,26 @@ mod tests {
             "repository%3Ax%2Fhello%3Apull%2Cpush"
         );
         assert_eq!(encode_query("sha256:ab"), "sha256%3Aab");
+    }
+
+    #[test]
+    fn an_upload_session_holds_what_its_range_says() {
+        let held = |range: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::RANGE, range.parse().unwrap());
+            held_bytes(&headers)
+        };
+        assert_eq!(held("0-8388607"), Some(8 << 20));
+        assert_eq!(held("bytes=0-99"), Some(100));
+        assert_eq!(held("0-0"), Some(0));
+        assert_eq!(held("5-9"), None);
+        assert_eq!(held("junk"), None);
+        assert_eq!(held_bytes(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn backoff_doubles_from_half_a_second() {
+        let waits: Vec<_> = (1..=4).map(|n| backoff(n).as_millis()).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000]);
     }
 }

@@ -4,7 +4,7 @@
 //! travels in (`oci`: its parts as layers, the disk rebuilt from them on pull), or as a
 //! KubeVirt containerDisk (`containerdisk`); several architectures under one tag make an
 //! image index (`index`); artifacts such as an SBOM are attached to a pushed manifest
-//! (`referrers`).
+//! (`referrers`). Blobs move on several threads at once (`transfer`).
 //!
 //! Data flows `cli → registry → image`: this room reads and writes the store, nothing else.
 
@@ -16,9 +16,9 @@ mod index;
 mod oci;
 pub(crate) mod reference;
 pub(crate) mod referrers;
+pub(crate) mod transfer;
 
 use crate::host::digest;
-use crate::host::fs::human_size;
 use crate::image::disk;
 use crate::image::export::{self, ExportFormat};
 use crate::image::manifest::Manifest;
@@ -33,13 +33,10 @@ use reference::Reference;
 use sha2::{Digest as _, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use transfer::{Display, Meter};
 
 /// Progress lines (`fuse: ...` on stderr, or nothing with --json).
 pub(crate) type Progress<'a> = &'a (dyn Fn(&str) + Sync);
-
-/// Blobs smaller than this get no progress lines of their own.
-const QUIET_BELOW: u64 = 1 << 20;
 
 /// What `fuse push` did.
 #[derive(Debug, Clone)]
@@ -59,8 +56,10 @@ pub(crate) struct PushReport {
     pub(crate) blobs_skipped: usize,
     /// Blobs the registry mounted from another of its repositories (no bytes sent).
     pub(crate) blobs_mounted: usize,
-    /// Blob uploads started again after their connection dropped.
+    /// Blob uploads started again in a new session after a failure.
     pub(crate) uploads_restarted: u32,
+    /// Blob uploads that went on from where the registry said they stopped, after a failure.
+    pub(crate) uploads_resumed: u32,
 }
 
 /// What `fuse pull` did.
@@ -97,17 +96,6 @@ fn connect(reference: &Reference, access: Access, connection: &Connection) -> Re
     )
 }
 
-/// `label: 12.3 MB of 50.1 MB (10.2 MB/s)`.
-fn progress_text(label: &str, done: u64, total: u64, started: Instant) -> String {
-    let secs = started.elapsed().as_secs_f64().max(0.001);
-    format!(
-        "{label}: {} of {} ({}/s)",
-        human_size(done),
-        human_size(total),
-        human_size((done as f64 / secs) as u64)
-    )
-}
-
 /// What an image is pushed as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PushFormat {
@@ -122,7 +110,7 @@ type Blob = (&'static str, Descriptor, PathBuf);
 
 /// Pushes `image` to `reference` (a tag): every blob not in the repository yet, then the
 /// manifest. A tag holding the same kind of thing for another architecture becomes an image
-/// index of both (see [`index`]).
+/// index of both (see [`index`]). The blobs go [`transfer::THREADS`] at a time.
 pub(crate) fn push(
     store: &Store,
     image: &StoredImage,
@@ -130,6 +118,7 @@ pub(crate) fn push(
     format: PushFormat,
     connection: &Connection,
     progress: Progress<'_>,
+    display: Display,
 ) -> Result<PushReport> {
     let Some(tag) = reference.tag.clone().filter(|_| reference.digest.is_none()) else {
         bail!("Push to a tag, not a digest: {reference} (the digest is the registry's answer)");
@@ -166,8 +155,10 @@ pub(crate) fn push(
         blobs_skipped: 0,
         blobs_mounted: 0,
         uploads_restarted: 0,
+        uploads_resumed: 0,
     };
-    for (title, blob, path) in &blobs {
+    let mut uploads = Vec::new();
+    for (_, blob, path) in &blobs {
         if client.has_blob(&blob.digest)? {
             report.blobs_skipped += 1;
             continue;
@@ -179,22 +170,36 @@ pub(crate) fn push(
                 break;
             }
         }
-        let started = Instant::now();
-        let label = format!("pushing {title} {}", digest::short(&blob.digest));
-        let size = blob.size;
-        let tick = |done: u64| progress(&progress_text(&label, done, size, started));
-        let tick: Option<&(dyn Fn(u64) + Sync)> = (size >= QUIET_BELOW).then_some(&tick);
-        if client.upload_blob(&blob.digest, path, tick, mount_from)? {
-            report.blobs_mounted += 1;
-            continue;
-        }
-        if size >= QUIET_BELOW {
-            progress(&progress_text(&label, size, size, started));
-        }
-        report.bytes_sent += size;
-        report.blobs_sent += 1;
+        uploads.push((blob, path, mount_from));
     }
-    report.uploads_restarted = client.uploads_restarted;
+    let meter = Meter::new(
+        "pushing",
+        uploads.iter().map(|(b, _, _)| b.size).collect(),
+        display,
+        progress,
+    );
+    let (mounted, clients) = meter.run(|| {
+        transfer::parallel(&client, uploads.len(), |client, i| {
+            let (blob, path, mount_from) = uploads[i];
+            let tick = |done: u64| meter.set(i, done);
+            let mounted = client.upload_blob(&blob.digest, path, Some(&tick), mount_from)?;
+            match mounted {
+                true => meter.skip(i),
+                false => meter.set(i, blob.size),
+            }
+            Ok(mounted)
+        })
+    });
+    report.uploads_restarted = clients.iter().map(|c| c.uploads_restarted).sum();
+    report.uploads_resumed = clients.iter().map(|c| c.uploads_resumed).sum();
+    for ((blob, _, _), mounted) in uploads.iter().zip(mounted?) {
+        if mounted {
+            report.blobs_mounted += 1;
+        } else {
+            report.bytes_sent += blob.size;
+            report.blobs_sent += 1;
+        }
+    }
 
     // What the tag holds for other architectures stays beside this one, in an index.
     let ours = index::Entry {
@@ -442,13 +447,15 @@ fn mount_sources(store: &Store, target: &Reference) -> Result<Vec<String>> {
 /// the store lacks, each checked against its digest as it streams, then the disk rebuilt and
 /// checked against the image digest. Nothing is stored unless all of it matches.
 /// An image index picks `arch` (the host's by default); a single manifest of another
-/// architecture than an `arch` asked for is refused.
+/// architecture than an `arch` asked for is refused. The parts come [`transfer::THREADS`]
+/// at a time.
 pub(crate) fn pull(
     store: &Store,
     reference: &Reference,
     arch: Option<Arch>,
     connection: &Connection,
     progress: Progress<'_>,
+    display: Display,
 ) -> Result<PullReport> {
     let what = reference.to_string();
     let mut client = connect(reference, Access::Pull, connection)?;
@@ -499,6 +506,7 @@ pub(crate) fn pull(
         "config",
         &oci_manifest.config,
         &config_path,
+        &|_| {},
         progress,
     )?;
     report.bytes_received += oci_manifest.config.size;
@@ -518,6 +526,7 @@ pub(crate) fn pull(
     // Parts the store has intact are used from it; the others are fetched into scratch.
     let mut fetched: Vec<PathBuf> = Vec::new();
     let mut paths: Vec<PathBuf> = Vec::new();
+    let mut downloads = Vec::new();
     for (title, layer, stored) in [
         ("kernel", &layers.kernel, true),
         ("initrd", &layers.initrd, true),
@@ -531,7 +540,7 @@ pub(crate) fn pull(
             continue;
         }
         let path = scratch.path().join(title);
-        download(&mut client, &what, title, layer, &path, progress)?;
+        downloads.push((title, layer, path.clone()));
         report.bytes_received += layer.size;
         report.blobs_received += 1;
         if stored {
@@ -539,6 +548,21 @@ pub(crate) fn pull(
         }
         paths.push(path);
     }
+    let meter = Meter::new(
+        "pulling",
+        downloads.iter().map(|(_, l, _)| l.size).collect(),
+        display,
+        progress,
+    );
+    meter
+        .run(|| {
+            transfer::parallel(&client, downloads.len(), |client, i| {
+                let (title, layer, path) = &downloads[i];
+                let tick = |n: u64| meter.set(i, n);
+                download(client, &what, title, layer, path, &tick, &|l| meter.say(l))
+            })
+        })
+        .0?;
     let stub = std::fs::read(&paths[2])?;
     let disk_file = scratch.path().join("disk.raw");
     let rebuilt = disk::rebuild(
@@ -582,26 +606,26 @@ fn picked_manifest(
 
 /// Streams blob `blob` into `path` (through a temp file renamed at the end), hashing as it
 /// goes: a blob whose bytes are not its digest is refused, naming it. A connection that drops
-/// mid-blob is tried again (the client's tries for the request itself come first).
+/// mid-blob is tried again (the client's tries for the request itself come first). `tick`
+/// hears how many bytes have come.
 fn download(
     client: &mut Client,
     what: &str,
     title: &str,
     blob: &Descriptor,
     path: &Path,
+    tick: &dyn Fn(u64),
     progress: Progress<'_>,
 ) -> Result<()> {
     let label = format!("pulling {title} {}", digest::short(&blob.digest));
     let mut tries = 0;
     loop {
         tries += 1;
-        let started = Instant::now();
         let response = client.get_blob(&blob.digest)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir)
             .with_context(|| format!("Cannot write in {}", dir.display()))?;
         let mut hasher = Sha256::new();
-        let mut last = Instant::now();
         let mut received = 0u64;
         let short = format!("sha256:{}", digest::short(&blob.digest));
         let mut reader = response.into_body().into_reader();
@@ -623,10 +647,7 @@ fn download(
             hasher.update(&buf[..n]);
             tmp.write_all(&buf[..n])
                 .with_context(|| format!("Cannot write {}", path.display()))?;
-            if blob.size >= QUIET_BELOW && last.elapsed().as_secs() >= 1 {
-                last = Instant::now();
-                progress(&progress_text(&label, received, blob.size, started));
-            }
+            tick(received);
         };
         if let Some(e) = dropped {
             if tries < 3 {
@@ -648,9 +669,6 @@ fn download(
                 digest::short(&actual),
                 blob.size
             );
-        }
-        if blob.size >= QUIET_BELOW {
-            progress(&progress_text(&label, received, blob.size, started));
         }
         tmp.persist(path)
             .with_context(|| format!("Cannot write {}", path.display()))?;
@@ -718,15 +736,5 @@ mod tests {
             let err = registry_name(bad).unwrap_err().to_string();
             assert!(err.contains("is not a registry host"), "{bad}: {err}");
         }
-    }
-
-    #[test]
-    fn progress_says_bytes_and_rate() {
-        let line = progress_text("pushing rootfs", 12_300_000, 50_100_000, Instant::now());
-        assert!(
-            line.starts_with("pushing rootfs: 12.3 MB of 50.1 MB ("),
-            "{line}"
-        );
-        assert!(line.ends_with("/s)"), "{line}");
     }
 }
