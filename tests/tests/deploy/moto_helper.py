@@ -121,6 +121,10 @@ elif command == "blocks":
         got = ebs.get_snapshot_block(SnapshotId=snapshot, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"])
         data = got["BlockData"].read()
         blocks[str(b["BlockIndex"])] = {"sha256": hashlib.sha256(data).hexdigest(), "len": len(data)}
+        if len(sys.argv) > 7:
+            # The blocks' bytes too, one file per block index, for a test to lay them out.
+            with open(f"{sys.argv[7]}/{b['BlockIndex']}", "wb") as f:
+                f.write(data)
     print(json.dumps(blocks))
 elif command == "image":
     key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
