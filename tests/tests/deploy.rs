@@ -173,7 +173,12 @@ impl Moto {
 
     /// `fuse ami hello:1.0` with the IAM user's keys, asserted to succeed.
     fn ami(&self, sb: &Sandbox) -> fuse_tests::Output {
-        let out = self.fuse_with_keys(sb).args(["ami", "hello:1.0"]).run();
+        self.ami_of(sb, "hello:1.0")
+    }
+
+    /// `fuse ami IMAGE` with the IAM user's keys, asserted to succeed.
+    fn ami_of(&self, sb: &Sandbox, image: &str) -> fuse_tests::Output {
+        let out = self.fuse_with_keys(sb).args(["ami", image]).run();
         out.assert_success();
         out
     }
@@ -216,7 +221,13 @@ fn hello_version(sb: &Sandbox, src: &str, version: &str) -> (String, Vec<u8>) {
     );
     let raw = sb.dir.join(format!("hello-{version}.raw"));
     sb.fuse()
-        .args(["export", &format!("hello:{version}"), "--format", "raw", "-o"])
+        .args([
+            "export",
+            &format!("hello:{version}"),
+            "--format",
+            "raw",
+            "-o",
+        ])
         .arg(&raw)
         .run()
         .assert_success();
@@ -659,9 +670,15 @@ fn a_new_version_is_uploaded_as_the_blocks_that_changed() {
     // the root and its dm-verity tree are the same bytes at the same place.
     for part in [2, 3] {
         let (start, end) = partition(&disk2, part);
-        assert_eq!(partition(&disk1, part), (start, end), "partition {part} moved");
+        assert_eq!(
+            partition(&disk1, part),
+            (start, end),
+            "partition {part} moved"
+        );
         assert!(
-            changed.iter().all(|&b| (b + 1) * BLOCK <= start || b * BLOCK >= end),
+            changed
+                .iter()
+                .all(|&b| (b + 1) * BLOCK <= start || b * BLOCK >= end),
             "a block of partition {part} ({start}..{end}) was sent: {changed:?}"
         );
     }
@@ -688,7 +705,16 @@ fn a_new_version_is_uploaded_as_the_blocks_that_changed() {
     let mut put: Vec<usize> = calls
         .iter()
         .filter(|c| c["method"] == "PUT")
-        .map(|c| c["path"].as_str().unwrap().rsplit('/').next().unwrap().parse().unwrap())
+        .map(|c| {
+            c["path"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     put.sort();
     assert_eq!(put, changed, "the blocks that differ from 1.0's disk");
@@ -716,6 +742,102 @@ fn a_new_version_is_uploaded_as_the_blocks_that_changed() {
     assert!(
         is_zero(&made[disk2.len()..]),
         "past the new disk's end the volume reads zeros"
+    );
+
+    // A third version goes onto the latest earlier snapshot (2.0's), and says so.
+    hello_version(&sb, common::HELLO, "3.0");
+    let snap2 = second["snapshot"].as_str().unwrap();
+    let out = moto.ami_of(&sb, "hello:3.0");
+    assert!(
+        out.stderr_str().contains(&format!(
+            "incrementally on {snap2} ({}): only the blocks that differ from its disk",
+            &digest2[7..19]
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stderr_str()
+            .contains("unchanged blocks skipped (incremental)"),
+        "{out}"
+    );
+    assert!(
+        out.stdout_str()
+            .contains(&format!(", incremental on {snap2})")),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_stopped_incremental_upload_goes_on_against_the_same_parent() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    let (digest1, disk1) = hello_version(&sb, common::HELLO, "1.0");
+    let snap1 = json(
+        moto.fuse_with_keys(&sb)
+            .args(["ami", "hello:1.0", "--json"])
+            .run()
+            .assert_success(),
+    )["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (digest2, disk2) = hello_version(&sb, HELLO_2, "2.0");
+    let blocks = disk1.len().max(disk2.len()).div_ceil(BLOCK);
+    let (old, new) = (padded(&disk1, blocks), padded(&disk2, blocks));
+    let changed: Vec<usize> = (0..blocks)
+        .filter(|&i| old[i * BLOCK..(i + 1) * BLOCK] != new[i * BLOCK..(i + 1) * BLOCK])
+        .collect();
+    // What a run stopped mid-upload left: the pending snapshot, tagged with its parent, one
+    // changed block in it with wrong bytes.
+    let leftover = moto.helper(&[
+        "leftover",
+        &moto.key_id,
+        &moto.secret,
+        &digest2,
+        &changed[0].to_string(),
+        &snap1,
+        &digest1,
+    ]);
+    let leftover = leftover["id"].as_str().unwrap().to_string();
+    let resumed = json(
+        moto.fuse_with_keys(&sb)
+            .args(["ami", "hello:2.0", "--json"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(resumed["snapshot"], leftover.as_str());
+    assert_eq!(resumed["parent_snapshot"], snap1.as_str(), "{resumed}");
+    assert_eq!(resumed["blocks_sent"], changed.len() as u64);
+    let child = snapshot_blocks(&sb, &moto, &leftover);
+    assert_eq!(child.keys().copied().collect::<Vec<_>>(), changed);
+    for (index, block) in &child {
+        assert!(
+            block[..] == new[index * BLOCK..(index + 1) * BLOCK],
+            "block {index} is 2.0's"
+        );
+    }
+
+    // The same, with the parent's disk gone: one line saying what to do.
+    let (digest3, _) = hello_version(&sb, common::HELLO, "3.0");
+    let stuck = moto.helper(&[
+        "leftover",
+        &moto.key_id,
+        &moto.secret,
+        &digest3,
+        "0",
+        &snap1,
+        &digest1,
+    ]);
+    let stuck = stuck["id"].as_str().unwrap();
+    sb.fuse().args(["rm", "hello:1.0"]).run().assert_success();
+    let out = moto.fuse_with_keys(&sb).args(["ami", "hello:3.0"]).run();
+    assert_one_error(
+        &out,
+        &[
+            &format!("Snapshot {stuck} left pending by an earlier run is incremental on {snap1}"),
+            "is no longer in the local store",
+            &format!("aws ec2 delete-snapshot --snapshot-id {stuck}"),
+        ],
     );
 }
 
@@ -774,7 +896,10 @@ fn without_the_earlier_disk_here_the_upload_is_a_full_one() {
         )),
         "{out}"
     );
-    assert!(out.stderr_str().contains("in full: its non-zero blocks"), "{out}");
+    assert!(
+        out.stderr_str().contains("in full: its non-zero blocks"),
+        "{out}"
+    );
 }
 
 /// Partition `number`'s byte range, from `disk`'s primary GPT.

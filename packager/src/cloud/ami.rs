@@ -181,6 +181,8 @@ pub(crate) fn ensure_ami(
                 "snapshot {} of {} is uploaded already: registering it",
                 done.id, image.name
             ));
+            outcome.parent_snapshot = done.tags.get(PARENT_TAG).cloned();
+            outcome.parent_digest = done.tags.get(PARENT_DIGEST_TAG).cloned();
             done.id.clone()
         }
         (None, Some(unfinished)) => {
@@ -190,8 +192,10 @@ pub(crate) fn ensure_ami(
             ));
             let parent = pending_parent(store, unfinished)?;
             if parent.is_none() {
-                outcome.full_upload_reason =
-                    Some(format!("an earlier run started {} as a full upload", unfinished.id));
+                outcome.full_upload_reason = Some(format!(
+                    "an earlier run started {} as a full upload",
+                    unfinished.id
+                ));
             }
             fill(
                 client,
@@ -259,17 +263,14 @@ fn find_parent(
 ) -> Result<std::result::Result<Parent, String>> {
     let name = &image.name.name;
     let name_filter = format!("tag:{NAME_TAG}");
-    let mut earlier: Vec<ec2::Snapshot> =
-        ec2::describe_snapshots(client, &[(&name_filter, name)])?
-            .into_iter()
-            .filter(|s| {
-                s.state == "completed"
-                    && s.tags.get(NAME_TAG) == Some(name)
-                    && s.tags
-                        .get(DIGEST_TAG)
-                        .is_some_and(|d| *d != image.digest)
-            })
-            .collect();
+    let mut earlier: Vec<ec2::Snapshot> = ec2::describe_snapshots(client, &[(&name_filter, name)])?
+        .into_iter()
+        .filter(|s| {
+            s.state == "completed"
+                && s.tags.get(NAME_TAG) == Some(name)
+                && s.tags.get(DIGEST_TAG).is_some_and(|d| *d != image.digest)
+        })
+        .collect();
     if earlier.is_empty() {
         return Ok(Err(format!(
             "no earlier version of {name} has a snapshot in {} (tagged {NAME_TAG}={name})",
@@ -630,7 +631,10 @@ mod tests {
         read_block(&f, size, 1, &mut buf).unwrap();
         assert!(buf[..10].iter().all(|&b| b == 5) && is_zero(&buf[10..]));
         read_block(&f, size, 3, &mut buf).unwrap();
-        assert!(is_zero(&buf), "a block past the end (a shorter disk than the parent's)");
+        assert!(
+            is_zero(&buf),
+            "a block past the end (a shorter disk than the parent's)"
+        );
     }
 
     #[test]
