@@ -16,7 +16,9 @@ pub(super) enum DeployCommand {
     ///
     /// An AMI tagged with the image's digest (fuse:digest) is reused; otherwise the image's
     /// disk is uploaded with the EBS direct APIs (its non-zero 512 KiB blocks only) and
-    /// registered: UEFI, ENA, IMDSv2 required, the image's architecture.
+    /// registered: UEFI, ENA, IMDSv2 required, the image's architecture. A new version of an
+    /// app whose earlier version's snapshot is in the region (fuse:name) and whose disk is in
+    /// the local store is uploaded incrementally: only the blocks that differ from it.
     Ami {
         /// Image (name[:version] or digest).
         image: String,
@@ -68,7 +70,7 @@ fn deploy_ami(reference: &str, flags: &AwsFlags, json: bool) -> Result<i32> {
             progress_line(line);
         }
     };
-    let outcome = ami::ensure_ami(&client, &image, &disk, &mut progress)?;
+    let outcome = ami::ensure_ami(&client, &store, &image, &disk, &mut progress)?;
     if json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else if outcome.reused {
@@ -80,8 +82,13 @@ fn deploy_ami(reference: &str, flags: &AwsFlags, json: bool) -> Result<i32> {
             ami::DIGEST_TAG
         );
     } else {
+        let on = outcome
+            .parent_snapshot
+            .as_deref()
+            .map(|p| format!(", incremental on {p}"))
+            .unwrap_or_default();
         println!(
-            "{} {} {} ({} of {} blocks sent, {:.1} MiB, in {:.1} s)",
+            "{} {} {} ({} of {} blocks sent, {:.1} MiB, in {:.1} s{on})",
             outcome.ami,
             outcome.region,
             outcome.snapshot.as_deref().unwrap_or("-"),

@@ -4,17 +4,23 @@
 //! registered as a UEFI, ENA, IMDSv2-only AMI of the image's architecture. Every step finds
 //! what an interrupted earlier run left (a tagged snapshot, an AMI of the same name) and goes
 //! on from there, so a re-run converges.
+//!
+//! A new version of an app deployed before is uploaded incrementally: its snapshot starts
+//! from the latest earlier snapshot of the same name (`fuse:name`) whose disk is still in the
+//! local store (`ParentSnapshotId`), and only the blocks where the two disks differ are sent
+//! (a block that became zero is written as zeros). Since the app has partitions of its own,
+//! that is the ESP and the app's, not the root's.
 
 use super::aws::ebs::{self, BLOCK_SIZE};
 use super::aws::ec2::{self, Registration};
 use super::aws::http::Client;
 use crate::host::digest;
-use crate::image::store::StoredImage;
+use crate::image::store::{BlobCheck, Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::Arch;
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,6 +29,13 @@ use std::time::{Duration, Instant};
 pub(crate) const DIGEST_TAG: &str = "fuse:digest";
 /// The tag that names the image (`name:version`), for people.
 pub(crate) const IMAGE_TAG: &str = "fuse:image";
+/// The tag that names the image without its version: the versions an incremental upload
+/// may start from.
+pub(crate) const NAME_TAG: &str = "fuse:name";
+/// On an incremental snapshot: its parent and the parent's digest, so a run that resumes the
+/// upload compares against the same disk.
+const PARENT_TAG: &str = "fuse:parent";
+const PARENT_DIGEST_TAG: &str = "fuse:parent-digest";
 /// The root device: fuse's init finds its root by PARTUUID, so the name is EC2's default.
 const ROOT_DEVICE: &str = "/dev/xvda";
 /// Blocks in flight at once.
@@ -41,8 +54,25 @@ pub(crate) struct AmiOutcome {
     pub(crate) reused: bool,
     pub(crate) bytes_sent: u64,
     pub(crate) blocks_sent: u64,
+    /// Blocks not sent: zero (full upload) or the same as the parent's (incremental).
     pub(crate) blocks_skipped: u64,
+    /// The size of the image's disk.
+    pub(crate) disk_bytes: u64,
+    /// The snapshot this one was uploaded incrementally onto, and its image's digest.
+    pub(crate) parent_snapshot: Option<String>,
+    pub(crate) parent_digest: Option<String>,
+    /// Why the upload was a full one (no earlier version, its disk gone, …); `None` when it was
+    /// incremental or nothing was uploaded.
+    pub(crate) full_upload_reason: Option<String>,
     pub(crate) seconds: f64,
+}
+
+/// An earlier snapshot of the same app to upload incrementally onto, and its disk here.
+#[derive(Debug, Clone)]
+pub(crate) struct Parent {
+    pub(crate) snapshot: String,
+    pub(crate) digest: String,
+    pub(crate) disk: PathBuf,
 }
 
 /// The AMI's name: image name, version and digest, in the characters EC2 allows.
@@ -77,9 +107,11 @@ fn ec2_arch(arch: Arch) -> &'static str {
     }
 }
 
-/// The AMI of `image` (whose raw disk is `disk`) in the client's region: found, or made.
+/// The AMI of `image` (whose raw disk is `disk`) in the client's region: found, or made
+/// (incrementally on an earlier version's snapshot whose disk is in `store`, when there is one).
 pub(crate) fn ensure_ami(
     client: &Client,
+    store: &Store,
     image: &StoredImage,
     disk: &Path,
     progress: &mut dyn FnMut(&str),
@@ -90,6 +122,7 @@ pub(crate) fn ensure_ami(
     let tags = [
         (DIGEST_TAG, image.digest.as_str()),
         (IMAGE_TAG, image_ref.as_str()),
+        (NAME_TAG, image.name.name.as_str()),
     ];
     let name = ami_name(image);
     let mut outcome = AmiOutcome {
@@ -101,6 +134,12 @@ pub(crate) fn ensure_ami(
         bytes_sent: 0,
         blocks_sent: 0,
         blocks_skipped: 0,
+        disk_bytes: std::fs::metadata(disk)
+            .with_context(|| format!("Cannot read the size of {}", disk.display()))?
+            .len(),
+        parent_snapshot: None,
+        parent_digest: None,
+        full_upload_reason: None,
         seconds: 0.0,
     };
     let tag_filter = format!("tag:{DIGEST_TAG}");
@@ -131,8 +170,8 @@ pub(crate) fn ensure_ami(
     }
 
     // A snapshot an earlier run uploaded (completed) or was uploading (pending) when it
-    // stopped: the first is registered as it is, the second filled (every non-zero block sent
-    // again: a block is written whole or not at all) and completed.
+    // stopped: the first is registered as it is, the second filled (every block that must be
+    // written sent again: a block is written whole or not at all) and completed.
     let tagged = ec2::describe_snapshots(client, &[(&tag_filter, &image.digest)])?;
     let completed = tagged.iter().find(|s| s.state == "completed");
     let pending = tagged.iter().find(|s| s.state == "pending");
@@ -142,6 +181,8 @@ pub(crate) fn ensure_ami(
                 "snapshot {} of {} is uploaded already: registering it",
                 done.id, image.name
             ));
+            outcome.parent_snapshot = done.tags.get(PARENT_TAG).cloned();
+            outcome.parent_digest = done.tags.get(PARENT_DIGEST_TAG).cloned();
             done.id.clone()
         }
         (None, Some(unfinished)) => {
@@ -149,10 +190,44 @@ pub(crate) fn ensure_ami(
                 "snapshot {} of {} was left pending by an earlier run: uploading into it",
                 unfinished.id, image.name
             ));
-            fill(client, image, disk, &unfinished.id, &mut outcome, progress)?;
+            let parent = pending_parent(store, unfinished)?;
+            if parent.is_none() {
+                outcome.full_upload_reason = Some(format!(
+                    "an earlier run started {} as a full upload",
+                    unfinished.id
+                ));
+            }
+            fill(
+                client,
+                image,
+                disk,
+                &unfinished.id,
+                parent.as_ref(),
+                &mut outcome,
+                progress,
+            )?;
             unfinished.id.clone()
         }
-        (None, None) => start_and_fill(client, image, disk, &tags, &mut outcome, progress)?,
+        (None, None) => {
+            let gib = outcome.disk_bytes.div_ceil(1 << 30).max(1);
+            let parent = match find_parent(client, store, image, gib)? {
+                Ok(parent) => Some(parent),
+                Err(reason) => {
+                    progress(&format!("uploading {} in full: {reason}", image.name));
+                    outcome.full_upload_reason = Some(reason);
+                    None
+                }
+            };
+            start_and_fill(
+                client,
+                image,
+                disk,
+                &tags,
+                parent.as_ref(),
+                &mut outcome,
+                progress,
+            )?
+        }
     };
 
     let registration = Registration {
@@ -177,25 +252,127 @@ pub(crate) fn is_zero(block: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
 }
 
-/// Starts a snapshot of `disk` and uploads it; its id.
+/// The snapshot to upload `image` incrementally onto: the latest completed snapshot of an
+/// earlier version of the same name whose disk is in `store`, its volume no larger than
+/// `gib`; otherwise why the upload is a full one.
+fn find_parent(
+    client: &Client,
+    store: &Store,
+    image: &StoredImage,
+    gib: u64,
+) -> Result<std::result::Result<Parent, String>> {
+    let name = &image.name.name;
+    let name_filter = format!("tag:{NAME_TAG}");
+    let mut earlier: Vec<ec2::Snapshot> = ec2::describe_snapshots(client, &[(&name_filter, name)])?
+        .into_iter()
+        .filter(|s| {
+            s.state == "completed"
+                && s.tags.get(NAME_TAG) == Some(name)
+                && s.tags.get(DIGEST_TAG).is_some_and(|d| *d != image.digest)
+        })
+        .collect();
+    if earlier.is_empty() {
+        return Ok(Err(format!(
+            "no earlier version of {name} has a snapshot in {} (tagged {NAME_TAG}={name})",
+            client.session().region
+        )));
+    }
+    earlier.sort_by(|a, b| b.start_time.cmp(&a.start_time));
+    let Some((snapshot, d)) = earlier.iter().find_map(|s| {
+        let d = &s.tags[DIGEST_TAG];
+        matches!(store.check_blob(d), Ok(BlobCheck::Intact)).then_some((s, d))
+    }) else {
+        let latest = &earlier[0];
+        return Ok(Err(format!(
+            "the disk of the latest earlier snapshot of {name}, {} ({}), is not in the local store (nor that of any earlier one): incremental uploads compare against it",
+            latest.id,
+            digest::short(&latest.tags[DIGEST_TAG])
+        )));
+    };
+    // A volume cannot be smaller than the snapshot it comes from.
+    if snapshot.volume_gib > gib {
+        return Ok(Err(format!(
+            "the disk needs {gib} GiB, less than the {} GiB volume of the earlier snapshot {}",
+            snapshot.volume_gib, snapshot.id
+        )));
+    }
+    Ok(Ok(Parent {
+        snapshot: snapshot.id.clone(),
+        digest: d.clone(),
+        disk: store.blob_path(d),
+    }))
+}
+
+/// The parent a pending snapshot was started on (its tags say), with the parent's disk here;
+/// `None` for a full snapshot. Without that disk the upload cannot be finished correctly.
+fn pending_parent(store: &Store, pending: &ec2::Snapshot) -> Result<Option<Parent>> {
+    let Some(parent) = pending.tags.get(PARENT_TAG) else {
+        return Ok(None);
+    };
+    let d = pending
+        .tags
+        .get(PARENT_DIGEST_TAG)
+        .map(String::as_str)
+        .unwrap_or_default();
+    if d.is_empty() || !matches!(store.check_blob(d), Ok(BlobCheck::Intact)) {
+        bail!(
+            "Snapshot {} left pending by an earlier run is incremental on {parent}, whose disk ({}) is no longer in the local store: delete it (`aws ec2 delete-snapshot --snapshot-id {}`) and run the command again",
+            pending.id,
+            if d.is_empty() { "untagged" } else { digest::short(d) },
+            pending.id
+        );
+    }
+    Ok(Some(Parent {
+        snapshot: parent.clone(),
+        digest: d.to_string(),
+        disk: store.blob_path(d),
+    }))
+}
+
+/// The ClientToken of a snapshot of the image `hex` (its digest's hex): per digest and parent,
+/// so a retried StartSnapshot gets the same snapshot back while AWS remembers the token, and
+/// a full upload after an incremental one that could not go on is a new snapshot. At most 64
+/// characters.
+fn client_token(hex: &str, parent: Option<&str>) -> String {
+    match parent {
+        None => format!("fuse-{}", &hex[..hex.len().min(48)]),
+        Some(p) => {
+            let p = p.strip_prefix("snap-").unwrap_or(p);
+            let p = &p[..p.len().min(18)];
+            format!("fuse-{}-{p}", &hex[..hex.len().min(40)])
+        }
+    }
+}
+
+/// Starts a snapshot of `disk` (incremental on `parent` if given) and uploads it; its id.
 fn start_and_fill(
     client: &Client,
     image: &StoredImage,
     disk: &Path,
     tags: &[(&str, &str)],
+    parent: Option<&Parent>,
     outcome: &mut AmiOutcome,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let size = std::fs::metadata(disk)
-        .with_context(|| format!("Cannot read the size of {}", disk.display()))?
-        .len();
-    let gib = size.div_ceil(1 << 30).max(1);
-    // Per digest (the same disk, the same size): a retried StartSnapshot gets the same
-    // snapshot back while AWS remembers the token.
-    let hex = digest::hex_part(&image.digest);
-    let token = format!("fuse-{}", &hex[..hex.len().min(48)]);
+    let gib = outcome.disk_bytes.div_ceil(1 << 30).max(1);
+    let token = client_token(
+        digest::hex_part(&image.digest),
+        parent.map(|p| p.snapshot.as_str()),
+    );
+    let mut tags = tags.to_vec();
+    if let Some(p) = parent {
+        tags.push((PARENT_TAG, &p.snapshot));
+        tags.push((PARENT_DIGEST_TAG, &p.digest));
+    }
     let description = description(image);
-    let started = ebs::start_snapshot(client, gib, &description, tags, &token)?;
+    let started = ebs::start_snapshot(
+        client,
+        gib,
+        parent.map(|p| p.snapshot.as_str()),
+        &description,
+        &tags,
+        &token,
+    )?;
     // The token returned an earlier run's snapshot that AWS failed (left pending past its
     // timeout): it cannot take blocks.
     if started.status == "error" {
@@ -210,17 +387,37 @@ fn start_and_fill(
     if started.status == "completed" {
         return Ok(started.id);
     }
-    fill(client, image, disk, &started.id, outcome, progress)?;
+    fill(client, image, disk, &started.id, parent, outcome, progress)?;
     Ok(started.id)
 }
 
-/// Uploads the non-zero blocks of `disk` into the pending `snapshot`, completes it and waits
-/// until EC2 reports it completed.
+/// Whether block `new` must be written: without a parent, when it is not all zeros (a fresh
+/// snapshot reads zeros where nothing was written); on a parent whose block there is
+/// `parent`, when the two differ (also when `new` became zeros: not writing it would leave
+/// the parent's bytes).
+pub(crate) fn must_write(new: &[u8], parent: Option<&[u8]>) -> bool {
+    match parent {
+        None => !is_zero(new),
+        Some(old) => new != old,
+    }
+}
+
+/// Reads block `index` of `file` (`size` bytes long) into `buf`, zeros past the end.
+fn read_block(file: &std::fs::File, size: u64, index: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let offset = index * BLOCK_SIZE as u64;
+    let len = size.saturating_sub(offset).min(BLOCK_SIZE as u64) as usize;
+    buf[len..].fill(0);
+    file.read_exact_at(&mut buf[..len], offset)
+}
+
+/// Uploads the blocks of `disk` into the pending `snapshot` (the non-zero ones, or those that
+/// differ from `parent`'s disk), completes it and waits until EC2 reports it completed.
 fn fill(
     client: &Client,
     image: &StoredImage,
     disk: &Path,
     snapshot: &str,
+    parent: Option<&Parent>,
     outcome: &mut AmiOutcome,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
@@ -235,13 +432,47 @@ fn fill(
         .metadata()
         .with_context(|| format!("Cannot read the size of {}", disk.display()))?
         .len();
-    let blocks = size.div_ceil(BLOCK_SIZE as u64);
+    let parent_file = match parent {
+        Some(p) => {
+            let f = std::fs::File::open(&p.disk).with_context(|| {
+                format!(
+                    "Cannot open the disk of {} ({}) at {}",
+                    p.snapshot,
+                    digest::short(&p.digest),
+                    p.disk.display()
+                )
+            })?;
+            let len = f
+                .metadata()
+                .with_context(|| format!("Cannot read the size of {}", p.disk.display()))?
+                .len();
+            Some((f, len))
+        }
+        None => None,
+    };
+    // On a parent, also the blocks past this disk's end where the parent's disk had bytes:
+    // they must read as zeros, as in a full upload.
+    let parent_size = parent_file.as_ref().map_or(0, |(_, len)| *len);
+    let blocks = size.max(parent_size).div_ceil(BLOCK_SIZE as u64);
+    let how = match parent {
+        Some(p) => format!(
+            "incrementally on {} ({}): only the blocks that differ from its disk",
+            p.snapshot,
+            digest::short(&p.digest)
+        ),
+        None => "in full: its non-zero blocks".to_string(),
+    };
     progress(&format!(
-        "uploading {} ({} MiB, {blocks} blocks of 512 KiB) into snapshot {snapshot} in {}",
+        "uploading {} ({} MiB, {blocks} blocks of 512 KiB) into snapshot {snapshot} in {} {how}",
         image.name,
         size.div_ceil(1 << 20),
         client.session().region
     ));
+    let skipped_what = if parent.is_some() {
+        "unchanged blocks skipped (incremental)"
+    } else {
+        "zero blocks skipped"
+    };
 
     let next = AtomicU64::new(0);
     let sent = AtomicU64::new(0);
@@ -251,18 +482,24 @@ fn fill(
     let begun = Instant::now();
     let worker = || {
         let mut buf = vec![0u8; BLOCK_SIZE];
+        let mut old = vec![0u8; if parent.is_some() { BLOCK_SIZE } else { 0 }];
         while !failed.load(Ordering::Relaxed) {
             let index = next.fetch_add(1, Ordering::Relaxed);
             if index >= blocks {
                 return;
             }
             let result = (|| -> Result<()> {
-                let offset = index * BLOCK_SIZE as u64;
-                let len = (size - offset).min(BLOCK_SIZE as u64) as usize;
-                buf[len..].fill(0);
-                file.read_exact_at(&mut buf[..len], offset)
+                read_block(&file, size, index, &mut buf)
                     .with_context(|| format!("Cannot read {}", disk.display()))?;
-                if is_zero(&buf) {
+                let old = match (&parent_file, parent) {
+                    (Some((f, len)), Some(p)) => {
+                        read_block(f, *len, index, &mut old)
+                            .with_context(|| format!("Cannot read {}", p.disk.display()))?;
+                        Some(&old[..])
+                    }
+                    _ => None,
+                };
+                if !must_write(&buf, old) {
                     skipped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -286,7 +523,7 @@ fn fill(
         let secs = begun.elapsed().as_secs_f64().max(0.001);
         let bytes = sent * BLOCK_SIZE as u64;
         format!(
-            "{}/{blocks} blocks: {sent} sent ({:.1} MiB, {:.1} MiB/s), {skipped} zero blocks skipped",
+            "{}/{blocks} blocks: {sent} sent ({:.1} MiB, {:.1} MiB/s), {skipped} {skipped_what}",
             sent + skipped,
             bytes as f64 / 1048576.0,
             bytes as f64 / 1048576.0 / secs
@@ -316,6 +553,8 @@ fn fill(
     outcome.blocks_sent = sent;
     outcome.blocks_skipped = skipped;
     outcome.bytes_sent = sent * BLOCK_SIZE as u64;
+    outcome.parent_snapshot = parent.map(|p| p.snapshot.clone());
+    outcome.parent_digest = parent.map(|p| p.digest.clone());
     ebs::complete_snapshot(client, snapshot, sent)?;
     wait_sealed(client, snapshot, progress)
 }
@@ -362,6 +601,50 @@ mod tests {
         assert!(!is_zero(&block));
         assert!(is_zero(&[]));
         assert!(!is_zero(&[0, 0, 0, 7]));
+    }
+
+    #[test]
+    fn blocks_written_on_a_parent() {
+        let zero = vec![0u8; BLOCK_SIZE];
+        let mut data = vec![0u8; BLOCK_SIZE];
+        data[7] = 1;
+        let mut other = data.clone();
+        other[BLOCK_SIZE - 1] = 2;
+        // Full upload: the non-zero blocks.
+        assert!(must_write(&data, None));
+        assert!(!must_write(&zero, None));
+        // Incremental: the blocks that changed, zeros included.
+        assert!(!must_write(&data, Some(&data)));
+        assert!(must_write(&other, Some(&data)));
+        assert!(must_write(&zero, Some(&data)), "a block that became zeros");
+        assert!(must_write(&data, Some(&zero)));
+        assert!(!must_write(&zero, Some(&zero)));
+    }
+
+    #[test]
+    fn blocks_past_a_file_end_read_as_zeros() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![5u8; BLOCK_SIZE + 10]).unwrap();
+        let size = (BLOCK_SIZE + 10) as u64;
+        let mut buf = vec![9u8; BLOCK_SIZE];
+        read_block(&f, size, 1, &mut buf).unwrap();
+        assert!(buf[..10].iter().all(|&b| b == 5) && is_zero(&buf[10..]));
+        read_block(&f, size, 3, &mut buf).unwrap();
+        assert!(
+            is_zero(&buf),
+            "a block past the end (a shorter disk than the parent's)"
+        );
+    }
+
+    #[test]
+    fn client_tokens() {
+        let hex = "ab".repeat(32);
+        assert_eq!(client_token(&hex, None), format!("fuse-{}", &hex[..48]));
+        let t = client_token(&hex, Some("snap-0123456789abcdef0"));
+        assert_eq!(t, format!("fuse-{}-0123456789abcdef0", &hex[..40]));
+        assert!(t.len() <= 64);
+        assert!(client_token(&hex, Some(&format!("snap-{}", "f".repeat(40)))).len() <= 64);
     }
 
     #[test]

@@ -121,6 +121,10 @@ elif command == "blocks":
         got = ebs.get_snapshot_block(SnapshotId=snapshot, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"])
         data = got["BlockData"].read()
         blocks[str(b["BlockIndex"])] = {"sha256": hashlib.sha256(data).hexdigest(), "len": len(data)}
+        if len(sys.argv) > 7:
+            # The blocks' bytes too, one file per block index, for a test to lay them out.
+            with open(f"{sys.argv[7]}/{b['BlockIndex']}", "wb") as f:
+                f.write(data)
     print(json.dumps(blocks))
 elif command == "image":
     key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
@@ -130,9 +134,13 @@ elif command == "image":
 elif command == "leftover":
     # What a run stopped mid-upload leaves: a pending snapshot tagged with the digest, some
     # blocks in it (here one of the disk's non-zero block indexes, with other bytes).
+    # With a parent snapshot and its digest (argv 8, 9): an incremental upload's leftover.
     key, secret, digest, index = sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
     ebs = client("ebs", key, secret)
-    snap = ebs.start_snapshot(VolumeSize=1, Tags=[{"Key": "fuse:digest", "Value": digest}])
+    tags = [{"Key": "fuse:digest", "Value": digest}]
+    if len(sys.argv) > 9:
+        tags += [{"Key": "fuse:parent", "Value": sys.argv[8]}, {"Key": "fuse:parent-digest", "Value": sys.argv[9]}]
+    snap = ebs.start_snapshot(VolumeSize=1, Tags=tags)
     data = b"leftover" * (524288 // 8)
     ebs.put_snapshot_block(
         SnapshotId=snap["SnapshotId"], BlockIndex=index, BlockData=data, DataLength=len(data),

@@ -16,11 +16,13 @@ pub(crate) struct Started {
     pub(crate) status: String,
 }
 
-/// StartSnapshot of `volume_gib` GiB with `tags`; `client_token` makes a retry return the same
+/// StartSnapshot of `volume_gib` GiB with `tags`, incremental on `parent` if given (what is
+/// not written reads as the parent's blocks); `client_token` makes a retry return the same
 /// snapshot (for 24 hours, on AWS).
 pub(crate) fn start_snapshot(
     client: &Client,
     volume_gib: u64,
+    parent: Option<&str>,
     description: &str,
     tags: &[(&str, &str)],
     client_token: &str,
@@ -29,15 +31,18 @@ pub(crate) fn start_snapshot(
         .iter()
         .map(|(k, v)| serde_json::json!({"Key": k, "Value": v}))
         .collect();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "VolumeSize": volume_gib,
         "Description": description,
         "Tags": tags,
         "ClientToken": client_token,
         // Minutes the snapshot may stay pending between calls before AWS fails it.
         "Timeout": 60,
-    })
-    .to_string();
+    });
+    if let Some(parent) = parent {
+        body["ParentSnapshotId"] = parent.into();
+    }
+    let body = body.to_string();
     let reply = client.send(&Call {
         service: Service::Ebs,
         operation: "StartSnapshot",

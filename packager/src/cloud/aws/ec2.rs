@@ -4,6 +4,7 @@
 use super::http::{Call, Client};
 use super::profile::Service;
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
 
 const VERSION: &str = "2016-11-15";
 
@@ -23,6 +24,11 @@ pub(crate) struct Snapshot {
     pub(crate) id: String,
     pub(crate) state: String,
     pub(crate) progress: String,
+    /// When it was started, as EC2 writes it (ISO 8601 in UTC: sorts as text).
+    pub(crate) start_time: String,
+    /// The size of its volume in GiB (0 when EC2 left it out).
+    pub(crate) volume_gib: u64,
+    pub(crate) tags: BTreeMap<String, String>,
 }
 
 /// What RegisterImage is given.
@@ -148,10 +154,21 @@ pub(crate) fn parse_snapshots(xml: &str) -> Result<Vec<Snapshot>> {
     Ok(items(&doc, "snapshotSet")
         .into_iter()
         .filter_map(|item| {
+            let tags = item
+                .children()
+                .filter(|c| c.has_tag_name("tagSet"))
+                .flat_map(|s| s.children().filter(|c| c.has_tag_name("item")))
+                .filter_map(|t| Some((child_text(t, "key")?, child_text(t, "value")?)))
+                .collect();
             Some(Snapshot {
                 id: child_text(item, "snapshotId")?,
                 state: child_text(item, "status").unwrap_or_default(),
                 progress: child_text(item, "progress").unwrap_or_default(),
+                start_time: child_text(item, "startTime").unwrap_or_default(),
+                volume_gib: child_text(item, "volumeSize")
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0),
+                tags,
             })
         })
         .collect())
@@ -246,6 +263,7 @@ mod tests {
     fn reads_describe_snapshots() {
         let xml = r#"<DescribeSnapshotsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
   <snapshotSet><item><snapshotId>snap-1</snapshotId><status>pending</status><progress>40%</progress>
+  <startTime>2026-12-03T08:15:32.000Z</startTime><volumeSize>2</volumeSize>
   <tagSet><item><key>k</key><value>v</value></item></tagSet></item></snapshotSet>
 </DescribeSnapshotsResponse>"#;
         assert_eq!(
@@ -253,7 +271,10 @@ mod tests {
             vec![Snapshot {
                 id: "snap-1".into(),
                 state: "pending".into(),
-                progress: "40%".into()
+                progress: "40%".into(),
+                start_time: "2026-12-03T08:15:32.000Z".into(),
+                volume_gib: 2,
+                tags: BTreeMap::from([("k".to_string(), "v".to_string())]),
             }]
         );
     }
