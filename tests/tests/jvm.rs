@@ -743,6 +743,24 @@ fn h2_tcp_server_is_reached_by_h2_shell_from_the_host() {
         inspect["notes"]["jdk.modules.source"], inspect["notes"]["jdk.modules"]
     );
     assert!(modules(&sb, "h2:latest").iter().any(|m| m == "java.sql"));
+    // A headless JVM: java.desktop's display, sound and splash libraries are left out, and
+    // with them X11 and ALSA.
+    let listing = sb.rootfs_listing("h2:latest");
+    for absent in [
+        "libawt_xawt.so",
+        "libjsound.so",
+        "libsplashscreen.so",
+        "libX11.so",
+        "libasound.so",
+    ] {
+        assert!(!listing.contains(absent), "{absent} is in the image");
+    }
+    if modules(&sb, "h2:latest")
+        .iter()
+        .any(|m| m == "java.desktop")
+    {
+        assert!(listing.contains("libawt_headless.so"), "{listing}");
+    }
 
     let port = free_port();
     let h2 = start_h2(&sb, port);
@@ -1032,5 +1050,47 @@ JNIEXPORT jstring JNICALL Java_Greet_hello(JNIEnv *env, jclass cls) {
         .assert_stderr_contains(&format!(
             "in /usr/lib/{arch}-linux-gnu/jni (on java.library.path, where it loads from when extracting to /tmp fails): libgreet.so (from native/Linux/{arch}/libgreet.so)"
         ));
+    assert_no_leaked_qemu();
+}
+
+/// An app drawing with AWT in the VM: headless (no display libraries in the image), it
+/// fills a BufferedImage and encodes it as PNG through libawt and ImageIO.
+#[test]
+fn headless_awt_draws_into_an_image_and_encodes_it() {
+    let sb = Sandbox::new();
+    let src = r#"
+import java.awt.*;
+import java.awt.image.BufferedImage;
+import java.io.ByteArrayOutputStream;
+import javax.imageio.ImageIO;
+public class Draw {
+    public static void main(String[] a) throws Exception {
+        BufferedImage img = new BufferedImage(64, 64, BufferedImage.TYPE_INT_RGB);
+        Graphics2D g = img.createGraphics();
+        g.setColor(Color.RED);
+        g.fillOval(8, 8, 48, 48);
+        g.dispose();
+        ByteArrayOutputStream png = new ByteArrayOutputStream();
+        ImageIO.write(img, "png", png);
+        System.out.println("headless " + GraphicsEnvironment.isHeadless() + " centre "
+            + Integer.toHexString(img.getRGB(32, 32)) + " png " + (png.size() > 100));
+    }
+}
+"#;
+    let jar = java_jar(
+        sb.dir.path(),
+        "draw.jar",
+        "Draw",
+        &[("Draw.java", src)],
+        &[],
+    );
+    let out = sb.fuse().args(["run", "--accel", "tcg"]).arg(&jar).run();
+    out.assert_success()
+        .assert_stdout_contains("headless true centre ffff0000 png true");
+    assert!(modules(&sb, "draw:latest")
+        .iter()
+        .any(|m| m == "java.desktop"));
+    let listing = sb.rootfs_listing("draw:latest");
+    assert!(!listing.contains("libX11.so"), "{listing}");
     assert_no_leaked_qemu();
 }

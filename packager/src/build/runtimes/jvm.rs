@@ -32,7 +32,19 @@ use std::process::Command;
 pub(crate) const RUNTIME_DIR: &str = "/opt/java";
 
 /// Bumped when what fuse does to a jlink output changes, so old cache entries are not reused.
-const CACHE_VERSION: &str = "fuse-jlink-4";
+const CACHE_VERSION: &str = "fuse-jlink-5";
+
+/// Libraries of `java.desktop` that only a display, a sound card or a splash screen loads: a
+/// VM has none (no `DISPLAY`, so AWT is headless and loads `libawt_headless.so` instead), and
+/// they would bring X11, ALSA and the splash screen's image decoders into the image (3.8 MB of
+/// host libraries). `libfontmanager.so` stays: a headless app draws text with fonts it brings.
+const DISPLAY_ONLY_LIBS: &[&str] = &[
+    "lib/libawt_xawt.so",
+    // JAWT: native code drawing into an AWT window, which needs libawt_xawt.
+    "lib/libjawt.so",
+    "lib/libjsound.so",
+    "lib/libsplashscreen.so",
+];
 
 /// The modules used when jdeps cannot decide (it failed, or the app loads classes by
 /// reflection beyond what static analysis sees, as Spring Boot does).
@@ -389,6 +401,9 @@ fn ensure_runtime(
     }
     // Used only when the heap is above 32 GB (no compressed oops): never in our VMs.
     let _ = std::fs::remove_file(staging.join("lib/server/classes_nocoops.jsa"));
+    for lib in DISPLAY_ONLY_LIBS {
+        let _ = std::fs::remove_file(staging.join(lib));
+    }
     strip_symbols(&staging.join("lib/server/libjvm.so"));
     std::fs::rename(&staging, &dir)
         .with_context(|| format!("Cannot store the runtime in {}", dir.display()))?;
