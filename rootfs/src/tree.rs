@@ -551,6 +551,37 @@ impl Tree {
         Ok(split)
     }
 
+    /// Removes the directory `path` if it is empty; whether it did.
+    pub fn remove_empty_dir(&mut self, path: &str) -> bool {
+        let prefix = format!("{path}/");
+        let empty = self
+            .nodes
+            .range(prefix.clone()..)
+            .next()
+            .is_none_or(|(p, _)| !p.starts_with(&prefix));
+        if path == "/" || !empty || !matches!(self.nodes.get(path), Some(Node::Dir { .. })) {
+            return false;
+        }
+        self.nodes.remove(path);
+        self.implicit_dirs.remove(path);
+        true
+    }
+
+    /// Adds every entry of `other` below `at` (`/x` of `other` becomes `<at>/x`; its root
+    /// becomes the directory `at`), as if each were added here.
+    pub fn graft(&mut self, at: &str, other: Tree) -> Result<()> {
+        validate_path(at)?;
+        for (path, node) in other.nodes {
+            let target = if path == "/" {
+                at.to_string()
+            } else {
+                format!("{}{path}", if at == "/" { "" } else { at })
+            };
+            self.insert(&target, node)?;
+        }
+        Ok(())
+    }
+
     fn file_sizes(&self) -> impl Iterator<Item = (&str, u64)> {
         self.nodes.iter().filter_map(|(p, n)| match n {
             Node::File { source, .. } => Some((p.as_str(), source.len().unwrap_or(0))),
@@ -719,5 +750,20 @@ mod tests {
         assert!(u.contains("/app"));
         u.add_bytes("/f", &b"x"[..], 0o644).unwrap();
         assert!(u.split_off("/f").is_err());
+    }
+
+    #[test]
+    fn graft_and_remove_empty_dir_move_a_subtree() {
+        let mut t = Tree::new();
+        t.add_bytes("/etc/fuse/spec", &b"s"[..], 0o644).unwrap();
+        t.add_bytes("/app/x", &b"x"[..], 0o644).unwrap();
+        let config = t.split_off("/etc/fuse").unwrap();
+        assert!(!t.remove_empty_dir("/etc"), "not empty");
+        assert!(t.remove_empty_dir("/etc/fuse"));
+        assert!(!t.contains("/etc/fuse"));
+        let mut app = t.split_off("/app").unwrap();
+        app.graft("/.fuse", config).unwrap();
+        let paths: Vec<&str> = app.iter().map(|(p, _)| p).collect();
+        assert_eq!(paths, ["/", "/.fuse", "/.fuse/spec", "/x"]);
     }
 }

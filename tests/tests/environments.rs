@@ -110,18 +110,19 @@ fn one_image_every_environment_selected_at_boot() {
     assert_eq!(inspect["config"]["default_environment"], "dev");
 
     // The configured path is a link into /run, which the init points at the selected
-    // environment; every environment's copy is in the image.
+    // environment; every environment's copy is in the image, in the app's filesystem (a new
+    // value changes the app's partition, not the root's).
     let listing = sb.rootfs_listing("envshow:2.0");
     assert!(
         listing.contains("/etc/app/app.conf -> /run/fuse/current/etc/app/app.conf"),
         "{listing}"
     );
     for path in [
-        "/etc/fuse/env/dev",
-        "/etc/fuse/env/prod",
-        "/etc/fuse/files/dev/etc/app/app.conf",
-        "/etc/fuse/files/prod/etc/app/app.conf",
-        "/etc/fuse/environment",
+        "/app/.fuse/env/dev",
+        "/app/.fuse/env/prod",
+        "/app/.fuse/files/dev/etc/app/app.conf",
+        "/app/.fuse/files/prod/etc/app/app.conf",
+        "/app/.fuse/environment",
     ] {
         assert!(listing.contains(path), "{path} missing:\n{listing}");
     }

@@ -37,12 +37,16 @@ int main(void) {
 "#;
 
 fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    try_http_get(port, path).unwrap()
+}
+
+fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }
 
 /// Polls `GET /` on the host port until it answers 200 (bounded), while fuse keeps running;
@@ -467,7 +471,17 @@ fn guest_cannot_reach_host_loopback(arch: &str, offline: bool) {
         let id = started.stdout_str().trim().to_string();
         // Stops the instance also when an assertion below fails.
         let instance = Detached::new(&sb, &runtime, &id);
-        assert!(http_get(port, "/").ends_with("served by the guest\n"));
+        // passt accepts for the guest before the guest listens, which a TCP health check
+        // under load can take for the server: the page is polled, bounded.
+        let page = wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+            try_http_get(port, "/")
+                .ok()
+                .filter(|b| b.ends_with("served by the guest\n"))
+        });
+        assert!(
+            page.is_some(),
+            "the guest's server never answered on {port}"
+        );
         assert_eq!(
             passt_processes_here().is_empty(),
             offline,

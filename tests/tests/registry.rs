@@ -1437,15 +1437,15 @@ fn incompressible(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// The app is a filesystem and a layer of its own: after a change to the jar alone, a push
-/// sends the app's layer, the config and the manifest, and skips the kernel, the init, the
-/// stub and the root with the Java runtime: at most the jar's size plus 1 MiB. Pulled into an
-/// empty store, the new version boots and prints what the new jar says.
+/// The app is a filesystem and a layer of its own, its configuration in it: after a new
+/// version of the jar (renamed with its version, as Maven names it: the spec names the new
+/// file), a push sends the app's layer, the config and the manifest, and skips the kernel, the
+/// init, the stub and the root with the Java runtime: at most the jar's size plus 1 MiB.
+/// Pulled into an empty store, the new version boots and prints what the new jar says.
 #[test]
 fn a_push_after_a_jar_change_sends_only_the_app() {
     let sb = Sandbox::new();
     let registry = Registry::start(sb.dir.path(), None);
-    let reference = registry.reference("team/shop:1.0");
     let data = sb.dir.path().join("data.bin");
     std::fs::write(&data, incompressible(2 << 20, 7)).unwrap();
     let jar = |version: &str| {
@@ -1456,15 +1456,16 @@ fn a_push_after_a_jar_change_sends_only_the_app() {
         );
         common::java_jar(
             &dir,
-            "shop-1.0.jar",
+            &format!("shop-{version}.jar"),
             "Main",
             &[("Main.java", &main)],
             &[("data.bin", &data)],
         )
     };
 
-    let v1 = jar("v1");
+    let v1 = jar("1.0");
     fuse(&sb).args(["build"]).arg(&v1).run().assert_success();
+    let reference = registry.reference("team/shop:1.0");
     let first = fuse_json(&sb, ["push", "shop:1.0", &reference, "--json"]);
     let stored = fuse_json(&sb, ["inspect", "shop:1.0", "--json"]);
     let rootfs = stored["rootfs"]["size"].as_u64().unwrap();
@@ -1473,16 +1474,17 @@ fn a_push_after_a_jar_change_sends_only_the_app() {
         "the first push sends the root with the runtime: {first}"
     );
 
-    let v2 = jar("v2");
+    let v2 = jar("1.1");
     let jar_size = std::fs::metadata(&v2).unwrap().len();
     fuse(&sb).args(["build"]).arg(&v2).run().assert_success();
-    let rebuilt = fuse_json(&sb, ["inspect", "shop:1.0", "--json"]);
+    let rebuilt = fuse_json(&sb, ["inspect", "shop:1.1", "--json"]);
     assert_eq!(
         rebuilt["rootfs"]["digest"], stored["rootfs"]["digest"],
         "a new jar leaves the root's bytes as they were"
     );
     assert_ne!(rebuilt["appfs"]["digest"], stored["appfs"]["digest"]);
-    let second = fuse_json(&sb, ["push", "shop:1.0", &reference, "--json"]);
+    let reference = registry.reference("team/shop:1.1");
+    let second = fuse_json(&sb, ["push", "shop:1.1", &reference, "--json"]);
     let sent = second["bytes_sent"].as_u64().unwrap();
     assert!(
         sent <= jar_size + (1 << 20),
@@ -1494,9 +1496,9 @@ fn a_push_after_a_jar_change_sends_only_the_app() {
     );
     assert_eq!(second["blobs_skipped"], 4, "{second}");
 
-    fuse(&sb).args(["rm", "shop:1.0"]).run().assert_success();
+    fuse(&sb).args(["rm", "shop:1.1"]).run().assert_success();
     let out = fuse(&sb).args(["run", &reference]).run();
-    out.assert_success().assert_stdout_contains("shop v2");
+    out.assert_success().assert_stdout_contains("shop 1.1");
     assert_no_leaked_qemu();
 }
 

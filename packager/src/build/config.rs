@@ -960,7 +960,15 @@ fn env_table(
 }
 
 /// Image paths where a config file would be hidden or would break the image.
-const FORBIDDEN_PREFIXES: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp", "/etc/fuse"];
+const FORBIDDEN_PREFIXES: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/tmp",
+    "/etc/fuse",
+    "/app/.fuse",
+];
 
 fn files_table(
     src: &Source<'_>,
@@ -977,7 +985,7 @@ fn files_table(
                 .iter()
                 .any(|p| path == p || path.starts_with(&format!("{p}/")))
         {
-            bail!("{origin}: a config file cannot go to {path}: /proc, /sys, /dev, /run, /tmp and /etc/fuse are not part of the image's files");
+            bail!("{origin}: a config file cannot go to {path}: /proc, /sys, /dev, /run, /tmp, /etc/fuse and /app/.fuse are not part of the image's files");
         }
         if path == "/etc/passwd" || path == "/etc/group" {
             bail!("{origin}: fuse writes {path} (root and the app's user): add users in [users] (www-data = 33) and groups in [groups]");

@@ -13,6 +13,12 @@ use std::collections::BTreeMap;
 pub(crate) const SPEC_PATH: &str = fuse_boot::spec::SPEC_PATH;
 /// Where the app's own files go: a filesystem of its own in the image.
 pub(crate) const APP_DIR: &str = crate::image::manifest::APP_DIR;
+/// Where the init reads the app's configuration (spec, environments, their files).
+pub(crate) const CONFIG_DIR: &str = "/etc/fuse";
+/// Where that configuration is kept: in the app's filesystem (`CONFIG_DIR` is a symlink to
+/// it), because it changes with the app (the spec names the jar, `hello-1.1.jar`), and the
+/// root must not, so that a new version of the app leaves the root's bytes as they were.
+pub(crate) const APP_CONFIG_DIR: &str = "/app/.fuse";
 /// Empty directories every image has for volumes (`fuse run --volume NAME:/data`): the root
 /// is read-only, so a mount point cannot be made at boot. Listed in the manifest.
 pub(crate) const VOLUME_MOUNT_POINTS: &[&str] = &["/data"];

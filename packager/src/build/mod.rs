@@ -25,6 +25,7 @@ use crate::image::naming;
 use crate::image::store::{Store, StoredImage};
 use anyhow::{bail, Context, Result};
 use fuse_rootfs::block_cache::BlockCache;
+use fuse_rootfs::tree::Tree;
 use fuse_rootfs::Arch;
 use runtimes::RuntimeInput;
 use std::path::PathBuf;
@@ -258,10 +259,8 @@ pub(crate) fn build(
         parts: content_parts(&tree, runtime_dir),
     };
     // /app is a filesystem (and partition) of its own: a new version of the app leaves the
-    // root's bytes, the runtime's, as they were.
-    let app_tree = tree
-        .split_off(layout::APP_DIR)
-        .context("Cannot split the app's files from the root filesystem")?;
+    // root's bytes, the runtime's, as they were. The app's configuration goes with it.
+    let app_tree = split_app(&mut tree)?;
 
     let scratch = store.temp_dir()?;
     let rootfs_file = scratch.path().join("rootfs.squashfs");
@@ -367,4 +366,26 @@ pub(crate) fn build(
         digest,
         manifest,
     })
+}
+
+/// Moves `/app` out of `tree` into a tree of its own, with the app's configuration
+/// (`/etc/fuse`) in it at `/app/.fuse` and a symlink to it left at `/etc/fuse`.
+fn split_app(tree: &mut Tree) -> Result<Tree> {
+    let config = tree
+        .split_off(layout::CONFIG_DIR)
+        .context("Cannot move the app's configuration")?;
+    tree.remove_empty_dir(layout::CONFIG_DIR);
+    tree.add_symlink(layout::CONFIG_DIR, layout::APP_CONFIG_DIR)?;
+    let mut app = tree
+        .split_off(layout::APP_DIR)
+        .context("Cannot split the app's files from the root filesystem")?;
+    let inside = &layout::APP_CONFIG_DIR[layout::APP_DIR.len()..];
+    if app.contains(inside) {
+        bail!(
+            "The app has its own {}, where fuse keeps the app's configuration: rename or remove it",
+            layout::APP_CONFIG_DIR
+        );
+    }
+    app.graft(inside, config)?;
+    Ok(app)
 }
