@@ -176,6 +176,16 @@ impl Moto {
         self.ami_of(sb, "hello:1.0")
     }
 
+    /// `fuse ami IMAGE --json` with the IAM user's keys, asserted to succeed: what it printed.
+    fn ami_json(&self, sb: &Sandbox, image: &str) -> Value {
+        json(
+            self.fuse_with_keys(sb)
+                .args(["ami", image, "--json"])
+                .run()
+                .assert_success(),
+        )
+    }
+
     /// `fuse ami IMAGE` with the IAM user's keys, asserted to succeed.
     fn ami_of(&self, sb: &Sandbox, image: &str) -> fuse_tests::Output {
         let out = self.fuse_with_keys(sb).args(["ami", image]).run();
@@ -439,12 +449,7 @@ fn an_image_becomes_an_ami_once_per_digest() {
 
     // Again: the AMI is found by its digest, nothing is uploaded or registered.
     moto.helper(&["reset-recording"]);
-    let again = json(
-        moto.fuse_with_keys(&sb)
-            .args(["ami", "hello:1.0", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let again = moto.ami_json(&sb, "hello:1.0");
     assert_eq!(again["ami"], ami.as_str());
     assert_eq!(again["reused"], true);
     assert_eq!(again["bytes_sent"], 0);
@@ -619,28 +624,30 @@ fn snapshot_blocks(sb: &Sandbox, moto: &Moto, snapshot: &str) -> BTreeMap<usize,
         .collect()
 }
 
+/// The second disk padded with zeros to the larger one's 512 KiB blocks, and the blocks in
+/// which the two differ.
+fn changed_blocks(disk1: &[u8], disk2: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let blocks = disk1.len().max(disk2.len()).div_ceil(BLOCK);
+    let (old, new) = (padded(disk1, blocks), padded(disk2, blocks));
+    let changed = (0..blocks)
+        .filter(|&i| old[i * BLOCK..(i + 1) * BLOCK] != new[i * BLOCK..(i + 1) * BLOCK])
+        .collect();
+    (new, changed)
+}
+
 #[test]
 fn a_new_version_is_uploaded_as_the_blocks_that_changed() {
     let sb = Sandbox::new();
     let moto = Moto::start(&sb);
     let (digest1, disk1) = hello_version(&sb, common::HELLO, "1.0");
-    let first = json(
-        moto.fuse_with_keys(&sb)
-            .args(["ami", "hello:1.0", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let first = moto.ami_json(&sb, "hello:1.0");
     assert_eq!(first["parent_snapshot"], Value::Null, "{first}");
     let reason = first["full_upload_reason"].as_str().unwrap();
     assert!(reason.contains("no earlier version of hello"), "{reason}");
     let snap1 = first["snapshot"].as_str().unwrap().to_string();
 
     let (digest2, disk2) = hello_version(&sb, HELLO_2, "2.0");
-    let blocks = disk1.len().max(disk2.len()).div_ceil(BLOCK);
-    let (old, new) = (padded(&disk1, blocks), padded(&disk2, blocks));
-    let changed: Vec<usize> = (0..blocks)
-        .filter(|&i| old[i * BLOCK..(i + 1) * BLOCK] != new[i * BLOCK..(i + 1) * BLOCK])
-        .collect();
+    let (_, changed) = changed_blocks(&disk1, &disk2);
     moto.helper(&["start-recording"]);
     let out = moto
         .fuse_with_keys(&sb)
@@ -772,21 +779,12 @@ fn a_stopped_incremental_upload_goes_on_against_the_same_parent() {
     let sb = Sandbox::new();
     let moto = Moto::start(&sb);
     let (digest1, disk1) = hello_version(&sb, common::HELLO, "1.0");
-    let snap1 = json(
-        moto.fuse_with_keys(&sb)
-            .args(["ami", "hello:1.0", "--json"])
-            .run()
-            .assert_success(),
-    )["snapshot"]
+    let snap1 = moto.ami_json(&sb, "hello:1.0")["snapshot"]
         .as_str()
         .unwrap()
         .to_string();
     let (digest2, disk2) = hello_version(&sb, HELLO_2, "2.0");
-    let blocks = disk1.len().max(disk2.len()).div_ceil(BLOCK);
-    let (old, new) = (padded(&disk1, blocks), padded(&disk2, blocks));
-    let changed: Vec<usize> = (0..blocks)
-        .filter(|&i| old[i * BLOCK..(i + 1) * BLOCK] != new[i * BLOCK..(i + 1) * BLOCK])
-        .collect();
+    let (new, changed) = changed_blocks(&disk1, &disk2);
     // What a run stopped mid-upload left: the pending snapshot, tagged with its parent, one
     // changed block in it with wrong bytes.
     let leftover = moto.helper(&[
@@ -799,12 +797,7 @@ fn a_stopped_incremental_upload_goes_on_against_the_same_parent() {
         &digest1,
     ]);
     let leftover = leftover["id"].as_str().unwrap().to_string();
-    let resumed = json(
-        moto.fuse_with_keys(&sb)
-            .args(["ami", "hello:2.0", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let resumed = moto.ami_json(&sb, "hello:2.0");
     assert_eq!(resumed["snapshot"], leftover.as_str());
     assert_eq!(resumed["parent_snapshot"], snap1.as_str(), "{resumed}");
     assert_eq!(resumed["blocks_sent"], changed.len() as u64);
@@ -846,12 +839,7 @@ fn without_the_earlier_disk_here_the_upload_is_a_full_one() {
     let sb = Sandbox::new();
     let moto = Moto::start(&sb);
     hello_version(&sb, common::HELLO, "1.0");
-    let snap1 = json(
-        moto.fuse_with_keys(&sb)
-            .args(["ami", "hello:1.0", "--json"])
-            .run()
-            .assert_success(),
-    )["snapshot"]
+    let snap1 = moto.ami_json(&sb, "hello:1.0")["snapshot"]
         .as_str()
         .unwrap()
         .to_string();
@@ -860,12 +848,7 @@ fn without_the_earlier_disk_here_the_upload_is_a_full_one() {
     sb.fuse().args(["rm", "hello:1.0"]).run().assert_success();
 
     moto.helper(&["start-recording"]);
-    let second = json(
-        moto.fuse_with_keys(&sb)
-            .args(["ami", "hello:2.0", "--json"])
-            .run()
-            .assert_success(),
-    );
+    let second = moto.ami_json(&sb, "hello:2.0");
     assert_eq!(second["parent_snapshot"], Value::Null, "{second}");
     assert_eq!(second["parent_digest"], Value::Null);
     let reason = second["full_upload_reason"].as_str().unwrap();

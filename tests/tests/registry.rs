@@ -1206,26 +1206,7 @@ fn the_registry_killed_mid_push_and_restarted() {
     let sb = Sandbox::new();
     let dir = sb.dir.path();
     // 48 MiB of random bytes in the image: an upload that takes seconds on loopback.
-    let app = sb.program(HELLO, "big-1.0", &["-static"]);
-    let mut random = vec![0u8; 48 << 20];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
-        .unwrap();
-    std::fs::write(dir.join("blob.bin"), &random).unwrap();
-    std::fs::write(
-        dir.join("big.toml"),
-        "[files]\n\"/data/blob.bin\" = \"blob.bin\"\n",
-    )
-    .unwrap();
-    let out = fuse(&sb)
-        .args(["build", "--json", "--config"])
-        .arg(dir.join("big.toml"))
-        .arg(&app)
-        .run();
-    let image = json(out.assert_success())["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let image = build_big(&sb, 48);
 
     let registry = Registry::start(dir, None);
     let port = registry.port;
@@ -1627,12 +1608,12 @@ impl Drop for CuttingProxy {
     }
 }
 
-/// Builds `big:1.0`, a hello image with 32 MiB of random bytes (a rootfs of five chunks);
-/// returns its digest.
-fn build_big(sb: &Sandbox) -> String {
+/// Builds `big:1.0`, a hello image with `mib` MiB of random bytes in its root (32 MiB: a
+/// rootfs of five chunks); returns its digest.
+fn build_big(sb: &Sandbox, mib: usize) -> String {
     let dir = sb.dir.path();
     let app = sb.program(HELLO, "big-1.0", &["-static"]);
-    let mut random = vec![0u8; 32 << 20];
+    let mut random = vec![0u8; mib << 20];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
         .unwrap();
@@ -1662,7 +1643,7 @@ fn build_big(sb: &Sandbox) -> String {
 fn an_upload_cut_off_resumes_or_restarts_and_transfers_run_in_parallel() {
     let sb = Sandbox::new();
     let dir = sb.dir.path();
-    let image = build_big(&sb);
+    let image = build_big(&sb, 32);
 
     let registry = Registry::start(dir, None);
     let proxy = CuttingProxy::start(registry.port, 12 << 20, Cut::AtRequest);
