@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use backhand::compression::{CompressionOptions, Compressor, Xz, Zstd};
 use backhand::kind::Kind;
 use backhand::v4::compressor::XzFilter;
-use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
+use backhand::{FilesystemCompressor, FilesystemReader, FilesystemWriter, NodeHeader};
 
 use crate::block_cache::{BlockCache, CachingCompressor};
 use crate::times::FileTimes;
@@ -127,6 +127,25 @@ fn backhand_error(out: &Path, context: String, e: backhand::BackhandError) -> Sq
     }
 }
 
+/// An empty image whose root directory carries `mtime`, to start a writer from. backhand has
+/// no setter for the root's time (a new writer's root has 0, 1970, which is what `stat /app`
+/// showed once the app had a filesystem of its own), but it keeps the root of an image it
+/// read: so an empty image is written, read back and given the time.
+fn root_seed(
+    mtime: u32,
+) -> std::result::Result<FilesystemReader<'static>, backhand::BackhandError> {
+    let mut empty = Cursor::new(Vec::new());
+    FilesystemWriter::default().write(&mut empty)?;
+    empty.set_position(0);
+    let mut seed = FilesystemReader::from_reader(empty)?;
+    for node in seed.root.nodes.iter_mut() {
+        if node.fullpath == Path::new("/") {
+            node.header.mtime = mtime;
+        }
+    }
+    Ok(seed)
+}
+
 /// Writes `tree` as a squashfs image at `out`, atomically.
 pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result<()> {
     let bs = opts.block_size;
@@ -142,7 +161,9 @@ pub fn write_squashfs(tree: &Tree, out: &Path, opts: &SquashfsOptions) -> Result
         source,
     };
 
-    let mut fs_writer = FilesystemWriter::default();
+    let seed = root_seed(opts.times.epoch()).map_err(bh_err("root directory time".into()))?;
+    let mut fs_writer =
+        FilesystemWriter::from_fs_reader(&seed).map_err(bh_err("root directory time".into()))?;
     fs_writer.set_time(opts.times.epoch());
     fs_writer.set_block_size(bs);
     fs_writer.set_only_root_id();
@@ -421,6 +442,8 @@ mod tests {
         // unsquashfs restores the times it reads: they are what the guest's stat() sees.
         let out = dir.path().join("out");
         unsquashfs(&["-n", "-d", out.to_str().unwrap(), img.to_str().unwrap()]);
+        let root = fs::metadata(&out).unwrap();
+        assert_eq!(root.mtime(), i64::from(times.epoch), "the root directory");
         let mut file_times = std::collections::BTreeSet::new();
         for (path, node) in tree.iter().filter(|(p, _)| *p != "/") {
             let meta = fs::symlink_metadata(out.join(path.trim_start_matches('/'))).unwrap();
