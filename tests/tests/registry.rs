@@ -380,14 +380,14 @@ fn run_pulls_by_itself_and_a_corrupt_blob_is_refused_with_nothing_stored() {
     let out = fuse(&user).args(["run", "hello:1.0"]).run();
     assert_one_error(&out, &["No app file or image named 'hello:1.0'"]);
 
-    // One byte of the root filesystem flipped in the registry's storage: the pull refuses it,
-    // naming the blob, and stores nothing.
-    let rootfs = stored["rootfs"]["digest"].as_str().unwrap().to_string();
-    flip_byte(&registry.blob_data(&rootfs), 4096);
+    // One byte of the app's filesystem (the hello's largest part) flipped in the registry's
+    // storage: the pull refuses it, naming the blob, and stores nothing.
+    let appfs = stored["appfs"]["digest"].as_str().unwrap().to_string();
+    flip_byte(&registry.blob_data(&appfs), 4096);
     let fresh = Sandbox::new();
     let out = fuse(&fresh).args(["pull", &reference]).run();
-    let short = &rootfs.trim_start_matches("sha256:")[..12];
-    assert_one_error(&out, &["corrupt", short, "rootfs", "nothing was stored"]);
+    let short = &appfs.trim_start_matches("sha256:")[..12];
+    assert_one_error(&out, &["corrupt", short, "appfs", "nothing was stored"]);
     assert!(listed(&fresh).is_empty(), "nothing stored");
     let blobs = std::fs::read_dir(fresh.home().join("images/blobs/sha256"))
         .map(|d| d.count())
@@ -1652,7 +1652,7 @@ fn an_upload_cut_off_resumes_or_restarts_and_transfers_run_in_parallel() {
     assert!(proxy.did_cut(), "the proxy cut no connection: {resumed}");
     assert_eq!(resumed["uploads_resumed"], 1, "{resumed}");
     assert_eq!(resumed["uploads_restarted"], 0, "{resumed}");
-    assert_eq!(resumed["blobs_sent"], 5, "{resumed}");
+    assert_eq!(resumed["blobs_sent"], 6, "{resumed}");
     // No chunk went twice: what crossed the proxy is the blobs and some headers.
     let blob_bytes = resumed["bytes_sent"].as_u64().unwrap();
     assert!(
@@ -1682,7 +1682,7 @@ fn an_upload_cut_off_resumes_or_restarts_and_transfers_run_in_parallel() {
         cutter.sent() > blob_bytes + (1 << 20),
         "the cut blob went again"
     );
-    assert_eq!(restarted["blobs_sent"], 5, "{restarted}");
+    assert_eq!(restarted["blobs_sent"], 6, "{restarted}");
     assert_eq!(restarted["digest"], resumed["digest"], "deterministic");
 
     // What the first registry kept is the image: pulled (parts in parallel) into an empty
@@ -1739,7 +1739,7 @@ fn push_without_a_reference_goes_where_configured_or_last_pushed() {
         .assert_success();
     let pushed = fuse_json(&sb, ["push", "hello:1.0", "--json"]);
     assert_eq!(pushed["reference"], format!("{configured}:1.0"), "{pushed}");
-    assert_eq!(pushed["blobs_sent"], 5, "{pushed}");
+    assert_eq!(pushed["blobs_sent"], 6, "{pushed}");
 
     let elsewhere = registry.reference("other/hello:1.0");
     fuse_json(&sb, ["push", "hello:1.0", &elsewhere, "--json"]);
