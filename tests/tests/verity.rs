@@ -100,7 +100,8 @@ fn flipped_byte(arch: &str) {
             .assert_success(),
     );
     let disk = blob(&sb, inspect["digest"].as_str().unwrap());
-    let root = &inspect["disk"]["partitions"][1];
+    // The executable is in the app's filesystem, partition 4 (/dev/dm-1).
+    let root = &inspect["disk"]["partitions"][3];
     let (root_at, root_len) = (
         root["offset"].as_u64().unwrap(),
         root["size"].as_u64().unwrap(),
@@ -111,7 +112,9 @@ fn flipped_byte(arch: &str) {
     let found = bytes[root_at as usize..(root_at + root_len) as usize]
         .windows(needle.len())
         .position(|w| w == needle)
-        .expect("the executable's incompressible bytes are stored as they are in the root");
+        .expect(
+            "the executable's incompressible bytes are stored as they are in the app's partition",
+        );
     let at = root_at + found as u64 + 10;
     let block = (at - root_at) / 4096;
     drop(bytes);
