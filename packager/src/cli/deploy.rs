@@ -1,17 +1,112 @@
-//! `fuse deploy`: an image to AWS. Its first subcommand, `fuse deploy ami`, makes (or finds)
-//! the image's AMI in a region.
+//! `fuse deploy`: an image to AWS. `fuse deploy IMAGE --env ENV` deploys it blue/green
+//! (`cloud::deploy`); `ls`, `logs`, `rollback` and `destroy` read and change what it made;
+//! `ami` makes (or finds) the image's AMI in a region.
 
 use super::print::progress_line;
 use crate::cloud::ami;
+use crate::cloud::deploy::{self, Deployed, Deployment};
 use crate::cloud::aws::http::Client;
 use crate::cloud::aws::profile::{self, AwsOptions};
 use crate::image::disk;
-use crate::image::store::Store;
+use crate::image::store::{Store, StoredImage};
+use crate::run::overlay::Selection;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use fuse_rootfs::Arch;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `fuse deploy IMAGE --env ENV`, or one of the subcommands.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub(super) struct DeployArgs {
+    #[command(subcommand)]
+    command: Option<DeployCommand>,
+    #[command(flatten)]
+    deploy: DeployFlags,
+}
+
+/// Deploy an image blue/green to an environment: a new instance replaces the old one only
+/// once healthy.
+#[derive(Debug, Args)]
+pub(super) struct DeployFlags {
+    /// Image (name[:version] or digest).
+    #[arg(required = true)]
+    image: Option<String>,
+    /// The environment to deploy to (one instance and address per app and environment); the
+    /// image's environment of that name is booted when it has one. Boxfuse's `-env=prod`
+    /// works too.
+    #[arg(long = "env", short = 'E', value_name = "ENV", required = true)]
+    env: Option<String>,
+    #[command(flatten)]
+    aws: AwsFlags,
+    /// The EC2 instance type (default: t3.micro for x86_64 images, t4g.micro for aarch64).
+    #[arg(long)]
+    instance_type: Option<String>,
+    /// Set a variable for this deployment (in the instance's user-data, never in the AMI;
+    /// repeatable); `-e KEY` passes KEY's value from your environment.
+    #[arg(short = 'e', value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Read variables from a dotenv file (KEY=VALUE lines; repeatable; `-e` wins).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<PathBuf>,
+    /// How long the new instance may take to run and pass the image's health check before
+    /// it is terminated and the deployment fails (default: 300).
+    #[arg(long, value_name = "SECONDS")]
+    health_timeout: Option<u64>,
+    /// Machine-readable output (no progress lines).
+    #[arg(long)]
+    json: bool,
+}
+
+/// An app and environment (for the subcommands that act on one).
+#[derive(Debug, Args)]
+pub(super) struct AppEnv {
+    /// The app (its image's name, without the version).
+    app: String,
+    /// The environment.
+    #[arg(long = "env", short = 'E', value_name = "ENV")]
+    env: String,
+    #[command(flatten)]
+    aws: AwsFlags,
+}
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DeployCommand {
+    /// List the deployed apps and environments: addresses, digests, instances and states.
+    Ls {
+        #[command(flatten)]
+        aws: AwsFlags,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the console output of the instance serving an app's environment.
+    Logs {
+        #[command(flatten)]
+        target: AppEnv,
+    },
+    /// Deploy the digest an environment served before the current one (blue/green, with the
+    /// current deployment's user-data); the image must be in the local store.
+    Rollback {
+        #[command(flatten)]
+        target: AppEnv,
+        /// How long the instance may take to become healthy (default: 300).
+        #[arg(long, value_name = "SECONDS")]
+        health_timeout: Option<u64>,
+        /// Machine-readable output (no progress lines).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything a deployment of an app's environment made: its instances, its
+    /// address and its security group (the AMIs stay, for other environments).
+    Destroy {
+        #[command(flatten)]
+        target: AppEnv,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the image an AMI in a region, once per digest.
     ///
     /// An AMI tagged with the image's digest (fuse:digest) is reused; otherwise the image's
@@ -50,10 +145,237 @@ impl From<&AwsFlags> for AwsOptions {
     }
 }
 
-pub(super) fn command(command: DeployCommand) -> Result<i32> {
-    match command {
-        DeployCommand::Ami { image, aws, json } => deploy_ami(&image, &aws, json),
+/// From RunInstances to healthy, unless --health-timeout says otherwise.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub(super) fn command(args: DeployArgs) -> Result<i32> {
+    match args.command {
+        Some(DeployCommand::Ami { image, aws, json }) => deploy_ami(&image, &aws, json),
+        Some(DeployCommand::Ls { aws, json }) => ls(&aws, json),
+        Some(DeployCommand::Logs { target }) => {
+            let client = client(&target.aws)?;
+            let instance = deploy::serving_instance(&client, &target.app, &target.env)?;
+            print!(
+                "{}",
+                crate::cloud::aws::ec2::console_output(&client, &instance)?
+            );
+            Ok(0)
+        }
+        Some(DeployCommand::Rollback {
+            target,
+            health_timeout,
+            json,
+        }) => rollback(&target, health_timeout, json),
+        Some(DeployCommand::Destroy { target, json }) => {
+            let client = client(&target.aws)?;
+            let gone = deploy::destroy(&client, &target.app, &target.env, &mut |l| {
+                if !json {
+                    progress_line(l)
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&gone)?);
+            } else {
+                println!(
+                    "{}/{}: {} instance(s) terminated, {} address(es) released, {} security group(s) deleted",
+                    target.app,
+                    target.env,
+                    gone.instances.len(),
+                    gone.addresses.len(),
+                    gone.security_groups.len()
+                );
+            }
+            Ok(0)
+        }
+        None => deploy_image(&args.deploy),
     }
+}
+
+fn client(flags: &AwsFlags) -> Result<Client> {
+    Client::new(profile::session(&AwsOptions::from(flags))?)
+}
+
+fn find_image(store: &Store, reference: &str) -> Result<StoredImage> {
+    store
+        .find(reference)?
+        .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))
+}
+
+fn deploy_image(flags: &DeployFlags) -> Result<i32> {
+    let (Some(reference), Some(env)) = (&flags.image, &flags.env) else {
+        anyhow::bail!("fuse deploy needs an image and --env ENV: see `fuse deploy --help`");
+    };
+    let store = Store::open_default()?;
+    let image = find_image(&store, reference)?;
+    // The image's environment of the deployment's name, when it has one; else its default.
+    let environment = image
+        .manifest
+        .config
+        .environments
+        .iter()
+        .any(|e| e == env)
+        .then_some(env.as_str());
+    let selection = Selection::from_flags(environment, &flags.set, &flags.env_files)?;
+    crate::run::overlay::check_sizes(&selection.env, &[])?;
+    let user_data = crate::run::userdata::user_data(&image.manifest, &selection, &[])?;
+    let deployment = Deployment {
+        app: image.name.name.clone(),
+        env: env.clone(),
+        instance_type: flags.instance_type.clone().unwrap_or_else(|| {
+            match image.manifest.arch {
+                Arch::X86_64 => "t3.micro",
+                Arch::Aarch64 => "t4g.micro",
+            }
+            .to_string()
+        }),
+        user_data,
+        health_timeout: flags
+            .health_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(HEALTH_TIMEOUT),
+    };
+    run_deployment(&store, &image, &flags.aws, &deployment, flags.json)
+}
+
+fn rollback(target: &AppEnv, health_timeout: Option<u64>, json: bool) -> Result<i32> {
+    let client = client(&target.aws)?;
+    let (digest, user_data) = deploy::rollback_target(&client, &target.app, &target.env)?;
+    let store = Store::open_default()?;
+    let image = store.find(&digest)?.with_context(|| {
+        format!("The previous image {digest} is not in the local store: `fuse pull` it, then roll back again")
+    })?;
+    let deployment = Deployment {
+        app: target.app.clone(),
+        env: target.env.clone(),
+        instance_type: match image.manifest.arch {
+            Arch::X86_64 => "t3.micro",
+            Arch::Aarch64 => "t4g.micro",
+        }
+        .to_string(),
+        user_data,
+        health_timeout: health_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(HEALTH_TIMEOUT),
+    };
+    if !json {
+        progress_line(&format!(
+            "rolling {}/{} back to {} ({digest})",
+            target.app, target.env, image.name
+        ));
+    }
+    run_deployment(&store, &image, &target.aws, &deployment, json)
+}
+
+/// The AMI, then the blue/green switch; exit 1 when the new instance was not healthy.
+fn run_deployment(
+    store: &Store,
+    image: &StoredImage,
+    flags: &AwsFlags,
+    deployment: &Deployment,
+    json: bool,
+) -> Result<i32> {
+    let disk = disk::verified_disk_path(store, image)?;
+    let client = client(flags)?;
+    let mut progress = |line: &str| {
+        if !json {
+            progress_line(line);
+        }
+    };
+    let ami = ami::ensure_ami(&client, store, image, &disk, &mut progress)?;
+    if !ami.reused {
+        progress(&format!("{} made from {}", ami.ami, image.name));
+    }
+    let outcome = deploy::deploy(&client, image, &ami.ami, deployment, &mut progress)?;
+    if json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        print_outcome(&outcome);
+    }
+    Ok(if outcome.healthy { 0 } else { 1 })
+}
+
+fn print_outcome(o: &Deployed) {
+    if o.healthy {
+        let replaced = if o.terminated.is_empty() {
+            String::new()
+        } else {
+            format!(", replacing {}", o.terminated.join(", "))
+        };
+        println!(
+            "{}/{}: {} ({}) on {} at {}{replaced}",
+            o.app,
+            o.env,
+            o.image,
+            crate::host::digest::short(&o.digest),
+            o.instance,
+            o.address.as_deref().unwrap_or("-")
+        );
+    } else {
+        let kept = match &o.address {
+            Some(a) => format!("{a} still leads to the previous instance"),
+            None => "nothing was serving before".to_string(),
+        };
+        eprintln!(
+            "fuse: deployment of {} to {}/{} failed: {}; {} terminated, {kept}",
+            o.image,
+            o.app,
+            o.env,
+            o.reason.as_deref().unwrap_or("unhealthy"),
+            o.instance
+        );
+        if let Some(tail) = o.console_tail.as_deref().filter(|t| !t.is_empty()) {
+            eprintln!("fuse: the last lines of {}'s console:\n{tail}", o.instance);
+        }
+    }
+}
+
+fn ls(flags: &AwsFlags, json: bool) -> Result<i32> {
+    let client = client(flags)?;
+    let envs = deploy::list(&client)?;
+    if json {
+        println!("{}", serde_json::to_string(&envs)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:<10} {:<16} {:<14} {:<20} {:<10} {:<16}",
+        "APP", "ENV", "ADDRESS", "DIGEST", "INSTANCE", "STATE", "INSTANCE IP"
+    );
+    for e in &envs {
+        let short = |d: &Option<String>| {
+            d.as_deref()
+                .map(|d| crate::host::digest::short(d).to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        if e.instances.is_empty() {
+            println!(
+                "{:<16} {:<10} {:<16} {:<14} {:<20} {:<10} {:<16}",
+                e.app,
+                e.env,
+                e.address.as_deref().unwrap_or("-"),
+                short(&e.digest),
+                "-",
+                "-",
+                "-"
+            );
+        }
+        for i in &e.instances {
+            println!(
+                "{:<16} {:<10} {:<16} {:<14} {:<20} {:<10} {:<16}",
+                e.app,
+                e.env,
+                if i.serving {
+                    e.address.as_deref().unwrap_or("-")
+                } else {
+                    "-"
+                },
+                short(&i.digest),
+                i.id,
+                i.state,
+                i.public_ip.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(0)
 }
 
 fn deploy_ami(reference: &str, flags: &AwsFlags, json: bool) -> Result<i32> {

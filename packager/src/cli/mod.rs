@@ -130,9 +130,9 @@ enum Command {
     /// Manage the guest kernel.
     #[command(subcommand)]
     Kernel(KernelCommand),
-    /// Deploy an image to a cloud (AWS).
-    #[command(subcommand)]
-    Deploy(deploy::DeployCommand),
+    /// Deploy an image to AWS blue/green (`fuse deploy IMAGE --env ENV`), or list, roll back,
+    /// read the console of and destroy deployments; `fuse deploy ami` makes the image's AMI.
+    Deploy(deploy::DeployArgs),
     /// Boot an image once and check its exit code, output or HTTP answer (for CI): one line
     /// per check, JUnit/JSON reports, exit 0 when all pass.
     Test(test::TestArgs),

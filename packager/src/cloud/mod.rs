@@ -4,3 +4,4 @@
 
 pub(crate) mod ami;
 pub(crate) mod aws;
+pub(crate) mod deploy;

@@ -220,6 +220,303 @@ pub(crate) fn create_tags(
     call(client, "CreateTags", &params).map(drop)
 }
 
+/// An instance as DescribeInstances lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Instance {
+    pub(crate) id: String,
+    pub(crate) image: String,
+    /// pending, running, shutting-down, terminated, stopping, stopped.
+    pub(crate) state: String,
+    pub(crate) public_ip: Option<String>,
+    /// As EC2 writes it (ISO 8601 in UTC: sorts as text).
+    pub(crate) launch_time: String,
+    pub(crate) tags: BTreeMap<String, String>,
+}
+
+/// An Elastic IP address as DescribeAddresses lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Address {
+    pub(crate) allocation: String,
+    pub(crate) public_ip: String,
+    pub(crate) instance: Option<String>,
+    pub(crate) association: Option<String>,
+    pub(crate) tags: BTreeMap<String, String>,
+}
+
+/// A security group as DescribeSecurityGroups lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SecurityGroup {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) tags: BTreeMap<String, String>,
+}
+
+/// What RunInstances is given.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) image: String,
+    pub(crate) instance_type: String,
+    pub(crate) user_data: String,
+    pub(crate) security_group: String,
+    pub(crate) tags: Vec<(String, String)>,
+    /// Makes a retried RunInstances launch one instance, not two.
+    pub(crate) client_token: String,
+}
+
+/// `Filter.N.Name` / `Filter.N.Value.M` for the calls that take no owner (instances,
+/// addresses, security groups).
+fn filter_params(with: &[(&str, &[&str])]) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    for (i, (name, values)) in with.iter().enumerate() {
+        params.push(p(format!("Filter.{}.Name", i + 1), *name));
+        for (j, value) in values.iter().enumerate() {
+            params.push(p(format!("Filter.{}.Value.{}", i + 1, j + 1), *value));
+        }
+    }
+    params
+}
+
+/// The `tagSet` of an item.
+fn tags_of(node: roxmltree::Node) -> BTreeMap<String, String> {
+    node.children()
+        .filter(|c| c.has_tag_name("tagSet"))
+        .flat_map(|s| s.children().filter(|c| c.has_tag_name("item")))
+        .filter_map(|t| Some((child_text(t, "key")?, child_text(t, "value")?)))
+        .collect()
+}
+
+/// The instances with every `(filter name, values)` (any of the values).
+pub(crate) fn describe_instances(
+    client: &Client,
+    with: &[(&str, &[&str])],
+) -> Result<Vec<Instance>> {
+    let xml = call(client, "DescribeInstances", &filter_params(with))?;
+    parse_instances(&xml)
+}
+
+pub(crate) fn parse_instances(xml: &str) -> Result<Vec<Instance>> {
+    let doc = parse(xml, "DescribeInstances")?;
+    Ok(items(&doc, "reservationSet")
+        .into_iter()
+        .flat_map(|r| {
+            r.children()
+                .filter(|c| c.has_tag_name("instancesSet"))
+                .flat_map(|s| s.children().filter(|c| c.has_tag_name("item")))
+        })
+        .filter_map(|item| {
+            Some(Instance {
+                id: child_text(item, "instanceId")?,
+                image: child_text(item, "imageId").unwrap_or_default(),
+                state: item
+                    .children()
+                    .find(|c| c.has_tag_name("instanceState"))
+                    .and_then(|s| child_text(s, "name"))
+                    .unwrap_or_default(),
+                public_ip: child_text(item, "ipAddress"),
+                launch_time: child_text(item, "launchTime").unwrap_or_default(),
+                tags: tags_of(item),
+            })
+        })
+        .collect())
+}
+
+/// The parameters of RunInstances: one instance, IMDSv2 only, tagged at launch.
+pub(crate) fn launch_params(l: &Launch) -> Vec<(String, String)> {
+    use base64::Engine;
+    let mut params = vec![
+        p("ImageId", &l.image),
+        p("InstanceType", &l.instance_type),
+        p("MinCount", "1"),
+        p("MaxCount", "1"),
+        p("ClientToken", &l.client_token),
+        p(
+            "UserData",
+            base64::engine::general_purpose::STANDARD.encode(&l.user_data),
+        ),
+        p("SecurityGroupId.1", &l.security_group),
+        p("MetadataOptions.HttpTokens", "required"),
+        p("MetadataOptions.HttpEndpoint", "enabled"),
+        p("TagSpecification.1.ResourceType", "instance"),
+    ];
+    for (i, (k, v)) in l.tags.iter().enumerate() {
+        params.push(p(format!("TagSpecification.1.Tag.{}.Key", i + 1), k));
+        params.push(p(format!("TagSpecification.1.Tag.{}.Value", i + 1), v));
+    }
+    params
+}
+
+/// Launches one instance; its id.
+pub(crate) fn run_instance(client: &Client, l: &Launch) -> Result<String> {
+    let xml = call(client, "RunInstances", &launch_params(l))?;
+    let doc = parse(&xml, "RunInstances")?;
+    items(&doc, "instancesSet")
+        .into_iter()
+        .find_map(|i| child_text(i, "instanceId"))
+        .context("EC2 RunInstances answered without an instanceId")
+}
+
+pub(crate) fn terminate_instances(client: &Client, ids: &[&str]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let params: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| p(format!("InstanceId.{}", i + 1), *id))
+        .collect();
+    call(client, "TerminateInstances", &params).map(drop)
+}
+
+/// The instance's console output, decoded (empty when EC2 has none yet).
+pub(crate) fn console_output(client: &Client, instance: &str) -> Result<String> {
+    use base64::Engine;
+    let xml = call(
+        client,
+        "GetConsoleOutput",
+        &[p("InstanceId", instance), p("Latest", "true")],
+    )?;
+    let doc = parse(&xml, "GetConsoleOutput")?;
+    let encoded = child_text(doc.root_element(), "output").unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .context("EC2 GetConsoleOutput answered with bad base64")?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The instance's user-data, decoded.
+pub(crate) fn user_data(client: &Client, instance: &str) -> Result<String> {
+    use base64::Engine;
+    let xml = call(
+        client,
+        "DescribeInstanceAttribute",
+        &[p("InstanceId", instance), p("Attribute", "userData")],
+    )?;
+    let doc = parse(&xml, "DescribeInstanceAttribute")?;
+    let encoded = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("userData"))
+        .and_then(|u| child_text(u, "value"))
+        .unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .context("EC2 DescribeInstanceAttribute answered with bad base64")?;
+    String::from_utf8(bytes).context("The instance's user-data is not UTF-8")
+}
+
+pub(crate) fn describe_security_groups(
+    client: &Client,
+    with: &[(&str, &[&str])],
+) -> Result<Vec<SecurityGroup>> {
+    let xml = call(client, "DescribeSecurityGroups", &filter_params(with))?;
+    let doc = parse(&xml, "DescribeSecurityGroups")?;
+    Ok(items(&doc, "securityGroupInfo")
+        .into_iter()
+        .filter_map(|item| {
+            Some(SecurityGroup {
+                id: child_text(item, "groupId")?,
+                name: child_text(item, "groupName").unwrap_or_default(),
+                tags: tags_of(item),
+            })
+        })
+        .collect())
+}
+
+/// Creates a security group (in the default VPC); its id. `description` has no spaces (see
+/// [`super::super::ami`]'s description: moto re-encodes them).
+pub(crate) fn create_security_group(
+    client: &Client,
+    name: &str,
+    description: &str,
+) -> Result<String> {
+    let xml = call(
+        client,
+        "CreateSecurityGroup",
+        &[p("GroupName", name), p("GroupDescription", description)],
+    )?;
+    let doc = parse(&xml, "CreateSecurityGroup")?;
+    child_text(doc.root_element(), "groupId")
+        .context("EC2 CreateSecurityGroup answered without a groupId")
+}
+
+/// Opens TCP `ports` to everyone.
+pub(crate) fn authorize_ingress(client: &Client, group: &str, ports: &[u16]) -> Result<()> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let mut params = vec![p("GroupId", group)];
+    for (i, port) in ports.iter().enumerate() {
+        let n = i + 1;
+        params.push(p(format!("IpPermissions.{n}.IpProtocol"), "tcp"));
+        params.push(p(format!("IpPermissions.{n}.FromPort"), port.to_string()));
+        params.push(p(format!("IpPermissions.{n}.ToPort"), port.to_string()));
+        params.push(p(format!("IpPermissions.{n}.IpRanges.1.CidrIp"), "0.0.0.0/0"));
+    }
+    call(client, "AuthorizeSecurityGroupIngress", &params).map(drop)
+}
+
+pub(crate) fn delete_security_group(client: &Client, group: &str) -> Result<()> {
+    call(client, "DeleteSecurityGroup", &[p("GroupId", group)]).map(drop)
+}
+
+pub(crate) fn describe_addresses(
+    client: &Client,
+    with: &[(&str, &[&str])],
+) -> Result<Vec<Address>> {
+    let xml = call(client, "DescribeAddresses", &filter_params(with))?;
+    let doc = parse(&xml, "DescribeAddresses")?;
+    Ok(items(&doc, "addressesSet")
+        .into_iter()
+        .filter_map(|item| {
+            Some(Address {
+                allocation: child_text(item, "allocationId")?,
+                public_ip: child_text(item, "publicIp").unwrap_or_default(),
+                instance: child_text(item, "instanceId").filter(|i| !i.is_empty()),
+                association: child_text(item, "associationId").filter(|i| !i.is_empty()),
+                tags: tags_of(item),
+            })
+        })
+        .collect())
+}
+
+/// Allocates an Elastic IP address in the VPC scope: (allocation id, address).
+pub(crate) fn allocate_address(client: &Client) -> Result<(String, String)> {
+    let xml = call(client, "AllocateAddress", &[p("Domain", "vpc")])?;
+    let doc = parse(&xml, "AllocateAddress")?;
+    let root = doc.root_element();
+    match (child_text(root, "allocationId"), child_text(root, "publicIp")) {
+        (Some(id), Some(ip)) => Ok((id, ip)),
+        _ => bail!("EC2 AllocateAddress answered without an allocationId and publicIp"),
+    }
+}
+
+/// Points the address at `instance`, taking it from the instance it pointed at.
+pub(crate) fn associate_address(client: &Client, allocation: &str, instance: &str) -> Result<()> {
+    call(
+        client,
+        "AssociateAddress",
+        &[
+            p("AllocationId", allocation),
+            p("InstanceId", instance),
+            p("AllowReassociation", "true"),
+        ],
+    )
+    .map(drop)
+}
+
+pub(crate) fn disassociate_address(client: &Client, association: &str) -> Result<()> {
+    call(
+        client,
+        "DisassociateAddress",
+        &[p("AssociationId", association)],
+    )
+    .map(drop)
+}
+
+pub(crate) fn release_address(client: &Client, allocation: &str) -> Result<()> {
+    call(client, "ReleaseAddress", &[p("AllocationId", allocation)]).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +582,44 @@ mod tests {
             form("DescribeImages", &filters(&[("tag:fuse:digest", "sha256:ab")])),
             "Action=DescribeImages&Version=2016-11-15&Owner.1=self&Filter.1.Name=tag%3Afuse%3Adigest&Filter.1.Value.1=sha256%3Aab"
         );
+    }
+
+    #[test]
+    fn reads_describe_instances() {
+        let xml = r#"<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <reservationSet><item><reservationId>r-1</reservationId><instancesSet><item>
+    <instanceId>i-1</instanceId><imageId>ami-1</imageId>
+    <instanceState><code>16</code><name>running</name></instanceState>
+    <ipAddress>203.0.113.5</ipAddress><launchTime>2026-12-03T10:00:00.000Z</launchTime>
+    <tagSet><item><key>fuse:app</key><value>web</value></item></tagSet>
+  </item></instancesSet></item></reservationSet>
+</DescribeInstancesResponse>"#;
+        assert_eq!(
+            parse_instances(xml).unwrap(),
+            vec![Instance {
+                id: "i-1".into(),
+                image: "ami-1".into(),
+                state: "running".into(),
+                public_ip: Some("203.0.113.5".into()),
+                launch_time: "2026-12-03T10:00:00.000Z".into(),
+                tags: BTreeMap::from([("fuse:app".to_string(), "web".to_string())]),
+            }]
+        );
+    }
+
+    #[test]
+    fn launch_is_imdsv2_only_and_tagged() {
+        let params = launch_params(&Launch {
+            image: "ami-1".into(),
+            instance_type: "t3.micro".into(),
+            user_data: "{\"fuse\":1}\n".into(),
+            security_group: "sg-1".into(),
+            tags: vec![("fuse:app".into(), "web".into())],
+            client_token: "t".into(),
+        });
+        let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("MetadataOptions.HttpTokens"), Some("required"));
+        assert_eq!(get("UserData"), Some("eyJmdXNlIjoxfQo="));
+        assert_eq!(get("TagSpecification.1.Tag.1.Key"), Some("fuse:app"));
     }
 }
