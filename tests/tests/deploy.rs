@@ -13,164 +13,16 @@
 
 mod common;
 
-use common::{assert_one_error, json, pypi_venv, run_tool, Sandbox};
+use common::moto::{Moto, REGION};
+use common::{assert_one_error, json, Sandbox};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-const MOTO: &str = "moto[server]==5.2.5";
-const HELPER: &str = include_str!("deploy/moto_helper.py");
-const REGION: &str = "eu-west-1";
 /// AWS's EBS direct API block size (moto reports 512; AWS's is fixed at 512 KiB).
 const BLOCK: usize = 524_288;
 
-/// The venv with moto and boto3, made once per target directory.
-fn moto_venv() -> PathBuf {
-    pypi_venv("moto-5.2.5", &[MOTO])
-}
-
-/// A moto_server on 127.0.0.1 with authentication on, and keys of an IAM user it made; killed
-/// and reaped when dropped (also when the test panics).
-struct Moto {
-    child: Child,
-    url: String,
-    venv: PathBuf,
-    helper: PathBuf,
-    key_id: String,
-    secret: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Moto {
-    fn start(sb: &Sandbox) -> Moto {
-        let venv = moto_venv();
-        let helper = sb.dir.join("moto_helper.py");
-        std::fs::write(&helper, HELPER).unwrap();
-        let port = common::free_port();
-        let log = std::fs::File::create(sb.dir.join("moto.log")).unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        // The venv's python, not its bin/moto_server: the fixture was made in a scratch
-        // directory and renamed, and scripts' shebangs name the old path. The helper's `serve`
-        // is moto_server with one fix (see the script).
-        let mut child = Command::new(venv.join("bin/python"));
-        child
-            .arg(&helper)
-            .args([&url, "serve"])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
-            .env("MOTO_RECORDER_FILEPATH", sb.dir.join("moto-recording"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The server
-        // dies with the test's thread, also when the test binary is killed (Drop does not run).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            child.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = child.spawn().expect("cannot start moto_server");
-        let mut moto = Moto {
-            child,
-            url,
-            venv,
-            helper,
-            key_id: String::new(),
-            secret: String::new(),
-        };
-        let up = fuse_boot::poll::wait_until(
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-            || {
-                std::net::TcpStream::connect(("127.0.0.1", port))
-                    .ok()
-                    .map(drop)
-            },
-        );
-        assert!(
-            up.is_some(),
-            "moto_server did not listen on 127.0.0.1:{port}"
-        );
-        let keys = moto.helper(&["keys"]);
-        moto.key_id = keys["id"].as_str().unwrap().to_string();
-        moto.secret = keys["secret"].as_str().unwrap().to_string();
-        moto
-    }
-
-    /// Runs the helper script's `command` (JSON out).
-    fn helper(&self, args: &[&str]) -> Value {
-        let out = run_tool(
-            Command::new(self.venv.join("bin/python"))
-                .arg(&self.helper)
-                .arg(&self.url)
-                .arg(args[0])
-                .arg(REGION)
-                .args(&args[1..]),
-            "the moto helper script",
-        );
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("helper printed no JSON ({e}): {out}"))
-    }
-
-    /// The calls moto recorded since the recording was (re)started.
-    fn recording(&self) -> Vec<Value> {
-        self.helper(&["recording"]).as_array().unwrap().clone()
-    }
-
-    /// `fuse deploy ami …` aimed at this moto, with nothing of the host's AWS setup.
-    fn fuse(&self, sb: &Sandbox) -> fuse_tests::FuseCmd {
-        let mut cmd = sb
-            .fuse()
-            .arg("deploy")
-            .env("AWS_ENDPOINT_URL", &self.url)
-            .env("AWS_CONFIG_FILE", sb.dir.join("aws-config"))
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                sb.dir.join("aws-credentials"),
-            );
-        for var in [
-            "AWS_PROFILE",
-            "AWS_REGION",
-            "AWS_DEFAULT_REGION",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_ENDPOINT_URL_EC2",
-            "AWS_ENDPOINT_URL_EBS",
-            "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-        ] {
-            cmd = cmd.env_remove(var);
-        }
-        cmd.timeout(Duration::from_secs(180))
-    }
-
-    /// The same with the IAM user's keys in the environment and the region set.
-    fn fuse_with_keys(&self, sb: &Sandbox) -> fuse_tests::FuseCmd {
-        self.fuse(sb)
-            .env("AWS_ACCESS_KEY_ID", &self.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
-            .env("AWS_REGION", REGION)
-    }
-
     /// `fuse ami hello:1.0` with the IAM user's keys, asserted to succeed.
     fn ami(&self, sb: &Sandbox) -> fuse_tests::Output {
         self.ami_of(sb, "hello:1.0")

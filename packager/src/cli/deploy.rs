@@ -4,9 +4,9 @@
 
 use super::print::progress_line;
 use crate::cloud::ami;
-use crate::cloud::deploy::{self, Deployed, Deployment};
 use crate::cloud::aws::http::Client;
 use crate::cloud::aws::profile::{self, AwsOptions};
+use crate::cloud::deploy::{self, Deployed, Deployment};
 use crate::image::disk;
 use crate::image::store::{Store, StoredImage};
 use crate::run::overlay::Selection;

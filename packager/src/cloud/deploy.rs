@@ -247,7 +247,9 @@ fn wait_healthy(
         }
         std::thread::sleep(POLL);
     };
-    progress(&format!("{instance} is running at {ip}: checking its health"));
+    progress(&format!(
+        "{instance} is running at {ip}: checking its health"
+    ));
     let agent = health_agent();
     loop {
         let seen = match probe(&agent, &ip, check) {
@@ -369,7 +371,10 @@ fn move_address(
         None => {
             let (allocation, ip) = ec2::allocate_address(client)?;
             ec2::create_tags(client, &[&allocation], &ownership_tags(&d.app, &d.env))?;
-            progress(&format!("allocated the address {ip} for {}/{}", d.app, d.env));
+            progress(&format!(
+                "allocated the address {ip} for {}/{}",
+                d.app, d.env
+            ));
             (allocation, ip, None)
         }
     };
@@ -474,12 +479,17 @@ pub(crate) fn serving_instance(client: &Client, app: &str, env: &str) -> Result<
 /// What a rollback deploys: the digest the address served before, and the serving
 /// instance's user-data (the deployment's values stay).
 pub(crate) fn rollback_target(client: &Client, app: &str, env: &str) -> Result<(String, String)> {
-    let address = address_of(client, app, env)?
-        .with_context(|| format!("{app}/{env} has no address in this region: see `fuse deploy ls`"))?;
+    let address = address_of(client, app, env)?.with_context(|| {
+        format!("{app}/{env} has no address in this region: see `fuse deploy ls`")
+    })?;
     let previous = address.tags.get(PREVIOUS_TAG).cloned().with_context(|| {
         format!(
             "{app}/{env} has no previous digest to go back to ({} is its first)",
-            address.tags.get(DIGEST_TAG).map(String::as_str).unwrap_or("?")
+            address
+                .tags
+                .get(DIGEST_TAG)
+                .map(String::as_str)
+                .unwrap_or("?")
         )
     })?;
     let instance = address

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod moto;
+
 use fuse_boot::poll::wait_until;
 use fuse_tests::{FuseCmd, TestDir};
 use std::os::unix::fs::FileExt;

@@ -76,6 +76,28 @@ if command == "serve":
 
     EBSBackend.start_snapshot = start_pending
     EBSBackend.complete_snapshot = complete_both
+
+    # moto's instances do not run, so its GetConsoleOutput is a fixed sample. A test that boots
+    # them (the blue/green tests) writes each VM's console to MOTO_CONSOLE_DIR/<instance id>.
+    import os
+
+    from moto.ec2.responses import general
+
+    def console_output(self):
+        instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        path = os.path.join(os.environ.get("MOTO_CONSOLE_DIR", "/nonexistent"), instance.id)
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = general.SAMPLE_CONSOLE_OUTPUT
+        return general.ActionResult({
+            "InstanceId": instance.id,
+            "Timestamp": general.utcnow(),
+            "Output": general.Base64EncodedString.from_raw_string(text),
+        })
+
+    general.General.get_console_output = console_output
     main(["-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]])
 elif command == "keys":
     # The first actions moto lets through without authentication (INITIAL_NO_AUTH_ACTION_COUNT).
@@ -157,5 +179,58 @@ elif command == "deregister":
     key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
     client("ec2", key, secret).deregister_image(ImageId=ami)
     print("{}")
+elif command == "world":
+    # What the blue/green harness plays EC2's data plane from: every instance (its state,
+    # public address, AMI, tags and user-data), every address and every security group.
+    key, secret = sys.argv[4], sys.argv[5]
+    ec2 = client("ec2", key, secret)
+    instances = []
+    for r in ec2.describe_instances()["Reservations"]:
+        for i in r["Instances"]:
+            state = i["State"]["Name"]
+            user_data = ""
+            if state != "terminated":
+                got = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
+                user_data = base64.b64decode(got.get("UserData", {}).get("Value", "")).decode()
+            instances.append({
+                "id": i["InstanceId"], "state": state, "ip": i.get("PublicIpAddress"),
+                "image": i["ImageId"], "user_data": user_data,
+                "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
+            })
+    addresses = [
+        {"ip": a["PublicIp"], "instance": a.get("InstanceId"), "tags": {t["Key"]: t["Value"] for t in a.get("Tags", [])}}
+        for a in ec2.describe_addresses()["Addresses"]
+    ]
+    groups = [
+        {"id": g["GroupId"], "name": g["GroupName"], "tags": {t["Key"]: t["Value"] for t in g.get("Tags", [])}}
+        for g in ec2.describe_security_groups()["SecurityGroups"]
+    ]
+    print(json.dumps({"instances": instances, "addresses": addresses, "groups": groups}))
+elif command == "volume":
+    # The volume an instance of an AMI would boot, written into a file: the snapshot of the
+    # AMI's digest (moto's RegisterImage keeps only name and description, so its AMI's block
+    # device is a snapshot of moto's own: the one fuse uploaded is found by its fuse:digest
+    # tag, which the AMI must carry too), its blocks read back over those of the snapshots it
+    # was uploaded incrementally onto (fuse:parent; moto ignores ParentSnapshotId, AWS would
+    # lay them so).
+    key, secret, ami, digest, out = sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7], sys.argv[8]
+    ec2, ebs = client("ec2", key, secret), client("ebs", key, secret)
+    image = ec2.describe_images(ImageIds=[ami])["Images"][0]
+    tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
+    if tags.get("fuse:digest") != digest:
+        sys.exit(f"{ami} is tagged fuse:digest={tags.get('fuse:digest')}, not {digest}")
+    found = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag:fuse:digest", "Values": [digest]}])["Snapshots"]
+    chain, snap = [], [s for s in found if s["State"] == "completed"][0]["SnapshotId"]
+    while snap:
+        chain.insert(0, snap)
+        found = ec2.describe_snapshots(SnapshotIds=[snap])["Snapshots"][0]
+        snap = {t["Key"]: t["Value"] for t in found.get("Tags", [])}.get("fuse:parent")
+    with open(out, "wb") as f:
+        for snap in chain:
+            for b in ebs.list_snapshot_blocks(SnapshotId=snap)["Blocks"]:
+                got = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"])
+                f.seek(b["BlockIndex"] * 524288)
+                f.write(got["BlockData"].read())
+    print(json.dumps({"chain": chain}))
 else:
     sys.exit(f"unknown command {command}")

@@ -450,7 +450,10 @@ pub(crate) fn authorize_ingress(client: &Client, group: &str, ports: &[u16]) -> 
         params.push(p(format!("IpPermissions.{n}.IpProtocol"), "tcp"));
         params.push(p(format!("IpPermissions.{n}.FromPort"), port.to_string()));
         params.push(p(format!("IpPermissions.{n}.ToPort"), port.to_string()));
-        params.push(p(format!("IpPermissions.{n}.IpRanges.1.CidrIp"), "0.0.0.0/0"));
+        params.push(p(
+            format!("IpPermissions.{n}.IpRanges.1.CidrIp"),
+            "0.0.0.0/0",
+        ));
     }
     call(client, "AuthorizeSecurityGroupIngress", &params).map(drop)
 }
@@ -484,7 +487,10 @@ pub(crate) fn allocate_address(client: &Client) -> Result<(String, String)> {
     let xml = call(client, "AllocateAddress", &[p("Domain", "vpc")])?;
     let doc = parse(&xml, "AllocateAddress")?;
     let root = doc.root_element();
-    match (child_text(root, "allocationId"), child_text(root, "publicIp")) {
+    match (
+        child_text(root, "allocationId"),
+        child_text(root, "publicIp"),
+    ) {
         (Some(id), Some(ip)) => Ok((id, ip)),
         _ => bail!("EC2 AllocateAddress answered without an allocationId and publicIp"),
     }
@@ -617,7 +623,12 @@ mod tests {
             tags: vec![("fuse:app".into(), "web".into())],
             client_token: "t".into(),
         });
-        let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         assert_eq!(get("MetadataOptions.HttpTokens"), Some("required"));
         assert_eq!(get("UserData"), Some("eyJmdXNlIjoxfQo="));
         assert_eq!(get("TagSpecification.1.Tag.1.Key"), Some("fuse:app"));
