@@ -136,6 +136,8 @@ fn ensure_security_group(
         .into_iter()
         .next()
     {
+        // A new version may listen on a port more.
+        ec2::open_ports(client, &found.id, ports)?;
         return Ok(found.id);
     }
     let name = format!("fuse-{}-{}", d.app, d.env);
@@ -152,7 +154,7 @@ fn ensure_security_group(
                 &name,
                 &format!("fuse-deploy-{}-{}", d.app, d.env),
             )?;
-            ec2::authorize_ingress(client, &id, ports)?;
+            ec2::open_ports(client, &id, ports)?;
             progress(&format!(
                 "security group {id} ({name}): TCP {} open",
                 ports
@@ -191,13 +193,39 @@ fn probe(agent: &ureq::Agent, ip: &str, check: &Check) -> Result<(), String> {
                 Err(e) => Err(format!("GET {url}: {e}")),
             }
         }
-        Check::Tcp { port } => {
-            let addr = format!("{ip}:{port}");
-            let parsed: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-            std::net::TcpStream::connect_timeout(&parsed, Duration::from_secs(3))
-                .map(drop)
-                .map_err(|e| format!("TCP {addr}: {e}"))
-        }
+        Check::Tcp { port } => tcp_probe(ip, *port),
+    }
+}
+
+/// A TCP connection to `ip:port`: through the HTTP proxy of HTTP_PROXY/HTTPS_PROXY (a
+/// CONNECT that the proxy answers 200) unless NO_PROXY names the address, else directly.
+fn tcp_probe(ip: &str, port: u16) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let io = Duration::from_secs(3);
+    let target = format!("{ip}:{port}");
+    let proxy = ureq::Proxy::try_from_env().filter(|p| {
+        let uri = format!("http://{target}").parse::<ureq::http::Uri>();
+        p.protocol() == ureq::ProxyProtocol::Http && uri.is_ok_and(|u| !p.is_no_proxy(&u))
+    });
+    let Some(proxy) = proxy else {
+        let addr: std::net::SocketAddr = target.parse().map_err(|e| format!("{target}: {e}"))?;
+        return std::net::TcpStream::connect_timeout(&addr, io)
+            .map(drop)
+            .map_err(|e| format!("TCP {target}: {e}"));
+    };
+    let through = format!("{}:{}", proxy.host(), proxy.port());
+    let fail = |e: std::io::Error| format!("TCP {target} through the proxy {through}: {e}");
+    let mut conn = std::net::TcpStream::connect(&through).map_err(fail)?;
+    conn.set_read_timeout(Some(io)).map_err(fail)?;
+    write!(conn, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").map_err(fail)?;
+    let mut status = String::new();
+    BufReader::new(conn).read_line(&mut status).map_err(fail)?;
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(format!(
+            "TCP {target} through the proxy {through}: {}",
+            status.trim()
+        )),
     }
 }
 

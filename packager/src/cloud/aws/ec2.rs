@@ -439,23 +439,23 @@ pub(crate) fn create_security_group(
         .context("EC2 CreateSecurityGroup answered without a groupId")
 }
 
-/// Opens TCP `ports` to everyone.
-pub(crate) fn authorize_ingress(client: &Client, group: &str, ports: &[u16]) -> Result<()> {
-    if ports.is_empty() {
-        return Ok(());
+/// Opens each TCP port of `ports` to everyone (one call each: a port open already is
+/// refused as a duplicate, and skipped).
+pub(crate) fn open_ports(client: &Client, group: &str, ports: &[u16]) -> Result<()> {
+    for port in ports {
+        let params = [
+            p("GroupId", group),
+            p("IpPermissions.1.IpProtocol", "tcp"),
+            p("IpPermissions.1.FromPort", port.to_string()),
+            p("IpPermissions.1.ToPort", port.to_string()),
+            p("IpPermissions.1.IpRanges.1.CidrIp", "0.0.0.0/0"),
+        ];
+        match call(client, "AuthorizeSecurityGroupIngress", &params) {
+            Err(e) if e.to_string().contains("InvalidPermission.Duplicate") => {}
+            other => other.map(drop)?,
+        }
     }
-    let mut params = vec![p("GroupId", group)];
-    for (i, port) in ports.iter().enumerate() {
-        let n = i + 1;
-        params.push(p(format!("IpPermissions.{n}.IpProtocol"), "tcp"));
-        params.push(p(format!("IpPermissions.{n}.FromPort"), port.to_string()));
-        params.push(p(format!("IpPermissions.{n}.ToPort"), port.to_string()));
-        params.push(p(
-            format!("IpPermissions.{n}.IpRanges.1.CidrIp"),
-            "0.0.0.0/0",
-        ));
-    }
-    call(client, "AuthorizeSecurityGroupIngress", &params).map(drop)
+    Ok(())
 }
 
 pub(crate) fn delete_security_group(client: &Client, group: &str) -> Result<()> {
