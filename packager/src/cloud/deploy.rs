@@ -193,17 +193,17 @@ fn probe(agent: &ureq::Agent, ip: &str, check: &Check) -> Result<(), String> {
                 Err(e) => Err(format!("GET {url}: {e}")),
             }
         }
-        Check::Tcp { port } => tcp_probe(ip, *port),
+        Check::Tcp { port } => tcp_probe(ureq::Proxy::try_from_env(), ip, *port),
     }
 }
 
 /// A TCP connection to `ip:port`: through the HTTP proxy of HTTP_PROXY/HTTPS_PROXY (a
 /// CONNECT that the proxy answers 200) unless NO_PROXY names the address, else directly.
-fn tcp_probe(ip: &str, port: u16) -> Result<(), String> {
+fn tcp_probe(proxy: Option<ureq::Proxy>, ip: &str, port: u16) -> Result<(), String> {
     use std::io::{BufRead, BufReader, Write};
     let io = Duration::from_secs(3);
     let target = format!("{ip}:{port}");
-    let proxy = ureq::Proxy::try_from_env().filter(|p| {
+    let proxy = proxy.filter(|p| {
         let uri = format!("http://{target}").parse::<ureq::http::Uri>();
         p.protocol() == ureq::ProxyProtocol::Http && uri.is_ok_and(|u| !p.is_no_proxy(&u))
     });
@@ -593,6 +593,41 @@ mod tests {
     fn tails() {
         assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
         assert_eq!(tail("a", 5), "a");
+    }
+
+    /// A one-connection HTTP proxy on 127.0.0.1 answering CONNECT with `status`: its port,
+    /// and the request line it was sent.
+    fn fake_proxy(status: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(conn.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            write!(&conn, "HTTP/1.1 {status}\r\n\r\n").unwrap();
+            line
+        });
+        (port, thread)
+    }
+
+    #[test]
+    fn a_tcp_check_goes_through_the_proxy() {
+        // 203.0.113.5 (TEST-NET-3) is only named to the proxy, never dialled.
+        let (port, seen) = fake_proxy("200 Connection established");
+        let proxy = ureq::Proxy::new(&format!("http://127.0.0.1:{port}")).unwrap();
+        assert_eq!(tcp_probe(Some(proxy), "203.0.113.5", 8080), Ok(()));
+        assert!(seen
+            .join()
+            .unwrap()
+            .starts_with("CONNECT 203.0.113.5:8080 "));
+        let (port, seen) = fake_proxy("502 Bad Gateway");
+        let proxy = ureq::Proxy::new(&format!("http://127.0.0.1:{port}")).unwrap();
+        let err = tcp_probe(Some(proxy), "203.0.113.5", 8080).unwrap_err();
+        assert!(err.contains("502 Bad Gateway"), "{err}");
+        seen.join().unwrap();
     }
 
     #[test]
