@@ -345,6 +345,17 @@ fn boot(
         .stdout(console.try_clone().unwrap())
         .stderr(console)
         .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. fuse dies with
+    // the harness thread, also when the test binary is killed (Drop does not run then).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     let child = cmd.spawn().map_err(|e| format!("cannot run fuse: {e}"))?;
     Ok((
         Vm {
