@@ -616,7 +616,30 @@ fn blue_green_deploys_switch_only_to_a_healthy_instance() {
         );
         assert!(!out.stderr_str().contains(GREETING) && !out.stdout_str().contains(GREETING));
 
-        // 2. A healthy second version: the address moves to it, the first is terminated.
+        // 2. A second version, its first deploy killed while it waits for the new instance's
+        // health: nothing local to clean, and the re-run converges (below: the instance the
+        // killed run launched is terminated with v1 once the re-run's is healthy).
+        let killed = deploy()
+            .args(["web:v2", "--env", "prod", "-e"])
+            .arg(format!("GREETING={GREETING}"))
+            .spawn();
+        let leftover = fuse_boot::poll::wait_until(
+            Duration::from_secs(120),
+            Duration::from_millis(300),
+            || live(&world()).into_keys().find(|id| *id != v1),
+        )
+        .expect("the interrupted deploy launched an instance");
+        killed.signal(libc::SIGKILL);
+        let out = killed.wait();
+        assert_eq!(out.code(), None, "killed mid-deploy: {out}");
+        assert_eq!(
+            web_addresses(&world())[0]["instance"],
+            v1.as_str(),
+            "v1 keeps the address"
+        );
+
+        // The healthy second version: the address moves to it, v1 and the leftover are
+        // terminated.
         let out = deploy()
             .args(["web:v2", "--env", "prod", "-e"])
             .arg(format!("GREETING={GREETING}"))
@@ -628,7 +651,7 @@ fn blue_green_deploys_switch_only_to_a_healthy_instance() {
         let v2 = eip["instance"].as_str().unwrap().to_string();
         assert_ne!(v2, v1);
         assert!(
-            text.contains(&v2) && text.contains(&format!("replacing {v1}")),
+            text.contains(&v2) && text.contains(&format!("replacing {v1}, {leftover}")),
             "{out}"
         );
         assert_eq!(eip["ip"], address.as_str(), "the same address");
@@ -772,10 +795,16 @@ fn blue_green_deploys_switch_only_to_a_healthy_instance() {
     }
     assert_eq!(
         booted.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>(),
-        vec![d1.as_str(), d2.as_str(), d3.as_str(), d1.as_str()],
+        vec![
+            d1.as_str(),
+            d2.as_str(),
+            d2.as_str(),
+            d3.as_str(),
+            d1.as_str()
+        ],
         "the instances booted (each its AMI read back and found equal to its image's disk)"
     );
-    for i in [0, 1, 3] {
+    for i in [0, 1, 2, 4] {
         assert!(booted[i].1.contains(GREETING), "{booted:?}");
     }
     assert_no_leaked_qemu();
