@@ -1,5 +1,6 @@
-//! Images in a cloud: `aws`, fuse's own small AWS client, and `ami`, an image made an AMI
-//! once per digest and region (`fuse deploy ami`). Uses `image` (what is deployed) and
+//! Images in a cloud: `aws`, fuse's own small AWS client; `ami`, an image made an AMI
+//! once per digest and region (`fuse deploy ami`); and `deploy`, blue/green deployments of
+//! one instance per app and environment (`fuse deploy IMAGE --env ENV`, ls, rollback, destroy). Uses `image` (what is deployed) and
 //! `host`; the commands that drive it are in `cli`.
 
 pub(crate) mod ami;
