@@ -6,11 +6,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <unistd.h>
 
 /* Fail before forking when the exe or cwd is obviously wrong: the message then names the
@@ -50,7 +52,7 @@ static void child_fail(int code, const char *fmt, ...)
 	_exit(code);
 }
 
-static void child(const struct app_spec *s)
+static void child(const struct app_spec *s, int term)
 {
 	/* The init blocks the signals it reads from its signalfd; the app starts with none
 	 * blocked and every disposition at its default (the init ignores none, and exec resets
@@ -69,7 +71,7 @@ static void child(const struct app_spec *s)
 	 * vCPUs). Nobody types on this console (QEMU's stdin is /dev/null): no ^C is lost. */
 	if (setsid() < 0)
 		child_fail(EXIT_INIT_FAILURE, "cannot start %s: setsid: %s", s->exe, strerror(errno));
-	int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+	int fd = term >= 0 ? term : open("/dev/console", O_RDWR | O_NOCTTY);
 	if (fd >= 0) {
 		/* The console becomes the app's, as login hands a tty to its user: servers that log
 		 * to /dev/stdout reopen it by name (/proc/self/fd/1), which a root-owned 0600 node
@@ -111,11 +113,25 @@ static void child(const struct app_spec *s)
 pid_t start_app(const struct app_spec *s)
 {
 	check_spec_paths(s);
+	int term = console_open_app_side();
+	/* What the init said so far leaves the slow serial console before the app's output
+	 * takes the fast way. */
+	if (term >= 0)
+		(void)tcdrain(STDERR_FILENO);
 	pid_t pid = fork();
 	if (pid < 0)
 		die(EXIT_INIT_FAILURE, "cannot start %s: fork: %s", s->exe, strerror(errno));
 	if (pid == 0)
-		child(s);
+		child(s, term);
+	if (term >= 0) {
+		close(term);
+		/* The relay should take the app's output in batches, not preempt the app at every
+		 * line it writes (each switch costs much under emulation): a batch task does not
+		 * preempt on wakeup. Set after the fork, so the app keeps the normal policy. */
+		struct sched_param none = {0};
+		if (sched_setscheduler(0, SCHED_BATCH, &none) < 0)
+			debug("cannot make the init a batch task: %s", strerror(errno));
+	}
 	debug("started %s as pid %d", s->exe, (int)pid);
 	return pid;
 }

@@ -79,6 +79,25 @@ char *xstrdup(const char *s);
 void status_open(void);
 /* Write `exit N` to the status port; false when there is none (or the write failed). */
 bool status_report(int code);
+/* The virtio port carrying the app's console (see console.c), found by status_open; NULL
+ * when the machine has none. */
+const char *status_console_port(void);
+
+/* ---- console.c ------------------------------------------------------------------------- */
+
+#define CONSOLE_PORT_NAME "fuse.console"
+struct pollfd;
+/* Open the console port, if the machine has one, and unlink its node. After status_open. */
+void console_open_port(void);
+/* A new opening of the app's terminal (a pty relayed to the console port; it needs
+ * /dev/pts), or -1 when the app writes to /dev/console. */
+int console_open_app_side(void);
+/* The descriptors to poll for the relay (at most 2), and the relay's turn after a poll. */
+int console_pollfds(struct pollfd *p);
+void console_service(void);
+/* Relay what the app wrote until its terminal is closed (or quiet, when something it left
+ * still holds it open). */
+void console_drain(void);
 
 /* ---- privs.c --------------------------------------------------------------------------- */
 

@@ -66,8 +66,13 @@ static int power_fd = -1;
  * Returns the signal number, or 0 on timeout. */
 static int next_signal(int sfd, int timeout_ms)
 {
-	struct pollfd pfd[2] = {{.fd = sfd, .events = POLLIN}, {.fd = power_fd, .events = POLLIN}};
-	int r = poll(pfd, power_fd >= 0 ? 2 : 1, timeout_ms);
+	struct pollfd pfd[4] = {{.fd = sfd, .events = POLLIN}, {.fd = power_fd, .events = POLLIN}};
+	/* The app's output is relayed while the init waits (console.c). */
+	int nc = console_pollfds(&pfd[2]);
+	/* poll() skips a negative fd: no power button is fine. */
+	int r = poll(pfd, (nfds_t)(2 + nc), timeout_ms);
+	if (nc > 0)
+		console_service();
 	if (r <= 0)
 		return 0;
 	/* A power button press (arm64 virt) means what SIGTERM from ACPI means on x86. */
@@ -202,6 +207,7 @@ int main(void)
 	mount_early();
 	/* First: from here on every way the init ends reports through the status port. */
 	status_open();
+	console_open_port();
 	load_modules();
 	struct boot_params params;
 	read_boot_params(&params);
@@ -252,9 +258,12 @@ int main(void)
 
 	pid_t app = start_app(&spec);
 	int status = supervise(sfd, app);
+	/* Its last output before anything the init says about its end. */
+	console_drain();
 	debug("app exited with status %d", status_code(status));
 	report_leftovers(status);
 	stop_everything(sfd);
+	console_drain();
 	unmount_volumes(&spec);
 	power_off(status_code(status));
 }

@@ -25,51 +25,71 @@
 #define STATUS_WAIT_MS 2000
 
 static int status_fd = -1;
+/* The console port's device (see console.c), when the machine has one. */
+static char console_dev[300];
 
-/* The vportNpM whose name is STATUS_PORT_NAME; returns 1 when found, 0 when not (yet), -1
- * when the machine has no virtio ports at all. */
-static int find_port(char *dev, size_t devlen)
+/* What the ports directory shows now. */
+struct ports {
+	char status[300];  /* the status port's /dev node, or "" */
+	char console[300]; /* the console port's, or "" */
+	int count;	   /* ports present */
+	int unnamed;	   /* ports whose name has not arrived yet */
+};
+
+/* Scans the virtio ports; returns -1 when the machine has no virtio ports at all. */
+static int scan_ports(struct ports *p)
 {
+	memset(p, 0, sizeof(*p));
 	DIR *d = opendir(PORTS_DIR);
 	if (!d)
 		return -1;
-	int found = 0, any = 0;
 	struct dirent *e;
-	while (!found && (e = readdir(d)) != NULL) {
+	while ((e = readdir(d)) != NULL) {
 		if (e->d_name[0] == '.')
 			continue;
-		any = 1;
+		p->count++;
 		char path[512], *name;
 		size_t len;
 		snprintf(path, sizeof(path), PORTS_DIR "/%s/name", e->d_name);
-		if (read_file(path, 256, &name, &len) < 0)
+		if (read_file(path, 256, &name, &len) < 0) {
+			p->unnamed++;
 			continue;
+		}
 		while (len > 0 && (name[len - 1] == '\n' || name[len - 1] == '\0'))
 			name[--len] = '\0';
-		if (strcmp(name, STATUS_PORT_NAME) == 0) {
-			snprintf(dev, devlen, "/dev/%s", e->d_name);
-			found = 1;
-		}
+		/* The kernel prints a port without a name yet as "(null)". */
+		if (len == 0 || strcmp(name, "(null)") == 0)
+			p->unnamed++;
+		else if (strcmp(name, STATUS_PORT_NAME) == 0)
+			snprintf(p->status, sizeof(p->status), "/dev/%s", e->d_name);
+		else if (strcmp(name, CONSOLE_PORT_NAME) == 0)
+			snprintf(p->console, sizeof(p->console), "/dev/%s", e->d_name);
 		free(name);
 	}
 	closedir(d);
-	return found ? 1 : (any ? 0 : -1);
+	return p->count ? 0 : -1;
 }
 
 void status_open(void)
 {
-	char dev[300];
+	struct ports ports;
 	long long deadline = now_ms() + STATUS_WAIT_MS;
 	int r;
-	/* No ports directory: no virtio-serial device, so no channel (not run by fuse). */
-	while ((r = find_port(dev, sizeof(dev))) == 0 && now_ms() < deadline)
+	/* No ports: no virtio-serial device, so no channel (not run by fuse). Otherwise wait for
+	 * the status port and for every port's name: the console port's arrives in the same
+	 * burst of control messages, and missing it would only make the app's output slow. */
+	while ((r = scan_ports(&ports)) == 0 && (!ports.status[0] || ports.unnamed > 0) &&
+	       now_ms() < deadline)
 		sleep_ms(5);
-	if (r <= 0) {
-		if (r == 0)
-			warn("virtio port %s not found: the exit status goes to the console only",
-			     STATUS_PORT_NAME);
+	if (r < 0)
+		return;
+	snprintf(console_dev, sizeof(console_dev), "%s", ports.console);
+	if (!ports.status[0]) {
+		warn("virtio port %s not found: the exit status goes to the console only",
+		     STATUS_PORT_NAME);
 		return;
 	}
+	const char *dev = ports.status;
 	/* devtmpfs creates the node a moment after sysfs shows the port. */
 	while ((status_fd = open(dev, O_WRONLY | O_CLOEXEC | O_NOCTTY)) < 0 && errno == ENOENT &&
 	       now_ms() < deadline)
@@ -81,6 +101,11 @@ void status_open(void)
 	/* Nobody needs the node again: the init holds the only opening there will be. */
 	(void)unlink(dev);
 	debug("exit status port %s opened", dev);
+}
+
+const char *status_console_port(void)
+{
+	return console_dev[0] ? console_dev : NULL;
 }
 
 bool status_report(int code)

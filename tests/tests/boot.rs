@@ -20,6 +20,60 @@ on_every_arch! {
     ctrl_c_stops_the_vm_and_leaves_no_qemu => ctrl_c_stops;
     an_app_that_daemonizes_is_told_so_and_keeps_its_exit_code => daemonizes;
     the_kernel_has_what_servers_probe_at_start => kernel_features;
+    a_log_heavy_app_keeps_every_line_on_its_terminal_when_the_reader_is_slow => log_heavy;
+}
+
+/// Says which terminal its stdout is, then prints LINES numbered 100-byte lines, a write()
+/// each (line-buffered stdio on a terminal), then `end`.
+const LOGGER: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+#define LINES 40000
+int main(void) {
+    printf("tty: %s\n", isatty(1) ? ttyname(1) : "not a terminal");
+    for (int i = 0; i < LINES; i++)
+        printf("%06d %s\n", i, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    printf("end\n");
+    return 0;
+}
+"#;
+
+/// The app's output takes the console port (a terminal the init relays, see
+/// boot/init/console.c), and a reader that does not keep up slows the app down instead of
+/// losing lines: 4 MB, more than every buffer on the way (the 1 MiB pipe, the relay's 64 KiB,
+/// the terminal's), read only after a pause.
+fn log_heavy(arch: &str) {
+    let sb = Sandbox::new();
+    let app = sb.program_for(arch, LOGGER, "logger", &["-static"]);
+    sb.fuse()
+        .args(["build", "--arch", arch])
+        .arg(&app)
+        .run()
+        .assert_success();
+    let out = fuse_tests::FuseCmd::program("sh")
+        .env("FUSE_HOME", sb.home())
+        .timeout(Duration::from_secs(300))
+        .args(["-c", r#""$0" run --arch "$1" "$2" | { sleep 4; cat; }"#])
+        .arg(fuse_tests::fuse_bin())
+        .args([arch, "logger"])
+        .run();
+    out.assert_success();
+    let stdout = out.stdout_str();
+    let mut lines = stdout.lines();
+    let tty = lines.next().unwrap_or_default();
+    assert!(
+        tty.starts_with("tty: /dev/pts/"),
+        "the app is not on its pty: {tty:?}"
+    );
+    let x = "x".repeat(91);
+    let mut count = 0;
+    for (i, line) in lines.by_ref().take(40000).enumerate() {
+        assert_eq!(line, format!("{i:06} {x}"), "line {i}");
+        count += 1;
+    }
+    assert_eq!(count, 40000, "lines lost");
+    assert_eq!(lines.collect::<Vec<_>>(), ["end"]);
+    assert_no_leaked_qemu();
 }
 
 /// What redis, PostgreSQL and the runtimes probe at start (kernel-config/fragments/base.config):

@@ -130,9 +130,9 @@ pub(crate) fn effective_cmdline(config: &VmConfig, accel: Accel) -> String {
     if accel == Accel::Tcg && config.arch == Arch::X86_64 && !has("noapictimer") {
         push("noapictimer");
     }
-    // The last loglevel= wins: kernel messages on the console.
+    // The last loglevel= wins: kernel messages on the console, and the init's progress.
     if config.verbose {
-        push("loglevel=7");
+        push("loglevel=7 fuse.debug=1");
     }
     cmdline
 }
@@ -208,6 +208,8 @@ pub(crate) fn qemu_args_with(
     // Both machines have PCI: virtio devices are virtio-*-pci.
     let bus = "pci";
     let (machine, cpu) = (machine_type(config.arch, config.machine), cpu_model(accel));
+    // The app's own console port (see `confinement_args`) shares QEMU's stdout with the serial.
+    let console_port = status_file.is_some() && config.machine == Machine::Virtio;
     for a in [
         "-name",
         VM_NAME_ARG,
@@ -230,7 +232,11 @@ pub(crate) fn qemu_args_with(
         "-display",
         "none",
         "-no-reboot",
-        // The console goes to QEMU's stdout, a pipe the runner reads; stdin is /dev/null.
+    ] {
+        arg(&mut args, a);
+    }
+    // The console goes to QEMU's stdout, a pipe the runner reads; stdin is /dev/null.
+    for a in [
         "-chardev",
         "stdio,id=con0,signal=off",
         "-serial",
@@ -323,7 +329,13 @@ pub(crate) fn qemu_args_with(
 
     // A guest forward's command is spawned by QEMU per connection: its sandbox must let it.
     let spawn = config.network && !config.guest_forwards.is_empty();
-    confinement_args(status_file, &mut args, running_as_root(), spawn);
+    confinement_args(
+        status_file,
+        console_port,
+        &mut args,
+        running_as_root(),
+        spawn,
+    );
 
     for (name, file) in &config.fw_cfg {
         let mut value = OsString::from("name=");
@@ -355,6 +367,11 @@ pub(crate) fn drops_privileges() -> bool {
 /// - the status port: a virtio-serial port named `fuse.status`, backed by `status`. The
 ///   init (PID 1) opens it and unlinks its node; a virtio port has one opener at a time, so the
 ///   app cannot write to it, as it could fake a line on the console;
+/// - the console port (`console_port`): a virtio-serial port named `fuse.console` on QEMU's
+///   stdout, as the serial. The init relays the app's terminal to it,
+///   and holds it alone as it holds the status port; the serial keeps the kernel's and the
+///   init's messages. The emulated UART costs an exit per byte under TCG; a port takes up to
+///   32 KiB per write. Not on the cloud machine: no cloud has it;
 /// - pvpanic: the guest kernel tells QEMU it panicked, and QEMU then exits with status 1
 ///   (`-action panic=exit-failure`), so a panic is known without reading console text;
 /// - `-sandbox`: QEMU's seccomp filter (no obsolete syscalls, no fork/exec, no scheduler or
@@ -365,7 +382,13 @@ pub(crate) fn drops_privileges() -> bool {
 ///   installs the seccomp filter before that drop, so `elevateprivileges=deny` would kill it
 ///   (SIGSYS, measured); as `nobody` with no capabilities, set*id cannot raise anything anyway,
 ///   and `spawn=deny` rules out setuid programs.
-fn confinement_args(status: Option<&Path>, args: &mut Vec<OsString>, root: bool, spawn: bool) {
+fn confinement_args(
+    status: Option<&Path>,
+    console_port: bool,
+    args: &mut Vec<OsString>,
+    root: bool,
+    spawn: bool,
+) {
     if let Some(status) = status {
         let mut chardev = OsString::from("file,id=status,path=");
         chardev.push(escape_option(status.as_os_str()));
@@ -374,6 +397,20 @@ fn confinement_args(status: Option<&Path>, args: &mut Vec<OsString>, root: bool,
         args.extend(
             ["-device", "virtserialport,chardev=status,name=fuse.status"].map(OsString::from),
         );
+        if console_port {
+            // The same pipe as the serial, opened again: a port on a multiplexed chardev never
+            // hears that its host side is open (QEMU sends that event to one frontend), so the
+            // guest could never write to it.
+            args.extend(
+                [
+                    "-chardev",
+                    "file,id=con1,path=/proc/self/fd/1",
+                    "-device",
+                    "virtserialport,chardev=con1,name=fuse.console",
+                ]
+                .map(OsString::from),
+            );
+        }
     }
     args.extend(["-device", "pvpanic-pci", "-action", "panic=exit-failure"].map(OsString::from));
     let mut sandbox = String::from("on,obsolete=deny");
@@ -573,7 +610,7 @@ mod tests {
     fn test_confinement_args() {
         let joined = |status: Option<&Path>, root: bool| {
             let mut args = Vec::new();
-            confinement_args(status, &mut args, root, false);
+            confinement_args(status, status.is_some(), &mut args, root, false);
             args.into_iter()
                 .map(|a| a.into_string().unwrap())
                 .collect::<Vec<_>>()
@@ -583,6 +620,8 @@ mod tests {
             joined(Some(Path::new("/run/x,y/status")), false),
             "-device virtio-serial-pci -chardev file,id=status,path=/run/x,,y/status \
              -device virtserialport,chardev=status,name=fuse.status \
+             -chardev file,id=con1,path=/proc/self/fd/1 \
+             -device virtserialport,chardev=con1,name=fuse.console \
              -device pvpanic-pci -action panic=exit-failure \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         );

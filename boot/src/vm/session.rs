@@ -47,6 +47,8 @@ use crate::signals::{self, SignalWatch};
 const TAIL_LINES: usize = 20;
 /// QEMU stderr kept for error reports.
 const MAX_STDERR: usize = 16 * 1024;
+/// The console pipe's size (Linux's unprivileged maximum is 1 MiB by default).
+const CONSOLE_PIPE_SIZE: libc::c_int = 1024 * 1024;
 /// How long an unterminated line may wait before it is passed on anyway.
 const PARTIAL_FLUSH: Duration = Duration::from_millis(50);
 /// How long QEMU may take to exit after the init reported the exit code (power-off).
@@ -551,11 +553,17 @@ impl Session<'_> {
     /// Moves console output to `out` until the VM is gone; the VM is reaped when it returns.
     fn pump(&mut self, out: &mut dyn Write) -> Result<Ending, RunError> {
         let mut console = self.vm.child_mut().stdout.take();
+        if let Some(c) = &console {
+            // A deeper pipe: QEMU holds the guest's console port back while the pipe is full
+            // (one main-loop turn to resume), so a log-heavy app stalls less. Best effort.
+            // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is involved.
+            unsafe { libc::fcntl(c.as_raw_fd(), libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
+        }
         let mut stderr = self.vm.child_mut().stderr.take();
         let mut exit_at: Option<Instant> = None;
         let mut closed_at: Option<Instant> = None;
         let deadline = self.config.timeout.map(|t| self.started + t);
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         let mut signals_seen = 0;
         let mut last_press = Instant::now();
         loop {
