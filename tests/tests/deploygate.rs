@@ -157,6 +157,30 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
         "released: {w}"
     );
     assert!(!live(&w, "app").iter().any(|i| i["id"] == launched["id"]));
+    // Ctrl-C while it waits for health: the new instance terminated, the lock released.
+    let interrupted = deploy()
+        .args(["app:slow", "--env", "prod", "--health-timeout", "120"])
+        .spawn();
+    let second =
+        fuse_boot::poll::wait_until(Duration::from_secs(120), Duration::from_millis(300), || {
+            let w = world(&moto);
+            let locked = group(&w, "app")["tags"].get("fuse:lock").is_some();
+            live(&w, "app").first().filter(|_| locked).cloned()
+        })
+        .expect("the deploy launched an instance");
+    interrupted.signal(libc::SIGINT);
+    let out = interrupted.wait();
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    assert!(
+        out.stderr_str().contains(&format!(
+            "Interrupted: {} terminated, nothing was serving before; the lock of app/prod is released",
+            second["id"].as_str().unwrap()
+        )),
+        "{out}"
+    );
+    let w = world(&moto);
+    assert!(group(&w, "app")["tags"].get("fuse:lock").is_none(), "{w}");
+    assert!(live(&w, "app").is_empty(), "{w}");
     let out = deploy().args(["app:idle", "--env", "prod"]).run();
     out.assert_success();
 
