@@ -106,7 +106,9 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
         .to_string();
     assert!(lock.starts_with("ann@"), "{lock}");
 
-    // 2. A second one (and a rollback, and a destroy) meanwhile: refused, naming the holder.
+    // 2. A second one (and a rollback, and a destroy) meanwhile: refused, naming the holder,
+    // before it changes anything (no AMI made for app:idle).
+    moto.helper(&["start-recording"]);
     for args in [
         &["app:idle", "--env", "prod"][..],
         &["rollback", "app", "--env", "prod"],
@@ -137,6 +139,20 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
             started.elapsed().as_secs_f64()
         );
     }
+    let changes: Vec<Value> = moto
+        .recording()
+        .into_iter()
+        .filter(|c| {
+            !c["params"]["Action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("Describe"))
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        Vec::<Value>::new(),
+        "the refused runs changed nothing"
+    );
     assert_eq!(
         live(&world(&moto), "app").len(),
         1,

@@ -359,6 +359,7 @@ fn run_deployment(
             progress_line(line);
         }
     };
+    deploy::refuse_if_deploying(&client, deployment)?;
     let ami = ami::ensure_ami(&client, store, image, &disk, &mut progress)?;
     if !ami.reused {
         progress(&format!("{} made from {}", ami.ami, image.name));

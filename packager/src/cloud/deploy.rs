@@ -307,6 +307,21 @@ fn wait_healthy(
     }
 }
 
+/// Refuses when another run deploys the app/env now (checked again, for good, when its lock
+/// is taken): before an AMI is made for nothing.
+pub(crate) fn refuse_if_deploying(client: &Client, d: &Deployment) -> Result<()> {
+    let (a, e) = ([d.app.as_str()], [d.env.as_str()]);
+    match ec2::describe_security_groups(client, &owned(&a, &e))?.first() {
+        Some(group) => lock::refuse_if_held(
+            client,
+            &group.id,
+            &format!("{}/{}", d.app, d.env),
+            d.break_lock,
+        ),
+        None => Ok(()),
+    }
+}
+
 /// The reason of a deployment stopped by Ctrl-C or SIGTERM.
 const INTERRUPTED: &str = "interrupted";
 

@@ -1,15 +1,15 @@
 //! One deploy, rollback or destroy at a time per app and environment, with the state in AWS:
 //! a `fuse:lock` tag on the environment's security group names the holder (`user@host`, its
-//! pid and the pid's start time) and since when. Taking it: read the tag; a live holder's
-//! refuses; then write ours and, after a pause, read it back: another run that wrote between
-//! our read and our write wins (last writer wins), and we stop.
+//! pid and the pid's start time) and since when. Taking it: read the tag, refuse a live
+//! holder's, write ours, wait [`READ_BACK`], read it back: if another run's value is there, it
+//! wrote after us and wins (last writer wins), and we stop.
 //!
-//! The residual race, honestly: EC2 has no compare-and-swap on tags. Two runs that both read
-//! no lock, and whose writes both land before either reads back, each read back the later
-//! value; the earlier writer sees it lost, so only one goes on, unless the later write lands
-//! after the earlier one's read-back (more than [`READ_BACK`] apart), in which case the earlier
-//! run already holds the lock and the later one read it in its first look, and was refused.
-//! What is left is a window of the order of an EC2 round trip between a first look and a write.
+//! The residual race, honestly: EC2 has no compare-and-swap on tags. Two runs that both find
+//! no lock and both write within [`READ_BACK`] are sorted out by the read-back (the earlier
+//! writer sees the later value and stops); but a run whose write lands after the other's
+//! read-back, having read "no lock" before the other's write, also goes on. That needs the two
+//! to start within about one EC2 round trip of each other and the read-back of one to be slow;
+//! it is narrowed, not closed.
 //!
 //! A lock is taken over, with a warning, when it is older than [`STALE`], when its holder was
 //! a process of this host that no longer runs (a killed fuse), or with `--break-lock`; so a
@@ -154,6 +154,44 @@ fn read(client: &Client, group: &str) -> Result<Option<String>> {
     )
 }
 
+/// Whether the lock's tag `value` may be taken: the refusal when not, else the warning to
+/// print when taking it over.
+fn may_take(value: &str, what: &str, break_lock: bool, now: u64) -> Result<String> {
+    match Holder::parse(value) {
+        Some(h) => match h.stale(now) {
+            Some(why) => Ok(format!(
+                "warning: taking over the lock of {what} held by {} ({why})",
+                h.describe(now)
+            )),
+            None if break_lock => Ok(format!(
+                "warning: --break-lock: taking over the lock of {what} held by {}",
+                h.describe(now)
+            )),
+            None => bail!(
+                "{what} is being deployed by {}: wait for it to end, or pass --break-lock if that run is gone",
+                h.describe(now)
+            ),
+        },
+        None => Ok(format!(
+            "warning: taking over the lock of {what} (unreadable tag {LOCK_TAG}={value})"
+        )),
+    }
+}
+
+/// Refuses early (before an AMI is made) when another run holds the lock of the app/env
+/// whose security group is `group`; [`acquire`] decides for good.
+pub(crate) fn refuse_if_held(
+    client: &Client,
+    group: &str,
+    what: &str,
+    break_lock: bool,
+) -> Result<()> {
+    match read(client, group)? {
+        Some(value) => may_take(&value, what, break_lock, now_secs()).map(drop),
+        None => Ok(()),
+    }
+}
+
 /// A held lock: release it with [`Lock::release`] on every path.
 #[derive(Debug)]
 pub(crate) struct Lock {
@@ -172,25 +210,7 @@ pub(crate) fn acquire(
 ) -> Result<Lock> {
     let now = now_secs();
     if let Some(value) = read(client, group)? {
-        match Holder::parse(&value) {
-            Some(h) => match h.stale(now) {
-                Some(why) => progress(&format!(
-                    "warning: taking over the lock of {what} held by {} ({why})",
-                    h.describe(now)
-                )),
-                None if break_lock => progress(&format!(
-                    "warning: --break-lock: taking over the lock of {what} held by {}",
-                    h.describe(now)
-                )),
-                None => bail!(
-                    "{what} is being deployed by {}: wait for it to end, or pass --break-lock if that run is gone",
-                    h.describe(now)
-                ),
-            },
-            None => progress(&format!(
-                "warning: taking over the lock of {what} (unreadable tag {LOCK_TAG}={value})"
-            )),
-        }
+        progress(&may_take(&value, what, break_lock, now)?);
     }
     let value = Holder::me(now).value();
     ec2::create_tags(client, &[group], &[(LOCK_TAG, &value)])?;
