@@ -645,6 +645,13 @@ fn blue_green_deploys_switch_only_to_a_healthy_instance() {
             .arg(format!("GREETING={GREETING}"))
             .run();
         out.assert_success();
+        // The killed run's lock: its process is gone, so it is taken over at once.
+        assert!(
+            out.stderr_str()
+                .contains("warning: taking over the lock of web/prod held by")
+                && out.stderr_str().contains("(its process is gone)"),
+            "{out}"
+        );
         let text = out.stdout_str();
         let w = world();
         let eip = &web_addresses(&w)[0];

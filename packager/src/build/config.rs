@@ -126,6 +126,8 @@ pub(crate) struct Config {
     /// `[sysroot] packages`: Debian packages fuse adds to its sysroot of a foreign arch.
     pub(crate) sysroot_packages: Vec<String>,
     pub(crate) test: TestConfig,
+    /// `[deploy] protected`, sorted.
+    pub(crate) protected: Vec<String>,
     /// Where `default_environment` was set, for the message when it names no environment.
     default_origin: Option<Origin>,
 }
@@ -291,6 +293,15 @@ impl Config {
         if let Some(test) = raw.test {
             config.test = test_from(&src, &config.ports, test)?;
         }
+        if let Some(deploy) = raw.deploy {
+            for name in deploy.protected {
+                let origin = src.origin(name.span());
+                validate_environment_name(name.get_ref()).with_context(|| origin.to_string())?;
+                config.protected.push(name.into_inner());
+            }
+            config.protected.sort();
+            config.protected.dedup();
+        }
         if let Some(sysroot) = raw.sysroot {
             for name in sysroot.packages {
                 let origin = src.origin(name.span());
@@ -399,6 +410,7 @@ impl Config {
             healthcheck: self.healthcheck.clone(),
             memory: self.memory,
             cpus: self.cpus,
+            protected: self.protected.clone(),
         }
     }
 }
@@ -485,6 +497,15 @@ struct RawConfig {
     python: Option<toml::Table>,
     sysroot: Option<RawSysroot>,
     test: Option<RawTest>,
+    deploy: Option<RawDeploy>,
+}
+
+/// `[deploy]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    #[serde(default)]
+    protected: Vec<Spanned<String>>,
 }
 
 /// `[sysroot]`.
@@ -1268,6 +1289,22 @@ timeout = "2m"
         let image = c.image_config();
         assert_eq!(image.environments, vec!["dev", "prod"]);
         assert!(!image.is_empty());
+    }
+
+    #[test]
+    fn protected_environments_are_baked() {
+        let dir = dir_with(&[(
+            "fuse.toml",
+            "[deploy]\nprotected = [\"prod\", \"eu-prod\", \"prod\"]\n",
+        )]);
+        let c = Config::load(&dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(c.image_config().protected, vec!["eu-prod", "prod"]);
+        let dir = dir_with(&[("fuse.toml", "[deploy]\nprotected = [\"a b\"]\n")]);
+        let err = format!(
+            "{:#}",
+            Config::load(&dir.path().join(FILE_NAME)).unwrap_err()
+        );
+        assert!(err.contains("fuse.toml:2"), "{err}");
     }
 
     #[test]

@@ -57,6 +57,21 @@ pub(super) struct DeployFlags {
     /// Machine-readable output (no progress lines).
     #[arg(long)]
     json: bool,
+    /// Deploy to a protected environment without a passing `fuse test` result for the
+    /// image's digest (the instance is tagged fuse:forced=true).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    lock: LockFlags,
+}
+
+/// Taking over another run's lock of the environment.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub(super) struct LockFlags {
+    /// Take over the environment's lock from a run that holds it (when that run is gone:
+    /// a lock older than 30 min, or of a dead fuse on this host, is taken over anyway).
+    #[arg(long)]
+    break_lock: bool,
 }
 
 /// An app and environment (for the subcommands that act on one).
@@ -97,6 +112,8 @@ pub(super) enum DeployCommand {
         /// Machine-readable output (no progress lines).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        lock: LockFlags,
     },
     /// Remove everything a deployment of an app's environment made: its instances, its
     /// address and its security group (the AMIs stay, for other environments).
@@ -106,6 +123,8 @@ pub(super) enum DeployCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        lock: LockFlags,
     },
     /// Make the image an AMI in a region, once per digest.
     ///
@@ -165,14 +184,21 @@ pub(super) fn command(args: DeployArgs) -> Result<i32> {
             target,
             health_timeout,
             json,
-        }) => rollback(&target, health_timeout, json),
-        Some(DeployCommand::Destroy { target, json }) => {
+            lock,
+        }) => rollback(&target, health_timeout, json, lock.break_lock),
+        Some(DeployCommand::Destroy { target, json, lock }) => {
             let client = client(&target.aws)?;
-            let gone = deploy::destroy(&client, &target.app, &target.env, &mut |l| {
-                if !json {
-                    progress_line(l)
-                }
-            })?;
+            let gone = deploy::destroy(
+                &client,
+                &target.app,
+                &target.env,
+                lock.break_lock,
+                &mut |l| {
+                    if !json {
+                        progress_line(l)
+                    }
+                },
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&gone)?);
             } else {
@@ -207,6 +233,8 @@ fn deploy_image(flags: &DeployFlags) -> Result<i32> {
     };
     let store = Store::open_default()?;
     let image = find_image(&store, reference)?;
+    // Before anything is sent to AWS.
+    let forced = promotion_gate(&store, &image, reference, env, flags.force)?;
     // The image's environment of the deployment's name, when it has one; else its default.
     let environment = image
         .manifest
@@ -233,11 +261,58 @@ fn deploy_image(flags: &DeployFlags) -> Result<i32> {
             .health_timeout
             .map(Duration::from_secs)
             .unwrap_or(HEALTH_TIMEOUT),
+        break_lock: flags.lock.break_lock,
+        forced,
     };
     run_deployment(&store, &image, &flags.aws, &deployment, flags.json)
 }
 
-fn rollback(target: &AppEnv, health_timeout: Option<u64>, json: bool) -> Result<i32> {
+/// An environment the image's configuration marks protected (`[deploy] protected`) takes
+/// only a digest with a passing `fuse test` result in the store, unless `force`; whether the
+/// gate was forced.
+fn promotion_gate(
+    store: &Store,
+    image: &StoredImage,
+    reference: &str,
+    env: &str,
+    force: bool,
+) -> Result<bool> {
+    if !image.manifest.config.protected.iter().any(|p| p == env) {
+        return Ok(false);
+    }
+    let short = crate::host::digest::short(&image.digest);
+    let result = store.test_result(&image.digest)?;
+    if let Some(r) = result.as_ref().filter(|r| r.passed) {
+        progress_line(&format!(
+            "{env} is protected: {} ({short}) passed `fuse test` at {}",
+            image.name, r.at
+        ));
+        return Ok(false);
+    }
+    let why = match &result {
+        Some(r) => format!("its last `fuse test` failed (at {})", r.at),
+        None => "it has no `fuse test` result".into(),
+    };
+    if force {
+        eprintln!(
+            "fuse: WARNING: --force: deploying {} ({short}) to the protected environment {env} although {why}; the instance is tagged {}=true",
+            image.name,
+            deploy::FORCED_TAG
+        );
+        return Ok(true);
+    }
+    anyhow::bail!(
+        "{env} is protected and {} ({short}) is untested: {why}: run `fuse test {reference}` first, or deploy with --force",
+        image.name
+    )
+}
+
+fn rollback(
+    target: &AppEnv,
+    health_timeout: Option<u64>,
+    json: bool,
+    break_lock: bool,
+) -> Result<i32> {
     let client = client(&target.aws)?;
     let (digest, user_data) = deploy::rollback_target(&client, &target.app, &target.env)?;
     let store = Store::open_default()?;
@@ -256,6 +331,9 @@ fn rollback(target: &AppEnv, health_timeout: Option<u64>, json: bool) -> Result<
         health_timeout: health_timeout
             .map(Duration::from_secs)
             .unwrap_or(HEALTH_TIMEOUT),
+        break_lock,
+        // A digest this environment served before: it passed the gate then.
+        forced: false,
     };
     if !json {
         progress_line(&format!(
@@ -281,6 +359,7 @@ fn run_deployment(
             progress_line(line);
         }
     };
+    deploy::refuse_if_deploying(&client, deployment)?;
     let ami = ami::ensure_ami(&client, store, image, &disk, &mut progress)?;
     if !ami.reused {
         progress(&format!("{} made from {}", ami.ami, image.name));

@@ -169,6 +169,17 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
         &mut |l| progress_line(l),
     )?;
 
+    // The result of this digest, for `fuse deploy`'s promotion gate.
+    store.record_test_result(
+        &image.digest,
+        &crate::image::store::TestResult {
+            passed: report.passed(),
+            at: rfc3339(crate::run::instances::now_secs() as i64),
+            checks: report.checks.len(),
+            failures: report.failures(),
+        },
+    )?;
+
     // Check lines on stdout, unless stdout carries the JSON report.
     let json_to_stdout = args.json.as_deref() == Some(Path::new("-"));
     let mut lines = String::new();

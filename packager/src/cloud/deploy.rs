@@ -9,6 +9,7 @@
 use super::ami::DIGEST_TAG;
 use super::aws::ec2::{self, Address, Instance, Launch};
 use super::aws::http::Client;
+use super::lock;
 use crate::host::digest;
 use crate::image::config::HealthProbe;
 use crate::image::store::StoredImage;
@@ -40,7 +41,14 @@ pub(crate) struct Deployment {
     pub(crate) user_data: String,
     /// From RunInstances to healthy.
     pub(crate) health_timeout: Duration,
+    /// Take over another run's lock of the environment (see [`super::lock`]).
+    pub(crate) break_lock: bool,
+    /// The promotion gate was overridden: the instance is tagged `fuse:forced=true`.
+    pub(crate) forced: bool,
 }
+
+/// On an instance deployed past the promotion gate with `--force`.
+pub(crate) const FORCED_TAG: &str = "fuse:forced";
 
 /// What a deployment did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -268,6 +276,9 @@ fn wait_healthy(
             }
             _ => {}
         }
+        if lock::interrupted() {
+            return Ok(Err(INTERRUPTED.into()));
+        }
         if Instant::now() >= deadline {
             return Ok(Err(format!(
                 "{instance} was not running with a public address within the health timeout"
@@ -284,6 +295,9 @@ fn wait_healthy(
             Ok(()) => return Ok(Ok(ip)),
             Err(seen) => seen,
         };
+        if lock::interrupted() {
+            return Ok(Err(INTERRUPTED.into()));
+        }
         if Instant::now() >= deadline {
             return Ok(Err(format!(
                 "{instance} was not healthy within the health timeout (last: {seen})"
@@ -293,7 +307,26 @@ fn wait_healthy(
     }
 }
 
-/// Deploys `image` (its AMI `ami`) as `d`: see the module documentation.
+/// Refuses when another run deploys the app/env now (checked again, for good, when its lock
+/// is taken): before an AMI is made for nothing.
+pub(crate) fn refuse_if_deploying(client: &Client, d: &Deployment) -> Result<()> {
+    let (a, e) = ([d.app.as_str()], [d.env.as_str()]);
+    match ec2::describe_security_groups(client, &owned(&a, &e))?.first() {
+        Some(group) => lock::refuse_if_held(
+            client,
+            &group.id,
+            &format!("{}/{}", d.app, d.env),
+            d.break_lock,
+        ),
+        None => Ok(()),
+    }
+}
+
+/// The reason of a deployment stopped by Ctrl-C or SIGTERM.
+const INTERRUPTED: &str = "interrupted";
+
+/// Deploys `image` (its AMI `ami`) as `d`, holding the environment's lock: see the module
+/// documentation.
 pub(crate) fn deploy(
     client: &Client,
     image: &StoredImage,
@@ -309,6 +342,35 @@ pub(crate) fn deploy(
         p
     };
     let group = ensure_security_group(client, d, &ports, progress)?;
+    let what = format!("{}/{}", d.app, d.env);
+    let held = lock::acquire(client, &group, &what, d.break_lock, progress)?;
+    let result = deploy_locked(client, image, ami, d, &group, started, progress);
+    let released = held.release(client);
+    let outcome = result?;
+    released?;
+    if outcome.reason.as_deref() == Some(INTERRUPTED) {
+        bail!(
+            "Interrupted: {} terminated, {}; the lock of {what} is released",
+            outcome.instance,
+            match &outcome.address {
+                Some(a) => format!("{a} still leads to the previous instance"),
+                None => "nothing was serving before".into(),
+            }
+        );
+    }
+    Ok(outcome)
+}
+
+fn deploy_locked(
+    client: &Client,
+    image: &StoredImage,
+    ami: &str,
+    d: &Deployment,
+    group: &str,
+    started: Instant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Deployed> {
+    let group = group.to_string();
     let image_ref = image.name.to_string();
     let tags: Vec<(String, String)> = vec![
         (APP_TAG.into(), d.app.clone()),
@@ -317,6 +379,10 @@ pub(crate) fn deploy(
         (super::ami::IMAGE_TAG.into(), image_ref.clone()),
         ("Name".into(), format!("{}-{}", d.app, d.env)),
     ];
+    let mut tags = tags;
+    if d.forced {
+        tags.push((FORCED_TAG.into(), "true".into()));
+    }
     let launch = Launch {
         image: ami.to_string(),
         instance_type: d.instance_type.clone(),
@@ -539,6 +605,35 @@ pub(crate) fn destroy(
     client: &Client,
     app: &str,
     env: &str,
+    break_lock: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Destroyed> {
+    let (a, e) = ([app], [env]);
+    let group = ec2::describe_security_groups(client, &owned(&a, &e))?
+        .into_iter()
+        .next();
+    let Some(group) = group else {
+        return destroy_locked(client, app, env, progress);
+    };
+    let held = lock::acquire(
+        client,
+        &group.id,
+        &format!("{app}/{env}"),
+        break_lock,
+        progress,
+    )?;
+    let result = destroy_locked(client, app, env, progress);
+    // Deleting the group removed the lock with it; else (a failure) it is released here.
+    let released = held.release(client);
+    let gone = result?;
+    released?;
+    Ok(gone)
+}
+
+fn destroy_locked(
+    client: &Client,
+    app: &str,
+    env: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Destroyed> {
     let mut gone = Destroyed::default();
@@ -569,6 +664,9 @@ pub(crate) fn destroy(
             match ec2::delete_security_group(client, &group.id) {
                 Ok(()) => break,
                 Err(e) if e.to_string().contains("DependencyViolation") => {
+                    if lock::interrupted() {
+                        bail!("Interrupted while {app}/{env}'s instances terminate: run `fuse deploy destroy` again to delete its security group");
+                    }
                     if Instant::now() >= deadline {
                         return Err(e.context(format!(
                             "The instances of {app}/{env} were not terminated in time: run `fuse deploy destroy` again"

@@ -49,6 +49,10 @@ pub(crate) struct ImageConfig {
     pub(crate) memory: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) cpus: Option<u32>,
+    /// `[deploy] protected`: the environments `fuse deploy` sends this image to only with a
+    /// passing `fuse test` result for its digest (or `--force`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) protected: Vec<String>,
 }
 
 impl ImageConfig {

@@ -241,6 +241,33 @@ impl Store {
         }
     }
 
+    /// The last `fuse test` result of the image `digest` (what the promotion gate of
+    /// `fuse deploy` reads).
+    pub(crate) fn test_result(&self, digest: &str) -> Result<Option<TestResult>> {
+        let path = self.test_result_path(digest);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("{} is not a test result: remove it", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("Cannot read {}", path.display())),
+        }
+    }
+
+    /// Records `result` as the last `fuse test` result of the image `digest`.
+    pub(crate) fn record_test_result(&self, digest: &str, result: &TestResult) -> Result<()> {
+        crate::host::fs::write_atomic(
+            &self.test_result_path(digest),
+            format!("{}\n", serde_json::to_string(result)?).as_bytes(),
+        )
+    }
+
+    fn test_result_path(&self, digest: &str) -> PathBuf {
+        self.root
+            .join("test-results")
+            .join(crate::host::digest::hex_part(digest))
+    }
+
     fn configured_repository_path(&self, name: &str) -> PathBuf {
         self.root
             .join("configured-repositories")
@@ -557,6 +584,17 @@ fn scratch_owner(name: &str) -> Option<ProcessId> {
     let start_time = parts.next()?.parse().ok()?;
     parts.next()?;
     Some(ProcessId { pid, start_time })
+}
+
+/// The last `fuse test` of one digest, kept in the store (`test-results/<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TestResult {
+    pub(crate) passed: bool,
+    /// When it ran (RFC 3339, UTC).
+    pub(crate) at: String,
+    /// The checks that passed, of how many.
+    pub(crate) checks: usize,
+    pub(crate) failures: usize,
 }
 
 #[cfg(test)]

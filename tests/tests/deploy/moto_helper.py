@@ -179,6 +179,11 @@ elif command == "deregister":
     key, secret, ami = sys.argv[4], sys.argv[5], sys.argv[6]
     client("ec2", key, secret).deregister_image(ImageId=ami)
     print("{}")
+elif command == "tag":
+    # A tag as another fuse (or a crashed one) would have left it.
+    key, secret, resource, tag_key, tag_value = sys.argv[4:9]
+    client("ec2", key, secret).create_tags(Resources=[resource], Tags=[{"Key": tag_key, "Value": tag_value}])
+    print("{}")
 elif command == "world":
     # What the blue/green harness plays EC2's data plane from: every instance (its state,
     # public address, AMI, tags and user-data), every address and every security group.

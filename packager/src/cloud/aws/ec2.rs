@@ -220,6 +220,17 @@ pub(crate) fn create_tags(
     call(client, "CreateTags", &params).map(drop)
 }
 
+/// Removes the tag `key` from `resource`, only while it has `value` (EC2 checks the value:
+/// a tag another run rewrote stays).
+pub(crate) fn delete_tag(client: &Client, resource: &str, key: &str, value: &str) -> Result<()> {
+    let params = [
+        p("ResourceId.1", resource),
+        p("Tag.1.Key", key),
+        p("Tag.1.Value", value),
+    ];
+    call(client, "DeleteTags", &params).map(drop)
+}
+
 /// An instance as DescribeInstances lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub(crate) struct Instance {

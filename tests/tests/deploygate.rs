@@ -1,0 +1,353 @@
+//! What keeps `fuse deploy` from doing harm, against moto on 127.0.0.1 (signature checking
+//! on, see `common::moto`): one deploy at a time per app and environment (a `fuse:lock` tag on
+//! its security group), and the promotion gate of a protected environment (a passing
+//! `fuse test` result for exactly the digest deployed).
+//!
+//! No instance needs to run here: an image without a port is healthy once moto says its
+//! instance runs, and an image with a port is checked through an HTTP proxy on 127.0.0.1 that
+//! nothing listens on (so it never becomes healthy). Nothing connects to an address moto
+//! returns; `fuse test` boots its image under QEMU as every `fuse test` does.
+
+mod common;
+
+use common::moto::Moto;
+use common::{free_port, json, Sandbox};
+use fuse_tests::assert_no_leaked_qemu;
+use serde_json::Value;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A program that prints a line and exits 0.
+const HELLO: &str = r#"
+#include <stdio.h>
+int main(void) { puts("hello from " VERSION); return 0; }
+"#;
+
+/// `NAME` built from HELLO with `fuse_toml` as its configuration: its digest.
+fn build(sb: &Sandbox, name: &str, fuse_toml: &str) -> String {
+    sb.dir.write("fuse.toml", fuse_toml);
+    let version = name.replace(':', "-");
+    let exe = sb.program(
+        HELLO,
+        &version,
+        &["-static", &format!("-DVERSION=\"{version}\"")],
+    );
+    let built = json(
+        sb.fuse()
+            .args(["build", "--json", "--name", name])
+            .arg(&exe)
+            .run()
+            .assert_success(),
+    );
+    built["digest"].as_str().unwrap().to_string()
+}
+
+fn world(moto: &Moto) -> Value {
+    moto.helper(&["world", &moto.key_id, &moto.secret])
+}
+
+/// The live instances of app `app`.
+fn live(w: &Value, app: &str) -> Vec<Value> {
+    w["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] != "terminated" && i["state"] != "shutting-down")
+        .filter(|i| i["tags"]["fuse:app"] == app)
+        .cloned()
+        .collect()
+}
+
+/// The security group of `app`.
+fn group(w: &Value, app: &str) -> Value {
+    w["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["tags"]["fuse:app"] == app)
+        .cloned()
+        .unwrap_or_else(|| panic!("no security group for {app}: {w}"))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    // `slow` listens on a port: checked through the proxy, which refuses (never healthy).
+    build(&sb, "app:slow", "[ports]\nhttp = 8080\n");
+    build(&sb, "app:idle", "");
+    let nothing = free_port();
+    let deploy = || {
+        moto.fuse_with_keys(&sb)
+            .env("HTTP_PROXY", format!("http://127.0.0.1:{nothing}"))
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("USER", "ann")
+    };
+
+    // 1. A deploy that waits for its instance's health.
+    let first = deploy()
+        .args(["app:slow", "--env", "prod", "--health-timeout", "25"])
+        .spawn();
+    let launched =
+        fuse_boot::poll::wait_until(Duration::from_secs(120), Duration::from_millis(300), || {
+            live(&world(&moto), "app").first().cloned()
+        })
+        .expect("the first deploy launched an instance");
+    let w = world(&moto);
+    let lock = group(&w, "app")["tags"]["fuse:lock"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the first deploy holds the lock: {w}"))
+        .to_string();
+    assert!(lock.starts_with("ann@"), "{lock}");
+
+    // 2. A second one (and a rollback, and a destroy) meanwhile: refused, naming the holder,
+    // before it changes anything (no AMI made for app:idle).
+    moto.helper(&["start-recording"]);
+    for args in [
+        &["app:idle", "--env", "prod"][..],
+        &["rollback", "app", "--env", "prod"],
+        &["destroy", "app", "--env", "prod"],
+    ] {
+        let started = Instant::now();
+        let out = deploy().args(args).run();
+        assert!(
+            out.code().is_some_and(|c| c != 0),
+            "{args:?} refused: {out}"
+        );
+        let err = out.stderr_str();
+        if args[0] != "rollback" {
+            // (A rollback stops earlier: app/prod has served nothing yet.)
+            // One line: who, which process, since when, what to do.
+            let line = err
+                .lines()
+                .find(|l| l.contains("app/prod is being deployed by ann@"))
+                .unwrap_or_else(|| panic!("{out}"));
+            assert!(
+                line.contains(&format!("(pid {}) since ", first.pid()))
+                    && line.contains("--break-lock"),
+                "{out}"
+            );
+        }
+        eprintln!(
+            "{args:?} refused in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let changes: Vec<Value> = moto
+        .recording()
+        .into_iter()
+        .filter(|c| {
+            !c["params"]["Action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("Describe"))
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        Vec::<Value>::new(),
+        "the refused runs changed nothing"
+    );
+    assert_eq!(
+        live(&world(&moto), "app").len(),
+        1,
+        "nothing launched while locked"
+    );
+    assert_eq!(
+        group(&world(&moto), "app")["tags"]["fuse:lock"],
+        lock.as_str(),
+        "the holder keeps the lock"
+    );
+
+    // 3. The first ends (unhealthy): the lock is gone, deploys work again.
+    let out = first.wait();
+    out.assert_code(1);
+    let w = world(&moto);
+    assert!(
+        group(&w, "app")["tags"].get("fuse:lock").is_none(),
+        "released: {w}"
+    );
+    assert!(!live(&w, "app").iter().any(|i| i["id"] == launched["id"]));
+    // Ctrl-C while it waits for health: the new instance terminated, the lock released.
+    let interrupted = deploy()
+        .args(["app:slow", "--env", "prod", "--health-timeout", "120"])
+        .spawn();
+    let second =
+        fuse_boot::poll::wait_until(Duration::from_secs(120), Duration::from_millis(300), || {
+            let w = world(&moto);
+            let locked = group(&w, "app")["tags"].get("fuse:lock").is_some();
+            live(&w, "app").first().filter(|_| locked).cloned()
+        })
+        .expect("the deploy launched an instance");
+    interrupted.signal(libc::SIGINT);
+    let out = interrupted.wait();
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    assert!(
+        out.stderr_str().contains(&format!(
+            "Interrupted: {} terminated, nothing was serving before; the lock of app/prod is released",
+            second["id"].as_str().unwrap()
+        )),
+        "{out}"
+    );
+    let w = world(&moto);
+    assert!(group(&w, "app")["tags"].get("fuse:lock").is_none(), "{w}");
+    assert!(live(&w, "app").is_empty(), "{w}");
+    let out = deploy().args(["app:idle", "--env", "prod"]).run();
+    out.assert_success();
+
+    // 4. Another host's fresh lock refuses, --break-lock takes it over.
+    let group_id = group(&world(&moto), "app")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tag = |value: String| {
+        moto.helper(&[
+            "tag",
+            &moto.key_id,
+            &moto.secret,
+            &group_id,
+            "fuse:lock",
+            &value,
+        ]);
+    };
+    tag(format!("bob@ci.invalid;4242;1;{}", now() - 60));
+    let out = deploy().args(["app:idle", "--env", "prod"]).run();
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    assert!(
+        out.stderr_str()
+            .contains("app/prod is being deployed by bob@ci.invalid (pid 4242) since "),
+        "{out}"
+    );
+    let out = deploy()
+        .args(["app:idle", "--env", "prod", "--break-lock"])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains(
+            "warning: --break-lock: taking over the lock of app/prod held by bob@ci.invalid"
+        ),
+        "{out}"
+    );
+
+    // 5. A stale lock (an hour old, of a run that crashed elsewhere) is taken over.
+    tag(format!("bob@ci.invalid;4242;1;{}", now() - 3600));
+    let out = deploy().args(["app:idle", "--env", "prod"]).run();
+    out.assert_success();
+    assert!(
+        out.stderr_str().contains(
+            "warning: taking over the lock of app/prod held by bob@ci.invalid (pid 4242)"
+        ) && out.stderr_str().contains("older than 30 min"),
+        "{out}"
+    );
+    let w = world(&moto);
+    assert!(group(&w, "app")["tags"].get("fuse:lock").is_none(), "{w}");
+    assert_eq!(live(&w, "app").len(), 1, "{w}");
+
+    deploy()
+        .args(["destroy", "app", "--env", "prod"])
+        .run()
+        .assert_success();
+    assert!(live(&world(&moto), "app").is_empty());
+}
+
+#[test]
+fn a_protected_environment_takes_only_a_tested_digest() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    let protected = "[deploy]\nprotected = [\"prod\"]\n";
+    let d1 = build(&sb, "gated:v1", protected);
+    let d2 = build(&sb, "gated:v2", protected);
+    let deploy = || moto.fuse_with_keys(&sb).timeout(Duration::from_secs(300));
+    moto.helper(&["start-recording"]);
+
+    // 1. No test result: refused before any call to AWS.
+    let out = deploy().args(["gated:v1", "--env", "prod"]).run();
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    let err = out.stderr_str();
+    assert!(
+        err.contains("prod is protected")
+            && err.contains("has no `fuse test` result")
+            && err.contains("run `fuse test gated:v1` first, or deploy with --force"),
+        "{out}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {out}");
+    assert_eq!(moto.recording(), Vec::<Value>::new(), "no AWS call");
+
+    // 2. A failing test does not count.
+    let started = Instant::now();
+    sb.fuse()
+        .args(["test", "gated:v1", "--expect-exit", "3"])
+        .run()
+        .assert_code(1);
+    eprintln!(
+        "failing fuse test: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let out = deploy().args(["gated:v1", "--env", "prod"]).run();
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    assert!(
+        out.stderr_str().contains("its last `fuse test` failed"),
+        "{out}"
+    );
+    assert_eq!(moto.recording(), Vec::<Value>::new(), "no AWS call");
+
+    // 3. A passing one opens the gate for that digest.
+    sb.fuse().args(["test", "gated:v1"]).run().assert_success();
+    let out = deploy().args(["gated:v1", "--env", "prod", "--json"]).run();
+    out.assert_success();
+    let v1 = json(&out);
+    assert_eq!(v1["digest"], d1.as_str());
+    assert!(out.stderr_str().contains("passed `fuse test`"), "{out}");
+
+    // 4. Another digest of the same app is not covered by v1's result; an unprotected
+    // environment takes it.
+    let out = deploy().args(["gated:v2", "--env", "prod"]).run();
+    assert!(out.code().is_some_and(|c| c != 0), "{out}");
+    assert!(
+        out.stderr_str().contains("run `fuse test gated:v2` first"),
+        "{out}"
+    );
+    deploy()
+        .args(["gated:v2", "--env", "staging"])
+        .run()
+        .assert_success();
+
+    // 5. --force: deployed, loudly, and the instance says so.
+    let out = deploy()
+        .args(["gated:v2", "--env", "prod", "--force", "--json"])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr_str()
+            .contains("WARNING: --force: deploying gated:v2"),
+        "{out}"
+    );
+    let v2 = json(&out);
+    assert_eq!(v2["digest"], d2.as_str());
+    let w = world(&moto);
+    let instances = live(&w, "gated");
+    let forced = instances
+        .iter()
+        .find(|i| i["id"] == v2["instance"])
+        .unwrap_or_else(|| panic!("{w}"));
+    assert_eq!(forced["tags"]["fuse:forced"], "true");
+    assert_eq!(forced["tags"]["fuse:env"], "prod");
+    assert!(instances
+        .iter()
+        .filter(|i| i["id"] != v2["instance"])
+        .all(|i| i["tags"].get("fuse:forced").is_none()));
+
+    for env in ["prod", "staging"] {
+        deploy()
+            .args(["destroy", "gated", "--env", env])
+            .run()
+            .assert_success();
+    }
+    assert!(live(&world(&moto), "gated").is_empty());
+    assert_no_leaked_qemu();
+}
