@@ -17,6 +17,7 @@ mod config;
 mod machine;
 mod passt;
 mod process;
+mod pvh;
 mod session;
 
 pub use accel::{

@@ -38,10 +38,12 @@ use super::config::{Accel, Firmware, VmConfig};
 use super::machine::{self, NetBackend, QemuMissing};
 use super::passt::{self, Passt, PasstError};
 use super::process::ProcessGuard;
+use super::pvh;
 use crate::console::{ConsoleEvent, ConsoleParser, EDK2_LAST_LINE};
 use crate::error::with_causes;
 use crate::qmp;
 use crate::signals::{self, SignalWatch};
+use fuse_rootfs::Arch;
 
 /// Console lines kept for error reports.
 const TAIL_LINES: usize = 20;
@@ -349,6 +351,18 @@ pub fn run_controlled(
         .tempdir()
         .map_err(RunError::Io)?;
     let mut config = config.clone();
+    // x86_64 direct boot starts the uncompressed kernel at its PVH entry (see `vm::pvh`).
+    if config.arch == Arch::X86_64 && config.firmware == Firmware::Direct {
+        let bzimage = std::fs::read(&config.kernel).map_err(|source| RunError::MissingInput {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        if let Some(elf) = pvh::vmlinux(&bzimage) {
+            let path = private_dir.path().join("vmlinux");
+            std::fs::write(&path, elf).map_err(RunError::Io)?;
+            config.kernel = path;
+        }
+    }
     let status_file = private_dir.path().join(STATUS_FILE);
     let qmp_socket = config
         .qmp_socket
