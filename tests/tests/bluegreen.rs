@@ -20,18 +20,18 @@
 
 mod common;
 
+use common::imds::Imds;
 use common::moto::Moto;
-use common::{free_port, json, Sandbox};
+use common::{die_with_parent, free_port, json, Sandbox};
 use fuse_tests::{assert_no_leaked_qemu, fuse_bin, run_marker, RUN_MARKER_ENV};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The app's port in the guest.
@@ -84,105 +84,8 @@ fn web(sb: &Sandbox, version: &str, health: u16) -> (String, Vec<u8>) {
             &format!("-DHEALTH={health}"),
         ],
     );
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json", "--name", &format!("web:{version}")])
-            .arg(&exe)
-            .run()
-            .assert_success(),
-    );
-    let raw = sb.dir.join(format!("web-{version}.raw"));
-    sb.fuse()
-        .args(["export", &format!("web:{version}"), "--format", "raw", "-o"])
-        .arg(&raw)
-        .run()
-        .assert_success();
-    (
-        built["digest"].as_str().unwrap().to_string(),
-        std::fs::read(&raw).unwrap(),
-    )
-}
-
-/// An IMDSv2 server on 127.0.0.1 for one instance: `PUT /latest/api/token` (with a TTL
-/// header) gives a token, without which every other request is refused (401); serves
-/// `/latest/user-data` and `/latest/meta-data/local-hostname`.
-struct Imds {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Imds {
-    fn start(user_data: Vec<u8>, hostname: String) -> Imds {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let token = format!("AQAEA{port}token");
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                let Ok((conn, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                conn.set_nonblocking(false).unwrap();
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                Imds::answer(conn, &token, &user_data, &hostname);
-            }
-        });
-        Imds {
-            port,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn answer(conn: TcpStream, token: &str, user_data: &[u8], hostname: &str) -> Option<()> {
-        let mut reader = BufReader::new(conn.try_clone().ok()?);
-        let mut request_line = String::new();
-        reader.read_line(&mut request_line).ok()?;
-        let mut parts = request_line.split_whitespace();
-        let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
-        let (mut given, mut ttl) = (None, false);
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
-                break;
-            }
-            let (name, value) = line.trim_end().split_once(':')?;
-            match name.to_ascii_lowercase().as_str() {
-                "x-aws-ec2-metadata-token" => given = Some(value.trim().to_string()),
-                "x-aws-ec2-metadata-token-ttl-seconds" => ttl = true,
-                _ => {}
-            }
-        }
-        let with_token = given.as_deref() == Some(token);
-        let (status, body): (&str, &[u8]) = match (method.as_str(), path.as_str()) {
-            ("PUT", "/latest/api/token") if ttl => ("200 OK", token.as_bytes()),
-            ("PUT", "/latest/api/token") => ("400 Bad Request", b""),
-            _ if !with_token => ("401 Unauthorized", b""),
-            ("GET", "/latest/user-data") => ("200 OK", user_data),
-            ("GET", "/latest/meta-data/local-hostname") => ("200 OK", hostname.as_bytes()),
-            _ => ("404 Not Found", b""),
-        };
-        let mut conn = conn;
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        conn.write_all(head.as_bytes()).ok()?;
-        conn.write_all(body).ok()
-    }
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    let image = format!("web:{version}");
+    (sb.build_named(&exe, &image), sb.export_raw(&image))
 }
 
 /// One instance's machine: `fuse run --machine cloud` in its own process group (stopped with
@@ -327,7 +230,7 @@ fn boot(
         ));
     }
     let user_data = instance["user_data"].as_str().unwrap().to_string();
-    let imds = Imds::start(user_data.clone().into_bytes(), format!("{id}.internal"));
+    let imds = Imds::start(user_data.clone().into_bytes(), &format!("{id}.internal"));
     let port = free_port();
     let console = std::fs::File::create(sb.dir.join("consoles").join(id)).unwrap();
     let mut cmd = Command::new(fuse_bin());
@@ -345,17 +248,8 @@ fn boot(
         .stdout(console.try_clone().unwrap())
         .stderr(console)
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. fuse dies with
-    // the harness thread, also when the test binary is killed (Drop does not run then).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    // fuse dies with the harness thread.
+    die_with_parent(&mut cmd);
     let child = cmd.spawn().map_err(|e| format!("cannot run fuse: {e}"))?;
     Ok((
         Vm {

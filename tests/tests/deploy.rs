@@ -50,15 +50,9 @@ impl Moto {
 fn hello_image(sb: &Sandbox) -> (String, Vec<u8>) {
     let app = sb.program(common::HELLO, "hello-1.0", &["-static"]);
     let built = sb.build_json(&app);
-    let raw = sb.dir.join("hello.raw");
-    sb.fuse()
-        .args(["export", "hello:1.0", "--format", "raw", "-o"])
-        .arg(&raw)
-        .run()
-        .assert_success();
     (
         built["digest"].as_str().unwrap().to_string(),
-        std::fs::read(&raw).unwrap(),
+        sb.export_raw("hello:1.0"),
     )
 }
 
@@ -74,29 +68,8 @@ int main(void) { printf("hello again, from version 2\n"); return 0; }
 /// init reads) stays the same.
 fn hello_version(sb: &Sandbox, src: &str, version: &str) -> (String, Vec<u8>) {
     let app = sb.program(src, "hello", &["-static"]);
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json", "--name", &format!("hello:{version}")])
-            .arg(&app)
-            .run()
-            .assert_success(),
-    );
-    let raw = sb.dir.join(format!("hello-{version}.raw"));
-    sb.fuse()
-        .args([
-            "export",
-            &format!("hello:{version}"),
-            "--format",
-            "raw",
-            "-o",
-        ])
-        .arg(&raw)
-        .run()
-        .assert_success();
-    (
-        built["digest"].as_str().unwrap().to_string(),
-        std::fs::read(&raw).unwrap(),
-    )
+    let image = format!("hello:{version}");
+    (sb.build_named(&app, &image), sb.export_raw(&image))
 }
 
 /// `disk` zero-padded to whole blocks, `blocks` of them.

@@ -31,14 +31,7 @@ fn build(sb: &Sandbox, name: &str, fuse_toml: &str) -> String {
         &version,
         &["-static", &format!("-DVERSION=\"{version}\"")],
     );
-    let built = json(
-        sb.fuse()
-            .args(["build", "--json", "--name", name])
-            .arg(&exe)
-            .run()
-            .assert_success(),
-    );
-    built["digest"].as_str().unwrap().to_string()
+    sb.build_named(&exe, name)
 }
 
 fn world(moto: &Moto) -> Value {

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod imds;
 pub mod moto;
 
 use fuse_boot::poll::wait_until;
@@ -78,6 +79,30 @@ impl Sandbox {
                 .run()
                 .assert_success(),
         )
+    }
+
+    /// `fuse build --json --name NAME APP`, asserted to succeed: the image's digest.
+    pub fn build_named(&self, app: &Path, name: &str) -> String {
+        let built = json(
+            self.fuse()
+                .args(["build", "--json", "--name", name])
+                .arg(app)
+                .run()
+                .assert_success(),
+        );
+        built["digest"].as_str().unwrap().to_string()
+    }
+
+    /// `fuse export IMAGE --format raw` into the sandbox (`NAME-VERSION.raw`), asserted to
+    /// succeed: the raw disk.
+    pub fn export_raw(&self, image: &str) -> Vec<u8> {
+        let raw = self.dir.join(format!("{}.raw", image.replace(':', "-")));
+        self.fuse()
+            .args(["export", image, "--format", "raw", "-o"])
+            .arg(&raw)
+            .run()
+            .assert_success();
+        std::fs::read(&raw).unwrap()
     }
 
     /// Compiles a C program into the sandbox.
@@ -166,6 +191,22 @@ impl Sandbox {
             .unwrap_or(0);
         assert_eq!(stored, 0, "nothing is stored for a refused input");
         line
+    }
+}
+
+/// Makes `cmd`'s process get SIGKILL when the thread that spawns it ends: a server or VM a
+/// test started dies with it also when the test binary is killed (Drop does not run then).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }
 

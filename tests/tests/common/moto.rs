@@ -59,18 +59,8 @@ impl Moto {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The server
-        // dies with the test's thread, also when the test binary is killed (Drop does not run).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            child.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        // The server dies with the test's thread.
+        super::die_with_parent(&mut child);
         let child = child.spawn().expect("cannot start moto_server");
         let mut moto = Moto {
             child,
