@@ -25,7 +25,7 @@ use std::time::Duration;
 
 /// Modules Debian's cloud kernel needs to reach our root disk and network, in load order (the
 /// same on amd64 and arm64; arm64's PCI host bridge and PL011 are built in).
-const DEBIAN_MODULES: [&str; 10] = [
+const DEBIAN_MODULES: [&str; 12] = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
@@ -36,6 +36,10 @@ const DEBIAN_MODULES: [&str; 10] = [
     "net/core/failover.ko",
     "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko",
+    // fuse's status and console ports, and its run overlay (fw_cfg): fuse's kernel has them
+    // built in.
+    "drivers/char/virtio_console.ko",
+    "drivers/firmware/qemu_fw_cfg.ko",
 ];
 
 fn main() {
@@ -187,18 +191,8 @@ fn bench_arch(
     )];
 
     if std::env::args().any(|a| a == "--without-verity") {
-        let verity = fuse_boot::cmdline::parse_verity(&config.cmdline)
-            .context("the image's command line has no dm-verity table")?
-            .map_err(anyhow::Error::msg)?;
-        let app = fuse_boot::cmdline::parse_volume(&config.cmdline, Volume::App)
-            .context("the image's command line has no dm-verity table for /app")?
-            .map_err(anyhow::Error::msg)?;
         let mut plain = config.clone();
-        plain.cmdline = format!(
-            "{} fuse.app=PARTUUID={}",
-            fuse_boot::cmdline::image_cmdline(arch, &format!("PARTUUID={}", verity.data_partuuid)),
-            app.data_partuuid
-        );
+        plain.cmdline = without_verity(arch, &config.cmdline)?;
         // Alternated, so a change in the machine's load weighs on both alike.
         let (a, b) = (
             format!("{arch} dm-verity root"),
@@ -236,6 +230,9 @@ fn bench_arch(
         let mut base = config.clone();
         base.kernel = kernel;
         base.initrd = initrd;
+        // Debian's kernel has dm-verity as a module and no dm-mod.create= (CONFIG_DM_INIT):
+        // it mounts the same partitions directly.
+        base.cmdline = without_verity(arch, &config.cmdline)?;
         base.verbose = std::env::var_os("FUSE_BENCH_VERBOSE").is_some();
         series.push(Series::boot(
             &format!("{arch} debian cloud kernel"),
@@ -244,6 +241,22 @@ fn bench_arch(
         )?);
     }
     Ok(series)
+}
+
+/// The image's command line with its filesystems' partitions mounted directly, not through
+/// dm-verity.
+fn without_verity(arch: Arch, cmdline: &str) -> Result<String> {
+    let verity = fuse_boot::cmdline::parse_verity(cmdline)
+        .context("the image's command line has no dm-verity table")?
+        .map_err(anyhow::Error::msg)?;
+    let app = fuse_boot::cmdline::parse_volume(cmdline, Volume::App)
+        .context("the image's command line has no dm-verity table for /app")?
+        .map_err(anyhow::Error::msg)?;
+    Ok(format!(
+        "{} fuse.app=PARTUUID={}",
+        fuse_boot::cmdline::image_cmdline(arch, &format!("PARTUUID={}", verity.data_partuuid)),
+        app.data_partuuid
+    ))
 }
 
 /// The hello example, compiled statically for `arch` into `work`.
