@@ -497,11 +497,14 @@ mod tests {
         c.verbose = true;
         assert_eq!(
             effective_cmdline(&c, Accel::Kvm),
-            format!("{} loglevel=7", c.cmdline)
+            format!("{} loglevel=7 fuse.debug=1", c.cmdline)
         );
         // A command line of its own gets nothing it did not ask for but the extras.
         c.cmdline = "quiet".into();
-        assert_eq!(effective_cmdline(&c, Accel::Kvm), "quiet loglevel=7");
+        assert_eq!(
+            effective_cmdline(&c, Accel::Kvm),
+            "quiet loglevel=7 fuse.debug=1"
+        );
         c.arch = Arch::Aarch64;
         c.verbose = false;
         assert_eq!(effective_cmdline(&c, Accel::Tcg), "quiet");
