@@ -5,6 +5,7 @@ mod common;
 
 use common::{json, Sandbox, HELLO};
 use fuse_tests::FuseCmd;
+use std::os::fd::FromRawFd;
 use std::process::Command;
 
 #[test]
@@ -264,4 +265,30 @@ fn a_missing_qemu_is_reported_with_its_cause_once() {
             "'{part}' is printed twice: {line}"
         );
     }
+}
+
+/// A reader that stops early ends a printing command the way it ends `ls`: SIGPIPE, nothing on
+/// stderr (Rust's default is a panic on EPIPE). The pipe's read end is closed before fuse
+/// starts, so its first write fails.
+#[test]
+fn a_closed_stdout_ends_inspect_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello-1.0", &["-static"]);
+    sb.fuse().arg("build").arg(&app).run().assert_success();
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills the two descriptors; each is owned below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] is ours; closing it leaves a pipe without readers.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: fds[1] is a fresh descriptor owned by nothing else.
+    let stdout = unsafe { std::process::Stdio::from_raw_fd(fds[1]) };
+    let out = Command::new(fuse_tests::fuse_bin())
+        .env("FUSE_HOME", sb.home())
+        .args(["inspect", "hello:1.0"])
+        .stdout(stdout)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
 }

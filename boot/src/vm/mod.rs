@@ -30,6 +30,6 @@ pub use config::{
 pub use machine::{find_qemu, QemuMissing, VM_NAME_ARG};
 pub use passt::{guest_network_up, PasstError};
 pub use session::{
-    run, run_controlled, run_with, Diagnostics, GuestNetwork, RunControl, RunError, Spawned,
-    StopRequest, VmOutcome,
+    run, run_controlled, run_with, CorruptVolume, Diagnostics, GuestNetwork, RunControl, RunError,
+    Spawned, StopRequest, VmOutcome,
 };

@@ -118,6 +118,13 @@ impl fmt::Display for Diagnostics {
     }
 }
 
+/// Which of the image's verified filesystems a dm-verity error was in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorruptVolume {
+    Root,
+    App,
+}
+
 /// Errors running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -154,15 +161,21 @@ pub enum RunError {
         diagnostics: Box<Diagnostics>,
     },
     #[error(
-        "The image's root filesystem is corrupt: {} failed dm-verity verification, so the \
-         kernel stopped the VM before the app could read it; `fuse verify IMAGE` locates the \
-         damage (then rebuild the image)",
+        "The image's {} is corrupt: {} failed dm-verity verification, so the kernel stopped \
+         the VM before the app could read it; `fuse verify IMAGE` locates the damage (then \
+         rebuild the image)",
+        match .volume {
+            Some(CorruptVolume::Root) => "root filesystem",
+            Some(CorruptVolume::App) => "app filesystem (/app)",
+            None => "root or app filesystem",
+        },
         match .block { Some(b) => format!("block {b}"), None => "a block".to_string() }
     )]
     Integrity {
-        /// The data block the kernel refused, when its message reached the console
-        /// (`--verbose`: it is not an emergency-level message).
+        /// The data block the kernel refused, and in which filesystem, when its message
+        /// reached the console (`--verbose`: it is not an emergency-level message).
         block: Option<u64>,
+        volume: Option<CorruptVolume>,
     },
     #[error("The guest kernel panicked: {reason}{diagnostics}")]
     KernelPanic {
@@ -210,12 +223,23 @@ const VERITY_PANIC: &str = "dm-verity device corrupted";
 /// line reached the console).
 fn panic_error(reason: Option<&str>, diagnostics: Diagnostics) -> RunError {
     if reason.is_some_and(|r| r.contains(VERITY_PANIC)) {
-        // "device-mapper: verity: 254:0: data block 42 is corrupted"
-        let block = diagnostics.console.iter().find_map(|line| {
-            let rest = line.split("data block ").nth(1)?;
-            rest.strip_suffix(" is corrupted")?.parse().ok()
+        // "device-mapper: verity: 254:0: data block 42 is corrupted": the minor is the
+        // device's as `dm-mod.create=` numbers them (fuse_boot::cmdline), 0 the root, 1 /app.
+        let found = diagnostics.console.iter().find_map(|line| {
+            let rest = line.split("device-mapper: verity: ").nth(1)?;
+            let (device, rest) = rest.split_once(": data block ")?;
+            let block = rest.strip_suffix(" is corrupted")?.parse().ok()?;
+            let volume = match device.split_once(':')?.1 {
+                "0" => Some(CorruptVolume::Root),
+                "1" => Some(CorruptVolume::App),
+                _ => None,
+            };
+            Some((block, volume))
         });
-        return RunError::Integrity { block };
+        return RunError::Integrity {
+            block: found.map(|f| f.0),
+            volume: found.and_then(|f| f.1),
+        };
     }
     RunError::KernelPanic {
         reason: reason
@@ -855,19 +879,51 @@ mod tests {
         };
         let line = "Kernel panic - not syncing: dm-verity device corrupted";
         let reason = Some("dm-verity device corrupted");
-        let verbose = console(&[
-            "[    1.2] device-mapper: verity: 254:0: data block 42 is corrupted",
-            line,
-        ]);
-        let e = panic_error(reason, verbose);
+        let verbose = |minor: u32| {
+            console(&[
+                &format!(
+                    "[    1.2] device-mapper: verity: 254:{minor}: data block 42 is corrupted"
+                ),
+                line,
+            ])
+        };
+        let e = panic_error(reason, verbose(0));
         assert!(
-            matches!(e, RunError::Integrity { block: Some(42) }),
+            matches!(
+                e,
+                RunError::Integrity {
+                    block: Some(42),
+                    volume: Some(CorruptVolume::Root)
+                }
+            ),
             "{e:?}"
         );
-        assert!(e.to_string().contains("block 42 failed dm-verity"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("root filesystem is corrupt: block 42 failed dm-verity"),
+            "{e}"
+        );
         assert!(e.to_string().contains("fuse verify"), "{e}");
+        let app = panic_error(reason, verbose(1));
+        assert!(
+            app.to_string()
+                .contains("app filesystem (/app) is corrupt: block 42"),
+            "{app}"
+        );
         let quiet = panic_error(reason, console(&[line]));
-        assert!(matches!(quiet, RunError::Integrity { block: None }));
+        assert!(matches!(
+            quiet,
+            RunError::Integrity {
+                block: None,
+                volume: None
+            }
+        ));
+        assert!(
+            quiet
+                .to_string()
+                .contains("root or app filesystem is corrupt: a block"),
+            "{quiet}"
+        );
         let other = panic_error(Some("VFS"), console(&[]));
         assert!(matches!(other, RunError::KernelPanic { .. }), "{other:?}");
     }

@@ -33,7 +33,10 @@ mod tests {
         assert_eq!(code_of(&timeout.unwrap_err()), 124);
         let interrupted = anyhow::Error::new(RunError::Interrupted { signal: 2 });
         assert_eq!(code_of(&interrupted), 130);
-        let corrupt = anyhow::Error::new(RunError::Integrity { block: Some(3) });
+        let corrupt = anyhow::Error::new(RunError::Integrity {
+            block: Some(3),
+            volume: None,
+        });
         assert_eq!(code_of(&corrupt), 74);
         assert_eq!(code_of(&anyhow::anyhow!("No image 'x' in the store")), 1);
     }

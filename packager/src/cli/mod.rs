@@ -209,6 +209,13 @@ struct JsonFlag {
 /// Entry point: runs the command line, prints errors as one line, returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse_from(args::normalize_args(std::env::args_os()));
+    if only_prints(&cli.command) {
+        // A reader that stops early (`fuse inspect IMAGE | head`) ends the command quietly,
+        // as it ends `ls`, instead of a panic on EPIPE. Not for commands that own a VM, an
+        // upload or a lock: they see the write error and clean up.
+        // SAFETY: restores a signal's default disposition; no handler, no memory involved.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -216,6 +223,19 @@ pub fn main() -> i32 {
             exit::code_of(&err)
         }
     }
+}
+
+/// Commands whose only effect is what they print.
+fn only_prints(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Ls(_)
+            | Command::Inspect { .. }
+            | Command::Sbom { output: None, .. }
+            | Command::Verify { .. }
+            | Command::Ps { .. }
+            | Command::Logs { .. }
+    )
 }
 
 fn dispatch(cli: Cli) -> Result<i32> {

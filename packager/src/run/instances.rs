@@ -1023,8 +1023,10 @@ mod tests {
         })
         .context("Image x:1 did not run to completion"));
         assert_eq!(ending_of(&killed), (End::Killed, None));
-        let corrupt: Result<VmOutcome> =
-            Err(anyhow::Error::new(RunError::Integrity { block: Some(7) }));
+        let corrupt: Result<VmOutcome> = Err(anyhow::Error::new(RunError::Integrity {
+            block: Some(7),
+            volume: None,
+        }));
         let (end, error) = ending_of(&corrupt);
         assert_eq!(end, End::Failed);
         assert!(error.unwrap().contains("block 7"));
