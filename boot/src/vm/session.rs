@@ -223,15 +223,16 @@ const VERITY_PANIC: &str = "dm-verity device corrupted";
 /// line reached the console).
 fn panic_error(reason: Option<&str>, diagnostics: Diagnostics) -> RunError {
     if reason.is_some_and(|r| r.contains(VERITY_PANIC)) {
-        // "device-mapper: verity: 254:0: data block 42 is corrupted": the minor is the
-        // device's as `dm-mod.create=` numbers them (fuse_boot::cmdline), 0 the root, 1 /app.
+        // "device-mapper: verity: 254:4: data block 42 is corrupted" names the data
+        // partition's device: on fuse's machines (one disk, vda or nvme0n1) its minor is the
+        // partition's number, 2 the root's and 4 the app's (see `disk`).
         let found = diagnostics.console.iter().find_map(|line| {
             let rest = line.split("device-mapper: verity: ").nth(1)?;
             let (device, rest) = rest.split_once(": data block ")?;
             let block = rest.strip_suffix(" is corrupted")?.parse().ok()?;
             let volume = match device.split_once(':')?.1 {
-                "0" => Some(CorruptVolume::Root),
-                "1" => Some(CorruptVolume::App),
+                "2" => Some(CorruptVolume::Root),
+                "4" => Some(CorruptVolume::App),
                 _ => None,
             };
             Some((block, volume))
@@ -887,7 +888,7 @@ mod tests {
                 line,
             ])
         };
-        let e = panic_error(reason, verbose(0));
+        let e = panic_error(reason, verbose(2));
         assert!(
             matches!(
                 e,
@@ -904,7 +905,7 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("fuse verify"), "{e}");
-        let app = panic_error(reason, verbose(1));
+        let app = panic_error(reason, verbose(4));
         assert!(
             app.to_string()
                 .contains("app filesystem (/app) is corrupt: block 42"),
