@@ -468,6 +468,7 @@ pub(crate) fn deploy_locked(
         terminated: Vec::new(),
         console_tail: None,
         console_of: None,
+        served_before: live.is_some(),
         seconds: 0.0,
     };
     let mut failure: Option<(String, String)> = None;

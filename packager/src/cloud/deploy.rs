@@ -230,6 +230,7 @@ fn deploy_locked(
         terminated: Vec::new(),
         console_tail: None,
         console_of: None,
+        served_before: false,
         seconds: 0.0,
     };
     let check = check_of(image);
@@ -239,6 +240,7 @@ fn deploy_locked(
             let console = ec2::console_output(client, &instance).unwrap_or_default();
             ec2::terminate_instances(client, &[&instance])?;
             outcome.address = address_of(client, &d.app, &d.env)?.map(|a| a.public_ip);
+            outcome.served_before = outcome.address.is_some();
             outcome.reason = Some(reason);
             outcome.console_tail = Some(tail(&console, CONSOLE_TAIL));
         }

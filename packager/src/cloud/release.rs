@@ -71,6 +71,9 @@ pub(crate) struct Deployed {
     pub(crate) console_tail: Option<String>,
     /// Which instance's console that is, when not `instance` (behind a load balancer).
     pub(crate) console_of: Option<String>,
+    /// Something served the environment before this deployment (for the failure message).
+    #[serde(skip)]
+    pub(crate) served_before: bool,
     pub(crate) seconds: f64,
 }
 
@@ -78,7 +81,10 @@ impl Deployed {
     /// What serves the environment after a failed deployment.
     pub(crate) fn kept(&self) -> String {
         match (&self.load_balancer, &self.address) {
-            (Some(lb), _) => format!("{lb} still forwards to the previous release"),
+            (Some(lb), _) if self.served_before => {
+                format!("{lb} still forwards to the previous release")
+            }
+            (Some(lb), _) => format!("{lb} serves nothing yet"),
             (None, Some(a)) => format!("{a} still leads to the previous instance"),
             (None, None) => "nothing was serving before".into(),
         }

@@ -225,15 +225,21 @@ elif command == "world":
         for g in ec2.describe_security_groups()["SecurityGroups"]
     ]
     # The load balancers: their DNS names, listeners (port, the group they forward to), and
-    # every target group with its tags and registered targets.
+    # every target group with its tags and registered targets. One deleted while it is read
+    # (fuse runs meanwhile) is left out.
+    from botocore.exceptions import ClientError
+
     elb = client("elbv2", key, secret)
     balancers = []
     for lb in elb.describe_load_balancers()["LoadBalancers"]:
-        tags = elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"]
-        listeners = [
-            {"port": l["Port"], "target_group": next((a.get("TargetGroupArn") for a in l["DefaultActions"]), None)}
-            for l in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
-        ]
+        try:
+            tags = elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"]
+            listeners = [
+                {"port": l["Port"], "target_group": next((a.get("TargetGroupArn") for a in l["DefaultActions"]), None)}
+                for l in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
+            ]
+        except ClientError:
+            continue
         balancers.append({
             "arn": lb["LoadBalancerArn"], "name": lb["LoadBalancerName"], "dns": lb["DNSName"],
             "security_groups": lb.get("SecurityGroups", []), "listeners": listeners,
@@ -241,9 +247,12 @@ elif command == "world":
         })
     target_groups = []
     for g in elb.describe_target_groups()["TargetGroups"]:
-        tags = elb.describe_tags(ResourceArns=[g["TargetGroupArn"]])["TagDescriptions"]
-        health = elb.describe_target_health(TargetGroupArn=g["TargetGroupArn"])["TargetHealthDescriptions"]
-        attrs = elb.describe_target_group_attributes(TargetGroupArn=g["TargetGroupArn"])["Attributes"]
+        try:
+            tags = elb.describe_tags(ResourceArns=[g["TargetGroupArn"]])["TagDescriptions"]
+            health = elb.describe_target_health(TargetGroupArn=g["TargetGroupArn"])["TargetHealthDescriptions"]
+            attrs = elb.describe_target_group_attributes(TargetGroupArn=g["TargetGroupArn"])["Attributes"]
+        except ClientError:
+            continue
         target_groups.append({
             "arn": g["TargetGroupArn"], "name": g["TargetGroupName"], "port": g.get("Port"),
             "health_path": g.get("HealthCheckPath"),
