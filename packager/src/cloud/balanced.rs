@@ -526,9 +526,11 @@ pub(crate) fn deploy_locked(
             ec2::console_output(client, &failing).unwrap_or_default()
         };
         let refs: Vec<&str> = outcome.instances.iter().map(String::as_str).collect();
-        let on = registered(client, &tg)?;
-        let on: Vec<&str> = on.iter().map(String::as_str).collect();
-        elbv2::deregister_targets(client, &tg, &on)?;
+        // Best effort: the group is deleted next, targets and all; terminating is what counts.
+        if let Ok(on) = registered(client, &tg) {
+            let on: Vec<&str> = on.iter().map(String::as_str).collect();
+            let _ = elbv2::deregister_targets(client, &tg, &on);
+        }
         ec2::terminate_instances(client, &refs)?;
         elbv2::delete_target_group(client, &tg)?;
         progress(&format!(

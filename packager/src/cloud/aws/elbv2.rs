@@ -96,7 +96,7 @@ fn call(client: &Client, action: &'static str, params: &[(String, String)]) -> R
     String::from_utf8(reply.body).with_context(|| format!("ELBv2 {action} answered with non-UTF-8"))
 }
 
-fn parse<'a>(xml: &'a str, action: &str) -> Result<roxmltree::Document<'a>> {
+fn parse_doc<'a>(xml: &'a str, action: &str) -> Result<roxmltree::Document<'a>> {
     roxmltree::Document::parse(xml).with_context(|| format!("ELBv2 {action} answered with bad XML"))
 }
 
@@ -135,7 +135,7 @@ fn tag_params(tags: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn parse_load_balancers(xml: &str, action: &str) -> Result<Vec<LoadBalancer>> {
-    let doc = parse(xml, action)?;
+    let doc = parse_doc(xml, action)?;
     Ok(members(&doc, "LoadBalancers")
         .into_iter()
         .filter_map(|m| {
@@ -149,10 +149,39 @@ fn parse_load_balancers(xml: &str, action: &str) -> Result<Vec<LoadBalancer>> {
         .collect())
 }
 
-/// Every load balancer of the region (one page: fuse's are found by their tags after).
+/// Every page of a Describe call: `parse` of each answer, following `NextMarker`.
+fn all_pages<T>(
+    client: &Client,
+    action: &'static str,
+    parse: impl Fn(&str) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let mut found = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let mut params = vec![p("PageSize", "400")];
+        if let Some(m) = &marker {
+            params.push(p("Marker", m));
+        }
+        let xml = call(client, action, &params)?;
+        found.extend(parse(&xml)?);
+        let doc = parse_doc(&xml, action)?;
+        marker = doc
+            .descendants()
+            .find(|n| n.has_tag_name("NextMarker"))
+            .and_then(|n| n.text())
+            .filter(|m| !m.is_empty())
+            .map(str::to_string);
+        if marker.is_none() {
+            return Ok(found);
+        }
+    }
+}
+
+/// Every load balancer of the region (fuse's are found by their tags after).
 pub(crate) fn describe_load_balancers(client: &Client) -> Result<Vec<LoadBalancer>> {
-    let xml = call(client, "DescribeLoadBalancers", &[p("PageSize", "400")])?;
-    parse_load_balancers(&xml, "DescribeLoadBalancers")
+    all_pages(client, "DescribeLoadBalancers", |xml| {
+        parse_load_balancers(xml, "DescribeLoadBalancers")
+    })
 }
 
 /// The load balancer named `name`, if there is one.
@@ -203,7 +232,7 @@ pub(crate) fn describe_tags(
     let mut all = BTreeMap::new();
     for chunk in arns.chunks(20) {
         let xml = call(client, "DescribeTags", &list("ResourceArns", chunk))?;
-        let doc = parse(&xml, "DescribeTags")?;
+        let doc = parse_doc(&xml, "DescribeTags")?;
         for d in members(&doc, "TagDescriptions") {
             let Some(arn) = child_text(d, "ResourceArn") else {
                 continue;
@@ -228,7 +257,7 @@ pub(crate) fn add_tags(client: &Client, arn: &str, tags: &[(&str, &str)]) -> Res
 }
 
 fn parse_target_groups(xml: &str, action: &str) -> Result<Vec<TargetGroup>> {
-    let doc = parse(xml, action)?;
+    let doc = parse_doc(xml, action)?;
     Ok(members(&doc, "TargetGroups")
         .into_iter()
         .filter_map(|m| {
@@ -240,10 +269,11 @@ fn parse_target_groups(xml: &str, action: &str) -> Result<Vec<TargetGroup>> {
         .collect())
 }
 
-/// Every target group of the region (one page).
+/// Every target group of the region.
 pub(crate) fn describe_target_groups(client: &Client) -> Result<Vec<TargetGroup>> {
-    let xml = call(client, "DescribeTargetGroups", &[p("PageSize", "400")])?;
-    parse_target_groups(&xml, "DescribeTargetGroups")
+    all_pages(client, "DescribeTargetGroups", |xml| {
+        parse_target_groups(xml, "DescribeTargetGroups")
+    })
 }
 
 pub(crate) fn create_target_group_params(t: &NewTargetGroup) -> Vec<(String, String)> {
@@ -328,7 +358,7 @@ pub(crate) fn describe_target_health(client: &Client, arn: &str) -> Result<Vec<T
 }
 
 pub(crate) fn parse_target_health(xml: &str) -> Result<Vec<TargetHealth>> {
-    let doc = parse(xml, "DescribeTargetHealth")?;
+    let doc = parse_doc(xml, "DescribeTargetHealth")?;
     Ok(members(&doc, "TargetHealthDescriptions")
         .into_iter()
         .filter_map(|m| {
@@ -346,7 +376,7 @@ pub(crate) fn parse_target_health(xml: &str) -> Result<Vec<TargetHealth>> {
 }
 
 pub(crate) fn parse_listeners(xml: &str) -> Result<Vec<Listener>> {
-    let doc = parse(xml, "DescribeListeners")?;
+    let doc = parse_doc(xml, "DescribeListeners")?;
     Ok(members(&doc, "Listeners")
         .into_iter()
         .filter_map(|m| {
