@@ -241,6 +241,8 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
         assert_eq!(ids(&serving_group(&w)["targets"]), v1, "v1 keeps serving");
 
         // Without --instances the environment keeps its count.
+        let v1_group = serving_group(&w)["arn"].as_str().unwrap().to_string();
+        moto.helper(&["start-recording"]);
         let started = Instant::now();
         let out = deploy()
             .args(["web:v2", "--env", "prod", "--json", "-e"])
@@ -275,6 +277,40 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
         assert_eq!(lb["tags"]["fuse:digest"], d2.as_str());
         assert_eq!(lb["tags"]["fuse:previous-digest"], d1.as_str());
         assert_spread(proxy_port, &dns, "v2", &v2);
+        // The order, from moto's recording: v2's targets registered, then the listener
+        // switched, then v1's targets deregistered, terminated and their group deleted.
+        let calls = moto.recording();
+        let v2_group = group["arn"].as_str().unwrap();
+        let at = |action: &str, key: &str, value: &str| -> usize {
+            calls
+                .iter()
+                .position(|c| c["params"]["Action"] == action && c["params"][key] == value)
+                .unwrap_or_else(|| panic!("no {action} with {key}={value}"))
+        };
+        let registered = at("RegisterTargets", "TargetGroupArn", v2_group);
+        let switched = at(
+            "ModifyListener",
+            "DefaultActions.member.1.TargetGroupArn",
+            v2_group,
+        );
+        let deregistered = at("DeregisterTargets", "TargetGroupArn", &v1_group);
+        let deleted = at("DeleteTargetGroup", "TargetGroupArn", &v1_group);
+        let v1_terminated = calls
+            .iter()
+            .position(|c| {
+                c["params"]["Action"] == "TerminateInstances"
+                    && v1
+                        .iter()
+                        .all(|id| c["params"].to_string().contains(id.as_str()))
+            })
+            .expect("v1's instances terminated");
+        assert!(
+            registered < switched
+                && switched < deregistered
+                && deregistered < v1_terminated
+                && v1_terminated < deleted,
+            "register {registered}, switch {switched}, deregister {deregistered}, terminate {v1_terminated}, delete {deleted}"
+        );
 
         // 3. An unhealthy v3: its instances terminated and its group deleted, the listener
         // untouched, exit 1 with the reason and a failing instance's console.
@@ -317,6 +353,15 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
         );
         assert_eq!(balancers(&w)[0]["tags"]["fuse:digest"], d2.as_str());
         assert_spread(proxy_port, &dns, "v2", &v2);
+        let calls = moto.recording();
+        let switches = calls
+            .iter()
+            .filter(|c| c["params"]["Action"] == "ModifyListener")
+            .count();
+        assert_eq!(
+            switches, 1,
+            "v2's switch only: v3 never touched the listener"
+        );
 
         // ls: the load balancer's name, the digest, both instances serving.
         let listed = json(deploy().args(["ls", "--json"]).run().assert_success());
