@@ -312,7 +312,36 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
             "register {registered}, switch {switched}, deregister {deregistered}, terminate {v1_terminated}, delete {deleted}"
         );
 
-        // 3. An unhealthy v3: its instances terminated and its group deleted, the listener
+        // 3. v3, interrupted (Ctrl-C) while it waits for its instances' health: they are
+        // terminated, its group deleted, the listener untouched and the lock released.
+        let interrupted = deploy()
+            .args(["web:v3", "--env", "prod", "--instances", "2"])
+            .spawn();
+        fuse_boot::poll::wait_until(Duration::from_secs(180), Duration::from_millis(300), || {
+            let w = world();
+            let launched = live(&w)
+                .values()
+                .filter(|i| i["tags"]["fuse:digest"] == d3.as_str() && i["state"] == "running")
+                .count();
+            (launched == 2).then_some(())
+        })
+        .expect("the interrupted deploy launched two instances");
+        interrupted.signal(libc::SIGINT);
+        let out = interrupted.wait();
+        out.assert_code(1);
+        assert!(
+            out.stderr_str().contains("Interrupted: ")
+                && out.stderr_str().contains(&format!(
+                    "{dns} still forwards to the previous release; the lock of web/prod is released"
+                )),
+            "{out}"
+        );
+        let w = world();
+        assert_eq!(ids(&serving_group(&w)["targets"]), v2);
+        assert_eq!(tagged(&w, "target_groups").len(), 1, "{w}");
+        assert_eq!(live(&w).keys().cloned().collect::<BTreeSet<_>>(), v2, "{w}");
+
+        // An unhealthy v3: its instances terminated and its group deleted, the listener
         // untouched, exit 1 with the reason and a failing instance's console.
         let out = deploy()
             .args(["web:v3", "--env", "prod", "--instances", "2"])
@@ -320,6 +349,7 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
             .run();
         out.assert_code(1);
         let err = out.stderr_str();
+        assert!(!err.contains("taking over the lock"), "released: {out}");
         assert!(
             err.contains("was not healthy within the health timeout"),
             "{out}"
