@@ -98,7 +98,8 @@ pub(super) struct AppEnv {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DeployCommand {
-    /// List the deployed apps and environments: addresses, digests, instances and states.
+    /// List the deployed apps and environments: addresses (or load balancers), digests,
+    /// instances and states.
     Ls {
         #[command(flatten)]
         aws: AwsFlags,
@@ -106,7 +107,7 @@ pub(super) enum DeployCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the console output of the instance serving an app's environment.
+    /// Print the console output of the instance(s) serving an app's environment.
     Logs {
         #[command(flatten)]
         target: AppEnv,

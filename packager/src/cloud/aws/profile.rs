@@ -472,10 +472,22 @@ region = wrong-section-style
         let s = resolve(&AwsOptions::default(), &vars, CREDENTIALS, CONFIG).unwrap();
         assert_eq!(s.ec2_endpoint, "http://127.0.0.1:5000");
         assert_eq!(s.ebs_endpoint, "http://127.0.0.1:6000");
+        assert_eq!(s.elbv2_endpoint, "http://127.0.0.1:5000");
+        let elb = [(
+            "AWS_ENDPOINT_URL_ELASTIC_LOAD_BALANCING_V2",
+            "http://127.0.0.1:7000",
+        )];
+        let s = resolve(&AwsOptions::default(), &elb, CREDENTIALS, CONFIG).unwrap();
+        assert_eq!(s.elbv2_endpoint, "http://127.0.0.1:7000");
+        assert_eq!(s.ec2_endpoint, "https://ec2.us-east-1.amazonaws.com");
         let mut ignored = vars.to_vec();
         ignored.push(("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true"));
         let s = resolve(&AwsOptions::default(), &ignored, CREDENTIALS, CONFIG).unwrap();
         assert_eq!(s.ebs_endpoint, "https://ebs.us-east-1.amazonaws.com");
+        assert_eq!(
+            s.elbv2_endpoint,
+            "https://elasticloadbalancing.us-east-1.amazonaws.com"
+        );
         let err = resolve(
             &AwsOptions::default(),
             &[("AWS_ENDPOINT_URL", "localhost:1")],
