@@ -67,7 +67,8 @@ fn ids(values: &Value) -> BTreeSet<String> {
 }
 
 /// Requests to the load balancer's name through the proxy until every one of `instances` has
-/// answered `VERSION GREETING <its id>` (each answer must be one of theirs).
+/// answered `VERSION GREETING <its id>` (other answers are retried: the proxy's routes follow
+/// moto's state at the harness's last poll).
 #[track_caller]
 fn assert_spread(proxy_port: u16, dns: &str, version: &str, instances: &BTreeSet<String>) {
     let mut seen = BTreeSet::new();
