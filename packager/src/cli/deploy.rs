@@ -33,7 +33,8 @@ pub(super) struct DeployFlags {
     /// Image (name[:version] or digest).
     #[arg(required = true)]
     image: Option<String>,
-    /// The environment to deploy to (one instance and address per app and environment); the
+    /// The environment to deploy to (one instance and address per app and environment, or
+    /// N instances behind a load balancer with --instances); the
     /// image's environment of that name is booted when it has one. Boxfuse's `-env=prod`
     /// works too.
     #[arg(long = "env", short = 'E', value_name = "ENV", required = true)]
@@ -54,6 +55,15 @@ pub(super) struct DeployFlags {
     /// it is terminated and the deployment fails (default: 300).
     #[arg(long, value_name = "SECONDS")]
     health_timeout: Option<u64>,
+    /// Put the environment behind an application load balancer with N instances (one
+    /// target group per release, switched to only when every new instance is healthy). An
+    /// environment behind a load balancer keeps its count when this is left out.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_INSTANCES))]
+    instances: Option<u32>,
+    /// Behind a load balancer: how long a replaced instance keeps serving the requests it has
+    /// after it leaves the load balancer, before it is terminated (default: 30).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    deregistration_delay: Option<u64>,
     /// Machine-readable output (no progress lines).
     #[arg(long)]
     json: bool,
@@ -88,7 +98,8 @@ pub(super) struct AppEnv {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DeployCommand {
-    /// List the deployed apps and environments: addresses, digests, instances and states.
+    /// List the deployed apps and environments: addresses (or load balancers), digests,
+    /// instances and states.
     Ls {
         #[command(flatten)]
         aws: AwsFlags,
@@ -96,7 +107,7 @@ pub(super) enum DeployCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the console output of the instance serving an app's environment.
+    /// Print the console output of the instance(s) serving an app's environment.
     Logs {
         #[command(flatten)]
         target: AppEnv,
@@ -115,8 +126,9 @@ pub(super) enum DeployCommand {
         #[command(flatten)]
         lock: LockFlags,
     },
-    /// Remove everything a deployment of an app's environment made: its instances, its
-    /// address and its security group (the AMIs stay, for other environments).
+    /// Remove everything a deployment of an app's environment made: its load balancer,
+    /// listener and target groups, its instances, its address and its security groups (the
+    /// AMIs stay, for other environments).
     Destroy {
         #[command(flatten)]
         target: AppEnv,
@@ -166,6 +178,10 @@ impl From<&AwsFlags> for AwsOptions {
 
 /// From RunInstances to healthy, unless --health-timeout says otherwise.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
+/// `--instances` at most (a bound against typos: `--instances 100` is a bill).
+const MAX_INSTANCES: i64 = 20;
+/// ELB's own default is 300 s; fuse's releases are short-request web apps.
+const DEREGISTRATION_DELAY: Duration = Duration::from_secs(30);
 
 pub(super) fn command(args: DeployArgs) -> Result<i32> {
     match args.command {
@@ -173,11 +189,17 @@ pub(super) fn command(args: DeployArgs) -> Result<i32> {
         Some(DeployCommand::Ls { aws, json }) => ls(&aws, json),
         Some(DeployCommand::Logs { target }) => {
             let client = client(&target.aws)?;
-            let instance = deploy::serving_instance(&client, &target.app, &target.env)?;
-            print!(
-                "{}",
-                crate::cloud::aws::ec2::console_output(&client, &instance)?
-            );
+            let instances = deploy::serving_instances(&client, &target.app, &target.env)?;
+            for (n, instance) in instances.iter().enumerate() {
+                // Behind a load balancer, each serving instance's, headed as tail(1) does.
+                if instances.len() > 1 {
+                    println!("{}==> {instance} <==", if n > 0 { "\n" } else { "" });
+                }
+                print!(
+                    "{}",
+                    crate::cloud::aws::ec2::console_output(&client, instance)?
+                );
+            }
             Ok(0)
         }
         Some(DeployCommand::Rollback {
@@ -202,8 +224,17 @@ pub(super) fn command(args: DeployArgs) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&gone)?);
             } else {
+                let lb = if gone.load_balancers.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "{} load balancer(s) and {} target group(s) deleted, ",
+                        gone.load_balancers.len(),
+                        gone.target_groups.len()
+                    )
+                };
                 println!(
-                    "{}/{}: {} instance(s) terminated, {} address(es) released, {} security group(s) deleted",
+                    "{}/{}: {lb}{} instance(s) terminated, {} address(es) released, {} security group(s) deleted",
                     target.app,
                     target.env,
                     gone.instances.len(),
@@ -263,6 +294,11 @@ fn deploy_image(flags: &DeployFlags) -> Result<i32> {
             .unwrap_or(HEALTH_TIMEOUT),
         break_lock: flags.lock.break_lock,
         forced,
+        instances: flags.instances,
+        deregistration_delay: flags
+            .deregistration_delay
+            .map(Duration::from_secs)
+            .unwrap_or(DEREGISTRATION_DELAY),
     };
     run_deployment(&store, &image, &flags.aws, &deployment, flags.json)
 }
@@ -334,6 +370,9 @@ fn rollback(
         break_lock,
         // A digest this environment served before: it passed the gate then.
         forced: false,
+        // The environment's mode and count stay.
+        instances: None,
+        deregistration_delay: DEREGISTRATION_DELAY,
     };
     if !json {
         progress_line(&format!(
@@ -360,6 +399,8 @@ fn run_deployment(
         }
     };
     deploy::refuse_if_deploying(&client, deployment)?;
+    // A mode the environment cannot take is refused before an AMI is made.
+    deploy::resolve_mode(&client, image, deployment)?;
     let ami = ami::ensure_ami(&client, store, image, &disk, &mut progress)?;
     if !ami.reused {
         progress(&format!("{} made from {}", ami.ami, image.name));
@@ -380,30 +421,35 @@ fn print_outcome(o: &Deployed) {
         } else {
             format!(", replacing {}", o.terminated.join(", "))
         };
+        let at = match &o.load_balancer {
+            Some(lb) => format!("behind {lb}"),
+            None => format!("at {}", o.address.as_deref().unwrap_or("-")),
+        };
         println!(
-            "{}/{}: {} ({}) on {} at {}{replaced}",
+            "{}/{}: {} ({}) on {} {at}{replaced}",
             o.app,
             o.env,
             o.image,
             crate::host::digest::short(&o.digest),
-            o.instance,
-            o.address.as_deref().unwrap_or("-")
+            o.instances.join(", "),
         );
     } else {
-        let kept = match &o.address {
-            Some(a) => format!("{a} still leads to the previous instance"),
-            None => "nothing was serving before".to_string(),
+        let launched = if o.instances.is_empty() {
+            "nothing launched".to_string()
+        } else {
+            format!("{} terminated", o.instances.join(", "))
         };
         eprintln!(
-            "fuse: deployment of {} to {}/{} failed: {}; {} terminated, {kept}",
+            "fuse: deployment of {} to {}/{} failed: {}; {launched}, {}",
             o.image,
             o.app,
             o.env,
             o.reason.as_deref().unwrap_or("unhealthy"),
-            o.instance
+            o.kept()
         );
         if let Some(tail) = o.console_tail.as_deref().filter(|t| !t.is_empty()) {
-            eprintln!("fuse: the last lines of {}'s console:\n{tail}", o.instance);
+            let failing = o.console_of.as_deref().unwrap_or(&o.instance);
+            eprintln!("fuse: the last lines of {failing}'s console:\n{tail}");
         }
     }
 }
@@ -420,6 +466,7 @@ fn ls(flags: &AwsFlags, json: bool) -> Result<i32> {
         "APP", "ENV", "ADDRESS", "DIGEST", "INSTANCE", "STATE", "INSTANCE IP"
     );
     for e in &envs {
+        let address = e.load_balancer.as_ref().or(e.address.as_ref());
         let short = |d: &Option<String>| {
             d.as_deref()
                 .map(|d| crate::host::digest::short(d).to_string())
@@ -430,7 +477,7 @@ fn ls(flags: &AwsFlags, json: bool) -> Result<i32> {
                 "{:<16} {:<10} {:<16} {:<14} {:<20} {:<10} {:<16}",
                 e.app,
                 e.env,
-                e.address.as_deref().unwrap_or("-"),
+                address.map(String::as_str).unwrap_or("-"),
                 short(&e.digest),
                 "-",
                 "-",
@@ -443,7 +490,7 @@ fn ls(flags: &AwsFlags, json: bool) -> Result<i32> {
                 e.app,
                 e.env,
                 if i.serving {
-                    e.address.as_deref().unwrap_or("-")
+                    address.map(String::as_str).unwrap_or("-")
                 } else {
                     "-"
                 },

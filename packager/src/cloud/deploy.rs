@@ -4,119 +4,75 @@
 //! check against its public address, and an Elastic IP moved to it only when it is healthy;
 //! then the instances it replaces are terminated. An unhealthy new instance is terminated and
 //! the old one keeps serving. The address records the digest it serves and the one before
-//! (`fuse deploy rollback`).
+//! (`fuse deploy rollback`). With `--instances N` (or for an environment already behind a
+//! load balancer) the release goes to [`super::balanced`] instead; `ls`, `logs`, `rollback`
+//! and `destroy` cover both.
 
 use super::ami::DIGEST_TAG;
-use super::aws::ec2::{self, Address, Instance, Launch};
+use super::aws::ec2::{self, Address, Launch};
 use super::aws::http::Client;
 use super::lock;
+pub(crate) use super::release::{
+    check_of, live_instances, owned, ownership_tags, tail, wait_healthy, Check, Deployed,
+    Deployment, APP_TAG, CONSOLE_TAIL, ENV_TAG, FORCED_TAG, INTERRUPTED, LIVE, POLL, PREVIOUS_TAG,
+};
 use crate::host::digest;
-use crate::image::config::HealthProbe;
 use crate::image::store::StoredImage;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// The tags that name a deployment's app and environment, on each thing it made.
-pub(crate) const APP_TAG: &str = "fuse:app";
-pub(crate) const ENV_TAG: &str = "fuse:env";
-/// On the address: the digest served before the current one (what a rollback deploys).
-pub(crate) const PREVIOUS_TAG: &str = "fuse:previous-digest";
-/// The instance states that still hold (or will hold) a machine.
-const LIVE: &[&str] = &["pending", "running", "stopping", "stopped"];
-/// Between two looks at an instance or its health.
-const POLL: Duration = Duration::from_secs(2);
-/// The console lines a failed deployment shows.
-const CONSOLE_TAIL: usize = 30;
 /// How long `destroy` waits for the instances to go before deleting their security group.
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// One deployment: what runs where, and how long it may take to become healthy.
-#[derive(Debug, Clone)]
-pub(crate) struct Deployment {
-    pub(crate) app: String,
-    pub(crate) env: String,
-    pub(crate) instance_type: String,
-    /// The instance's user-data (`fuse userdata`'s document): the deploy-time values.
-    pub(crate) user_data: String,
-    /// From RunInstances to healthy.
-    pub(crate) health_timeout: Duration,
-    /// Take over another run's lock of the environment (see [`super::lock`]).
-    pub(crate) break_lock: bool,
-    /// The promotion gate was overridden: the instance is tagged `fuse:forced=true`.
-    pub(crate) forced: bool,
+/// How an environment is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// One instance behind an Elastic IP.
+    Single,
+    /// N instances behind an application load balancer (see [`super::balanced`]).
+    Balanced(u32),
 }
 
-/// On an instance deployed past the promotion gate with `--force`.
-pub(crate) const FORCED_TAG: &str = "fuse:forced";
-
-/// What a deployment did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct Deployed {
-    pub(crate) app: String,
-    pub(crate) env: String,
-    pub(crate) digest: String,
-    pub(crate) image: String,
-    pub(crate) ami: String,
-    pub(crate) instance: String,
-    pub(crate) healthy: bool,
-    /// Why it failed (not running in time, unhealthy); `None` when healthy.
-    pub(crate) reason: Option<String>,
-    /// The Elastic IP address now serving the environment (the old one's when it failed).
-    pub(crate) address: Option<String>,
-    /// The instances replaced (terminated) by a healthy deployment.
-    pub(crate) terminated: Vec<String>,
-    /// The last lines of a failed instance's console.
-    pub(crate) console_tail: Option<String>,
-    pub(crate) seconds: f64,
-}
-
-/// The check a deployment must pass, from the image's `healthcheck` (else a TCP connection to
-/// its only port; an image with no port is healthy once running).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Check {
-    Http {
-        path: String,
-        port: u16,
-        status: Option<u16>,
-    },
-    Tcp {
-        port: u16,
-    },
-    Running,
-}
-
-fn check_of(image: &StoredImage) -> Check {
-    let config = &image.manifest.config;
-    match &config.healthcheck {
-        Some(h) => match &h.probe {
-            HealthProbe::Http { path, port, status } => Check::Http {
-                path: path.clone(),
-                port: *port,
-                status: *status,
-            },
-            HealthProbe::Tcp { port } => Check::Tcp { port: *port },
-        },
-        None => match config.ports.values().next() {
-            Some(port) => Check::Tcp { port: *port },
-            None => Check::Running,
-        },
+/// The mode a deployment of `d` uses: `--instances` (or the load balancer's recorded count
+/// when not given) for an environment behind a load balancer or a new one; refused, before
+/// anything is made, for an environment served by an Elastic IP (converting in place would
+/// change its address) and for an image with no port.
+pub(crate) fn resolve_mode(client: &Client, image: &StoredImage, d: &Deployment) -> Result<Mode> {
+    let found = super::balanced::find(client, &d.app, &d.env)?;
+    let mode = match (found, d.instances) {
+        (Some(b), requested) => Mode::Balanced(requested.unwrap_or(b.instances)),
+        (None, None) => Mode::Single,
+        (None, Some(n)) => {
+            if let Some(a) = address_of(client, &d.app, &d.env)? {
+                bail!(
+                    "{}/{} is served by one instance at the Elastic IP {}: it cannot go behind a load balancer in place; `fuse deploy destroy {} --env {}` first, or deploy to another --env",
+                    d.app, d.env, a.public_ip, d.app, d.env
+                );
+            }
+            Mode::Balanced(n)
+        }
+    };
+    if let (Mode::Balanced(_), Check::Running) = (mode, check_of(image)) {
+        bail!(
+            "{} has no port: a load balancer needs one to send requests to (add [ports] to its fuse.toml), or deploy it without --instances",
+            image.name
+        );
     }
+    Ok(mode)
 }
 
-/// The filters for the things of one app and environment.
-fn owned<'a>(app: &'a [&'a str], env: &'a [&'a str]) -> Vec<(&'static str, &'a [&'a str])> {
-    vec![("tag:fuse:app", app), ("tag:fuse:env", env)]
-}
-
-/// The live instances of an app and environment, oldest first.
-pub(crate) fn live_instances(client: &Client, app: &str, env: &str) -> Result<Vec<Instance>> {
+/// The security group of an app and environment's instances (the one holding its lock), not
+/// its load balancer's.
+pub(crate) fn instance_group(
+    client: &Client,
+    app: &str,
+    env: &str,
+) -> Result<Option<ec2::SecurityGroup>> {
     let (a, e) = ([app], [env]);
-    let mut with = owned(&a, &e);
-    with.push(("instance-state-name", LIVE));
-    let mut found = ec2::describe_instances(client, &with)?;
-    found.sort_by(|x, y| x.launch_time.cmp(&y.launch_time));
-    Ok(found)
+    Ok(ec2::describe_security_groups(client, &owned(&a, &e))?
+        .into_iter()
+        .find(|g| !g.tags.contains_key(super::balanced::ROLE_TAG)))
 }
 
 /// The Elastic IP of an app and environment, if it has one.
@@ -127,10 +83,6 @@ pub(crate) fn address_of(client: &Client, app: &str, env: &str) -> Result<Option
         .next())
 }
 
-fn ownership_tags<'a>(app: &'a str, env: &'a str) -> [(&'static str, &'a str); 2] {
-    [(APP_TAG, app), (ENV_TAG, env)]
-}
-
 /// The security group of an app and environment: found by its tags, or made with the image's
 /// ports open.
 fn ensure_security_group(
@@ -139,11 +91,7 @@ fn ensure_security_group(
     ports: &[u16],
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let (a, e) = ([d.app.as_str()], [d.env.as_str()]);
-    if let Some(found) = ec2::describe_security_groups(client, &owned(&a, &e))?
-        .into_iter()
-        .next()
-    {
+    if let Some(found) = instance_group(client, &d.app, &d.env)? {
         // A new version may listen on a port more.
         ec2::open_ports(client, &found.id, ports)?;
         return Ok(found.id);
@@ -178,140 +126,10 @@ fn ensure_security_group(
     Ok(group)
 }
 
-/// One probe of the instance at `ip`; the error says what was seen. Through HTTP_PROXY /
-/// HTTPS_PROXY unless NO_PROXY names the address, as curl would.
-fn probe(agent: &ureq::Agent, ip: &str, check: &Check) -> Result<(), String> {
-    match check {
-        Check::Running => Ok(()),
-        Check::Http { path, port, status } => {
-            let url = format!("http://{ip}:{port}{path}");
-            match agent.get(&url).call() {
-                Ok(reply) => {
-                    let got = reply.status().as_u16();
-                    let good = match status {
-                        Some(want) => got == *want,
-                        None => (200..400).contains(&got),
-                    };
-                    if good {
-                        Ok(())
-                    } else {
-                        Err(format!("GET {url} answered {got}"))
-                    }
-                }
-                Err(e) => Err(format!("GET {url}: {e}")),
-            }
-        }
-        Check::Tcp { port } => tcp_probe(ureq::Proxy::try_from_env(), ip, *port),
-    }
-}
-
-/// A TCP connection to `ip:port`: through the HTTP proxy of HTTP_PROXY/HTTPS_PROXY (a
-/// CONNECT that the proxy answers 200) unless NO_PROXY names the address, else directly.
-fn tcp_probe(proxy: Option<ureq::Proxy>, ip: &str, port: u16) -> Result<(), String> {
-    use std::io::{BufRead, BufReader, Write};
-    let io = Duration::from_secs(3);
-    let target = format!("{ip}:{port}");
-    let proxy = proxy.filter(|p| {
-        let uri = format!("http://{target}").parse::<ureq::http::Uri>();
-        p.protocol() == ureq::ProxyProtocol::Http && uri.is_ok_and(|u| !p.is_no_proxy(&u))
-    });
-    let Some(proxy) = proxy else {
-        let addr: std::net::SocketAddr = target.parse().map_err(|e| format!("{target}: {e}"))?;
-        return std::net::TcpStream::connect_timeout(&addr, io)
-            .map(drop)
-            .map_err(|e| format!("TCP {target}: {e}"));
-    };
-    let through = format!("{}:{}", proxy.host(), proxy.port());
-    let fail = |e: std::io::Error| format!("TCP {target} through the proxy {through}: {e}");
-    let mut conn = std::net::TcpStream::connect(&through).map_err(fail)?;
-    conn.set_read_timeout(Some(io)).map_err(fail)?;
-    write!(conn, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").map_err(fail)?;
-    let mut status = String::new();
-    BufReader::new(conn).read_line(&mut status).map_err(fail)?;
-    match status.split_whitespace().nth(1) {
-        Some("200") => Ok(()),
-        _ => Err(format!(
-            "TCP {target} through the proxy {through}: {}",
-            status.trim()
-        )),
-    }
-}
-
-fn health_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(ureq::Proxy::try_from_env())
-        .max_redirects(0)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .user_agent(concat!("fuse/", env!("CARGO_PKG_VERSION"), " health check"))
-        .build()
-        .new_agent()
-}
-
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Waits for the instance to run with a public address, then for its health; the reason when
-/// it did not become healthy by `deadline`.
-fn wait_healthy(
-    client: &Client,
-    instance: &str,
-    check: &Check,
-    deadline: Instant,
-    progress: &mut dyn FnMut(&str),
-) -> Result<std::result::Result<String, String>> {
-    let ids = [instance];
-    let ip = loop {
-        let found = ec2::describe_instances(client, &[("instance-id", &ids)])?;
-        let me = found.into_iter().find(|i| i.id == instance);
-        match me {
-            Some(i) if i.state == "running" && i.public_ip.is_some() => {
-                break i.public_ip.unwrap_or_default()
-            }
-            Some(i) if !matches!(i.state.as_str(), "pending" | "running") => {
-                return Ok(Err(format!("{instance} is {}, not running", i.state)))
-            }
-            _ => {}
-        }
-        if lock::interrupted() {
-            return Ok(Err(INTERRUPTED.into()));
-        }
-        if Instant::now() >= deadline {
-            return Ok(Err(format!(
-                "{instance} was not running with a public address within the health timeout"
-            )));
-        }
-        std::thread::sleep(POLL);
-    };
-    progress(&format!(
-        "{instance} is running at {ip}: checking its health"
-    ));
-    let agent = health_agent();
-    loop {
-        let seen = match probe(&agent, &ip, check) {
-            Ok(()) => return Ok(Ok(ip)),
-            Err(seen) => seen,
-        };
-        if lock::interrupted() {
-            return Ok(Err(INTERRUPTED.into()));
-        }
-        if Instant::now() >= deadline {
-            return Ok(Err(format!(
-                "{instance} was not healthy within the health timeout (last: {seen})"
-            )));
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
 /// Refuses when another run deploys the app/env now (checked again, for good, when its lock
 /// is taken): before an AMI is made for nothing.
 pub(crate) fn refuse_if_deploying(client: &Client, d: &Deployment) -> Result<()> {
-    let (a, e) = ([d.app.as_str()], [d.env.as_str()]);
-    match ec2::describe_security_groups(client, &owned(&a, &e))?.first() {
+    match instance_group(client, &d.app, &d.env)? {
         Some(group) => lock::refuse_if_held(
             client,
             &group.id,
@@ -321,9 +139,6 @@ pub(crate) fn refuse_if_deploying(client: &Client, d: &Deployment) -> Result<()>
         None => Ok(()),
     }
 }
-
-/// The reason of a deployment stopped by Ctrl-C or SIGTERM.
-const INTERRUPTED: &str = "interrupted";
 
 /// Deploys `image` (its AMI `ami`) as `d`, holding the environment's lock: see the module
 /// documentation.
@@ -344,18 +159,20 @@ pub(crate) fn deploy(
     let group = ensure_security_group(client, d, &ports, progress)?;
     let what = format!("{}/{}", d.app, d.env);
     let held = lock::acquire(client, &group, &what, d.break_lock, progress)?;
-    let result = deploy_locked(client, image, ami, d, &group, started, progress);
+    let result = resolve_mode(client, image, d).and_then(|mode| match mode {
+        Mode::Single => deploy_locked(client, image, ami, d, &group, started, progress),
+        Mode::Balanced(n) => {
+            super::balanced::deploy_locked(client, image, ami, d, n, &group, started, progress)
+        }
+    });
     let released = held.release(client);
     let outcome = result?;
     released?;
     if outcome.reason.as_deref() == Some(INTERRUPTED) {
         bail!(
             "Interrupted: {} terminated, {}; the lock of {what} is released",
-            outcome.instance,
-            match &outcome.address {
-                Some(a) => format!("{a} still leads to the previous instance"),
-                None => "nothing was serving before".into(),
-            }
+            outcome.instances.join(", "),
+            outcome.kept()
         );
     }
     Ok(outcome)
@@ -407,8 +224,13 @@ fn deploy_locked(
         healthy: false,
         reason: None,
         address: None,
+        load_balancer: None,
+        instances: vec![instance.clone()],
+        target_group: None,
         terminated: Vec::new(),
         console_tail: None,
+        console_of: None,
+        served_before: false,
         seconds: 0.0,
     };
     let check = check_of(image);
@@ -418,6 +240,7 @@ fn deploy_locked(
             let console = ec2::console_output(client, &instance).unwrap_or_default();
             ec2::terminate_instances(client, &[&instance])?;
             outcome.address = address_of(client, &d.app, &d.env)?.map(|a| a.public_ip);
+            outcome.served_before = outcome.address.is_some();
             outcome.reason = Some(reason);
             outcome.console_tail = Some(tail(&console, CONSOLE_TAIL));
         }
@@ -489,6 +312,8 @@ pub(crate) struct EnvState {
     pub(crate) env: String,
     /// The Elastic IP, the digest it serves and the one before.
     pub(crate) address: Option<String>,
+    /// Behind a load balancer: its DNS name (the digests are then the load balancer's).
+    pub(crate) load_balancer: Option<String>,
     pub(crate) digest: Option<String>,
     pub(crate) previous_digest: Option<String>,
     pub(crate) instances: Vec<InstanceState>,
@@ -501,7 +326,7 @@ pub(crate) struct InstanceState {
     pub(crate) digest: Option<String>,
     pub(crate) image: Option<String>,
     pub(crate) public_ip: Option<String>,
-    /// The address leads to it.
+    /// The address leads to it, or it is a target of the group the load balancer forwards to.
     pub(crate) serving: bool,
 }
 
@@ -519,6 +344,14 @@ pub(crate) fn list(client: &Client) -> Result<Vec<EnvState>> {
         e.digest = a.tags.get(DIGEST_TAG).cloned();
         e.previous_digest = a.tags.get(PREVIOUS_TAG).cloned();
     }
+    let mut behind = std::collections::BTreeSet::new();
+    for ((app, env), b) in super::balanced::all(client)? {
+        behind.extend(super::balanced::serving(client, &b)?);
+        let e = entry(&mut envs, &app, &env);
+        e.load_balancer = Some(b.lb.dns_name.clone());
+        e.digest = b.tags.get(DIGEST_TAG).cloned();
+        e.previous_digest = b.tags.get(PREVIOUS_TAG).cloned();
+    }
     let mut with = vec![("tag-key", &key[..])];
     with.push(("instance-state-name", LIVE));
     let mut instances = ec2::describe_instances(client, &with)?;
@@ -527,9 +360,10 @@ pub(crate) fn list(client: &Client) -> Result<Vec<EnvState>> {
         let (Some(app), Some(env)) = (i.tags.get(APP_TAG), i.tags.get(ENV_TAG)) else {
             continue;
         };
-        let serving = addresses
-            .iter()
-            .any(|a| a.instance.as_deref() == Some(i.id.as_str()));
+        let serving = behind.contains(&i.id)
+            || addresses
+                .iter()
+                .any(|a| a.instance.as_deref() == Some(i.id.as_str()));
         let e = entry(&mut envs, app, env);
         e.instances.push(InstanceState {
             id: i.id.clone(),
@@ -553,19 +387,27 @@ fn entry<'a>(
             app: app.to_string(),
             env: env.to_string(),
             address: None,
+            load_balancer: None,
             digest: None,
             previous_digest: None,
             instances: Vec::new(),
         })
 }
 
-/// The instance that serves an app and environment: the address's, else the newest live one.
-pub(crate) fn serving_instance(client: &Client, app: &str, env: &str) -> Result<String> {
+/// The instances that serve an app and environment: the load balancer's targets, else the
+/// address's instance, else the newest live one.
+pub(crate) fn serving_instances(client: &Client, app: &str, env: &str) -> Result<Vec<String>> {
+    if let Some(b) = super::balanced::find(client, app, env)? {
+        let serving = super::balanced::serving(client, &b)?;
+        if !serving.is_empty() {
+            return Ok(serving);
+        }
+    }
     if let Some(id) = address_of(client, app, env)?.and_then(|a| a.instance) {
-        return Ok(id);
+        return Ok(vec![id]);
     }
     match live_instances(client, app, env)?.pop() {
-        Some(i) => Ok(i.id),
+        Some(i) => Ok(vec![i.id]),
         None => bail!("{app}/{env} has no instance in this region: see `fuse deploy ls`"),
     }
 }
@@ -573,6 +415,19 @@ pub(crate) fn serving_instance(client: &Client, app: &str, env: &str) -> Result<
 /// What a rollback deploys: the digest the address served before, and the serving
 /// instance's user-data (the deployment's values stay).
 pub(crate) fn rollback_target(client: &Client, app: &str, env: &str) -> Result<(String, String)> {
+    if let Some(b) = super::balanced::find(client, app, env)? {
+        let previous = b.tags.get(PREVIOUS_TAG).cloned().with_context(|| {
+            format!(
+                "{app}/{env} has no previous digest to go back to ({} is its first)",
+                b.tags.get(DIGEST_TAG).map(String::as_str).unwrap_or("?")
+            )
+        })?;
+        let instance = super::balanced::serving(client, &b)?
+            .into_iter()
+            .next()
+            .with_context(|| format!("{} forwards to no instance", b.lb.dns_name))?;
+        return Ok((previous, ec2::user_data(client, &instance)?));
+    }
     let address = address_of(client, app, env)?.with_context(|| {
         format!("{app}/{env} has no address in this region: see `fuse deploy ls`")
     })?;
@@ -595,6 +450,9 @@ pub(crate) fn rollback_target(client: &Client, app: &str, env: &str) -> Result<(
 /// What `destroy` removed.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub(crate) struct Destroyed {
+    /// The load balancers' DNS names, and the target groups' names.
+    pub(crate) load_balancers: Vec<String>,
+    pub(crate) target_groups: Vec<String>,
     pub(crate) instances: Vec<String>,
     pub(crate) addresses: Vec<String>,
     pub(crate) security_groups: Vec<String>,
@@ -608,11 +466,7 @@ pub(crate) fn destroy(
     break_lock: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Destroyed> {
-    let (a, e) = ([app], [env]);
-    let group = ec2::describe_security_groups(client, &owned(&a, &e))?
-        .into_iter()
-        .next();
-    let Some(group) = group else {
+    let Some(group) = instance_group(client, app, env)? else {
         return destroy_locked(client, app, env, progress);
     };
     let held = lock::acquire(
@@ -637,6 +491,9 @@ fn destroy_locked(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Destroyed> {
     let mut gone = Destroyed::default();
+    let removed = super::balanced::destroy(client, app, env, progress)?;
+    gone.load_balancers = removed.load_balancers;
+    gone.target_groups = removed.target_groups;
     let (a, e) = ([app], [env]);
     for address in ec2::describe_addresses(client, &owned(&a, &e))? {
         if let Some(association) = &address.association {
@@ -656,7 +513,9 @@ fn destroy_locked(
         progress(&format!("terminating {}", refs.join(", ")));
     }
     gone.instances = instances.clone();
-    let groups = ec2::describe_security_groups(client, &owned(&a, &e))?;
+    let mut groups = ec2::describe_security_groups(client, &owned(&a, &e))?;
+    // The instances' group first: it refers to the load balancer's, which AWS keeps until then.
+    groups.sort_by_key(|g| g.tags.contains_key(super::balanced::ROLE_TAG));
     let deadline = Instant::now() + TERMINATE_TIMEOUT;
     for group in groups {
         // EC2 refuses to delete a group an instance still uses (until it is terminated).
@@ -686,47 +545,6 @@ fn destroy_locked(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tails() {
-        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
-        assert_eq!(tail("a", 5), "a");
-    }
-
-    /// A one-connection HTTP proxy on 127.0.0.1 answering CONNECT with `status`: its port,
-    /// and the request line it was sent.
-    fn fake_proxy(status: &'static str) -> (u16, std::thread::JoinHandle<String>) {
-        use std::io::{BufRead, BufReader, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let thread = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
-            let mut line = String::new();
-            BufReader::new(conn.try_clone().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            write!(&conn, "HTTP/1.1 {status}\r\n\r\n").unwrap();
-            line
-        });
-        (port, thread)
-    }
-
-    #[test]
-    fn a_tcp_check_goes_through_the_proxy() {
-        // 203.0.113.5 (TEST-NET-3) is only named to the proxy, never dialled.
-        let (port, seen) = fake_proxy("200 Connection established");
-        let proxy = ureq::Proxy::new(&format!("http://127.0.0.1:{port}")).unwrap();
-        assert_eq!(tcp_probe(Some(proxy), "203.0.113.5", 8080), Ok(()));
-        assert!(seen
-            .join()
-            .unwrap()
-            .starts_with("CONNECT 203.0.113.5:8080 "));
-        let (port, seen) = fake_proxy("502 Bad Gateway");
-        let proxy = ureq::Proxy::new(&format!("http://127.0.0.1:{port}")).unwrap();
-        let err = tcp_probe(Some(proxy), "203.0.113.5", 8080).unwrap_err();
-        assert!(err.contains("502 Bad Gateway"), "{err}");
-        seen.join().unwrap();
-    }
 
     #[test]
     fn client_tokens_fit() {

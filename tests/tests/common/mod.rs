@@ -4,6 +4,7 @@
 
 pub mod imds;
 pub mod moto;
+pub mod plane;
 
 use fuse_boot::poll::wait_until;
 use fuse_tests::{FuseCmd, TestDir};

@@ -128,6 +128,7 @@ impl Moto {
             "AWS_SESSION_TOKEN",
             "AWS_ENDPOINT_URL_EC2",
             "AWS_ENDPOINT_URL_EBS",
+            "AWS_ENDPOINT_URL_ELASTIC_LOAD_BALANCING_V2",
             "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
             "HTTP_PROXY",
             "HTTPS_PROXY",

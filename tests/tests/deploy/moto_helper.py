@@ -184,6 +184,13 @@ elif command == "tag":
     key, secret, resource, tag_key, tag_value = sys.argv[4:9]
     client("ec2", key, secret).create_tags(Resources=[resource], Tags=[{"Key": tag_key, "Value": tag_value}])
     print("{}")
+elif command == "address":
+    # An Elastic IP tagged for an app and environment, as a one-instance deployment leaves it.
+    key, secret, app, env = sys.argv[4:8]
+    ec2 = client("ec2", key, secret)
+    got = ec2.allocate_address(Domain="vpc")
+    ec2.create_tags(Resources=[got["AllocationId"]], Tags=[{"Key": "fuse:app", "Value": app}, {"Key": "fuse:env", "Value": env}])
+    print(json.dumps({"ip": got["PublicIp"]}))
 elif command == "world":
     # What the blue/green harness plays EC2's data plane from: every instance (its state,
     # public address, AMI, tags and user-data), every address and every security group.
@@ -207,10 +214,56 @@ elif command == "world":
         for a in ec2.describe_addresses()["Addresses"]
     ]
     groups = [
-        {"id": g["GroupId"], "name": g["GroupName"], "tags": {t["Key"]: t["Value"] for t in g.get("Tags", [])}}
+        {
+            "id": g["GroupId"], "name": g["GroupName"], "tags": {t["Key"]: t["Value"] for t in g.get("Tags", [])},
+            "rules": [
+                {"port": p.get("FromPort"), "cidrs": [r["CidrIp"] for r in p.get("IpRanges", [])],
+                 "groups": [u["GroupId"] for u in p.get("UserIdGroupPairs", [])]}
+                for p in g.get("IpPermissions", [])
+            ],
+        }
         for g in ec2.describe_security_groups()["SecurityGroups"]
     ]
-    print(json.dumps({"instances": instances, "addresses": addresses, "groups": groups}))
+    # The load balancers: their DNS names, listeners (port, the group they forward to), and
+    # every target group with its tags and registered targets. One deleted while it is read
+    # (fuse runs meanwhile) is left out.
+    from botocore.exceptions import ClientError
+
+    elb = client("elbv2", key, secret)
+    balancers = []
+    for lb in elb.describe_load_balancers()["LoadBalancers"]:
+        try:
+            tags = elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"]
+            listeners = [
+                {"port": l["Port"], "target_group": next((a.get("TargetGroupArn") for a in l["DefaultActions"]), None)}
+                for l in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
+            ]
+        except ClientError:
+            continue
+        balancers.append({
+            "arn": lb["LoadBalancerArn"], "name": lb["LoadBalancerName"], "dns": lb["DNSName"],
+            "security_groups": lb.get("SecurityGroups", []), "listeners": listeners,
+            "tags": {t["Key"]: t["Value"] for d in tags for t in d.get("Tags", [])},
+        })
+    target_groups = []
+    for g in elb.describe_target_groups()["TargetGroups"]:
+        try:
+            tags = elb.describe_tags(ResourceArns=[g["TargetGroupArn"]])["TagDescriptions"]
+            health = elb.describe_target_health(TargetGroupArn=g["TargetGroupArn"])["TargetHealthDescriptions"]
+            attrs = elb.describe_target_group_attributes(TargetGroupArn=g["TargetGroupArn"])["Attributes"]
+        except ClientError:
+            continue
+        target_groups.append({
+            "arn": g["TargetGroupArn"], "name": g["TargetGroupName"], "port": g.get("Port"),
+            "health_path": g.get("HealthCheckPath"),
+            "targets": [h["Target"]["Id"] for h in health if h["TargetHealth"]["State"] not in ("draining", "unused")],
+            "attributes": {a["Key"]: a["Value"] for a in attrs},
+            "tags": {t["Key"]: t["Value"] for d in tags for t in d.get("Tags", [])},
+        })
+    print(json.dumps({
+        "instances": instances, "addresses": addresses, "groups": groups,
+        "balancers": balancers, "target_groups": target_groups,
+    }))
 elif command == "volume":
     # The volume an instance of an AMI would boot, written into a file: the snapshot of the
     # AMI's digest (moto's RegisterImage keeps only name and description, so its AMI's block

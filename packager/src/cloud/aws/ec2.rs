@@ -469,6 +469,60 @@ pub(crate) fn open_ports(client: &Client, group: &str, ports: &[u16]) -> Result<
     Ok(())
 }
 
+/// Opens TCP `port` to the members of the security group `source` (a load balancer's); a
+/// rule there already is skipped.
+pub(crate) fn open_port_to_group(
+    client: &Client,
+    group: &str,
+    port: u16,
+    source: &str,
+) -> Result<()> {
+    let params = [
+        p("GroupId", group),
+        p("IpPermissions.1.IpProtocol", "tcp"),
+        p("IpPermissions.1.FromPort", port.to_string()),
+        p("IpPermissions.1.ToPort", port.to_string()),
+        p("IpPermissions.1.Groups.1.GroupId", source),
+    ];
+    match call(client, "AuthorizeSecurityGroupIngress", &params) {
+        Err(e) if e.to_string().contains("InvalidPermission.Duplicate") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// The default VPC and one of its default subnets per availability zone (an application load
+/// balancer needs two zones at least).
+pub(crate) fn default_subnets(client: &Client) -> Result<(String, Vec<String>)> {
+    let xml = call(
+        client,
+        "DescribeVpcs",
+        &filter_params(&[("isDefault", &["true"])]),
+    )?;
+    let doc = parse(&xml, "DescribeVpcs")?;
+    let vpc = items(&doc, "vpcSet")
+        .into_iter()
+        .find_map(|v| child_text(v, "vpcId"))
+        .context("This region has no default VPC: an application load balancer goes in the default VPC's subnets (create one with `aws ec2 create-default-vpc`)")?;
+    let xml = call(
+        client,
+        "DescribeSubnets",
+        &filter_params(&[("vpc-id", &[vpc.as_str()]), ("default-for-az", &["true"])]),
+    )?;
+    let doc = parse(&xml, "DescribeSubnets")?;
+    let mut by_zone: BTreeMap<String, String> = BTreeMap::new();
+    for s in items(&doc, "subnetSet") {
+        if let (Some(id), Some(zone)) =
+            (child_text(s, "subnetId"), child_text(s, "availabilityZone"))
+        {
+            by_zone.entry(zone).or_insert(id);
+        }
+    }
+    if by_zone.len() < 2 {
+        bail!("The default VPC {vpc} has default subnets in {} availability zone(s): an application load balancer needs two", by_zone.len());
+    }
+    Ok((vpc, by_zone.into_values().collect()))
+}
+
 pub(crate) fn delete_security_group(client: &Client, group: &str) -> Result<()> {
     call(client, "DeleteSecurityGroup", &[p("GroupId", group)]).map(drop)
 }

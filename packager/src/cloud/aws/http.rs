@@ -75,7 +75,8 @@ impl Client {
             .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
             .collect();
         let https = session.ec2_endpoint.starts_with("https://")
-            || session.ebs_endpoint.starts_with("https://");
+            || session.ebs_endpoint.starts_with("https://")
+            || session.elbv2_endpoint.starts_with("https://");
         if certs.is_empty() && https {
             anyhow::bail!(
                 "No root certificates found on this host to check AWS's with: install ca-certificates"
@@ -379,6 +380,7 @@ mod tests {
             region: "eu-west-1".into(),
             ec2_endpoint: url.into(),
             ebs_endpoint: url.into(),
+            elbv2_endpoint: url.into(),
         })
         .unwrap()
     }

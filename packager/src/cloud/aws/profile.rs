@@ -27,6 +27,8 @@ pub(crate) struct AwsOptions {
 pub(crate) enum Service {
     Ec2,
     Ebs,
+    /// Elastic Load Balancing (v2: application load balancers).
+    Elbv2,
 }
 
 impl Service {
@@ -35,6 +37,17 @@ impl Service {
         match self {
             Service::Ec2 => "ec2",
             Service::Ebs => "ebs",
+            Service::Elbv2 => "elasticloadbalancing",
+        }
+    }
+
+    /// The `AWS_ENDPOINT_URL_<ID>` suffix, from the service id as the AWS CLI has it
+    /// ("Elastic Load Balancing v2").
+    pub(crate) fn env_id(self) -> &'static str {
+        match self {
+            Service::Ec2 => "EC2",
+            Service::Ebs => "EBS",
+            Service::Elbv2 => "ELASTIC_LOAD_BALANCING_V2",
         }
     }
 
@@ -43,6 +56,7 @@ impl Service {
         match self {
             Service::Ec2 => "EC2",
             Service::Ebs => "EBS",
+            Service::Elbv2 => "ELBv2",
         }
     }
 }
@@ -54,6 +68,7 @@ pub(crate) struct Session {
     pub(crate) region: String,
     pub(crate) ec2_endpoint: String,
     pub(crate) ebs_endpoint: String,
+    pub(crate) elbv2_endpoint: String,
 }
 
 impl Session {
@@ -61,6 +76,7 @@ impl Session {
         match service {
             Service::Ec2 => &self.ec2_endpoint,
             Service::Ebs => &self.ebs_endpoint,
+            Service::Elbv2 => &self.elbv2_endpoint,
         }
     }
 }
@@ -191,7 +207,7 @@ pub(crate) fn session_from(
     let ignore =
         env("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let endpoint = |service: Service| -> Result<String> {
-        let var = format!("AWS_ENDPOINT_URL_{}", service.id().to_ascii_uppercase());
+        let var = format!("AWS_ENDPOINT_URL_{}", service.env_id());
         let configured = if ignore {
             None
         } else {
@@ -226,6 +242,7 @@ pub(crate) fn session_from(
     Ok(Session {
         ec2_endpoint: endpoint(Service::Ec2)?,
         ebs_endpoint: endpoint(Service::Ebs)?,
+        elbv2_endpoint: endpoint(Service::Elbv2)?,
         credentials,
         region,
     })
@@ -455,10 +472,22 @@ region = wrong-section-style
         let s = resolve(&AwsOptions::default(), &vars, CREDENTIALS, CONFIG).unwrap();
         assert_eq!(s.ec2_endpoint, "http://127.0.0.1:5000");
         assert_eq!(s.ebs_endpoint, "http://127.0.0.1:6000");
+        assert_eq!(s.elbv2_endpoint, "http://127.0.0.1:5000");
+        let elb = [(
+            "AWS_ENDPOINT_URL_ELASTIC_LOAD_BALANCING_V2",
+            "http://127.0.0.1:7000",
+        )];
+        let s = resolve(&AwsOptions::default(), &elb, CREDENTIALS, CONFIG).unwrap();
+        assert_eq!(s.elbv2_endpoint, "http://127.0.0.1:7000");
+        assert_eq!(s.ec2_endpoint, "https://ec2.us-east-1.amazonaws.com");
         let mut ignored = vars.to_vec();
         ignored.push(("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true"));
         let s = resolve(&AwsOptions::default(), &ignored, CREDENTIALS, CONFIG).unwrap();
         assert_eq!(s.ebs_endpoint, "https://ebs.us-east-1.amazonaws.com");
+        assert_eq!(
+            s.elbv2_endpoint,
+            "https://elasticloadbalancing.us-east-1.amazonaws.com"
+        );
         let err = resolve(
             &AwsOptions::default(),
             &[("AWS_ENDPOINT_URL", "localhost:1")],
