@@ -73,7 +73,10 @@ fn blue_green_deploys_switch_only_to_a_healthy_instance() {
     let world = || moto.helper(&["world", &moto.key_id, &moto.secret]);
 
     let launched = std::thread::scope(|scope| {
-        let _stop = StopOnDrop(&plane.stop);
+        let _stop = StopOnDrop {
+            plane: &plane,
+            consoles: sb.dir.join("consoles"),
+        };
         scope.spawn(|| harness(&sb, &moto, &disks, &plane));
         scope.spawn(|| proxy(listener, &plane));
         moto.helper(&["start-recording"]);

@@ -154,7 +154,10 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
     );
 
     let launched = std::thread::scope(|scope| {
-        let _stop = StopOnDrop(&plane.stop);
+        let _stop = StopOnDrop {
+            plane: &plane,
+            consoles: sb.dir.join("consoles"),
+        };
         scope.spawn(|| harness(&sb, &moto, &disks, &plane));
         scope.spawn(|| proxy(listener, &plane));
 

@@ -155,12 +155,37 @@ pub struct Plane {
     pub stop: AtomicBool,
 }
 
-/// Sets the stop flag when dropped: the harness threads end also when the test panics.
-pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+/// Sets the stop flag when dropped: the harness threads end also when the test panics. A
+/// panicking test first gets what the harness saw: its problems and each VM's console tail,
+/// which otherwise go with the sandbox.
+pub struct StopOnDrop<'a> {
+    pub plane: &'a Plane,
+    pub consoles: std::path::PathBuf,
+}
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.plane.stop.store(true, Ordering::Relaxed);
+        if !std::thread::panicking() {
+            return;
+        }
+        eprintln!(
+            "harness problems: {:?}",
+            self.plane.problems.lock().unwrap()
+        );
+        let mut consoles: Vec<_> = std::fs::read_dir(&self.consoles)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        consoles.sort();
+        for path in consoles {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            eprintln!("==> console of {} <==\n{tail}", path.display());
+        }
     }
 }
 
