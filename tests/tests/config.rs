@@ -74,25 +74,29 @@ fn unknown_keys_are_named_with_their_file() {
 }
 
 #[test]
-fn zero_memory_or_cpus_is_refused_by_flag_as_by_fuse_toml() {
+fn too_little_memory_or_zero_cpus_is_refused_by_flag_as_by_fuse_toml() {
     let sb = Sandbox::new();
     let app = sb.program(HELLO, "hello", &["-static"]);
     sb.dir.write("fuse.toml", "name = \"hello\"\nmemory = 0\n");
     sb.assert_refused(
         ["build".as_ref(), app.as_os_str()],
-        &["fuse.toml:2:10:", "memory must be at least 1"],
+        &["fuse.toml:2:10:", "memory must be at least 24 (MiB)"],
     );
     std::fs::remove_file(sb.dir.join("fuse.toml")).unwrap();
     for command in ["run", "test"] {
-        for (flag, key) in [("--memory", "memory"), ("--cpus", "cpus")] {
+        for (flag, value, says) in [
+            ("--memory", "0", "memory must be at least 24 (MiB)"),
+            ("--memory", "16", "memory must be at least 24 (MiB)"),
+            ("--cpus", "0", "cpus must be at least 1"),
+        ] {
             sb.assert_refused(
                 [
                     command.as_ref(),
                     flag.as_ref(),
-                    "0".as_ref(),
+                    value.as_ref(),
                     app.as_os_str(),
                 ],
-                &[flag, &format!("{key} must be at least 1")],
+                &[flag, says],
             );
         }
     }

@@ -237,8 +237,7 @@ pub(crate) fn build(
     let kernel_bytes = std::fs::read(&kernel.path)
         .with_context(|| format!("Cannot read the kernel {}", kernel.path.display()))?;
     let kernel_digest = store.put_bytes(&kernel_bytes)?;
-    let initramfs = fuse_boot::initramfs::initramfs(arch)
-        .with_context(|| format!("Cannot assemble the init for {arch}"))?;
+    let initramfs = initramfs(arch)?;
     let init_digest = store.put_bytes(&initramfs)?;
 
     // What the manifest says of the contents is of the whole image, before the app's files
@@ -388,4 +387,26 @@ fn split_app(tree: &mut Tree) -> Result<Tree> {
     }
     app.graft(inside, config)?;
     Ok(app)
+}
+
+/// The image's initramfs for `arch`, zstd-compressed. Compressing at the highest level takes
+/// longer than a warm build, so the result is kept in the cache under the archive's digest
+/// (the same for every image of one fuse binary and arch), and checked before it is used.
+fn initramfs(arch: Arch) -> Result<Vec<u8>> {
+    use fuse_boot::initramfs as ir;
+    let cpio =
+        ir::initramfs_cpio(arch).with_context(|| format!("Cannot assemble the init for {arch}"))?;
+    let key = crate::host::digest::of_bytes(&cpio);
+    let path = crate::host::paths::cache_dir()
+        .join("initramfs")
+        .join(format!("{}.cpio.zst", crate::host::digest::hex_part(&key)));
+    if let Ok(packed) = std::fs::read(&path) {
+        if ir::is_compressed(&packed, &cpio) {
+            return Ok(packed);
+        }
+    }
+    let packed = ir::compress(&cpio)?;
+    // A cache that cannot be written only costs the next build the compression again.
+    let _ = crate::host::fs::write_atomic(&path, &packed);
+    Ok(packed)
 }
