@@ -1,12 +1,17 @@
 //! The few EC2 Query API calls fuse makes (`Action=…&Version=2016-11-15`, form-encoded POST,
 //! XML answers read with roxmltree).
 
-use super::http::{Call, Client};
+use super::http::Client;
 use super::profile::Service;
+use super::query::{child_text, p};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 
 const VERSION: &str = "2016-11-15";
+
+fn call(client: &Client, action: &'static str, params: &[(String, String)]) -> Result<String> {
+    super::query::call(client, (Service::Ec2, VERSION, "EC2"), action, params)
+}
 
 /// An AMI as DescribeImages lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,48 +47,6 @@ pub(crate) struct Registration {
     pub(crate) root_device: &'static str,
 }
 
-/// A form-encoded Query API body: the pairs in order, encoded as SigV4 does.
-fn form(action: &str, params: &[(String, String)]) -> String {
-    let mut pairs = vec![
-        ("Action".to_string(), action.to_string()),
-        ("Version".to_string(), VERSION.to_string()),
-    ];
-    pairs.extend(params.iter().cloned());
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                super::sigv4::uri_encode(k, false),
-                super::sigv4::uri_encode(v, false)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-fn call(client: &Client, action: &'static str, params: &[(String, String)]) -> Result<String> {
-    let body = form(action, params);
-    let reply = client.send(&Call {
-        service: Service::Ec2,
-        operation: action,
-        method: "POST",
-        path: "/".into(),
-        query: Vec::new(),
-        headers: vec![(
-            "content-type".into(),
-            "application/x-www-form-urlencoded; charset=utf-8".into(),
-        )],
-        body: body.as_bytes(),
-        body_sha256: None,
-    })?;
-    String::from_utf8(reply.body).with_context(|| format!("EC2 {action} answered with non-UTF-8"))
-}
-
-fn p(k: impl Into<String>, v: impl Into<String>) -> (String, String) {
-    (k.into(), v.into())
-}
-
 /// `Owner.1=self` (DescribeImages and DescribeSnapshots both take it) and the filters
 /// `Filter.N.Name`/`Filter.N.Value.1`.
 fn filters(filters: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -93,14 +56,6 @@ fn filters(filters: &[(&str, &str)]) -> Vec<(String, String)> {
         params.push(p(format!("Filter.{}.Value.1", i + 1), *value));
     }
     params
-}
-
-/// The text of `node`'s child element `name`.
-fn child_text(node: roxmltree::Node, name: &str) -> Option<String> {
-    node.children()
-        .find(|c| c.has_tag_name(name))
-        .and_then(|c| c.text())
-        .map(str::to_string)
 }
 
 /// The `item` children of the element `set` directly under the document's root.
@@ -649,8 +604,9 @@ mod tests {
 
     #[test]
     fn query_bodies() {
+        let params = filters(&[("tag:fuse:digest", "sha256:ab")]);
         assert_eq!(
-            form("DescribeImages", &filters(&[("tag:fuse:digest", "sha256:ab")])),
+            super::super::query::form(VERSION, "DescribeImages", &params),
             "Action=DescribeImages&Version=2016-11-15&Owner.1=self&Filter.1.Name=tag%3Afuse%3Adigest&Filter.1.Value.1=sha256%3Aab"
         );
     }

@@ -3,8 +3,9 @@
 //! roxmltree): the balancer, its one listener, a target group per release, their targets and
 //! tags.
 
-use super::http::{Call, Client};
+use super::http::Client;
 use super::profile::Service;
+use super::query::{child_text, p};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 
@@ -55,56 +56,12 @@ pub(crate) struct NewTargetGroup {
     pub(crate) tags: Vec<(String, String)>,
 }
 
-fn p(k: impl Into<String>, v: impl Into<String>) -> (String, String) {
-    (k.into(), v.into())
-}
-
-fn form(action: &str, params: &[(String, String)]) -> String {
-    let mut pairs = vec![
-        ("Action".to_string(), action.to_string()),
-        ("Version".to_string(), VERSION.to_string()),
-    ];
-    pairs.extend(params.iter().cloned());
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                super::sigv4::uri_encode(k, false),
-                super::sigv4::uri_encode(v, false)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
 fn call(client: &Client, action: &'static str, params: &[(String, String)]) -> Result<String> {
-    let body = form(action, params);
-    let reply = client.send(&Call {
-        service: Service::Elbv2,
-        operation: action,
-        method: "POST",
-        path: "/".into(),
-        query: Vec::new(),
-        headers: vec![(
-            "content-type".into(),
-            "application/x-www-form-urlencoded; charset=utf-8".into(),
-        )],
-        body: body.as_bytes(),
-        body_sha256: None,
-    })?;
-    String::from_utf8(reply.body).with_context(|| format!("ELBv2 {action} answered with non-UTF-8"))
+    super::query::call(client, (Service::Elbv2, VERSION, "ELBv2"), action, params)
 }
 
 fn parse_doc<'a>(xml: &'a str, action: &str) -> Result<roxmltree::Document<'a>> {
     roxmltree::Document::parse(xml).with_context(|| format!("ELBv2 {action} answered with bad XML"))
-}
-
-fn child_text(node: roxmltree::Node, name: &str) -> Option<String> {
-    node.children()
-        .find(|c| c.has_tag_name(name))
-        .and_then(|c| c.text())
-        .map(str::to_string)
 }
 
 /// The `member` children of the first element named `list` anywhere in the document.

@@ -8,4 +8,5 @@ pub(crate) mod ec2;
 pub(crate) mod elbv2;
 pub(crate) mod http;
 pub(crate) mod profile;
+mod query;
 pub(crate) mod sigv4;
