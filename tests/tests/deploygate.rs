@@ -344,3 +344,65 @@ fn a_protected_environment_takes_only_a_tested_digest() {
     assert!(live(&world(&moto), "gated").is_empty());
     assert_no_leaked_qemu();
 }
+
+/// The recorded calls with this EC2 `Action`.
+fn actions(calls: &[Value], action: &str) -> Vec<Value> {
+    calls
+        .iter()
+        .filter(|c| c["params"]["Action"] == action)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn the_elastic_ip_is_tagged_in_the_call_that_allocates_it() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    build(&sb, "tagged:v1", "");
+    let deploy = || moto.fuse_with_keys(&sb).timeout(Duration::from_secs(300));
+    moto.helper(&["start-recording"]);
+    let out = deploy()
+        .args(["tagged:v1", "--env", "prod", "--json"])
+        .run();
+    out.assert_success();
+    let first = json(&out);
+    let w = world(&moto);
+    let addresses = w["addresses"].as_array().unwrap();
+    assert_eq!(addresses.len(), 1, "{w}");
+    let address = &addresses[0];
+    assert_eq!(address["ip"], first["address"]);
+    assert_eq!(address["tags"]["fuse:app"], "tagged", "{w}");
+    assert_eq!(address["tags"]["fuse:env"], "prod", "{w}");
+    let allocation = address["allocation"].as_str().unwrap();
+    let calls = moto.recording();
+    let allocated = actions(&calls, "AllocateAddress");
+    assert_eq!(allocated.len(), 1, "{calls:?}");
+    let params = &allocated[0]["params"];
+    assert_eq!(params["TagSpecification.1.ResourceType"], "elastic-ip");
+    let tags: Vec<(String, String)> = (1..=2)
+        .map(|i| {
+            let key = |k: &str| params[format!("TagSpecification.1.Tag.{i}.{k}")].to_string();
+            (key("Key"), key("Value"))
+        })
+        .collect();
+    assert_eq!(
+        tags,
+        vec![
+            ("\"fuse:app\"".into(), "\"tagged\"".into()),
+            ("\"fuse:env\"".into(), "\"prod\"".into())
+        ],
+        "{params}"
+    );
+    // No CreateTags names the address's app and env afterwards: nothing a crash could skip.
+    let retagged: Vec<Value> = actions(&calls, "CreateTags")
+        .into_iter()
+        .filter(|c| c["params"]["ResourceId.1"] == allocation)
+        .filter(|c| c["params"].to_string().contains("fuse:app"))
+        .collect();
+    assert_eq!(retagged, Vec::<Value>::new());
+    deploy()
+        .args(["destroy", "tagged", "--env", "prod"])
+        .run()
+        .assert_success();
+    assert!(world(&moto)["addresses"].as_array().unwrap().is_empty());
+}

@@ -286,8 +286,7 @@ fn move_address(
     let (allocation, ip, served) = match address_of(client, &d.app, &d.env)? {
         Some(a) => (a.allocation, a.public_ip, a.tags.get(DIGEST_TAG).cloned()),
         None => {
-            let (allocation, ip) = ec2::allocate_address(client)?;
-            ec2::create_tags(client, &[&allocation], &ownership_tags(&d.app, &d.env))?;
+            let (allocation, ip) = ec2::allocate_address(client, &ownership_tags(&d.app, &d.env))?;
             progress(&format!(
                 "allocated the address {ip} for {}/{}",
                 d.app, d.env

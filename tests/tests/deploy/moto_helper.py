@@ -210,7 +210,7 @@ elif command == "world":
                 "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
             })
     addresses = [
-        {"ip": a["PublicIp"], "instance": a.get("InstanceId"), "tags": {t["Key"]: t["Value"] for t in a.get("Tags", [])}}
+        {"ip": a["PublicIp"], "allocation": a["AllocationId"], "instance": a.get("InstanceId"), "tags": {t["Key"]: t["Value"] for t in a.get("Tags", [])}}
         for a in ec2.describe_addresses()["Addresses"]
     ]
     groups = [

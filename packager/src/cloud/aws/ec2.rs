@@ -502,9 +502,24 @@ pub(crate) fn describe_addresses(
         .collect())
 }
 
-/// Allocates an Elastic IP address in the VPC scope: (allocation id, address).
-pub(crate) fn allocate_address(client: &Client) -> Result<(String, String)> {
-    let xml = call(client, "AllocateAddress", &[p("Domain", "vpc")])?;
+/// The parameters of AllocateAddress: the VPC scope, tagged in the same call.
+fn allocate_params(tags: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut params = vec![
+        p("Domain", "vpc"),
+        p("TagSpecification.1.ResourceType", "elastic-ip"),
+    ];
+    for (i, (k, v)) in tags.iter().enumerate() {
+        params.push(p(format!("TagSpecification.1.Tag.{}.Key", i + 1), *k));
+        params.push(p(format!("TagSpecification.1.Tag.{}.Value", i + 1), *v));
+    }
+    params
+}
+
+/// Allocates an Elastic IP address in the VPC scope, with its `tags` from the start (a run
+/// stopped right after cannot leave an untagged address that nothing finds again):
+/// (allocation id, address).
+pub(crate) fn allocate_address(client: &Client, tags: &[(&str, &str)]) -> Result<(String, String)> {
+    let xml = call(client, "AllocateAddress", &allocate_params(tags))?;
     let doc = parse(&xml, "AllocateAddress")?;
     let root = doc.root_element();
     match (
@@ -632,6 +647,20 @@ mod tests {
                 tags: BTreeMap::from([("fuse:app".to_string(), "web".to_string())]),
             }]
         );
+    }
+
+    #[test]
+    fn addresses_are_tagged_when_allocated() {
+        let params = allocate_params(&[("fuse:app", "web"), ("fuse:env", "prod")]);
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("TagSpecification.1.ResourceType"), Some("elastic-ip"));
+        assert_eq!(get("TagSpecification.1.Tag.2.Key"), Some("fuse:env"));
+        assert_eq!(get("TagSpecification.1.Tag.2.Value"), Some("prod"));
     }
 
     #[test]
