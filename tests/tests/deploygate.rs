@@ -406,3 +406,57 @@ fn the_elastic_ip_is_tagged_in_the_call_that_allocates_it() {
         .assert_success();
     assert!(world(&moto)["addresses"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_rollback_keeps_the_instance_type_the_environment_runs() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    let d1 = build(&sb, "roll:v1", "");
+    let d2 = build(&sb, "roll:v2", "");
+    let deploy = || moto.fuse_with_keys(&sb).timeout(Duration::from_secs(300));
+    // The instance serving roll/prod, from moto.
+    let serving = || {
+        let w = world(&moto);
+        let address = w["addresses"].as_array().unwrap()[0].clone();
+        live(&w, "roll")
+            .into_iter()
+            .find(|i| i["id"] == address["instance"])
+            .unwrap_or_else(|| panic!("{w}"))
+    };
+    for image in ["roll:v1", "roll:v2"] {
+        deploy()
+            .args([image, "--env", "prod", "--instance-type", "t3.small"])
+            .run()
+            .assert_success();
+    }
+    assert_eq!(serving()["type"], "t3.small");
+
+    // Back to v1 on the type v2 runs, not the arch's default (t3.micro).
+    let out = deploy()
+        .args(["rollback", "roll", "--env", "prod", "--json"])
+        .run();
+    out.assert_success();
+    let back = json(&out);
+    assert_eq!(back["digest"], d1.as_str());
+    let instance = serving();
+    assert_eq!(instance["id"], back["instance"]);
+    assert_eq!(instance["type"], "t3.small", "{instance}");
+
+    // --instance-type still chooses.
+    let out = deploy()
+        .args(["rollback", "roll", "--env", "prod", "--json"])
+        .args(["--instance-type", "t3.medium"])
+        .run();
+    out.assert_success();
+    let back = json(&out);
+    assert_eq!(back["digest"], d2.as_str());
+    let instance = serving();
+    assert_eq!(instance["id"], back["instance"]);
+    assert_eq!(instance["type"], "t3.medium", "{instance}");
+
+    deploy()
+        .args(["destroy", "roll", "--env", "prod"])
+        .run()
+        .assert_success();
+    assert!(live(&world(&moto), "roll").is_empty());
+}

@@ -120,6 +120,9 @@ pub(super) enum DeployCommand {
         /// How long the instance may take to become healthy (default: 300).
         #[arg(long, value_name = "SECONDS")]
         health_timeout: Option<u64>,
+        /// The EC2 instance type (default: the type the environment runs now).
+        #[arg(long)]
+        instance_type: Option<String>,
         /// Machine-readable output (no progress lines).
         #[arg(long)]
         json: bool,
@@ -205,9 +208,16 @@ pub(super) fn command(args: DeployArgs) -> Result<i32> {
         Some(DeployCommand::Rollback {
             target,
             health_timeout,
+            instance_type,
             json,
             lock,
-        }) => rollback(&target, health_timeout, json, lock.break_lock),
+        }) => rollback(
+            &target,
+            health_timeout,
+            instance_type,
+            json,
+            lock.break_lock,
+        ),
         Some(DeployCommand::Destroy { target, json, lock }) => {
             let client = client(&target.aws)?;
             let gone = deploy::destroy(
@@ -346,11 +356,13 @@ fn promotion_gate(
 fn rollback(
     target: &AppEnv,
     health_timeout: Option<u64>,
+    instance_type: Option<String>,
     json: bool,
     break_lock: bool,
 ) -> Result<i32> {
     let client = client(&target.aws)?;
-    let (digest, user_data) = deploy::rollback_target(&client, &target.app, &target.env)?;
+    let back = deploy::rollback_target(&client, &target.app, &target.env)?;
+    let digest = back.digest;
     let store = Store::open_default()?;
     let image = store.find(&digest)?.with_context(|| {
         format!("The previous image {digest} is not in the local store: `fuse pull` it, then roll back again")
@@ -358,12 +370,8 @@ fn rollback(
     let deployment = Deployment {
         app: target.app.clone(),
         env: target.env.clone(),
-        instance_type: match image.manifest.arch {
-            Arch::X86_64 => "t3.micro",
-            Arch::Aarch64 => "t4g.micro",
-        }
-        .to_string(),
-        user_data,
+        instance_type: instance_type.unwrap_or(back.instance_type),
+        user_data: back.user_data,
         health_timeout: health_timeout
             .map(Duration::from_secs)
             .unwrap_or(HEALTH_TIMEOUT),

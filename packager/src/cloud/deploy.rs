@@ -411,39 +411,66 @@ pub(crate) fn serving_instances(client: &Client, app: &str, env: &str) -> Result
     }
 }
 
-/// What a rollback deploys: the digest the address served before, and the serving
-/// instance's user-data (the deployment's values stay).
-pub(crate) fn rollback_target(client: &Client, app: &str, env: &str) -> Result<(String, String)> {
-    if let Some(b) = super::balanced::find(client, app, env)? {
-        let previous = b.tags.get(PREVIOUS_TAG).cloned().with_context(|| {
-            format!(
-                "{app}/{env} has no previous digest to go back to ({} is its first)",
-                b.tags.get(DIGEST_TAG).map(String::as_str).unwrap_or("?")
-            )
-        })?;
-        let instance = super::balanced::serving(client, &b)?
-            .into_iter()
-            .next()
-            .with_context(|| format!("{} forwards to no instance", b.lb.dns_name))?;
-        return Ok((previous, ec2::user_data(client, &instance)?));
-    }
-    let address = address_of(client, app, env)?.with_context(|| {
-        format!("{app}/{env} has no address in this region: see `fuse deploy ls`")
-    })?;
-    let previous = address.tags.get(PREVIOUS_TAG).cloned().with_context(|| {
-        format!(
-            "{app}/{env} has no previous digest to go back to ({} is its first)",
-            address
-                .tags
-                .get(DIGEST_TAG)
-                .map(String::as_str)
-                .unwrap_or("?")
-        )
-    })?;
-    let instance = address
-        .instance
-        .with_context(|| format!("{} leads to no instance", address.public_ip))?;
-    Ok((previous, ec2::user_data(client, &instance)?))
+/// What a rollback deploys.
+#[derive(Debug, Clone)]
+pub(crate) struct RollbackTarget {
+    /// The digest the environment served before the current one.
+    pub(crate) digest: String,
+    /// The serving instance's user-data: the deployment's values stay.
+    pub(crate) user_data: String,
+    /// The serving instance's type: a rollback changes the release, not the machine.
+    pub(crate) instance_type: String,
+}
+
+/// What a rollback deploys: the digest the address (or load balancer) served before, with
+/// the serving instance's user-data and type.
+pub(crate) fn rollback_target(client: &Client, app: &str, env: &str) -> Result<RollbackTarget> {
+    let (digest, instance) = match super::balanced::find(client, app, env)? {
+        Some(b) => {
+            let previous = b.tags.get(PREVIOUS_TAG).cloned().with_context(|| {
+                format!(
+                    "{app}/{env} has no previous digest to go back to ({} is its first)",
+                    b.tags.get(DIGEST_TAG).map(String::as_str).unwrap_or("?")
+                )
+            })?;
+            let instance = super::balanced::serving(client, &b)?
+                .into_iter()
+                .next()
+                .with_context(|| format!("{} forwards to no instance", b.lb.dns_name))?;
+            (previous, instance)
+        }
+        None => {
+            let address = address_of(client, app, env)?.with_context(|| {
+                format!("{app}/{env} has no address in this region: see `fuse deploy ls`")
+            })?;
+            let previous = address.tags.get(PREVIOUS_TAG).cloned().with_context(|| {
+                format!(
+                    "{app}/{env} has no previous digest to go back to ({} is its first)",
+                    address
+                        .tags
+                        .get(DIGEST_TAG)
+                        .map(String::as_str)
+                        .unwrap_or("?")
+                )
+            })?;
+            let instance = address
+                .instance
+                .with_context(|| format!("{} leads to no instance", address.public_ip))?;
+            (previous, instance)
+        }
+    };
+    let ids = [instance.as_str()];
+    let instance_type = ec2::describe_instances(client, &[("instance-id", &ids)])?
+        .into_iter()
+        .find(|i| i.id == instance)
+        .map(|i| i.instance_type)
+        .filter(|t| !t.is_empty())
+        .with_context(|| format!("EC2 did not say which type {instance} is"))?;
+    Ok(RollbackTarget {
+        digest,
+        user_data: ec2::user_data(client, &instance)?,
+        instance_type,
+    })
 }
 
 /// What `destroy` removed.

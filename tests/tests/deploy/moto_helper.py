@@ -206,7 +206,7 @@ elif command == "world":
                 user_data = base64.b64decode(got.get("UserData", {}).get("Value", "")).decode()
             instances.append({
                 "id": i["InstanceId"], "state": state, "ip": i.get("PublicIpAddress"),
-                "image": i["ImageId"], "user_data": user_data,
+                "image": i["ImageId"], "type": i["InstanceType"], "user_data": user_data,
                 "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
             })
     addresses = [

@@ -194,6 +194,8 @@ pub(crate) struct Instance {
     /// pending, running, shutting-down, terminated, stopping, stopped.
     pub(crate) state: String,
     pub(crate) public_ip: Option<String>,
+    /// t3.micro, …
+    pub(crate) instance_type: String,
     /// As EC2 writes it (ISO 8601 in UTC: sorts as text).
     pub(crate) launch_time: String,
     pub(crate) tags: BTreeMap<String, String>,
@@ -279,6 +281,7 @@ pub(crate) fn parse_instances(xml: &str) -> Result<Vec<Instance>> {
                     .and_then(|s| child_text(s, "name"))
                     .unwrap_or_default(),
                 public_ip: child_text(item, "ipAddress"),
+                instance_type: child_text(item, "instanceType").unwrap_or_default(),
                 launch_time: child_text(item, "launchTime").unwrap_or_default(),
                 tags: tags_of(item),
             })
@@ -632,7 +635,7 @@ mod tests {
   <reservationSet><item><reservationId>r-1</reservationId><instancesSet><item>
     <instanceId>i-1</instanceId><imageId>ami-1</imageId>
     <instanceState><code>16</code><name>running</name></instanceState>
-    <ipAddress>203.0.113.5</ipAddress><launchTime>2026-12-03T10:00:00.000Z</launchTime>
+    <ipAddress>203.0.113.5</ipAddress><instanceType>t3.small</instanceType><launchTime>2026-12-03T10:00:00.000Z</launchTime>
     <tagSet><item><key>fuse:app</key><value>web</value></item></tagSet>
   </item></instancesSet></item></reservationSet>
 </DescribeInstancesResponse>"#;
@@ -643,6 +646,7 @@ mod tests {
                 image: "ami-1".into(),
                 state: "running".into(),
                 public_ip: Some("203.0.113.5".into()),
+                instance_type: "t3.small".into(),
                 launch_time: "2026-12-03T10:00:00.000Z".into(),
                 tags: BTreeMap::from([("fuse:app".to_string(), "web".to_string())]),
             }]
