@@ -132,17 +132,8 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
             started.elapsed().as_secs_f64()
         );
     }
-    let changes: Vec<Value> = moto
-        .recording()
-        .into_iter()
-        .filter(|c| {
-            !c["params"]["Action"]
-                .as_str()
-                .is_some_and(|a| a.starts_with("Describe"))
-        })
-        .collect();
     assert_eq!(
-        changes,
+        changes(&moto),
         Vec::<Value>::new(),
         "the refused runs changed nothing"
     );
@@ -459,4 +450,60 @@ fn a_rollback_keeps_the_instance_type_the_environment_runs() {
         .run()
         .assert_success();
     assert!(live(&world(&moto), "roll").is_empty());
+}
+
+/// The recorded calls that change something (all but Describe*).
+fn changes(moto: &Moto) -> Vec<Value> {
+    moto.recording()
+        .into_iter()
+        .filter(|c| {
+            !c["params"]["Action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("Describe"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_deregistration_delay_for_one_instance_is_refused_before_anything_is_made() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    build(&sb, "single:v1", "");
+    let deploy = || moto.fuse_with_keys(&sb).timeout(Duration::from_secs(300));
+    let refused = |env: &str, says: &str| {
+        moto.helper(&["start-recording"]);
+        let out = deploy()
+            .args(["single:v1", "--env", env, "--deregistration-delay", "10"])
+            .run();
+        out.assert_code(1);
+        let err = out.stderr_str();
+        assert!(
+            err.contains("--deregistration-delay is for an environment behind a load balancer")
+                && err.contains(says),
+            "{out}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {out}");
+        assert_eq!(changes(&moto), Vec::<Value>::new(), "nothing made: {out}");
+    };
+    // A new environment: nothing at all is made (no AMI, no security group).
+    refused("prod", "add --instances N to put single/prod behind one");
+    let w = world(&moto);
+    assert!(w["instances"].as_array().unwrap().is_empty(), "{w}");
+    assert!(!w["groups"].to_string().contains("single"), "{w}");
+
+    // An environment one instance serves: refused, the instance keeps serving.
+    let out = deploy()
+        .args(["single:v1", "--env", "staging", "--json"])
+        .run();
+    out.assert_success();
+    let first = json(&out);
+    refused("staging", first["address"].as_str().unwrap());
+    let w = world(&moto);
+    let alive = live(&w, "single");
+    assert_eq!(alive.len(), 1, "{w}");
+    assert_eq!(alive[0]["id"], first["instance"]);
+    deploy()
+        .args(["destroy", "single", "--env", "staging"])
+        .run()
+        .assert_success();
 }

@@ -183,8 +183,6 @@ impl From<&AwsFlags> for AwsOptions {
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
 /// `--instances` at most (a bound against typos: `--instances 100` is a bill).
 const MAX_INSTANCES: i64 = 20;
-/// ELB's own default is 300 s; fuse's releases are short-request web apps.
-const DEREGISTRATION_DELAY: Duration = Duration::from_secs(30);
 
 pub(super) fn command(args: DeployArgs) -> Result<i32> {
     match args.command {
@@ -305,10 +303,7 @@ fn deploy_image(flags: &DeployFlags) -> Result<i32> {
         break_lock: flags.lock.break_lock,
         forced,
         instances: flags.instances,
-        deregistration_delay: flags
-            .deregistration_delay
-            .map(Duration::from_secs)
-            .unwrap_or(DEREGISTRATION_DELAY),
+        deregistration_delay: flags.deregistration_delay.map(Duration::from_secs),
     };
     run_deployment(&store, &image, &flags.aws, &deployment, flags.json)
 }
@@ -380,7 +375,7 @@ fn rollback(
         forced: false,
         // The environment's mode and count stay.
         instances: None,
-        deregistration_delay: DEREGISTRATION_DELAY,
+        deregistration_delay: None,
     };
     if !json {
         progress_line(&format!(

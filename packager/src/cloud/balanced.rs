@@ -49,6 +49,8 @@ pub(crate) const INSTANCES_TAG: &str = "fuse:instances";
 pub(crate) const TARGET_GROUP_TAG: &str = "fuse:target-group";
 /// The listener's port: plain HTTP (TLS is a listener certificate away, not done here).
 pub(crate) const LISTENER_PORT: u16 = 80;
+/// ELB's own default is 300 s; fuse's releases are short-request web apps.
+pub(crate) const DEREGISTRATION_DELAY: Duration = Duration::from_secs(30);
 /// After the deregistration delay, how much longer draining may take before fuse goes on.
 const DRAIN_SLACK: Duration = Duration::from_secs(60);
 
@@ -443,7 +445,8 @@ pub(crate) fn deploy_locked(
             tags: tags.clone(),
         },
     )?;
-    elbv2::set_deregistration_delay(client, &tg, d.deregistration_delay.as_secs())?;
+    let drain = d.deregistration_delay.unwrap_or(DEREGISTRATION_DELAY);
+    elbv2::set_deregistration_delay(client, &tg, drain.as_secs())?;
     progress(&format!("target group {name}: HTTP to port {port}"));
 
     tags.push((TARGET_GROUP_TAG.into(), name.clone()));
@@ -570,7 +573,7 @@ pub(crate) fn deploy_locked(
         if arn == tg {
             continue;
         }
-        let gone = retire(client, d, &arn, &old, d.deregistration_delay)?;
+        let gone = retire(client, d, &arn, &old, drain)?;
         progress(&format!(
             "drained and deleted the target group {old}{}",
             if gone.is_empty() {

@@ -37,11 +37,24 @@ pub(crate) enum Mode {
 /// The mode a deployment of `d` uses: `--instances` (or the load balancer's recorded count
 /// when not given) for an environment behind a load balancer or a new one; refused, before
 /// anything is made, for an environment served by an Elastic IP (converting in place would
-/// change its address) and for an image with no port.
+/// change its address), for an image with no port, and for a deregistration delay given to
+/// an environment that one instance serves (it would be ignored).
 pub(crate) fn resolve_mode(client: &Client, image: &StoredImage, d: &Deployment) -> Result<Mode> {
     let found = super::balanced::find(client, &d.app, &d.env)?;
     let mode = match (found, d.instances) {
         (Some(b), requested) => Mode::Balanced(requested.unwrap_or(b.instances)),
+        (None, None) if d.deregistration_delay.is_some() => {
+            match address_of(client, &d.app, &d.env)? {
+                Some(a) => bail!(
+                    "--deregistration-delay is for an environment behind a load balancer, and {}/{} is served by one instance at the Elastic IP {}: leave it out",
+                    d.app, d.env, a.public_ip
+                ),
+                None => bail!(
+                    "--deregistration-delay is for an environment behind a load balancer: add --instances N to put {}/{} behind one, or leave it out",
+                    d.app, d.env
+                ),
+            }
+        }
         (None, None) => Mode::Single,
         (None, Some(n)) => {
             if let Some(a) = address_of(client, &d.app, &d.env)? {

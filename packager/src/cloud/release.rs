@@ -39,8 +39,10 @@ pub(crate) struct Deployment {
     /// with N instances; `None` keeps the environment's mode and count (one instance with an
     /// Elastic IP for a new environment).
     pub(crate) instances: Option<u32>,
-    /// How long a replaced instance keeps its connections after it leaves the load balancer.
-    pub(crate) deregistration_delay: Duration,
+    /// How long a replaced instance keeps its connections after it leaves the load balancer
+    /// (`None`: [`super::balanced::DEREGISTRATION_DELAY`]). Given for an environment served by
+    /// one instance, the deployment is refused (see [`super::deploy::resolve_mode`]).
+    pub(crate) deregistration_delay: Option<Duration>,
 }
 
 /// On an instance deployed past the promotion gate with `--force`.
