@@ -61,6 +61,14 @@ fn group(w: &Value, app: &str) -> Value {
         .unwrap_or_else(|| panic!("no security group for {app}: {w}"))
 }
 
+/// This host's name, as fuse puts it in a lock.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -228,6 +236,49 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
         ) && out.stderr_str().contains("older than 30 min"),
         "{out}"
     );
+    let w = world(&moto);
+    assert!(group(&w, "app")["tags"].get("fuse:lock").is_none(), "{w}");
+    assert_eq!(live(&w, "app").len(), 1, "{w}");
+
+    // 6. Two deploys started at the same moment: exactly one goes on, the other is refused
+    // naming it (by the early check, or by the lock's read-back after the settle interval).
+    moto.helper(&["start-recording"]);
+    let runs = [
+        deploy().args(["app:idle", "--env", "prod"]).spawn(),
+        deploy().args(["app:idle", "--env", "prod"]).spawn(),
+    ];
+    let pids: Vec<u32> = runs.iter().map(|r| r.pid()).collect();
+    let outs: Vec<_> = runs.into_iter().map(|r| r.wait()).collect();
+    let winners: Vec<usize> = (0..2).filter(|&i| outs[i].code() == Some(0)).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one proceeds:\n{}\n{}",
+        outs[0],
+        outs[1]
+    );
+    let (won, lost) = (winners[0], 1 - winners[0]);
+    assert!(outs[lost].code().is_some_and(|c| c != 0), "{}", outs[lost]);
+    let err = outs[lost].stderr_str();
+    assert!(
+        err.contains(&format!(
+            "app/prod is being deployed by ann@{} (pid {}) since ",
+            hostname(),
+            pids[won]
+        )),
+        "who and when: {}",
+        outs[lost]
+    );
+    eprintln!(
+        "the concurrent deploy refused: {}",
+        err.lines().find(|l| l.contains("being deployed")).unwrap()
+    );
+    let calls = moto.recording();
+    let launches = calls
+        .iter()
+        .filter(|c| c["params"]["Action"] == "RunInstances")
+        .count();
+    assert_eq!(launches, 1, "one launch");
     let w = world(&moto);
     assert!(group(&w, "app")["tags"].get("fuse:lock").is_none(), "{w}");
     assert_eq!(live(&w, "app").len(), 1, "{w}");

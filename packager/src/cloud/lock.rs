@@ -1,15 +1,17 @@
 //! One deploy, rollback or destroy at a time per app and environment, with the state in AWS:
 //! a `fuse:lock` tag on the environment's security group names the holder (`user@host`, its
 //! pid and the pid's start time) and since when. Taking it: read the tag, refuse a live
-//! holder's, write ours, wait [`READ_BACK`], read it back: if another run's value is there, it
+//! holder's, write ours, wait [`SETTLE`], read it back: if another run's value is there, it
 //! wrote after us and wins (last writer wins), and we stop.
 //!
-//! The residual race, honestly: EC2 has no compare-and-swap on tags. Two runs that both find
-//! no lock and both write within [`READ_BACK`] are sorted out by the read-back (the earlier
-//! writer sees the later value and stops); but a run whose write lands after the other's
-//! read-back, having read "no lock" before the other's write, also goes on. That needs the two
-//! to start within about one EC2 round trip of each other and the read-back of one to be slow;
-//! it is narrowed, not closed.
+//! EC2 has no compare-and-swap on tags; the settle interval is what makes this hold. Two runs
+//! A and B both read "no lock", then both write. Whichever wrote last sees its own value and
+//! goes on; the other must see the later value at its read-back. It does when the later write
+//! lands within [`SETTLE`] of the earlier one: the later writer read "no lock" before the
+//! earlier write (else it would have refused), and wrote one round trip after that read, so
+//! within one round trip (well under [`SETTLE`]) of the earlier write. What is left: a run
+//! stalled for longer than [`SETTLE`] between its read and its write, or tags EC2 shows late
+//! (its reads are eventually consistent).
 //!
 //! A lock is taken over, with a warning, when it is older than [`STALE`], when its holder was
 //! a process of this host that no longer runs (a killed fuse), or with `--break-lock`; so a
@@ -27,8 +29,9 @@ use std::time::Duration;
 pub(crate) const LOCK_TAG: &str = "fuse:lock";
 /// A lock this old is a crashed run's.
 pub(crate) const STALE: Duration = Duration::from_secs(30 * 60);
-/// Between writing the lock and reading it back.
-const READ_BACK: Duration = Duration::from_secs(1);
+/// Between writing the lock and reading it back: longer than one EC2 round trip, so a run
+/// whose check came before our write has written by the time we read (see the module docs).
+const SETTLE: Duration = Duration::from_secs(2);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -215,7 +218,7 @@ pub(crate) fn acquire(
     let value = Holder::me(now).value();
     ec2::create_tags(client, &[group], &[(LOCK_TAG, &value)])?;
     catch_signals();
-    std::thread::sleep(READ_BACK);
+    std::thread::sleep(SETTLE);
     match read(client, group)? {
         Some(v) if v == value => Ok(Lock {
             group: group.to_string(),
