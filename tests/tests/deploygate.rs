@@ -558,3 +558,73 @@ fn a_deregistration_delay_for_one_instance_is_refused_before_anything_is_made() 
         .run()
         .assert_success();
 }
+
+#[test]
+fn an_instance_that_leaves_running_fails_the_deploy_at_once_and_the_old_one_serves() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    build(&sb, "fate:idle", "");
+    // Listens on a port: checked through a proxy that refuses, so it is never healthy and
+    // fuse is waiting for its health when the instance stops.
+    build(&sb, "fate:slow", "[ports]\nhttp = 8080\n");
+    let nothing = free_port();
+    let deploy = || {
+        moto.fuse_with_keys(&sb)
+            .env("HTTP_PROXY", format!("http://127.0.0.1:{nothing}"))
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .timeout(Duration::from_secs(300))
+    };
+    let out = deploy()
+        .args(["fate:idle", "--env", "prod", "--json"])
+        .run();
+    out.assert_success();
+    let first = json(&out);
+    let (old, address) = (first["instance"].clone(), first["address"].clone());
+
+    for (action, state) in [("stop", "stopped"), ("terminate", "terminated")] {
+        // The timeout is far off: only the instance's state can end this deploy early.
+        let run = deploy()
+            .args(["fate:slow", "--env", "prod", "--health-timeout", "250"])
+            .spawn();
+        let new = fuse_boot::poll::wait_until(
+            Duration::from_secs(120),
+            Duration::from_millis(300),
+            || {
+                live(&world(&moto), "fate")
+                    .into_iter()
+                    .find(|i| i["id"] != old && i["state"] == "running")
+            },
+        )
+        .expect("the deploy launched an instance");
+        let new = new["id"].as_str().unwrap().to_string();
+        moto.helper(&[action, &moto.key_id, &moto.secret, &new]);
+        let out = run.wait();
+        out.assert_code(1);
+        let err = out.stderr_str();
+        assert!(
+            err.contains(&format!("failed: {new} is {state}"))
+                && err.contains(", not running;")
+                && !err.contains("within the health timeout"),
+            "{out}"
+        );
+        assert!(
+            err.contains(&format!(
+                "{} still leads to the previous instance",
+                address.as_str().unwrap()
+            )),
+            "{out}"
+        );
+        let w = world(&moto);
+        let eip = &w["addresses"].as_array().unwrap()[0];
+        assert_eq!(
+            eip["instance"], old,
+            "the old instance keeps the address: {w}"
+        );
+        let alive: Vec<Value> = live(&w, "fate").iter().map(|i| i["id"].clone()).collect();
+        assert_eq!(alive, vec![old.clone()], "{new} terminated: {w}");
+    }
+    deploy()
+        .args(["destroy", "fate", "--env", "prod"])
+        .run()
+        .assert_success();
+}

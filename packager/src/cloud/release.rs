@@ -224,8 +224,29 @@ pub(crate) fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The instance as EC2 lists it now (`None` while it does not list it yet).
+fn look(client: &Client, instance: &str) -> Result<Option<Instance>> {
+    let ids = [instance];
+    let found = ec2::describe_instances(client, &[("instance-id", &ids)])?;
+    Ok(found.into_iter().find(|i| i.id == instance))
+}
+
+/// Why `i` can no longer become (or stay) a running instance to deploy to: stopping,
+/// stopped, shutting down or terminated, by whatever cause (capacity, a crash, someone else).
+fn left_running(i: &Instance) -> Option<String> {
+    (!matches!(i.state.as_str(), "pending" | "running")).then(|| {
+        let why = i
+            .state_reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        format!("{} is {}{why}, not running", i.id, i.state)
+    })
+}
+
 /// Waits for the instance to run with a public address, then for its health; the reason when
-/// it did not become healthy by `deadline`.
+/// it did not become healthy by `deadline`, or as soon as it left `pending`/`running` (it
+/// cannot become healthy then: no point waiting out the timeout).
 pub(crate) fn wait_healthy(
     client: &Client,
     instance: &str,
@@ -233,18 +254,17 @@ pub(crate) fn wait_healthy(
     deadline: Instant,
     progress: &mut dyn FnMut(&str),
 ) -> Result<std::result::Result<String, String>> {
-    let ids = [instance];
     let ip = loop {
-        let found = ec2::describe_instances(client, &[("instance-id", &ids)])?;
-        let me = found.into_iter().find(|i| i.id == instance);
-        match me {
+        match look(client, instance)? {
             Some(i) if i.state == "running" && i.public_ip.is_some() => {
                 break i.public_ip.unwrap_or_default()
             }
-            Some(i) if !matches!(i.state.as_str(), "pending" | "running") => {
-                return Ok(Err(format!("{instance} is {}, not running", i.state)))
+            Some(i) => {
+                if let Some(reason) = left_running(&i) {
+                    return Ok(Err(reason));
+                }
             }
-            _ => {}
+            None => {}
         }
         if lock::interrupted() {
             return Ok(Err(INTERRUPTED.into()));
@@ -265,6 +285,9 @@ pub(crate) fn wait_healthy(
             Ok(()) => return Ok(Ok(ip)),
             Err(seen) => seen,
         };
+        if let Some(reason) = look(client, instance)?.as_ref().and_then(left_running) {
+            return Ok(Err(reason));
+        }
         if lock::interrupted() {
             return Ok(Err(INTERRUPTED.into()));
         }

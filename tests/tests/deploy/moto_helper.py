@@ -184,6 +184,15 @@ elif command == "tag":
     key, secret, resource, tag_key, tag_value = sys.argv[4:9]
     client("ec2", key, secret).create_tags(Resources=[resource], Tags=[{"Key": tag_key, "Value": tag_value}])
     print("{}")
+elif command in ("stop", "terminate"):
+    # An instance that leaves running under fuse (capacity, a crash, someone else's hand).
+    key, secret, instance = sys.argv[4], sys.argv[5], sys.argv[6]
+    ec2 = client("ec2", key, secret)
+    if command == "stop":
+        ec2.stop_instances(InstanceIds=[instance])
+    else:
+        ec2.terminate_instances(InstanceIds=[instance])
+    print("{}")
 elif command == "address":
     # An Elastic IP tagged for an app and environment, as a one-instance deployment leaves it.
     key, secret, app, env = sys.argv[4:8]

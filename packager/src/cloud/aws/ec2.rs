@@ -193,6 +193,8 @@ pub(crate) struct Instance {
     pub(crate) image: String,
     /// pending, running, shutting-down, terminated, stopping, stopped.
     pub(crate) state: String,
+    /// Why it left `running` (stateReason's message), when EC2 says.
+    pub(crate) state_reason: Option<String>,
     pub(crate) public_ip: Option<String>,
     /// t3.micro, …
     pub(crate) instance_type: String,
@@ -280,6 +282,11 @@ pub(crate) fn parse_instances(xml: &str) -> Result<Vec<Instance>> {
                     .find(|c| c.has_tag_name("instanceState"))
                     .and_then(|s| child_text(s, "name"))
                     .unwrap_or_default(),
+                state_reason: item
+                    .children()
+                    .find(|c| c.has_tag_name("stateReason"))
+                    .and_then(|s| child_text(s, "message"))
+                    .filter(|m| !m.is_empty()),
                 public_ip: child_text(item, "ipAddress"),
                 instance_type: child_text(item, "instanceType").unwrap_or_default(),
                 launch_time: child_text(item, "launchTime").unwrap_or_default(),
@@ -645,6 +652,7 @@ mod tests {
                 id: "i-1".into(),
                 image: "ami-1".into(),
                 state: "running".into(),
+                state_reason: None,
                 public_ip: Some("203.0.113.5".into()),
                 instance_type: "t3.small".into(),
                 launch_time: "2026-12-03T10:00:00.000Z".into(),
