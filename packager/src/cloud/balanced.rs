@@ -31,7 +31,8 @@ use super::aws::http::Client;
 use super::lock;
 use super::release::{
     check_of, live_instances, owned, ownership_tags, tail, wait_healthy, Check, Deployed,
-    Deployment, APP_TAG, CONSOLE_TAIL, ENV_TAG, FORCED_TAG, INTERRUPTED, POLL, PREVIOUS_TAG,
+    Deployment, Destroyed, APP_TAG, CONSOLE_TAIL, ENV_TAG, FORCED_TAG, INTERRUPTED, POLL,
+    PREVIOUS_TAG,
 };
 use crate::host::digest;
 use crate::image::store::StoredImage;
@@ -599,22 +600,16 @@ pub(crate) fn deploy_locked(
     Ok(outcome)
 }
 
-/// What `destroy` removed of a load balancer.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Removed {
-    pub(crate) load_balancers: Vec<String>,
-    pub(crate) target_groups: Vec<String>,
-}
-
 /// Deletes the environment's listener and load balancer, then its target groups (AWS refuses
-/// a group a listener uses). The instances and security groups are the caller's.
+/// a group a listener uses), noting them in `removed`. The instances and security groups are
+/// the caller's.
 pub(crate) fn destroy(
     client: &Client,
     app: &str,
     env: &str,
+    removed: &mut Destroyed,
     progress: &mut dyn FnMut(&str),
-) -> Result<Removed> {
-    let mut removed = Removed::default();
+) -> Result<()> {
     if let Some(b) = find(client, app, env)? {
         for l in elbv2::describe_listeners(client, &b.lb.arn)? {
             elbv2::delete_listener(client, &l.arn)?;
@@ -642,7 +637,7 @@ pub(crate) fn destroy(
         progress(&format!("deleted the target group {name}"));
         removed.target_groups.push(name);
     }
-    Ok(removed)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use super::aws::http::Client;
 use super::lock;
 pub(crate) use super::release::{
     check_of, live_instances, owned, ownership_tags, tail, wait_healthy, Check, Deployed,
-    Deployment, APP_TAG, CONSOLE_TAIL, ENV_TAG, FORCED_TAG, INTERRUPTED, LIVE, POLL, PREVIOUS_TAG,
+    Deployment, Destroyed, APP_TAG, CONSOLE_TAIL, ENV_TAG, FORCED_TAG, INTERRUPTED, LIVE, POLL,
+    PREVIOUS_TAG,
 };
 use crate::host::digest;
 use crate::image::store::StoredImage;
@@ -486,17 +487,6 @@ pub(crate) fn rollback_target(client: &Client, app: &str, env: &str) -> Result<R
     })
 }
 
-/// What `destroy` removed.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub(crate) struct Destroyed {
-    /// The load balancers' DNS names, and the target groups' names.
-    pub(crate) load_balancers: Vec<String>,
-    pub(crate) target_groups: Vec<String>,
-    pub(crate) instances: Vec<String>,
-    pub(crate) addresses: Vec<String>,
-    pub(crate) security_groups: Vec<String>,
-}
-
 /// Terminates the app/env's instances, releases its address, deletes its security group.
 pub(crate) fn destroy(
     client: &Client,
@@ -530,9 +520,7 @@ fn destroy_locked(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Destroyed> {
     let mut gone = Destroyed::default();
-    let removed = super::balanced::destroy(client, app, env, progress)?;
-    gone.load_balancers = removed.load_balancers;
-    gone.target_groups = removed.target_groups;
+    super::balanced::destroy(client, app, env, &mut gone, progress)?;
     let (a, e) = ([app], [env]);
     for address in ec2::describe_addresses(client, &owned(&a, &e))? {
         if let Some(association) = &address.association {

@@ -93,6 +93,17 @@ impl Deployed {
     }
 }
 
+/// What `destroy` removed (of either kind of environment).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct Destroyed {
+    /// The load balancers' DNS names, and the target groups' names.
+    pub(crate) load_balancers: Vec<String>,
+    pub(crate) target_groups: Vec<String>,
+    pub(crate) instances: Vec<String>,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) security_groups: Vec<String>,
+}
+
 /// The check a deployment must pass, from the image's `healthcheck` (else a TCP connection to
 /// its only port; an image with no port is healthy once running).
 #[derive(Debug, Clone, PartialEq, Eq)]
