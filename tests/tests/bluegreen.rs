@@ -7,14 +7,10 @@
 mod common;
 
 use common::moto::Moto;
-use common::plane::{
-    assert_serves, contains, harness, live, proxy, web, Plane, StopOnDrop, GREETING,
-};
+use common::plane::{assert_serves, live, Stage, GREETING};
 use common::{json, Sandbox};
 use fuse_tests::assert_no_leaked_qemu;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
 /// The calls of moto's recording with this EC2 `Action`.
@@ -41,44 +37,13 @@ fn web_addresses(world: &Value) -> Vec<Value> {
 fn blue_green_deploys_switch_only_to_a_healthy_instance() {
     let sb = Sandbox::new();
     let moto = Moto::start(&sb);
-    sb.dir.write(
-        "fuse.toml",
-        "[ports]\nhttp = 8080\n[healthcheck]\nhttp = \"/health\"\nport = \"http\"\n",
-    );
-    let (d1, disk1) = web(&sb, "v1", 200);
-    let (d2, disk2) = web(&sb, "v2", 200);
-    let (d3, disk3) = web(&sb, "v3", 500);
-    for disk in [&disk1, &disk2, &disk3] {
-        assert!(
-            !contains(disk, GREETING.as_bytes()),
-            "the deploy-time value is in no image"
-        );
-    }
-    let disks = BTreeMap::from([
-        (d1.clone(), disk1),
-        (d2.clone(), disk2),
-        (d3.clone(), disk3),
-    ]);
-    let plane = Plane::default();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let proxy_port = listener.local_addr().unwrap().port();
-    // Every deploy command: moto's keys, the proxy for the instances' addresses (never the
-    // addresses themselves), nothing of the host's AWS setup.
-    let deploy = || {
-        moto.fuse_with_keys(&sb)
-            .env("HTTP_PROXY", format!("http://127.0.0.1:{proxy_port}"))
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .timeout(Duration::from_secs(600))
-    };
-    let world = || moto.helper(&["world", &moto.key_id, &moto.secret]);
+    let stage = Stage::new(&sb, &moto, &[]);
+    let [d1, d2, d3] = stage.digests.clone();
+    let (plane, proxy_port) = (&stage.plane, stage.proxy_port);
+    let deploy = || stage.deploy();
+    let world = || stage.world();
 
-    let launched = std::thread::scope(|scope| {
-        let _stop = StopOnDrop {
-            plane: &plane,
-            consoles: sb.dir.join("consoles"),
-        };
-        scope.spawn(|| harness(&sb, &moto, &disks, &plane));
-        scope.spawn(|| proxy(listener, &plane));
+    let launched = stage.play(|| {
         moto.helper(&["start-recording"]);
 
         // 1. The first deployment: healthy, the new address leads to it.

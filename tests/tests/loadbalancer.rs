@@ -13,14 +13,11 @@ mod common;
 
 use common::json;
 use common::moto::Moto;
-use common::plane::{
-    contains, get_through, harness, live, proxy, web_with, Plane, StopOnDrop, GREETING,
-};
+use common::plane::{get_through, live, Stage, GREETING};
 use common::Sandbox;
 use fuse_tests::assert_no_leaked_qemu;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, TcpListener};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// The listener's port.
@@ -98,32 +95,11 @@ fn assert_spread(proxy_port: u16, dns: &str, version: &str, instances: &BTreeSet
 fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
     let sb = Sandbox::new();
     let moto = Moto::start(&sb);
-    sb.dir.write(
-        "fuse.toml",
-        "[ports]\nhttp = 8080\n[healthcheck]\nhttp = \"/health\"\nport = \"http\"\n",
-    );
-    let host = ["-DWITH_HOST"];
-    let (d1, disk1) = web_with(&sb, "v1", 200, &host);
-    let (d2, disk2) = web_with(&sb, "v2", 200, &host);
-    let (d3, disk3) = web_with(&sb, "v3", 500, &host);
-    for disk in [&disk1, &disk2, &disk3] {
-        assert!(!contains(disk, GREETING.as_bytes()));
-    }
-    let disks = BTreeMap::from([
-        (d1.clone(), disk1),
-        (d2.clone(), disk2),
-        (d3.clone(), disk3),
-    ]);
-    let plane = Plane::default();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let proxy_port = listener.local_addr().unwrap().port();
-    let deploy = || {
-        moto.fuse_with_keys(&sb)
-            .env("HTTP_PROXY", format!("http://127.0.0.1:{proxy_port}"))
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .timeout(Duration::from_secs(600))
-    };
-    let world = || moto.helper(&["world", &moto.key_id, &moto.secret]);
+    let stage = Stage::new(&sb, &moto, &["-DWITH_HOST"]);
+    let [d1, d2, d3] = stage.digests.clone();
+    let (plane, proxy_port) = (&stage.plane, stage.proxy_port);
+    let deploy = || stage.deploy();
+    let world = || stage.world();
 
     // Bad input: refused before anything is made.
     let out = deploy()
@@ -153,14 +129,7 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
         "nothing launched"
     );
 
-    let launched = std::thread::scope(|scope| {
-        let _stop = StopOnDrop {
-            plane: &plane,
-            consoles: sb.dir.join("consoles"),
-        };
-        scope.spawn(|| harness(&sb, &moto, &disks, &plane));
-        scope.spawn(|| proxy(listener, &plane));
-
+    let launched = stage.play(|| {
         // 1. The first deployment: two instances behind a new load balancer.
         let started = Instant::now();
         let out = deploy()

@@ -83,12 +83,8 @@ int main(void) {
 }
 "#;
 
-/// `web:VERSION` built with its health endpoint answering `health`: its digest and raw disk.
-pub fn web(sb: &Sandbox, version: &str, health: u16) -> (String, Vec<u8>) {
-    web_with(sb, version, health, &[])
-}
-
-/// The same with more compiler flags (`-DWITH_HOST`).
+/// `web:VERSION` built with its health endpoint answering `health` and more compiler flags
+/// (`-DWITH_HOST`): its digest and raw disk.
 pub fn web_with(sb: &Sandbox, version: &str, health: u16, flags: &[&str]) -> (String, Vec<u8>) {
     let mut args = vec![
         "-static".to_string(),
@@ -100,6 +96,87 @@ pub fn web_with(sb: &Sandbox, version: &str, health: u16, flags: &[&str]) -> (St
     let exe = sb.program(WEB, &format!("web-{version}"), &args);
     let image = format!("web:{version}");
     (sb.build_named(&exe, &image), sb.export_raw(&image))
+}
+
+/// What the deploy tests that boot what they deploy share: three versions of the web app
+/// (`web:v1` and `web:v2` healthy, `web:v3` answering 500 on `/health`), moto, and the data
+/// plane (harness and proxy) fuse's commands go through.
+pub struct Stage<'a> {
+    pub sb: &'a Sandbox,
+    pub moto: &'a Moto,
+    /// The digests of v1, v2 and v3.
+    pub digests: [String; 3],
+    disks: BTreeMap<String, Vec<u8>>,
+    pub plane: Plane,
+    listener: TcpListener,
+    /// The proxy's port on 127.0.0.1.
+    pub proxy_port: u16,
+}
+
+impl<'a> Stage<'a> {
+    /// Builds the three versions (the C app compiled with `flags`), none holding the
+    /// deploy-time value, and binds the proxy's port.
+    pub fn new(sb: &'a Sandbox, moto: &'a Moto, flags: &[&str]) -> Stage<'a> {
+        sb.dir.write(
+            "fuse.toml",
+            "[ports]\nhttp = 8080\n[healthcheck]\nhttp = \"/health\"\nport = \"http\"\n",
+        );
+        let mut disks = BTreeMap::new();
+        let digests = [("v1", 200), ("v2", 200), ("v3", 500)].map(|(version, health)| {
+            let (digest, disk) = web_with(sb, version, health, flags);
+            assert!(
+                !contains(&disk, GREETING.as_bytes()),
+                "the deploy-time value is in no image"
+            );
+            disks.insert(digest.clone(), disk);
+            digest
+        });
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let proxy_port = listener.local_addr().unwrap().port();
+        Stage {
+            sb,
+            moto,
+            digests,
+            disks,
+            plane: Plane::default(),
+            listener,
+            proxy_port,
+        }
+    }
+
+    /// A `fuse deploy` command: moto's keys, the proxy for the instances' addresses (never
+    /// the addresses themselves), nothing of the host's AWS setup.
+    pub fn deploy(&self) -> fuse_tests::FuseCmd {
+        self.moto
+            .fuse_with_keys(self.sb)
+            .env(
+                "HTTP_PROXY",
+                format!("http://127.0.0.1:{}", self.proxy_port),
+            )
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .timeout(Duration::from_secs(600))
+    }
+
+    /// Everything moto holds now (see the helper's `world`).
+    pub fn world(&self) -> Value {
+        self.moto
+            .helper(&["world", &self.moto.key_id, &self.moto.secret])
+    }
+
+    /// Runs `f` while the harness and the proxy play the data plane; they stop when it returns
+    /// or panics (a panic first prints what the harness saw, see [`StopOnDrop`]).
+    pub fn play<R>(&self, f: impl FnOnce() -> R) -> R {
+        let listener = self.listener.try_clone().unwrap();
+        std::thread::scope(|scope| {
+            let _stop = StopOnDrop {
+                plane: &self.plane,
+                consoles: self.sb.dir.join("consoles"),
+            };
+            scope.spawn(|| harness(self.sb, self.moto, &self.disks, &self.plane));
+            scope.spawn(|| proxy(listener, &self.plane));
+            f()
+        })
+    }
 }
 
 /// One instance's machine: `fuse run --machine cloud` in its own process group (stopped with
