@@ -442,6 +442,44 @@ fn fuse_test_takes_the_build_and_vm_flags_of_fuse_run() {
     assert_no_leaked_qemu();
 }
 
+/// `compression = "balanced"` in fuse.toml: the root filesystem is zstd in 1 MiB blocks (what
+/// `unsquashfs -s` reads from the stored blob), and the image boots.
+#[test]
+fn balanced_compression_writes_1mib_zstd_blocks_that_boot() {
+    let sb = Sandbox::new();
+    let app = sb.program(HELLO, "hello", &["-static"]);
+    sb.dir.write("fuse.toml", "compression = \"balanced\"\n");
+    sb.fuse().arg("build").arg(&app).run().assert_success();
+    let inspect = json(
+        sb.fuse()
+            .args(["inspect", "--json", "hello"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(inspect["rootfs"]["format"], "squashfs+zstd", "{inspect}");
+    let digest = inspect["rootfs"]["digest"].as_str().unwrap();
+    let blob = sb
+        .home()
+        .join("images/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let out = std::process::Command::new("unsquashfs")
+        .arg("-s")
+        .arg(&blob)
+        .output()
+        .expect("unsquashfs (squashfs-tools) is needed");
+    let superblock = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        superblock.contains("Block size 1048576") && superblock.contains("Compression zstd"),
+        "{superblock}"
+    );
+    sb.fuse()
+        .args(["run", "--accel", "tcg", "hello"])
+        .run()
+        .assert_success()
+        .assert_stdout_contains("hello from the guest");
+    assert_no_leaked_qemu();
+}
+
 /// `args` in fuse.toml (top level and per environment) are the app's arguments: they follow
 /// the runtime launcher's own (`python /app/x.py`, `java … -jar /app/x.jar`), as
 /// `fuse run IMAGE -- ARGS` does, instead of replacing them.

@@ -230,7 +230,7 @@ impl Config {
             let origin = src.origin(c.span());
             let parsed = c.get_ref().parse::<RootfsCompression>().map_err(|_| {
                 anyhow::anyhow!(
-                    "{origin}: unknown compression '{}': use \"fast\" (zstd) or \"small\" (xz)",
+                    "{origin}: unknown compression '{}': use \"fast\" (zstd), \"balanced\" (zstd 19) or \"small\" (xz)",
                     c.get_ref()
                 )
             })?;

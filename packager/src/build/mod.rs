@@ -268,8 +268,14 @@ pub(crate) fn build(
         .compression
         .or(config.as_ref().and_then(|c| c.compression))
         .unwrap_or_else(|| RootfsCompression::default_for(kind));
-    if compression == RootfsCompression::Small {
-        progress("compressing the root filesystem (xz; unchanged blocks come from the cache)...");
+    match compression {
+        RootfsCompression::Small => progress(
+            "compressing the root filesystem (xz; unchanged blocks come from the cache)...",
+        ),
+        RootfsCompression::Balanced => progress(
+            "compressing the root filesystem (zstd 19; unchanged blocks come from the cache)...",
+        ),
+        RootfsCompression::Fast => {}
     }
     let block_cache = BlockCache {
         dir: crate::host::paths::cache_dir().join("blocks"),

@@ -77,8 +77,9 @@ pub(super) struct BuildFlags {
     /// The Python interpreter for a Python app (default: /usr/bin/python3).
     #[arg(long, value_name = "PATH")]
     pub(crate) python: Option<PathBuf>,
-    /// Root filesystem compression: fast (zstd) or small (xz) (default: small for Node.js
-    /// apps, fast for the others).
+    /// Root filesystem compression: fast (zstd), balanced (zstd 19, 1 MiB blocks: nearly as
+    /// small as xz, as fast to boot as zstd) or small (xz) (default: small for Node.js apps, fast
+    /// for the others).
     #[arg(long, value_parser = parse::<RootfsCompression>)]
     pub(crate) compression: Option<RootfsCompression>,
     /// The virtualenv whose site-packages a Python app imports from.
