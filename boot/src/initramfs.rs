@@ -71,8 +71,10 @@ pub fn is_compressed(packed: &[u8], cpio: &[u8]) -> bool {
     zstd::bulk::decompress(packed, cpio.len()).is_ok_and(|d| d == cpio)
 }
 
-/// The initramfs for `arch`, compressed ([`initramfs_cpio`], then [`compress`]).
-pub fn initramfs(arch: Arch) -> Result<Vec<u8>> {
+/// The initramfs for `arch`, compressed ([`initramfs_cpio`], then [`compress`]). The packager
+/// composes the two itself (it caches the compressed copy), so only the tests build it whole.
+#[cfg(test)]
+fn initramfs(arch: Arch) -> Result<Vec<u8>> {
     compress(&initramfs_cpio(arch)?)
 }
 
