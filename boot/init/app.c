@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -127,9 +128,10 @@ pid_t start_app(const struct app_spec *s)
 		close(term);
 		/* The relay should take the app's output in batches, not preempt the app at every
 		 * line it writes (each switch costs much under emulation): a batch task does not
-		 * preempt on wakeup. Set after the fork, so the app keeps the normal policy. */
+		 * preempt on wakeup. Set after the fork, so the app keeps the normal policy. The
+		 * system call itself: musl's sched_setscheduler() is a stub that fails with ENOSYS. */
 		struct sched_param none = {0};
-		if (sched_setscheduler(0, SCHED_BATCH, &none) < 0)
+		if (syscall(SYS_sched_setscheduler, 0, SCHED_BATCH, &none) < 0)
 			debug("cannot make the init a batch task: %s", strerror(errno));
 	}
 	debug("started %s as pid %d", s->exe, (int)pid);

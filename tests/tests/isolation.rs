@@ -23,6 +23,7 @@ const PROBE: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -76,6 +77,7 @@ int main(int argc, char **argv) {
     printf("kmsg: %s\n", k >= 0 ? "readable" : strerror(errno));
     show("/proc/sys/kernel/dmesg_restrict");
     show("/proc/sys/kernel/kptr_restrict");
+    printf("policy init=%d app=%d\n", sched_getscheduler(1), sched_getscheduler(0));
     fflush(stdout);
     /* What servers configured to log to /dev/stdout do: reopen the console by name. */
     int o = open("/dev/stdout", O_WRONLY);
@@ -167,6 +169,9 @@ fn unprivileged(arch: &str) {
         stdout.contains("/proc/sys/kernel/kptr_restrict=2\n"),
         "{out}"
     );
+    // The init relays the console as a batch task (3, SCHED_BATCH), so the app's lines do not
+    // preempt it one by one; the app keeps the normal policy (0).
+    assert!(stdout.contains("policy init=3 app=0\n"), "{out}");
     assert_no_leaked_qemu();
 }
 
