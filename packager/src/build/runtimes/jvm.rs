@@ -168,15 +168,18 @@ impl Default for JlinkOptions {
     ///   squashfs to compress on every build; `=2` (zip) only makes the zstd'd image bigger.
     ///   Its cost is jlink's CPU: 6.1 s against 2.1 s for `=0` (java.base, jlink on C1), the
     ///   largest part of a cold build; kept for the 0.4 MB.
-    /// * a CDS archive of the default class list (`cds`), dumped by fuse so that it is the
-    ///   same on every build (see [`dump_cds`]): +2.7 MB of image (21.1 MB), and with
+    /// * no CDS archive by default; `[jvm] cds = true` adds one of the default class list,
+    ///   dumped by fuse to be as repeatable as JDK 17 allows (see [`dump_cds`]): identical
+    ///   dumps on a quiet host, but two builds under different load produced two different
+    ///   archives (each confirmed by two agreeing dumps), so it would break "same inputs, same
+    ///   image" by default. +2.7 MB of image (21.1 MB), and with
     ///   [`JvmOptions::archive_in_place`] the JVM's "Initialize java.lang classes" and
     ///   "Initialize module system" phases take 0.5-0.7 and 0.9-1.0 s instead of 1.0-1.2 and
     ///   1.4-2.1 s under TCG (`-Xlog:startuptime`).
     fn default() -> Self {
         JlinkOptions {
             compress: 1,
-            cds: true,
+            cds: false,
         }
     }
 }
@@ -708,7 +711,15 @@ pub(crate) fn assemble(
     };
     jdk.check_arch(input.arch)?;
     let (modules, source) = modules_for(&jdk, input.input, &info, progress)?;
-    let jlink = JlinkOptions::default();
+    // `[jvm] cds = true`: opt-in, as the archive is not reproducible under every load.
+    let cds = match input.config {
+        Some(config) => config.runtime_bool("jvm", "cds")?.unwrap_or(false),
+        None => false,
+    };
+    let jlink = JlinkOptions {
+        cds,
+        ..JlinkOptions::default()
+    };
     // The runtime's own java runs on this host only for the host's arch and a JDK of it.
     let runnable = input.arch == Arch::host() && jdk.tools.is_none();
     let runtime = ensure_runtime(&jdk, &modules, &jlink, runnable, progress)?;
@@ -870,7 +881,7 @@ mod tests {
         // Every jlink option, and the CDS archive, is part of the runtime's key.
         let a = JlinkOptions::default().key();
         let b = JlinkOptions {
-            cds: false,
+            cds: true,
             ..JlinkOptions::default()
         }
         .key();
