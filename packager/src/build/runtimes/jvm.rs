@@ -498,7 +498,8 @@ fn ensure_runtime(
 /// [`crate::host::process::run_repeatably`]); the class-loading log makes the one remaining
 /// race (which thread loads `jdk.internal.misc.VM` first) come out the same way (35 of 35
 /// dumps identical with it, 21 of 24 without). The archive does not depend on the runtime's
-/// path. What is left to chance is checked: two dumps must agree.
+/// path. What is left to chance is checked: two dumps must agree. That is not enough for a
+/// reproducible image: under another load another variant wins twice (hence opt-in).
 const CDS_DUMP_FLAGS: &[&str] = &[
     "-XX:+UseSerialGC",
     "-Xint",
