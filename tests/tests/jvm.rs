@@ -132,6 +132,41 @@ fn jar_prints(arch: &str) {
             .assert_success(),
     );
     assert_eq!(again["digest"], inspect["digest"]);
+
+    // No CDS archive by default (JDK 17's is not reproducible under every load); with
+    // `[jvm] cds = true` a runtime for the host's arch carries one and the JVM in the VM can
+    // use it: `-Xshare:on` makes an archive the JVM refuses (paths, sizes, flags) an error.
+    assert_eq!(inspect["notes"]["jvm.cds"], "none", "{}", inspect["notes"]);
+    if arch == std::env::consts::ARCH {
+        // Its own cache: a runtime cached by another build (whose dumps disagreed) has none.
+        let sb = Sandbox::with_private_cache(arch);
+        let shared = sb.dir.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::copy(&jar, shared.join("hello-1.0.jar")).unwrap();
+        std::fs::write(
+            shared.join("fuse.toml"),
+            "[jvm]\ncds = true\noptions = [\"-Xshare:on\"]\n",
+        )
+        .unwrap();
+        let out = sb
+            .fuse()
+            .args(["run", "--accel", "tcg", "--arch", arch])
+            .arg(shared.join("hello-1.0.jar"))
+            .run();
+        out.assert_code(7)
+            .assert_stdout_contains("hello from java 17");
+        let shared = json(
+            sb.fuse()
+                .args(["inspect", "--json", "hello:1.0"])
+                .run()
+                .assert_success(),
+        );
+        assert_eq!(
+            shared["notes"]["jvm.cds"], "default classlist, dumped by fuse",
+            "{}",
+            shared["notes"]
+        );
+    }
     assert_no_leaked_qemu();
 }
 

@@ -382,6 +382,20 @@ impl Config {
         }
     }
 
+    /// A true/false setting of a runtime's table (`[jvm] cds = true`); `None` when absent.
+    pub(crate) fn runtime_bool(&self, runtime: &str, key: &str) -> Result<Option<bool>> {
+        let Some(value) = self.runtime_table(runtime).and_then(|t| t.get(key)) else {
+            return Ok(None);
+        };
+        match value.as_bool() {
+            Some(b) => Ok(Some(b)),
+            None => bail!(
+                "{}: [{runtime}] {key} must be true or false",
+                self.path.display()
+            ),
+        }
+    }
+
     /// The `options = [...]` of a runtime's table (`[jvm] options = ["-Xmx256m"]`).
     pub(crate) fn runtime_options(&self, runtime: &str) -> Result<Vec<String>> {
         let Some(value) = self.runtime_table(runtime).and_then(|t| t.get("options")) else {

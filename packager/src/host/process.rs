@@ -75,6 +75,47 @@ pub(crate) fn qemus_naming(path: &Path) -> Vec<u32> {
     found
 }
 
+/// The CPUs this process may run on (its affinity mask), lowest first.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most
+    // size_of::<cpu_set_t>() bytes into it, and CPU_ISSET reads within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Makes `cmd` run as repeatably as the host allows: no address-space randomisation (so the
+/// addresses a program's allocator hands out are the same every run) and, with `cpu`, all its
+/// threads on that one CPU (so they interleave the same way far more often). For tools whose
+/// output depends on addresses or thread timing, such as a JDK 17 CDS dump.
+pub(crate) fn run_repeatably(cmd: &mut std::process::Command, cpu: Option<usize>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: personality and sched_setaffinity are plain syscalls, async-signal-safe; they run
+    // between fork and exec on the child's stack and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // ADDR_NO_RANDOMIZE on top of the current persona; a kernel that refuses it only
+            // makes the output vary, which the caller checks.
+            let current = libc::personality(0xffff_ffff);
+            if current >= 0 {
+                libc::personality((current | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong);
+            }
+            if let Some(cpu) = cpu {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

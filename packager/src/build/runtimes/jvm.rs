@@ -32,7 +32,7 @@ use std::process::Command;
 pub(crate) const RUNTIME_DIR: &str = "/opt/java";
 
 /// Bumped when what fuse does to a jlink output changes, so old cache entries are not reused.
-const CACHE_VERSION: &str = "fuse-jlink-5";
+const CACHE_VERSION: &str = "fuse-jlink-6";
 
 /// Libraries of `java.desktop` that only a display, a sound card or a splash screen loads: a
 /// VM has none (no `DISPLAY`, so AWT is headless and loads `libawt_headless.so` instead), and
@@ -91,6 +91,13 @@ pub(crate) struct JvmOptions {
     /// `-XX:TieredStopAtLevel=1` (C1 only). Off: it saves 0.16 s of the hello's start under
     /// TCG (4.31 s against 4.47 s of run CPU), but costs a long-running server its C2 peak.
     pub(crate) c1_only: bool,
+    /// `-XX:ArchiveRelocationMode=0`: map the CDS archive at the address it was dumped for
+    /// instead of relocating it. JDK 17.0.x updates relocate it on every start (mode 1, the
+    /// default since JDK-8294323, for ASLR), which rewrites every pointer of its 10 MB: under
+    /// TCG that was 1.56 s of a 6.2 s JVM start (`-Xlog:cds`: "Genesis" 1.88 s, 0.15 s
+    /// mapped in place). The archive holds class metadata, no secrets; JDK 17 GA mapped it at
+    /// its fixed address too. Set when the runtime has an archive.
+    pub(crate) archive_in_place: bool,
     /// Anything else, appended last.
     pub(crate) extra: Vec<String>,
 }
@@ -103,6 +110,7 @@ impl Default for JvmOptions {
             gc: "-XX:+UseSerialGC".into(),
             share: "auto".into(),
             c1_only: false,
+            archive_in_place: false,
             extra: Vec::new(),
         }
     }
@@ -123,6 +131,11 @@ impl JvmOptions {
         if self.c1_only {
             args.push("-XX:TieredStopAtLevel=1".into());
         }
+        if self.archive_in_place {
+            // A diagnostic flag in JDK 17.
+            args.push("-XX:+UnlockDiagnosticVMOptions".into());
+            args.push("-XX:ArchiveRelocationMode=0".into());
+        }
         args.extend(self.extra.iter().cloned());
         args
     }
@@ -134,7 +147,9 @@ pub(crate) struct JlinkOptions {
     /// `--compress=0|1|2`: 0 stores resources as they are (the squashfs compresses them),
     /// 1 shares strings, 2 zips them.
     pub(crate) compress: u8,
-    /// `--generate-cds-archive`: a class-data-sharing archive of the default classes.
+    /// A class-data-sharing archive of the JDK's default class list in
+    /// `lib/server/classes.jsa`, dumped by fuse (see [`dump_cds`]), not by jlink's
+    /// `--generate-cds-archive`, whose JDK 17 archive differs on every run.
     pub(crate) cds: bool,
 }
 
@@ -151,11 +166,16 @@ impl Default for JlinkOptions {
     ///
     /// * `--compress=1` (string sharing): same start, 0.4 MB smaller, and 6.5 MB less for the
     ///   squashfs to compress on every build; `=2` (zip) only makes the zstd'd image bigger.
-    /// * no CDS archive, though it saves 0.5 s of start: JDK 17 writes a different
-    ///   `classes.jsa` on every run (37,619 bytes differ between two jlink runs of the same
-    ///   input), which breaks "same jar, same image digest" for anyone without our cache, and
-    ///   it adds 3 MB, past the 20 MB budget of a hello image. (JDK 19+ dumps
-    ///   deterministically: worth revisiting there.)
+    ///   Its cost is jlink's CPU: 6.1 s against 2.1 s for `=0` (java.base, jlink on C1), the
+    ///   largest part of a cold build; kept for the 0.4 MB.
+    /// * no CDS archive by default; `[jvm] cds = true` adds one of the default class list,
+    ///   dumped by fuse to be as repeatable as JDK 17 allows (see [`dump_cds`]): identical
+    ///   dumps on a quiet host, but two builds under different load produced two different
+    ///   archives (each confirmed by two agreeing dumps), so it would break "same inputs, same
+    ///   image" by default. +2.7 MB of image (21.1 MB), and with
+    ///   [`JvmOptions::archive_in_place`] the JVM's "Initialize java.lang classes" and
+    ///   "Initialize module system" phases take 0.5-0.7 and 0.9-1.0 s instead of 1.0-1.2 and
+    ///   1.4-2.1 s under TCG (`-Xlog:startuptime`).
     fn default() -> Self {
         JlinkOptions {
             compress: 1,
@@ -167,18 +187,33 @@ impl Default for JlinkOptions {
 impl JlinkOptions {
     /// The jlink arguments (without modules and output).
     pub(crate) fn args(&self) -> Vec<String> {
-        let mut args = vec![
+        let mut args: Vec<String> = TOOL_JVM_FLAGS.iter().map(|f| format!("-J{f}")).collect();
+        args.extend([
             "--strip-debug".to_string(),
             "--no-header-files".into(),
             "--no-man-pages".into(),
             format!("--compress={}", self.compress),
-        ];
-        if self.cds {
-            args.push("--generate-cds-archive".into());
-        }
+        ]);
         args
     }
+
+    /// What goes into the runtime's cache key: the jlink arguments and what fuse adds.
+    fn key(&self) -> String {
+        let mut key = self.args().join(" ");
+        if self.cds {
+            key.push_str(&format!(" cds:{CDS_DUMP_FLAGS:?}"));
+        }
+        key
+    }
 }
+
+/// How the JVMs of jlink and jdeps run (`-J` options). C1 only: they run for seconds, where C2
+/// only costs compile time (jlink of java.base: 11.2 s of CPU with both compilers, 5.7 s with
+/// C1). The serial GC, fixed rather than left to ergonomics: the GC changes jlink's output
+/// (`--compress=1` writes a different `lib/modules`: 156,891 bytes differ between G1, the
+/// default on 2+ CPUs and 1792+ MB, and Serial, the default below), so without it a runtime,
+/// and the image, would differ between hosts of different sizes.
+const TOOL_JVM_FLAGS: &[&str] = &["-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"];
 
 /// How the module set was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +295,7 @@ fn run_jdeps(
     info: &JarInfo,
 ) -> std::result::Result<BTreeSet<String>, String> {
     let mut cmd = Command::new(jdk.tool("jdeps"));
+    cmd.args(TOOL_JVM_FLAGS.iter().map(|f| format!("-J{f}")));
     cmd.args([
         "--print-module-deps",
         "--ignore-missing-deps",
@@ -289,6 +325,36 @@ fn run_jdeps(
     }
 }
 
+/// `{java.base}` when every JDK class the app's bytecode names is in a package of `java.base`:
+/// jdeps could then answer nothing else (the names fuse reads, from every UTF-8 constant,
+/// include all jdeps looks at: class constants and descriptors), and its JVM start and scan (1.7 s
+/// of CPU for a hello jar) are saved. `None` when a name is elsewhere or the JDK has no
+/// `jmods/java.base.jmod` to list the packages from: jdeps decides.
+fn only_java_base(jdk: &Jdk, info: &JarInfo) -> Option<BTreeSet<String>> {
+    let packages = java_base_packages(&jdk.jmods.as_ref()?.join("java.base.jmod"))?;
+    let all_in_base = info.jdk_refs.iter().all(|class| {
+        class
+            .rsplit_once('/')
+            .is_some_and(|(package, _)| packages.contains(package))
+    });
+    all_in_base.then(|| BTreeSet::from(["java.base".to_string()]))
+}
+
+/// The packages (`java/lang`) of the classes in a jmod: a 4-byte `JM` header, then a zip whose
+/// classes are under `classes/`.
+fn java_base_packages(jmod: &Path) -> Option<BTreeSet<String>> {
+    let file = std::fs::File::open(jmod).ok()?;
+    let zip = zip::ZipArchive::new(std::io::BufReader::new(file)).ok()?;
+    let packages: BTreeSet<String> = zip
+        .file_names()
+        .filter_map(|name| {
+            let class = name.strip_prefix("classes/")?.strip_suffix(".class")?;
+            Some(class.rsplit_once('/')?.0.to_string())
+        })
+        .collect();
+    (!packages.is_empty()).then_some(packages)
+}
+
 /// The module set of the app, from the cache or jdeps.
 fn modules_for(
     jdk: &Jdk,
@@ -307,6 +373,7 @@ fn modules_for(
     let detected = match std::fs::read_to_string(&cached)
         .ok()
         .and_then(|s| parse_module_deps(&s))
+        .or_else(|| only_java_base(jdk, info))
     {
         Some(modules) => Some(modules),
         None => match run_jdeps(jdk, jar_path, info) {
@@ -342,6 +409,7 @@ fn ensure_runtime(
     jdk: &Jdk,
     modules: &BTreeSet<String>,
     options: &JlinkOptions,
+    runnable: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf> {
     let module_list = modules.iter().cloned().collect::<Vec<_>>().join(",");
@@ -350,7 +418,9 @@ fn ensure_runtime(
         "runtime",
         &jdk.digest,
         &module_list,
-        &options.args().join(" "),
+        &options.key(),
+        // A runtime for another arch gets no CDS archive: its java cannot run here.
+        if runnable { "runnable" } else { "foreign" },
     ]);
     let root = cache_root();
     let dir = root.join(&key);
@@ -405,9 +475,118 @@ fn ensure_runtime(
         let _ = std::fs::remove_file(staging.join(lib));
     }
     strip_symbols(&staging.join("lib/server/libjvm.so"));
+    if options.cds && runnable {
+        if let Err(reason) = dump_cds(&staging) {
+            progress(&format!(
+                "warning: no class-data-sharing archive for the Java runtime ({reason}): the app starts slower"
+            ));
+        }
+    }
     std::fs::rename(&staging, &dir)
         .with_context(|| format!("Cannot store the runtime in {}", dir.display()))?;
     Ok(dir)
+}
+
+/// How fuse dumps the CDS archive, beyond `-Xshare:dump -XX:SharedArchiveFile=FILE`. JDK 17
+/// (before JDK-8253495, fixed in 19) writes a different archive on every run: symbols are
+/// ordered by their address, so address-space randomisation, the environment, the heap size
+/// and the order in which the JVM's threads allocate all change it (47,211 bytes differed
+/// between two plain dumps). What makes it repeatable, measured: the serial GC (no archived
+/// heap objects, whose identity hashes are random), `-Xint` (no compiler threads), a fixed
+/// heap size and CPU count (both read from the host otherwise), no randomisation, an empty
+/// environment, `/` as the working directory and all threads on one CPU (see
+/// [`crate::host::process::run_repeatably`]); the class-loading log makes the one remaining
+/// race (which thread loads `jdk.internal.misc.VM` first) come out the same way (35 of 35
+/// dumps identical with it, 21 of 24 without). The archive does not depend on the runtime's
+/// path. What is left to chance is checked: two dumps must agree. That is not enough for a
+/// reproducible image: under another load another variant wins twice (hence opt-in).
+const CDS_DUMP_FLAGS: &[&str] = &[
+    "-XX:+UseSerialGC",
+    "-Xint",
+    "-Xmx128m",
+    "-XX:ActiveProcessorCount=1",
+];
+
+/// The most dumps [`dump_cds`] makes before it gives up on an archive.
+const CDS_MAX_DUMPS: usize = 5;
+
+/// Dumps `lib/server/classes.jsa` (the JDK's default class list: what every Java program
+/// loads first) into the runtime at `runtime`, which must run on this host. Two dumps run (in
+/// parallel on two CPUs when there are two); the archive is kept once two dumps are identical
+/// (at most [`CDS_MAX_DUMPS`]), and otherwise left out: an image must not depend on the luck of
+/// one dump.
+fn dump_cds(runtime: &Path) -> std::result::Result<(), String> {
+    use crate::host::process::{allowed_cpus, run_repeatably};
+    let java = runtime.join("bin/java");
+    let server = runtime.join("lib/server");
+    let cpus = allowed_cpus();
+    let dump = |n: usize| -> std::result::Result<std::process::Child, String> {
+        let file = server.join(format!("classes.jsa.{n}"));
+        let log = server.join(format!("classes.jsa.{n}.log"));
+        let mut cmd = Command::new(&java);
+        cmd.env_clear()
+            .current_dir("/")
+            .arg("-Xshare:dump")
+            .arg(format!("-XX:SharedArchiveFile={}", file.display()))
+            .args(CDS_DUMP_FLAGS)
+            .arg(format!("-Xlog:class+load=info:file={}:tid", log.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        run_repeatably(&mut cmd, cpus.get(n % cpus.len().max(1)).copied());
+        cmd.spawn()
+            .map_err(|e| format!("cannot run {}: {e}", java.display()))
+    };
+    let finish = |n: usize, child: std::process::Child| -> std::result::Result<Vec<u8>, String> {
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("cannot wait for {}: {e}", java.display()))?;
+        let file = server.join(format!("classes.jsa.{n}"));
+        let _ = std::fs::remove_file(server.join(format!("classes.jsa.{n}.log")));
+        let bytes = std::fs::read(&file);
+        let _ = std::fs::remove_file(&file);
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reason = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            return Err(format!(
+                "java -Xshare:dump exited {}: {}",
+                out.status,
+                reason.trim()
+            ));
+        }
+        bytes.map_err(|e| format!("the dump wrote no archive: {e}"))
+    };
+    let (first, second) = if cpus.len() > 1 {
+        let (a, b) = (dump(0)?, dump(1));
+        let a = finish(0, a);
+        (a, b.and_then(|b| finish(1, b)))
+    } else {
+        (
+            dump(0).and_then(|a| finish(0, a)),
+            dump(1).and_then(|b| finish(1, b)),
+        )
+    };
+    let mut seen = vec![first?];
+    let mut next = Some(second?);
+    // Under load the race is lost more often: dump until one archive comes out twice.
+    let archive = loop {
+        let Some(archive) = next.take() else {
+            return Err(format!(
+                "JDK 17 wrote {} different archives in {} dumps",
+                seen.len(),
+                seen.len()
+            ));
+        };
+        if seen.contains(&archive) {
+            break archive;
+        }
+        seen.push(archive);
+        if seen.len() < CDS_MAX_DUMPS {
+            next = Some(dump(seen.len()).and_then(|c| finish(seen.len(), c))?);
+        }
+    };
+    crate::host::fs::write_atomic(&server.join("classes.jsa"), &archive)
+        .map_err(|e| format!("cannot write it: {e:#}"))
 }
 
 /// Drops the symbol table of `lib` (libjvm.so: 4 of its 24 MB, 1.2 MB of the compressed image;
@@ -533,8 +712,18 @@ pub(crate) fn assemble(
     };
     jdk.check_arch(input.arch)?;
     let (modules, source) = modules_for(&jdk, input.input, &info, progress)?;
-    let jlink = JlinkOptions::default();
-    let runtime = ensure_runtime(&jdk, &modules, &jlink, progress)?;
+    // `[jvm] cds = true`: opt-in, as the archive is not reproducible under every load.
+    let cds = match input.config {
+        Some(config) => config.runtime_bool("jvm", "cds")?.unwrap_or(false),
+        None => false,
+    };
+    let jlink = JlinkOptions {
+        cds,
+        ..JlinkOptions::default()
+    };
+    // The runtime's own java runs on this host only for the host's arch and a JDK of it.
+    let runnable = input.arch == Arch::host() && jdk.tools.is_none();
+    let runtime = ensure_runtime(&jdk, &modules, &jlink, runnable, progress)?;
 
     let mut tree = layout::skeleton()?;
     add_runtime(
@@ -569,7 +758,12 @@ pub(crate) fn assemble(
 
     let java = format!("{RUNTIME_DIR}/bin/java");
     let mut args = vec!["java".to_string()];
-    args.extend(JvmOptions::default().args());
+    let jvm = JvmOptions {
+        // The flag exists since JDK 14 (an unknown -XX flag stops the JVM).
+        archive_in_place: runtime.join("lib/server/classes.jsa").is_file() && jdk.feature >= 14,
+        ..JvmOptions::default()
+    };
+    args.extend(jvm.args());
     args.extend(library_path);
     // `[jvm] options` of fuse.toml come after the defaults: the JVM takes the last of a
     // repeated option, so they override.
@@ -600,6 +794,13 @@ pub(crate) fn assemble(
             source.as_str().to_string(),
         ),
         ("jlink.options".to_string(), jlink.args().join(" ")),
+        (
+            "jvm.cds".to_string(),
+            match runtime.join("lib/server/classes.jsa").is_file() {
+                true => "default classlist, dumped by fuse".to_string(),
+                false => "none".to_string(),
+            },
+        ),
         ("jar.main-class".to_string(), info.main_class.clone()),
         (
             manifest::NOTE_RUNTIME_DIR.to_string(),
@@ -678,14 +879,13 @@ mod tests {
         assert_ne!(cache_key(&["ab", "c"]), cache_key(&["a", "bc"]));
         assert_eq!(cache_key(&["a", "b"]), cache_key(&["a", "b"]));
         assert_eq!(cache_key(&["a"]).len(), 64);
-        // Every jlink option is part of the runtime's key.
-        let a = JlinkOptions::default().args().join(" ");
+        // Every jlink option, and the CDS archive, is part of the runtime's key.
+        let a = JlinkOptions::default().key();
         let b = JlinkOptions {
             cds: true,
             ..JlinkOptions::default()
         }
-        .args()
-        .join(" ");
+        .key();
         assert_ne!(cache_key(&["k", &a]), cache_key(&["k", &b]));
     }
 
@@ -698,6 +898,16 @@ mod tests {
         );
         assert!(args.contains(&"-XX:+UseSerialGC".to_string()), "{args:?}");
         assert!(args.contains(&"-Xshare:auto".to_string()), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains("ArchiveRelocationMode")));
+        let in_place = JvmOptions {
+            archive_in_place: true,
+            ..JvmOptions::default()
+        }
+        .args();
+        assert!(
+            in_place.contains(&"-XX:ArchiveRelocationMode=0".to_string()),
+            "{in_place:?}"
+        );
         let custom = JvmOptions {
             max_ram_percentage: 50,
             c1_only: true,
@@ -708,6 +918,29 @@ mod tests {
         assert!(custom.contains(&"-XX:MaxRAMPercentage=50".to_string()));
         assert!(custom.contains(&"-XX:TieredStopAtLevel=1".to_string()));
         assert_eq!(custom.last().unwrap(), "-Dx=y");
+    }
+
+    #[test]
+    fn a_jar_naming_only_java_base_classes_needs_no_jdeps() {
+        let host = Path::new("/usr/lib/jvm/java-17-openjdk-amd64");
+        if !host.join("jmods/java.base.jmod").is_file() {
+            return;
+        }
+        let jdk = find_jdk(Some(host), &[]).unwrap();
+        let packages = java_base_packages(&host.join("jmods/java.base.jmod")).unwrap();
+        assert!(packages.contains("java/lang") && packages.contains("jdk/internal/misc"));
+        assert!(!packages.contains("java/sql"));
+        let base = only_java_base(&jdk, &info(&["java/lang/String", "java/util/List"], false));
+        assert_eq!(base, Some(set(&["java.base"])));
+        // Another module's class, or a name in no JDK package: jdeps decides.
+        assert_eq!(
+            only_java_base(&jdk, &info(&["java/sql/Driver"], false)),
+            None
+        );
+        assert_eq!(
+            only_java_base(&jdk, &info(&["javax/servlet/Filter"], false)),
+            None
+        );
     }
 
     #[test]
