@@ -721,6 +721,11 @@ pub(crate) fn assemble(
         cds,
         ..JlinkOptions::default()
     };
+    if cds {
+        progress(
+            "note: [jvm] cds = true: JDK 17 does not dump its class-data-sharing archive reproducibly, so two builds of the same inputs can give different images",
+        );
+    }
     // The runtime's own java runs on this host only for the host's arch and a JDK of it.
     let runnable = input.arch == Arch::host() && jdk.tools.is_none();
     let runtime = ensure_runtime(&jdk, &modules, &jlink, runnable, progress)?;
