@@ -290,6 +290,99 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
     assert!(live(&world(&moto), "app").is_empty());
 }
 
+/// Two first deploys of a new image to a new environment at the same moment: both make the
+/// AMI and the security group, the one whose CreateSecurityGroup (or RegisterImage) is refused
+/// as a duplicate goes on with what the other made, to the lock, which lets exactly one
+/// through. Which run is first varies; so that both take the duplicate path every time, the
+/// group is there already, untagged, as a run that stopped before tagging it leaves it.
+/// (moto does not refuse a second AMI of the same name, as EC2 does: that path is not played.)
+#[test]
+fn two_first_deploys_at_once_meet_at_the_lock() {
+    let sb = Sandbox::new();
+    let moto = Moto::start(&sb);
+    build(&sb, "twin:1", "[ports]\nhttp = 8080\n");
+    let left = moto.helper(&["group", &moto.key_id, &moto.secret, "fuse-twin-prod"]);
+    let left = left["id"].as_str().unwrap().to_string();
+    // The port is checked through a proxy on 127.0.0.1 that refuses: the run the lock lets
+    // through launches, finds its instance unhealthy and ends with 1.
+    let nothing = free_port();
+    let deploy = || {
+        moto.fuse_with_keys(&sb)
+            .args(["twin:1", "--env", "prod", "--health-timeout", "5"])
+            .env("HTTP_PROXY", format!("http://127.0.0.1:{nothing}"))
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("USER", "ann")
+    };
+    moto.helper(&["start-recording"]);
+    let runs = [deploy().spawn(), deploy().spawn()];
+    let pids: Vec<u32> = runs.iter().map(|r| r.pid()).collect();
+    let outs: Vec<_> = runs.into_iter().map(|r| r.wait()).collect();
+    let refused = |i: usize| {
+        outs[i].stderr_str().contains(&format!(
+            "twin/prod is being deployed by ann@{} (pid {}) since ",
+            hostname(),
+            pids[1 - i]
+        ))
+    };
+    let through: Vec<usize> = (0..2).filter(|&i| !refused(i)).collect();
+    assert_eq!(
+        through.len(),
+        1,
+        "exactly one refused by the lock, naming the other:\n{}\n{}",
+        outs[0],
+        outs[1]
+    );
+    let (won, lost) = (through[0], 1 - through[0]);
+    assert!(outs[lost].code().is_some_and(|c| c != 0), "{}", outs[lost]);
+    outs[won].assert_code(1);
+    assert!(
+        outs[won]
+            .stderr_str()
+            .contains("fuse: deployment of twin:1 to twin/prod failed: ")
+            && !outs[won].stderr_str().contains("Duplicate"),
+        "the one let through launched and found its instance unhealthy: {}",
+        outs[won]
+    );
+    let calls = moto.recording();
+    let count = |action: &str| actions(&calls, action).len();
+    eprintln!(
+        "CreateSecurityGroup x{}, RegisterImage x{}, RunInstances x{}",
+        count("CreateSecurityGroup"),
+        count("RegisterImage"),
+        count("RunInstances")
+    );
+    assert_eq!(
+        count("CreateSecurityGroup"),
+        2,
+        "both tried to make the group"
+    );
+    assert_eq!(count("RunInstances"), 1, "one launch");
+    let w = world(&moto);
+    let named: Vec<&Value> = w["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["name"] == "fuse-twin-prod")
+        .collect();
+    assert_eq!(named.len(), 1, "one security group: {w}");
+    assert_eq!(named[0]["id"], left.as_str(), "the one left untagged: {w}");
+    assert_eq!(named[0]["tags"]["fuse:app"], "twin", "{w}");
+    assert!(named[0]["tags"].get("fuse:lock").is_none(), "released: {w}");
+    // Its port opened, though the run that made it had stopped before that.
+    let rules = named[0]["rules"].as_array().unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["port"] == 8080 && r["cidrs"][0] == "0.0.0.0/0"),
+        "{w}"
+    );
+    assert!(
+        live(&w, "twin").is_empty(),
+        "the unhealthy one terminated: {w}"
+    );
+    assert_no_leaked_qemu();
+}
+
 #[test]
 fn a_protected_environment_takes_only_a_tested_digest() {
     let sb = Sandbox::new();

@@ -237,7 +237,23 @@ pub(crate) fn ensure_ami(
         snapshot: snapshot.clone(),
         root_device: ROOT_DEVICE,
     };
-    let ami = ec2::register_image(client, &registration)?;
+    let (ami, snapshot) = match ec2::register_image(client, &registration) {
+        // A run started at the same moment registered it first (its snapshot, made with the
+        // same client token, is this one where EC2 honours the token).
+        Err(e) if e.to_string().contains("InvalidAMIName.Duplicate") => {
+            let found = ec2::describe_images(client, &[("name", &name)])?
+                .into_iter()
+                .find(usable)
+                .with_context(|| format!("AMI {name} exists, but EC2 does not list it"))?;
+            progress(&format!(
+                "{} was registered by another run at the same time: using it",
+                found.id
+            ));
+            outcome.reused = true;
+            (found.id, found.snapshot.unwrap_or(snapshot))
+        }
+        other => (other?, snapshot),
+    };
     ec2::create_tags(client, &[&ami], &tags)?;
     outcome.ami = ami;
     outcome.snapshot = Some(snapshot);

@@ -111,31 +111,39 @@ fn ensure_security_group(
         return Ok(found.id);
     }
     let name = format!("fuse-{}-{}", d.app, d.env);
-    // Made by a run that stopped before tagging it.
     let by_name = [name.as_str()];
-    let group = match ec2::describe_security_groups(client, &[("group-name", &by_name)])?
-        .into_iter()
-        .next()
-    {
-        Some(found) => found.id,
-        None => {
-            let id = ec2::create_security_group(
-                client,
-                &name,
-                &format!("fuse-deploy-{}-{}", d.app, d.env),
-            )?;
-            ec2::open_ports(client, &id, ports)?;
-            progress(&format!(
-                "security group {id} ({name}): TCP {} open",
-                ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-            id
+    let group = match ec2::create_security_group(
+        client,
+        &name,
+        &format!("fuse-deploy-{}-{}", d.app, d.env),
+    ) {
+        // Made by a run that stopped before tagging it, or by a first deploy started at the
+        // same moment: both go on to the lock, which lets one of them through.
+        Err(e) if e.to_string().contains("InvalidGroup.Duplicate") => {
+            ec2::describe_security_groups(client, &[("group-name", &by_name)])?
+                .into_iter()
+                .next()
+                .map(|g| g.id)
+                .with_context(|| {
+                    format!("security group {name} exists, but EC2 does not list it")
+                })?
         }
+        made => made?,
     };
+    // Again on a group found by name: its maker may have stopped before this step.
+    ec2::open_ports(client, &group, ports)?;
+    let open = match ports {
+        [] => "no port open".to_string(),
+        _ => format!(
+            "TCP {} open",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    progress(&format!("security group {group} ({name}): {open}"));
     ec2::create_tags(client, &[&group], &ownership_tags(&d.app, &d.env))?;
     Ok(group)
 }

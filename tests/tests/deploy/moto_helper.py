@@ -184,6 +184,11 @@ elif command == "tag":
     key, secret, resource, tag_key, tag_value = sys.argv[4:9]
     client("ec2", key, secret).create_tags(Resources=[resource], Tags=[{"Key": tag_key, "Value": tag_value}])
     print("{}")
+elif command == "group":
+    # A security group as a fuse run that stopped before tagging it leaves it: named, untagged.
+    key, secret, name = sys.argv[4:7]
+    got = client("ec2", key, secret).create_security_group(GroupName=name, Description="left-by-a-stopped-run")
+    print(json.dumps({"id": got["GroupId"]}))
 elif command in ("stop", "terminate"):
     # An instance that leaves running under fuse (capacity, a crash, someone else's hand).
     key, secret, instance = sys.argv[4], sys.argv[5], sys.argv[6]
