@@ -164,10 +164,11 @@ impl Default for JlinkOptions {
     /// | `--compress=2`        | +3.1 MB | (zip-compressed resources do not compress again) |
     /// | `=0` + CDS archive    | 22.3 MB | 3.96 s  |
     ///
-    /// * `--compress=1` (string sharing): same start, 0.4 MB smaller, and 6.5 MB less for the
-    ///   squashfs to compress on every build; `=2` (zip) only makes the zstd'd image bigger.
-    ///   Its cost is jlink's CPU: 6.1 s against 2.1 s for `=0` (java.base, jlink on C1), the
-    ///   largest part of a cold build; kept for the 0.4 MB.
+    /// * `--compress=0`: the squashfs compresses the resources anyway, and string sharing
+    ///   (`=1`) costs jlink most of its CPU: java.base took 3.7 s of wall time with `=1`, 1.3 s
+    ///   with `=0` (jlink on C1, median of 3), so a cold hello build went 6.1 s -> 2.0 s for
+    ///   0.4 MB of image (18.5 -> 18.9 MB zstd, 14.5 -> 14.6 MB xz) and no change in start-up;
+    ///   `=2` (zip) only makes the zstd'd image bigger.
     /// * no CDS archive by default; `[jvm] cds = true` adds one of the default class list,
     ///   dumped by fuse to be as repeatable as JDK 17 allows (see [`dump_cds`]): identical
     ///   dumps on a quiet host, but two builds under different load produced two different
@@ -178,7 +179,7 @@ impl Default for JlinkOptions {
     ///   1.4-2.1 s under TCG (`-Xlog:startuptime`).
     fn default() -> Self {
         JlinkOptions {
-            compress: 1,
+            compress: 0,
             cds: false,
         }
     }
@@ -210,9 +211,10 @@ impl JlinkOptions {
 /// How the JVMs of jlink and jdeps run (`-J` options). C1 only: they run for seconds, where C2
 /// only costs compile time (jlink of java.base: 11.2 s of CPU with both compilers, 5.7 s with
 /// C1). The serial GC, fixed rather than left to ergonomics: the GC changes jlink's output
-/// (`--compress=1` writes a different `lib/modules`: 156,891 bytes differ between G1, the
-/// default on 2+ CPUs and 1792+ MB, and Serial, the default below), so without it a runtime,
-/// and the image, would differ between hosts of different sizes.
+/// (`lib/modules` differs between G1, the default on 2+ CPUs and 1792+ MB, and Serial, the
+/// default below: 156,891 bytes with `--compress=1`, 121,165 with `=0`), so without it a
+/// runtime, and the image, would differ between hosts of different sizes. With Serial it is
+/// the same on 1 or 2 CPUs and any heap size.
 const TOOL_JVM_FLAGS: &[&str] = &["-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"];
 
 /// How the module set was decided.
