@@ -18,6 +18,7 @@ use common::{assert_one_error, json, Sandbox};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 
 /// AWS's EBS direct API block size (moto reports 512; AWS's is fixed at 512 KiB).
 const BLOCK: usize = 524_288;
@@ -426,6 +427,51 @@ fn credentials_and_region_as_aws_users_keep_them() {
         .args(["ami", "hello:1.0", "--profile", "nope"])
         .run();
     assert_one_error(&out, &["AWS profile 'nope'"]);
+
+    // A profile whose keys come from a credential_process (as SSO's `aws configure
+    // export-credentials --format process` or aws-vault give them): the keys only on a pipe.
+    let process = sb.dir.join("credentials-from-vault");
+    std::fs::write(
+        &process,
+        format!(
+            "#!/bin/sh\necho 'vault: unlocked' >&2\nprintf '{{\"Version\": 1, \"AccessKeyId\": \"%s\", \"SecretAccessKey\": \"%s\"}}' {} {}\n",
+            moto.key_id, moto.secret
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&process, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(
+        sb.dir.join("aws-config"),
+        format!(
+            "[profile vaulted]\nregion = {REGION}\ncredential_process = {} --profile x\n",
+            process.display()
+        ),
+    )
+    .unwrap();
+    let out = moto
+        .fuse(&sb)
+        .args(["ami", "hello:1.0", "--json", "--profile", "vaulted"])
+        .run();
+    assert!(out.stderr_str().contains("vault: unlocked"), "{out}");
+    let by_process = json(out.assert_success());
+    assert_eq!(by_process["ami"], by_flag["ami"]);
+    // A failing one: one line, nothing sent.
+    std::fs::write(
+        sb.dir.join("aws-config"),
+        format!("[profile vaulted]\nregion = {REGION}\ncredential_process = false\n"),
+    )
+    .unwrap();
+    let out = moto
+        .fuse(&sb)
+        .args(["ami", "hello:1.0", "--profile", "vaulted"])
+        .run();
+    assert_one_error(
+        &out,
+        &[
+            "The credential_process of profile vaulted",
+            "exit status: 1",
+        ],
+    );
 }
 
 /// The blocks of `snapshot` read back (ListSnapshotBlocks + GetSnapshotBlock), by index.

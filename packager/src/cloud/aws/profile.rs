@@ -7,8 +7,12 @@
 //! `AWS_ENDPOINT_URL_<SERVICE>`, `AWS_ENDPOINT_URL`, the profile's `endpoint_url` (all unless
 //! `AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true`), else AWS's own.
 //!
-//! Not supported (a clear error names the profile): role assumption, SSO, `credential_process`,
-//! web identity, and instance or container roles.
+//! A profile's `credential_process` is run (through `sh -c`, as the AWS SDKs do on Unix) and
+//! its JSON read from a pipe, so SSO (`aws configure export-credentials --format process`),
+//! aws-vault and password managers work without keys in the environment or in files.
+//!
+//! Not supported (a clear error names the profile): role assumption, SSO sections read by fuse
+//! itself, web identity, and instance or container roles.
 
 use super::sigv4::Credentials;
 use anyhow::{bail, Context, Result};
@@ -299,10 +303,14 @@ fn credentials(
         }
     }
     for (section, path) in sections {
+        if let Some(command) = section.and_then(|s| s.get("credential_process")) {
+            return credential_process(command, profile, path);
+        }
+    }
+    for (section, path) in sections {
         let Some(section) = section else { continue };
         let unsupported = [
             "role_arn",
-            "credential_process",
             "sso_session",
             "sso_start_url",
             "web_identity_token_file",
@@ -317,6 +325,110 @@ fn credentials(
         "No AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give a profile with keys in {} (--profile or AWS_PROFILE; this was '{profile}')",
         files.credentials_path
     )
+}
+
+/// What a `credential_process` prints (the AWS CLI's format, version 1).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ProcessOutput {
+    version: u32,
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+    expiration: Option<String>,
+}
+
+/// The most a `credential_process` may print: its JSON is a few hundred bytes.
+const PROCESS_OUTPUT_LIMIT: u64 = 64 * 1024;
+
+/// Runs profile `profile`'s `credential_process` `command` (from `path`): its stdout is the
+/// credentials' JSON; its stderr goes to the user (an SSO login may ask something there).
+fn credential_process(command: &str, profile: &str, path: &str) -> Result<Credentials> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let what = format!("credential_process of profile {profile} ({path})");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("Cannot run the {what}"))?;
+    let mut out = Vec::new();
+    let read = child
+        .stdout
+        .take()
+        .map(|s| s.take(PROCESS_OUTPUT_LIMIT + 1).read_to_end(&mut out));
+    let status = child
+        .wait()
+        .with_context(|| format!("Cannot wait for the {what}"))?;
+    if let Some(read) = read {
+        read.with_context(|| format!("Cannot read what the {what} printed"))?;
+    }
+    if !status.success() {
+        bail!("The {what} failed ({status}): run it yourself to see why");
+    }
+    if out.len() as u64 > PROCESS_OUTPUT_LIMIT {
+        bail!("The {what} printed more than {PROCESS_OUTPUT_LIMIT} bytes: not credentials");
+    }
+    // The message names the field, never the text: it holds secrets.
+    let parsed: ProcessOutput = serde_json::from_slice(&out).map_err(|e| {
+        anyhow::anyhow!(
+            "The {what} printed no credentials JSON (Version, AccessKeyId, SecretAccessKey): {} at line {}",
+            json_error_kind(&e),
+            e.line()
+        )
+    })?;
+    if parsed.version != 1 {
+        bail!(
+            "The {what} printed credentials of Version {}: fuse reads Version 1",
+            parsed.version
+        );
+    }
+    if let Some(expiration) = parsed.expiration.as_deref() {
+        if expired(expiration, now_seconds()) {
+            bail!("The {what} printed credentials that expired at {expiration}: log in again");
+        }
+    }
+    Ok(Credentials {
+        access_key_id: parsed.access_key_id,
+        secret_access_key: parsed.secret_access_key,
+        session_token: parsed.session_token.filter(|t| !t.is_empty()),
+        source: what,
+    })
+}
+
+/// serde_json's error category in words (its `Display` may quote the input, here secrets).
+fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "a read error",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "a field missing or of the wrong type",
+        serde_json::error::Category::Eof => "JSON cut short",
+    }
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether an RFC 3339 UTC time (`2026-12-04T18:00:00Z`, fractions or `+00:00` allowed) is
+/// at or before `now`. Another form is not judged here: AWS refuses what has expired.
+fn expired(expiration: &str, now: i64) -> bool {
+    let utc = expiration.ends_with('Z') || expiration.ends_with("+00:00");
+    let stamp = expiration.get(..19);
+    match (utc, stamp) {
+        (true, Some(stamp)) if stamp.as_bytes().get(10) == Some(&b'T') => {
+            // Same-width ISO stamps order as text.
+            let now = crate::image::manifest::rfc3339(now);
+            stamp <= &now[..19]
+        }
+        _ => false,
+    }
 }
 
 fn region(
@@ -538,5 +650,78 @@ region = wrong-section-style
         assert!(e.contains("not an AWS region"), "{e}");
         // No secret in any message.
         assert!(!e.contains("secret-default"));
+    }
+
+    /// A config with profile `p` getting its credentials from `command`.
+    fn process_config(command: &str) -> String {
+        format!("[profile p]\nregion = us-east-1\ncredential_process = {command}\n")
+    }
+
+    fn by_process(command: &str) -> Result<Session> {
+        let opts = AwsOptions {
+            profile: Some("p".into()),
+            region: None,
+        };
+        resolve(&opts, &[], "", &process_config(command))
+    }
+
+    #[test]
+    fn credential_process_is_run_and_its_json_read() {
+        let s = by_process(
+            r#"printf '{"Version": 1, "AccessKeyId": "AKIDPROC", "SecretAccessKey": "secret-proc", "SessionToken": "tok", "Expiration": "2999-01-01T00:00:00Z"}'"#,
+        )
+        .unwrap();
+        assert_eq!(s.credentials.access_key_id, "AKIDPROC");
+        assert_eq!(s.credentials.secret_access_key, "secret-proc");
+        assert_eq!(s.credentials.session_token.as_deref(), Some("tok"));
+        assert!(s
+            .credentials
+            .source
+            .starts_with("credential_process of profile p"));
+        // Static keys of the profile win, as in the AWS CLI's credentials file.
+        let opts = AwsOptions {
+            profile: Some("dev".into()),
+            region: Some("us-east-1".into()),
+        };
+        let config = "[profile dev]\ncredential_process = false\n";
+        let s = resolve(&opts, &[], CREDENTIALS, config).unwrap();
+        assert_eq!(s.credentials.access_key_id, "AKIDDEV");
+    }
+
+    #[test]
+    fn credential_process_failures_are_one_line_without_secrets() {
+        let err = |command: &str| format!("{:#}", by_process(command).unwrap_err());
+        let e = err("echo 'no login' >&2; exit 3");
+        assert!(
+            e.starts_with("The credential_process of profile p") && e.contains("exit status: 3"),
+            "{e}"
+        );
+        let e = err("printf 'AKIDLEAK secret-leak'");
+        assert!(e.contains("not JSON") && !e.contains("secret-leak"), "{e}");
+        let e = err(r#"printf '{"Version": 1, "AccessKeyId": "AKIDX"}'"#);
+        assert!(e.contains("a field missing"), "{e}");
+        let e =
+            err(r#"printf '{"Version": 2, "AccessKeyId": "A", "SecretAccessKey": "secret-v2"}'"#);
+        assert!(e.contains("Version 2") && !e.contains("secret-v2"), "{e}");
+        let e = err(
+            r#"printf '{"Version": 1, "AccessKeyId": "A", "SecretAccessKey": "s", "Expiration": "2001-02-03T04:05:06Z"}'"#,
+        );
+        assert!(e.contains("expired at 2001-02-03T04:05:06Z"), "{e}");
+        let e = err("head -c 70000 /dev/zero | tr '\\0' x");
+        assert!(e.contains("more than 65536 bytes"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn expirations() {
+        let now = 1_764_800_000; // 2025-12-03T22:13:20Z
+        assert!(expired("2025-12-03T22:13:20Z", now));
+        assert!(expired("2025-12-03T22:13:19.999Z", now));
+        assert!(expired("2025-01-01T00:00:00+00:00", now));
+        assert!(!expired("2025-12-03T22:13:21Z", now));
+        assert!(!expired("2026-01-01T00:00:00Z", now));
+        // Not UTC, or not a time: left for AWS to judge.
+        assert!(!expired("2001-01-01T00:00:00+02:00", now));
+        assert!(!expired("soon", now));
     }
 }
