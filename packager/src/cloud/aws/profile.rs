@@ -342,7 +342,8 @@ struct ProcessOutput {
 const PROCESS_OUTPUT_LIMIT: u64 = 64 * 1024;
 
 /// Runs profile `profile`'s `credential_process` `command` (from `path`): its stdout is the
-/// credentials' JSON; its stderr goes to the user (an SSO login may ask something there).
+/// credentials' JSON; its stdin and stderr are the user's (aws-vault may ask for a passphrase,
+/// an SSO login says what to open), as with the AWS CLI.
 fn credential_process(command: &str, profile: &str, path: &str) -> Result<Credentials> {
     use std::io::Read;
     use std::process::{Command, Stdio};
@@ -350,7 +351,7 @@ fn credential_process(command: &str, profile: &str, path: &str) -> Result<Creden
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
-        .stdin(Stdio::null())
+        .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -363,14 +364,15 @@ fn credential_process(command: &str, profile: &str, path: &str) -> Result<Creden
     let status = child
         .wait()
         .with_context(|| format!("Cannot wait for the {what}"))?;
+    // First: a process cut off at the limit may then have died of the closed pipe.
+    if out.len() as u64 > PROCESS_OUTPUT_LIMIT {
+        bail!("The {what} printed more than {PROCESS_OUTPUT_LIMIT} bytes: not credentials");
+    }
     if let Some(read) = read {
         read.with_context(|| format!("Cannot read what the {what} printed"))?;
     }
     if !status.success() {
         bail!("The {what} failed ({status}): run it yourself to see why");
-    }
-    if out.len() as u64 > PROCESS_OUTPUT_LIMIT {
-        bail!("The {what} printed more than {PROCESS_OUTPUT_LIMIT} bytes: not credentials");
     }
     // The message names the field, never the text: it holds secrets.
     let parsed: ProcessOutput = serde_json::from_slice(&out).map_err(|e| {
@@ -707,7 +709,7 @@ region = wrong-section-style
             r#"printf '{"Version": 1, "AccessKeyId": "A", "SecretAccessKey": "s", "Expiration": "2001-02-03T04:05:06Z"}'"#,
         );
         assert!(e.contains("expired at 2001-02-03T04:05:06Z"), "{e}");
-        let e = err("head -c 70000 /dev/zero | tr '\\0' x");
+        let e = err("head -c 1000000 /dev/zero | tr '\\0' x");
         assert!(e.contains("more than 65536 bytes"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }
