@@ -455,6 +455,40 @@ fn credentials_and_region_as_aws_users_keep_them() {
     assert!(out.stderr_str().contains("vault: unlocked"), "{out}");
     let by_process = json(out.assert_success());
     assert_eq!(by_process["ami"], by_flag["ami"]);
+    // A profile that assumes a role with a source profile whose user may do nothing else:
+    // the AMI is found only through the role (STS on the same moto, signatures checked).
+    let role = moto.helper(&["role", &moto.key_id, &moto.secret]);
+    std::fs::write(
+        sb.dir.join("aws-credentials"),
+        format!(
+            "[ci]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            role["id"].as_str().unwrap(),
+            role["secret"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        sb.dir.join("aws-config"),
+        format!(
+            "[profile ci]\nregion = {REGION}\n[profile deploy]\nregion = {REGION}\nrole_arn = {}\nsource_profile = ci\nrole_session_name = fuse-test\n",
+            role["role"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = moto
+        .fuse(&sb)
+        .args(["ami", "hello:1.0", "--profile", "ci"])
+        .run();
+    assert_one_error(&out, &["AWS EC2 DescribeImages failed"]);
+    let by_role = json(
+        moto.fuse(&sb)
+            .args(["ami", "hello:1.0", "--json", "--profile", "deploy"])
+            .run()
+            .assert_success(),
+    );
+    assert_eq!(by_role["ami"], by_flag["ami"]);
+    assert_eq!(by_role["reused"], true);
+
     // A failing one: one line, nothing sent.
     std::fs::write(
         sb.dir.join("aws-config"),

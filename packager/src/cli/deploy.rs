@@ -5,7 +5,7 @@
 use super::print::progress_line;
 use crate::cloud::ami;
 use crate::cloud::aws::http::Client;
-use crate::cloud::aws::profile::{self, AwsOptions};
+use crate::cloud::aws::{self, profile::AwsOptions};
 use crate::cloud::deploy::{self, Deployed, Deployment};
 use crate::image::disk;
 use crate::image::store::{Store, StoredImage};
@@ -257,7 +257,7 @@ pub(super) fn command(args: DeployArgs) -> Result<i32> {
 }
 
 fn client(flags: &AwsFlags) -> Result<Client> {
-    Client::new(profile::session(&AwsOptions::from(flags))?)
+    Client::new(aws::session(&AwsOptions::from(flags))?)
 }
 
 fn find_image(store: &Store, reference: &str) -> Result<StoredImage> {
@@ -514,7 +514,7 @@ fn deploy_ami(reference: &str, flags: &AwsFlags, json: bool) -> Result<i32> {
         .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))?;
     let disk = disk::verified_disk_path(&store, &image)?;
     // Credentials and region first: a missing one fails before anything is sent.
-    let session = profile::session(&AwsOptions::from(flags))?;
+    let session = aws::session(&AwsOptions::from(flags))?;
     let client = Client::new(session)?;
     let mut progress = |line: &str| {
         if !json {

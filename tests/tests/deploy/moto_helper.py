@@ -184,6 +184,22 @@ elif command == "tag":
     key, secret, resource, tag_key, tag_value = sys.argv[4:9]
     client("ec2", key, secret).create_tags(Resources=[resource], Tags=[{"Key": tag_key, "Value": tag_value}])
     print("{}")
+elif command == "role":
+    # A role allowed everything, and a user allowed nothing but assuming it: what a CI job's
+    # base profile and its deploy role look like. The role trusts the user by its ARN (moto
+    # matches a trust policy's principal exactly: an account root there would not admit it).
+    key, secret = sys.argv[4], sys.argv[5]
+    iam = client("iam", key, secret)
+    user = iam.create_user(UserName="assumer")["User"]
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": user["Arn"]}, "Action": "sts:AssumeRole"}]}
+    role = iam.create_role(RoleName="fuse-deployer", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_role_policy(RoleName="fuse-deployer", PolicyName="all", PolicyDocument=json.dumps(everything))
+    # Resource "*": moto matches a request against "*" only, never against the role's ARN.
+    only = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}
+    iam.put_user_policy(UserName="assumer", PolicyName="assume", PolicyDocument=json.dumps(only))
+    got = iam.create_access_key(UserName="assumer")["AccessKey"]
+    print(json.dumps({"role": role["Arn"], "id": got["AccessKeyId"], "secret": got["SecretAccessKey"]}))
 elif command == "group":
     # A security group as a fuse run that stopped before tagging it leaves it: named, untagged.
     key, secret, name = sys.argv[4:7]

@@ -76,7 +76,8 @@ impl Client {
             .collect();
         let https = session.ec2_endpoint.starts_with("https://")
             || session.ebs_endpoint.starts_with("https://")
-            || session.elbv2_endpoint.starts_with("https://");
+            || session.elbv2_endpoint.starts_with("https://")
+            || session.sts_endpoint.starts_with("https://");
         if certs.is_empty() && https {
             anyhow::bail!(
                 "No root certificates found on this host to check AWS's with: install ca-certificates"
@@ -381,6 +382,8 @@ mod tests {
             ec2_endpoint: url.into(),
             ebs_endpoint: url.into(),
             elbv2_endpoint: url.into(),
+            sts_endpoint: url.into(),
+            assume: None,
         })
         .unwrap()
     }

@@ -1,6 +1,7 @@
 //! A small AWS client of fuse's own: credentials, region and endpoints as the AWS CLI finds
 //! them ([`profile`]), SigV4 ([`sigv4`]), signed calls with retries ([`http`]), and the EC2
-//! ([`ec2`]), ELBv2 ([`elbv2`]) and EBS direct ([`ebs`]) calls that turn an image into an AMI. Not the AWS SDK: it
+//! ([`ec2`]), ELBv2 ([`elbv2`]) and EBS direct ([`ebs`]) calls that turn an image into an AMI,
+//! and STS's AssumeRole for a profile's role ([`sts`]). Not the AWS SDK: it
 //! would bring an async runtime and a few hundred crates for the handful of calls fuse makes.
 
 pub(crate) mod ebs;
@@ -10,3 +11,10 @@ pub(crate) mod http;
 pub(crate) mod profile;
 mod query;
 pub(crate) mod sigv4;
+mod sts;
+
+/// The session for `opts` as the AWS CLI would find it, its profile's role assumed (a call to
+/// STS) when it names one: what every AWS command of fuse starts from.
+pub(crate) fn session(opts: &profile::AwsOptions) -> anyhow::Result<profile::Session> {
+    sts::assume_role(profile::session(opts)?)
+}

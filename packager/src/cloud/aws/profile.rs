@@ -11,7 +11,12 @@
 //! its JSON read from a pipe, so SSO (`aws configure export-credentials --format process`),
 //! aws-vault and password managers work without keys in the environment or in files.
 //!
-//! Not supported (a clear error names the profile): role assumption, SSO sections read by fuse
+//! A profile's `role_arn` with a `source_profile` is assumed (STS AssumeRole, see
+//! [`super::sts`]; `role_session_name`, `external_id`, `duration_seconds`) with the source
+//! profile's keys or credential_process, before any other call.
+//!
+//! Not supported (a clear error names the profile and the command that exports its
+//! credentials): MFA for a role, role chains, `credential_source`, SSO sections read by fuse
 //! itself, web identity, and instance or container roles.
 
 use super::sigv4::Credentials;
@@ -33,6 +38,8 @@ pub(crate) enum Service {
     Ebs,
     /// Elastic Load Balancing (v2: application load balancers).
     Elbv2,
+    /// The Security Token Service: a profile's role assumed.
+    Sts,
 }
 
 impl Service {
@@ -42,6 +49,7 @@ impl Service {
             Service::Ec2 => "ec2",
             Service::Ebs => "ebs",
             Service::Elbv2 => "elasticloadbalancing",
+            Service::Sts => "sts",
         }
     }
 
@@ -52,6 +60,7 @@ impl Service {
             Service::Ec2 => "EC2",
             Service::Ebs => "EBS",
             Service::Elbv2 => "ELASTIC_LOAD_BALANCING_V2",
+            Service::Sts => "STS",
         }
     }
 
@@ -61,6 +70,7 @@ impl Service {
             Service::Ec2 => "EC2",
             Service::Ebs => "EBS",
             Service::Elbv2 => "ELBv2",
+            Service::Sts => "STS",
         }
     }
 }
@@ -73,6 +83,10 @@ pub(crate) struct Session {
     pub(crate) ec2_endpoint: String,
     pub(crate) ebs_endpoint: String,
     pub(crate) elbv2_endpoint: String,
+    pub(crate) sts_endpoint: String,
+    /// The profile's role, to assume with `credentials` (the source profile's) before
+    /// anything else is called; `None` once assumed (see [`super::sts`]).
+    pub(crate) assume: Option<AssumeRole>,
 }
 
 impl Session {
@@ -81,8 +95,22 @@ impl Session {
             Service::Ec2 => &self.ec2_endpoint,
             Service::Ebs => &self.ebs_endpoint,
             Service::Elbv2 => &self.elbv2_endpoint,
+            Service::Sts => &self.sts_endpoint,
         }
     }
+}
+
+/// A profile's `role_arn` with what AssumeRole takes from the profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AssumeRole {
+    pub(crate) role_arn: String,
+    /// `role_session_name`, else `fuse-<unix time>`.
+    pub(crate) session_name: String,
+    pub(crate) external_id: Option<String>,
+    pub(crate) duration_seconds: Option<u32>,
+    /// The profile that names the role, and its `source_profile`, for messages.
+    pub(crate) profile: String,
+    pub(crate) source_profile: String,
 }
 
 /// One INI file: section name → key → value (keys lower-cased, as botocore does not, but
@@ -182,7 +210,8 @@ fn expand_home(path: &str, home: Option<&Path>) -> PathBuf {
     }
 }
 
-/// The session for `opts` from the process's environment and the user's files.
+/// The session for `opts` from the process's environment and the user's files (its role, if
+/// any, not assumed yet: see [`super::session`]).
 pub(crate) fn session(opts: &AwsOptions) -> Result<Session> {
     session_from(opts, &|name| {
         std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -206,7 +235,7 @@ pub(crate) fn session_from(
             files.config_path
         );
     }
-    let credentials = credentials(opts, env, &files, &profile)?;
+    let (credentials, assume) = credentials(opts, env, &files, &profile)?;
     let region = region(opts, env, &files, &profile)?;
     let ignore =
         env("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS").is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -247,27 +276,33 @@ pub(crate) fn session_from(
         ec2_endpoint: endpoint(Service::Ec2)?,
         ebs_endpoint: endpoint(Service::Ebs)?,
         elbv2_endpoint: endpoint(Service::Elbv2)?,
+        sts_endpoint: endpoint(Service::Sts)?,
         credentials,
         region,
+        assume,
     })
 }
 
+/// The credentials to sign with, and the role to assume with them first, if any.
 fn credentials(
     opts: &AwsOptions,
     env: &dyn Fn(&str) -> Option<String>,
     files: &Files,
     profile: &str,
-) -> Result<Credentials> {
+) -> Result<(Credentials, Option<AssumeRole>)> {
     // An explicit --profile wins over keys in the environment, as in the AWS CLI.
     if opts.profile.is_none() {
         match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
             (Some(id), Some(secret)) => {
-                return Ok(Credentials {
-                    access_key_id: id,
-                    secret_access_key: secret,
-                    session_token: env("AWS_SESSION_TOKEN"),
-                    source: "the environment (AWS_ACCESS_KEY_ID)".into(),
-                })
+                return Ok((
+                    Credentials {
+                        access_key_id: id,
+                        secret_access_key: secret,
+                        session_token: env("AWS_SESSION_TOKEN"),
+                        source: "the environment (AWS_ACCESS_KEY_ID)".into(),
+                    },
+                    None,
+                ))
             }
             (Some(_), None) => {
                 bail!("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both")
@@ -278,6 +313,67 @@ fn credentials(
             (None, None) => {}
         }
     }
+    // A role takes precedence over keys in the same profile, as in the AWS CLI.
+    if let Some(role) = role_of(files, profile)? {
+        let source = profile_credentials(files, &role.source_profile)?;
+        return Ok((source, Some(role)));
+    }
+    Ok((profile_credentials(files, profile)?, None))
+}
+
+/// The role profile `profile` names (`role_arn` with `source_profile`), if it names one.
+fn role_of(files: &Files, profile: &str) -> Result<Option<AssumeRole>> {
+    let Some(section) = files
+        .config_section(profile)
+        .filter(|s| s.contains_key("role_arn"))
+    else {
+        return Ok(None);
+    };
+    let path = &files.config_path;
+    let export = format!(
+        "export its credentials for fuse with `eval \"$(aws configure export-credentials --profile {profile} --format env)\"`"
+    );
+    if section.contains_key("mfa_serial") {
+        bail!("Profile {profile} of {path} assumes its role with an MFA code, which fuse does not ask for: {export}");
+    }
+    let Some(source_profile) = section.get("source_profile") else {
+        bail!("Profile {profile} of {path} names a role_arn without a source_profile (credential_source and web identity are not supported): {export}");
+    };
+    if role_arn_of(files, source_profile).is_some() {
+        bail!("Profile {profile} of {path} assumes a role from profile {source_profile}, which assumes one itself: fuse assumes one role, not a chain: {export}");
+    }
+    let duration_seconds = match section.get("duration_seconds") {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u32>()
+                .ok()
+                .filter(|d| (900..=43_200).contains(d))
+                .with_context(|| {
+                    format!("duration_seconds of profile {profile} ({path}) is '{text}': a number of seconds from 900 to 43200")
+                })?,
+        ),
+    };
+    Ok(Some(AssumeRole {
+        role_arn: section["role_arn"].clone(),
+        session_name: section
+            .get("role_session_name")
+            .cloned()
+            .unwrap_or_else(|| format!("fuse-{}", now_seconds())),
+        external_id: section.get("external_id").cloned(),
+        duration_seconds,
+        profile: profile.to_string(),
+        source_profile: source_profile.clone(),
+    }))
+}
+
+fn role_arn_of<'a>(files: &'a Files, profile: &str) -> Option<&'a String> {
+    files
+        .config_section(profile)
+        .and_then(|s| s.get("role_arn"))
+}
+
+/// The keys profile `profile` holds, or its credential_process gives.
+fn profile_credentials(files: &Files, profile: &str) -> Result<Credentials> {
     let sections = [
         (files.credentials_section(profile), &files.credentials_path),
         (files.config_section(profile), &files.config_path),
@@ -309,12 +405,7 @@ fn credentials(
     }
     for (section, path) in sections {
         let Some(section) = section else { continue };
-        let unsupported = [
-            "role_arn",
-            "sso_session",
-            "sso_start_url",
-            "web_identity_token_file",
-        ];
+        let unsupported = ["sso_session", "sso_start_url", "web_identity_token_file"];
         if let Some(key) = unsupported.iter().find(|k| section.contains_key(**k)) {
             bail!(
                 "Profile {profile} of {path} gets its credentials through {key}, which fuse does not support yet: export them for fuse with `eval \"$(aws configure export-credentials --profile {profile} --format env)\"`"
@@ -636,12 +727,17 @@ region = wrong-section-style
         );
         assert!(e.contains("AWS_SECRET_ACCESS_KEY is not"), "{e}");
         let opts = AwsOptions {
-            profile: Some("role".into()),
+            profile: Some("sso".into()),
             region: None,
         };
-        let e = err(&opts, &[], CREDENTIALS, CONFIG);
+        let e = err(
+            &opts,
+            &[],
+            "",
+            "[profile sso]\nregion = x\nsso_session = corp\n",
+        );
         assert!(
-            e.contains("through role_arn") && e.contains("export-credentials"),
+            e.contains("through sso_session") && e.contains("export-credentials"),
             "{e}"
         );
         let opts = AwsOptions {
@@ -725,5 +821,81 @@ region = wrong-section-style
         // Not UTC, or not a time: left for AWS to judge.
         assert!(!expired("2001-01-01T00:00:00+02:00", now));
         assert!(!expired("soon", now));
+    }
+
+    #[test]
+    fn a_role_is_assumed_with_its_source_profiles_credentials() {
+        let opts = AwsOptions {
+            profile: Some("role".into()),
+            region: None,
+        };
+        let s = resolve(&opts, &[], CREDENTIALS, CONFIG).unwrap();
+        assert_eq!(s.credentials.access_key_id, "AKIDEFAULT");
+        assert_eq!(s.region, "us-west-2");
+        assert_eq!(s.sts_endpoint, "https://sts.us-west-2.amazonaws.com");
+        let role = s.assume.unwrap();
+        assert_eq!(role.role_arn, "arn:aws:iam::123:role/x");
+        assert_eq!(
+            (role.profile.as_str(), role.source_profile.as_str()),
+            ("role", "default")
+        );
+        assert!(role.session_name.starts_with("fuse-"));
+        assert_eq!((role.external_id, role.duration_seconds), (None, None));
+        // Keys in the environment win when no --profile is given, as in the AWS CLI.
+        let s = resolve(
+            &AwsOptions::default(),
+            &[
+                ("AWS_PROFILE", "role"),
+                ("AWS_ACCESS_KEY_ID", "AKIDENV"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+            ],
+            CREDENTIALS,
+            CONFIG,
+        )
+        .unwrap();
+        assert!(s.assume.is_none());
+        let config = "[profile r]\nregion = us-east-1\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = dev\nrole_session_name = ci-42\nexternal_id = ext-7\nduration_seconds = 3600\n";
+        let opts = AwsOptions {
+            profile: Some("r".into()),
+            region: None,
+        };
+        let s = resolve(&opts, &[], CREDENTIALS, config).unwrap();
+        assert_eq!(s.credentials.access_key_id, "AKIDDEV");
+        let role = s.assume.unwrap();
+        assert_eq!(role.session_name, "ci-42");
+        assert_eq!(role.external_id.as_deref(), Some("ext-7"));
+        assert_eq!(role.duration_seconds, Some(3600));
+    }
+
+    #[test]
+    fn roles_fuse_cannot_assume_are_one_line() {
+        let opts = AwsOptions {
+            profile: Some("r".into()),
+            region: None,
+        };
+        let err = |config: &str| {
+            format!(
+                "{:#}",
+                resolve(&opts, &[], CREDENTIALS, config).unwrap_err()
+            )
+        };
+        let base = "[profile r]\nregion = us-east-1\nrole_arn = arn:aws:iam::1:role/r\n";
+        let e = err(&format!(
+            "{base}source_profile = default\nmfa_serial = arn:aws:iam::1:mfa/ann\n"
+        ));
+        assert!(
+            e.contains("MFA code") && e.contains("export-credentials --profile r"),
+            "{e}"
+        );
+        let e = err(&format!("{base}credential_source = Ec2InstanceMetadata\n"));
+        assert!(e.contains("without a source_profile"), "{e}");
+        let e = err(&format!("{base}source_profile = s\n[profile s]\nrole_arn = arn:aws:iam::1:role/s\nsource_profile = default\n"));
+        assert!(e.contains("not a chain"), "{e}");
+        let e = err(&format!(
+            "{base}source_profile = default\nduration_seconds = 60\n"
+        ));
+        assert!(e.contains("from 900 to 43200"), "{e}");
+        let e = err(&format!("{base}source_profile = nobody\n"));
+        assert!(e.starts_with("No AWS credentials"), "{e}");
     }
 }
