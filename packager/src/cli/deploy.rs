@@ -257,7 +257,7 @@ pub(super) fn command(args: DeployArgs) -> Result<i32> {
 }
 
 fn client(flags: &AwsFlags) -> Result<Client> {
-    Client::new(aws::session(&AwsOptions::from(flags))?)
+    aws::client(&AwsOptions::from(flags))
 }
 
 fn find_image(store: &Store, reference: &str) -> Result<StoredImage> {
@@ -514,8 +514,7 @@ fn deploy_ami(reference: &str, flags: &AwsFlags, json: bool) -> Result<i32> {
         .with_context(|| format!("No image '{reference}' in the store: see `fuse ls`"))?;
     let disk = disk::verified_disk_path(&store, &image)?;
     // Credentials and region first: a missing one fails before anything is sent.
-    let session = aws::session(&AwsOptions::from(flags))?;
-    let client = Client::new(session)?;
+    let client = client(flags)?;
     let mut progress = |line: &str| {
         if !json {
             progress_line(line);

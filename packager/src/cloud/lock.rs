@@ -20,6 +20,7 @@
 
 use super::aws::ec2;
 use super::aws::http::Client;
+use crate::host::now_secs;
 use crate::host::process::ProcessId;
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,13 +138,6 @@ fn this_host() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into())
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The lock's tag value on `group`, as EC2 has it now.

@@ -10,3 +10,11 @@ pub(crate) mod paths;
 pub(crate) mod process;
 pub(crate) mod serde_text;
 pub(crate) mod sysroot;
+
+/// Seconds since the epoch (0 on a clock before it).
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -38,7 +38,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The state file of an instance directory.
 pub(crate) const STATE_FILE: &str = "state.json";
@@ -186,13 +186,7 @@ pub(crate) struct Instance {
     pub(crate) state: InstanceState,
 }
 
-/// Seconds since the epoch.
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use crate::host::now_secs;
 
 /// A new instance id: 12 random hex digits.
 pub(crate) fn new_id() -> Result<String> {

@@ -166,8 +166,9 @@ impl Default for JlinkOptions {
     ///
     /// * `--compress=0`: the squashfs compresses the resources anyway, and string sharing
     ///   (`=1`) costs jlink most of its CPU: java.base took 3.7 s of wall time with `=1`, 1.3 s
-    ///   with `=0` (jlink on C1, median of 3), so a cold hello build went 6.1 s -> 2.0 s for
-    ///   0.4 MB of image (18.5 -> 18.9 MB zstd, 14.5 -> 14.6 MB xz) and no change in start-up;
+    ///   with `=0` (jlink on C1, median of 3), so a cold hello build takes 2.0 s (6.1-6.4 s with
+    ///   `=1` in earlier runs of `ci/bench-java`) for 0.4 MB of image (18.5 -> 18.9 MB zstd,
+    ///   14.5 -> 14.6 MB xz); first output unchanged (A/B 1.009, 7 pairs, `ci/bench-ab`);
     ///   `=2` (zip) only makes the zstd'd image bigger.
     /// * no CDS archive by default; `[jvm] cds = true` adds one of the default class list,
     ///   dumped by fuse to be as repeatable as JDK 17 allows (see [`dump_cds`]): identical

@@ -74,10 +74,9 @@ impl Client {
             .iter()
             .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
             .collect();
-        let https = session.ec2_endpoint.starts_with("https://")
-            || session.ebs_endpoint.starts_with("https://")
-            || session.elbv2_endpoint.starts_with("https://")
-            || session.sts_endpoint.starts_with("https://");
+        let https = Service::ALL
+            .iter()
+            .any(|s| session.endpoint(*s).starts_with("https://"));
         if certs.is_empty() && https {
             anyhow::bail!(
                 "No root certificates found on this host to check AWS's with: install ca-certificates"
@@ -101,6 +100,14 @@ impl Client {
             agent,
             session: Arc::new(session),
         })
+    }
+
+    /// The same connections (agent, root certificates) signing for `session`.
+    pub(crate) fn with_session(&self, session: Session) -> Client {
+        Client {
+            agent: self.agent.clone(),
+            session: Arc::new(session),
+        }
     }
 
     pub(crate) fn session(&self) -> &Session {
@@ -383,7 +390,6 @@ mod tests {
             ebs_endpoint: url.into(),
             elbv2_endpoint: url.into(),
             sts_endpoint: url.into(),
-            assume: None,
         })
         .unwrap()
     }

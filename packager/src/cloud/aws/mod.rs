@@ -13,8 +13,13 @@ mod query;
 pub(crate) mod sigv4;
 mod sts;
 
-/// The session for `opts` as the AWS CLI would find it, its profile's role assumed (a call to
-/// STS) when it names one: what every AWS command of fuse starts from.
-pub(crate) fn session(opts: &profile::AwsOptions) -> anyhow::Result<profile::Session> {
-    sts::assume_role(profile::session(opts)?)
+/// The client for `opts`' session as the AWS CLI would find it, its profile's role assumed (a
+/// call to STS) when it names one: what every AWS command of fuse starts from.
+pub(crate) fn client(opts: &profile::AwsOptions) -> anyhow::Result<http::Client> {
+    let (session, role) = profile::session(opts)?;
+    let client = http::Client::new(session)?;
+    match role {
+        Some(role) => sts::assume_role(&client, &role),
+        None => Ok(client),
+    }
 }

@@ -43,6 +43,8 @@ pub(crate) enum Service {
 }
 
 impl Service {
+    pub(crate) const ALL: [Service; 4] = [Service::Ec2, Service::Ebs, Service::Elbv2, Service::Sts];
+
     /// The signing name and host prefix.
     pub(crate) fn id(self) -> &'static str {
         match self {
@@ -84,9 +86,6 @@ pub(crate) struct Session {
     pub(crate) ebs_endpoint: String,
     pub(crate) elbv2_endpoint: String,
     pub(crate) sts_endpoint: String,
-    /// The profile's role, to assume with `credentials` (the source profile's) before
-    /// anything else is called; `None` once assumed (see [`super::sts`]).
-    pub(crate) assume: Option<AssumeRole>,
 }
 
 impl Session {
@@ -210,9 +209,10 @@ fn expand_home(path: &str, home: Option<&Path>) -> PathBuf {
     }
 }
 
-/// The session for `opts` from the process's environment and the user's files (its role, if
-/// any, not assumed yet: see [`super::session`]).
-pub(crate) fn session(opts: &AwsOptions) -> Result<Session> {
+/// The session for `opts` from the process's environment and the user's files, and the role
+/// its profile names, to assume with the session's (source) credentials before anything else
+/// is called (see [`super::client`]).
+pub(crate) fn session(opts: &AwsOptions) -> Result<(Session, Option<AssumeRole>)> {
     session_from(opts, &|name| {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     })
@@ -221,7 +221,7 @@ pub(crate) fn session(opts: &AwsOptions) -> Result<Session> {
 pub(crate) fn session_from(
     opts: &AwsOptions,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Session> {
+) -> Result<(Session, Option<AssumeRole>)> {
     let files = Files::read(env)?;
     let named = opts.profile.clone().or_else(|| env("AWS_PROFILE"));
     let profile = named.clone().unwrap_or_else(|| "default".to_string());
@@ -272,15 +272,15 @@ pub(crate) fn session_from(
             }
         }
     };
-    Ok(Session {
+    let session = Session {
         ec2_endpoint: endpoint(Service::Ec2)?,
         ebs_endpoint: endpoint(Service::Ebs)?,
         elbv2_endpoint: endpoint(Service::Elbv2)?,
         sts_endpoint: endpoint(Service::Sts)?,
         credentials,
         region,
-        assume,
-    })
+    };
+    Ok((session, assume))
 }
 
 /// The credentials to sign with, and the role to assume with them first, if any.
@@ -358,7 +358,7 @@ fn role_of(files: &Files, profile: &str) -> Result<Option<AssumeRole>> {
         session_name: section
             .get("role_session_name")
             .cloned()
-            .unwrap_or_else(|| format!("fuse-{}", now_seconds())),
+            .unwrap_or_else(|| format!("fuse-{}", crate::host::now_secs())),
         external_id: section.get("external_id").cloned(),
         duration_seconds,
         profile: profile.to_string(),
@@ -480,7 +480,7 @@ fn credential_process(command: &str, profile: &str, path: &str) -> Result<Creden
         );
     }
     if let Some(expiration) = parsed.expiration.as_deref() {
-        if expired(expiration, now_seconds()) {
+        if expired(expiration, crate::host::now_secs()) {
             bail!("The {what} printed credentials that expired at {expiration}: log in again");
         }
     }
@@ -502,22 +502,15 @@ fn json_error_kind(e: &serde_json::Error) -> &'static str {
     }
 }
 
-fn now_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Whether an RFC 3339 UTC time (`2026-12-04T18:00:00Z`, fractions or `+00:00` allowed) is
 /// at or before `now`. Another form is not judged here: AWS refuses what has expired.
-fn expired(expiration: &str, now: i64) -> bool {
+fn expired(expiration: &str, now: u64) -> bool {
     let utc = expiration.ends_with('Z') || expiration.ends_with("+00:00");
     let stamp = expiration.get(..19);
     match (utc, stamp) {
         (true, Some(stamp)) if stamp.as_bytes().get(10) == Some(&b'T') => {
             // Same-width ISO stamps order as text.
-            let now = crate::image::manifest::rfc3339(now);
+            let now = crate::image::manifest::rfc3339(now as i64);
             stamp <= &now[..19]
         }
         _ => false,
@@ -569,6 +562,15 @@ mod tests {
         credentials: &str,
         config: &str,
     ) -> Result<Session> {
+        resolve_role(opts, vars, credentials, config).map(|(s, _)| s)
+    }
+
+    fn resolve_role(
+        opts: &AwsOptions,
+        vars: &[(&str, &str)],
+        credentials: &str,
+        config: &str,
+    ) -> Result<(Session, Option<AssumeRole>)> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join(".aws")).unwrap();
         std::fs::write(dir.path().join(".aws/credentials"), credentials).unwrap();
@@ -829,11 +831,11 @@ region = wrong-section-style
             profile: Some("role".into()),
             region: None,
         };
-        let s = resolve(&opts, &[], CREDENTIALS, CONFIG).unwrap();
+        let (s, role) = resolve_role(&opts, &[], CREDENTIALS, CONFIG).unwrap();
         assert_eq!(s.credentials.access_key_id, "AKIDEFAULT");
         assert_eq!(s.region, "us-west-2");
         assert_eq!(s.sts_endpoint, "https://sts.us-west-2.amazonaws.com");
-        let role = s.assume.unwrap();
+        let role = role.unwrap();
         assert_eq!(role.role_arn, "arn:aws:iam::123:role/x");
         assert_eq!(
             (role.profile.as_str(), role.source_profile.as_str()),
@@ -842,7 +844,7 @@ region = wrong-section-style
         assert!(role.session_name.starts_with("fuse-"));
         assert_eq!((role.external_id, role.duration_seconds), (None, None));
         // Keys in the environment win when no --profile is given, as in the AWS CLI.
-        let s = resolve(
+        let (_, role) = resolve_role(
             &AwsOptions::default(),
             &[
                 ("AWS_PROFILE", "role"),
@@ -853,15 +855,15 @@ region = wrong-section-style
             CONFIG,
         )
         .unwrap();
-        assert!(s.assume.is_none());
+        assert!(role.is_none());
         let config = "[profile r]\nregion = us-east-1\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = dev\nrole_session_name = ci-42\nexternal_id = ext-7\nduration_seconds = 3600\n";
         let opts = AwsOptions {
             profile: Some("r".into()),
             region: None,
         };
-        let s = resolve(&opts, &[], CREDENTIALS, config).unwrap();
+        let (s, role) = resolve_role(&opts, &[], CREDENTIALS, config).unwrap();
         assert_eq!(s.credentials.access_key_id, "AKIDDEV");
-        let role = s.assume.unwrap();
+        let role = role.unwrap();
         assert_eq!(role.session_name, "ci-42");
         assert_eq!(role.external_id.as_deref(), Some("ext-7"));
         assert_eq!(role.duration_seconds, Some(3600));
@@ -874,10 +876,12 @@ region = wrong-section-style
             region: None,
         };
         let err = |config: &str| {
-            format!(
+            let e = format!(
                 "{:#}",
                 resolve(&opts, &[], CREDENTIALS, config).unwrap_err()
-            )
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+            e
         };
         let base = "[profile r]\nregion = us-east-1\nrole_arn = arn:aws:iam::1:role/r\n";
         let e = err(&format!(

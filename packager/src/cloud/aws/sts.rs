@@ -2,24 +2,21 @@
 //! with its `source_profile`'s credentials, as the AWS CLI does, before any other call.
 
 use super::http::Client;
-use super::profile::{AssumeRole, Service, Session};
+use super::profile::{AssumeRole, Service};
 use super::query::{child_text, p};
 use super::sigv4::Credentials;
 use anyhow::{Context, Result};
 
 const VERSION: &str = "2011-06-15";
 
-/// `session` with its role assumed, if it names one; as it is otherwise.
-pub(crate) fn assume_role(mut session: Session) -> Result<Session> {
-    let Some(role) = session.assume.take() else {
-        return Ok(session);
-    };
-    let client = Client::new(session.clone())?;
+/// A client signing with `role`'s temporary credentials, got with `client`'s (the source
+/// profile's).
+pub(crate) fn assume_role(client: &Client, role: &AssumeRole) -> Result<Client> {
     let xml = super::query::call(
-        &client,
+        client,
         (Service::Sts, VERSION, "STS"),
         "AssumeRole",
-        &params(&role),
+        &params(role),
     )
     .with_context(|| {
         format!(
@@ -27,8 +24,9 @@ pub(crate) fn assume_role(mut session: Session) -> Result<Session> {
             role.role_arn, role.profile, role.source_profile
         )
     })?;
-    session.credentials = parse_credentials(&xml, &role)?;
-    Ok(session)
+    let mut session = client.session().clone();
+    session.credentials = parse_credentials(&xml, role)?;
+    Ok(client.with_session(session))
 }
 
 fn params(role: &AssumeRole) -> Vec<(String, String)> {
