@@ -10,6 +10,7 @@
 //! falls back to HPET calibration and booted every time (8 of 8 with 4 VMs in parallel).
 //! fw_cfg in sysfs, ACPI power-off, virtio-rng and user networking with host forwards work
 //! on all three (measured with slirp; the network is passt's now, see `vm::passt`). `virtio-net-pci` gets `romfile=` so no iPXE option ROM is loaded.
+//! A direct boot runs qboot rather than SeaBIOS before the kernel (see [`qboot_rom`]).
 //!
 //! aarch64 guests run on `-M virt,acpi=off` (`-cpu max` under TCG) with a PL011 console
 //! (`ttyAMA0`), the device tree QEMU generates, virtio-pci devices behind the generic ECAM host
@@ -105,6 +106,22 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+/// Where Debian's `qemu-system-data` (and a QEMU built from source) puts qboot.
+const QBOOT_ROMS: [&str; 2] = [
+    "/usr/share/qemu/qboot.rom",
+    "/usr/local/share/qemu/qboot.rom",
+];
+
+/// The firmware of an x86_64 direct boot: qboot, a 64 KiB BIOS that only loads the kernel QEMU
+/// was given, instead of QEMU's default SeaBIOS (which probes for boot devices and runs option
+/// ROMs first). Measured under TCG, QEMU's spawn to the static hello's output, median of 15
+/// alternated runs on an idle host: 902 ms with SeaBIOS, 790 ms with qboot. The kernel gets the
+/// same ACPI tables (QEMU's, through fw_cfg), so nothing the guest sees changes. Without qboot
+/// installed, SeaBIOS as before.
+fn qboot_rom() -> Option<PathBuf> {
+    QBOOT_ROMS.iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
 /// The kernel command line actually passed: the configured one (the image's, which already
@@ -246,6 +263,12 @@ pub(crate) fn qemu_args_with(
     }
     let root_boot = match &config.firmware {
         Firmware::Direct => {
+            if config.arch == Arch::X86_64 {
+                if let Some(rom) = qboot_rom() {
+                    arg(&mut args, "-bios");
+                    args.push(rom.into());
+                }
+            }
             arg(&mut args, "-kernel");
             args.push(config.kernel.clone().into());
             arg(&mut args, "-initrd");
@@ -544,6 +567,12 @@ mod tests {
         let slirp = qemu_args_with(&c, Accel::Tcg, None, NetBackend::SlirpRestricted);
         assert!(slirp.windows(2).any(|w| w[0] == "-netdev"
             && w[1] == "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80"));
+        // qboot, where the host has it, before the kernel (the same on KVM).
+        let bios = args.iter().position(|a| a == "-bios");
+        assert_eq!(
+            bios.map(|i| args[i + 1].as_str()),
+            qboot_rom().as_ref().and_then(|p| p.to_str())
+        );
         let kvm = qemu_args(&config(), Accel::Kvm, None);
         assert!(kvm.windows(2).any(|w| w[0] == "-cpu" && w[1] == "host"));
         assert!(!kvm.iter().any(|a| a == "-netdev"));
@@ -568,6 +597,8 @@ mod tests {
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
+        // The virt machine loads the kernel without any BIOS.
+        assert!(!joined.contains("-bios"), "{joined}");
     }
 
     #[test]
