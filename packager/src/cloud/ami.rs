@@ -13,7 +13,7 @@
 
 use super::aws::ebs::{self, BLOCK_SIZE};
 use super::aws::ec2::{self, Registration};
-use super::aws::http::Client;
+use super::aws::http::{has_code, Client};
 use crate::host::digest;
 use crate::image::store::{BlobCheck, Store, StoredImage};
 use anyhow::{bail, Context, Result};
@@ -240,7 +240,7 @@ pub(crate) fn ensure_ami(
     let (ami, snapshot) = match ec2::register_image(client, &registration) {
         // A run started at the same moment registered it first (its snapshot, made with the
         // same client token, is this one where EC2 honours the token).
-        Err(e) if e.to_string().contains("InvalidAMIName.Duplicate") => {
+        Err(e) if has_code(&e, "InvalidAMIName.Duplicate") => {
             let found = ec2::describe_images(client, &[("name", &name)])?
                 .into_iter()
                 .find(usable)

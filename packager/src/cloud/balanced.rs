@@ -27,7 +27,7 @@
 use super::ami::{DIGEST_TAG, IMAGE_TAG};
 use super::aws::ec2::{self, Launch};
 use super::aws::elbv2::{self, LoadBalancer, NewTargetGroup};
-use super::aws::http::Client;
+use super::aws::http::{has_code, Client};
 use super::lock;
 use super::release::{
     check_of, live_instances, owned, ownership_tags, tail, wait_healthy, Check, Deployed,
@@ -628,7 +628,7 @@ pub(crate) fn destroy(
         loop {
             match elbv2::delete_target_group(client, &arn) {
                 Ok(()) => break,
-                Err(e) if e.to_string().contains("ResourceInUse") && Instant::now() < deadline => {
+                Err(e) if has_code(&e, "ResourceInUse") && Instant::now() < deadline => {
                     std::thread::sleep(POLL)
                 }
                 Err(e) => return Err(e).context(format!("deleting the target group {name}")),

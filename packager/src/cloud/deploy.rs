@@ -10,7 +10,7 @@
 
 use super::ami::DIGEST_TAG;
 use super::aws::ec2::{self, Address, Launch};
-use super::aws::http::Client;
+use super::aws::http::{has_code, Client};
 use super::lock;
 pub(crate) use super::release::{
     check_of, live_instances, owned, ownership_tags, tail, wait_healthy, Check, Deployed,
@@ -119,7 +119,7 @@ fn ensure_security_group(
     ) {
         // Made by a run that stopped before tagging it, or by a first deploy started at the
         // same moment: both go on to the lock, which lets one of them through.
-        Err(e) if e.to_string().contains("InvalidGroup.Duplicate") => {
+        Err(e) if has_code(&e, "InvalidGroup.Duplicate") => {
             ec2::describe_security_groups(client, &[("group-name", &by_name)])?
                 .into_iter()
                 .next()
@@ -557,7 +557,7 @@ fn destroy_locked(
         loop {
             match ec2::delete_security_group(client, &group.id) {
                 Ok(()) => break,
-                Err(e) if e.to_string().contains("DependencyViolation") => {
+                Err(e) if has_code(&e, "DependencyViolation") => {
                     if lock::interrupted() {
                         bail!("Interrupted while {app}/{env}'s instances terminate: run `fuse deploy destroy` again to delete its security group");
                     }

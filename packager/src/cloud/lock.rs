@@ -19,7 +19,7 @@
 //! flag ([`interrupted`]) that the waits check, so the run cleans up and releases the lock.
 
 use super::aws::ec2;
-use super::aws::http::Client;
+use super::aws::http::{has_code, Client};
 use crate::host::now_secs;
 use crate::host::process::ProcessId;
 use anyhow::{bail, Result};
@@ -240,7 +240,7 @@ impl Lock {
             }
             // Gone with its group (destroy), or taken over.
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("InvalidGroup.NotFound") => Ok(()),
+            Err(e) if has_code(&e, "InvalidGroup.NotFound") => Ok(()),
             Err(e) => Err(e),
         }
     }

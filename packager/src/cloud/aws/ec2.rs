@@ -1,7 +1,7 @@
 //! The few EC2 Query API calls fuse makes (`Action=…&Version=2016-11-15`, form-encoded POST,
 //! XML answers read with roxmltree).
 
-use super::http::Client;
+use super::http::{has_code, Client};
 use super::profile::Service;
 use super::query::{child_text, p};
 use anyhow::{bail, Context, Result};
@@ -427,7 +427,7 @@ pub(crate) fn open_ports(client: &Client, group: &str, ports: &[u16]) -> Result<
             p("IpPermissions.1.IpRanges.1.CidrIp", "0.0.0.0/0"),
         ];
         match call(client, "AuthorizeSecurityGroupIngress", &params) {
-            Err(e) if e.to_string().contains("InvalidPermission.Duplicate") => {}
+            Err(e) if has_code(&e, "InvalidPermission.Duplicate") => {}
             other => other.map(drop)?,
         }
     }
@@ -450,7 +450,7 @@ pub(crate) fn open_port_to_group(
         p("IpPermissions.1.Groups.1.GroupId", source),
     ];
     match call(client, "AuthorizeSecurityGroupIngress", &params) {
-        Err(e) if e.to_string().contains("InvalidPermission.Duplicate") => Ok(()),
+        Err(e) if has_code(&e, "InvalidPermission.Duplicate") => Ok(()),
         other => other.map(drop),
     }
 }

@@ -3,7 +3,7 @@
 //! roxmltree): the balancer, its one listener, a target group per release, their targets and
 //! tags.
 
-use super::http::Client;
+use super::http::{has_code, Client};
 use super::profile::Service;
 use super::query::{child_text, p};
 use anyhow::{Context, Result};
@@ -147,7 +147,7 @@ pub(crate) fn load_balancer_named(client: &Client, name: &str) -> Result<Option<
         Ok(xml) => Ok(parse_load_balancers(&xml, "DescribeLoadBalancers")?
             .into_iter()
             .next()),
-        Err(e) if e.to_string().contains("LoadBalancerNotFound") => Ok(None),
+        Err(e) if has_code(&e, "LoadBalancerNotFound") => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -32,6 +32,15 @@ pub(crate) enum AwsError {
     },
 }
 
+/// Whether `err` is (or was caused by) AWS answering with error `code`, e.g.
+/// `InvalidGroup.Duplicate`: read from the typed error, so no message text can pass for it.
+pub(crate) fn has_code(err: &anyhow::Error, code: &str) -> bool {
+    err.chain().any(|cause| {
+        matches!(cause.downcast_ref::<AwsError>(),
+            Some(AwsError::Status { code: c, .. }) if c == code)
+    })
+}
+
 /// One call: the operation's name is for messages.
 #[derive(Debug)]
 pub(crate) struct Call<'a> {
@@ -334,6 +343,31 @@ pub(crate) fn error_of(body: &[u8], error_type: Option<&str>) -> (String, String
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn test_has_code_reads_the_typed_error_only() {
+        let status = |code: &str| AwsError::Status {
+            service: "EC2",
+            operation: "CreateSecurityGroup",
+            status: 400,
+            code: code.into(),
+            message: "The security group 'fuse-a-b' already exists".into(),
+        };
+        let err = anyhow::Error::new(status("InvalidGroup.Duplicate")).context("creating it");
+        assert!(super::has_code(&err, "InvalidGroup.Duplicate"));
+        assert!(!super::has_code(&err, "InvalidAMIName.Duplicate"));
+        // The code in a message (another error's, or text a server echoed) is not the code.
+        let transport = anyhow::Error::new(AwsError::Transport {
+            service: "EC2",
+            operation: "CreateSecurityGroup",
+            endpoint: "https://ec2.example".into(),
+            reason: "InvalidGroup.Duplicate".into(),
+            transient: false,
+        });
+        assert!(!super::has_code(&transport, "InvalidGroup.Duplicate"));
+        let message = anyhow::Error::new(status("Other")).context("InvalidGroup.Duplicate");
+        assert!(!super::has_code(&message, "InvalidGroup.Duplicate"));
+    }
+
     use super::*;
     use std::io::{BufRead, BufReader, Read, Write};
 
