@@ -175,6 +175,24 @@ fn verbose_shows_the_qemu_command_line_and_kernel_messages() {
     if std::path::Path::new("/usr/share/qemu/qboot.rom").is_file() {
         assert!(line.contains(" -bios /usr/share/qemu/qboot.rom "), "{line}");
     }
+    // Under TCG on an x86_64 host with an invariant TSC, the guest is told the host's TSC rate
+    // and takes it, instead of calibrating (which falls back to a slow HPET calibration when
+    // the PIT one fails: "Unable to calibrate against PIT").
+    let invariant = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|i| i.contains(" constant_tsc") && i.contains(" nonstop_tsc"));
+    if cfg!(target_arch = "x86_64") && invariant {
+        let khz: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tsc_early_khz="))
+            .unwrap_or_else(|| panic!("no tsc_early_khz= in {line}"))
+            .parse()
+            .unwrap();
+        out.assert_stdout_contains(&format!("{}.{:03} MHz", khz / 1000, khz % 1000));
+        assert!(
+            !out.stdout_str().contains("Unable to calibrate against PIT"),
+            "{out}"
+        );
+    }
     assert_no_leaked_qemu();
 }
 

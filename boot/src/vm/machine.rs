@@ -147,6 +147,12 @@ pub(crate) fn effective_cmdline(config: &VmConfig, accel: Accel) -> String {
     if accel == Accel::Tcg && config.arch == Arch::X86_64 && !has("noapictimer") {
         push("noapictimer");
     }
+    // TCG's TSC is the host's: its rate saves the kernel a calibration that fails under load.
+    if accel == Accel::Tcg && config.arch == Arch::X86_64 && !has("tsc_early_khz=") {
+        if let Some(khz) = super::tsc::host_tsc_khz() {
+            push(&format!("tsc_early_khz={khz}"));
+        }
+    }
     // The last loglevel= wins: kernel messages on the console, and the init's progress.
     if config.verbose {
         push("loglevel=7 fuse.debug=1");
@@ -513,9 +519,12 @@ mod tests {
             "console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init fuse.root=/dev/vda \
              fuse.rootfstype=squashfs"
         );
+        let tsc = super::super::tsc::host_tsc_khz()
+            .map(|khz| format!(" tsc_early_khz={khz}"))
+            .unwrap_or_default();
         assert_eq!(
             effective_cmdline(&c, Accel::Tcg),
-            format!("{} noapictimer", c.cmdline)
+            format!("{} noapictimer{tsc}", c.cmdline)
         );
         c.verbose = true;
         assert_eq!(
