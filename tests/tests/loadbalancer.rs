@@ -39,6 +39,21 @@ fn tagged(world: &Value, kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Whether web's instance security group (not the load balancer's) lets the internet in.
+fn open_to_world(world: &Value) -> bool {
+    let group = world["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["tags"]["fuse:app"] == "web" && g["tags"]["fuse:role"].is_null())
+        .unwrap_or_else(|| panic!("web's instance group: {world}"));
+    group["rules"].as_array().unwrap().iter().any(|r| {
+        r["cidrs"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "0.0.0.0/0"))
+    })
+}
+
 /// The target group the (one) listener of web/prod's load balancer forwards to.
 fn serving_group(world: &Value) -> Value {
     let lb = &balancers(world)[0];
@@ -188,6 +203,8 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
                 .any(|r| r["port"] == 8080 && r["groups"][0] == lb_group["id"]),
             "{instance_group}"
         );
+        // ... and only it: the instances' port is not open to the internet.
+        assert!(!open_to_world(&w), "{instance_group}");
         // Requests to the load balancer's name reach both instances.
         assert_spread(proxy_port, &dns, "v1", &v1);
 
@@ -343,6 +360,8 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
             d2.as_str(),
             "the listener stays on v2"
         );
+        // Opened for v3's health checks, closed again: the load balancer still serves v2.
+        assert!(!open_to_world(&w), "{w}");
         assert_eq!(ids(&group["targets"]), v2);
         assert_eq!(
             tagged(&w, "target_groups").len(),

@@ -97,17 +97,14 @@ pub(crate) fn address_of(client: &Client, app: &str, env: &str) -> Result<Option
         .next())
 }
 
-/// The security group of an app and environment: found by its tags, or made with the image's
-/// ports open.
+/// The security group of an app and environment: found by its tags, or made (no port open:
+/// which ports open to whom depends on the deployment's mode, known once the lock is held).
 fn ensure_security_group(
     client: &Client,
     d: &Deployment,
-    ports: &[u16],
     progress: &mut dyn FnMut(&str),
 ) -> Result<String> {
     if let Some(found) = instance_group(client, &d.app, &d.env)? {
-        // A new version may listen on a port more.
-        ec2::open_ports(client, &found.id, ports)?;
         return Ok(found.id);
     }
     let name = format!("fuse-{}-{}", d.app, d.env);
@@ -130,20 +127,7 @@ fn ensure_security_group(
         }
         made => made?,
     };
-    // Again on a group found by name: its maker may have stopped before this step.
-    ec2::open_ports(client, &group, ports)?;
-    let open = match ports {
-        [] => "no port open".to_string(),
-        _ => format!(
-            "TCP {} open",
-            ports
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    progress(&format!("security group {group} ({name}): {open}"));
+    progress(&format!("security group {group} ({name})"));
     ec2::create_tags(client, &[&group], &ownership_tags(&d.app, &d.env))?;
     Ok(group)
 }
@@ -178,13 +162,41 @@ pub(crate) fn deploy(
         p.dedup();
         p
     };
-    let group = ensure_security_group(client, d, &ports, progress)?;
+    let group = ensure_security_group(client, d, progress)?;
     let what = format!("{}/{}", d.app, d.env);
     let held = lock::acquire(client, &group, &what, d.break_lock, progress)?;
-    let result = resolve_mode(client, image, d).and_then(|mode| match mode {
-        Mode::Single => deploy_locked(client, image, ami, d, &group, started, progress),
-        Mode::Balanced(n) => {
-            super::balanced::deploy_locked(client, image, ami, d, n, &group, started, progress)
+    let result = resolve_mode(client, image, d).and_then(|mode| {
+        // fuse's own health probe reaches a new instance on its public address, whatever the
+        // mode: the image's ports are open to the internet while a release is checked (a new
+        // version may listen on a port more; a group found by name may lack them).
+        ec2::open_ports(client, &group, &ports)?;
+        let open: Vec<String> = ports.iter().map(u16::to_string).collect();
+        if !open.is_empty() {
+            progress(&format!("TCP {} open to the internet", open.join(", ")));
+        }
+        match mode {
+            Mode::Single => deploy_locked(client, image, ami, d, &group, started, progress),
+            Mode::Balanced(n) => {
+                let behind = match super::balanced::find(client, &d.app, &d.env)? {
+                    Some(b) => !super::balanced::serving(client, &b)?.is_empty(),
+                    None => false,
+                };
+                let deployed = super::balanced::deploy_locked(
+                    client, image, ami, d, n, &group, started, progress,
+                )?;
+                // Behind the load balancer the instances need only its group (opened to them
+                // on the app's port): closed to the internet once it serves a release, this
+                // one or the one before (not when a failed first one leaves an Elastic IP's).
+                if (deployed.healthy || behind) && !open.is_empty() {
+                    ec2::close_ports_to_world(client, &group, &ports)?;
+                    progress(&format!(
+                        "TCP {} closed to the internet: only the load balancer reaches the \
+                         instances",
+                        open.join(", ")
+                    ));
+                }
+                Ok(deployed)
+            }
         }
     });
     let released = held.release(client);

@@ -434,6 +434,25 @@ pub(crate) fn open_ports(client: &Client, group: &str, ports: &[u16]) -> Result<
     Ok(())
 }
 
+/// Closes TCP `ports` of `group` to the internet (the rules [`open_ports`] adds); a rule not
+/// there is skipped.
+pub(crate) fn close_ports_to_world(client: &Client, group: &str, ports: &[u16]) -> Result<()> {
+    for port in ports {
+        let params = [
+            p("GroupId", group),
+            p("IpPermissions.1.IpProtocol", "tcp"),
+            p("IpPermissions.1.FromPort", port.to_string()),
+            p("IpPermissions.1.ToPort", port.to_string()),
+            p("IpPermissions.1.IpRanges.1.CidrIp", "0.0.0.0/0"),
+        ];
+        match call(client, "RevokeSecurityGroupIngress", &params) {
+            Err(e) if has_code(&e, "InvalidPermission.NotFound") => {}
+            other => other.map(drop)?,
+        }
+    }
+    Ok(())
+}
+
 /// Opens TCP `port` to the members of the security group `source` (a load balancer's); a
 /// rule there already is skipped.
 pub(crate) fn open_port_to_group(
