@@ -418,25 +418,36 @@ pub(crate) fn create_security_group(
 /// Opens each TCP port of `ports` to everyone (one call each: a port open already is
 /// refused as a duplicate, and skipped).
 pub(crate) fn open_ports(client: &Client, group: &str, ports: &[u16]) -> Result<()> {
-    for port in ports {
-        let params = [
-            p("GroupId", group),
-            p("IpPermissions.1.IpProtocol", "tcp"),
-            p("IpPermissions.1.FromPort", port.to_string()),
-            p("IpPermissions.1.ToPort", port.to_string()),
-            p("IpPermissions.1.IpRanges.1.CidrIp", "0.0.0.0/0"),
-        ];
-        match call(client, "AuthorizeSecurityGroupIngress", &params) {
-            Err(e) if has_code(&e, "InvalidPermission.Duplicate") => {}
-            other => other.map(drop)?,
-        }
-    }
-    Ok(())
+    world_rules(
+        client,
+        group,
+        ports,
+        "AuthorizeSecurityGroupIngress",
+        "InvalidPermission.Duplicate",
+    )
 }
 
 /// Closes TCP `ports` of `group` to the internet (the rules [`open_ports`] adds); a rule not
 /// there is skipped.
 pub(crate) fn close_ports_to_world(client: &Client, group: &str, ports: &[u16]) -> Result<()> {
+    world_rules(
+        client,
+        group,
+        ports,
+        "RevokeSecurityGroupIngress",
+        "InvalidPermission.NotFound",
+    )
+}
+
+/// `action` on the rule letting everyone (0.0.0.0/0) reach each TCP port of `ports`, one call
+/// per port; EC2 refusing one with `nothing_to_do` (the rule is already as asked) is skipped.
+fn world_rules(
+    client: &Client,
+    group: &str,
+    ports: &[u16],
+    action: &'static str,
+    nothing_to_do: &str,
+) -> Result<()> {
     for port in ports {
         let params = [
             p("GroupId", group),
@@ -445,8 +456,8 @@ pub(crate) fn close_ports_to_world(client: &Client, group: &str, ports: &[u16]) 
             p("IpPermissions.1.ToPort", port.to_string()),
             p("IpPermissions.1.IpRanges.1.CidrIp", "0.0.0.0/0"),
         ];
-        match call(client, "RevokeSecurityGroupIngress", &params) {
-            Err(e) if has_code(&e, "InvalidPermission.NotFound") => {}
+        match call(client, action, &params) {
+            Err(e) if has_code(&e, nothing_to_do) => {}
             other => other.map(drop)?,
         }
     }
