@@ -293,8 +293,10 @@ fn a_second_deploy_of_an_environment_is_refused_while_one_runs() {
 /// Two first deploys of a new image to a new environment at the same moment: both make the
 /// AMI and the security group, the one whose CreateSecurityGroup (or RegisterImage) is refused
 /// as a duplicate goes on with what the other made, to the lock, which lets exactly one
-/// through. Which run is first varies; so that both take the duplicate path every time, the
-/// group is there already, untagged, as a run that stopped before tagging it leaves it.
+/// through. Which run is first varies; so that the duplicate path is taken every time, the
+/// group is there already, untagged, as a run that stopped before tagging it leaves it (the
+/// first run to reach it is refused and tags it; the other is refused too, or finds it by its
+/// tags when it comes a moment later).
 /// (moto does not refuse a second AMI of the same name, as EC2 does: that path is not played.)
 #[test]
 fn two_first_deploys_at_once_meet_at_the_lock() {
@@ -351,10 +353,9 @@ fn two_first_deploys_at_once_meet_at_the_lock() {
         count("RegisterImage"),
         count("RunInstances")
     );
-    assert_eq!(
-        count("CreateSecurityGroup"),
-        2,
-        "both tried to make the group"
+    assert!(
+        (1..=2).contains(&count("CreateSecurityGroup")),
+        "one or both tried to make the group (refused: it was there)"
     );
     assert_eq!(count("RunInstances"), 1, "one launch");
     let w = world(&moto);
