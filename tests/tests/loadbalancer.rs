@@ -330,6 +330,8 @@ fn load_balanced_deploys_switch_target_groups_only_when_healthy() {
         assert_eq!(ids(&serving_group(&w)["targets"]), v2);
         assert_eq!(tagged(&w, "target_groups").len(), 1, "{w}");
         assert_eq!(live(&w).keys().cloned().collect::<BTreeSet<_>>(), v2, "{w}");
+        // Opened for v3's checks, closed again on the way out: v2 is still served.
+        assert!(!open_to_world(&w), "{w}");
 
         // An unhealthy v3: its instances terminated and its group deleted, the listener
         // untouched, exit 1 with the reason and a failing instance's console.
