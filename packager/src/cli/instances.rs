@@ -3,10 +3,10 @@
 
 use super::args::{BuildFlags, VmFlags};
 use super::print::progress_line;
-use crate::host::digest;
+use crate::host::{digest, now_secs};
 use crate::image::store::{Store, StoredImage};
 use crate::run::instances::{
-    self, human_ago, human_duration, now_secs, End, InstanceState, SupervisorRequest,
+    self, human_ago, human_duration, End, InstanceState, SupervisorRequest,
 };
 use crate::run::{Hooks, RunOptions};
 use anyhow::Result;

@@ -174,7 +174,7 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
         &image.digest,
         &crate::image::store::TestResult {
             passed: report.passed(),
-            at: rfc3339(crate::run::instances::now_secs() as i64),
+            at: rfc3339(crate::host::now_secs() as i64),
             checks: report.checks.len(),
             failures: report.failures(),
         },
@@ -244,7 +244,7 @@ pub(super) fn command(args: TestArgs) -> Result<i32> {
                 artifact_type: TEST_REPORT,
                 path: &path,
                 title: "test-report.json",
-                created: &rfc3339(crate::run::instances::now_secs() as i64),
+                created: &rfc3339(crate::host::now_secs() as i64),
             },
         )?;
         progress_line(&format!(

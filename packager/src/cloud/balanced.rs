@@ -403,8 +403,13 @@ fn wait_targets_healthy(
 }
 
 /// Deploys `image` as `count` instances behind the environment's load balancer (the lock of
-/// the environment held, its instances' security group `group`): see the module
-/// documentation.
+/// the environment held, its instances' security group `group`, the image's `ports` open to
+/// the internet for fuse's own health probe): see the module documentation.
+///
+/// The instances need only the load balancer's group (opened to them on the app's port):
+/// `ports` are closed to the internet again once it serves a release, this one or the one
+/// before, also when this deploy fails on an error (not when a failed first one leaves an
+/// Elastic IP's instance serving on them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn deploy_locked(
     client: &Client,
@@ -413,7 +418,57 @@ pub(crate) fn deploy_locked(
     d: &Deployment,
     count: u32,
     group: &str,
+    ports: &[u16],
     started: Instant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Deployed> {
+    let mut served_before = false;
+    let deployed = release(
+        client,
+        image,
+        ami,
+        d,
+        count,
+        group,
+        started,
+        &mut served_before,
+        progress,
+    );
+    let serves = match &deployed {
+        Ok(deployed) => deployed.healthy || served_before,
+        Err(_) => served_before,
+    };
+    if !serves || ports.is_empty() {
+        return deployed;
+    }
+    let open: Vec<String> = ports.iter().map(u16::to_string).collect();
+    match (ec2::close_ports_to_world(client, group, ports), &deployed) {
+        (Ok(()), _) => progress(&format!(
+            "TCP {} closed to the internet: only the load balancer reaches the instances",
+            open.join(", ")
+        )),
+        // The deploy's own error is the one to report; the next deploy closes them.
+        (Err(e), Ok(_)) => return Err(e),
+        (Err(e), Err(_)) => progress(&format!(
+            "warning: TCP {} stays open to the internet until the next deploy: {e:#}",
+            open.join(", ")
+        )),
+    }
+    deployed
+}
+
+/// [`deploy_locked`]'s release; `served_before` is set once the load balancer's listener is
+/// read (whether it forwarded to a release).
+#[allow(clippy::too_many_arguments)]
+fn release(
+    client: &Client,
+    image: &StoredImage,
+    ami: &str,
+    d: &Deployment,
+    count: u32,
+    group: &str,
+    started: Instant,
+    served_before: &mut bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Deployed> {
     let check = check_of(image);
@@ -425,6 +480,7 @@ pub(crate) fn deploy_locked(
     let dns = b.lb.dns_name.clone();
     let listener = listener_of(client, &b.lb.arn)?;
     let live = listener.as_ref().and_then(|l| l.target_group.clone());
+    *served_before = live.is_some();
     let mut terminated = clean_leftovers(client, d, live.as_deref(), progress)?;
 
     let image_ref = image.name.to_string();

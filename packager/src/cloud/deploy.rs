@@ -176,42 +176,9 @@ pub(crate) fn deploy(
         }
         match mode {
             Mode::Single => deploy_locked(client, image, ami, d, &group, started, progress),
-            Mode::Balanced(n) => {
-                let behind = match super::balanced::find(client, &d.app, &d.env)? {
-                    Some(b) => !super::balanced::serving(client, &b)?.is_empty(),
-                    None => false,
-                };
-                let deployed = super::balanced::deploy_locked(
-                    client, image, ami, d, n, &group, started, progress,
-                );
-                // Behind the load balancer the instances need only its group (opened to them
-                // on the app's port): closed to the internet once it serves a release, this
-                // one or the one before, also when this deploy failed on an error (not when a
-                // failed first one leaves an Elastic IP's instance serving).
-                let serves = match &deployed {
-                    Ok(deployed) => deployed.healthy || behind,
-                    Err(_) => behind,
-                };
-                if serves && !open.is_empty() {
-                    let closed = ec2::close_ports_to_world(client, &group, &ports);
-                    // The deploy's own error is the one to report; a failed close after it
-                    // is said as a warning (the next deploy closes them).
-                    match (closed, &deployed) {
-                        (Ok(()), _) => progress(&format!(
-                            "TCP {} closed to the internet: only the load balancer reaches \
-                             the instances",
-                            open.join(", ")
-                        )),
-                        (Err(e), Ok(_)) => return Err(e),
-                        (Err(e), Err(_)) => progress(&format!(
-                            "warning: TCP {} stays open to the internet until the next \
-                             deploy: {e:#}",
-                            open.join(", ")
-                        )),
-                    }
-                }
-                deployed
-            }
+            Mode::Balanced(n) => super::balanced::deploy_locked(
+                client, image, ami, d, n, &group, &ports, started, progress,
+            ),
         }
     });
     let released = held.release(client);

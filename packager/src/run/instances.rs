@@ -24,8 +24,8 @@
 //! SIGTERM, see `fuse_boot::vm`), then waits for the supervisor and reads how it ended; past
 //! the grace period and a margin, it SIGKILLs the supervisor (and so QEMU) and records that.
 
-use crate::host::paths;
 use crate::host::process::ProcessId;
+use crate::host::{now_secs, paths};
 use crate::image::store::Store;
 use crate::run::{launch, Hooks, RunOptions};
 use anyhow::{bail, Context, Result};
@@ -185,8 +185,6 @@ pub(crate) struct Instance {
     pub(crate) dir: PathBuf,
     pub(crate) state: InstanceState,
 }
-
-pub(crate) use crate::host::now_secs;
 
 /// A new instance id: 12 random hex digits.
 pub(crate) fn new_id() -> Result<String> {

@@ -343,6 +343,9 @@ pub(crate) fn error_of(body: &[u8], error_type: Option<&str>) -> (String, String
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+
     #[test]
     fn test_has_code_reads_the_typed_error_only() {
         let status = |code: &str| AwsError::Status {
@@ -353,8 +356,8 @@ mod tests {
             message: "The security group 'fuse-a-b' already exists".into(),
         };
         let err = anyhow::Error::new(status("InvalidGroup.Duplicate")).context("creating it");
-        assert!(super::has_code(&err, "InvalidGroup.Duplicate"));
-        assert!(!super::has_code(&err, "InvalidAMIName.Duplicate"));
+        assert!(has_code(&err, "InvalidGroup.Duplicate"));
+        assert!(!has_code(&err, "InvalidAMIName.Duplicate"));
         // The code in a message (another error's, or text a server echoed) is not the code.
         let transport = anyhow::Error::new(AwsError::Transport {
             service: "EC2",
@@ -363,13 +366,10 @@ mod tests {
             reason: "InvalidGroup.Duplicate".into(),
             transient: false,
         });
-        assert!(!super::has_code(&transport, "InvalidGroup.Duplicate"));
+        assert!(!has_code(&transport, "InvalidGroup.Duplicate"));
         let message = anyhow::Error::new(status("Other")).context("InvalidGroup.Duplicate");
-        assert!(!super::has_code(&message, "InvalidGroup.Duplicate"));
+        assert!(!has_code(&message, "InvalidGroup.Duplicate"));
     }
-
-    use super::*;
-    use std::io::{BufRead, BufReader, Read, Write};
 
     /// A server on 127.0.0.1 that answers each connection with the next of `answers` (`None`:
     /// drops the connection after reading the request); the requests' heads it saw.
